@@ -1,0 +1,126 @@
+"""AEAD record layer: AES-256-GCM with counter nonces, and HKDF-SHA256 for directional keys.
+
+Nonce layout (96 bits): a 4-byte fixed prefix (zero unless a protocol sets one) followed
+by a 64-bit big-endian record counter. The counter starts at 0, increases by one per
+record and never wraps: after ``max_records`` records the sealer refuses to go on and
+the protocol must rekey. Each direction has its own key, so the two sides never share
+a (key, nonce) pair. The ``AESGCM`` object is built once per key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from trustmesh.errors import AuthenticationError, NonceExhaustedError
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+NONCE_PREFIX_SIZE = 4
+MAX_RECORDS = 1 << 64  # counter values 0 .. 2**64 - 1
+
+
+def hkdf_sha256(secret: bytes, *, salt: bytes | None, info: bytes, length: int) -> bytes:
+    """RFC 5869 HKDF with SHA-256."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectionalKeys:
+    """One key per direction: initiator to responder, and responder to initiator."""
+
+    initiator_to_responder: bytes
+    responder_to_initiator: bytes
+
+    @classmethod
+    def derive(cls, secret: bytes, *, salt: bytes | None, info: bytes) -> DirectionalKeys:
+        okm = hkdf_sha256(secret, salt=salt, info=info, length=2 * KEY_SIZE)
+        return cls(okm[:KEY_SIZE], okm[KEY_SIZE:])
+
+    def records(self, *, initiator: bool) -> tuple[RecordSealer, RecordOpener]:
+        """The ``(sealer, opener)`` pair for one side of the connection."""
+        if initiator:
+            return RecordSealer(self.initiator_to_responder), RecordOpener(
+                self.responder_to_initiator
+            )
+        return RecordSealer(self.responder_to_initiator), RecordOpener(self.initiator_to_responder)
+
+
+class _CounterNonces:
+    __slots__ = ("_aead", "_counter", "_limit", "_prefix")
+
+    def __init__(self, key: bytes, nonce_prefix: bytes, max_records: int) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"AES-256-GCM key must be {KEY_SIZE} bytes, got {len(key)}")
+        if len(nonce_prefix) != NONCE_PREFIX_SIZE:
+            raise ValueError(f"nonce prefix must be {NONCE_PREFIX_SIZE} bytes")
+        if not 0 < max_records <= MAX_RECORDS:
+            raise ValueError("max_records must be in 1 .. 2**64")
+        self._aead = AESGCM(key)
+        self._prefix = bytes(nonce_prefix)
+        self._counter = 0
+        self._limit = max_records
+
+    @property
+    def sequence(self) -> int:
+        """The counter of the next record."""
+        return self._counter
+
+    @property
+    def remaining(self) -> int:
+        """Records left before this key is exhausted."""
+        return self._limit - self._counter
+
+    def _next_nonce(self) -> bytes:
+        counter = self._counter
+        if counter >= self._limit:
+            raise NonceExhaustedError(f"key has used all {self._limit} nonces; rekey")
+        return self._prefix + counter.to_bytes(8, "big")
+
+
+class RecordSealer(_CounterNonces):
+    """Encrypts records in one direction."""
+
+    __slots__ = ()
+
+    def __init__(
+        self, key: bytes, *, nonce_prefix: bytes = bytes(4), max_records: int = MAX_RECORDS
+    ) -> None:
+        super().__init__(key, nonce_prefix, max_records)
+
+    def seal(self, plaintext: bytes, aad: bytes | None = None) -> bytes:
+        """Return ``ciphertext || tag`` for the next record."""
+        sealed = self._aead.encrypt(self._next_nonce(), plaintext, aad)
+        self._counter += 1
+        return sealed
+
+
+class RecordOpener(_CounterNonces):
+    """Decrypts records in one direction, in order; each record opens at most once."""
+
+    __slots__ = ()
+
+    def __init__(
+        self, key: bytes, *, nonce_prefix: bytes = bytes(4), max_records: int = MAX_RECORDS
+    ) -> None:
+        super().__init__(key, nonce_prefix, max_records)
+
+    def open(self, record: bytes, aad: bytes | None = None) -> bytes:
+        """Authenticate and decrypt the next record.
+
+        Raises :class:`AuthenticationError` for a forged, corrupted, reordered or replayed
+        record; the counter then stays where it was.
+        """
+        if len(record) < TAG_SIZE:
+            raise AuthenticationError(f"record of {len(record)} bytes is shorter than the tag")
+        try:
+            plaintext = self._aead.decrypt(self._next_nonce(), record, aad)
+        except InvalidTag:
+            raise AuthenticationError(f"record {self._counter} failed authentication") from None
+        self._counter += 1
+        return plaintext

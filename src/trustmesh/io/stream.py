@@ -1,0 +1,283 @@
+"""The asyncio stream driver: runs any :class:`~trustmesh.sansio.StreamCore` over a transport.
+
+It pumps bytes between a transport and the core, arms the core's timer, turns the
+core's :class:`~trustmesh.sansio.ConnectionClosed` into closing the transport, and
+applies backpressure both ways: it stops reading while the bytes the core produced
+sit unsent above the transport's high-water mark, and while the application has not
+taken ``max_pending_events`` events. No protocol logic lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from trustmesh.errors import ConnectionClosedError, ProtocolError
+from trustmesh.sansio import ConnectionClosed, Event, StreamCore
+
+log = logging.getLogger("trustmesh.io")
+
+CoreT = TypeVar("CoreT", bound=StreamCore)
+
+DEFAULT_HIGH_WATER = 256 * 1024
+DEFAULT_MAX_PENDING_EVENTS = 1024
+
+
+class StreamDriver(asyncio.Protocol, Generic[CoreT]):
+    """One connection: a transport on one side, a sans-IO core on the other."""
+
+    def __init__(
+        self,
+        core: CoreT,
+        *,
+        high_water: int = DEFAULT_HIGH_WATER,
+        max_pending_events: int = DEFAULT_MAX_PENDING_EVENTS,
+    ) -> None:
+        self.core = core
+        self._loop = asyncio.get_running_loop()
+        self._high_water = high_water
+        self._max_pending = max_pending_events
+        self._transport: asyncio.Transport | None = None
+        self._events: collections.deque[Event] = collections.deque()
+        self._event_ready = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline: float | None = None
+        self._write_paused = False
+        self._reading_paused = False
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closed: asyncio.Future[ConnectionClosed] = self._loop.create_future()
+        self._connected: asyncio.Future[None] = self._loop.create_future()
+        self._delivered_close = False
+
+    # --- application side -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.done()
+
+    @property
+    def close_event(self) -> ConnectionClosed | None:
+        return self._closed.result() if self._closed.done() else None
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._transport.get_extra_info(name, default) if self._transport else default
+
+    async def wait_connected(self) -> None:
+        await asyncio.shield(self._connected)
+
+    async def wait_closed(self) -> ConnectionClosed:
+        """Wait until the connection is closed; return why."""
+        return await asyncio.shield(self._closed)
+
+    async def next_event(self) -> Event:
+        """The next event from the core. The last one is a ``ConnectionClosed``;
+        asking again after it raises :class:`ConnectionClosedError`."""
+        while not self._events:
+            if self._closed.done() and self._delivered_close:
+                raise ConnectionClosedError(self._closed.result().reason)
+            self._event_ready.clear()
+            await self._event_ready.wait()
+        event = self._events.popleft()
+        if isinstance(event, ConnectionClosed):
+            self._delivered_close = True
+        self._update_reading()
+        return event
+
+    def __aiter__(self) -> StreamDriver[CoreT]:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._delivered_close:
+            raise StopAsyncIteration
+        return await self.next_event()
+
+    def act(self, action: Callable[[CoreT], list[Event] | None]) -> None:
+        """Run an application action on the core (``lambda core: core.send(b)``), then
+        flush what it produced. Raises :class:`ConnectionClosedError` once closed."""
+        if self._closed.done():
+            raise ConnectionClosedError(self._closed.result().reason)
+        self._guarded(lambda: action(self.core) or [])
+
+    async def drain(self) -> None:
+        """Wait until the transport's send buffer is below the low-water mark."""
+        if self._closed.done():
+            raise ConnectionClosedError(self._closed.result().reason)
+        await self._drained.wait()
+
+    def close(self, reason: str = "closed by application") -> None:
+        """Ask the core to close the connection the way its protocol says."""
+        if not self._closed.done():
+            self._guarded(lambda: self.core.close(reason))
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once, without the protocol's goodbye."""
+        self._finish(ConnectionClosed(reason, error=True), abort=True)
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=self._high_water)
+        self._connected.set_result(None)
+        self._guarded(lambda: self.core.start(self._loop.time()))
+
+    def data_received(self, data: bytes) -> None:
+        if not self._closed.done():
+            self._guarded(lambda: self.core.receive_data(data))
+
+    def eof_received(self) -> bool:
+        if not self._closed.done():
+            self._guarded(lambda: self.core.receive_data(b""))
+        # True keeps a half-open connection: the core has not closed and may still send.
+        return not self._closed.done()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._connected.done():
+            self._connected.set_exception(ConnectionClosedError("connection failed"))
+        if self._closed.done():
+            return
+        reason = f"connection lost: {exc}" if exc else "peer closed the connection"
+        self._finish(ConnectionClosed(reason, error=exc is not None, by_peer=True), abort=True)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._drained.clear()
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._drained.set()
+        self._update_reading()
+
+    # --- the pump ---------------------------------------------------------------------
+
+    def _guarded(self, step: Callable[[], list[Event]]) -> None:
+        """Run one core step; a core that raises closes only its own connection."""
+        try:
+            events = step()
+        except ProtocolError as exc:
+            log.info("closing connection after protocol error: %s", exc)
+            self._flush()  # whatever the core queued before failing (an alert, a notice)
+            self._finish(ConnectionClosed(f"protocol error: {exc}", error=True), abort=False)
+            return
+        except Exception:
+            log.exception("protocol core failed; closing its connection")
+            self._finish(ConnectionClosed("internal error", error=True), abort=True)
+            return
+        self._process(events)
+
+    def _process(self, events: list[Event]) -> None:
+        closing: ConnectionClosed | None = None
+        for event in events:
+            if isinstance(event, ConnectionClosed):
+                closing = closing or event
+            else:
+                self._events.append(event)
+        self._flush()
+        if closing is not None:
+            self._finish(closing, abort=False)
+            return
+        if self._events:
+            self._event_ready.set()
+        self._arm_timer()
+        self._update_reading()
+
+    def _flush(self) -> None:
+        data = self.core.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _arm_timer(self) -> None:
+        deadline = self.core.get_timer()
+        if deadline == self._timer_deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_deadline = deadline
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline = None
+        if not self._closed.done():
+            self._guarded(lambda: self.core.handle_timer(self._loop.time()))
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        want_pause = self._write_paused or len(self._events) >= self._max_pending
+        if want_pause and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not want_pause and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    def _finish(self, event: ConnectionClosed, *, abort: bool) -> None:
+        if self._closed.done():
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._closed.set_result(event)
+        self._events.append(event)
+        self._event_ready.set()
+        self._drained.set()
+        if self._transport is not None:
+            if abort:
+                self._transport.abort()
+            else:
+                self._transport.close()  # sends what is buffered, then FIN
+
+
+async def open_stream(
+    core: CoreT, host: str, port: int, **driver_options: int
+) -> StreamDriver[CoreT]:
+    """Connect to ``host:port`` over TCP and run ``core`` on the connection."""
+    loop = asyncio.get_running_loop()
+    _, driver = await loop.create_connection(
+        lambda: StreamDriver(core, **driver_options), host, port
+    )
+    return driver
+
+
+async def serve_stream(
+    core_factory: Callable[[], CoreT],
+    handler: Callable[[StreamDriver[CoreT]], Awaitable[None]],
+    host: str,
+    port: int,
+    **driver_options: int,
+) -> asyncio.Server:
+    """Accept TCP connections; each gets a fresh core and its own ``handler`` task.
+
+    A handler that fails is logged and its connection closed; other connections go on.
+    """
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(driver: StreamDriver[CoreT]) -> None:
+        try:
+            await driver.wait_connected()
+            await handler(driver)
+        except ConnectionClosedError:
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+            driver.abort("handler failed")
+
+    def make() -> StreamDriver[CoreT]:
+        driver = StreamDriver(core_factory(), **driver_options)
+        task = loop.create_task(run(driver))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return driver
+
+    return await loop.create_server(make, host, port)

@@ -1,0 +1,121 @@
+"""Private keys in files: PKCS#8 PEM, encrypted at rest, mode 0600."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import stat
+import sys
+from pathlib import Path
+
+from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.errors import KeyFilePermissionError, KeyStoreError, PassphraseError
+from trustmesh.keystore.pkcs8 import decode_private_key, encode_private_key, is_encrypted
+
+PASSPHRASE_ENV = "TRUSTMESH_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+MAX_KEY_FILE = 64 * 1024  # a PEM key is a few hundred bytes; refuse to slurp anything huge
+
+
+def passphrase_from_env_or_tty(path: Path, *, confirm: bool) -> bytes:
+    """The passphrase from ``$TRUSTMESH_PASSPHRASE``, else from a prompt on a terminal."""
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is not None:
+        if not value:
+            raise PassphraseError(f"{PASSPHRASE_ENV} is set but empty")
+        return value.encode("utf-8")
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise PassphraseError(
+            f"{path}: a passphrase is needed; set {PASSPHRASE_ENV} or run on a terminal"
+        )
+    first = getpass.getpass(f"Passphrase for {path}: ")
+    if not first:
+        raise PassphraseError("empty passphrase")
+    if confirm and getpass.getpass("Repeat passphrase: ") != first:
+        raise PassphraseError("the two passphrases differ")
+    return first.encode("utf-8")
+
+
+def check_permissions(path: Path) -> None:
+    """Refuse a key file that group or others may read or write."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise KeyFilePermissionError(
+            f"{path} has mode {mode:04o}; a private key must be private (chmod 600 {path})"
+        )
+
+
+def load_key_file(path: str | os.PathLike[str], passphrase: bytes | None = None) -> PrivateKey:
+    """Load a private key file. Without ``passphrase``, an encrypted file asks for one."""
+    p = Path(path)
+    try:
+        check_permissions(p)
+        with p.open("rb") as handle:
+            pem = handle.read(MAX_KEY_FILE + 1)
+    except FileNotFoundError:
+        raise KeyStoreError(f"{p}: no such key file") from None
+    except OSError as exc:
+        raise KeyStoreError(f"{p}: {exc.strerror}") from None
+    if len(pem) > MAX_KEY_FILE:
+        raise KeyStoreError(f"{p} is larger than {MAX_KEY_FILE} bytes: not a key file")
+    if is_encrypted(pem) and passphrase is None:
+        passphrase = passphrase_from_env_or_tty(p, confirm=False)
+    try:
+        return decode_private_key(pem, passphrase)
+    except KeyStoreError as exc:
+        raise type(exc)(f"{p}: {exc}") from None
+
+
+def save_key_file(
+    key: PrivateKey,
+    path: str | os.PathLike[str],
+    passphrase: bytes | None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``key`` to ``path`` atomically with mode 0600; encrypted unless ``passphrase`` is None.
+
+    An existing file is never replaced unless ``overwrite`` is set: losing a key is
+    worse than a failed command.
+    """
+    p = Path(path)
+    data = encode_private_key(key, passphrase)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            os.link(tmp, p)  # fails if p exists, unlike rename
+    except FileExistsError:
+        raise KeyStoreError(f"{p} already exists; refusing to overwrite a key") from None
+    except OSError as exc:
+        raise KeyStoreError(f"{p}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return p
+
+
+class FileKeyStore:
+    """Keys kept as files; passphrases from the environment or a terminal by default."""
+
+    def __init__(self, *, passphrase: bytes | None = None) -> None:
+        self._passphrase = passphrase
+
+    def generate(
+        self, kind: KeyKind, path: str | os.PathLike[str], *, encrypt: bool = True
+    ) -> PrivateKey:
+        key = PrivateKey.generate(kind)
+        secret = None
+        if encrypt:
+            secret = self._passphrase or passphrase_from_env_or_tty(Path(path), confirm=True)
+        save_key_file(key, path, secret)
+        return key
+
+    def load(self, path: str | os.PathLike[str]) -> PrivateKey:
+        return load_key_file(path, self._passphrase)

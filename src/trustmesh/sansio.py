@@ -1,0 +1,59 @@
+"""The contract between sans-IO protocol cores and the drivers that run them.
+
+A core is a plain object. It takes bytes and time in, returns events, and exposes the
+bytes it wants sent and the next moment it wants to be woken. It never opens a socket,
+reads a clock, sleeps or spawns a task; randomness and keys come in through its
+constructor. See ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of every event a core returns."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The core is finished with the connection; the driver closes the transport.
+
+    ``reason`` is a short human-readable cause, ``error`` tells a failure from an
+    orderly close, and ``by_peer`` tells who ended it. Protocol-specific close events
+    subclass this one, so every driver understands them.
+    """
+
+    reason: str
+    error: bool = False
+    by_peer: bool = False
+
+
+class StreamCore(Protocol):
+    """A connection-oriented protocol state machine (TCP, TLS, pipes)."""
+
+    def start(self, now: float) -> list[Event]:
+        """The transport is up; an initiator queues its first message here."""
+        ...
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Bytes from the peer; ``b""`` means the peer sent EOF."""
+        ...
+
+    def handle_timer(self, now: float) -> list[Event]:
+        """Called at (or after) the deadline :meth:`get_timer` returned."""
+        ...
+
+    def get_timer(self) -> float | None:
+        """The next deadline, on the clock ``now`` comes from, or ``None``."""
+        ...
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the peer; calling it empties the core's buffer."""
+        ...
+
+    def close(self, reason: str) -> list[Event]:
+        """The application ends the connection; the core says goodbye as its spec says."""
+        ...

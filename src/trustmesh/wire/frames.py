@@ -1,0 +1,86 @@
+"""Length-prefixed frames: ``uvarint(len(payload)) || payload``.
+
+The decoder is incremental (bytes arrive in any split) and checks the size limit as
+soon as the length prefix is complete, so an attacker cannot make it buffer a frame
+larger than ``max_size`` before it says no.
+"""
+
+from __future__ import annotations
+
+from trustmesh.errors import OversizeError, TrailingDataError, TruncatedError
+from trustmesh.wire.varint import decode_uvarint, encode_uvarint
+
+DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB
+
+
+def encode_frame(
+    payload: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_FRAME
+) -> bytes:
+    """Return ``payload`` with its length prefix; refuse payloads over ``max_size``."""
+    size = len(payload)
+    if size > max_size:
+        raise OversizeError(f"frame of {size} bytes exceeds the {max_size}-byte limit")
+    return encode_uvarint(size) + bytes(payload)
+
+
+def decode_frame(data: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
+    """Decode exactly one frame that fills ``data``."""
+    size, start = decode_uvarint(data)
+    if size > max_size:
+        raise OversizeError(f"frame of {size} bytes exceeds the {max_size}-byte limit")
+    end = start + size
+    if end > len(data):
+        raise TruncatedError(f"frame needs {size} bytes, {len(data) - start} present", offset=start)
+    if end < len(data):
+        raise TrailingDataError(f"{len(data) - end} bytes after the frame", offset=end)
+    return bytes(data[start:end])
+
+
+class FrameDecoder:
+    """Split a byte stream into frames; keeps at most one partial frame buffered."""
+
+    __slots__ = ("_buf", "_max_size", "_need")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_FRAME) -> None:
+        if max_size < 0:
+            raise ValueError("max_size must be >= 0")
+        self._max_size = max_size
+        self._buf = bytearray()
+        self._need: int | None = None  # payload length once the prefix is known
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Add bytes; return every frame they complete, in order.
+
+        Raises :class:`OversizeError` for a frame over the limit and the varint errors for
+        a bad prefix. After an error the stream is unusable: close the connection.
+        """
+        self._buf += data
+        frames: list[bytes] = []
+        buf = self._buf
+        pos = 0
+        end = len(buf)
+        while True:
+            if self._need is None:
+                try:
+                    size, body = decode_uvarint(buf, pos)
+                except TruncatedError:
+                    break  # the prefix is incomplete; wait for more bytes
+                if size > self._max_size:
+                    raise OversizeError(
+                        f"frame of {size} bytes exceeds the {self._max_size}-byte limit"
+                    )
+                self._need = size
+                pos = body
+            if end - pos < self._need:
+                break
+            frames.append(bytes(buf[pos : pos + self._need]))
+            pos += self._need
+            self._need = None
+        if pos:
+            del buf[:pos]
+        return frames
