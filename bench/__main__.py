@@ -1,0 +1,31 @@
+"""``python -m bench NAME [--json]``: run one benchmark and print its figures."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import bench
+from bench.harness import report
+
+NOT_BENCHES = {"harness"}
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if m.name not in NOT_BENCHES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("name", choices=available(), help="which benchmark to run")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f"bench.{args.name}")
+    print(report(args.name, module.run(), as_json=args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Shared benchmark machinery: interleaved timing, results, and output."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Result:
+    metric: str
+    value: float
+    unit: str
+    anchor: str
+    anchor_value: float
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.anchor_value if self.anchor_value else float("nan")
+
+    def to_json(self) -> dict[str, object]:
+        data: dict[str, object] = asdict(self)
+        data["ratio"] = round(self.ratio, 4)
+        return data
+
+
+def rate(fn: Callable[[], None], *, work: float, min_time: float = 0.05) -> float:
+    """Run ``fn`` until ``min_time`` has passed; return ``work`` units per second per call."""
+    calls = 0
+    start = time.perf_counter()
+    deadline = start + min_time
+    while True:
+        fn()
+        calls += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return calls * work / (now - start)
+
+
+def compare(
+    subject: Callable[[], None],
+    anchor: Callable[[], None],
+    *,
+    work: float,
+    rounds: int = 7,
+    min_time: float = 0.05,
+) -> tuple[float, float]:
+    """Median rates of ``subject`` and ``anchor``, measured in alternating rounds so that
+    machine noise hits both alike."""
+    subject_rates, anchor_rates = [], []
+    for _ in range(rounds):
+        anchor_rates.append(rate(anchor, work=work, min_time=min_time))
+        subject_rates.append(rate(subject, work=work, min_time=min_time))
+    return statistics.median(subject_rates), statistics.median(anchor_rates)
+
+
+def report(name: str, results: list[Result], *, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"bench": name, "results": [r.to_json() for r in results]})
+    lines = [f"bench {name}"]
+    for r in results:
+        lines.append(
+            f"  {r.metric:<28} {r.value:>12.1f} {r.unit:<8} "
+            f"anchor {r.anchor} {r.anchor_value:>10.1f}   ratio {r.ratio:.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""``trustmesh keys``: generate and inspect key files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from trustmesh.cli.output import emit
+from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.keystore.filestore import (
+    PASSPHRASE_ENV,
+    load_key_file,
+    passphrase_from_env_or_tty,
+    save_key_file,
+)
+
+
+def describe(key: PrivateKey, path: Path | None = None) -> dict[str, object]:
+    public = key.public_key()
+    info: dict[str, object] = {
+        "type": str(key.kind),
+        "public_key": public.hex(),
+        "peer_id": str(public.peer_id()),
+    }
+    if path is not None:
+        info["path"] = str(path)
+    return info
+
+
+@click.group()
+def keys() -> None:
+    """Generate and inspect private key files.
+
+    Key files are PKCS#8 PEM, so keys written by `openssl genpkey` load too. New files
+    are encrypted (scrypt + AES-256-CBC) with the passphrase from $TRUSTMESH_PASSPHRASE,
+    or asked on the terminal, and are created with mode 0600. A key file that group or
+    others can read is refused.
+    """
+
+
+@keys.command()
+@click.option(
+    "--type",
+    "key_type",
+    type=click.Choice([k.value for k in KeyKind]),
+    required=True,
+    help="Key algorithm: secp256k1 (BOTD, BRC-103), ed25519, or p256 (mesh certificates).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the key; an existing file is never overwritten.",
+)
+@click.option("--no-encrypt", is_flag=True, help="Write the key unencrypted (it is still 0600).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def generate(key_type: str, out: Path, no_encrypt: bool, as_json: bool) -> None:
+    """Generate a new private key and write it to --out.
+
+    \b
+    Examples:
+      TRUSTMESH_PASSPHRASE=... trustmesh keys generate --type secp256k1 --out node.key
+      trustmesh keys generate --type ed25519 --out dev.key --no-encrypt
+    """
+    key = PrivateKey.generate(KeyKind(key_type))
+    passphrase = None if no_encrypt else passphrase_from_env_or_tty(out, confirm=True)
+    save_key_file(key, out, passphrase)
+    info = describe(key, out)
+    info["encrypted"] = not no_encrypt
+    emit(info, as_json=as_json)
+
+
+@keys.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def show(file: Path, as_json: bool) -> None:
+    """Show the type, public key and libp2p peer ID of a key file.
+
+    The public key is hex (compressed SEC1 for secp256k1 and P-256). An encrypted file
+    needs its passphrase, from $TRUSTMESH_PASSPHRASE or the terminal.
+    """
+    emit(describe(load_key_file(file), file), as_json=as_json)
+
+
+__all__ = ["PASSPHRASE_ENV", "describe", "keys"]

@@ -1,0 +1,81 @@
+"""The ``trustmesh`` command line.
+
+Exit codes: 0 success, 1 failure, 2 usage error. A failure prints one line to stderr
+and no traceback, unless ``--debug`` (or ``TRUSTMESH_DEBUG=1``) asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+import click
+
+from trustmesh import __version__
+from trustmesh.cli.demo import demo
+from trustmesh.cli.keys import keys
+from trustmesh.errors import ProtocolError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _State:
+    debug = os.environ.get("TRUSTMESH_DEBUG", "") not in ("", "0")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="trustmesh")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs on failure.")
+def cli(debug: bool) -> None:
+    """trustmesh: zero-trust peer-to-peer security.
+
+    Keys and peer IDs, authenticated channels (BOTD #2), mTLS peering (Catalyst),
+    datagram security negotiation (PSEC), a mesh PKI and BRC-103 mutual authentication.
+
+    Start with `trustmesh demo`, or `trustmesh keys generate --help`.
+    """
+    if debug:
+        _State.debug = True
+    logging.basicConfig(
+        level=logging.DEBUG if _State.debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+cli.add_command(keys)
+cli.add_command(demo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI and map every outcome to an exit code."""
+    try:
+        result = cli.main(args=argv, prog_name="trustmesh", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("trustmesh: aborted", err=True)
+        sys.exit(EXIT_FAILURE)
+    except click.ClickException as exc:  # usage errors and bad parameters
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("trustmesh: interrupted", err=True)
+        sys.exit(130)
+    except (ProtocolError, OSError, ValueError) as exc:
+        _fail(exc)
+    except Exception as exc:  # a bug: still one line unless --debug
+        _fail(exc, prefix="internal error: ")
+    sys.exit(result if isinstance(result, int) else EXIT_OK)
+
+
+def _fail(exc: BaseException, prefix: str = "") -> None:
+    if _State.debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    message = str(exc) or type(exc).__name__
+    click.echo(f"trustmesh: error: {prefix}{message}", err=True)
+    sys.exit(EXIT_FAILURE)
