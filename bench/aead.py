@@ -1,4 +1,7 @@
-"""Record-layer seal+open throughput against bare ``AESGCM`` calls (goal: ratio >= 0.8 at 64 KiB)."""
+"""Record-layer seal+open throughput against bare ``AESGCM`` calls.
+
+Goal: ratio >= 0.8 at 64 KiB.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import os
 import secrets
 import stat
@@ -13,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
+from trustmesh.demo.channel import NONCE_SIZE, ChannelReady, DemoChannel, MessageReceived
 from trustmesh.errors import InvalidSignatureError, ProtocolError
 from trustmesh.io.stream import StreamDriver, open_stream, serve_stream
 from trustmesh.keystore.filestore import load_key_file, save_key_file
 from trustmesh.sansio import ConnectionClosed
-from trustmesh.demo.channel import NONCE_SIZE, ChannelReady, DemoChannel, MessageReceived
 from trustmesh.wire.frames import decode_frame, encode_frame
 from trustmesh.wire.peerid import KeyType, PeerId, decode_public_key
 
@@ -93,7 +95,7 @@ async def _peer_id_step(keys: dict[KeyKind, PrivateKey]) -> tuple[str, dict[str,
         _check(PeerId.parse(peer_id.to_cid()) == peer_id, f"{kind} CID form does not parse back")
         ids[str(kind)] = str(peer_id)
     ordered = sorted(PeerId.parse(text) for text in ids.values())
-    _check(all(int(a) < int(b) for a, b in zip(ordered, ordered[1:], strict=False)), "bad order")
+    _check(all(int(a) < int(b) for a, b in itertools.pairwise(ordered)), "bad order")
     _check(key_type is KeyType.SECP256K1, "libp2p vector is not secp256k1")
     return "libp2p peer IDs derived, parsed back, ordered; spec vector matches", {"peer_ids": ids}
 
@@ -130,7 +132,7 @@ async def _channel_step() -> tuple[str, dict[str, Any]]:
     async def echo(driver: StreamDriver[DemoChannel]) -> None:
         async for event in driver:
             if isinstance(event, MessageReceived):
-                driver.act(lambda core, data=event.data: core.send(data))
+                driver.act(functools.partial(DemoChannel.send, data=event.data))
 
     def server_core() -> DemoChannel:
         return _core(server_key, client_key.public_key(), initiator=False)
@@ -144,7 +146,7 @@ async def _channel_step() -> tuple[str, dict[str, Any]]:
         )
         _check(isinstance(await client.next_event(), ChannelReady), "no channel established")
         for message in messages:
-            client.act(lambda core, m=message: core.send(m))
+            client.act(functools.partial(DemoChannel.send, data=message))
         while len(echoed) < len(messages):
             event = await client.next_event()
             _check(not isinstance(event, ConnectionClosed), f"channel closed: {event}")
