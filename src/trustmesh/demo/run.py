@@ -139,7 +139,7 @@ async def _channel_step() -> tuple[str, dict[str, Any]]:
 
     server = await serve_stream(server_core, echo, "127.0.0.1", 0)
     try:
-        port = server.sockets[0].getsockname()[1]
+        port = server.port
         started = time.perf_counter()
         client = await open_stream(
             _core(client_key, server_key.public_key(), initiator=True), "127.0.0.1", port

@@ -60,6 +60,16 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         return self._closed.done()
 
     @property
+    def writing_paused(self) -> bool:
+        """The transport's send buffer is above the high-water mark."""
+        return self._write_paused
+
+    @property
+    def reading_paused(self) -> bool:
+        """The driver has stopped reading (send buffer full, or events not taken)."""
+        return self._reading_paused
+
+    @property
     def close_event(self) -> ConnectionClosed | None:
         return self._closed.result() if self._closed.done() else None
 
@@ -249,35 +259,98 @@ async def open_stream(
     return driver
 
 
+class StreamServer(Generic[CoreT]):
+    """A listening socket whose connections each run a fresh core and a handler task.
+
+    :meth:`close` stops accepting and closes every live connection the way its
+    protocol says; :meth:`wait_closed` waits until they and their handlers are done.
+    """
+
+    def __init__(
+        self,
+        core_factory: Callable[[], CoreT],
+        handler: Callable[[StreamDriver[CoreT]], Awaitable[None]],
+        driver_options: dict[str, int],
+    ) -> None:
+        self._core_factory = core_factory
+        self._handler = handler
+        self._driver_options = driver_options
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._drivers: set[StreamDriver[CoreT]] = set()
+
+    @property
+    def sockets(self) -> tuple[object, ...]:
+        return tuple(self._server.sockets) if self._server else ()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> frozenset[StreamDriver[CoreT]]:
+        return frozenset(self._drivers)
+
+    async def listen(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._accept, host, port)
+
+    def _accept(self) -> StreamDriver[CoreT]:
+        driver = StreamDriver(self._core_factory(), **self._driver_options)
+        self._drivers.add(driver)
+        task = asyncio.get_running_loop().create_task(self._run(driver))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return driver
+
+    async def _run(self, driver: StreamDriver[CoreT]) -> None:
+        try:
+            await driver.wait_connected()
+            await self._handler(driver)
+        except ConnectionClosedError:
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+            driver.abort("handler failed")
+        finally:
+            if not driver.closed:  # the handler returned early: the connection is done too
+                driver.close("handler finished")
+            await driver.wait_closed()
+            self._drivers.discard(driver)
+
+    def close(self, reason: str = "server shutting down") -> None:
+        if self._server is not None:
+            self._server.close()
+        for driver in list(self._drivers):
+            driver.close(reason)
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> StreamServer[CoreT]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
 async def serve_stream(
     core_factory: Callable[[], CoreT],
     handler: Callable[[StreamDriver[CoreT]], Awaitable[None]],
     host: str,
     port: int,
     **driver_options: int,
-) -> asyncio.Server:
+) -> StreamServer[CoreT]:
     """Accept TCP connections; each gets a fresh core and its own ``handler`` task.
 
-    A handler that fails is logged and its connection closed; other connections go on.
+    A handler that fails is logged and its connection aborted; others go on. When a
+    handler returns, its connection is closed.
     """
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def run(driver: StreamDriver[CoreT]) -> None:
-        try:
-            await driver.wait_connected()
-            await handler(driver)
-        except ConnectionClosedError:
-            pass
-        except Exception:
-            log.exception("connection handler failed")
-            driver.abort("handler failed")
-
-    def make() -> StreamDriver[CoreT]:
-        driver = StreamDriver(core_factory(), **driver_options)
-        task = loop.create_task(run(driver))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-        return driver
-
-    return await loop.create_server(make, host, port)
+    server = StreamServer(core_factory, handler, driver_options)
+    await server.listen(host, port)
+    return server
