@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 
 
 class _State:
-    debug = os.environ.get("TRUSTMESH_DEBUG", "") not in ("", "0")
+    debug = False  # set per run by main() from TRUSTMESH_DEBUG, and by --debug
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -53,6 +53,7 @@ cli.add_command(demo)
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map every outcome to an exit code."""
+    _State.debug = os.environ.get("TRUSTMESH_DEBUG", "") not in ("", "0")
     try:
         result = cli.main(args=argv, prog_name="trustmesh", standalone_mode=False)
     except click.exceptions.Abort:

@@ -33,6 +33,23 @@ from trustmesh.wire.peerid import KeyType as Libp2pKeyType
 from trustmesh.wire.peerid import PeerId
 
 _P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+_ED25519_P = 2**255 - 19
+_ED25519_D = (-121665 * pow(121666, -1, _ED25519_P)) % _ED25519_P
+
+
+def _ed25519_point_decodes(data: bytes) -> bool:
+    """RFC 8032 section 5.1.3: is ``data`` the canonical encoding of a curve point?
+
+    ``cryptography`` accepts any 32 bytes as an Ed25519 public key; check it here.
+    """
+    p = _ED25519_P
+    y = int.from_bytes(data, "little") & ((1 << 255) - 1)
+    if y >= p:
+        return False
+    x2 = (y * y - 1) * pow(_ED25519_D * y * y + 1, -1, p) % p
+    if x2 == 0:
+        return not data[31] & 0x80  # x = 0 has no negative sign
+    return pow(x2, (p - 1) // 2, p) == 1
 
 
 class KeyKind(StrEnum):
@@ -240,6 +257,8 @@ class Ed25519PublicKey(PublicKey):
     def _parse(cls, data: bytes) -> Ed25519PublicKey:
         if len(data) != 32:
             raise InvalidKeyError(f"Ed25519 public key must be 32 bytes, got {len(data)}")
+        if not _ed25519_point_decodes(data):
+            raise InvalidKeyError("invalid Ed25519 public key: not a point on the curve")
         try:
             return cls(ed25519.Ed25519PublicKey.from_public_bytes(data))
         except ValueError as exc:

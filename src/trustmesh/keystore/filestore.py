@@ -5,12 +5,18 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import secrets
 import stat
 import sys
 from pathlib import Path
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.errors import KeyFilePermissionError, KeyStoreError, PassphraseError
+from trustmesh.errors import (
+    InvalidKeyError,
+    KeyFilePermissionError,
+    KeyStoreError,
+    PassphraseError,
+)
 from trustmesh.keystore.pkcs8 import decode_private_key, encode_private_key, is_encrypted
 
 PASSPHRASE_ENV = "TRUSTMESH_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -64,6 +70,8 @@ def load_key_file(path: str | os.PathLike[str], passphrase: bytes | None = None)
         return decode_private_key(pem, passphrase)
     except KeyStoreError as exc:
         raise type(exc)(f"{p}: {exc}") from None
+    except InvalidKeyError as exc:  # a well-formed key of a type we do not support
+        raise KeyStoreError(f"{p}: {exc}") from None
 
 
 def save_key_file(
@@ -80,7 +88,7 @@ def save_key_file(
     """
     p = Path(path)
     data = encode_private_key(key, passphrase)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp = p.with_name(f".{p.name}.{secrets.token_hex(8)}.tmp")  # never a stale name
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:

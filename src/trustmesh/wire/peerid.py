@@ -4,7 +4,7 @@ A public key is wrapped in the protobuf ``PublicKey { required KeyType Type = 1;
 required bytes Data = 2; }``. Its canonical encoding is hashed with the identity
 multihash when it is at most 42 bytes long, with sha2-256 otherwise. The text form is
 base58btc of the multihash; a CIDv1 (``libp2p-key`` codec) in base32 or base58btc is
-parsed too, as the spec requires.
+parsed too, as the spec requires. Only the canonical text of an ID is accepted.
 
 The tiny protobuf is encoded and parsed by hand: a peer ID hashes the *canonical*
 bytes, and a general protobuf parser would accept reordered, repeated or unknown
@@ -20,7 +20,13 @@ from enum import IntEnum
 
 import base58
 
-from trustmesh.errors import DecodeError, TrailingDataError, TruncatedError, UnsupportedError
+from trustmesh.errors import (
+    DecodeError,
+    NonCanonicalError,
+    TrailingDataError,
+    TruncatedError,
+    UnsupportedError,
+)
 from trustmesh.wire.multihash import Multihash, MultihashCode
 from trustmesh.wire.varint import decode_uvarint, encode_uvarint
 
@@ -113,27 +119,38 @@ class PeerId:
         if not text or not text.isascii():
             raise DecodeError("peer ID text is empty or not ASCII")
         if text[0] in "1Q":
-            return cls(_b58decode(text))
-        prefix, body = text[0], text[1:]
-        if prefix in "bB":
-            cid = _b32decode(body)
-        elif prefix == "z":
-            cid = _b58decode(body)
+            peer_id = cls(_b58decode(text))
+            canonical = peer_id.to_base58()
         else:
-            raise UnsupportedError(f"peer ID text starts with unsupported prefix {prefix!r}")
-        version, pos = decode_uvarint(cid)
-        if version != CIDV1:
-            raise UnsupportedError(f"CID version {version} is not 1")
-        codec, pos = decode_uvarint(cid, pos)
-        if codec != LIBP2P_KEY_CODEC:
-            raise DecodeError(f"CID codec 0x{codec:x} is not libp2p-key (0x72)")
-        return cls(cid[pos:])
+            prefix, body = text[0], text[1:]
+            if prefix in "bB":  # base32 / base32upper multibase
+                cid = _b32decode(body)
+            elif prefix == "z":
+                cid = _b58decode(body)
+            else:
+                raise UnsupportedError(f"peer ID text starts with unsupported prefix {prefix!r}")
+            version, pos = decode_uvarint(cid)
+            if version != CIDV1:
+                raise UnsupportedError(f"CID version {version} is not 1")
+            codec, pos = decode_uvarint(cid, pos)
+            if codec != LIBP2P_KEY_CODEC:
+                raise DecodeError(f"CID codec 0x{codec:x} is not libp2p-key (0x72)")
+            peer_id = cls(cid[pos:])
+            if prefix == "z":
+                canonical = "z" + _b58encode(cid)
+            else:
+                lower = peer_id.to_cid()
+                canonical = lower if prefix == "b" else "B" + lower[1:].upper()
+        # One ID, one text: refuse padding, stray whitespace, mixed case, unused bits.
+        if text != canonical:
+            raise NonCanonicalError("peer ID text is not in its canonical form")
+        return peer_id
 
     def to_bytes(self) -> bytes:
         return self._bytes
 
     def to_base58(self) -> str:
-        return str(base58.b58encode(self._bytes).decode("ascii"))
+        return _b58encode(self._bytes)
 
     def to_cid(self) -> str:
         """The CIDv1 text form, base32 lower-case without padding."""
@@ -166,6 +183,10 @@ class PeerId:
         return self._int < other._int
 
 
+def _b58encode(data: bytes) -> str:
+    return str(base58.b58encode(data).decode("ascii"))
+
+
 def _b58decode(text: str) -> bytes:
     try:
         return bytes(base58.b58decode(text))
@@ -174,7 +195,7 @@ def _b58decode(text: str) -> bytes:
 
 
 def _b32decode(text: str) -> bytes:
-    padded = text.upper() + "=" * (-len(text) % 8)
+    padded = text.upper() + "=" * (-len(text) % 8)  # the canonical check refuses upper case
     try:
         return base64.b32decode(padded)
     except (binascii.Error, ValueError) as exc:

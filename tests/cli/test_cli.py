@@ -1,0 +1,461 @@
+"""The ``trustmesh`` command line: exit codes, output, key files, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+
+import trustmesh
+import trustmesh.cli.main as cli_main
+from trustmesh.crypto.keys import KeyKind, PublicKey
+from trustmesh.keystore import PASSPHRASE_ENV, load_key_file
+
+ALL_KINDS = [k.value for k in KeyKind]
+HEX_LENGTH = {"secp256k1": 66, "p256": 66, "ed25519": 64}
+PEER_ID_PREFIX = {"secp256k1": "16Uiu2", "ed25519": "12D3KooW", "p256": "Qm"}
+
+
+class _NoTTY:
+    """A stdin that is not a terminal, so nothing ever prompts."""
+
+    def isatty(self) -> bool:
+        return False
+
+    def read(self, *args: object) -> str:
+        raise AssertionError("the CLI tried to read stdin")
+
+    readline = read
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PASSPHRASE_ENV, raising=False)
+    monkeypatch.delenv("TRUSTMESH_DEBUG", raising=False)
+    monkeypatch.setattr("sys.stdin", _NoTTY())
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()  # drop anything earlier
+    with pytest.raises(SystemExit) as info:
+        cli_main.main(argv)
+    code = info.value.code
+    out, err = capsys.readouterr()
+    return (0 if code is None else int(code)), out, err
+
+
+def assert_one_line_failure(code: int, out: str, err: str) -> None:
+    assert code == 1
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("trustmesh: error: ")
+    assert "Traceback" not in err
+
+
+def _command_paths(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[list[str]]:
+    yield list(path)
+    if isinstance(command, click.Group):
+        for name, sub in sorted(command.commands.items()):
+            yield from _command_paths(sub, (*path, name))
+
+
+COMMAND_PATHS = list(_command_paths(cli_main.cli))
+
+
+def _generate(
+    capsys: pytest.CaptureFixture[str], kind: str, out: Path, *extra: str
+) -> dict[str, object]:
+    code, stdout, err = run(
+        ["keys", "generate", "--type", kind, "--out", str(out), "--json", *extra], capsys
+    )
+    assert (code, err) == (0, ""), err
+    assert stdout.count("\n") == 1  # one JSON object on one line
+    info = json.loads(stdout)
+    assert isinstance(info, dict)
+    return info
+
+
+# --- version and help ------------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag in ("--version", "-V"):
+        code, out, err = run([flag], capsys)
+        assert code == 0
+        assert trustmesh.__version__ in out
+        assert out.startswith("trustmesh")
+        assert err == ""
+
+
+def test_command_tree_is_complete() -> None:
+    assert ["keys", "generate"] in COMMAND_PATHS
+    assert ["keys", "show"] in COMMAND_PATHS
+    assert ["demo"] in COMMAND_PATHS
+
+
+@pytest.mark.parametrize("path", COMMAND_PATHS, ids=lambda p: " ".join(p) or "trustmesh")
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_everywhere(capsys: pytest.CaptureFixture[str], path: list[str], flag: str) -> None:
+    code, out, err = run([*path, flag], capsys)
+    assert code == 0
+    assert "Usage" in out
+    assert f"trustmesh {' '.join(path)}".strip() in out
+    assert err == ""
+
+
+def test_group_without_command_shows_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["keys"], capsys)
+    assert code in (0, 2)
+    assert "Usage" in out + err
+    assert "generate" in out + err
+
+
+# --- keys generate / show ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_generate_plaintext_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    out = tmp_path / "node.key"
+    info = _generate(capsys, kind, out, "--no-encrypt")
+    assert info["type"] == kind
+    assert info["encrypted"] is False
+    assert info["path"] == str(out)
+    public_hex = info["public_key"]
+    assert isinstance(public_hex, str)
+    assert len(public_hex) == HEX_LENGTH[kind]
+    assert public_hex == public_hex.lower()
+    public = PublicKey.from_bytes(KeyKind(kind), bytes.fromhex(public_hex))
+    assert info["peer_id"] == str(public.peer_id())
+    assert str(info["peer_id"]).startswith(PEER_ID_PREFIX[kind])
+    # the file holds that very key, unencrypted, mode 0600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert load_key_file(out).public_key() == public
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_show_matches_generate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    out = tmp_path / "node.key"
+    generated = _generate(capsys, kind, out, "--no-encrypt")
+    code, stdout, err = run(["keys", "show", str(out), "--json"], capsys)
+    assert (code, err) == (0, "")
+    shown = json.loads(stdout)
+    for field in ("type", "public_key", "peer_id"):
+        assert shown[field] == generated[field]
+    assert shown["path"] == str(out)
+
+
+def test_human_readable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "node.key"
+    code, stdout, _ = run(
+        ["keys", "generate", "--type", "ed25519", "--out", str(out), "--no-encrypt"], capsys
+    )
+    assert code == 0
+    fields = dict(line.split(None, 1) for line in stdout.splitlines())
+    assert fields["type"] == "ed25519"
+    assert fields["encrypted"] == "False"
+    assert len(fields["public_key"]) == 64
+    code, shown, _ = run(["keys", "show", str(out)], capsys)
+    assert code == 0
+    assert dict(line.split(None, 1) for line in shown.splitlines())["peer_id"] == fields["peer_id"]
+
+
+def test_generate_and_show_encrypted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSPHRASE_ENV, "cli passphrase")
+    out = tmp_path / "enc.key"
+    generated = _generate(capsys, "secp256k1", out)
+    assert generated["encrypted"] is True
+    assert out.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    code, stdout, err = run(["keys", "show", str(out), "--json"], capsys)
+    assert (code, err) == (0, "")
+    shown = json.loads(stdout)
+    assert (shown["type"], shown["public_key"], shown["peer_id"]) == (
+        generated["type"],
+        generated["public_key"],
+        generated["peer_id"],
+    )
+    assert load_key_file(out, b"cli passphrase").public_key().hex() == generated["public_key"]
+
+
+@pytest.fixture
+def encrypted_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    out = tmp_path / "enc.key"
+    monkeypatch.setenv(PASSPHRASE_ENV, "right")
+    _generate(capsys, "ed25519", out)
+    monkeypatch.delenv(PASSPHRASE_ENV)
+    return out
+
+
+def test_wrong_passphrase(
+    encrypted_key: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    code, out, err = run(["keys", "show", str(encrypted_key)], capsys)
+    assert_one_line_failure(code, out, err)
+    assert "passphrase" in err
+
+
+def test_missing_passphrase_without_terminal(
+    encrypted_key: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(["keys", "show", str(encrypted_key), "--json"], capsys)
+    assert_one_line_failure(code, out, err)
+    assert PASSPHRASE_ENV in err
+
+
+def test_generate_encrypted_without_passphrase(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "k.key"
+    code, stdout, err = run(["keys", "generate", "--type", "p256", "--out", str(out)], capsys)
+    assert_one_line_failure(code, stdout, err)
+    assert PASSPHRASE_ENV in err
+    assert not out.exists()
+
+
+def test_debug_prints_traceback(
+    encrypted_key: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    code, out, err = run(["--debug", "keys", "show", str(encrypted_key)], capsys)
+    assert code == 1
+    assert out == ""
+    assert "Traceback" in err
+    assert "PassphraseError" in err
+    assert err.rstrip().splitlines()[-1].startswith("trustmesh: error: ")
+
+
+def test_debug_from_environment(
+    encrypted_key: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    monkeypatch.setenv("TRUSTMESH_DEBUG", "1")
+    code, _, err = run(["keys", "show", str(encrypted_key)], capsys)
+    assert code == 1
+    assert "Traceback" in err
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640])
+def test_world_readable_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    out = tmp_path / "k.key"
+    _generate(capsys, "ed25519", out, "--no-encrypt")
+    out.chmod(mode)
+    code, stdout, err = run(["keys", "show", str(out)], capsys)
+    assert_one_line_failure(code, stdout, err)
+    assert "chmod 600" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "name"),
+    [(b"garbage\n", "garbage.key"), (b"", "empty.key"), (b"x" * 70_000, "huge.key")],
+)
+def test_bad_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, name: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    path.chmod(0o600)
+    code, out, err = run(["keys", "show", str(path)], capsys)
+    assert_one_line_failure(code, out, err)
+    assert str(path) in err
+
+
+def test_missing_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["keys", "show", str(tmp_path / "absent.key")], capsys)
+    assert_one_line_failure(code, out, err)
+
+
+def test_unknown_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "k.key"
+    code, stdout, err = run(
+        ["keys", "generate", "--type", "rsa", "--out", str(out), "--no-encrypt"], capsys
+    )
+    assert code == 2
+    assert stdout == ""
+    assert "rsa" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["keys", "generate", "--type", "ed25519"], "Missing option '--out'"),
+        (["keys", "generate", "--out", "k.key"], "Missing option '--type'"),
+        (["keys", "show"], "Missing argument 'FILE'"),
+        (["keys", "generate", "--type"], "requires an argument"),
+    ],
+)
+def test_missing_required_option(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    complaint: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert complaint in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_command_and_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["frobnicate"], capsys)[0] == 2
+    assert run(["keys", "show", "--frobnicate"], capsys)[0] == 2
+
+
+def test_generate_refuses_existing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "k.key"
+    first = _generate(capsys, "secp256k1", out, "--no-encrypt")
+    before = out.read_bytes()
+    code, stdout, err = run(
+        ["keys", "generate", "--type", "secp256k1", "--out", str(out), "--no-encrypt"], capsys
+    )
+    assert_one_line_failure(code, stdout, err)
+    assert "exists" in err
+    assert out.read_bytes() == before
+    assert load_key_file(out).public_key().hex() == first["public_key"]
+
+
+def test_generate_refuses_existing_file_encrypted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "notes.txt"
+    out.write_text("not a key, but still not to be clobbered")
+    monkeypatch.setenv(PASSPHRASE_ENV, "pw")
+    code, stdout, err = run(["keys", "generate", "--type", "p256", "--out", str(out)], capsys)
+    assert_one_line_failure(code, stdout, err)
+    assert out.read_text() == "not a key, but still not to be clobbered"
+
+
+# --- demo ------------------------------------------------------------------------------------
+
+
+def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(["demo", "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ok"] is True
+    steps = result["steps"]
+    assert len(steps) == 5
+    assert all(step["ok"] is True for step in steps), steps
+    assert all(step["name"] and step["detail"] for step in steps)
+
+
+def test_demo_keep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keep = tmp_path / "demo"
+    code, out, _ = run(["demo", "--keep", str(keep)], capsys)
+    assert code == 0
+    assert "5/5 steps passed" in out
+    files = sorted(keep.iterdir())
+    assert files
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files if f.is_file())
+
+
+# --- as a real process -----------------------------------------------------------------------
+
+
+def _executable() -> str:
+    beside = Path(sys.executable).parent / "trustmesh"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("trustmesh")
+    if found is None:
+        pytest.skip("the trustmesh console script is not installed")
+    return found
+
+
+def _subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRUSTMESH_")}
+    env.update(extra)
+    return env
+
+
+def test_subprocess_version() -> None:
+    result = subprocess.run(
+        [_executable(), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=_subprocess_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0
+    assert trustmesh.__version__ in result.stdout
+
+
+def test_subprocess_generate_show_and_failure(tmp_path: Path) -> None:
+    exe = _executable()
+    out = tmp_path / "proc.key"
+    common = {"capture_output": True, "text": True, "timeout": 30, "stdin": subprocess.DEVNULL}
+    generated = subprocess.run(
+        [exe, "keys", "generate", "--type", "ed25519", "--out", str(out), "--json"],
+        env=_subprocess_env(TRUSTMESH_PASSPHRASE="proc pass"),
+        check=True,
+        **common,  # type: ignore[call-overload]
+    )
+    info = json.loads(generated.stdout)
+    shown = subprocess.run(
+        [exe, "keys", "show", str(out), "--json"],
+        env=_subprocess_env(TRUSTMESH_PASSPHRASE="proc pass"),
+        check=True,
+        **common,  # type: ignore[call-overload]
+    )
+    assert json.loads(shown.stdout)["peer_id"] == info["peer_id"]
+    wrong = subprocess.run(
+        [exe, "keys", "show", str(out)],
+        env=_subprocess_env(TRUSTMESH_PASSPHRASE="nope"),
+        check=False,
+        **common,  # type: ignore[call-overload]
+    )
+    assert wrong.returncode == 1
+    assert wrong.stdout == ""
+    assert len(wrong.stderr.splitlines()) == 1
+    assert "Traceback" not in wrong.stderr
+    debug = subprocess.run(
+        [exe, "keys", "show", str(out)],
+        env=_subprocess_env(TRUSTMESH_PASSPHRASE="nope", TRUSTMESH_DEBUG="1"),
+        check=False,
+        **common,  # type: ignore[call-overload]
+    )
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr
+
+
+def test_subprocess_usage_error() -> None:
+    result = subprocess.run(
+        [_executable(), "keys", "generate", "--type", "dsa", "--out", "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env=_subprocess_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
