@@ -59,28 +59,38 @@ class FrameDecoder:
         Raises :class:`OversizeError` for a frame over the limit and the varint errors for
         a bad prefix. After an error the stream is unusable: close the connection.
         """
-        self._buf += data
+        # Usually no partial frame is pending: parse the input in place, so each frame's
+        # bytes are copied once, and only an incomplete tail is kept.
+        pending = bool(self._buf)
+        if pending:
+            self._buf += data
+        view = memoryview(self._buf if pending else data)
         frames: list[bytes] = []
-        buf = self._buf
         pos = 0
-        end = len(buf)
-        while True:
-            if self._need is None:
-                try:
-                    size, body = decode_uvarint(buf, pos)
-                except TruncatedError:
-                    break  # the prefix is incomplete; wait for more bytes
-                if size > self._max_size:
-                    raise OversizeError(
-                        f"frame of {size} bytes exceeds the {self._max_size}-byte limit"
-                    )
-                self._need = size
-                pos = body
-            if end - pos < self._need:
-                break
-            frames.append(bytes(buf[pos : pos + self._need]))
-            pos += self._need
-            self._need = None
-        if pos:
-            del buf[:pos]
+        end = len(view)
+        try:
+            while True:
+                if self._need is None:
+                    try:
+                        size, body = decode_uvarint(view, pos)
+                    except TruncatedError:
+                        break  # the prefix is incomplete; wait for more bytes
+                    if size > self._max_size:
+                        raise OversizeError(
+                            f"frame of {size} bytes exceeds the {self._max_size}-byte limit"
+                        )
+                    self._need = size
+                    pos = body
+                if end - pos < self._need:
+                    break
+                frames.append(view[pos : pos + self._need].tobytes())
+                pos += self._need
+                self._need = None
+            rest = None if pending else bytearray(view[pos:])
+        finally:
+            view.release()
+        if rest is not None:
+            self._buf = rest
+        elif pos:
+            del self._buf[:pos]
         return frames
