@@ -26,11 +26,13 @@ INFO = b"trustmesh demo channel v1"
 
 @dataclass(frozen=True, slots=True)
 class ChannelReady(Event):
-    pass
+    """Both nonces are exchanged; messages may flow."""
 
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived(Event):
+    """An authenticated message from the peer."""
+
     data: bytes
 
 

@@ -309,7 +309,7 @@ class StreamServer(Generic[CoreT]):
             await driver.wait_connected()
             await self._handler(driver)
         except ConnectionClosedError:
-            pass
+            log.debug("handler stopped: its connection closed")
         except Exception:
             log.exception("connection handler failed")
             driver.abort("handler failed")
