@@ -18,11 +18,14 @@ class ProtocolError(Exception):
 class DecodeError(ProtocolError):
     """Input bytes or text could not be decoded.
 
-    ``offset`` is the byte position where decoding failed, when it is known.
+    ``offset`` is the byte position where decoding failed, when it is known. A stream
+    decoder puts the items it completed before the bad one in ``frames``, so that a
+    protocol can deliver what it accepted before it closes.
     """
 
     def __init__(self, message: str, *, offset: int | None = None) -> None:
         self.offset = offset
+        self.frames: tuple[bytes, ...] = ()
         super().__init__(message if offset is None else f"{message} (at byte {offset})")
 
 

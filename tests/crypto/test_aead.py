@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trustmesh.crypto.aead import (
+    DEFAULT_MAX_RECORDS,
     KEY_SIZE,
     MAX_RECORDS,
     NONCE_SIZE,
@@ -73,16 +74,16 @@ def test_round_trip_stream(messages: list[tuple[bytes, bytes | None]]) -> None:
 def test_counter_increments() -> None:
     sealer, opener = pair()
     assert sealer.sequence == opener.sequence == 0
-    assert sealer.remaining == MAX_RECORDS
+    assert sealer.remaining == DEFAULT_MAX_RECORDS
     records = []
     for i in range(1, 6):
         records.append(sealer.seal(b"x"))
         assert sealer.sequence == i
-        assert sealer.remaining == MAX_RECORDS - i
+        assert sealer.remaining == DEFAULT_MAX_RECORDS - i
     for i, record in enumerate(records, start=1):
         assert opener.open(record) == b"x"
         assert opener.sequence == i
-        assert opener.remaining == MAX_RECORDS - i
+        assert opener.remaining == DEFAULT_MAX_RECORDS - i
 
 
 def test_same_plaintext_gives_different_records() -> None:
@@ -127,7 +128,7 @@ def test_nonce_prefix_is_first_four_bytes() -> None:
 
 def test_last_counter_value_is_packed() -> None:
     # The nonce of the very last record carries counter 2**64 - 1 in its last 8 bytes.
-    sealer = RecordSealer(KEY, nonce_prefix=b"\xaa\xbb\xcc\xdd")
+    sealer = RecordSealer(KEY, nonce_prefix=b"\xaa\xbb\xcc\xdd", max_records=MAX_RECORDS)
     sealer._counter = MAX_RECORDS - 1  # jump to the end of the nonce space
     record = sealer.seal(b"last")
     assert record == AESGCM(KEY).encrypt(b"\xaa\xbb\xcc\xdd" + b"\xff" * 8, b"last", None)

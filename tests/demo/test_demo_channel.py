@@ -6,11 +6,18 @@ import asyncio
 import functools
 import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.demo.channel import NONCE_SIZE, ChannelReady, DemoChannel, MessageReceived
+from trustmesh.demo.channel import (
+    MAX_MESSAGE,
+    NONCE_SIZE,
+    ChannelReady,
+    DemoChannel,
+    MessageReceived,
+)
 from trustmesh.io import memory_pipe
 from trustmesh.sansio import ConnectionClosed
 from trustmesh.wire.frames import encode_frame
@@ -103,3 +110,27 @@ async def test_over_memory_pipe() -> None:
         da.close("done")
         closed = await db.wait_closed()
     assert closed.by_peer
+
+
+def test_oversized_send_is_refused_without_spending_a_nonce() -> None:
+    a, b = pair()
+    handshake(a, b)
+    with pytest.raises(ValueError, match="exceeds"):
+        a.send(b"x" * (MAX_MESSAGE + 1))
+    a.send(b"y" * MAX_MESSAGE)
+    a.send(b"next")
+    assert b.receive_data(a.data_to_send()) == [
+        MessageReceived(b"y" * MAX_MESSAGE),
+        MessageReceived(b"next"),
+    ]
+
+
+def test_messages_before_bad_input_are_delivered() -> None:
+    a, b = pair()
+    handshake(a, b)
+    a.send(b"m1")
+    a.send(b"m2")
+    events = b.receive_data(a.data_to_send() + b"\xff" * 10)  # then a bad frame prefix
+    assert events[:2] == [MessageReceived(b"m1"), MessageReceived(b"m2")]
+    assert isinstance(events[2], ConnectionClosed)
+    assert events[2].error

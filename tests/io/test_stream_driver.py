@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from toy_protocol import Message, ToyCore
 
-from trustmesh.errors import ConnectionClosedError
+from trustmesh.errors import ConnectionClosedError, ProtocolError
 from trustmesh.io import StreamDriver, StreamServer, memory_pipe, open_stream, serve_stream
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.wire.frames import encode_frame
@@ -335,3 +335,201 @@ async def test_orderly_close_flushes_pending_data() -> None:
     got = [e async for e in b]
     assert [e.data for e in got if isinstance(e, Message)] == [b"%d" % i for i in range(20)]
     assert isinstance(got[-1], ConnectionClosed) and got[-1].reason == "peer said bye"
+
+
+# --- failure modes found in review --------------------------------------------------------
+
+
+async def bulk_both_ways(
+    a: StreamDriver[ToyCore], b: StreamDriver[ToyCore], count: int, size: int
+) -> None:
+    async def pump(driver: StreamDriver[ToyCore]) -> None:
+        for i in range(count):
+            driver.act(send(i.to_bytes(4, "big") * (size // 4)))
+            await driver.drain()
+
+    async def collect(driver: StreamDriver[ToyCore]) -> list[int]:
+        return [int.from_bytes((await next_message(driver))[:4], "big") for _ in range(count)]
+
+    async with asyncio.timeout(WAIT * 4):
+        results = await asyncio.gather(pump(a), pump(b), collect(a), collect(b))
+    assert results[2] == list(range(count))
+    assert results[3] == list(range(count))
+
+
+async def test_bulk_both_ways_in_memory_does_not_deadlock() -> None:
+    a, b = await memory_pipe(ToyCore(), ToyCore(), high_water=8192)
+    await bulk_both_ways(a, b, count=400, size=4000)
+
+
+async def test_bulk_both_ways_over_tcp_does_not_deadlock(
+    tcp_server: Callable[..., Awaitable[int]],
+) -> None:
+    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
+
+    async def handler(driver: StreamDriver[ToyCore]) -> None:
+        server_side.set_result(driver)
+        await driver.wait_closed()
+
+    port = await tcp_server(ToyCore, handler, high_water=16 * 1024)
+    client = await open_stream(ToyCore(), "127.0.0.1", port, high_water=16 * 1024)
+    server = await asyncio.wait_for(server_side, WAIT)
+    await bulk_both_ways(client, server, count=2500, size=4000)  # 10 MB each way
+    client.close()
+
+
+async def test_echo_to_a_peer_that_never_reads_stops_reading() -> None:
+    a, b = await memory_pipe(ToyCore(), ToyCore(echo=True), high_water=4096)
+    a_transport = a._transport  # a reads nothing: pause its transport by hand
+    assert a_transport is not None
+    a_transport.pause_reading()
+    for i in range(200):
+        a.act(send(b"%04d" % i * 250))
+        await asyncio.sleep(0)
+        if b.reading_paused:
+            break
+    assert b.reading_paused, "the echo side kept reading while its replies piled up"
+    assert b._transport is not None
+    assert b._transport.get_write_buffer_size() > 4 * 4096
+    a_transport.resume_reading()
+    assert [await next_message(b) for _ in range(i + 1)] == [
+        b"%04d" % j * 250 for j in range(i + 1)
+    ]
+
+
+async def test_abort_ends_an_orderly_close_that_cannot_finish(
+    tcp_server: Callable[..., Awaitable[int]],
+) -> None:
+    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
+
+    async def handler(driver: StreamDriver[ToyCore]) -> None:
+        server_side.set_result(driver)
+        for _ in range(2000):  # 8 MB towards a client that never reads
+            driver.act(send(b"x" * 4000))
+        driver.close("done")
+        await driver.wait_closed()
+
+    port = await tcp_server(ToyCore, handler)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    server = await asyncio.wait_for(server_side, WAIT)
+    assert server.closed
+    assert not server._transport_gone.done()  # still trying to deliver the goodbye
+    server.abort("operator gave up")
+    await closed(server)  # returns only once the socket is released
+    assert server._transport is not None
+    assert server._transport.is_closing()
+    writer.close()
+
+
+async def test_close_timeout_aborts_a_stuck_close(
+    tcp_server: Callable[..., Awaitable[int]],
+) -> None:
+    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
+
+    async def handler(driver: StreamDriver[ToyCore]) -> None:
+        server_side.set_result(driver)
+        for _ in range(2000):  # 8 MB towards a client that never reads
+            driver.act(send(b"x" * 4000))
+        driver.close("done")
+        await driver.wait_closed()
+
+    port = await tcp_server(ToyCore, handler, close_timeout=0.05)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    server = await asyncio.wait_for(server_side, WAIT)
+    event = await closed(server)  # the linger timer aborts the stuck close
+    assert event.reason == "done"
+    assert server._transport is not None
+    assert server._transport.get_write_buffer_size() == 0
+    writer.close()
+
+
+class FailingFlushCore(ToyCore):
+    """A core whose data_to_send fails once its timer has fired."""
+
+    def handle_timer(self, now: float) -> list[Event]:
+        self.timer_calls.append(now)
+        self._deadline = None
+        self.broken = True
+        return []
+
+    def data_to_send(self) -> bytes:
+        if getattr(self, "broken", False):
+            raise ProtocolError("cannot encode the keepalive")
+        return super().data_to_send()
+
+
+async def test_error_while_flushing_after_a_timer_closes_the_connection() -> None:
+    loop = asyncio.get_running_loop()
+    a, b = await memory_pipe(FailingFlushCore(), ToyCore())
+    a.act(functools.partial(ToyCore.set_deadline, deadline=loop.time() + 0.01))
+    event = await closed(a)
+    assert event.error
+    assert "cannot encode the keepalive" in event.reason
+    assert (await closed(b)).by_peer
+
+
+class CountingEofCore(ToyCore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.eofs = 0
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if not data:
+            self.eofs += 1
+            return []  # stay half-open: keep sending after the peer's EOF
+        return super().receive_data(data)
+
+
+async def test_eof_reaches_the_core_once_on_a_half_open_connection(
+    tcp_server: Callable[..., Awaitable[int]],
+) -> None:
+    server_side: asyncio.Future[StreamDriver[CountingEofCore]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def handler(driver: StreamDriver[CountingEofCore]) -> None:
+        server_side.set_result(driver)
+        await driver.next_event()  # the client's request
+        for _ in range(3000):  # a reply big enough to pause and resume the transport
+            driver.act(functools.partial(ToyCore.send, data=b"r" * 4000))
+            await driver.drain()
+        driver.close("reply sent")
+
+    port = await tcp_server(CountingEofCore, handler, high_water=16 * 1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(encode_frame(b"request"))
+    writer.write_eof()
+    total = 0
+    async with asyncio.timeout(WAIT * 4):
+        while chunk := await reader.read(1 << 16):
+            total += len(chunk)
+    server = await asyncio.wait_for(server_side, WAIT)
+    assert server.core.eofs == 1
+    assert total > 3000 * 4000
+    writer.close()
+
+
+async def test_memory_pipe_write_to_closed_peer_is_a_reset() -> None:
+    a, b = await memory_pipe(ToyCore(), CountingEofCore())
+    a.act(lambda core: [ConnectionClosed("quiet close")])  # no goodbye: b stays half-open
+    await closed(a)
+    b.act(send(b"into the void"))
+    event = await closed(b)
+    assert event.error
+    assert "reset" in event.reason
+
+
+async def test_close_before_connection_made_aborts_the_transport() -> None:
+    from trustmesh.io.pipe import MemoryTransport
+
+    loop = asyncio.get_running_loop()
+    driver = StreamDriver(ToyCore())
+    driver.close("server shutting down")
+    assert driver.closed
+    left, right = MemoryTransport(loop, "a"), MemoryTransport(loop, "b")
+    left._peer, right._peer = right, left
+    left.set_protocol(driver)
+    right.set_protocol(StreamDriver(ToyCore()))
+    driver.connection_made(left)
+    assert left.is_closing()
+    assert (await closed(driver)).reason == "server shutting down"

@@ -280,3 +280,17 @@ def test_fuzz_decoder_agrees_with_decode_frame(data: bytes, max_size: int) -> No
     decoder = FrameDecoder(max_size)
     assert decoder.feed(data) == [payload]
     assert decoder.buffered == 0
+
+
+def test_error_carries_the_frames_completed_before_it() -> None:
+    decoder = FrameDecoder(max_size=100)
+    stream = encode_frame(b"one") + encode_frame(b"two") + encode_frame(b"x" * 200, 1000)
+    with pytest.raises(OversizeError) as info:
+        decoder.feed(stream)
+    assert info.value.frames == (b"one", b"two")
+
+
+def test_error_without_earlier_frames_carries_none() -> None:
+    with pytest.raises(NonCanonicalError) as info:
+        FrameDecoder().feed(b"\x80\x00")
+    assert info.value.frames == ()

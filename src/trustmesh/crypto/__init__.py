@@ -1,6 +1,7 @@
 """Key types, signatures, ECDH, and the AEAD record layer."""
 
 from trustmesh.crypto.aead import (
+    DEFAULT_MAX_RECORDS,
     KEY_SIZE,
     NONCE_SIZE,
     TAG_SIZE,
@@ -22,6 +23,7 @@ from trustmesh.crypto.keys import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_RECORDS",
     "KEY_SIZE",
     "NONCE_SIZE",
     "TAG_SIZE",

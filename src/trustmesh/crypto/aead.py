@@ -2,8 +2,9 @@
 
 Nonce layout (96 bits): a 4-byte fixed prefix (zero unless a protocol sets one) followed
 by a 64-bit big-endian record counter. The counter starts at 0, increases by one per
-record and never wraps: after ``max_records`` records the sealer refuses to go on and
-the protocol must rekey. Each direction has its own key, so the two sides never share
+record and never wraps: after ``max_records`` records (default 2**24) the sealer refuses
+to go on and the protocol must rekey. Each direction has its own key, so the two sides
+never share
 a (key, nonce) pair. The ``AESGCM`` object is built once per key.
 """
 
@@ -23,7 +24,10 @@ KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 NONCE_PREFIX_SIZE = 4
-MAX_RECORDS = 1 << 64  # counter values 0 .. 2**64 - 1
+MAX_RECORDS = 1 << 64  # counter values 0 .. 2**64 - 1: the nonce space
+# The default per-key limit follows RFC 8446 section 5.5: about 2**24.5 full-size
+# (16 KiB) records keep AES-GCM's safety margin. Protocols rekey before it.
+DEFAULT_MAX_RECORDS = 1 << 24
 _pack_nonce = struct.Struct(">IQ").pack  # 4-byte prefix, 8-byte counter
 
 
@@ -91,7 +95,7 @@ class RecordSealer(_CounterNonces):
     __slots__ = ()
 
     def __init__(
-        self, key: bytes, *, nonce_prefix: bytes = bytes(4), max_records: int = MAX_RECORDS
+        self, key: bytes, *, nonce_prefix: bytes = bytes(4), max_records: int = DEFAULT_MAX_RECORDS
     ) -> None:
         super().__init__(key, nonce_prefix, max_records)
 
@@ -110,7 +114,7 @@ class RecordOpener(_CounterNonces):
     __slots__ = ()
 
     def __init__(
-        self, key: bytes, *, nonce_prefix: bytes = bytes(4), max_records: int = MAX_RECORDS
+        self, key: bytes, *, nonce_prefix: bytes = bytes(4), max_records: int = DEFAULT_MAX_RECORDS
     ) -> None:
         super().__init__(key, nonce_prefix, max_records)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trustmesh.crypto.aead import DirectionalKeys, RecordOpener, RecordSealer
+from trustmesh.crypto.aead import TAG_SIZE, DirectionalKeys, RecordOpener, RecordSealer
 from trustmesh.crypto.keys import PublicKey
 from trustmesh.errors import AuthenticationError, DecodeError, ProtocolError
 from trustmesh.keystore.signer import Signer
@@ -21,6 +21,7 @@ from trustmesh.wire.frames import FrameDecoder, encode_frame
 
 NONCE_SIZE = 32
 MAX_FRAME = 64 * 1024 + 64
+MAX_MESSAGE = MAX_FRAME - TAG_SIZE
 INFO = b"trustmesh demo channel v1"
 
 
@@ -75,6 +76,8 @@ class DemoChannel:
     def send(self, data: bytes) -> list[Event]:
         if self._sealer is None:
             raise ProtocolError("the channel is not ready yet")
+        if len(data) > MAX_MESSAGE:  # checked before sealing, so no nonce is spent
+            raise ValueError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
         self._out += encode_frame(self._sealer.seal(data), MAX_FRAME)
         return []
 
@@ -83,13 +86,18 @@ class DemoChannel:
             return []
         if not data:
             return self._close(ConnectionClosed("peer closed the channel", by_peer=True))
+        events: list[Event] = []
         try:
-            frames = self._frames.feed(data)
-            events: list[Event] = []
+            try:
+                frames, error = self._frames.feed(data), None
+            except DecodeError as exc:
+                frames, error = list(exc.frames), exc
             for frame in frames:
                 events.append(self._on_frame(frame))
-        except ProtocolError as exc:
-            return self._close(ConnectionClosed(str(exc), error=True))
+            if error is not None:
+                raise error
+        except ProtocolError as exc:  # messages accepted before the bad input still count
+            return events + self._close(ConnectionClosed(str(exc), error=True))
         self._heard_from_peer = True
         return events
 

@@ -112,7 +112,13 @@ class MemoryTransport(asyncio.Transport):
     def _deliver(self) -> None:
         self._delivery_scheduled = False
         peer = self._peer
-        if self._lost or peer is None or peer._lost:
+        if self._lost or peer is None:
+            return
+        if peer._lost:
+            if self._outbox:  # writing to a connection the peer has closed: a reset, as TCP
+                self._outbox.clear()
+                self._outbox_size = 0
+                self._connection_lost(ConnectionResetError("connection reset by peer"))
             return
         assert peer._protocol is not None
         while self._outbox and peer._reading and not peer._lost:
@@ -140,7 +146,7 @@ class MemoryTransport(asyncio.Transport):
 
 
 async def memory_pipe(
-    initiator: CoreT, responder: CoreT, **driver_options: int
+    initiator: CoreT, responder: CoreT, **driver_options: Any
 ) -> tuple[StreamDriver[CoreT], StreamDriver[CoreT]]:
     """Connect two cores through an in-memory pipe; return their drivers."""
     loop = asyncio.get_running_loop()

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from trustmesh.errors import ConnectionClosedError, ProtocolError
 from trustmesh.sansio import ConnectionClosed, Event, StreamCore
@@ -24,6 +24,12 @@ CoreT = TypeVar("CoreT", bound=StreamCore)
 
 DEFAULT_HIGH_WATER = 256 * 1024
 DEFAULT_MAX_PENDING_EVENTS = 1024
+# Reading stops when unsent output passes this many high-water marks. Writers that
+# await drain() stay below one mark, so only output the core makes by itself (replies
+# to a peer that does not read) gets here; a lower bound would deadlock two peers that
+# both send in bulk.
+READ_PAUSE_FACTOR = 4
+DEFAULT_CLOSE_TIMEOUT = 10.0  # an orderly close that has not finished by then is aborted
 
 
 class StreamDriver(asyncio.Protocol, Generic[CoreT]):
@@ -35,11 +41,15 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         *,
         high_water: int = DEFAULT_HIGH_WATER,
         max_pending_events: int = DEFAULT_MAX_PENDING_EVENTS,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         self.core = core
         self._loop = asyncio.get_running_loop()
         self._high_water = high_water
         self._max_pending = max_pending_events
+        self._close_timeout = close_timeout
+        self._linger: asyncio.TimerHandle | None = None
+        self._eof = False
         self._transport: asyncio.Transport | None = None
         self._events: collections.deque[Event] = collections.deque()
         self._event_ready = asyncio.Event()
@@ -51,6 +61,7 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         self._drained.set()
         self._closed: asyncio.Future[ConnectionClosed] = self._loop.create_future()
         self._connected: asyncio.Future[None] = self._loop.create_future()
+        self._transport_gone: asyncio.Future[None] = self._loop.create_future()
         self._delivered_close = False
 
     # --- application side -------------------------------------------------------------
@@ -80,8 +91,14 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         await asyncio.shield(self._connected)
 
     async def wait_closed(self) -> ConnectionClosed:
-        """Wait until the connection is closed; return why."""
-        return await asyncio.shield(self._closed)
+        """Wait until the connection is closed and its socket released; return why.
+
+        After an orderly close that waits at most ``close_timeout`` for the peer to take
+        the last bytes, then the connection is aborted.
+        """
+        event = await asyncio.shield(self._closed)
+        await asyncio.shield(self._transport_gone)
+        return event
 
     async def next_event(self) -> Event:
         """The next event from the core. The last one is a ``ConnectionClosed``;
@@ -107,10 +124,16 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
 
     def act(self, action: Callable[[CoreT], list[Event] | None]) -> None:
         """Run an application action on the core (``lambda core: core.send(b)``), then
-        flush what it produced. Raises :class:`ConnectionClosedError` once closed."""
+        flush what it produced. Raises :class:`ConnectionClosedError` once closed.
+
+        An exception the action raises (a message too large, a channel not ready) goes
+        to the caller and the connection stays up: a core validates an action before it
+        changes any state.
+        """
         if self._closed.done():
             raise ConnectionClosedError(self._closed.result().reason)
-        self._guarded(lambda: action(self.core) or [])
+        events = action(self.core) or []
+        self._guarded(lambda: events)
 
     async def drain(self) -> None:
         """Wait until the transport's send buffer is below the low-water mark."""
@@ -124,16 +147,21 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             self._guarded(lambda: self.core.close(reason))
 
     def abort(self, reason: str) -> None:
-        """Drop the connection at once, without the protocol's goodbye."""
+        """Drop the connection at once, without the protocol's goodbye (also ends an
+        orderly close that is still sending)."""
         self._finish(ConnectionClosed(reason, error=True), abort=True)
+        self._abort_transport()
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        transport.set_write_buffer_limits(high=self._high_water)
         self._connected.set_result(None)
+        if self._closed.done():  # closed (e.g. by a server shutting down) before it began
+            transport.abort()
+            return
+        transport.set_write_buffer_limits(high=self._high_water)
         self._guarded(lambda: self.core.start(self._loop.time()))
 
     def data_received(self, data: bytes) -> None:
@@ -141,7 +169,8 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             self._guarded(lambda: self.core.receive_data(data))
 
     def eof_received(self) -> bool:
-        if not self._closed.done():
+        if not self._eof and not self._closed.done():
+            self._eof = True
             self._guarded(lambda: self.core.receive_data(b""))
         # True keeps a half-open connection: the core has not closed and may still send.
         return not self._closed.done()
@@ -149,10 +178,14 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._connected.done():
             self._connected.set_exception(ConnectionClosedError("connection failed"))
-        if self._closed.done():
-            return
-        reason = f"connection lost: {exc}" if exc else "peer closed the connection"
-        self._finish(ConnectionClosed(reason, error=exc is not None, by_peer=True), abort=True)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if not self._closed.done():
+            reason = f"connection lost: {exc}" if exc else "peer closed the connection"
+            self._finish(ConnectionClosed(reason, error=exc is not None, by_peer=True), abort=True)
+        if not self._transport_gone.done():
+            self._transport_gone.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -167,19 +200,20 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
     # --- the pump ---------------------------------------------------------------------
 
     def _guarded(self, step: Callable[[], list[Event]]) -> None:
-        """Run one core step; a core that raises closes only its own connection."""
+        """Run one core step and act on it; a core that raises (in the step, or while
+        the driver reads its output or timer) closes only its own connection."""
         try:
-            events = step()
+            self._process(step())
         except ProtocolError as exc:
             log.info("closing connection after protocol error: %s", exc)
-            self._flush()  # whatever the core queued before failing (an alert, a notice)
+            try:
+                self._flush()  # whatever the core queued before failing (an alert, a notice)
+            except Exception:
+                log.exception("protocol core failed while flushing")
             self._finish(ConnectionClosed(f"protocol error: {exc}", error=True), abort=False)
-            return
         except Exception:
             log.exception("protocol core failed; closing its connection")
             self._finish(ConnectionClosed("internal error", error=True), abort=True)
-            return
-        self._process(events)
 
     def _process(self, events: list[Event]) -> None:
         closing: ConnectionClosed | None = None
@@ -221,9 +255,12 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
 
     def _update_reading(self) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        want_pause = self._write_paused or len(self._events) >= self._max_pending
+        if transport is None or transport.is_closing() or self._eof:
+            return  # after EOF, resuming would make the socket report EOF again
+        unsent = transport.get_write_buffer_size()
+        want_pause = (self._write_paused and unsent > READ_PAUSE_FACTOR * self._high_water) or len(
+            self._events
+        ) >= self._max_pending
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
@@ -241,15 +278,25 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         self._events.append(event)
         self._event_ready.set()
         self._drained.set()
-        if self._transport is not None:
-            if abort:
-                self._transport.abort()
-            else:
-                self._transport.close()  # sends what is buffered, then FIN
+        transport = self._transport
+        if transport is None:
+            if not self._connected.done():  # connection_made will abort it on arrival
+                return
+            self._transport_gone.set_result(None)
+        elif abort:
+            self._abort_transport()
+        else:
+            transport.close()  # sends what is buffered, then FIN
+            self._linger = self._loop.call_later(self._close_timeout, self._abort_transport)
+
+    def _abort_transport(self) -> None:
+        self._linger = None
+        if self._transport is not None and not self._transport_gone.done():
+            self._transport.abort()
 
 
 async def open_stream(
-    core: CoreT, host: str, port: int, **driver_options: int
+    core: CoreT, host: str, port: int, **driver_options: Any
 ) -> StreamDriver[CoreT]:
     """Connect to ``host:port`` over TCP and run ``core`` on the connection."""
     loop = asyncio.get_running_loop()
@@ -270,7 +317,7 @@ class StreamServer(Generic[CoreT]):
         self,
         core_factory: Callable[[], CoreT],
         handler: Callable[[StreamDriver[CoreT]], Awaitable[None]],
-        driver_options: dict[str, int],
+        driver_options: dict[str, Any],
     ) -> None:
         self._core_factory = core_factory
         self._handler = handler
@@ -344,7 +391,7 @@ async def serve_stream(
     handler: Callable[[StreamDriver[CoreT]], Awaitable[None]],
     host: str,
     port: int,
-    **driver_options: int,
+    **driver_options: Any,
 ) -> StreamServer[CoreT]:
     """Accept TCP connections; each gets a fresh core and its own ``handler`` task.
 

@@ -42,9 +42,11 @@ def passphrase_from_env_or_tty(path: Path, *, confirm: bool) -> bytes:
     return first.encode("utf-8")
 
 
-def check_permissions(path: Path) -> None:
+def check_permissions(path: Path, mode: int | None = None) -> None:
     """Refuse a key file that group or others may read or write."""
-    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode is None:
+        mode = path.stat().st_mode
+    mode = stat.S_IMODE(mode)
     if mode & 0o077:
         raise KeyFilePermissionError(
             f"{path} has mode {mode:04o}; a private key must be private (chmod 600 {path})"
@@ -55,8 +57,9 @@ def load_key_file(path: str | os.PathLike[str], passphrase: bytes | None = None)
     """Load a private key file. Without ``passphrase``, an encrypted file asks for one."""
     p = Path(path)
     try:
-        check_permissions(p)
         with p.open("rb") as handle:
+            # Check the file we opened, not the path: it cannot be swapped in between.
+            check_permissions(p, os.fstat(handle.fileno()).st_mode)
             pem = handle.read(MAX_KEY_FILE + 1)
     except FileNotFoundError:
         raise KeyStoreError(f"{p}: no such key file") from None
@@ -92,6 +95,7 @@ def save_key_file(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)  # exactly 0600, whatever the umask
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -99,6 +103,8 @@ def save_key_file(
             os.replace(tmp, p)
         else:
             os.link(tmp, p)  # fails if p exists, unlike rename
+            tmp.unlink()
+        _fsync_directory(p.parent)  # the new name survives a crash, the tmp name does not
     except FileExistsError:
         raise KeyStoreError(f"{p} already exists; refusing to overwrite a key") from None
     except OSError as exc:
@@ -107,6 +113,14 @@ def save_key_file(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return p
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class FileKeyStore:

@@ -7,7 +7,7 @@ larger than ``max_size`` before it says no.
 
 from __future__ import annotations
 
-from trustmesh.errors import OversizeError, TrailingDataError, TruncatedError
+from trustmesh.errors import DecodeError, OversizeError, TrailingDataError, TruncatedError
 from trustmesh.wire.varint import decode_uvarint, encode_uvarint
 
 DEFAULT_MAX_FRAME = 1 << 20  # 1 MiB
@@ -57,7 +57,8 @@ class FrameDecoder:
         """Add bytes; return every frame they complete, in order.
 
         Raises :class:`OversizeError` for a frame over the limit and the varint errors for
-        a bad prefix. After an error the stream is unusable: close the connection.
+        a bad prefix; the error's ``frames`` holds the frames completed before it. After
+        an error the stream is unusable: close the connection.
         """
         # Usually no partial frame is pending: parse the input in place, so each frame's
         # bytes are copied once, and only an incomplete tail is kept.
@@ -87,6 +88,9 @@ class FrameDecoder:
                 pos += self._need
                 self._need = None
             rest = None if pending else bytearray(view[pos:])
+        except DecodeError as exc:
+            exc.frames = tuple(frames)  # what came before the bad prefix is not lost
+            raise
         finally:
             view.release()
         if rest is not None:
