@@ -459,3 +459,27 @@ def test_subprocess_usage_error() -> None:
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_demo_fails_when_a_step_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keep = tmp_path / "demo"
+    assert run(["demo", "--keep", str(keep)], capsys)[0] == 0
+    # The key files exist now, and a key is never overwritten: the first step fails,
+    # the steps that need its keys fail too, and the exit code says so.
+    code, out, _ = run(["demo", "--json", "--keep", str(keep)], capsys)
+    assert code == 1
+    result = json.loads(out)
+    assert result["ok"] is False
+    status = {step["name"]: step["ok"] for step in result["steps"]}
+    assert status == {
+        "key files": False,
+        "peer ids": False,
+        "signatures": False,
+        "ecdh": True,
+        "secure channel": True,
+    }
+    assert "already exists" in result["steps"][0]["detail"]
+    code, out, _ = run(["demo", "--keep", str(keep)], capsys)
+    assert code == 1
+    assert "FAIL key files" in out
+    assert "2/5 steps passed" in out

@@ -85,6 +85,7 @@ async def _keys_step(workdir: Path, keys: dict[KeyKind, PrivateKey]) -> tuple[st
 
 
 async def _peer_id_step(keys: dict[KeyKind, PrivateKey]) -> tuple[str, dict[str, Any]]:
+    _need_keys(keys)
     key_type, data = decode_public_key(LIBP2P_SECP256K1_PUBLIC)
     vector = PeerId.from_public_key(key_type, data)
     _check(str(vector) == LIBP2P_SECP256K1_PEER_ID, f"libp2p test vector gave {vector}")
@@ -101,6 +102,7 @@ async def _peer_id_step(keys: dict[KeyKind, PrivateKey]) -> tuple[str, dict[str,
 
 
 async def _signature_step(keys: dict[KeyKind, PrivateKey]) -> tuple[str, dict[str, Any]]:
+    _need_keys(keys)
     message = b"trustmesh demo message"
     sizes = {}
     for kind, key in keys.items():
@@ -169,6 +171,11 @@ async def _channel_step() -> tuple[str, dict[str, Any]]:
         f"{elapsed_ms:.1f} ms; a forged record closed the channel",
         {"messages": len(messages), "elapsed_ms": round(elapsed_ms, 2)},
     )
+
+
+def _need_keys(keys: dict[KeyKind, PrivateKey]) -> None:
+    missing = [str(kind) for kind in KeyKind if kind not in keys]
+    _check(not missing, f"no {', '.join(missing)} key: the key files step failed")
 
 
 def _verifies(public: PublicKey, signature: bytes, message: bytes) -> bool:
