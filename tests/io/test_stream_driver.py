@@ -7,12 +7,14 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic
 
 import pytest
 from toy_protocol import Message, ToyCore
 
 from trustmesh.errors import ConnectionClosedError, ProtocolError
 from trustmesh.io import StreamDriver, StreamServer, memory_pipe, open_stream, serve_stream
+from trustmesh.io.stream import CoreT
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.wire.frames import encode_frame
 
@@ -54,9 +56,35 @@ async def tcp_server() -> AsyncIterator[Callable[..., Awaitable[int]]]:
         await server.wait_closed()
 
 
-async def drain_events(driver: StreamDriver[ToyCore]) -> None:
+async def drain_events(driver: StreamDriver[Any]) -> None:
     async for _ in driver:
         pass
+
+
+class ServerSide(Generic[CoreT]):
+    """A server handler that hands the test its driver, then runs ``then`` on it."""
+
+    def __init__(
+        self, then: Callable[[StreamDriver[CoreT]], Awaitable[object]] = drain_events
+    ) -> None:
+        self._driver: asyncio.Future[StreamDriver[CoreT]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._then = then
+
+    async def __call__(self, driver: StreamDriver[CoreT]) -> None:
+        self._driver.set_result(driver)
+        await self._then(driver)
+
+    async def driver(self) -> StreamDriver[CoreT]:
+        return await asyncio.wait_for(self._driver, WAIT)
+
+
+async def send_8mb_then_close(driver: StreamDriver[ToyCore]) -> None:
+    for _ in range(2000):  # towards a client that never reads
+        driver.act(send(b"x" * 4000))
+    driver.close("done")
+    await driver.wait_closed()
 
 
 # --- data ----------------------------------------------------------------------------
@@ -89,15 +117,10 @@ async def test_tcp_echo_round_trip(tcp_server: Callable[..., Awaitable[int]]) ->
 async def test_timer_fires_and_closes_idle_connection(
     tcp_server: Callable[..., Awaitable[int]],
 ) -> None:
-    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
-
-    async def handler(driver: StreamDriver[ToyCore]) -> None:
-        server_side.set_result(driver)
-        await drain_events(driver)
-
+    handler: ServerSide[ToyCore] = ServerSide()
     port = await tcp_server(lambda: ToyCore(idle=0.05), handler)
     client = await open_stream(ToyCore(), "127.0.0.1", port)
-    server = await asyncio.wait_for(server_side, WAIT)
+    server = await handler.driver()
     event = await closed(server)
     assert event.reason == "idle timeout" and event.error
     assert server.core.timer_calls, "the core's timer was never called"
@@ -223,15 +246,10 @@ async def test_peer_close_is_reported_once_and_iteration_ends() -> None:
 
 
 async def test_peer_reset_over_tcp(tcp_server: Callable[..., Awaitable[int]]) -> None:
-    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
-
-    async def handler(driver: StreamDriver[ToyCore]) -> None:
-        server_side.set_result(driver)
-        await drain_events(driver)
-
+    handler: ServerSide[ToyCore] = ServerSide()
     port = await tcp_server(ToyCore, handler)
     client = await open_stream(ToyCore(), "127.0.0.1", port)
-    server = await asyncio.wait_for(server_side, WAIT)
+    server = await handler.driver()
     client.abort("testing a reset")
     event = await closed(server)
     assert event.by_peer
@@ -239,17 +257,12 @@ async def test_peer_reset_over_tcp(tcp_server: Callable[..., Awaitable[int]]) ->
 
 
 async def test_raw_eof_from_peer(tcp_server: Callable[..., Awaitable[int]]) -> None:
-    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
-
-    async def handler(driver: StreamDriver[ToyCore]) -> None:
-        server_side.set_result(driver)
-        await drain_events(driver)
-
+    handler: ServerSide[ToyCore] = ServerSide()
     port = await tcp_server(ToyCore, handler)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(encode_frame(b"hi"))
     writer.write_eof()
-    server = await asyncio.wait_for(server_side, WAIT)
+    server = await handler.driver()
     event = await closed(server)
     assert event.reason == "peer sent EOF" and event.by_peer
     assert await asyncio.wait_for(reader.read(), WAIT) == b""
@@ -365,15 +378,10 @@ async def test_bulk_both_ways_in_memory_does_not_deadlock() -> None:
 async def test_bulk_both_ways_over_tcp_does_not_deadlock(
     tcp_server: Callable[..., Awaitable[int]],
 ) -> None:
-    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
-
-    async def handler(driver: StreamDriver[ToyCore]) -> None:
-        server_side.set_result(driver)
-        await driver.wait_closed()
-
+    handler: ServerSide[ToyCore] = ServerSide(StreamDriver.wait_closed)
     port = await tcp_server(ToyCore, handler, high_water=16 * 1024)
     client = await open_stream(ToyCore(), "127.0.0.1", port, high_water=16 * 1024)
-    server = await asyncio.wait_for(server_side, WAIT)
+    server = await handler.driver()
     await bulk_both_ways(client, server, count=2500, size=4000)  # 10 MB each way
     client.close()
 
@@ -400,18 +408,10 @@ async def test_echo_to_a_peer_that_never_reads_stops_reading() -> None:
 async def test_abort_ends_an_orderly_close_that_cannot_finish(
     tcp_server: Callable[..., Awaitable[int]],
 ) -> None:
-    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
-
-    async def handler(driver: StreamDriver[ToyCore]) -> None:
-        server_side.set_result(driver)
-        for _ in range(2000):  # 8 MB towards a client that never reads
-            driver.act(send(b"x" * 4000))
-        driver.close("done")
-        await driver.wait_closed()
-
+    handler: ServerSide[ToyCore] = ServerSide(send_8mb_then_close)
     port = await tcp_server(ToyCore, handler)
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    server = await asyncio.wait_for(server_side, WAIT)
+    server = await handler.driver()
     assert server.closed
     assert not server._transport_gone.done()  # still trying to deliver the goodbye
     server.abort("operator gave up")
@@ -424,18 +424,10 @@ async def test_abort_ends_an_orderly_close_that_cannot_finish(
 async def test_close_timeout_aborts_a_stuck_close(
     tcp_server: Callable[..., Awaitable[int]],
 ) -> None:
-    server_side: asyncio.Future[StreamDriver[ToyCore]] = asyncio.get_running_loop().create_future()
-
-    async def handler(driver: StreamDriver[ToyCore]) -> None:
-        server_side.set_result(driver)
-        for _ in range(2000):  # 8 MB towards a client that never reads
-            driver.act(send(b"x" * 4000))
-        driver.close("done")
-        await driver.wait_closed()
-
+    handler: ServerSide[ToyCore] = ServerSide(send_8mb_then_close)
     port = await tcp_server(ToyCore, handler, close_timeout=0.05)
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    server = await asyncio.wait_for(server_side, WAIT)
+    server = await handler.driver()
     event = await closed(server)  # the linger timer aborts the stuck close
     assert event.reason == "done"
     assert server._transport is not None
@@ -483,18 +475,14 @@ class CountingEofCore(ToyCore):
 async def test_eof_reaches_the_core_once_on_a_half_open_connection(
     tcp_server: Callable[..., Awaitable[int]],
 ) -> None:
-    server_side: asyncio.Future[StreamDriver[CountingEofCore]] = (
-        asyncio.get_running_loop().create_future()
-    )
-
-    async def handler(driver: StreamDriver[CountingEofCore]) -> None:
-        server_side.set_result(driver)
+    async def respond(driver: StreamDriver[CountingEofCore]) -> None:
         await driver.next_event()  # the client's request
         for _ in range(3000):  # a reply big enough to pause and resume the transport
             driver.act(functools.partial(ToyCore.send, data=b"r" * 4000))
             await driver.drain()
         driver.close("reply sent")
 
+    handler: ServerSide[CountingEofCore] = ServerSide(respond)
     port = await tcp_server(CountingEofCore, handler, high_water=16 * 1024)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(encode_frame(b"request"))
@@ -503,7 +491,7 @@ async def test_eof_reaches_the_core_once_on_a_half_open_connection(
     async with asyncio.timeout(WAIT * 4):
         while chunk := await reader.read(1 << 16):
             total += len(chunk)
-    server = await asyncio.wait_for(server_side, WAIT)
+    server = await handler.driver()
     assert server.core.eofs == 1
     assert total > 3000 * 4000
     writer.close()
