@@ -521,3 +521,30 @@ async def test_close_before_connection_made_aborts_the_transport() -> None:
     driver.connection_made(left)
     assert left.is_closing()
     assert (await closed(driver)).reason == "server shutting down"
+
+
+async def test_server_close_says_goodbye_to_every_live_connection() -> None:
+    server = await serve_stream(ToyCore, drain_events, "127.0.0.1", 0)
+    clients = [await open_stream(ToyCore(), "127.0.0.1", server.port) for _ in range(3)]
+    for client in clients:  # every connection is up and served
+        client.act(send(b"PING"))
+        assert await next_message(client) == b"PONG"
+    assert len(server.connections) == 3
+    async with server:  # leaving the block closes the server and waits for it
+        pass
+    assert server.connections == frozenset()
+    for client in clients:
+        event = await closed(client)
+        assert event.by_peer
+        assert event.reason == "peer said bye"  # the protocol's goodbye, not a reset
+    with pytest.raises(OSError):
+        await open_stream(ToyCore(), "127.0.0.1", server.port)
+
+
+async def test_connect_to_a_closed_port_raises() -> None:
+    server = await serve_stream(ToyCore, drain_events, "127.0.0.1", 0)
+    port = server.port
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(ConnectionRefusedError):
+        await open_stream(ToyCore(), "127.0.0.1", port)

@@ -323,6 +323,7 @@ class StreamServer(Generic[CoreT]):
         self._handler = handler
         self._driver_options = driver_options
         self._server: asyncio.Server | None = None
+        self._port: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._drivers: set[StreamDriver[CoreT]] = set()
 
@@ -332,8 +333,10 @@ class StreamServer(Generic[CoreT]):
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        """The port it listens (or listened) on; useful after binding port 0."""
+        if self._port is None:
+            raise RuntimeError("the server is not listening yet")
+        return self._port
 
     @property
     def connections(self) -> frozenset[StreamDriver[CoreT]]:
@@ -342,6 +345,7 @@ class StreamServer(Generic[CoreT]):
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._accept, host, port)
+        self._port = int(self._server.sockets[0].getsockname()[1])
 
     def _accept(self) -> StreamDriver[CoreT]:
         driver = StreamDriver(self._core_factory(), **self._driver_options)
