@@ -2,9 +2,10 @@
 
 It pumps bytes between a transport and the core, arms the core's timer, turns the
 core's :class:`~trustmesh.sansio.ConnectionClosed` into closing the transport, and
-applies backpressure both ways: it stops reading while the bytes the core produced
-sit unsent above the transport's high-water mark, and while the application has not
-taken ``max_pending_events`` events. No protocol logic lives here.
+applies backpressure: ``drain()`` holds writers above the high-water mark, and reading
+stops while the application has not taken ``max_pending_events`` events or while the
+core's unsent output passes ``READ_PAUSE_FACTOR`` high-water marks. No protocol logic
+lives here; see docs/architecture.md.
 """
 
 from __future__ import annotations
