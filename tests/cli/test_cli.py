@@ -384,8 +384,8 @@ def _executable() -> str:
     if beside.exists():
         return str(beside)
     found = shutil.which("trustmesh")
-    if found is None:
-        pytest.skip("the trustmesh console script is not installed")
+    # `pip install -e .[test]` always installs the script; its absence is a setup bug.
+    assert found is not None, "the trustmesh console script is not installed"
     return found
 
 
@@ -395,68 +395,50 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_subprocess_version() -> None:
-    result = subprocess.run(
-        [_executable(), "--version"],
+def _run_process(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``trustmesh`` with ``args``, no stdin, and only ``env`` set."""
+    return subprocess.run(
+        [_executable(), *args],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
-        env=_subprocess_env(),
+        env=_subprocess_env(**env),
         stdin=subprocess.DEVNULL,
     )
+
+
+def test_subprocess_version() -> None:
+    result = _run_process(["--version"])
     assert result.returncode == 0
     assert trustmesh.__version__ in result.stdout
 
 
 def test_subprocess_generate_show_and_failure(tmp_path: Path) -> None:
-    exe = _executable()
     out = tmp_path / "proc.key"
-    common = {"capture_output": True, "text": True, "timeout": 30, "stdin": subprocess.DEVNULL}
-    generated = subprocess.run(
-        [exe, "keys", "generate", "--type", "ed25519", "--out", str(out), "--json"],
-        env=_subprocess_env(TRUSTMESH_PASSPHRASE="proc pass"),
-        check=True,
-        **common,  # type: ignore[call-overload]
+    generated = _run_process(
+        ["keys", "generate", "--type", "ed25519", "--out", str(out), "--json"],
+        TRUSTMESH_PASSPHRASE="proc pass",
     )
+    assert generated.returncode == 0, generated.stderr
     info = json.loads(generated.stdout)
-    shown = subprocess.run(
-        [exe, "keys", "show", str(out), "--json"],
-        env=_subprocess_env(TRUSTMESH_PASSPHRASE="proc pass"),
-        check=True,
-        **common,  # type: ignore[call-overload]
-    )
+    shown = _run_process(["keys", "show", str(out), "--json"], TRUSTMESH_PASSPHRASE="proc pass")
+    assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["peer_id"] == info["peer_id"]
-    wrong = subprocess.run(
-        [exe, "keys", "show", str(out)],
-        env=_subprocess_env(TRUSTMESH_PASSPHRASE="nope"),
-        check=False,
-        **common,  # type: ignore[call-overload]
-    )
+    wrong = _run_process(["keys", "show", str(out)], TRUSTMESH_PASSPHRASE="nope")
     assert wrong.returncode == 1
     assert wrong.stdout == ""
     assert len(wrong.stderr.splitlines()) == 1
     assert "Traceback" not in wrong.stderr
-    debug = subprocess.run(
-        [exe, "keys", "show", str(out)],
-        env=_subprocess_env(TRUSTMESH_PASSPHRASE="nope", TRUSTMESH_DEBUG="1"),
-        check=False,
-        **common,  # type: ignore[call-overload]
+    debug = _run_process(
+        ["keys", "show", str(out)], TRUSTMESH_PASSPHRASE="nope", TRUSTMESH_DEBUG="1"
     )
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr
 
 
 def test_subprocess_usage_error() -> None:
-    result = subprocess.run(
-        [_executable(), "keys", "generate", "--type", "dsa", "--out", "x"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env=_subprocess_env(),
-        stdin=subprocess.DEVNULL,
-    )
+    result = _run_process(["keys", "generate", "--type", "dsa", "--out", "x"])
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
 

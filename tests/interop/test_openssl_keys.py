@@ -21,7 +21,8 @@ from trustmesh.keystore import load_key_file, save_key_file
 OPENSSL = shutil.which("openssl")
 
 pytestmark = pytest.mark.skipif(
-    OPENSSL is None, reason="the openssl command-line tool is not installed (not on PATH)"
+    OPENSSL is None,
+    reason="the openssl command line is not on PATH (scripts/dev installs it; CI always has it)",
 )
 
 PASSWORD = "interop-Passw0rd"

@@ -8,12 +8,7 @@ import click
 
 from trustmesh.cli.output import emit
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.keystore.filestore import (
-    PASSPHRASE_ENV,
-    load_key_file,
-    passphrase_from_env_or_tty,
-    save_key_file,
-)
+from trustmesh.keystore.filestore import PASSPHRASE_ENV, FileKeyStore
 
 
 def describe(key: PrivateKey, path: Path | None = None) -> dict[str, object]:
@@ -63,9 +58,7 @@ def generate(key_type: str, out: Path, no_encrypt: bool, as_json: bool) -> None:
       TRUSTMESH_PASSPHRASE=... trustmesh keys generate --type secp256k1 --out node.key
       trustmesh keys generate --type ed25519 --out dev.key --no-encrypt
     """
-    key = PrivateKey.generate(KeyKind(key_type))
-    passphrase = None if no_encrypt else passphrase_from_env_or_tty(out, confirm=True)
-    save_key_file(key, out, passphrase)
+    key = FileKeyStore().generate(KeyKind(key_type), out, encrypt=not no_encrypt)
     info = describe(key, out)
     info["encrypted"] = not no_encrypt
     emit(info, as_json=as_json)
@@ -80,7 +73,7 @@ def show(file: Path, as_json: bool) -> None:
     The public key is hex (compressed SEC1 for secp256k1 and P-256). An encrypted file
     needs its passphrase, from $TRUSTMESH_PASSPHRASE or the terminal.
     """
-    emit(describe(load_key_file(file), file), as_json=as_json)
+    emit(describe(FileKeyStore().load(file), file), as_json=as_json)
 
 
 __all__ = ["PASSPHRASE_ENV", "describe", "keys"]

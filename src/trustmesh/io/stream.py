@@ -81,10 +81,6 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         """The driver has stopped reading (send buffer full, or events not taken)."""
         return self._reading_paused
 
-    @property
-    def close_event(self) -> ConnectionClosed | None:
-        return self._closed.result() if self._closed.done() else None
-
     def get_extra_info(self, name: str, default: object = None) -> object:
         return self._transport.get_extra_info(name, default) if self._transport else default
 

@@ -118,33 +118,22 @@ class PeerId:
         """Parse the base58btc form (``Qm...``, ``1...``) or a CIDv1 form (``bafz...``)."""
         if not text or not text.isascii():
             raise DecodeError("peer ID text is empty or not ASCII")
-        if text[0] in "1Q":
-            peer_id = cls(_b58decode(text))
-            canonical = peer_id.to_base58()
-        else:
-            prefix, body = text[0], text[1:]
-            if prefix in "bB":  # base32 / base32upper multibase
-                cid = _b32decode(body)
-            elif prefix == "z":
-                cid = _b58decode(body)
-            else:
-                raise UnsupportedError(f"peer ID text starts with unsupported prefix {prefix!r}")
-            version, pos = decode_uvarint(cid)
-            if version != CIDV1:
-                raise UnsupportedError(f"CID version {version} is not 1")
-            codec, pos = decode_uvarint(cid, pos)
-            if codec != LIBP2P_KEY_CODEC:
-                raise DecodeError(f"CID codec 0x{codec:x} is not libp2p-key (0x72)")
-            peer_id = cls(cid[pos:])
-            if prefix == "z":
-                canonical = "z" + _b58encode(cid)
-            else:
-                lower = peer_id.to_cid()
-                canonical = lower if prefix == "b" else "B" + lower[1:].upper()
+        prefix = text[0]
+        bare = prefix in "1Q"  # a bare base58btc multihash, else a CIDv1
+        peer_id = cls(_b58decode(text) if bare else _cid_multihash(prefix, text[1:]))
         # One ID, one text: refuse padding, stray whitespace, mixed case, unused bits.
-        if text != canonical:
+        if text != peer_id._text_like(prefix):
             raise NonCanonicalError("peer ID text is not in its canonical form")
         return peer_id
+
+    def _text_like(self, prefix: str) -> str:
+        """The canonical text of this ID in the encoding ``prefix`` selects."""
+        if prefix in "1Q":
+            return self.to_base58()
+        if prefix == "z":
+            return "z" + _b58encode(_cid_bytes(self._bytes))
+        lower = self.to_cid()
+        return lower if prefix == "b" else "B" + lower[1:].upper()
 
     def to_bytes(self) -> bytes:
         return self._bytes
@@ -154,7 +143,7 @@ class PeerId:
 
     def to_cid(self) -> str:
         """The CIDv1 text form, base32 lower-case without padding."""
-        cid = encode_uvarint(CIDV1) + encode_uvarint(LIBP2P_KEY_CODEC) + self._bytes
+        cid = _cid_bytes(self._bytes)
         return "b" + base64.b32encode(cid).decode("ascii").lower().rstrip("=")
 
     def public_key(self) -> tuple[KeyType, bytes] | None:
@@ -181,6 +170,27 @@ class PeerId:
         if not isinstance(other, PeerId):
             return NotImplemented
         return self._int < other._int
+
+
+def _cid_bytes(multihash: bytes) -> bytes:
+    return encode_uvarint(CIDV1) + encode_uvarint(LIBP2P_KEY_CODEC) + multihash
+
+
+def _cid_multihash(prefix: str, body: str) -> bytes:
+    """The multihash inside a CIDv1 ``libp2p-key`` text (multibase prefix removed)."""
+    if prefix in "bB":  # base32 / base32upper multibase
+        cid = _b32decode(body)
+    elif prefix == "z":
+        cid = _b58decode(body)
+    else:
+        raise UnsupportedError(f"peer ID text starts with unsupported prefix {prefix!r}")
+    version, pos = decode_uvarint(cid)
+    if version != CIDV1:
+        raise UnsupportedError(f"CID version {version} is not 1")
+    codec, pos = decode_uvarint(cid, pos)
+    if codec != LIBP2P_KEY_CODEC:
+        raise DecodeError(f"CID codec 0x{codec:x} is not libp2p-key (0x72)")
+    return cid[pos:]
 
 
 def _b58encode(data: bytes) -> str:
