@@ -56,8 +56,8 @@ async def run_demo(workdir: Path) -> list[Step]:
         ("key files", lambda: _keys_step(workdir, keys)),
         ("peer ids", lambda: _peer_id_step(keys)),
         ("signatures", lambda: _signature_step(keys)),
-        ("ecdh", lambda: _ecdh_step()),
-        ("secure channel", lambda: _channel_step()),
+        ("ecdh", _ecdh_step),
+        ("secure channel", _channel_step),
     ]
     for name, action in plan:
         try:
