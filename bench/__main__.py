@@ -10,7 +10,7 @@ import sys
 import bench
 from bench.harness import report
 
-NOT_BENCHES = {"harness"}
+NOT_BENCHES = {"anchors", "harness"}
 
 
 def available() -> list[str]:

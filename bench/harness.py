@@ -57,6 +57,22 @@ def compare(
     return statistics.median(subject_rates), statistics.median(anchor_rates)
 
 
+def compare_rates(
+    subject: Callable[[], float],
+    anchor: Callable[[], float],
+    *,
+    rounds: int = 5,
+) -> tuple[float, float]:
+    """Like :func:`compare` for callables that measure and return their own rate (e.g. an
+    anchor in another process): median rates of ``subject`` and ``anchor``, called
+    alternately, anchor first, ``rounds`` times."""
+    subject_rates, anchor_rates = [], []
+    for _ in range(rounds):
+        anchor_rates.append(anchor())
+        subject_rates.append(subject())
+    return statistics.median(subject_rates), statistics.median(anchor_rates)
+
+
 def report(name: str, results: list[Result], *, as_json: bool) -> str:
     if as_json:
         return json.dumps({"bench": name, "results": [r.to_json() for r in results]})

@@ -38,8 +38,8 @@ class StreamCore(Protocol):
         """The transport is up; an initiator queues its first message here."""
         ...
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Bytes from the peer; ``b""`` means the peer sent EOF."""
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Bytes from the peer, received at ``now``; ``b""`` means the peer sent EOF."""
         ...
 
     def handle_timer(self, now: float) -> list[Event]:
@@ -54,6 +54,7 @@ class StreamCore(Protocol):
         """Bytes to write to the peer; calling it empties the core's buffer."""
         ...
 
-    def close(self, reason: str) -> list[Event]:
-        """The application ends the connection; the core says goodbye as its spec says."""
+    def close(self, reason: str, now: float) -> list[Event]:
+        """The application ends the connection at ``now``; the core says goodbye as its
+        spec says (it may keep reading until the peer's goodbye, under its own timer)."""
         ...

@@ -39,8 +39,8 @@ def pair(idle: float = 30.0) -> tuple[DemoChannel, DemoChannel]:
 def handshake(a: DemoChannel, b: DemoChannel, now: float = 0.0) -> None:
     a.start(now)
     b.start(now)
-    assert b.receive_data(a.data_to_send()) == [ChannelReady()]
-    assert a.receive_data(b.data_to_send()) == [ChannelReady()]
+    assert b.receive_data(a.data_to_send(), 0.0) == [ChannelReady()]
+    assert a.receive_data(b.data_to_send(), 0.0) == [ChannelReady()]
 
 
 def test_messages_flow_both_ways() -> None:
@@ -48,8 +48,8 @@ def test_messages_flow_both_ways() -> None:
     handshake(a, b)
     a.send(b"to b")
     b.send(b"to a")
-    assert b.receive_data(a.data_to_send()) == [MessageReceived(b"to b")]
-    assert a.receive_data(b.data_to_send()) == [MessageReceived(b"to a")]
+    assert b.receive_data(a.data_to_send(), 0.0) == [MessageReceived(b"to b")]
+    assert a.receive_data(b.data_to_send(), 0.0) == [MessageReceived(b"to a")]
 
 
 def test_wrong_peer_key_cannot_talk() -> None:
@@ -58,7 +58,7 @@ def test_wrong_peer_key_cannot_talk() -> None:
     _, b = pair()
     handshake(a, b)
     a.send(b"hello")
-    [event] = b.receive_data(a.data_to_send())
+    [event] = b.receive_data(a.data_to_send(), 0.0)
     assert isinstance(event, ConnectionClosed)
     assert event.error
     assert "failed authentication" in event.reason
@@ -69,8 +69,8 @@ def test_replayed_record_closes() -> None:
     handshake(a, b)
     a.send(b"once")
     record = a.data_to_send()
-    assert b.receive_data(record) == [MessageReceived(b"once")]
-    [event] = b.receive_data(record)
+    assert b.receive_data(record, 0.0) == [MessageReceived(b"once")]
+    [event] = b.receive_data(record, 0.0)
     assert isinstance(event, ConnectionClosed)
     assert event.error
 
@@ -94,7 +94,7 @@ def test_idle_timer_with_fake_clock() -> None:
 def test_hostile_bytes_close_cleanly(data: bytes) -> None:
     a, b = pair()
     handshake(a, b)
-    events = b.receive_data(encode_frame(data)) + b.receive_data(data)
+    events = b.receive_data(encode_frame(data), 0.0) + b.receive_data(data, 0.0)
     assert all(isinstance(e, MessageReceived | ConnectionClosed) for e in events)
     assert not any(isinstance(e, MessageReceived) for e in events)
 
@@ -119,7 +119,7 @@ def test_oversized_send_is_refused_without_spending_a_nonce() -> None:
         a.send(b"x" * (MAX_MESSAGE + 1))
     a.send(b"y" * MAX_MESSAGE)
     a.send(b"next")
-    assert b.receive_data(a.data_to_send()) == [
+    assert b.receive_data(a.data_to_send(), 0.0) == [
         MessageReceived(b"y" * MAX_MESSAGE),
         MessageReceived(b"next"),
     ]
@@ -130,7 +130,7 @@ def test_messages_before_bad_input_are_delivered() -> None:
     handshake(a, b)
     a.send(b"m1")
     a.send(b"m2")
-    events = b.receive_data(a.data_to_send() + b"\xff" * 10)  # then a bad frame prefix
+    events = b.receive_data(a.data_to_send() + b"\xff" * 10, 0.0)  # then a bad frame prefix
     assert events[:2] == [MessageReceived(b"m1"), MessageReceived(b"m2")]
     assert isinstance(events[2], ConnectionClosed)
     assert events[2].error

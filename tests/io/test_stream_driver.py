@@ -465,11 +465,11 @@ class CountingEofCore(ToyCore):
         super().__init__()
         self.eofs = 0
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
         if not data:
             self.eofs += 1
             return []  # stay half-open: keep sending after the peer's EOF
-        return super().receive_data(data)
+        return super().receive_data(data, now)
 
 
 async def test_eof_reaches_the_core_once_on_a_half_open_connection(

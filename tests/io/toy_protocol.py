@@ -46,7 +46,7 @@ class ToyCore:
         self._deadline = deadline
         return []
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
         if not data:
             self._closed = True
             return [ConnectionClosed("peer sent EOF", by_peer=True)]
@@ -83,7 +83,7 @@ class ToyCore:
         self._out.clear()
         return out
 
-    def close(self, reason: str) -> list[Event]:
+    def close(self, reason: str, now: float) -> list[Event]:
         if self._closed:
             return []
         self._closed = True

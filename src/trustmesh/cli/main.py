@@ -14,6 +14,7 @@ import traceback
 import click
 
 from trustmesh import __version__
+from trustmesh.cli.botd import botd
 from trustmesh.cli.demo import demo
 from trustmesh.cli.keys import keys
 from trustmesh.errors import ProtocolError
@@ -48,6 +49,7 @@ def cli(debug: bool) -> None:
 
 
 cli.add_command(keys)
+cli.add_command(botd)
 cli.add_command(demo)
 
 

@@ -81,7 +81,7 @@ class DemoChannel:
         self._out += encode_frame(self._sealer.seal(data), MAX_FRAME)
         return []
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
         if self._closed:
             return []
         if not data:
@@ -120,7 +120,7 @@ class DemoChannel:
         self._out.clear()
         return out
 
-    def close(self, reason: str) -> list[Event]:
+    def close(self, reason: str, now: float) -> list[Event]:
         return self._close(ConnectionClosed(reason))
 
     def _on_frame(self, frame: bytes) -> Event:

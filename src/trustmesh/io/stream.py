@@ -141,7 +141,7 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
     def close(self, reason: str = "closed by application") -> None:
         """Ask the core to close the connection the way its protocol says."""
         if not self._closed.done():
-            self._guarded(lambda: self.core.close(reason))
+            self._guarded(lambda: self.core.close(reason, self._loop.time()))
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once, without the protocol's goodbye (also ends an
@@ -163,12 +163,12 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
 
     def data_received(self, data: bytes) -> None:
         if not self._closed.done():
-            self._guarded(lambda: self.core.receive_data(data))
+            self._guarded(lambda: self.core.receive_data(data, self._loop.time()))
 
     def eof_received(self) -> bool:
         if not self._eof and not self._closed.done():
             self._eof = True
-            self._guarded(lambda: self.core.receive_data(b""))
+            self._guarded(lambda: self.core.receive_data(b"", self._loop.time()))
         # True keeps a half-open connection: the core has not closed and may still send.
         return not self._closed.done()
 

@@ -1,0 +1,137 @@
+"""BOTD #2 handshake cryptography: signed digests, the transcript, session keys, rekeying.
+
+Every choice here is written down in docs/protocols/botd.md; change one only together
+with that document and a new protocol label.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import coincurve
+from coincurve.ecdsa import cdata_to_der, der_to_cdata, deserialize_compact, serialize_compact
+
+from trustmesh.crypto.aead import KEY_SIZE, RecordOpener, RecordSealer, hkdf_sha256
+from trustmesh.crypto.keys import PublicKey, Secp256k1PublicKey
+from trustmesh.errors import InvalidSignatureError
+from trustmesh.keystore.signer import Signer
+from trustmesh.wire.varint import encode_uvarint
+
+TRANSCRIPT_LABEL = b"BOTD2/1 transcript"
+SESSION_INFO = b"BOTD2/1 session keys"
+REKEY_INFO = b"BOTD2/1 rekey"
+
+
+def init_digest(sender: bytes, recipient: bytes, sender_ephemeral: bytes) -> bytes:
+    """What an Init's signature covers: sha256(sender || recipient || sender ephemeral)."""
+    return hashlib.sha256(sender + recipient + sender_ephemeral).digest()
+
+
+def ack_digest(recipient: bytes, sender: bytes, recipient_ephemeral: bytes) -> bytes:
+    """What an Ack's signature covers: sha256(recipient || sender || recipient ephemeral).
+
+    "Recipient" is the side that received the Init, which signs the Ack."""
+    return hashlib.sha256(recipient + sender + recipient_ephemeral).digest()
+
+
+def sign_compact(signer: Signer, digest: bytes) -> bytes:
+    """A 64-byte compact (r || s, low-S) signature of ``digest`` by ``signer``."""
+    der = signer.sign_digest(digest)
+    return bytes(serialize_compact(der_to_cdata(der)))
+
+
+def verify_compact(key: Secp256k1PublicKey, signature: bytes, digest: bytes, what: str) -> None:
+    if len(signature) != 64:
+        raise InvalidSignatureError(f"{what} signature must be 64 bytes, got {len(signature)}")
+    try:
+        der = bytes(cdata_to_der(deserialize_compact(signature)))
+    except ValueError:
+        raise InvalidSignatureError(f"{what} signature is not a valid compact signature") from None
+    try:
+        key.verify_digest(der, digest)
+    except InvalidSignatureError:
+        raise InvalidSignatureError(f"{what} signature does not verify") from None
+
+
+def transcript_hash(init_payload: bytes, ack_payload: bytes) -> bytes:
+    """SHA-256 over the label and both handshake payloads exactly as they crossed the wire."""
+    h = hashlib.sha256(TRANSCRIPT_LABEL)
+    for payload in (init_payload, ack_payload):
+        h.update(encode_uvarint(len(payload)))
+        h.update(payload)
+    return h.digest()
+
+
+def ephemeral_ecdh(ephemeral: coincurve.PrivateKey, peer_ephemeral: PublicKey) -> bytes:
+    """SHA-256 of the compressed shared point (libsecp256k1's default, as BOLT #8)."""
+    return bytes(ephemeral.ecdh(peer_ephemeral.to_bytes()))
+
+
+class SessionKeys:
+    """The four 32-byte secrets the handshake yields: a chaining key and a record key
+    for each direction."""
+
+    __slots__ = ("ck_i2r", "ck_r2i", "k_i2r", "k_r2i")
+
+    def __init__(self, shared_secret: bytes, transcript: bytes) -> None:
+        okm = hkdf_sha256(shared_secret, salt=transcript, info=SESSION_INFO, length=4 * KEY_SIZE)
+        self.ck_i2r, self.k_i2r = okm[0:32], okm[32:64]
+        self.ck_r2i, self.k_r2i = okm[64:96], okm[96:128]
+
+    def ciphers(
+        self, *, initiator: bool, rekey_interval: int
+    ) -> tuple[RekeyingSealer, RekeyingOpener]:
+        if initiator:
+            return (
+                RekeyingSealer(self.ck_i2r, self.k_i2r, rekey_interval),
+                RekeyingOpener(self.ck_r2i, self.k_r2i, rekey_interval),
+            )
+        return (
+            RekeyingSealer(self.ck_r2i, self.k_r2i, rekey_interval),
+            RekeyingOpener(self.ck_i2r, self.k_i2r, rekey_interval),
+        )
+
+
+def next_keys(chaining_key: bytes, key: bytes) -> tuple[bytes, bytes]:
+    """BOLT #8's rotation with our label: ck', k' = HKDF(salt=ck, ikm=k)."""
+    okm = hkdf_sha256(key, salt=chaining_key, info=REKEY_INFO, length=2 * KEY_SIZE)
+    return okm[:KEY_SIZE], okm[KEY_SIZE:]
+
+
+class RekeyingSealer:
+    """Seals records with counter nonces; after ``interval`` records, rotates the key and
+    restarts the counter, so no (key, nonce) pair is ever used twice."""
+
+    __slots__ = ("_ck", "_interval", "_k", "_sealer", "rekeys")
+
+    def __init__(self, chaining_key: bytes, key: bytes, interval: int) -> None:
+        self._ck, self._k, self._interval = chaining_key, key, interval
+        self._sealer = RecordSealer(key, max_records=interval)
+        self.rekeys = 0
+
+    def seal(self, plaintext: bytes) -> bytes:
+        record = self._sealer.seal(plaintext)
+        if not self._sealer.remaining:
+            self._ck, self._k = next_keys(self._ck, self._k)
+            self._sealer = RecordSealer(self._k, max_records=self._interval)
+            self.rekeys += 1
+        return record
+
+
+class RekeyingOpener:
+    """The receiving twin of :class:`RekeyingSealer`."""
+
+    __slots__ = ("_ck", "_interval", "_k", "_opener", "rekeys")
+
+    def __init__(self, chaining_key: bytes, key: bytes, interval: int) -> None:
+        self._ck, self._k, self._interval = chaining_key, key, interval
+        self._opener = RecordOpener(key, max_records=interval)
+        self.rekeys = 0
+
+    def open(self, record: bytes) -> bytes:
+        plaintext = self._opener.open(record)
+        if not self._opener.remaining:
+            self._ck, self._k = next_keys(self._ck, self._k)
+            self._opener = RecordOpener(self._k, max_records=self._interval)
+            self.rekeys += 1
+        return plaintext
