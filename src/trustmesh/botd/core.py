@@ -212,11 +212,12 @@ class BotdConnection:
                 payloads, error = self._decoder.feed(data), None
             except DecodeError as exc:
                 payloads, error = list(exc.frames), exc
-            for payload in payloads:
+            for index, payload in enumerate(payloads):
                 if self._opener is not None:
                     self._on_record(self._opener.open(payload), now, events)
                 else:
-                    self._on_handshake(payload, now, events)
+                    trailing = index + 1 < len(payloads) or self._decoder.buffered > 0
+                    self._on_handshake(payload, now, events, trailing=trailing)
                 if self.state is State.CLOSED:  # the peer's Close ended it
                     return events
             if error is not None:
@@ -318,8 +319,10 @@ class BotdConnection:
 
     # --- handshake --------------------------------------------------------------------
 
-    def _on_handshake(self, payload: bytes, now: float, events: list[Event]) -> None:
-        if self._decoder.buffered:
+    def _on_handshake(
+        self, payload: bytes, now: float, events: list[Event], *, trailing: bool
+    ) -> None:
+        if trailing:
             # The peer cannot have anything more to say until it hears from us.
             raise HandshakeError("bytes after a handshake message, before our answer")
         body, frame = parse_frame(payload)
