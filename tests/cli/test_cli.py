@@ -458,7 +458,7 @@ def test_demo_fails_when_a_step_fails(tmp_path: Path, capsys: pytest.CaptureFixt
         "peer ids": False,
         "signatures": False,
         "ecdh": True,
-        "secure channel": True,
+        "botd channel": True,
     }
     assert "already exists" in result["steps"][0]["detail"]
     code, out, _ = run(["demo", "--keep", str(keep)], capsys)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import os
 import secrets
@@ -14,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trustmesh.botd import BotdConfig, BotdConnection, HandshakeFailed
 from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
-from trustmesh.demo.channel import NONCE_SIZE, ChannelReady, DemoChannel, MessageReceived
 from trustmesh.errors import InvalidSignatureError, ProtocolError
-from trustmesh.io.stream import StreamDriver, open_stream, serve_stream
+from trustmesh.io import botd
 from trustmesh.keystore.filestore import load_key_file, save_key_file
-from trustmesh.sansio import ConnectionClosed
 from trustmesh.wire.frames import decode_frame, encode_frame
+from trustmesh.wire.pb.botd_pb2 import Frame
 from trustmesh.wire.peerid import KeyType, PeerId, decode_public_key
 
 # The secp256k1 test key of libp2p/specs peer-ids/peer-ids.md and the ID it must give.
@@ -57,7 +56,7 @@ async def run_demo(workdir: Path) -> list[Step]:
         ("peer ids", lambda: _peer_id_step(keys)),
         ("signatures", lambda: _signature_step(keys)),
         ("ecdh", _ecdh_step),
-        ("secure channel", _channel_step),
+        ("botd channel", _botd_step),
     ]
     for name, action in plan:
         try:
@@ -123,54 +122,71 @@ async def _ecdh_step() -> tuple[str, dict[str, Any]]:
     return "secp256k1 and P-256 ECDH agree on both sides", {}
 
 
-async def _channel_step() -> tuple[str, dict[str, Any]]:
-    server_key = PrivateKey.generate(KeyKind.SECP256K1)
-    client_key = PrivateKey.generate(KeyKind.SECP256K1)
+async def _botd_step() -> tuple[str, dict[str, Any]]:
+    server_key, client_key, stranger = (PrivateKey.generate(KeyKind.SECP256K1) for _ in range(3))
+    server_pub = server_key.public_key()
     messages = [b"hello", b"from", b"trustmesh " * 100]
-    echoed: list[bytes] = []
+    rejections: asyncio.Queue[str] = asyncio.Queue()
 
-    async def echo(driver: StreamDriver[DemoChannel]) -> None:
-        async for event in driver:
-            if isinstance(event, MessageReceived):
-                driver.act(functools.partial(DemoChannel.send, data=event.data))
+    async def echo(channel: botd.Channel) -> None:
+        async for message in channel:
+            await channel.send(message)
 
-    def server_core() -> DemoChannel:
-        return _core(server_key, client_key.public_key(), initiator=False)
-
-    server = await serve_stream(server_core, echo, "127.0.0.1", 0)
-    try:
-        port = server.port
+    config = BotdConfig(allow=frozenset({client_key.public_key()}))
+    server = await botd.serve(
+        server_key,
+        echo,
+        "127.0.0.1",
+        0,
+        config=config,
+        on_reject=lambda _remote, reason: rejections.put_nowait(reason),
+    )
+    async with server:
         started = time.perf_counter()
-        client = await open_stream(
-            _core(client_key, server_key.public_key(), initiator=True), "127.0.0.1", port
-        )
-        _check(isinstance(await client.next_event(), ChannelReady), "no channel established")
-        for message in messages:
-            client.act(functools.partial(DemoChannel.send, data=message))
-        while len(echoed) < len(messages):
-            event = await client.next_event()
-            _check(not isinstance(event, ConnectionClosed), f"channel closed: {event}")
-            if isinstance(event, MessageReceived):
-                echoed.append(event.data)
+        async with botd.connect("127.0.0.1", server.port, client_key, server_pub) as channel:
+            for message in messages:
+                await channel.send(message)
+            echoed = [await channel.recv() for _ in messages]
+            rtt = await channel.ping()
         elapsed_ms = (time.perf_counter() - started) * 1000
         _check(echoed == messages, "echoed messages differ from what was sent")
-        client.close()
-        await client.wait_closed()
-        # A peer without the right key: its forged record must make the server hang up.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(encode_frame(os.urandom(NONCE_SIZE)) + encode_frame(os.urandom(64)))
+        # A key that is not on the allow-list is refused before any data.
+        try:
+            await botd.connect("127.0.0.1", server.port, stranger, server_pub)
+        except HandshakeFailed:
+            pass
+        else:
+            raise DemoFailure("a key not on the allow-list was accepted")
+        _check(
+            "allow-list" in await rejections.get(), "the stranger was refused for another reason"
+        )
+        # An Init whose signature was tampered with: the server hangs up, saying nothing.
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(_forged_init(client_key, server_pub))
         await writer.drain()
         reply = await reader.read()  # returns only once the server has closed
         writer.close()
-        _check(len(decode_frame(reply)) == NONCE_SIZE, "server answered a forged record")
-    finally:
-        server.close()
-        await server.wait_closed()
+        _check(reply == b"", "the server answered a forged Init")
+        _check(
+            "signature" in await rejections.get(), "the forged Init was refused for another reason"
+        )
     return (
-        f"TCP loopback, {len(messages)} messages echoed through AES-256-GCM in "
-        f"{elapsed_ms:.1f} ms; a forged record closed the channel",
-        {"messages": len(messages), "elapsed_ms": round(elapsed_ms, 2)},
+        f"BOTD #2 over TCP loopback: handshake, {len(messages)} messages echoed and a ping "
+        f"(rtt {rtt * 1000:.2f} ms) in {elapsed_ms:.1f} ms; a key off the allow-list and a "
+        "forged Init were refused",
+        {"messages": len(messages), "elapsed_ms": round(elapsed_ms, 2), "rtt_ms": rtt * 1000},
     )
+
+
+def _forged_init(key: PrivateKey, peer: PublicKey) -> bytes:
+    """A real Init from ``key`` to ``peer`` with one bit of its signature flipped."""
+    core = BotdConnection(key, peer_key=peer)
+    core.start(0.0)
+    frame = Frame.FromString(decode_frame(core.data_to_send()))
+    signature = bytearray(frame.init.signature)
+    signature[10] ^= 0x01
+    frame.init.signature = bytes(signature)
+    return encode_frame(frame.SerializeToString())
 
 
 def _need_keys(keys: dict[KeyKind, PrivateKey]) -> None:
@@ -184,7 +200,3 @@ def _verifies(public: PublicKey, signature: bytes, message: bytes) -> bool:
     except InvalidSignatureError:
         return False
     return True
-
-
-def _core(key: PrivateKey, peer: PublicKey, *, initiator: bool) -> DemoChannel:
-    return DemoChannel(key, peer, initiator=initiator, nonce=os.urandom(NONCE_SIZE))
