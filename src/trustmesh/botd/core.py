@@ -1,10 +1,10 @@
 """The BOTD #2 connection as a sans-IO state machine.
 
 One object per connection and side. The initiator knows the responder's identity key
-and sends Init; the responder checks it, answers Ack, and waits for the initiator's
-encrypted Finished before it treats the peer as present. From then on every frame is
-an AES-256-GCM record. See docs/protocols/botd.md for the wire format and every choice
-the spec leaves open.
+and sends Init; the responder checks it and answers Ack. Each side then sends an
+encrypted Finished that signs the transcript, and treats the peer as present only once
+it has checked the peer's Finished. From then on every frame is an AES-256-GCM record.
+See docs/protocols/botd.md for the wire format and every choice the spec leaves open.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from trustmesh.botd.keyschedule import (
     SessionKeys,
     ack_digest,
     ephemeral_ecdh,
+    finished_digest,
     init_digest,
     sign_compact,
     transcript_hash,
     verify_compact,
 )
 from trustmesh.botd.messages import (
-    MAX_CLOSE_REASON,
+    MAX_CONTROL_RECORD,
     MAX_HANDSHAKE_FRAME,
     Ack,
     Close,
@@ -46,6 +47,7 @@ from trustmesh.botd.messages import (
     Ping,
     Pong,
     check_id,
+    close_reason,
     parse_frame,
     parse_pubkey,
 )
@@ -64,7 +66,7 @@ RECORD_OVERHEAD = 8 + TAG_SIZE
 
 @dataclass(frozen=True, slots=True)
 class HandshakeComplete(Event):
-    """The peer proved its identity key and holds the session keys."""
+    """The peer proved its identity key for this session and holds the session keys."""
 
     peer_key: PublicKey
 
@@ -96,7 +98,7 @@ class State(enum.Enum):
     START = "start"
     AWAIT_INIT = "await-init"  # responder
     AWAIT_ACK = "await-ack"  # initiator
-    AWAIT_FINISHED = "await-finished"  # responder: Ack sent, peer not yet proven live
+    AWAIT_FINISHED = "await-finished"  # keys derived; the peer's Finished not yet checked
     ESTABLISHED = "established"
     CLOSING = "closing"  # we sent Close; reading on until the peer's Close or EOF
     PEER_CLOSED = "peer-closed"  # the peer sent Close; we may still send until we close
@@ -216,7 +218,9 @@ class BotdConnection:
                 if self._opener is not None:
                     self._on_record(self._opener.open(payload), now, events)
                 else:
-                    trailing = index + 1 < len(payloads) or self._decoder.buffered > 0
+                    trailing = (
+                        index + 1 < len(payloads) or error is not None or not self._decoder.idle
+                    )
                     self._on_handshake(payload, now, events, trailing=trailing)
                 if self.state is State.CLOSED:  # the peer's Close ended it
                     return events
@@ -256,7 +260,9 @@ class BotdConnection:
             return self._close_deadline
         if state is not State.ESTABLISHED:
             return self._handshake_deadline
-        deadlines = [d for d in (self._pong_deadline(), self._keepalive_deadline()) if d]
+        deadlines = [
+            d for d in (self._pong_deadline(), self._keepalive_deadline()) if d is not None
+        ]
         return min(deadlines) if deadlines else None
 
     def data_to_send(self) -> bytes:
@@ -271,13 +277,13 @@ class BotdConnection:
         """Say goodbye: an established channel sends Close and reads on until the peer's
         Close (bounded by ``close_timeout``), so nothing already sent to us is lost."""
         if self._state is State.ESTABLISHED:
-            self._send_frame(Frame(close=Close(reason=reason[:MAX_CLOSE_REASON])))
+            self._send_frame(Frame(close=Close(reason=close_reason(reason))))
             self._state = State.CLOSING
             self._close_reason = reason
             self._close_deadline = now + self.config.close_timeout
             return []
         if self._state is State.PEER_CLOSED:
-            self._send_frame(Frame(close=Close(reason=reason[:MAX_CLOSE_REASON])))
+            self._send_frame(Frame(close=Close(reason=close_reason(reason))))
             return self._finish(ConnectionClosed(self._close_reason, by_peer=True))
         if self._state is State.CLOSING:
             return []
@@ -322,9 +328,9 @@ class BotdConnection:
     def _on_handshake(
         self, payload: bytes, now: float, events: list[Event], *, trailing: bool
     ) -> None:
-        if trailing:
-            # The peer cannot have anything more to say until it hears from us.
-            raise HandshakeError("bytes after a handshake message, before our answer")
+        if trailing and not self.initiator:
+            # The initiator cannot have anything more to say until it has our Ack.
+            raise HandshakeError("bytes after the Init, before our Ack")
         body, frame = parse_frame(payload)
         if self._state is State.AWAIT_INIT:
             if body != "init":
@@ -366,6 +372,7 @@ class BotdConnection:
         ack_payload = Frame(ack=ack).SerializeToString()
         self._queue_plain(ack_payload)
         self._derive_keys(ephemeral, payload, ack_payload)
+        self._send_finished()
         self._state = State.AWAIT_FINISHED
 
     def _on_ack(self, ack: Ack, payload: bytes, now: float, events: list[Event]) -> None:
@@ -381,7 +388,22 @@ class BotdConnection:
             "Ack",
         )
         self._derive_keys(ephemeral, self._init_payload, payload)
-        self._send_frame(Frame(finished=Finished()))
+        self._state = State.AWAIT_FINISHED
+
+    def _send_finished(self) -> None:
+        assert self.transcript_hash is not None
+        digest = finished_digest(self.transcript_hash, initiator=self.initiator)
+        self._send_frame(Frame(finished=Finished(signature=sign_compact(self._key, digest))))
+
+    def _on_finished(self, finished: Finished, now: float, events: list[Event]) -> None:
+        if self._state is not State.AWAIT_FINISHED:
+            raise PeerMisbehaved("Finished out of place")
+        assert self._peer is not None
+        assert self.transcript_hash is not None
+        digest = finished_digest(self.transcript_hash, initiator=not self.initiator)
+        verify_compact(self._peer, finished.signature, digest, "Finished")
+        if self.initiator:  # ours goes after the responder's has been checked
+            self._send_finished()
         self._state = State.ESTABLISHED
         self._established_at = now
         events.append(HandshakeComplete(self._peer))
@@ -392,7 +414,8 @@ class BotdConnection:
         self._sealer, self._opener = keys.ciphers(
             initiator=self.initiator, rekey_interval=self.config.rekey_interval
         )
-        self._decoder = FrameDecoder(self._max_message + RECORD_OVERHEAD)
+        # Frames already split off under the handshake limit are far below this one.
+        self._decoder.max_size = max(self._max_message + RECORD_OVERHEAD, MAX_CONTROL_RECORD)
 
     # --- records ----------------------------------------------------------------------
 
@@ -408,12 +431,7 @@ class BotdConnection:
                 raise OversizeError(f"message of {len(data)} bytes exceeds {self._max_message}")
             events.append(MessageReceived(data))
         elif body == "finished":
-            if self._state is not State.AWAIT_FINISHED:
-                raise PeerMisbehaved("Finished out of place")
-            self._state = State.ESTABLISHED
-            self._established_at = now
-            assert self._peer is not None
-            events.append(HandshakeComplete(self._peer))
+            self._on_finished(frame.finished, now, events)
         elif self._state is State.AWAIT_FINISHED:
             raise HandshakeError(f"expected Finished, got {body}")
         elif body == "ping":
@@ -446,7 +464,7 @@ class BotdConnection:
         events.append(PongReceived(pong.ping_id, now - self._ping_sent_at))
 
     def _on_close(self, close: Close, now: float, events: list[Event]) -> None:
-        reason = close.reason[:MAX_CLOSE_REASON] or "no reason given"
+        reason = close_reason(close.reason) or "no reason given"
         if self._state is State.CLOSING:  # the answer to our Close
             events.extend(self._finish(ConnectionClosed(self._close_reason)))
             return
@@ -504,7 +522,7 @@ class BotdConnection:
         an encrypted Close tells an honest peer why (a record that failed to open says
         nothing an attacker did not already know)."""
         if self._state is State.ESTABLISHED or self._state is State.PEER_CLOSED:
-            self._send_frame(Frame(close=Close(reason=str(exc)[:MAX_CLOSE_REASON])))
+            self._send_frame(Frame(close=Close(reason=close_reason(str(exc)))))
         return self._finish(ConnectionClosed(str(exc) or type(exc).__name__, error=True))
 
     def _finish(self, event: ConnectionClosed) -> list[Event]:

@@ -20,6 +20,7 @@ from trustmesh.wire.varint import encode_uvarint
 TRANSCRIPT_LABEL = b"BOTD2/1 transcript"
 SESSION_INFO = b"BOTD2/1 session keys"
 REKEY_INFO = b"BOTD2/1 rekey"
+FINISHED_LABEL = b"BOTD2/1 finished "
 
 
 def init_digest(sender: bytes, recipient: bytes, sender_ephemeral: bytes) -> bytes:
@@ -32,6 +33,12 @@ def ack_digest(recipient: bytes, sender: bytes, recipient_ephemeral: bytes) -> b
 
     "Recipient" is the side that received the Init, which signs the Ack."""
     return hashlib.sha256(recipient + sender + recipient_ephemeral).digest()
+
+
+def finished_digest(transcript: bytes, *, initiator: bool) -> bytes:
+    """What a Finished signature covers: the label, the signer's role, the transcript."""
+    role = b"initiator" if initiator else b"responder"
+    return hashlib.sha256(FINISHED_LABEL + role + transcript).digest()
 
 
 def sign_compact(signer: Signer, digest: bytes) -> bytes:

@@ -25,6 +25,7 @@ __all__ = [
     "Ping",
     "Pong",
     "check_id",
+    "close_reason",
     "parse_frame",
     "parse_pubkey",
 ]
@@ -32,7 +33,9 @@ __all__ = [
 PUBKEY_SIZE = 33  # compressed SEC1
 SIGNATURE_SIZE = 64  # compact r || s
 MAX_ID_LENGTH = 64
-MAX_CLOSE_REASON = 256
+MAX_CLOSE_REASON = 256  # bytes of UTF-8
+# Control records (Finished, Ping, Pong, Close) fit in this whatever max_message is.
+MAX_CONTROL_RECORD = 512
 # Init: 5 fields, about 200 bytes. A peer cannot make us buffer more than this before
 # it has proved who it is.
 MAX_HANDSHAKE_FRAME = 512
@@ -48,6 +51,11 @@ def parse_frame(payload: bytes) -> tuple[str, Frame]:
     if body is None:
         raise UnsupportedError("frame carries no body this version knows")
     return body, frame
+
+
+def close_reason(text: str) -> str:
+    """``text`` cut to at most MAX_CLOSE_REASON bytes of UTF-8, on a character boundary."""
+    return text.encode()[:MAX_CLOSE_REASON].decode("utf-8", errors="ignore")
 
 
 def check_id(value: str, what: str) -> str:

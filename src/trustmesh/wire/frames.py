@@ -53,6 +53,23 @@ class FrameDecoder:
         """Bytes held that do not yet make a whole frame."""
         return len(self._buf)
 
+    @property
+    def max_size(self) -> int:
+        return self._max_size
+
+    @max_size.setter
+    def max_size(self, value: int) -> None:
+        """Change the limit for frames whose length prefix is still to come (a protocol
+        that allows larger frames once its handshake is done)."""
+        if value < 0:
+            raise ValueError("max_size must be >= 0")
+        self._max_size = value
+
+    @property
+    def idle(self) -> bool:
+        """No partial frame is pending: not even a length prefix without its body."""
+        return not self._buf and self._need is None
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add bytes; return every frame they complete, in order.
 

@@ -46,8 +46,10 @@ class Pong(_message.Message):
     def __init__(self, id: _Optional[str] = ..., ping_id: _Optional[str] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("signature",)
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    signature: bytes
+    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ("reason",)
