@@ -294,3 +294,23 @@ def test_error_without_earlier_frames_carries_none() -> None:
     with pytest.raises(NonCanonicalError) as info:
         FrameDecoder().feed(b"\x80\x00")
     assert info.value.frames == ()
+
+
+def test_decoder_idle_counts_a_length_prefix_without_its_body() -> None:
+    decoder = FrameDecoder(16)
+    assert decoder.idle
+    assert decoder.feed(b"\x05") == []
+    assert decoder.buffered == 0  # the prefix is consumed...
+    assert not decoder.idle  # ...but a frame is still pending
+    assert decoder.feed(b"abcde") == [b"abcde"]
+    assert decoder.idle
+
+
+def test_decoder_limit_can_grow_without_losing_a_pending_frame() -> None:
+    decoder = FrameDecoder(4)
+    assert decoder.feed(encode_frame(b"ab") + b"\x03x") == [b"ab"]
+    decoder.max_size = 100
+    assert decoder.max_size == 100
+    assert decoder.feed(b"yz" + encode_frame(bytes(50))) == [b"xyz", bytes(50)]
+    with pytest.raises(ValueError):
+        decoder.max_size = -1
