@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from trustmesh.botd import DEFAULT_PORT, BotdConfig
+from trustmesh.botd import DEFAULT_PORT, BotdConfig, HandshakeFailed
 from trustmesh.cli.output import emit
 from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
 from trustmesh.errors import ConnectionClosedError, InvalidKeyError
@@ -79,6 +79,19 @@ def _load_key(path: Path) -> PrivateKey:
     if key.kind is not KeyKind.SECP256K1:
         raise click.BadParameter(f"BOTD needs a secp256k1 key, {path} holds {key.kind}")
     return key
+
+
+async def _open(
+    host: str, port: int, key: PrivateKey, peer_key: PublicKey, config: BotdConfig | None = None
+) -> botd_io.Channel:
+    try:
+        return await botd_io.connect(host, port, key, peer_key, config=config)
+    except HandshakeFailed as exc:
+        hint = ""
+        if exc.reason == "peer closed during the handshake":
+            # A responder refuses silently: say what usually causes it.
+            hint = " (is --peer-key the listener's key, and is our key on its allow-list?)"
+        raise HandshakeFailed(f"handshake with {host}:{port} failed: {exc.reason}{hint}") from None
 
 
 def _address(value: object) -> str | None:
@@ -223,7 +236,7 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[bytes | None]
 
 async def _connect(address: tuple[str, int], key: PrivateKey, peer_key: PublicKey) -> int:
     host, port = address
-    channel = await botd_io.connect(host, port, key, peer_key)
+    channel = await _open(host, port, key, peer_key)
     emit({"event": "established", "peer_key": peer_key.hex()}, as_json=True)
 
     async def print_messages() -> None:
@@ -280,7 +293,7 @@ async def _ping(
     try:
         # The core bounds the handshake and the pong; this also bounds the TCP connect.
         async with asyncio.timeout(2 * wait + 1):
-            channel = await botd_io.connect(host, port, key, peer_key, config=config)
+            channel = await _open(host, port, key, peer_key, config)
     except TimeoutError:
         raise ConnectionClosedError(f"could not connect to {host}:{port} in time") from None
     async with channel:
