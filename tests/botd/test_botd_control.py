@@ -3,7 +3,6 @@ rekeying, record tampering, half-close, timers, EOF and send() limits."""
 
 from __future__ import annotations
 
-import coincurve
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,9 +19,9 @@ from trustmesh.botd import (
     State,
 )
 from trustmesh.botd.core import RECORD_OVERHEAD
-from trustmesh.botd.keyschedule import SessionKeys, ephemeral_ecdh, next_keys
+from trustmesh.botd.keyschedule import EphemeralKey, SessionKeys, next_keys
 from trustmesh.botd.messages import MAX_CLOSE_REASON, MAX_CONTROL_RECORD
-from trustmesh.crypto.keys import KeyKind, PublicKey, Secp256k1PrivateKey
+from trustmesh.crypto.keys import Secp256k1PrivateKey
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.wire.pb.botd_pb2 import Ack, Close, Finished, Frame, Init, Ping, Pong
 from trustmesh.wire.varint import decode_uvarint, encode_uvarint
@@ -112,10 +111,7 @@ def session_keys(i: BotdConnection) -> SessionKeys:
     """The session keys of a ``pair()``, computed from the pinned ephemeral secrets and
     the connection's transcript hash (ids are random, so each pair has its own)."""
     assert i.transcript_hash is not None
-    bob_eph = coincurve.PrivateKey(BOB_EPH).public_key.format(compressed=True)
-    shared = ephemeral_ecdh(
-        coincurve.PrivateKey(ALICE_EPH), PublicKey.from_bytes(KeyKind.SECP256K1, bob_eph)
-    )
+    shared = EphemeralKey(ALICE_EPH).ecdh(Secp256k1PrivateKey.from_secret(BOB_EPH).public_key())
     return SessionKeys(shared, i.transcript_hash)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
-import coincurve
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -28,10 +27,10 @@ from trustmesh.botd import (
 )
 from trustmesh.botd.core import RECORD_OVERHEAD
 from trustmesh.botd.keyschedule import (
+    EphemeralKey,
     RekeyingSealer,
     SessionKeys,
     ack_digest,
-    ephemeral_ecdh,
     finished_digest,
     init_digest,
     sign_compact,
@@ -159,9 +158,7 @@ def forged_sealer(core: BotdConnection, *, as_initiator: bool) -> RekeyingSealer
     whatever it likes. Its first record is record 0 (the Finished)."""
     assert core.transcript_hash is not None
     own, peer = (I_EPH, R_EPH) if as_initiator else (R_EPH, I_EPH)
-    shared = ephemeral_ecdh(
-        coincurve.PrivateKey(own), Secp256k1PrivateKey.from_secret(peer).public_key()
-    )
+    shared = EphemeralKey(own).ecdh(Secp256k1PrivateKey.from_secret(peer).public_key())
     sealer, _ = SessionKeys(shared, core.transcript_hash).ciphers(
         initiator=as_initiator, rekey_interval=core.config.rekey_interval
     )

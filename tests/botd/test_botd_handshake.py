@@ -27,17 +27,18 @@ from trustmesh.botd import (
     State,
 )
 from trustmesh.botd.keyschedule import (
+    EphemeralKey,
     RekeyingOpener,
     RekeyingSealer,
     SessionKeys,
     ack_digest,
-    ephemeral_ecdh,
     finished_digest,
     init_digest,
     sign_compact,
     transcript_hash,
 )
-from trustmesh.crypto.keys import KeyKind, PublicKey, Secp256k1PrivateKey
+from trustmesh.botd.messages import parse_pubkey
+from trustmesh.crypto.keys import PublicKey, Secp256k1PrivateKey
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.wire.pb.botd_pb2 import Ack, Finished, Frame, Init, Ping
 from trustmesh.wire.varint import decode_uvarint, encode_uvarint
@@ -209,9 +210,7 @@ def session_ciphers(
     own_ephemeral: bytes, peer_ephemeral: bytes, transcript: bytes, *, initiator: bool
 ) -> tuple[RekeyingSealer, RekeyingOpener]:
     """A side's record ciphers, from the keyschedule alone (not from a core)."""
-    shared = ephemeral_ecdh(
-        coincurve.PrivateKey(own_ephemeral), PublicKey.from_bytes(KeyKind.SECP256K1, peer_ephemeral)
-    )
+    shared = EphemeralKey(own_ephemeral).ecdh(parse_pubkey(peer_ephemeral, "peer ephemeral"))
     return SessionKeys(shared, transcript).ciphers(initiator=initiator, rekey_interval=1000)
 
 

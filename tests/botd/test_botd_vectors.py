@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from trustmesh.botd import BotdConnection, HandshakeComplete, MessageReceived
-from trustmesh.botd.keyschedule import SessionKeys, ephemeral_ecdh
-from trustmesh.crypto.keys import KeyKind, PublicKey, Secp256k1PrivateKey
+from trustmesh.botd.keyschedule import EphemeralKey, SessionKeys
+from trustmesh.botd.messages import parse_pubkey
+from trustmesh.crypto.keys import Secp256k1PrivateKey
 from trustmesh.wire.pb.botd_pb2 import Frame
 from trustmesh.wire.varint import decode_uvarint
 
@@ -171,9 +172,8 @@ def run_core() -> dict[str, bytes]:
     assert initiator.transcript_hash == responder.transcript_hash
     r_eph = Frame.FromString(split_frame(ack_frame)).ack.ephemeral_pubkey
     i_eph = Frame.FromString(split_frame(init_frame)).init.ephemeral_pubkey
-    shared = ephemeral_ecdh(
-        coincurve.PrivateKey(hexval("initiator_ephemeral_secret")),
-        PublicKey.from_bytes(KeyKind.SECP256K1, r_eph),
+    shared = EphemeralKey(hexval("initiator_ephemeral_secret")).ecdh(
+        parse_pubkey(r_eph, "responder ephemeral")
     )
     keys = SessionKeys(shared, initiator.transcript_hash)
     return {

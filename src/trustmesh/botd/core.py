@@ -14,8 +14,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import coincurve
-
 from trustmesh.botd.config import BotdConfig
 from trustmesh.botd.errors import (
     BotdError,
@@ -25,11 +23,11 @@ from trustmesh.botd.errors import (
     PolicyError,
 )
 from trustmesh.botd.keyschedule import (
+    EphemeralKey,
     RekeyingOpener,
     RekeyingSealer,
     SessionKeys,
     ack_digest,
-    ephemeral_ecdh,
     finished_digest,
     init_digest,
     sign_compact,
@@ -137,8 +135,8 @@ class BotdConnection:
         self._peer: Secp256k1PublicKey | None = peer_key
         self.initiator = peer_key is not None
         self._replay = replay_cache
-        self._ephemeral = coincurve.PrivateKey(ephemeral_secret)
-        self._ephemeral_pub = self._ephemeral.public_key.format(compressed=True)
+        self._ephemeral = EphemeralKey(ephemeral_secret)
+        self._ephemeral_pub = self._ephemeral.public
         self._new_id = new_id
         self._state = State.START
         self._decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
@@ -408,9 +406,9 @@ class BotdConnection:
         self._established_at = now
         events.append(HandshakeComplete(self._peer))
 
-    def _derive_keys(self, peer_ephemeral: PublicKey, init: bytes, ack: bytes) -> None:
+    def _derive_keys(self, peer_ephemeral: Secp256k1PublicKey, init: bytes, ack: bytes) -> None:
         self.transcript_hash = transcript_hash(init, ack)
-        keys = SessionKeys(ephemeral_ecdh(self._ephemeral, peer_ephemeral), self.transcript_hash)
+        keys = SessionKeys(self._ephemeral.ecdh(peer_ephemeral), self.transcript_hash)
         self._sealer, self._opener = keys.ciphers(
             initiator=self.initiator, rekey_interval=self.config.rekey_interval
         )

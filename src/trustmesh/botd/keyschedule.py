@@ -7,13 +7,16 @@ with that document and a new protocol label.
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 import coincurve
-from coincurve.ecdsa import cdata_to_der, der_to_cdata, deserialize_compact, serialize_compact
+from coincurve._libsecp256k1 import lib
+from coincurve.context import GLOBAL_CONTEXT
+from coincurve.ecdsa import der_to_cdata, deserialize_compact, serialize_compact
 
 from trustmesh.crypto.aead import KEY_SIZE, RecordOpener, RecordSealer, hkdf_sha256
-from trustmesh.crypto.keys import PublicKey, Secp256k1PublicKey
-from trustmesh.errors import InvalidSignatureError
+from trustmesh.crypto.keys import Secp256k1PublicKey
+from trustmesh.errors import InvalidKeyError, InvalidSignatureError
 from trustmesh.keystore.signer import Signer
 from trustmesh.wire.varint import encode_uvarint
 
@@ -51,13 +54,13 @@ def verify_compact(key: Secp256k1PublicKey, signature: bytes, digest: bytes, wha
     if len(signature) != 64:
         raise InvalidSignatureError(f"{what} signature must be 64 bytes, got {len(signature)}")
     try:
-        der = bytes(cdata_to_der(deserialize_compact(signature)))
+        parsed = deserialize_compact(signature)
     except ValueError:
         raise InvalidSignatureError(f"{what} signature is not a valid compact signature") from None
-    try:
-        key.verify_digest(der, digest)
-    except InvalidSignatureError:
-        raise InvalidSignatureError(f"{what} signature does not verify") from None
+    # Straight to libsecp256k1 (no DER round trip: this is on the handshake's hot path).
+    # It refuses high-S signatures itself.
+    if not lib.secp256k1_ecdsa_verify(GLOBAL_CONTEXT.ctx, parsed, digest, key.coincurve.public_key):
+        raise InvalidSignatureError(f"{what} signature does not verify")
 
 
 def transcript_hash(init_payload: bytes, ack_payload: bytes) -> bytes:
@@ -69,9 +72,28 @@ def transcript_hash(init_payload: bytes, ack_payload: bytes) -> bytes:
     return h.digest()
 
 
-def ephemeral_ecdh(ephemeral: coincurve.PrivateKey, peer_ephemeral: PublicKey) -> bytes:
-    """SHA-256 of the compressed shared point (libsecp256k1's default, as BOLT #8)."""
-    return bytes(ephemeral.ecdh(peer_ephemeral.to_bytes()))
+class EphemeralKey:
+    """A one-connection secp256k1 key pair. (Lighter than ``coincurve.PrivateKey``,
+    which also derives a Schnorr key pair we never use.)"""
+
+    __slots__ = ("_secret", "public")
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        while True:
+            candidate = secret if secret is not None else secrets.token_bytes(32)
+            try:
+                point = coincurve.PublicKey.from_secret(candidate)
+                break
+            except ValueError:  # zero or >= the group order: 2**-128 odds for random bytes
+                if secret is not None:
+                    raise InvalidKeyError("ephemeral secret is not a secp256k1 scalar") from None
+        self._secret = candidate
+        self.public: bytes = point.format(compressed=True)
+
+    def ecdh(self, peer: Secp256k1PublicKey) -> bytes:
+        """SHA-256 of the compressed shared point (libsecp256k1's default, as BOLT #8)."""
+        shared = peer.coincurve.multiply(self._secret)
+        return hashlib.sha256(shared.format(compressed=True)).digest()
 
 
 class SessionKeys:
