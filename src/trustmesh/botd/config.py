@@ -51,3 +51,6 @@ class BotdConfig:
 
     def allows(self, key: PublicKey) -> bool:
         return self.allow is None or key in self.allow
+
+
+DEFAULT_CONFIG = BotdConfig()

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from trustmesh.botd.config import BotdConfig
+from trustmesh.botd.config import DEFAULT_CONFIG, BotdConfig
 from trustmesh.botd.errors import (
     BotdError,
     HandshakeError,
@@ -129,7 +129,7 @@ class BotdConnection:
             raise ValueError(f"BOTD identity keys are secp256k1, not {key.kind}")
         if peer_key is not None and not isinstance(peer_key, Secp256k1PublicKey):
             raise ValueError(f"BOTD peer keys are secp256k1, not {peer_key.kind}")
-        self.config = config or BotdConfig()
+        self.config = config or DEFAULT_CONFIG
         self._key = key
         self._own = key.public_key().to_bytes()
         self._peer: Secp256k1PublicKey | None = peer_key

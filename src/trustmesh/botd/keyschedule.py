@@ -65,11 +65,17 @@ def verify_compact(key: Secp256k1PublicKey, signature: bytes, digest: bytes, wha
 
 def transcript_hash(init_payload: bytes, ack_payload: bytes) -> bytes:
     """SHA-256 over the label and both handshake payloads exactly as they crossed the wire."""
-    h = hashlib.sha256(TRANSCRIPT_LABEL)
-    for payload in (init_payload, ack_payload):
-        h.update(encode_uvarint(len(payload)))
-        h.update(payload)
-    return h.digest()
+    return hashlib.sha256(
+        b"".join(
+            (
+                TRANSCRIPT_LABEL,
+                encode_uvarint(len(init_payload)),
+                init_payload,
+                encode_uvarint(len(ack_payload)),
+                ack_payload,
+            )
+        )
+    ).digest()
 
 
 class EphemeralKey:

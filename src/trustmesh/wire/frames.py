@@ -89,6 +89,8 @@ class FrameDecoder:
         try:
             while True:
                 if self._need is None:
+                    if pos == end:
+                        break  # the usual case: the input ended on a frame boundary
                     try:
                         size, body = decode_uvarint(view, pos)
                     except TruncatedError:
