@@ -1,0 +1,243 @@
+"""TLS 1.3 as a sans-IO adapter: :class:`TlsStream` wraps any inner StreamCore.
+
+Bytes from the socket go into an OpenSSL memory BIO; plaintext comes out to the inner
+core, and the inner core's output goes back through TLS. The inner core starts only
+once the peer is *known to have accepted us*:
+
+- a server knows it when the handshake completes (OpenSSL has verified the client's
+  certificate by then);
+- a TLS 1.3 client finishes its handshake before the server has looked at the client's
+  certificate, so it waits for the first record the server sends after the handshake
+  (a session ticket, which OpenSSL servers send at once, or data). A server that refuses
+  the certificate sends an alert instead, which fails the connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from cryptography import x509
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
+
+from trustmesh.sansio import ConnectionClosed, Event, StreamCore
+from trustmesh.tls.context import TlsContext
+from trustmesh.tls.errors import TlsError
+
+READ_CHUNK = 64 * 1024
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class TlsEstablished(Event):
+    """The handshake is done and the peer accepted us; ``peer_chain`` starts with the
+    peer's own certificate, which chains to our CA bundle."""
+
+    peer_chain: tuple[x509.Certificate, ...]
+    alpn: str | None
+    group: str | None
+    resumed: bool
+
+
+class TlsStream:
+    """TLS 1.3 with mutual authentication around ``inner``; itself a StreamCore."""
+
+    def __init__(
+        self,
+        context: TlsContext,
+        inner: StreamCore,
+        *,
+        session: SSL.Session | None = None,
+        server_name: str | None = None,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.context = context
+        self.inner = inner
+        conn = SSL.Connection(context.ssl, None)  # no socket: memory BIOs
+        if context.server:
+            conn.set_accept_state()
+        else:
+            conn.set_connect_state()
+            if session is not None:
+                conn.set_session(session)
+            if server_name:
+                conn.set_tlsext_host_name(server_name.encode())
+        self._conn = conn
+        self._handshake_timeout = handshake_timeout
+        self._deadline: float | None = None
+        self._handshake_done = False
+        self._connected = False
+        self._closed = False
+        self._shutdown_pending = False
+        self._peer_closed = False  # the peer sent close_notify
+
+    # --- what the session offers ------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def export_keying_material(self, label: bytes, length: int, context: bytes | None) -> bytes:
+        """RFC 8446 section 7.5 exporter for this session."""
+        if not self._handshake_done:
+            raise TlsError("no keying material before the handshake completes")
+        return bytes(self._conn.export_keying_material(label, length, context))
+
+    def session(self) -> SSL.Session | None:
+        """The session to resume with later (client side), once a ticket arrived."""
+        return self._conn.get_session()
+
+    # --- StreamCore -------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Event]:
+        self._deadline = now + self._handshake_timeout
+        if not self.context.server:
+            return self._guard(now, self._advance_handshake)
+        return []
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        if self._closed:
+            return []
+        if not data:
+            return self._on_eof(now)
+        self._conn.bio_write(data)
+        return self._guard(now, lambda: self._on_input(now))
+
+    def handle_timer(self, now: float) -> list[Event]:
+        if self._closed:
+            return []
+        if not self._connected:
+            if self._deadline is not None and now >= self._deadline:
+                return self._finish(ConnectionClosed("TLS handshake timed out", error=True))
+            return []
+        return self._from_inner(self.inner.handle_timer(now))
+
+    def get_timer(self) -> float | None:
+        if self._closed:
+            return None
+        if not self._connected:
+            return self._deadline
+        return self.inner.get_timer()
+
+    def data_to_send(self) -> bytes:
+        if self._connected:
+            plaintext = self.inner.data_to_send()
+            if plaintext:
+                self._conn.sendall(plaintext)
+        if self._shutdown_pending:
+            self._shutdown_pending = False
+            # close_notify after the inner core's last bytes (unless the session failed)
+            with contextlib.suppress(SSL.Error):
+                self._conn.shutdown()
+        return self._drain()
+
+    def close(self, reason: str, now: float) -> list[Event]:
+        if self._closed:
+            return []
+        if self._connected:
+            return self._from_inner(self.inner.close(reason, now))
+        return self._finish(ConnectionClosed(reason))
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _on_input(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        if not self._handshake_done:
+            events += self._advance_handshake()
+            if not self._handshake_done:
+                return events
+            if self.context.server:
+                events += self._connect(now)
+            plaintext = self._read()
+        else:
+            plaintext = self._read()
+            if not self._connected:  # a record after the handshake: the server accepted us
+                events += self._connect(now)
+        if self._connected and plaintext:
+            events += self._from_inner(self.inner.receive_data(plaintext, now))
+        elif plaintext:  # data before the server's acceptance is itself the proof
+            events += self._connect(now)
+            events += self._from_inner(self.inner.receive_data(plaintext, now))
+        if self._peer_closed and not self._closed:
+            events += self._from_inner(self.inner.receive_data(b"", now))
+        return events
+
+    def _advance_handshake(self) -> list[Event]:
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            return []
+        self._handshake_done = True
+        return []
+
+    def _read(self) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunks.append(self._conn.recv(READ_CHUNK))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:  # the peer's close_notify
+                self._peer_closed = True
+                break
+        return b"".join(chunks)
+
+    def _connect(self, now: float) -> list[Event]:
+        if self._connected:
+            return []
+        self._connected = True
+        chain = self._conn.get_peer_cert_chain(as_cryptography=True) or []
+        alpn = self._conn.get_alpn_proto_negotiated()
+        group = self._conn.get_group_name()
+        established = TlsEstablished(
+            peer_chain=tuple(chain),
+            alpn=alpn.decode() if alpn else None,
+            group=group,
+            resumed=bool(_lib.SSL_session_reused(self._conn._ssl)),
+        )
+        return [established, *self._from_inner(self.inner.start(now))]
+
+    def _from_inner(self, events: list[Event]) -> list[Event]:
+        if any(isinstance(e, ConnectionClosed) for e in events):
+            self._closed = True
+            self._shutdown_pending = True
+        return events
+
+    def _on_eof(self, now: float) -> list[Event]:
+        if self._connected:
+            return self._from_inner(self.inner.receive_data(b"", now))
+        return self._finish(
+            ConnectionClosed("peer closed during the TLS handshake", error=True, by_peer=True)
+        )
+
+    def _guard(self, now: float, step: object) -> list[Event]:
+        assert callable(step)
+        try:
+            result: list[Event] = step()
+            return result
+        except SSL.Error as exc:
+            return self._finish(ConnectionClosed(f"TLS failed: {_reason(exc)}", error=True))
+
+    def _finish(self, event: ConnectionClosed) -> list[Event]:
+        if self._closed:
+            return []
+        self._closed = True
+        return [event]
+
+    def _drain(self) -> bytes:
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunks.append(self._conn.bio_read(READ_CHUNK))
+            except SSL.WantReadError:
+                return b"".join(chunks)
+
+
+def _reason(exc: SSL.Error) -> str:
+    """OpenSSL's error queue as one line: ``reason (library)`` entries."""
+    parts = []
+    for entry in exc.args[0] if exc.args and isinstance(exc.args[0], list) else []:
+        if isinstance(entry, tuple) and len(entry) == 3:
+            parts.append(str(entry[2]))
+    return "; ".join(parts) or str(exc) or type(exc).__name__
