@@ -18,6 +18,7 @@ import contextlib
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
 
@@ -83,6 +84,15 @@ class TlsStream:
         if not self._handshake_done:
             raise TlsError("no keying material before the handshake completes")
         return bytes(self._conn.export_keying_material(label, length, context))
+
+    def exporter(self, label: bytes, context: bytes) -> bytes:
+        """32 bytes of RFC 8446 exporter output (the binding Catalyst's proofs use)."""
+        return self.export_keying_material(label, 32, context)
+
+    def peer_names(self) -> frozenset[str]:
+        """The peer certificate's subject CN and its DNS and URI SANs."""
+        leaf = self._conn.get_peer_certificate(as_cryptography=True)
+        return frozenset() if leaf is None else certificate_names(leaf)
 
     def session(self) -> SSL.Session | None:
         """The session to resume with later (client side), once a ticket arrived."""
@@ -187,7 +197,9 @@ class TlsStream:
         if self._connected:
             return []
         self._connected = True
-        chain = self._conn.get_peer_cert_chain(as_cryptography=True) or []
+        # The verified chain starts with the peer's certificate on both sides (the raw
+        # peer chain leaves it out on a server).
+        chain = self._conn.get_verified_chain(as_cryptography=True) or []
         alpn = self._conn.get_alpn_proto_negotiated()
         group = self._conn.get_group_name()
         established = TlsEstablished(
@@ -232,6 +244,18 @@ class TlsStream:
                 chunks.append(self._conn.bio_read(READ_CHUNK))
             except SSL.WantReadError:
                 return b"".join(chunks)
+
+
+def certificate_names(cert: x509.Certificate) -> frozenset[str]:
+    """A certificate's subject common names plus its DNS-name and URI SANs."""
+    names = {str(attr.value) for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset(names)
+    names.update(san.get_values_for_type(x509.DNSName))
+    names.update(san.get_values_for_type(x509.UniformResourceIdentifier))
+    return frozenset(names)
 
 
 def _reason(exc: SSL.Error) -> str:

@@ -1,0 +1,345 @@
+"""The Catalyst session: RFC 4271's FSM over one mutually authenticated TLS connection.
+
+States: Idle -> OpenSent (our OPEN is out) -> OpenConfirm (their OPEN checked, our
+KEEPALIVE out) -> Established (their KEEPALIVE in). "Connect" is the TLS layer's job:
+this core starts only once the peer has accepted our certificate. Every check failure
+sends a NOTIFICATION with its code and subcode, then closes (docs/protocols/catalyst.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from trustmesh.catalyst import messages as m
+from trustmesh.catalyst.errors import CatalystError
+from trustmesh.errors import DecodeError
+from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.wire.frames import FrameDecoder, encode_frame
+
+OPEN_HOLD_TIME = 240.0  # RFC 4271's "large" hold time while waiting for the OPEN
+PSK_EXPORTER_LABEL = b"EXPORTER-catalyst-psk"
+EXPORTER_LENGTH = 32
+
+
+class TlsBinding(Protocol):
+    """What the session needs from its TLS connection."""
+
+    def peer_names(self) -> frozenset[str]:
+        """The peer certificate's CN and SAN names (DNS and URI)."""
+        ...
+
+    def exporter(self, label: bytes, context: bytes) -> bytes:
+        """RFC 8446 exporter output, EXPORTER_LENGTH bytes."""
+        ...
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A permitted peer: an ASN, optionally pinned to one BGP identifier."""
+
+    asn: int
+    identifier: str | None = None
+
+    def matches(self, asn: int, identifier: str) -> bool:
+        return asn == self.asn and self.identifier in (None, identifier)
+
+
+@dataclass
+class Counters:
+    """Shared by every session of a node: what an operator graphs."""
+
+    sessions_established: int = 0
+    hold_timer_expiries: int = 0
+    notifications_sent: Counter[tuple[int, int]] = field(default_factory=Counter)
+    notifications_received: Counter[tuple[int, int]] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class CatalystConfig:
+    my_asn: int
+    bgp_identifier: str
+    hold_time: int = 180
+    permitted: tuple[Peer, ...] = ()  # empty: any peer whose certificate validates
+    psk_secrets: Mapping[str, bytes] = field(default_factory=dict)
+    psk_key_id: str | None = None  # the secret we prove, sent as "psk"
+    require_psk: bool = False
+    capabilities: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.hold_time in (1, 2) or not 0 <= self.hold_time <= m.MAX_HOLD_TIME:
+            raise ValueError("hold_time must be 0 or 3..65535 seconds")
+        if not 0 < self.my_asn <= m.MAX_ASN:
+            raise ValueError("my_asn must be in 1..4294967295")
+        if self.psk_key_id is not None and self.psk_key_id not in self.psk_secrets:
+            raise ValueError(f"no secret for PSK key id {self.psk_key_id!r}")
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    OPEN_SENT = "open-sent"
+    OPEN_CONFIRM = "open-confirm"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEstablished(Event):
+    peer_id: str
+    peer_asn: int
+    hold_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationEvent(Event):
+    """A NOTIFICATION we sent (``direction="sent"``) or received."""
+
+    code: int
+    subcode: int
+    message: str
+    direction: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveReceived(Event):
+    pass
+
+
+class CatalystSession:
+    """One side of one Catalyst session; ``initiator`` is the side that dialled."""
+
+    def __init__(
+        self,
+        config: CatalystConfig,
+        *,
+        initiator: bool,
+        binding: TlsBinding | None = None,
+        counters: Counters | None = None,
+    ) -> None:
+        self.config = config
+        self.initiator = initiator
+        self.binding = binding
+        self.counters = counters if counters is not None else Counters()
+        self.state = State.IDLE
+        self.peer: m.Open | None = None
+        self.hold_time: int | None = None  # negotiated
+        self._decoder = FrameDecoder(m.MAX_MESSAGE)
+        self._out: list[bytes] = []
+        self._hold_deadline: float | None = None
+        self._keepalive_due: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def bind(self, binding: TlsBinding) -> None:
+        self.binding = binding
+
+    # --- StreamCore -------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Event]:
+        if self.state is not State.IDLE:
+            return []
+        self._send(self._our_open())
+        self.state = State.OPEN_SENT
+        self._hold_deadline = now + OPEN_HOLD_TIME
+        return []
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        if not data:
+            return self._finish("peer closed the connection", error=True, by_peer=True)
+        events: list[Event] = []
+        try:
+            try:
+                frames, error = self._decoder.feed(data), None
+            except DecodeError as exc:
+                frames, error = list(exc.frames), exc
+            for frame in frames:
+                self._on_message(m.decode(frame), now, events)
+                if self.closed:  # a NOTIFICATION from the peer ended it
+                    return events
+            if error is not None:
+                raise CatalystError(
+                    f"bad framing: {error}",
+                    code=m.MESSAGE_HEADER_ERROR,
+                    subcode=m.BAD_MESSAGE_LENGTH,
+                )
+        except CatalystError as exc:
+            events += self._notify(exc.code, exc.subcode, str(exc))
+        return events
+
+    def handle_timer(self, now: float) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        if self._hold_deadline is not None and now >= self._hold_deadline:
+            self.counters.hold_timer_expiries += 1
+            return self._notify(m.HOLD_TIMER_EXPIRED, 0, "hold timer expired")
+        if self._keepalive_due is not None and now >= self._keepalive_due:
+            self._send(m.Keepalive())
+            self._schedule_keepalive(now)
+        return []
+
+    def get_timer(self) -> float | None:
+        if self.state is State.CLOSED:
+            return None
+        deadlines = [d for d in (self._hold_deadline, self._keepalive_due) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def close(self, reason: str, now: float) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        return self._notify(m.CEASE, m.CEASE_ADMIN_SHUTDOWN, reason, error=False)
+
+    # --- the FSM ----------------------------------------------------------------------
+
+    def _on_message(self, message: m.Message, now: float, events: list[Event]) -> None:
+        if isinstance(message, m.Notification):
+            self.counters.notifications_received[(message.code, message.subcode)] += 1
+            events.append(
+                NotificationEvent(message.code, message.subcode, message.message, "received")
+            )
+            events += self._finish(
+                f"peer sent NOTIFICATION {message.code}/{message.subcode}: {message.message}",
+                error=message.code != m.CEASE,
+                by_peer=True,
+            )
+            return
+        if self.state is State.OPEN_SENT:
+            if not isinstance(message, m.Open):
+                raise CatalystError("expected OPEN", code=m.FSM_ERROR, subcode=1)
+            self._check_open(message)
+            self.peer = message
+            hold = min(self.config.hold_time, message.hold_time)
+            self.hold_time = hold
+            self._send(m.Keepalive())
+            self.state = State.OPEN_CONFIRM
+            self._restart_hold(now)
+            self._schedule_keepalive(now)
+        elif self.state is State.OPEN_CONFIRM:
+            if not isinstance(message, m.Keepalive):
+                raise CatalystError("expected KEEPALIVE", code=m.FSM_ERROR, subcode=2)
+            assert self.peer is not None
+            assert self.hold_time is not None
+            self.state = State.ESTABLISHED
+            self.counters.sessions_established += 1
+            self._restart_hold(now)
+            events.append(
+                SessionEstablished(self.peer.bgp_identifier, self.peer.my_asn, self.hold_time)
+            )
+        elif self.state is State.ESTABLISHED:
+            if not isinstance(message, m.Keepalive):
+                raise CatalystError("unexpected OPEN", code=m.FSM_ERROR, subcode=3)
+            self._restart_hold(now)
+            events.append(KeepaliveReceived())
+
+    def _check_open(self, peer: m.Open) -> None:
+        if peer.hold_time in (1, 2):
+            raise CatalystError(
+                "hold time of 1 or 2 s", code=m.OPEN_MESSAGE_ERROR, subcode=m.UNACCEPTABLE_HOLD_TIME
+            )
+        binding = self._binding()
+        names = binding.peer_names()
+        if peer.bgp_identifier not in names:
+            raise CatalystError(
+                f"bgpIdentifier {peer.bgp_identifier!r} is not in the peer certificate "
+                f"(CN/SAN: {', '.join(sorted(names)) or 'none'})",
+                code=m.OPEN_MESSAGE_ERROR,
+                subcode=m.BAD_BGP_IDENTIFIER,
+            )
+        permitted = self.config.permitted
+        if permitted and not any(p.matches(peer.my_asn, peer.bgp_identifier) for p in permitted):
+            raise CatalystError(
+                f"AS{peer.my_asn} ({peer.bgp_identifier}) is not a permitted peer",
+                code=m.OPEN_MESSAGE_ERROR,
+                subcode=m.BAD_PEER_AS,
+            )
+        self._check_psk(peer, binding)
+
+    def _check_psk(self, peer: m.Open, binding: TlsBinding) -> None:
+        if peer.psk is None:
+            if self.config.require_psk:
+                raise CatalystError(
+                    "a PSK proof is required", code=m.OPEN_MESSAGE_ERROR, subcode=m.PSK_REQUIRED
+                )
+            return
+        secret = self.config.psk_secrets.get(peer.psk)
+        if secret is None:
+            raise CatalystError(
+                f"unknown PSK key id {peer.psk!r}",
+                code=m.OPEN_MESSAGE_ERROR,
+                subcode=m.PSK_UNKNOWN_KEY,
+            )
+        expected = psk_proof(secret, binding, sender_is_initiator=not self.initiator)
+        if peer.psk_proof is None or not hmac.compare_digest(peer.psk_proof, expected):
+            raise CatalystError(
+                "PSK proof does not match this session",
+                code=m.OPEN_MESSAGE_ERROR,
+                subcode=m.PSK_BAD_PROOF,
+            )
+
+    def _our_open(self) -> m.Open:
+        cfg = self.config
+        proof = None
+        if cfg.psk_key_id is not None:
+            proof = psk_proof(
+                cfg.psk_secrets[cfg.psk_key_id], self._binding(), sender_is_initiator=self.initiator
+            )
+        return m.Open(
+            my_asn=cfg.my_asn,
+            bgp_identifier=cfg.bgp_identifier,
+            hold_time=cfg.hold_time,
+            psk=cfg.psk_key_id,
+            capabilities=cfg.capabilities,
+            psk_proof=proof,
+        )
+
+    def _binding(self) -> TlsBinding:
+        if self.binding is None:
+            raise RuntimeError("the session has no TLS binding")
+        return self.binding
+
+    # --- output and timers ------------------------------------------------------------
+
+    def _send(self, message: m.Message) -> None:
+        self._out.append(encode_frame(m.encode(message), m.MAX_MESSAGE))
+
+    def _restart_hold(self, now: float) -> None:
+        self._hold_deadline = now + self.hold_time if self.hold_time else None
+
+    def _schedule_keepalive(self, now: float) -> None:
+        self._keepalive_due = now + self.hold_time / 3 if self.hold_time else None
+
+    def _notify(self, code: int, subcode: int, text: str, *, error: bool = True) -> list[Event]:
+        self._send(m.Notification(code, subcode, text))
+        self.counters.notifications_sent[(code, subcode)] += 1
+        event = NotificationEvent(code, subcode, text, "sent")
+        return [event, *self._finish(f"sent NOTIFICATION {code}/{subcode}: {text}", error=error)]
+
+    def _finish(self, reason: str, *, error: bool, by_peer: bool = False) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        self.state = State.CLOSED
+        self._hold_deadline = self._keepalive_due = None
+        return [ConnectionClosed(reason, error=error, by_peer=by_peer)]
+
+
+def psk_proof(secret: bytes, binding: TlsBinding, *, sender_is_initiator: bool) -> str:
+    """base64url(HMAC-SHA256(secret, exporter)), the exporter's context naming the
+    sender's role so that a proof cannot be reflected back to its sender."""
+    context = b"initiator" if sender_is_initiator else b"responder"
+    exported = binding.exporter(PSK_EXPORTER_LABEL, context)
+    mac = hmac.new(secret, exported, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
