@@ -15,11 +15,13 @@ once the peer is *known to have accepted us*:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from trustmesh.sansio import ConnectionClosed, Event, StreamCore
@@ -72,6 +74,8 @@ class TlsStream:
         self._closed = False
         self._shutdown_pending = False
         self._peer_closed = False  # the peer sent close_notify
+        self._failed = False  # a TLS error ended the session: no more records from us
+        self._post_handshake = bytearray()  # client: bytes since the handshake, until accepted
 
     # --- what the session offers ------------------------------------------------------
 
@@ -103,7 +107,7 @@ class TlsStream:
     def start(self, now: float) -> list[Event]:
         self._deadline = now + self._handshake_timeout
         if not self.context.server:
-            return self._guard(now, self._advance_handshake)
+            return self._guard(lambda events: self._advance_handshake())
         return []
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
@@ -112,7 +116,7 @@ class TlsStream:
         if not data:
             return self._on_eof(now)
         self._conn.bio_write(data)
-        return self._guard(now, lambda: self._on_input(now))
+        return self._guard(lambda events: self._on_input(data, now, events))
 
     def handle_timer(self, now: float) -> list[Event]:
         if self._closed:
@@ -131,7 +135,7 @@ class TlsStream:
         return self.inner.get_timer()
 
     def data_to_send(self) -> bytes:
-        if self._connected:
+        if self._connected and not self._failed:
             plaintext = self.inner.data_to_send()
             if plaintext:
                 self._conn.sendall(plaintext)
@@ -151,35 +155,37 @@ class TlsStream:
 
     # --- internals ----------------------------------------------------------------------
 
-    def _on_input(self, now: float) -> list[Event]:
-        events: list[Event] = []
+    def _on_input(self, data: bytes, now: float, events: list[Event]) -> None:
         if not self._handshake_done:
-            events += self._advance_handshake()
+            self._advance_handshake()
             if not self._handshake_done:
-                return events
+                return
             if self.context.server:
                 events += self._connect(now)
-            plaintext = self._read()
-        else:
-            plaintext = self._read()
-            if not self._connected:  # a record after the handshake: the server accepted us
-                events += self._connect(now)
-        if self._connected and plaintext:
-            events += self._from_inner(self.inner.receive_data(plaintext, now))
-        elif plaintext:  # data before the server's acceptance is itself the proof
+            data = b""  # this input ended the handshake: none of it is a later record
+        plaintext = self._read()
+        if not self._connected and (plaintext or self._whole_record_after_handshake(data)):
+            # A complete record from the server after the handshake, processed without
+            # an alert: the server accepted our certificate.
             events += self._connect(now)
+        if plaintext:
             events += self._from_inner(self.inner.receive_data(plaintext, now))
         if self._peer_closed and not self._closed:
             events += self._from_inner(self.inner.receive_data(b"", now))
-        return events
 
-    def _advance_handshake(self) -> list[Event]:
+    def _whole_record_after_handshake(self, data: bytes) -> bool:
+        """Whether the bytes since the handshake hold one whole TLS record (5-byte header,
+        then its length)."""
+        self._post_handshake += data
+        buf = self._post_handshake
+        return len(buf) >= 5 and len(buf) >= 5 + int.from_bytes(buf[3:5], "big")
+
+    def _advance_handshake(self) -> None:
         try:
             self._conn.do_handshake()
         except SSL.WantReadError:
-            return []
+            return
         self._handshake_done = True
-        return []
 
     def _read(self) -> bytes:
         chunks: list[bytes] = []
@@ -200,12 +206,18 @@ class TlsStream:
         # The verified chain starts with the peer's certificate on both sides (the raw
         # peer chain leaves it out on a server).
         chain = self._conn.get_verified_chain(as_cryptography=True) or []
+        if not chain:  # a resumed session verifies nothing again; the session keeps the leaf
+            leaf = self._conn.get_peer_certificate(as_cryptography=True)
+            rest = self._conn.get_peer_cert_chain(as_cryptography=True) or []
+            chain = ([leaf] if leaf is not None else []) + [c for c in rest if c != leaf]
         alpn = self._conn.get_alpn_proto_negotiated()
         group = self._conn.get_group_name()
+        # OpenSSL reports "x25519"; name it as the configuration does.
+        named = {g.lower(): g for g in self.context.groups}
         established = TlsEstablished(
             peer_chain=tuple(chain),
             alpn=alpn.decode() if alpn else None,
-            group=group,
+            group=named.get(group.lower(), group) if group else None,
             resumed=bool(_lib.SSL_session_reused(self._conn._ssl)),
         )
         return [established, *self._from_inner(self.inner.start(now))]
@@ -223,13 +235,20 @@ class TlsStream:
             ConnectionClosed("peer closed during the TLS handshake", error=True, by_peer=True)
         )
 
-    def _guard(self, now: float, step: object) -> list[Event]:
-        assert callable(step)
+    def _guard(self, step: Callable[[list[Event]], object]) -> list[Event]:
+        """Run a step that appends events; a TLS failure keeps them and closes after."""
+        events: list[Event] = []
         try:
-            result: list[Event] = step()
-            return result
+            step(events)
         except SSL.Error as exc:
-            return self._finish(ConnectionClosed(f"TLS failed: {_reason(exc)}", error=True))
+            self._failed = True
+            reason = _reason(exc)
+            verify = _lib.SSL_get_verify_result(self._conn._ssl)
+            if verify != 0:  # say which check refused the peer's certificate
+                text = _ffi.string(_lib.X509_verify_cert_error_string(verify)).decode()
+                reason = f"{reason} ({text})"
+            events += self._finish(ConnectionClosed(f"TLS failed: {reason}", error=True))
+        return events
 
     def _finish(self, event: ConnectionClosed) -> list[Event]:
         if self._closed:
