@@ -9,6 +9,7 @@ sends a NOTIFICATION with its code and subcode, then closes (docs/protocols/cata
 from __future__ import annotations
 
 import base64
+import dataclasses
 import enum
 import hashlib
 import hmac
@@ -19,6 +20,7 @@ from typing import Protocol
 
 from trustmesh.catalyst import messages as m
 from trustmesh.catalyst.errors import CatalystError
+from trustmesh.catalyst.jose import JWS_EXPORTER_LABEL, JwsSigner, verify_detached
 from trustmesh.errors import DecodeError
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.wire.frames import FrameDecoder, encode_frame
@@ -70,6 +72,8 @@ class CatalystConfig:
     psk_secrets: Mapping[str, bytes] = field(default_factory=dict)
     psk_key_id: str | None = None  # the secret we prove, sent as "psk"
     require_psk: bool = False
+    jws_key: JwsSigner | None = None  # signs our OPEN; its public key goes in "jwks"
+    require_jws: bool = False
     capabilities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -267,6 +271,23 @@ class CatalystSession:
                 subcode=m.BAD_PEER_AS,
             )
         self._check_psk(peer, binding)
+        self._check_jws(peer, binding)
+
+    def _check_jws(self, peer: m.Open, binding: TlsBinding) -> None:
+        if peer.jws is None:
+            if peer.jwks is not None or self.config.require_jws:
+                raise CatalystError(
+                    "OPEN carries no jws signature",
+                    code=m.OPEN_MESSAGE_ERROR,
+                    subcode=m.JWS_BAD_SIGNATURE,
+                )
+            return
+        if peer.jwks is None:
+            raise CatalystError(
+                "jws without jwks", code=m.OPEN_MESSAGE_ERROR, subcode=m.JWKS_MALFORMED
+            )
+        payload = jws_payload(peer, binding, sender_is_initiator=not self.initiator)
+        verify_detached(peer.jws, payload, peer.jwks)
 
     def _check_psk(self, peer: m.Open, binding: TlsBinding) -> None:
         if peer.psk is None:
@@ -297,14 +318,19 @@ class CatalystSession:
             proof = psk_proof(
                 cfg.psk_secrets[cfg.psk_key_id], self._binding(), sender_is_initiator=self.initiator
             )
-        return m.Open(
+        ours = m.Open(
             my_asn=cfg.my_asn,
             bgp_identifier=cfg.bgp_identifier,
             hold_time=cfg.hold_time,
             psk=cfg.psk_key_id,
+            jwks=cfg.jws_key.jwks() if cfg.jws_key else None,
             capabilities=cfg.capabilities,
             psk_proof=proof,
         )
+        if cfg.jws_key is None:
+            return ours
+        payload = jws_payload(ours, self._binding(), sender_is_initiator=self.initiator)
+        return dataclasses.replace(ours, jws=cfg.jws_key.sign_detached(payload))
 
     def _binding(self) -> TlsBinding:
         if self.binding is None:
@@ -334,6 +360,12 @@ class CatalystSession:
         self.state = State.CLOSED
         self._hold_deadline = self._keepalive_due = None
         return [ConnectionClosed(reason, error=error, by_peer=by_peer)]
+
+
+def jws_payload(message: m.Open, binding: TlsBinding, *, sender_is_initiator: bool) -> bytes:
+    """What an OPEN's detached JWS signs: the canonical OPEN, then the exporter."""
+    context = b"initiator" if sender_is_initiator else b"responder"
+    return message.canonical() + binding.exporter(JWS_EXPORTER_LABEL, context)
 
 
 def psk_proof(secret: bytes, binding: TlsBinding, *, sender_is_initiator: bool) -> str:
