@@ -14,9 +14,10 @@ import asyncio
 import datetime
 import os
 import ssl
+import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
@@ -191,7 +192,7 @@ async def _throughput_64k() -> tuple[float, float]:
         finally:
             await ours.stop()
             await tls.stop()
-    return _median(ours_rates), _median(tls_rates)
+    return statistics.median(ours_rates), statistics.median(tls_rates)
 
 
 async def _messages_1k(anchor: Callable[[], float]) -> tuple[float, float]:
@@ -207,19 +208,7 @@ async def _messages_1k(anchor: Callable[[], float]) -> tuple[float, float]:
             ours_rates.append(count / await ours.transfer(payload, 1024 * count))
     finally:
         await ours.stop()
-    return _median(ours_rates), _median(anchor_rates)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
-
-
-def _run(coro: Callable[[], Awaitable[tuple[float, float]]]) -> tuple[float, float]:
-    async def main() -> tuple[float, float]:
-        return await coro()
-
-    return asyncio.run(main())
+    return statistics.median(ours_rates), statistics.median(anchor_rates)
 
 
 def run() -> list[Result]:
@@ -231,8 +220,8 @@ def run() -> list[Result]:
             lambda: pyln.rate("handshakes", ROUND_TIME),
             rounds=ROUNDS,
         )
-        msgs, msgs_anchor = _run(lambda: _messages_1k(lambda: pyln.rate("messages_1k", ROUND_TIME)))
-    tput, tput_anchor = _run(_throughput_64k)
+        msgs, msgs_anchor = asyncio.run(_messages_1k(lambda: pyln.rate("messages_1k", ROUND_TIME)))
+    tput, tput_anchor = asyncio.run(_throughput_64k())
     return [
         Result("handshakes_per_s", hs, "hs/s", "pyln-proto BOLT #8 handshake", hs_anchor),
         Result("throughput_64k", tput, "MiB/s", "asyncio TLS 1.3 loopback", tput_anchor),

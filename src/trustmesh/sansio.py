@@ -36,25 +36,19 @@ class StreamCore(Protocol):
 
     def start(self, now: float) -> list[Event]:
         """The transport is up; an initiator queues its first message here."""
-        ...
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
         """Bytes from the peer, received at ``now``; ``b""`` means the peer sent EOF."""
-        ...
 
     def handle_timer(self, now: float) -> list[Event]:
         """Called at (or after) the deadline :meth:`get_timer` returned."""
-        ...
 
     def get_timer(self) -> float | None:
         """The next deadline, on the clock ``now`` comes from, or ``None``."""
-        ...
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the peer; calling it empties the core's buffer."""
-        ...
 
     def close(self, reason: str, now: float) -> list[Event]:
         """The application ends the connection at ``now``; the core says goodbye as its
         spec says (it may keep reading until the peer's goodbye, under its own timer)."""
-        ...

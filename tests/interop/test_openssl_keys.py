@@ -20,10 +20,7 @@ from trustmesh.keystore import load_key_file, save_key_file
 
 OPENSSL = shutil.which("openssl")
 
-pytestmark = pytest.mark.skipif(
-    OPENSSL is None,
-    reason="the openssl command line is not on PATH (scripts/dev installs it; CI always has it)",
-)
+pytestmark = pytest.mark.usefixtures("require_openssl")  # fails, never skips, without it
 
 PASSWORD = "interop-Passw0rd"
 MESSAGE = b"signed by trustmesh, checked by openssl\n"

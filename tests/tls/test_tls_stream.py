@@ -44,7 +44,7 @@ WAIT = 5.0  # upper bound on any single wait; tests finish far sooner
 ALPN = "catalyst/1"
 EXPECTED_GROUP = "X25519MLKEM768" if hybrid_group_available() else "X25519"
 OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl command line is missing")
+needs_openssl = pytest.mark.usefixtures("require_openssl")  # fails, never skips, without it
 
 
 # --- the inner protocol -------------------------------------------------------------------

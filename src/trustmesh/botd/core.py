@@ -197,7 +197,7 @@ class BotdConnection:
             signature=sign_compact(self._key, init_digest(self._own, peer, self._ephemeral_pub)),
         )
         self._init_payload = Frame(init=init).SerializeToString()
-        self._queue_plain(self._init_payload)
+        self._queue(self._init_payload)
         self._state = State.AWAIT_ACK
         return []
 
@@ -295,10 +295,7 @@ class BotdConnection:
             raise BotdError(f"cannot send: the channel is {self._state.value}")
         if len(data) > self._max_message:  # checked before sealing: no nonce is spent
             raise ValueError(f"message of {len(data)} bytes exceeds {self._max_message}")
-        assert self._sealer is not None
-        record = self._sealer.seal(Frame(data=data).SerializeToString())
-        self._out.append(encode_uvarint(len(record)))
-        self._out.append(record)
+        self._send_frame(Frame(data=data))
         return []
 
     def ping(self, now: float) -> list[Event]:
@@ -368,7 +365,7 @@ class BotdConnection:
             ),
         )
         ack_payload = Frame(ack=ack).SerializeToString()
-        self._queue_plain(ack_payload)
+        self._queue(ack_payload)
         self._derive_keys(ephemeral, payload, ack_payload)
         self._send_finished()
         self._state = State.AWAIT_FINISHED
@@ -486,15 +483,14 @@ class BotdConnection:
 
     # --- output and endings -------------------------------------------------------------
 
-    def _queue_plain(self, payload: bytes) -> None:
+    def _queue(self, payload: bytes) -> None:
+        """Queue one frame; prefix and payload are joined once, in data_to_send."""
         self._out.append(encode_uvarint(len(payload)))
         self._out.append(payload)
 
     def _send_frame(self, frame: Frame) -> None:
         assert self._sealer is not None
-        record = self._sealer.seal(frame.SerializeToString())
-        self._out.append(encode_uvarint(len(record)))
-        self._out.append(record)
+        self._queue(self._sealer.seal(frame.SerializeToString()))
 
     def _send_ping(self, now: float) -> None:
         self._ping_id = self._new_id()

@@ -29,4 +29,9 @@ class PingTooSoonError(BotdError):
 
 
 class HandshakeFailed(ConnectionClosedError):
-    """The connection closed before the handshake completed; ``reason`` says why."""
+    """The connection closed before the handshake completed; ``reason`` says why, and
+    ``by_peer`` whether the peer hung up (a responder refuses without saying why)."""
+
+    def __init__(self, reason: str, *, by_peer: bool = False) -> None:
+        super().__init__(reason)
+        self.by_peer = by_peer

@@ -133,40 +133,49 @@ def next_keys(chaining_key: bytes, key: bytes) -> tuple[bytes, bytes]:
     return okm[:KEY_SIZE], okm[KEY_SIZE:]
 
 
-class RekeyingSealer:
-    """Seals records with counter nonces; after ``interval`` records, rotates the key and
-    restarts the counter, so no (key, nonce) pair is ever used twice."""
+class _Rekeying:
+    """One direction's chaining key and record key; after ``interval`` records it rotates
+    both (BOLT #8 style) and the counter restarts, so no (key, nonce) pair repeats."""
 
-    __slots__ = ("_ck", "_interval", "_k", "_sealer", "rekeys")
+    __slots__ = ("_ck", "_interval", "_k", "rekeys")
 
     def __init__(self, chaining_key: bytes, key: bytes, interval: int) -> None:
         self._ck, self._k, self._interval = chaining_key, key, interval
-        self._sealer = RecordSealer(key, max_records=interval)
         self.rekeys = 0
+
+    def _rotate(self) -> bytes:
+        self._ck, self._k = next_keys(self._ck, self._k)
+        self.rekeys += 1
+        return self._k
+
+
+class RekeyingSealer(_Rekeying):
+    """Seals one direction's records."""
+
+    __slots__ = ("_sealer",)
+
+    def __init__(self, chaining_key: bytes, key: bytes, interval: int) -> None:
+        super().__init__(chaining_key, key, interval)
+        self._sealer = RecordSealer(key, max_records=interval)
 
     def seal(self, plaintext: bytes) -> bytes:
         record = self._sealer.seal(plaintext)
         if not self._sealer.remaining:
-            self._ck, self._k = next_keys(self._ck, self._k)
-            self._sealer = RecordSealer(self._k, max_records=self._interval)
-            self.rekeys += 1
+            self._sealer = RecordSealer(self._rotate(), max_records=self._interval)
         return record
 
 
-class RekeyingOpener:
-    """The receiving twin of :class:`RekeyingSealer`."""
+class RekeyingOpener(_Rekeying):
+    """Opens one direction's records, rotating in step with the sender."""
 
-    __slots__ = ("_ck", "_interval", "_k", "_opener", "rekeys")
+    __slots__ = ("_opener",)
 
     def __init__(self, chaining_key: bytes, key: bytes, interval: int) -> None:
-        self._ck, self._k, self._interval = chaining_key, key, interval
+        super().__init__(chaining_key, key, interval)
         self._opener = RecordOpener(key, max_records=interval)
-        self.rekeys = 0
 
     def open(self, record: bytes) -> bytes:
         plaintext = self._opener.open(record)
         if not self._opener.remaining:
-            self._ck, self._k = next_keys(self._ck, self._k)
-            self._opener = RecordOpener(self._k, max_records=self._interval)
-            self.rekeys += 1
+            self._opener = RecordOpener(self._rotate(), max_records=self._interval)
         return plaintext

@@ -18,6 +18,6 @@ class MessageError(CatalystError, DecodeError):
     """A message that does not parse or breaks the schema (NOTIFICATION 1 or 2)."""
 
     def __init__(self, message: str, *, code: int = 1, subcode: int = 0) -> None:
-        CatalystError.__init__(self, message, code=code, subcode=subcode)
-        self.offset = None
-        self.frames = ()
+        DecodeError.__init__(self, message)
+        self.code = code
+        self.subcode = subcode

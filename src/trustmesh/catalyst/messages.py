@@ -31,9 +31,8 @@ BAD_MESSAGE_TYPE = 3
 UNSUPPORTED_VERSION = 1
 BAD_PEER_AS = 2
 BAD_BGP_IDENTIFIER = 3
-AUTHENTICATION_FAILURE = 5  # RFC 4271 appendix A: deprecated in BGP, used here
+UNSUPPORTED_OPTIONAL_PARAMETER = 4
 UNACCEPTABLE_HOLD_TIME = 6
-MALFORMED_OPEN = 0  # "unspecific"
 # Private subcodes (RFC 4271 leaves the rest unassigned; documented in catalyst.md).
 PSK_UNKNOWN_KEY = 240
 PSK_BAD_PROOF = 241
@@ -85,7 +84,7 @@ class Open:
 
 @dataclass(frozen=True, slots=True)
 class Keepalive:
-    pass
+    """Keeps the session's hold timer from expiring; it has no fields."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +141,6 @@ def decode(payload: bytes) -> Message:
             parse_constant=_reject_constant,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, MessageError):
-            raise
         raise MessageError(f"not a JSON message: {exc}", code=MESSAGE_HEADER_ERROR) from None
     if not isinstance(data, dict):
         raise MessageError("a message is a JSON object", code=MESSAGE_HEADER_ERROR)
@@ -159,15 +156,17 @@ def decode(payload: bytes) -> Message:
         subcode = _int(data, "subcode", 0, 255, MESSAGE_HEADER_ERROR, default=0)
         text = data.get("message", "")
         if not isinstance(text, str):
-            raise MessageError("NOTIFICATION message must be a string", code=1)
+            raise MessageError("NOTIFICATION message must be a string", code=MESSAGE_HEADER_ERROR)
         return Notification(code, subcode, text[:512])
-    raise MessageError(f"unknown message type {kind!r}", code=1, subcode=BAD_MESSAGE_TYPE)
+    raise MessageError(
+        f"unknown message type {kind!r}", code=MESSAGE_HEADER_ERROR, subcode=BAD_MESSAGE_TYPE
+    )
 
 
 def _only(data: dict[str, Any], allowed: set[str], what: str) -> None:
     extra = set(data) - allowed
     if extra:
-        raise MessageError(f"{what} has unknown fields {sorted(extra)}", code=1)
+        raise MessageError(f"{what} has unknown fields {sorted(extra)}", code=MESSAGE_HEADER_ERROR)
 
 
 def _int(
@@ -216,16 +215,26 @@ def _open(data: dict[str, Any]) -> Open:
     )
     ident = data.get("bgpIdentifier")
     if not isinstance(ident, str) or not 0 < len(ident) <= MAX_IDENTIFIER:
-        raise MessageError("bgpIdentifier must be a non-empty string", code=2, subcode=3)
+        raise MessageError(
+            "bgpIdentifier must be a non-empty string",
+            code=OPEN_MESSAGE_ERROR,
+            subcode=BAD_BGP_IDENTIFIER,
+        )
     psk = _optional_str(data, "psk", MAX_KEY_ID, PSK_UNKNOWN_KEY)
     proof = _optional_str(data, "pskProof", 128, PSK_BAD_PROOF)
     jws = _optional_str(data, "jws", 4096, JWS_BAD_SIGNATURE)
     jwks = data.get("jwks")
     if jwks is not None and (not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list)):
-        raise MessageError('jwks must be {"keys": [...]}', code=2, subcode=JWKS_MALFORMED)
+        raise MessageError(
+            'jwks must be {"keys": [...]}', code=OPEN_MESSAGE_ERROR, subcode=JWKS_MALFORMED
+        )
     caps = data.get("capabilities", [])
     if not isinstance(caps, list) or not all(isinstance(c, str) and len(c) <= 64 for c in caps):
-        raise MessageError("capabilities must be a list of short strings", code=2, subcode=4)
+        raise MessageError(
+            "capabilities must be a list of short strings",
+            code=OPEN_MESSAGE_ERROR,
+            subcode=UNSUPPORTED_OPTIONAL_PARAMETER,
+        )
     return Open(asn, ident, hold, version, psk, jwks, tuple(caps), proof, jws)
 
 
@@ -235,6 +244,8 @@ def _optional_str(data: dict[str, Any], key: str, limit: int, subcode: int) -> s
         return None
     if not isinstance(value, str) or not 0 < len(value) <= limit:
         raise MessageError(
-            f"{key} must be a string of 1..{limit} characters", code=2, subcode=subcode
+            f"{key} must be a string of 1..{limit} characters",
+            code=OPEN_MESSAGE_ERROR,
+            subcode=subcode,
         )
     return value

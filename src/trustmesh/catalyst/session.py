@@ -35,11 +35,9 @@ class TlsBinding(Protocol):
 
     def peer_names(self) -> frozenset[str]:
         """The peer certificate's CN and SAN names (DNS and URI)."""
-        ...
 
     def exporter(self, label: bytes, context: bytes) -> bytes:
         """RFC 8446 exporter output, EXPORTER_LENGTH bytes."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ class NotificationEvent(Event):
 
 @dataclass(frozen=True, slots=True)
 class KeepaliveReceived(Event):
-    pass
+    """The peer's KEEPALIVE arrived on an established session (the hold timer restarted)."""
 
 
 class CatalystSession:

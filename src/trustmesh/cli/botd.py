@@ -88,10 +88,11 @@ async def _open(
         return await botd_io.connect(host, port, key, peer_key, config=config)
     except HandshakeFailed as exc:
         hint = ""
-        if exc.reason == "peer closed during the handshake":
-            # A responder refuses silently: say what usually causes it.
+        if exc.by_peer:  # a responder refuses silently: say what usually causes it
             hint = " (is --peer-key the listener's key, and is our key on its allow-list?)"
-        raise HandshakeFailed(f"handshake with {host}:{port} failed: {exc.reason}{hint}") from None
+        raise HandshakeFailed(
+            f"handshake with {host}:{port} failed: {exc.reason}{hint}", by_peer=exc.by_peer
+        ) from None
 
 
 def _address(value: object) -> str | None:
@@ -110,14 +111,14 @@ def _message(peer: PublicKey, data: bytes) -> dict[str, object]:
     return event
 
 
-def _closed(peer: PublicKey | None, event: ConnectionClosed | None, **extra: object) -> None:
+def _closed(peer: PublicKey | None, event: ConnectionClosed, **extra: object) -> None:
     emit(
         {
             "event": "closed",
             "peer_key": peer.hex() if peer else None,
-            "reason": event.reason if event else "unknown",
-            "error": event.error if event else True,
-            "by_peer": event.by_peer if event else False,
+            "reason": event.reason,
+            "error": event.error,
+            "by_peer": event.by_peer,
             **extra,
         },
         as_json=True,

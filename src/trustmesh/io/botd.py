@@ -176,7 +176,7 @@ class Channel:
     def _on_closed(self, event: ConnectionClosed) -> None:
         self._closed = event
         if not self._established.done():
-            self._established.set_exception(HandshakeFailed(event.reason))
+            self._established.set_exception(HandshakeFailed(event.reason, by_peer=event.by_peer))
             self._established.exception()  # retrieved: nobody may be waiting
         if self._pong is not None and not self._pong.done():
             self._pong.set_exception(ConnectionClosedError(event.reason))

@@ -17,16 +17,17 @@ class Signer(Protocol):
     """
 
     @property
-    def kind(self) -> KeyKind: ...
+    def kind(self) -> KeyKind:
+        """The key's algorithm."""
 
-    def public_key(self) -> PublicKey: ...
+    def public_key(self) -> PublicKey:
+        """The public half, safe to share."""
 
-    def sign(self, data: bytes) -> bytes: ...
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data`` (hashed with SHA-256 for ECDSA keys)."""
 
     def sign_digest(self, digest: bytes) -> bytes:
         """Sign a 32-byte SHA-256 digest (ECDSA keys; others raise UnsupportedOperationError)."""
-        ...
 
     def ecdh(self, peer: PublicKey) -> bytes:
         """Shared x-coordinate with ``peer`` (ECDSA curves; others raise an error)."""
-        ...

@@ -6,6 +6,7 @@ pyOpenSSL, not the stdlib ``ssl``: only pyOpenSSL offers the RFC 8446 exporter
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,7 @@ def _groups(post_quantum: bool) -> tuple[str, ...]:
     return (CLASSIC_GROUP,)
 
 
+@functools.cache
 def hybrid_group_available() -> bool:
     """Whether the OpenSSL build pyOpenSSL runs on offers X25519MLKEM768."""
     probe = SSL.Context(SSL.TLS_CLIENT_METHOD)
