@@ -21,3 +21,26 @@ class MessageError(CatalystError, DecodeError):
         DecodeError.__init__(self, message)
         self.code = code
         self.subcode = subcode
+
+
+class PeeringFailed(ProtocolError):
+    """A session ended before it was Established, or could not start.
+
+    ``notification`` is the (code, subcode) of the NOTIFICATION that ended it and
+    ``direction`` whether we sent or received it; both are None for a TLS or transport
+    failure, which ``reason`` then describes.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        notification: tuple[int, int] | None = None,
+        direction: str | None = None,
+        peer_id: str | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.notification = notification
+        self.direction = direction
+        self.peer_id = peer_id

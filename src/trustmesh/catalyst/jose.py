@@ -67,9 +67,10 @@ class JwsSigner:
         return str(jws.detach_content(compact))
 
 
-def verify_detached(detached: str, payload: bytes, jwks: dict[str, Any]) -> None:
-    """Check ``detached`` over ``payload`` with a key from ``jwks``; raise CatalystError
-    with the NOTIFICATION subcode (2/243 bad signature, 2/244 unknown kid, 2/245 bad JWKS)."""
+def verify_detached(detached: str, payload: bytes, jwks: dict[str, Any]) -> str:
+    """Check ``detached`` over ``payload`` with a key from ``jwks`` and return its kid;
+    raise CatalystError with the NOTIFICATION subcode (2/243 bad signature, 2/244 unknown
+    kid, 2/245 bad JWKS)."""
     keys = jwks.get("keys")
     if not isinstance(keys, list) or not 0 < len(keys) <= MAX_KEYS:
         raise _error(f"jwks must hold 1..{MAX_KEYS} keys", m.JWKS_MALFORMED)
@@ -96,6 +97,7 @@ def verify_detached(detached: str, payload: bytes, jwks: dict[str, Any]) -> None
         )
     except (JoseError, ValueError, TypeError, KeyError) as exc:
         raise _error(f"jws does not verify: {exc}", m.JWS_BAD_SIGNATURE) from None
+    return kid
 
 
 def _header(segment: str) -> dict[str, Any]:

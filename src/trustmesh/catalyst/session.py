@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from trustmesh.catalyst import messages as m
+from trustmesh.catalyst.collision import CollisionRegistry
 from trustmesh.catalyst.errors import CatalystError
 from trustmesh.catalyst.jose import JWS_EXPORTER_LABEL, JwsSigner, verify_detached
+from trustmesh.catalyst.policy import PeeringPolicy, PeeringRequest
 from trustmesh.errors import DecodeError
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.wire.frames import FrameDecoder, encode_frame
@@ -73,6 +75,7 @@ class CatalystConfig:
     jws_key: JwsSigner | None = None  # signs our OPEN; its public key goes in "jwks"
     require_jws: bool = False
     capabilities: tuple[str, ...] = ()
+    policy: PeeringPolicy | None = None  # asked last, once every other check passed
 
     def __post_init__(self) -> None:
         if self.hold_time in (1, 2) or not 0 <= self.hold_time <= m.MAX_HOLD_TIME:
@@ -123,11 +126,13 @@ class CatalystSession:
         initiator: bool,
         binding: TlsBinding | None = None,
         counters: Counters | None = None,
+        registry: CollisionRegistry | None = None,
     ) -> None:
         self.config = config
         self.initiator = initiator
         self.binding = binding
         self.counters = counters if counters is not None else Counters()
+        self.registry = registry
         self.state = State.IDLE
         self.peer: m.Open | None = None
         self.hold_time: int | None = None  # negotiated
@@ -205,6 +210,12 @@ class CatalystSession:
             return []
         return self._notify(m.CEASE, m.CEASE_ADMIN_SHUTDOWN, reason, error=False)
 
+    def evict(self, now: float) -> list[Event]:
+        """Close because a newer session to the same peer won the collision (6/7)."""
+        if self.state is State.CLOSED:
+            return []
+        return self._notify(m.CEASE, m.CEASE_COLLISION, "connection collision resolution")
+
     # --- the FSM ----------------------------------------------------------------------
 
     def _on_message(self, message: m.Message, now: float, events: list[Event]) -> None:
@@ -223,7 +234,14 @@ class CatalystSession:
             if not isinstance(message, m.Open):
                 raise CatalystError("expected OPEN", code=m.FSM_ERROR, subcode=1)
             self._check_open(message)
-            self.peer = message
+            self.peer = message  # proven; kept even if the collision check ends us
+            if self.registry is not None and not self.registry.claim(self, message.bgp_identifier):
+                raise CatalystError(
+                    f"connection collision with {message.bgp_identifier}: the other "
+                    "connection survives",
+                    code=m.CEASE,
+                    subcode=m.CEASE_COLLISION,
+                )
             hold = min(self.config.hold_time, message.hold_time)
             self.hold_time = hold
             self._send(m.Keepalive())
@@ -254,6 +272,12 @@ class CatalystSession:
             )
         binding = self._binding()
         names = binding.peer_names()
+        if peer.bgp_identifier == self.config.bgp_identifier:
+            raise CatalystError(
+                f"the peer claims our own BGP identifier {peer.bgp_identifier!r}",
+                code=m.OPEN_MESSAGE_ERROR,
+                subcode=m.BAD_BGP_IDENTIFIER,
+            )
         if peer.bgp_identifier not in names:
             raise CatalystError(
                 f"bgpIdentifier {peer.bgp_identifier!r} is not in the peer certificate "
@@ -268,10 +292,31 @@ class CatalystSession:
                 code=m.OPEN_MESSAGE_ERROR,
                 subcode=m.BAD_PEER_AS,
             )
-        self._check_psk(peer, binding)
-        self._check_jws(peer, binding)
+        psk_key_id = self._check_psk(peer, binding)
+        jws_kid = self._check_jws(peer, binding)
+        if self.config.policy is not None:
+            refusal = self.config.policy.decide(
+                PeeringRequest(
+                    local_asn=self.config.my_asn,
+                    local_identifier=self.config.bgp_identifier,
+                    peer_asn=peer.my_asn,
+                    peer_identifier=peer.bgp_identifier,
+                    certificate_names=names,
+                    psk_key_id=psk_key_id,
+                    jws_kid=jws_kid,
+                    capabilities=peer.capabilities,
+                    initiator=self.initiator,
+                )
+            )
+            if refusal is not None:
+                raise CatalystError(
+                    f"peering policy refused {peer.bgp_identifier}: {refusal}",
+                    code=m.OPEN_MESSAGE_ERROR,
+                    subcode=m.POLICY_REFUSED,
+                )
 
-    def _check_jws(self, peer: m.Open, binding: TlsBinding) -> None:
+    def _check_jws(self, peer: m.Open, binding: TlsBinding) -> str | None:
+        """Verify the OPEN's signature, if any; return the kid that signed it."""
         if peer.jws is None:
             if peer.jwks is not None or self.config.require_jws:
                 raise CatalystError(
@@ -279,21 +324,22 @@ class CatalystSession:
                     code=m.OPEN_MESSAGE_ERROR,
                     subcode=m.JWS_BAD_SIGNATURE,
                 )
-            return
+            return None
         if peer.jwks is None:
             raise CatalystError(
                 "jws without jwks", code=m.OPEN_MESSAGE_ERROR, subcode=m.JWKS_MALFORMED
             )
         payload = jws_payload(peer, binding, sender_is_initiator=not self.initiator)
-        verify_detached(peer.jws, payload, peer.jwks)
+        return verify_detached(peer.jws, payload, peer.jwks)
 
-    def _check_psk(self, peer: m.Open, binding: TlsBinding) -> None:
+    def _check_psk(self, peer: m.Open, binding: TlsBinding) -> str | None:
+        """Verify the OPEN's PSK proof, if any; return the key id it proved."""
         if peer.psk is None:
             if self.config.require_psk:
                 raise CatalystError(
                     "a PSK proof is required", code=m.OPEN_MESSAGE_ERROR, subcode=m.PSK_REQUIRED
                 )
-            return
+            return None
         secret = self.config.psk_secrets.get(peer.psk)
         if secret is None:
             raise CatalystError(
@@ -308,6 +354,7 @@ class CatalystSession:
                 code=m.OPEN_MESSAGE_ERROR,
                 subcode=m.PSK_BAD_PROOF,
             )
+        return peer.psk
 
     def _our_open(self) -> m.Open:
         cfg = self.config
@@ -357,6 +404,8 @@ class CatalystSession:
             return []
         self.state = State.CLOSED
         self._hold_deadline = self._keepalive_due = None
+        if self.registry is not None:
+            self.registry.release(self)
         return [ConnectionClosed(reason, error=error, by_peer=by_peer)]
 
 

@@ -14,6 +14,7 @@ import click
 
 from trustmesh.botd import DEFAULT_PORT, BotdConfig, HandshakeFailed
 from trustmesh.cli.output import emit
+from trustmesh.cli.params import HostPort
 from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
 from trustmesh.errors import ConnectionClosedError, InvalidKeyError
 from trustmesh.io import botd as botd_io
@@ -33,30 +34,6 @@ class PublicKeyHex(click.ParamType):  # type: ignore[type-arg]
             return PublicKey.from_bytes(KeyKind.SECP256K1, bytes.fromhex(str(value)))
         except (ValueError, InvalidKeyError) as exc:
             self.fail(f"not a secp256k1 public key in hex: {exc}", param, ctx)
-
-
-class HostPort(click.ParamType):  # type: ignore[type-arg]
-    """HOST:PORT, [IPv6]:PORT, or HOST alone (port 9945)."""
-
-    name = "HOST:PORT"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, tuple):
-            return value
-        text = str(value)
-        host, sep, port = text.rpartition(":")
-        if text.startswith("[") and "]" in text:
-            host, _, rest = text[1:].partition("]")
-            sep, port = (":", rest[1:]) if rest.startswith(":") else ("", "")
-        elif not sep or ":" in host:  # no port, or a bare IPv6 address
-            host, port = text, ""
-        try:
-            number = int(port) if port else DEFAULT_PORT
-        except ValueError:
-            self.fail(f"bad port in {text!r}", param, ctx)
-        if not host or not 0 < number < 65536:
-            self.fail(f"expected HOST:PORT, got {text!r}", param, ctx)
-        return host, number
 
 
 KEY_OPTION = click.option(
@@ -205,7 +182,7 @@ async def _listen(key: PrivateKey, host: str, port: int, config: BotdConfig, ech
 
 
 @botd.command()
-@click.argument("address", type=HostPort())
+@click.argument("address", type=HostPort(DEFAULT_PORT))
 @KEY_OPTION
 @PEER_KEY_OPTION
 def connect(address: tuple[str, int], key_file: Path, peer_key: PublicKey) -> int:
@@ -266,7 +243,7 @@ async def _connect(address: tuple[str, int], key: PrivateKey, peer_key: PublicKe
 
 
 @botd.command()
-@click.argument("address", type=HostPort())
+@click.argument("address", type=HostPort(DEFAULT_PORT))
 @KEY_OPTION
 @PEER_KEY_OPTION
 @click.option(

@@ -315,10 +315,12 @@ class StreamServer(Generic[CoreT]):
         core_factory: Callable[[], CoreT],
         handler: Callable[[StreamDriver[CoreT]], Awaitable[None]],
         driver_options: dict[str, Any],
+        on_accept: Callable[[StreamDriver[CoreT]], None] | None = None,
     ) -> None:
         self._core_factory = core_factory
         self._handler = handler
         self._driver_options = driver_options
+        self._on_accept = on_accept
         self._server: asyncio.Server | None = None
         self._port: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -347,6 +349,8 @@ class StreamServer(Generic[CoreT]):
     def _accept(self) -> StreamDriver[CoreT]:
         driver = StreamDriver(self._core_factory(), **self._driver_options)
         self._drivers.add(driver)
+        if self._on_accept is not None:  # before the transport can deliver a byte
+            self._on_accept(driver)
         task = asyncio.get_running_loop().create_task(self._run(driver))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -392,13 +396,16 @@ async def serve_stream(
     handler: Callable[[StreamDriver[CoreT]], Awaitable[None]],
     host: str,
     port: int,
+    *,
+    on_accept: Callable[[StreamDriver[CoreT]], None] | None = None,
     **driver_options: Any,
 ) -> StreamServer[CoreT]:
     """Accept TCP connections; each gets a fresh core and its own ``handler`` task.
 
     A handler that fails is logged and its connection aborted; others go on. When a
-    handler returns, its connection is closed.
+    handler returns, its connection is closed. ``on_accept(driver)`` runs synchronously
+    for each new connection, before any of its bytes are processed.
     """
-    server = StreamServer(core_factory, handler, driver_options)
+    server = StreamServer(core_factory, handler, driver_options, on_accept)
     await server.listen(host, port)
     return server

@@ -102,6 +102,13 @@ class TlsStream:
         """The session to resume with later (client side), once a ticket arrived."""
         return self._conn.get_session()
 
+    def inner_action(self, action: Callable[[StreamCore], list[Event]]) -> list[Event]:
+        """Run an application action on the inner core (a driver's ``act``); its output
+        goes out through TLS and a close it causes ends the TLS session too."""
+        if self._closed or not self._connected:
+            return []
+        return self._from_inner(action(self.inner))
+
     # --- StreamCore -------------------------------------------------------------------
 
     def start(self, now: float) -> list[Event]:

@@ -1,0 +1,73 @@
+"""Connection collision resolution (RFC 4271 section 6.8), one registry per node.
+
+When two nodes dial each other at once, each ends up with two sessions to the same
+peer. Every session that has accepted its peer's OPEN claims the peer's BGP identifier
+here; when another live session already holds it, exactly one of the two survives:
+
+- dialled in opposite directions: the connection that the node with the higher BGP
+  identifier initiated survives (identifiers compared as UTF-8 bytes). Both nodes reach
+  the same verdict, whatever state each connection is in on either side, because the
+  rule depends on nothing but the two identifiers. That is RFC 4271's rule with its
+  optional "CollisionDetectEstablishedState" on: without it, a connection that one side
+  already counts as Established and the other does not can be refused on both sides.
+- dialled in the same direction (the peer redialled): the newer connection survives, as
+  the peer evidently gave up on the older one.
+
+The loser is closed with NOTIFICATION 6/7 (Cease, connection collision resolution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trustmesh.catalyst.session import CatalystSession
+
+
+class CollisionRegistry:
+    """The live sessions of one node, by peer BGP identifier.
+
+    ``evict(session)`` is called when a session that already held the identifier loses
+    to a newer claim; whoever runs that session closes it with ``session.evict(now)``.
+    """
+
+    def __init__(self, evict: Callable[[CatalystSession], None] | None = None) -> None:
+        self._evict = evict
+        self._holders: dict[str, CatalystSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def holder(self, peer_identifier: str) -> CatalystSession | None:
+        return self._holders.get(peer_identifier)
+
+    def claim(self, session: CatalystSession, peer_identifier: str) -> bool:
+        """Register ``session`` as the one to ``peer_identifier``. False: it lost the
+        collision and must close; True: it holds the identifier (an older holder that
+        lost has been handed to ``evict``)."""
+        holder = self._holders.get(peer_identifier)
+        if holder is not None and holder is not session:
+            if not survives(session, holder, peer_identifier):
+                return False
+            del self._holders[peer_identifier]
+            if self._evict is not None:
+                self._evict(holder)
+        self._holders[peer_identifier] = session
+        return True
+
+    def release(self, session: CatalystSession) -> None:
+        """Forget ``session`` (it closed); a no-op if it holds nothing."""
+        for ident, holder in list(self._holders.items()):
+            if holder is session:
+                del self._holders[ident]
+
+
+def survives(new: CatalystSession, old: CatalystSession, peer_identifier: str) -> bool:
+    """Whether ``new`` wins over ``old``, both sessions of one node to the same peer."""
+    if new.initiator == old.initiator:
+        return True  # a redial in the same direction replaces the older connection
+    local = new.config.bgp_identifier.encode()
+    higher_is_local = local > peer_identifier.encode()
+    # The survivor is the connection the higher identifier initiated.
+    return new.initiator == higher_is_local

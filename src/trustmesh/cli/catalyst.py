@@ -1,0 +1,416 @@
+"""``trustmesh catalyst``: Catalyst peering from the command line (JSON lines on stdout)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trustmesh.catalyst import messages as m
+from trustmesh.catalyst.errors import PeeringFailed
+from trustmesh.catalyst.jose import JwsSigner
+from trustmesh.catalyst.policy import CedarPolicy
+from trustmesh.catalyst.session import (
+    CatalystConfig,
+    KeepaliveReceived,
+    NotificationEvent,
+    Peer,
+    SessionEstablished,
+)
+from trustmesh.cli.output import emit
+from trustmesh.cli.params import HostPort
+from trustmesh.io.catalyst import DEFAULT_PORT, Backoff, CatalystNode, Session
+from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.tls import TlsConfig
+from trustmesh.tls.stream import certificate_names
+
+MIN_PSK_BYTES = 16
+
+
+class PeerSpec(click.ParamType):  # type: ignore[type-arg]
+    """ASN or ASN:ID, a permitted peer."""
+
+    name = "ASN[:ID]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, Peer):
+            return value
+        asn_text, sep, ident = str(value).partition(":")
+        try:
+            asn = int(asn_text)
+        except ValueError:
+            self.fail(f"expected ASN or ASN:ID, got {value!r}", param, ctx)
+        if not 0 < asn <= m.MAX_ASN:
+            self.fail(f"ASN {asn} is outside 1..{m.MAX_ASN}", param, ctx)
+        if sep and not 0 < len(ident) <= m.MAX_IDENTIFIER:
+            self.fail(f"empty or overlong identifier in {value!r}", param, ctx)
+        return Peer(asn, ident if sep else None)
+
+
+class PskSpec(click.ParamType):  # type: ignore[type-arg]
+    """KEYID:FILE, a pre-shared secret and the key id that names it."""
+
+    name = "KEYID:FILE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        key_id, sep, file_name = str(value).partition(":")
+        if not sep or not key_id or not file_name:
+            self.fail(f"expected KEYID:FILE, got {value!r}", param, ctx)
+        if len(key_id) > m.MAX_KEY_ID:
+            self.fail(f"key id longer than {m.MAX_KEY_ID} characters", param, ctx)
+        try:
+            secret = Path(file_name).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            self.fail(f"cannot read PSK file {file_name}: {exc.strerror}", param, ctx)
+        if len(secret) < MIN_PSK_BYTES:
+            self.fail(
+                f"the secret in {file_name} is {len(secret)} bytes; at least {MIN_PSK_BYTES} "
+                "are needed (try: openssl rand -hex 32 > FILE)",
+                param,
+                ctx,
+            )
+        return key_id, secret
+
+
+def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every catalyst command shares: who we are and whom we accept."""
+    options = [
+        click.option(
+            "--cert",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            required=True,
+            help="Our certificate (PEM, chain allowed); its CN or a SAN must equal --id.",
+        ),
+        click.option(
+            "--key",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            required=True,
+            help="The certificate's private key (unencrypted PEM).",
+        ),
+        click.option(
+            "--ca",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            required=True,
+            help="CA bundle (PEM) that peer certificates must chain to.",
+        ),
+        click.option(
+            "--crl",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="A CRL (PEM or DER) that peer certificates are checked against.",
+        ),
+        click.option(
+            "--asn", type=click.IntRange(1, m.MAX_ASN), required=True, help="Our AS number."
+        ),
+        click.option(
+            "--id", "identifier", required=True, help="Our BGP identifier (node ID), e.g. node-01."
+        ),
+        click.option(
+            "--allow",
+            type=PeerSpec(),
+            multiple=True,
+            help="Permit this peer (AS number, optionally pinned to an identifier); repeat "
+            "for more. Default: any peer whose certificate validates.",
+        ),
+        click.option(
+            "--psk",
+            type=PskSpec(),
+            multiple=True,
+            help="A pre-shared secret (at least 16 bytes, a trailing newline ignored) and its "
+            "key id. Peers must then prove one; we prove the first.",
+        ),
+        click.option(
+            "--jwks-key",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="Sign our OPEN with this P-256 or Ed25519 private key (PEM); its public "
+            "key goes in the OPEN's jwks.",
+        ),
+        click.option(
+            "--require-jws", is_flag=True, help="Refuse peers whose OPEN carries no signature."
+        ),
+        click.option(
+            "--policy",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            help="Cedar policy file that decides who may peer (docs/protocols/catalyst.md).",
+        ),
+        click.option(
+            "--hold-time",
+            type=click.IntRange(0, m.MAX_HOLD_TIME),
+            default=180,
+            show_default=True,
+            help="Hold time we offer in seconds: 0 (no keepalives) or 3..65535.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _build_node(options: dict[str, Any]) -> CatalystNode:
+    psks: tuple[tuple[str, bytes], ...] = options["psk"]
+    hold_time: int = options["hold_time"]
+    if hold_time in (1, 2):
+        raise click.BadParameter(
+            "must be 0 or 3..65535 (1 and 2 are refused)", param_hint="'--hold-time'"
+        )
+    jws_key = None
+    if options["jwks_key"] is not None:
+        try:
+            jws_key = JwsSigner.from_pem_file(options["jwks_key"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--jwks-key'") from None
+    policy = None
+    if options["policy"] is not None:
+        try:
+            policy = CedarPolicy.from_file(options["policy"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--policy'") from None
+    config = CatalystConfig(
+        my_asn=options["asn"],
+        bgp_identifier=options["identifier"],
+        hold_time=hold_time,
+        permitted=tuple(options["allow"]),
+        psk_secrets=dict(psks),
+        psk_key_id=psks[0][0] if psks else None,
+        require_psk=bool(psks),
+        jws_key=jws_key,
+        require_jws=options["require_jws"],
+        policy=policy,
+    )
+    tls = TlsConfig(options["cert"], options["key"], options["ca"], crl_file=options["crl"])
+    node = CatalystNode(config, tls)
+    _warn_if_not_ours(options["cert"], options["identifier"])
+    return node
+
+
+def _warn_if_not_ours(cert_file: Path, identifier: str) -> None:
+    from cryptography import x509
+
+    try:
+        names = certificate_names(x509.load_pem_x509_certificate(cert_file.read_bytes()))
+    except ValueError:
+        return  # TlsContext loaded it, so this is a format corner we need not second-guess
+    if identifier not in names:
+        click.echo(
+            f"trustmesh: warning: --id {identifier!r} is not in {cert_file} (CN/SAN: "
+            f"{', '.join(sorted(names)) or 'none'}); peers will refuse us with NOTIFICATION 2/3",
+            err=True,
+        )
+
+
+def _address(value: object) -> str | None:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return f"{value[0]}:{value[1]}"
+    return None
+
+
+def _print_event(session: Session, event: Event) -> None:
+    """One JSON line per session event."""
+    remote = _address(session.remote_address)
+    if isinstance(event, SessionEstablished):
+        tls = session.tls
+        emit(
+            {
+                "event": "established",
+                "peer_id": event.peer_id,
+                "peer_asn": event.peer_asn,
+                "hold_time": event.hold_time,
+                "remote": remote,
+                "group": tls.group if tls else None,
+                "resumed": tls.resumed if tls else False,
+            },
+            as_json=True,
+        )
+    elif isinstance(event, NotificationEvent):
+        emit(
+            {
+                "event": "notification",
+                "code": event.code,
+                "subcode": event.subcode,
+                "direction": event.direction,
+                "message": event.message,
+                "peer_id": session.peer_id,
+                "remote": remote,
+            },
+            as_json=True,
+        )
+    elif isinstance(event, KeepaliveReceived):
+        emit(
+            {"event": "keepalive", "direction": "received", "peer_id": session.peer_id},
+            as_json=True,
+        )
+    elif isinstance(event, ConnectionClosed):
+        emit(
+            {
+                "event": "closed",
+                "peer_id": session.peer_id,
+                "reason": event.reason,
+                "error": event.error,
+                "by_peer": event.by_peer,
+                "remote": remote,
+            },
+            as_json=True,
+        )
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@click.group()
+def catalyst() -> None:
+    """Catalyst peering: TLS 1.3 mTLS, OPEN / KEEPALIVE / NOTIFICATION, PSK and JWS.
+
+    Each side presents a certificate whose CN or SAN is its --id; the peer checks it,
+    the AS number (--allow), a PSK proof bound to the TLS session (--psk), a signature
+    over the OPEN (--jwks-key, --require-jws) and a Cedar policy (--policy). A failed
+    check sends a NOTIFICATION (code/subcode as RFC 4271, docs/protocols/catalyst.md)
+    and closes.
+
+    Every command prints one JSON object per line on stdout, each with an "event" field:
+    established {peer_id, peer_asn, hold_time}, notification {code, subcode, direction},
+    keepalive, closed {reason}; listen first prints listening {host, port}.
+
+    \b
+    Try it (certificates from any CA, openssl included):
+      trustmesh catalyst listen --cert b.crt --key b.key --ca ca.crt --asn 65002 --id node-b &
+      trustmesh catalyst connect 127.0.0.1:9179 --cert a.crt --key a.key --ca ca.crt \\
+          --asn 65001 --id node-a --once
+    """
+
+
+@catalyst.command()
+@identity_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=DEFAULT_PORT,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0: any free port, printed in the listening event).",
+)
+def listen(host: str, port: int, **options: Any) -> None:
+    """Accept peers until interrupted; SIGINT or SIGTERM ceases every session (6/2)."""
+    node = _build_node(options)
+    asyncio.run(_listen(node, host, port))
+
+
+async def _listen(node: CatalystNode, host: str, port: int) -> None:
+    stop = _stop_on_signals()
+    server = await node.serve(host=host, port=port, listener=_print_event)
+    async with server:
+        emit(
+            {
+                "event": "listening",
+                "host": host,
+                "port": server.port,
+                "id": node.config.bgp_identifier,
+            },
+            as_json=True,
+        )
+        await stop.wait()
+
+
+@catalyst.command()
+@click.argument("address", type=HostPort(DEFAULT_PORT))
+@identity_options
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Exit 0 as soon as the session is Established (OPEN and KEEPALIVE each way), "
+    "after ceasing it (6/2).",
+)
+@click.option(
+    "--reconnect",
+    is_flag=True,
+    help="Keep the session up: redial after 1 s, 2 s, 4 s ... up to 60 s whenever it "
+    "fails or ends. Runs until interrupted.",
+)
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to reach Established.",
+)
+def connect(
+    address: tuple[str, int], once: bool, reconnect: bool, timeout: float, **options: Any
+) -> int:
+    """Peer with ADDRESS (HOST:PORT).
+
+    Exits 0 after --once, or after SIGINT / SIGTERM (which cease the session, 6/2); exits
+    1 on any NOTIFICATION from a failed check, a TLS failure, or a session the peer ends.
+    """
+    if once and reconnect:
+        raise click.UsageError("--once and --reconnect exclude each other")
+    node = _build_node(options)
+    if reconnect:
+        return asyncio.run(_maintain(node, address))
+    return asyncio.run(_connect(node, address, once, timeout))
+
+
+async def _connect(node: CatalystNode, address: tuple[str, int], once: bool, within: float) -> int:
+    host, port = address
+    reported = False  # whether a "closed" event is out already
+
+    def listener(session: Session, event: Event) -> None:
+        nonlocal reported
+        reported = reported or isinstance(event, ConnectionClosed)
+        _print_event(session, event)
+
+    try:
+        session = await node.connect(host, port, connect_timeout=within, listener=listener)
+    except (PeeringFailed, OSError) as exc:
+        if not reported:
+            reason = str(exc)
+            if isinstance(exc, OSError):
+                reason = f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+            emit(
+                {"event": "closed", "peer_id": None, "reason": reason, "error": True}, as_json=True
+            )
+        return 1
+    if once:
+        await session.close("--once: established")
+        return 0
+    stop = _stop_on_signals()
+    stopping = asyncio.ensure_future(stop.wait())
+    ended = asyncio.ensure_future(session.wait_closed())
+    await asyncio.wait({stopping, ended}, return_when=asyncio.FIRST_COMPLETED)
+    if ended.done():
+        stopping.cancel()
+        return 1
+    await session.close("interrupted")
+    return 0
+
+
+async def _maintain(node: CatalystNode, address: tuple[str, int]) -> int:
+    host, port = address
+
+    def failed(exc: BaseException, delay: float) -> None:
+        emit(
+            {"event": "retry", "reason": str(exc), "delay_s": round(delay, 3)},
+            as_json=True,
+        )
+
+    stop = _stop_on_signals()
+    keeper = asyncio.ensure_future(
+        node.maintain(host, port, backoff=Backoff(), listener=_print_event, on_failure=failed)
+    )
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({keeper, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    keeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keeper
+    for session in node.sessions:
+        await session.close("interrupted")
+    return 0
