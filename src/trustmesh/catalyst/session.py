@@ -134,7 +134,8 @@ class CatalystSession:
         self.counters = counters if counters is not None else Counters()
         self.registry = registry
         self.state = State.IDLE
-        self.peer: m.Open | None = None
+        self.offered: m.Open | None = None  # the peer's OPEN as received, checked or not
+        self.peer: m.Open | None = None  # the peer's OPEN once every check passed
         self.hold_time: int | None = None  # negotiated
         self._decoder = FrameDecoder(m.MAX_MESSAGE)
         self._out: list[bytes] = []
@@ -233,6 +234,7 @@ class CatalystSession:
         if self.state is State.OPEN_SENT:
             if not isinstance(message, m.Open):
                 raise CatalystError("expected OPEN", code=m.FSM_ERROR, subcode=1)
+            self.offered = message
             self._check_open(message)
             self.peer = message  # proven; kept even if the collision check ends us
             if self.registry is not None and not self.registry.claim(self, message.bgp_identifier):

@@ -17,6 +17,7 @@ from trustmesh.catalyst.jose import JwsSigner
 from trustmesh.catalyst.policy import CedarPolicy
 from trustmesh.catalyst.session import (
     CatalystConfig,
+    Counters,
     KeepaliveReceived,
     NotificationEvent,
     Peer,
@@ -25,8 +26,10 @@ from trustmesh.catalyst.session import (
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import HostPort
 from trustmesh.io.catalyst import DEFAULT_PORT, Backoff, CatalystNode, Session
+from trustmesh.keystore.filestore import passphrase_from_env_or_tty
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsConfig
+from trustmesh.tls.context import key_is_encrypted
 from trustmesh.tls.stream import certificate_names
 
 MIN_PSK_BYTES = 16
@@ -92,7 +95,8 @@ def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--key",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
             required=True,
-            help="The certificate's private key (unencrypted PEM).",
+            help="The certificate's private key (PEM). If it is encrypted, the passphrase "
+            "comes from $TRUSTMESH_PASSPHRASE or the terminal.",
         ),
         click.option(
             "--ca",
@@ -183,7 +187,13 @@ def _build_node(options: dict[str, Any]) -> CatalystNode:
         require_jws=options["require_jws"],
         policy=policy,
     )
-    tls = TlsConfig(options["cert"], options["key"], options["ca"], crl_file=options["crl"])
+    key_file: Path = options["key"]
+    passphrase = None
+    if key_is_encrypted(key_file.read_bytes()):
+        passphrase = passphrase_from_env_or_tty(key_file, confirm=False)
+    tls = TlsConfig(
+        options["cert"], key_file, options["ca"], crl_file=options["crl"], key_passphrase=passphrase
+    )
     node = CatalystNode(config, tls)
     _warn_if_not_ours(options["cert"], options["identifier"])
     return node
@@ -236,6 +246,7 @@ def _print_event(session: Session, event: Event) -> None:
                 "direction": event.direction,
                 "message": event.message,
                 "peer_id": session.peer_id,
+                "claimed_id": session.claimed_id,
                 "remote": remote,
             },
             as_json=True,
@@ -250,6 +261,7 @@ def _print_event(session: Session, event: Event) -> None:
             {
                 "event": "closed",
                 "peer_id": session.peer_id,
+                "claimed_id": session.claimed_id,
                 "reason": event.reason,
                 "error": event.error,
                 "by_peer": event.by_peer,
@@ -300,7 +312,8 @@ def catalyst() -> None:
     help="Port to listen on (0: any free port, printed in the listening event).",
 )
 def listen(host: str, port: int, **options: Any) -> None:
-    """Accept peers until interrupted; SIGINT or SIGTERM ceases every session (6/2)."""
+    """Accept peers until interrupted; SIGINT or SIGTERM ceases every session (6/2) and
+    prints a last "stopped" event with the node's counters."""
     node = _build_node(options)
     asyncio.run(_listen(node, host, port))
 
@@ -319,6 +332,19 @@ async def _listen(node: CatalystNode, host: str, port: int) -> None:
             as_json=True,
         )
         await stop.wait()
+    emit({"event": "stopped", **counters_json(node.counters)}, as_json=True)
+
+
+def counters_json(counters: Counters) -> dict[str, Any]:
+    """The node's counters, NOTIFICATIONs keyed "code/subcode"."""
+    return {
+        "sessions_established": counters.sessions_established,
+        "hold_timer_expiries": counters.hold_timer_expiries,
+        "notifications_sent": {f"{c}/{s}": n for (c, s), n in counters.notifications_sent.items()},
+        "notifications_received": {
+            f"{c}/{s}": n for (c, s), n in counters.notifications_received.items()
+        },
+    }
 
 
 @catalyst.command()

@@ -121,6 +121,11 @@ class Session:
         return self.core.peer.bgp_identifier if self.core.peer else None
 
     @property
+    def claimed_id(self) -> str | None:
+        """The BGP identifier the peer's OPEN claimed, before (or without) any check."""
+        return self.core.offered.bgp_identifier if self.core.offered else None
+
+    @property
     def remote_address(self) -> object:
         return self._driver.get_extra_info("peername")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
 
@@ -36,6 +37,7 @@ class TlsConfig:
     crl_file: Path | None = None
     alpn: Sequence[str] = field(default_factory=tuple)
     post_quantum: bool = True  # offer X25519MLKEM768 first when the build has it
+    key_passphrase: bytes | None = field(default=None, repr=False)  # for an encrypted key
 
 
 class TlsContext:
@@ -56,7 +58,7 @@ class TlsContext:
         ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
         try:
             ctx.use_certificate_chain_file(str(self.config.cert_file))
-            ctx.use_privatekey_file(str(self.config.key_file))
+            ctx.use_privatekey(self._private_key())
             ctx.check_privatekey()
             ctx.load_verify_locations(str(self.config.ca_file))
         except (SSL.Error, OSError) as exc:
@@ -78,6 +80,19 @@ class TlsContext:
         else:
             ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
         return ctx
+
+    def _private_key(self) -> Any:
+        # Loaded here rather than by OpenSSL, which would prompt on the terminal for an
+        # encrypted key's passphrase.
+        path = self.config.key_file
+        data = path.read_bytes()
+        passphrase = self.config.key_passphrase if key_is_encrypted(data) else None
+        try:
+            return serialization.load_pem_private_key(data, password=passphrase)
+        except TypeError:
+            raise TlsConfigError(f"{path} is encrypted and no passphrase was given") from None
+        except ValueError as exc:
+            raise TlsConfigError(f"cannot load private key {path}: {exc}") from None
 
     def _load_crl(self, ctx: SSL.Context, path: Path) -> None:
         try:
@@ -101,6 +116,11 @@ class TlsContext:
             if proto in offered:
                 return proto
         return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def key_is_encrypted(pem: bytes) -> bool:
+    """Whether a PEM private key is encrypted (PKCS#8 or OpenSSL's legacy headers)."""
+    return b"ENCRYPTED" in pem
 
 
 def _groups(post_quantum: bool) -> tuple[str, ...]:
