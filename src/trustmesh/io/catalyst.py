@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9179  # BGP's 179, in the unprivileged range
 DEFAULT_CONNECT_TIMEOUT = 30.0
+COLLISION = (m.CEASE, m.CEASE_COLLISION)
 
 EventListener = Callable[["Session", Event], None]
 
@@ -356,21 +357,17 @@ class CatalystNode:
         (or wait for the session to end), and redial after 1 s, 2 s, 4 s ... up to 60 s
         (``backoff``); a session that reached Established resets the delay.
 
-        A session that loses a collision (6/7) is not redialled while the session that
-        won is alive: the peer's own connection already serves. ``on_failure(error,
+        After a session loses a collision (6/7), the redial also waits for the session
+        that won to end: the peer's own connection already serves. ``on_failure(error,
         delay)`` hears about each failed attempt before the wait.
         """
         delays = backoff if backoff is not None else Backoff()
         while True:
             try:
                 session = await self.connect(host, port, listener=listener)
-            except (PeeringFailed, OSError, TimeoutError) as exc:
-                if isinstance(exc, PeeringFailed) and exc.notification == (
-                    m.CEASE,
-                    m.CEASE_COLLISION,
-                ):
+            except (PeeringFailed, OSError) as exc:
+                if isinstance(exc, PeeringFailed) and exc.notification == COLLISION:
                     await self._wait_released(exc.peer_id)
-                    continue
                 delay = delays.next_delay()
                 if on_failure is not None:
                     on_failure(exc, delay)
@@ -384,12 +381,8 @@ class CatalystNode:
                 closed = await session.wait_closed()
             finally:
                 session.cease("stopped redialling")  # cancelled: still say goodbye
-            collided = any(
-                (n.code, n.subcode) == (m.CEASE, m.CEASE_COLLISION) for n in session.notifications
-            )
-            if collided:
+            if any((n.code, n.subcode) == COLLISION for n in session.notifications):
                 await self._wait_released(session.peer_id)
-                continue
             log.info("session to %s:%s ended (%s); redialling", host, port, closed.reason)
             await asyncio.sleep(delays.next_delay())
 
