@@ -45,7 +45,7 @@ async def closed(driver: StreamDriver[ToyCore]) -> ConnectionClosed:
 async def tcp_server() -> AsyncIterator[Callable[..., Awaitable[int]]]:
     servers: list[StreamServer[ToyCore]] = []
 
-    async def start(factory: Callable[[], ToyCore], handler: Handler, **options: int) -> int:
+    async def start(factory: Callable[[], ToyCore], handler: Handler, **options: Any) -> int:
         server = await serve_stream(factory, handler, "127.0.0.1", 0, **options)
         servers.append(server)
         return server.port
