@@ -297,3 +297,16 @@ def test_decode_raises_only_message_errors(data: bytes) -> None:
 def test_decode_refuses_schema_breaks(payload: bytes) -> None:
     with pytest.raises(MessageError):
         m.decode(payload)
+
+
+def test_psk_proof_to_a_node_without_secrets_is_ignored() -> None:
+    """It cannot be checked, and nothing relies on it: the session goes on."""
+    a_cfg = CatalystConfig(65001, "node-a", psk_secrets=SECRETS, psk_key_id="k1")
+    a, b = pair(a_cfg, B)
+    _, b_events = establish(a, b)
+    assert SessionEstablished("node-a", 65001, 180) in b_events
+
+
+def test_requiring_a_psk_needs_a_secret() -> None:
+    with pytest.raises(ValueError, match="require_psk"):
+        CatalystConfig(65002, "node-b", require_psk=True)

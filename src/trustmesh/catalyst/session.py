@@ -84,6 +84,8 @@ class CatalystConfig:
             raise ValueError("my_asn must be in 1..4294967295")
         if self.psk_key_id is not None and self.psk_key_id not in self.psk_secrets:
             raise ValueError(f"no secret for PSK key id {self.psk_key_id!r}")
+        if self.require_psk and not self.psk_secrets:
+            raise ValueError("require_psk needs at least one PSK secret")
 
 
 class State(enum.Enum):
@@ -335,12 +337,18 @@ class CatalystSession:
         return verify_detached(peer.jws, payload, peer.jwks)
 
     def _check_psk(self, peer: m.Open, binding: TlsBinding) -> str | None:
-        """Verify the OPEN's PSK proof, if any; return the key id it proved."""
+        """Verify the OPEN's PSK proof, if any; return the key id it proved.
+
+        A node that holds no secrets cannot check a proof and relies on none: it ignores
+        it (the policy sees no PSK). A node that holds secrets refuses an unknown key id.
+        """
         if peer.psk is None:
             if self.config.require_psk:
                 raise CatalystError(
                     "a PSK proof is required", code=m.OPEN_MESSAGE_ERROR, subcode=m.PSK_REQUIRED
                 )
+            return None
+        if not self.config.psk_secrets:
             return None
         secret = self.config.psk_secrets.get(peer.psk)
         if secret is None:

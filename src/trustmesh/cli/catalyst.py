@@ -127,7 +127,8 @@ def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
             type=PskSpec(),
             multiple=True,
             help="A pre-shared secret (at least 16 bytes, a trailing newline ignored) and its "
-            "key id. Peers must then prove one; we prove the first.",
+            "key id; repeat for more. listen: peers must prove one of them. connect: we "
+            "prove the first.",
         ),
         click.option(
             "--jwks-key",
@@ -156,7 +157,10 @@ def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _build_node(options: dict[str, Any]) -> CatalystNode:
+def _build_node(options: dict[str, Any], *, dialer: bool) -> CatalystNode:
+    """The node the options describe. PSKs work as in the spec's flow: the dialer proves
+    its first key and the listener requires a proof (unless --psk-optional), so a refusal
+    always comes from the listener, never from both sides at once."""
     psks: tuple[tuple[str, bytes], ...] = options["psk"]
     hold_time: int = options["hold_time"]
     if hold_time in (1, 2):
@@ -181,8 +185,8 @@ def _build_node(options: dict[str, Any]) -> CatalystNode:
         hold_time=hold_time,
         permitted=tuple(options["allow"]),
         psk_secrets=dict(psks),
-        psk_key_id=psks[0][0] if psks else None,
-        require_psk=bool(psks),
+        psk_key_id=psks[0][0] if psks and dialer else None,
+        require_psk=bool(psks) and not dialer and not options.get("psk_optional", False),
         jws_key=jws_key,
         require_jws=options["require_jws"],
         policy=policy,
@@ -311,10 +315,18 @@ def catalyst() -> None:
     type=click.IntRange(0, 65535),
     help="Port to listen on (0: any free port, printed in the listening event).",
 )
-def listen(host: str, port: int, **options: Any) -> None:
+@click.option(
+    "--psk-optional",
+    is_flag=True,
+    help="Check the PSK proof of peers that send one, but let peers without one in (for a "
+    "--policy that decides with context.psk).",
+)
+def listen(host: str, port: int, psk_optional: bool, **options: Any) -> None:
     """Accept peers until interrupted; SIGINT or SIGTERM ceases every session (6/2) and
     prints a last "stopped" event with the node's counters."""
-    node = _build_node(options)
+    if psk_optional and not options["psk"]:
+        raise click.UsageError("--psk-optional needs at least one --psk")
+    node = _build_node({**options, "psk_optional": psk_optional}, dialer=False)
     asyncio.run(_listen(node, host, port))
 
 
@@ -379,7 +391,7 @@ def connect(
     """
     if once and reconnect:
         raise click.UsageError("--once and --reconnect exclude each other")
-    node = _build_node(options)
+    node = _build_node(options, dialer=True)
     if reconnect:
         return asyncio.run(_maintain(node, address))
     return asyncio.run(_connect(node, address, once, timeout))
@@ -394,9 +406,26 @@ async def _connect(node: CatalystNode, address: tuple[str, int], once: bool, wit
         reported = reported or isinstance(event, ConnectionClosed)
         _print_event(session, event)
 
+    stop = _stop_on_signals()  # before dialling: a signal must never find asyncio's default
+    stopping = asyncio.ensure_future(stop.wait())
+    connecting = asyncio.ensure_future(
+        node.connect(host, port, connect_timeout=within, listener=listener)
+    )
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not connecting.done():
+        connecting.cancel()  # aborts the half-made session
+        with contextlib.suppress(asyncio.CancelledError, PeeringFailed, OSError):
+            await connecting
+        if not reported:
+            emit(
+                {"event": "closed", "peer_id": None, "reason": "interrupted", "error": True},
+                as_json=True,
+            )
+        return 1
     try:
-        session = await node.connect(host, port, connect_timeout=within, listener=listener)
+        session = connecting.result()
     except (PeeringFailed, OSError) as exc:
+        stopping.cancel()
         if not reported:
             reason = str(exc)
             if isinstance(exc, OSError):
@@ -406,10 +435,9 @@ async def _connect(node: CatalystNode, address: tuple[str, int], once: bool, wit
             )
         return 1
     if once:
+        stopping.cancel()
         await session.close("--once: established")
         return 0
-    stop = _stop_on_signals()
-    stopping = asyncio.ensure_future(stop.wait())
     ended = asyncio.ensure_future(session.wait_closed())
     await asyncio.wait({stopping, ended}, return_when=asyncio.FIRST_COMPLETED)
     if ended.done():
