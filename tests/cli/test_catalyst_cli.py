@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -718,3 +719,16 @@ def test_help_names_the_events() -> None:
     group = run("catalyst", "--help")
     for event in ("listening", "established", "notification", "closed"):
         assert event in group.stdout
+
+
+def test_reconnect_backs_off_from_one_second_until_interrupted(
+    processes: Processes, pki: Pki
+) -> None:
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    connector = processes.connector(address, pki.a, "--reconnect")
+    [retry] = [e for e in connector.until(lambda e: e["event"] == "retry")]
+    assert 1.0 <= retry["delay_s"] <= 1.2
+    assert retry["reason"].startswith(f"cannot connect to {address}")
+    assert connector.interrupt() == 0

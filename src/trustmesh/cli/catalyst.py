@@ -322,8 +322,10 @@ def catalyst() -> None:
     "--policy that decides with context.psk).",
 )
 def listen(host: str, port: int, psk_optional: bool, **options: Any) -> None:
-    """Accept peers until interrupted; SIGINT or SIGTERM ceases every session (6/2) and
-    prints a last "stopped" event with the node's counters."""
+    """Accept peers until interrupted.
+
+    SIGINT or SIGTERM ceases every session (6/2), prints a last "stopped" event with the
+    node's counters, and exits 0."""
     if psk_optional and not options["psk"]:
         raise click.UsageError("--psk-optional needs at least one --psk")
     node = _build_node({**options, "psk_optional": psk_optional}, dialer=False)
@@ -451,10 +453,10 @@ async def _maintain(node: CatalystNode, address: tuple[str, int]) -> int:
     host, port = address
 
     def failed(exc: BaseException, delay: float) -> None:
-        emit(
-            {"event": "retry", "reason": str(exc), "delay_s": round(delay, 3)},
-            as_json=True,
-        )
+        reason = str(exc)
+        if isinstance(exc, OSError):
+            reason = f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+        emit({"event": "retry", "reason": reason, "delay_s": round(delay, 3)}, as_json=True)
 
     stop = _stop_on_signals()
     keeper = asyncio.ensure_future(
