@@ -31,7 +31,7 @@ from trustmesh.botd.errors import HandshakeFailed
 from trustmesh.botd.replay import ReplayCache
 from trustmesh.crypto.keys import PublicKey
 from trustmesh.errors import ConnectionClosedError
-from trustmesh.io.stream import StreamDriver, StreamServer, open_stream, serve_stream
+from trustmesh.io.stream import ServerHandle, StreamDriver, open_stream, serve_stream
 from trustmesh.keystore.signer import Signer
 from trustmesh.sansio import ConnectionClosed
 
@@ -233,33 +233,9 @@ def connect(
     return _Connecting(open_channel)
 
 
-class BotdServer:
+class BotdServer(ServerHandle[BotdConnection]):
     """A listening BOTD #2 node. Each peer that completes the handshake gets its own
     handler task with an established :class:`Channel`."""
-
-    def __init__(self, server: StreamServer[BotdConnection]) -> None:
-        self._server = server
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    @property
-    def connections(self) -> int:
-        return len(self._server.connections)
-
-    def close(self, reason: str = "server shutting down") -> None:
-        self._server.close(reason)
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
-
-    async def __aenter__(self) -> BotdServer:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-        await self.wait_closed()
 
 
 async def serve(

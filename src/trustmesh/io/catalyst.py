@@ -34,7 +34,7 @@ from trustmesh.catalyst.session import (
     SessionEstablished,
     State,
 )
-from trustmesh.io.stream import StreamDriver, StreamServer, serve_stream
+from trustmesh.io.stream import ServerHandle, StreamDriver, serve_stream
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsConfig, TlsContext, TlsEstablished, TlsStream
 from trustmesh.tls.stream import DEFAULT_HANDSHAKE_TIMEOUT
@@ -209,29 +209,9 @@ class Session:
         self._established.exception()  # retrieved: nobody may be waiting
 
 
-class CatalystServer:
+class CatalystServer(ServerHandle[TlsStream]):
     """A listening node: each connection runs ``handler(session)`` from the moment TLS
     is up; the session closes when the handler returns."""
-
-    def __init__(self, server: StreamServer[TlsStream]) -> None:
-        self._server = server
-
-    @property
-    def port(self) -> int:
-        return self._server.port
-
-    def close(self, reason: str = "server shutting down") -> None:
-        self._server.close(reason)
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_closed()
-
-    async def __aenter__(self) -> CatalystServer:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-        await self.wait_closed()
 
 
 class CatalystNode:

@@ -14,7 +14,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 from trustmesh.errors import ConnectionClosedError, ProtocolError
 from trustmesh.sansio import ConnectionClosed, Event, StreamCore
@@ -384,6 +384,35 @@ class StreamServer(Generic[CoreT]):
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def __aenter__(self) -> StreamServer[CoreT]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+class ServerHandle(Generic[CoreT]):
+    """Base of the servers a protocol's io module hands out: a :class:`StreamServer`
+    seen as its port, its close and an async context."""
+
+    def __init__(self, server: StreamServer[CoreT]) -> None:
+        self._server = server
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def connections(self) -> int:
+        return len(self._server.connections)
+
+    def close(self, reason: str = "server shutting down") -> None:
+        self._server.close(reason)
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
+
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
