@@ -1,0 +1,329 @@
+"""The mesh CA: a root that only signs the issuing CA, and an issuing CA that signs node
+certificates and CRLs (docs/protocols/pki.md).
+
+A CA lives in one directory::
+
+    ca.crt       the root certificate, distributed to every node
+    root.key     the root key (encrypted PKCS#8, mode 0600)
+    issuing.crt  the issuing CA's certificate
+    issuing.key  its key (encrypted PKCS#8, mode 0600)
+    chain.pem    issuing.crt then ca.crt: what a node is handed with its certificate
+    ca.db        every certificate issued and every revocation (SQLite)
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.keystore.filestore import load_key_file, save_key_file
+from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
+from trustmesh.pki.store import CaStore
+
+ROOT_VALIDITY = timedelta(days=3650)
+ISSUING_VALIDITY = timedelta(days=730)
+DEFAULT_NODE_VALIDITY = timedelta(hours=72)
+MIN_NODE_VALIDITY = timedelta(hours=1)
+MAX_NODE_VALIDITY = timedelta(days=7)
+CRL_VALIDITY = timedelta(hours=24)
+BACKDATE = timedelta(minutes=5)  # tolerate clocks a little behind ours
+EXPIRY_WARNING = timedelta(days=30)  # warn when a CA certificate has less left than this
+MIN_RSA_BITS = 2048
+ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
+
+# A node_id is a DNS name (lowercase labels of letters, digits and hyphens), so that it
+# can be both the CN and a DNS SAN, and so that Catalyst's bgpIdentifier check matches.
+NODE_ID = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z"
+)
+
+REASONS = {
+    flag.value: flag for flag in x509.ReasonFlags if flag is not x509.ReasonFlags.remove_from_crl
+}
+
+
+def check_node_id(node_id: str) -> str:
+    if not NODE_ID.match(node_id):
+        raise PkiError(
+            f"node_id {node_id!r} is not a DNS name (lowercase letters, digits, hyphens and dots)"
+        )
+    return node_id
+
+
+def random_serial() -> int:
+    """A random positive 128-bit serial (its top bit clear, so DER needs no sign byte)."""
+    return secrets.randbits(127) | 1
+
+
+class CertificateAuthority:
+    """The CA in ``directory``, with its keys unlocked by ``passphrase``."""
+
+    def __init__(self, directory: Path, passphrase: bytes | None) -> None:
+        self.directory = directory
+        try:
+            self.root_cert = _load_cert(directory / "ca.crt")
+            self.issuing_cert = _load_cert(directory / "issuing.crt")
+        except OSError as exc:
+            raise PkiError(f"{directory} is not a CA directory: {exc.strerror}") from None
+        self._issuing_key = load_key_file(directory / "issuing.key", passphrase).to_cryptography()
+        self.store = CaStore(directory / "ca.db")
+
+    @classmethod
+    def init(
+        cls,
+        directory: Path,
+        passphrase: bytes | None,
+        *,
+        name: str = "trustmesh mesh CA",
+        now: datetime | None = None,
+    ) -> CertificateAuthority:
+        """Create a root and an issuing CA (P-256) in ``directory``, which must hold no CA."""
+        now = now or datetime.now(UTC)
+        directory.mkdir(parents=True, exist_ok=True)
+        if (directory / "ca.crt").exists() or (directory / "root.key").exists():
+            raise PkiError(f"{directory} already holds a CA; refusing to overwrite it")
+        root_key = PrivateKey.generate(KeyKind.P256)
+        issuing_key = PrivateKey.generate(KeyKind.P256)
+        root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
+        issuing_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} issuing")])
+        root_crypto = root_key.to_cryptography()
+        issuing_crypto = issuing_key.to_cryptography()
+        root = _ca_certificate(
+            root_name, root_name, root_crypto, root_crypto, now, ROOT_VALIDITY, None
+        )
+        issuing = _ca_certificate(
+            issuing_name, root_name, issuing_crypto, root_crypto, now, ISSUING_VALIDITY, 0
+        )
+        save_key_file(root_key, directory / "root.key", passphrase)
+        save_key_file(issuing_key, directory / "issuing.key", passphrase)
+        _write_pem(directory / "ca.crt", [root])
+        _write_pem(directory / "issuing.crt", [issuing])
+        _write_pem(directory / "chain.pem", [issuing, root])
+        return cls(directory, passphrase)
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def chain_pem(self) -> str:
+        return (self.directory / "chain.pem").read_text()
+
+    # --- issuing ------------------------------------------------------------------------
+
+    def issue(
+        self,
+        csr: x509.CertificateSigningRequest,
+        node_id: str,
+        *,
+        validity: timedelta = DEFAULT_NODE_VALIDITY,
+        now: datetime | None = None,
+    ) -> x509.Certificate:
+        """A node certificate for the key in ``csr``, which must name ``node_id``."""
+        now = now or datetime.now(UTC)
+        check_node_id(node_id)
+        check_csr(csr, node_id)
+        if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
+            raise PkiError("a node certificate is valid for 1 hour to 7 days")
+        not_after = min(now + validity, self.issuing_cert.not_valid_after_utc)
+        if not_after <= now + MIN_NODE_VALIDITY:
+            raise PkiError("the issuing CA expires too soon to issue; renew the CA")
+        public_key = csr.public_key()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+            .issuer_name(self.issuing_cert.subject)
+            .public_key(public_key)
+            .serial_number(random_serial())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(ca=False), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(_aki(self.issuing_cert), critical=False)
+        )
+        cert = builder.sign(self._issuing_key, hashes.SHA256())
+        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+        self.store.add(cert.serial_number, node_id, now - BACKDATE, not_after, pem)
+        return cert
+
+    # --- revocation ---------------------------------------------------------------------
+
+    def revoke(
+        self,
+        *,
+        serial: int | None = None,
+        node_id: str | None = None,
+        reason: str = "unspecified",
+        now: datetime | None = None,
+    ) -> list[int]:
+        """Revoke one certificate by serial, or every certificate of ``node_id``; return the
+        serials newly revoked. Revoking again is not an error (nothing is lost twice)."""
+        if (serial is None) == (node_id is None):
+            raise PkiError("revoke by serial or by node_id (one of them)")
+        if reason not in REASONS:
+            raise PkiError(f"unknown revocation reason {reason!r}; one of {', '.join(REASONS)}")
+        if serial is not None:
+            found = self.store.get(serial)
+            if found is None:
+                raise UnknownCertificate(f"no certificate with serial {serial:x}")
+            serials = [serial]
+        else:
+            assert node_id is not None
+            issued = self.store.by_node(node_id)
+            if not issued:
+                raise UnknownCertificate(f"no certificate was issued to {node_id!r}")
+            serials = [c.serial for c in issued]
+        return self.store.revoke(serials, now or datetime.now(UTC), reason)
+
+    def crl(self, *, now: datetime | None = None) -> x509.CertificateRevocationList:
+        """A CRL of every revoked certificate, signed by the issuing CA, valid for a day."""
+        now = now or datetime.now(UTC)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.issuing_cert.subject)
+            .last_update(now)
+            .next_update(now + CRL_VALIDITY)
+            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+            .add_extension(_aki(self.issuing_cert), critical=False)
+        )
+        for entry in self.store.revoked():
+            assert entry.revoked_at is not None
+            revoked = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(entry.serial)
+                .revocation_date(entry.revoked_at)
+            )
+            if entry.reason and entry.reason != "unspecified":
+                revoked = revoked.add_extension(
+                    x509.CRLReason(REASONS[entry.reason]), critical=False
+                )
+            builder = builder.add_revoked_certificate(revoked.build())
+        return builder.sign(self._issuing_key, hashes.SHA256())
+
+    # --- health -------------------------------------------------------------------------
+
+    def expiry_warnings(self, *, now: datetime | None = None) -> list[str]:
+        """A line for each CA certificate with less than 30 days left (or expired)."""
+        now = now or datetime.now(UTC)
+        warnings = []
+        for label, cert in (("root", self.root_cert), ("issuing", self.issuing_cert)):
+            end = cert.not_valid_after_utc
+            left = end - now
+            if left <= timedelta(0):
+                warnings.append(f"the {label} CA certificate EXPIRED on {end:%Y-%m-%d %H:%M} UTC")
+            elif left < EXPIRY_WARNING:
+                warnings.append(
+                    f"the {label} CA certificate expires in {left.days} days "
+                    f"({end:%Y-%m-%d %H:%M} UTC); renew it now"
+                )
+        return warnings
+
+
+def check_csr(csr: x509.CertificateSigningRequest, node_id: str) -> None:
+    """A CSR is acceptable when its self-signature verifies, its key is P-256, P-384,
+    Ed25519 or RSA of at least 2048 bits, and it names ``node_id`` (CN or DNS SAN)."""
+    if not csr.is_signature_valid:
+        raise CsrRejected("the CSR's self-signature does not verify")
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ALLOWED_CURVES):
+            raise CsrRejected(f"EC curve {key.curve.name} is not allowed (P-256 or P-384)")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise CsrRejected(f"RSA keys need at least {MIN_RSA_BITS} bits, not {key.key_size}")
+    elif not isinstance(key, ed25519.Ed25519PublicKey):
+        raise CsrRejected(f"key type {type(key).__name__} is not allowed")
+    names = {str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names.update(san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        pass
+    if node_id not in names:
+        raise CsrRejected(f"the CSR does not name node_id {node_id!r} (its CN or a DNS SAN)")
+
+
+def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
+    """A CSR in PEM or DER; :class:`CsrRejected` when it does not parse."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        if raw.lstrip().startswith(b"-----"):
+            return x509.load_pem_x509_csr(raw)
+        return x509.load_der_x509_csr(raw)
+    except ValueError as exc:
+        raise CsrRejected(f"not a CSR in PEM or DER: {exc}") from None
+
+
+def _ca_certificate(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    signer: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    now: datetime,
+    validity: timedelta,
+    path_length: int | None,
+) -> x509.Certificate:
+    public = key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public)
+        .serial_number(random_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+    )
+    if signer is not key:
+        issuer_ski = x509.SubjectKeyIdentifier.from_public_key(signer.public_key())
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
+            critical=False,
+        )
+    return builder.sign(
+        signer, hashes.SHA256() if isinstance(signer, ec.EllipticCurvePrivateKey) else None
+    )
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _write_pem(path: Path, certs: list[x509.Certificate]) -> None:
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
