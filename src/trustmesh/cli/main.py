@@ -15,6 +15,7 @@ import click
 
 from trustmesh import __version__
 from trustmesh.cli.botd import botd
+from trustmesh.cli.ca import ca
 from trustmesh.cli.catalyst import catalyst
 from trustmesh.cli.demo import demo
 from trustmesh.cli.keys import keys
@@ -52,6 +53,7 @@ def cli(debug: bool) -> None:
 cli.add_command(keys)
 cli.add_command(botd)
 cli.add_command(catalyst)
+cli.add_command(ca)
 cli.add_command(demo)
 
 
