@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,24 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clitools import TRUSTMESH, clean_env
 
 WAIT = 15.0  # upper bound on any one process or line; each takes well under a second
-
-
-def _executable() -> str:
-    beside = Path(sys.executable).parent / "trustmesh"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("trustmesh")
-    assert found is not None, "the trustmesh console script is not installed"
-    return found
-
-
-TRUSTMESH = _executable()
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TRUSTMESH_")}
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -47,7 +29,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
         text=True,
         timeout=WAIT,
         check=False,
-        env=_env(),
+        env=clean_env(),
     )
 
 
@@ -150,7 +132,7 @@ def listen(identities: dict[str, Identity], tmp_path: Path) -> Iterator[Callable
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
-                env=_env(),
+                env=clean_env(),
             )
         procs.append(proc)
         return Listener(proc)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+from clitools import TRUSTMESH, clean_env
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -16,11 +15,10 @@ from cryptography.x509.oid import NameOID
 from trustmesh.pki.ca import CertificateAuthority
 
 PASS = "ca passphrase for tests"
-TRUSTMESH = str(Path(sys.executable).parent / "trustmesh")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TRUSTMESH_PASSPHRASE": PASS}
+    env = clean_env(TRUSTMESH_PASSPHRASE=PASS)
     return subprocess.run(
         [TRUSTMESH, *args], capture_output=True, text=True, timeout=60, env=env, check=False
     )
@@ -86,7 +84,7 @@ def test_errors_and_usage(tmp_path: Path) -> None:
     assert (
         run("ca", "revoke", "--dir", str(d), "--node-id", "n", "--reason", "bored").returncode == 2
     )
-    env = {**os.environ, "TRUSTMESH_PASSPHRASE": "wrong"}
+    env = clean_env(TRUSTMESH_PASSPHRASE="wrong")
     wrong = subprocess.run(
         [TRUSTMESH, "ca", "list", "--dir", str(d)],
         capture_output=True,

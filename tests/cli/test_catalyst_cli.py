@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clitools import TRUSTMESH, clean_env
 
 # Fails, never skips, without openssl. The module-scoped pki fixture repeats the check, so
 # that a missing openssl is the same plain failure whichever fixture is set up first.
@@ -34,22 +34,6 @@ WAIT = 15.0  # upper bound on any one process or line; each takes well under a s
 Event = dict[str, Any]
 
 
-def _executable() -> str:
-    beside = Path(sys.executable).parent / "trustmesh"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("trustmesh")
-    assert found is not None, "the trustmesh console script is not installed"
-    return found
-
-
-TRUSTMESH = _executable()
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TRUSTMESH_")}
-
-
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [TRUSTMESH, *args],
@@ -58,7 +42,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=WAIT,
         check=False,
-        env=_env(),
+        env=clean_env(),
     )
 
 
@@ -346,7 +330,7 @@ class Processes:
                 stdout=subprocess.PIPE,
                 stderr=stderr,
                 text=True,
-                env=_env(),
+                env=clean_env(),
             )
         self._procs.append(proc)
         return proc, stderr_path

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
+from clitools import TRUSTMESH, clean_env
 
 import trustmesh
 import trustmesh.cli.main as cli_main
@@ -379,31 +377,15 @@ def test_demo_keep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 # --- as a real process -----------------------------------------------------------------------
 
 
-def _executable() -> str:
-    beside = Path(sys.executable).parent / "trustmesh"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("trustmesh")
-    # `pip install -e .[test]` always installs the script; its absence is a setup bug.
-    assert found is not None, "the trustmesh console script is not installed"
-    return found
-
-
-def _subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRUSTMESH_")}
-    env.update(extra)
-    return env
-
-
 def _run_process(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     """Run the installed ``trustmesh`` with ``args``, no stdin, and only ``env`` set."""
     return subprocess.run(
-        [_executable(), *args],
+        [TRUSTMESH, *args],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
-        env=_subprocess_env(**env),
+        env=clean_env(**env),
         stdin=subprocess.DEVNULL,
     )
 
