@@ -68,12 +68,12 @@ class CedarPolicy:
     """
 
     def __init__(self, text: str, *, source: str = "policy") -> None:
-        result = cedarpy.validate_policies(text, CEDAR_SCHEMA)
+        self._schema = cedarpy.Schema.from_str(CEDAR_SCHEMA)
+        result = cedarpy.validate_policies(text, self._schema)
         if not result.validation_passed:
             problems = "; ".join(str(e) for e in result.errors) or "invalid policy"
             raise ValueError(f"{source}: {problems}")
         self._policies = cedarpy.PolicySet.from_str(text)
-        self._schema = cedarpy.Schema.from_str(CEDAR_SCHEMA)
 
     @classmethod
     def from_file(cls, path: Path) -> CedarPolicy:

@@ -421,14 +421,17 @@ class CatalystSession:
 
 def jws_payload(message: m.Open, binding: TlsBinding, *, sender_is_initiator: bool) -> bytes:
     """What an OPEN's detached JWS signs: the canonical OPEN, then the exporter."""
-    context = b"initiator" if sender_is_initiator else b"responder"
-    return message.canonical() + binding.exporter(JWS_EXPORTER_LABEL, context)
+    return message.canonical() + binding.exporter(JWS_EXPORTER_LABEL, _role(sender_is_initiator))
 
 
 def psk_proof(secret: bytes, binding: TlsBinding, *, sender_is_initiator: bool) -> str:
     """base64url(HMAC-SHA256(secret, exporter)), the exporter's context naming the
     sender's role so that a proof cannot be reflected back to its sender."""
-    context = b"initiator" if sender_is_initiator else b"responder"
-    exported = binding.exporter(PSK_EXPORTER_LABEL, context)
+    exported = binding.exporter(PSK_EXPORTER_LABEL, _role(sender_is_initiator))
     mac = hmac.new(secret, exported, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def _role(sender_is_initiator: bool) -> bytes:
+    """The exporter context of a proof: the role of the OPEN's sender."""
+    return b"initiator" if sender_is_initiator else b"responder"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography import x509
 
 from trustmesh.catalyst import messages as m
 from trustmesh.catalyst.errors import PeeringFailed
@@ -204,8 +205,6 @@ def _build_node(options: dict[str, Any], *, dialer: bool) -> CatalystNode:
 
 
 def _warn_if_not_ours(cert_file: Path, identifier: str) -> None:
-    from cryptography import x509
-
     try:
         names = certificate_names(x509.load_pem_x509_certificate(cert_file.read_bytes()))
     except ValueError:

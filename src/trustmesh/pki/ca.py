@@ -27,6 +27,7 @@ from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import load_key_file, save_key_file
 from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
 from trustmesh.pki.store import CaStore
+from trustmesh.tls.stream import certificate_names
 
 ROOT_VALIDITY = timedelta(days=3650)
 ISSUING_VALIDITY = timedelta(days=730)
@@ -248,13 +249,7 @@ def check_csr(csr: x509.CertificateSigningRequest, node_id: str) -> None:
             raise CsrRejected(f"RSA keys need at least {MIN_RSA_BITS} bits, not {key.key_size}")
     elif not isinstance(key, ed25519.Ed25519PublicKey):
         raise CsrRejected(f"key type {type(key).__name__} is not allowed")
-    names = {str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
-    try:
-        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names.update(san.get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        pass
-    if node_id not in names:
+    if node_id not in certificate_names(csr, uris=False):
         raise CsrRejected(f"the CSR does not name node_id {node_id!r} (its CN or a DNS SAN)")
 
 

@@ -272,15 +272,19 @@ class TlsStream:
                 return b"".join(chunks)
 
 
-def certificate_names(cert: x509.Certificate) -> frozenset[str]:
-    """A certificate's subject common names plus its DNS-name and URI SANs."""
+def certificate_names(
+    cert: x509.Certificate | x509.CertificateSigningRequest, *, uris: bool = True
+) -> frozenset[str]:
+    """A certificate's (or CSR's) subject common names plus its DNS-name SANs, and its URI
+    SANs unless ``uris`` is false."""
     names = {str(attr.value) for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return frozenset(names)
     names.update(san.get_values_for_type(x509.DNSName))
-    names.update(san.get_values_for_type(x509.UniformResourceIdentifier))
+    if uris:
+        names.update(san.get_values_for_type(x509.UniformResourceIdentifier))
     return frozenset(names)
 
 
