@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
+from cryptography.hazmat.primitives import serialization
 
+from trustmesh.api.ca_server import DEFAULT_BURST, DEFAULT_RATE, CaServer
+from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.cli.output import emit
-from trustmesh.keystore.filestore import passphrase_from_env_or_tty
-from trustmesh.pki.ca import REASONS, CertificateAuthority
+from trustmesh.cli.params import Duration
+from trustmesh.cli.signals import stop_on_signals
+from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.keystore.filestore import passphrase_from_env_or_tty, save_key_file
+from trustmesh.pki.attestation import AttestationPolicy, installed_verifiers
+from trustmesh.pki.ca import (
+    MAX_NODE_VALIDITY,
+    MIN_NODE_VALIDITY,
+    REASONS,
+    CertificateAuthority,
+)
+from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 
 DIR_OPTION = click.option(
     "--dir",
@@ -20,8 +35,10 @@ DIR_OPTION = click.option(
 )
 
 
-def _open(directory: Path) -> CertificateAuthority:
-    ca = CertificateAuthority(directory, passphrase_from_env_or_tty(directory, confirm=False))
+def _open(directory: Path, passphrase: bytes | None = None) -> CertificateAuthority:
+    if passphrase is None:
+        passphrase = passphrase_from_env_or_tty(directory, confirm=False)
+    ca = CertificateAuthority(directory, passphrase)
     for warning in ca.expiry_warnings():  # loudly, on every command
         click.echo(f"trustmesh: WARNING: {warning}", err=True)
     return ca
@@ -113,3 +130,285 @@ def revoke(
         emit({"revoked": [format(s, "x") for s in revoked], "reason": reason}, as_json=as_json)
     finally:
         authority.close()
+
+
+@ca.group()
+def token() -> None:
+    """Enrollment tokens: single-use, short-lived, bound to one node_id."""
+
+
+@token.command(name="create")
+@DIR_OPTION
+@click.option("--node-id", required=True, help="The node this token may enroll (a DNS name).")
+@click.option(
+    "--ttl",
+    type=Duration(),
+    default="1h",
+    show_default=True,
+    help="How long the token stays usable (1m to 30d).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def token_create(directory: Path, node_id: str, ttl: timedelta, as_json: bool) -> None:
+    """Make an enrollment token and print it (only its hash is kept).
+
+    Hand it to the node over a safe channel; `trustmesh enroll --token` spends it.
+    """
+    authority = _open(directory)
+    try:
+        now = datetime.now(UTC)
+        secret = authority.create_token(node_id, ttl=ttl, now=now)
+        data = {"token": secret, "node_id": node_id, "expires_at": (now + ttl).isoformat()}
+        emit(data, as_json=as_json, human=secret)
+    finally:
+        authority.close()
+
+
+@ca.group(name="admin-token")
+def admin_token() -> None:
+    """Bearer tokens for the admin API (POST /v1/revoke)."""
+
+
+@admin_token.command(name="create")
+@DIR_OPTION
+@click.option("--label", default="admin", show_default=True, help="Who holds it (audit log).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def admin_token_create(directory: Path, label: str, as_json: bool) -> None:
+    """Make an admin bearer token and print it (only its hash is kept).
+
+    Use it as `Authorization: Bearer TOKEN` on POST /v1/revoke.
+    """
+    authority = _open(directory)
+    try:
+        secret = authority.create_admin_token(label)
+        emit({"token": secret, "label": label}, as_json=as_json, human=secret)
+    finally:
+        authority.close()
+
+
+@ca.command(name="admin-cert")
+@DIR_OPTION
+@click.option("--name", required=True, help="The administrator's name (a DNS-style label).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where to write admin.key, admin.crt and ca.crt.",
+)
+@click.option("--no-encrypt", is_flag=True, help="Leave admin.key unencrypted.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def admin_cert(directory: Path, name: str, out: Path, no_encrypt: bool, as_json: bool) -> None:
+    """Issue an admin client certificate (90 days) for the admin API.
+
+    The key is made here and encrypted with $TRUSTMESH_PASSPHRASE unless --no-encrypt.
+    Use it as `curl --cert admin.crt --key admin.key`.
+    """
+    authority = _open(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = PrivateKey.generate(KeyKind.P256)
+        cert = authority.issue_admin(name, key.to_cryptography().public_key())
+        passphrase = None if no_encrypt else passphrase_from_env_or_tty(out, confirm=True)
+        save_key_file(key, out / "admin.key", passphrase)
+        chain = [cert, authority.issuing_cert]
+        (out / "admin.crt").write_bytes(
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+        )
+        (out / "ca.crt").write_bytes(authority.root_cert.public_bytes(serialization.Encoding.PEM))
+        data = {
+            "name": name,
+            "serial": format(cert.serial_number, "x"),
+            "cert": str(out / "admin.crt"),
+            "key": str(out / "admin.key"),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+        }
+        emit(data, as_json=as_json)
+    finally:
+        authority.close()
+
+
+@ca.command()
+@DIR_OPTION
+@click.option("--pem", is_flag=True, help="PEM instead of DER.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write it here (default: stdout).",
+)
+def crl(directory: Path, pem: bool, out: Path | None) -> None:
+    """Sign the current CRL (valid 24 h), for nodes that cannot reach the API."""
+    authority = _open(directory)
+    try:
+        signed = authority.crl()
+        data = signed.public_bytes(
+            serialization.Encoding.PEM if pem else serialization.Encoding.DER
+        )
+        if out is None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            out.write_bytes(data)
+    finally:
+        authority.close()
+
+
+@ca.command()
+@DIR_OPTION
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per entry.")
+def audit(directory: Path, limit: int, as_json: bool) -> None:
+    """The audit log, newest first: issuance, enrollment, rotation, revocation, tokens."""
+    authority = _open(directory)
+    try:
+        for entry in authority.store.audit(limit):
+            row = {
+                "at": entry.at.isoformat(),
+                "event": entry.event,
+                "node_id": entry.node_id,
+                "serial": entry.serial,
+                "actor": entry.actor,
+                "detail": entry.detail,
+            }
+            human = (
+                f"{row['at']}  {entry.event:<11} {entry.node_id or '-':<24} "
+                f"{entry.serial or '-':<32} {entry.actor or '-'}"
+            )
+            emit(row, as_json=as_json, human=human)
+    finally:
+        authority.close()
+
+
+@ca.command()
+@DIR_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True)
+@click.option(
+    "--allow",
+    "allow",
+    multiple=True,
+    metavar="PATTERN",
+    help="Only node_ids matching one of these shell patterns may enroll (repeatable).",
+)
+@click.option("--max-nodes", type=click.IntRange(1), help="Cap on nodes with a valid certificate.")
+@click.option(
+    "--attestation",
+    type=click.Choice(["none", "required"]),
+    default="none",
+    show_default=True,
+    help="Whether nodes must send an attestation that a verifier plug-in accepts.",
+)
+@click.option(
+    "--validity",
+    type=Duration(),
+    default="72h",
+    show_default=True,
+    help="Node certificate lifetime (1h to 7d).",
+)
+@click.option(
+    "--bootstrap",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A bootstrap peer told to enrolled nodes (repeatable).",
+)
+@click.option("--gossip-fanout", type=click.IntRange(1, 64), default=3, show_default=True)
+@click.option("--crl-url", help="The CRL URL told to nodes (default: this server's /v1/crl).")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.01),
+    default=DEFAULT_RATE,
+    show_default=True,
+    help="Requests per second per client on enroll, rotate and revoke.",
+)
+@click.option("--burst", type=click.IntRange(1), default=DEFAULT_BURST, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
+def serve(
+    directory: Path,
+    host: str,
+    port: int,
+    allow: tuple[str, ...],
+    max_nodes: int | None,
+    attestation: str,
+    validity: timedelta,
+    bootstrap: tuple[str, ...],
+    gossip_fanout: int,
+    crl_url: str | None,
+    rate: float,
+    burst: int,
+    as_json: bool,
+) -> None:
+    """Serve the CA API over HTTPS until SIGINT or SIGTERM.
+
+    \b
+    POST /v1/enroll   token + CSR -> certificate, CA chain, mesh config
+    POST /v1/rotate   mTLS with the current certificate + CSR -> new certificate
+    GET  /v1/crl      the signed CRL (DER; ?format=pem for PEM)
+    POST /v1/revoke   admin: {serial | node_id, reason} -> 204
+    GET  /v1/health   CA state and expiry warnings
+    GET  /v1/openapi.json
+
+    The server's certificate is issued by this CA for --host, so
+    `curl --cacert D/ca.crt https://HOST:PORT/v1/health` verifies.
+    """
+    passphrase = passphrase_from_env_or_tty(directory, confirm=False)
+    authority = _open(directory, passphrase)
+    try:
+        policy = EnrollmentPolicy(
+            allow=allow,
+            max_nodes=max_nodes,
+            attestation=AttestationPolicy(
+                mode="required" if attestation == "required" else "none",
+                verifiers=installed_verifiers(),
+            ),
+            validity=validity,
+        )
+        if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
+            raise click.BadParameter("between 1h and 7d", param_hint="'--validity'")
+        asyncio.run(
+            _serve(
+                authority,
+                passphrase,
+                host,
+                port,
+                policy,
+                bootstrap,
+                gossip_fanout,
+                crl_url,
+                RateLimiter(rate, burst),
+                as_json,
+            )
+        )
+    finally:
+        authority.close()
+
+
+async def _serve(
+    authority: CertificateAuthority,
+    passphrase: bytes | None,
+    host: str,
+    port: int,
+    policy: EnrollmentPolicy,
+    bootstrap: tuple[str, ...],
+    gossip_fanout: int,
+    crl_url: str | None,
+    limiter: RateLimiter,
+    as_json: bool,
+) -> None:
+    stop = stop_on_signals()
+    registrar = Registrar(authority, policy, MeshSettings(bootstrap, gossip_fanout, crl_url))
+    server = CaServer(registrar, passphrase, host, port, limiter=limiter)
+    await server.start()
+    try:
+        if crl_url is None:  # now that the port is known
+            registrar.settings = MeshSettings(bootstrap, gossip_fanout, f"{server.url}/v1/crl")
+        emit(
+            {
+                "listening": server.url,
+                "ca_cert": str(authority.directory / "ca.crt"),
+                "warnings": authority.expiry_warnings(),
+            },
+            as_json=as_json,
+            human=f"CA API on {server.url} (trust {authority.directory / 'ca.crt'})",
+        )
+        await stop.wait()
+    finally:
+        await server.stop()
+    emit({"stopped": server.url}, as_json=as_json, human="stopped")

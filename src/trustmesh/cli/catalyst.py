@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from trustmesh.catalyst.session import (
 )
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import HostPort
+from trustmesh.cli.signals import stop_on_signals
 from trustmesh.io.catalyst import DEFAULT_PORT, Backoff, CatalystNode, Session
 from trustmesh.keystore.filestore import passphrase_from_env_or_tty
 from trustmesh.sansio import ConnectionClosed, Event
@@ -274,14 +274,6 @@ def _print_event(session: Session, event: Event) -> None:
         )
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
-
-
 @click.group()
 def catalyst() -> None:
     """Catalyst peering: TLS 1.3 mTLS, OPEN / KEEPALIVE / NOTIFICATION, PSK and JWS.
@@ -332,7 +324,7 @@ def listen(host: str, port: int, psk_optional: bool, **options: Any) -> None:
 
 
 async def _listen(node: CatalystNode, host: str, port: int) -> None:
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     server = await node.serve(host=host, port=port, listener=_print_event)
     async with server:
         emit(
@@ -407,7 +399,7 @@ async def _connect(node: CatalystNode, address: tuple[str, int], once: bool, wit
         reported = reported or isinstance(event, ConnectionClosed)
         _print_event(session, event)
 
-    stop = _stop_on_signals()  # before dialling: a signal must never find asyncio's default
+    stop = stop_on_signals()  # before dialling: a signal must never find asyncio's default
     stopping = asyncio.ensure_future(stop.wait())
     connecting = asyncio.ensure_future(
         node.connect(host, port, connect_timeout=within, listener=listener)
@@ -457,7 +449,7 @@ async def _maintain(node: CatalystNode, address: tuple[str, int]) -> int:
             reason = f"cannot connect to {host}:{port}: {exc.strerror or exc}"
         emit({"event": "retry", "reason": reason, "delay_s": round(delay, 3)}, as_json=True)
 
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     keeper = asyncio.ensure_future(
         node.maintain(host, port, backoff=Backoff(), listener=_print_event, on_failure=failed)
     )

@@ -18,6 +18,7 @@ from trustmesh.cli.botd import botd
 from trustmesh.cli.ca import ca
 from trustmesh.cli.catalyst import catalyst
 from trustmesh.cli.demo import demo
+from trustmesh.cli.enroll import enroll, rotate
 from trustmesh.cli.keys import keys
 from trustmesh.errors import ProtocolError
 
@@ -54,6 +55,8 @@ cli.add_command(keys)
 cli.add_command(botd)
 cli.add_command(catalyst)
 cli.add_command(ca)
+cli.add_command(enroll)
+cli.add_command(rotate)
 cli.add_command(demo)
 
 

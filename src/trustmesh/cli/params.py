@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import timedelta
+from typing import Any, ClassVar
 
 import click
 
@@ -32,3 +33,26 @@ class HostPort(click.ParamType):  # type: ignore[type-arg]
         if not host or not 0 < number < 65536:
             self.fail(f"expected HOST:PORT, got {text!r}", param, ctx)
         return host, number
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """A duration: a number with a unit, s, m, h or d (``90s``, ``30m``, ``72h``, ``7d``)."""
+
+    name = "DURATION"
+    UNITS: ClassVar[dict[str, int]] = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip().lower()
+        unit = text[-1:] if text[-1:] in self.UNITS else ""
+        number = text[: -len(unit)] if unit else text
+        try:
+            amount = float(number)
+        except ValueError:
+            self.fail(f"expected a duration like 30m, 1h or 7d, got {value!r}", param, ctx)
+        if not unit:
+            self.fail(f"give a unit (s, m, h or d) in {value!r}", param, ctx)
+        if amount <= 0:
+            self.fail(f"a duration must be positive, got {value!r}", param, ctx)
+        return timedelta(seconds=amount * self.UNITS[unit])

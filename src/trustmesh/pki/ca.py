@@ -13,6 +13,10 @@ A CA lives in one directory::
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import ipaddress
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -21,12 +25,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import load_key_file, save_key_file
 from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
-from trustmesh.pki.store import CaStore
+from trustmesh.pki.store import CaStore, IssuedCertificate, SqliteStore
 from trustmesh.tls.stream import certificate_names
 
 ROOT_VALIDITY = timedelta(days=3650)
@@ -34,6 +39,12 @@ ISSUING_VALIDITY = timedelta(days=730)
 DEFAULT_NODE_VALIDITY = timedelta(hours=72)
 MIN_NODE_VALIDITY = timedelta(hours=1)
 MAX_NODE_VALIDITY = timedelta(days=7)
+SERVER_VALIDITY = timedelta(days=7)  # the CA API's own TLS certificate, renewed while serving
+ADMIN_VALIDITY = timedelta(days=90)
+DEFAULT_TOKEN_TTL = timedelta(hours=1)
+MAX_TOKEN_TTL = timedelta(days=30)
+ENROLL_TOKEN_PREFIX = "tmenroll_"  # noqa: S105 (a prefix that makes tokens recognizable)
+ADMIN_TOKEN_PREFIX = "tmadmin_"  # noqa: S105
 CRL_VALIDITY = timedelta(hours=24)
 BACKDATE = timedelta(minutes=5)  # tolerate clocks a little behind ours
 EXPIRY_WARNING = timedelta(days=30)  # warn when a CA certificate has less left than this
@@ -59,6 +70,16 @@ def check_node_id(node_id: str) -> str:
     return node_id
 
 
+def token_hash(token: str) -> str:
+    """How a token is stored: SHA-256, hex. Tokens carry 256 random bits, so a fast hash
+    is enough; a stolen database yields no usable token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def admin_uri(name: str) -> str:
+    return f"urn:trustmesh:admin:{name}"
+
+
 def random_serial() -> int:
     """A random positive 128-bit serial (its top bit clear, so DER needs no sign byte)."""
     return secrets.randbits(127) | 1
@@ -75,7 +96,7 @@ class CertificateAuthority:
         except OSError as exc:
             raise PkiError(f"{directory} is not a CA directory: {exc.strerror}") from None
         self._issuing_key = load_key_file(directory / "issuing.key", passphrase).to_cryptography()
-        self.store = CaStore(directory / "ca.db")
+        self.store: CaStore = SqliteStore(directory / "ca.db")
 
     @classmethod
     def init(
@@ -119,6 +140,26 @@ class CertificateAuthority:
 
     # --- issuing ------------------------------------------------------------------------
 
+    def sign(
+        self,
+        csr: x509.CertificateSigningRequest,
+        node_id: str,
+        *,
+        validity: timedelta = DEFAULT_NODE_VALIDITY,
+        now: datetime | None = None,
+    ) -> tuple[x509.Certificate, IssuedCertificate]:
+        """A node certificate for the key in ``csr``, which must name ``node_id``, and the
+        record to store. Nothing is stored: the caller commits the record (with whatever
+        else must happen in the same transaction) before handing the certificate out."""
+        now = now or datetime.now(UTC)
+        check_node_id(node_id)
+        check_csr(csr, node_id)
+        if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
+            raise PkiError("a node certificate is valid for 1 hour to 7 days")
+        names: list[x509.GeneralName] = [x509.DNSName(node_id)]
+        eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        return self._sign(node_id, names, eku, csr.public_key(), validity, now, "node")
+
     def issue(
         self,
         csr: x509.CertificateSigningRequest,
@@ -126,41 +167,113 @@ class CertificateAuthority:
         *,
         validity: timedelta = DEFAULT_NODE_VALIDITY,
         now: datetime | None = None,
+        actor: str | None = "cli",
     ) -> x509.Certificate:
-        """A node certificate for the key in ``csr``, which must name ``node_id``."""
+        """Sign (as :meth:`sign`) and record a node certificate."""
         now = now or datetime.now(UTC)
-        check_node_id(node_id)
-        check_csr(csr, node_id)
-        if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
-            raise PkiError("a node certificate is valid for 1 hour to 7 days")
+        cert, record = self.sign(csr, node_id, validity=validity, now=now)
+        self.store.add(record, event="issue", actor=actor, now=now)
+        return cert
+
+    def issue_server(
+        self, host: str, public_key: CertificatePublicKeyTypes, *, now: datetime | None = None
+    ) -> x509.Certificate:
+        """A TLS server certificate for the CA's own API at ``host`` (an IP SAN when it
+        is an address, else a DNS SAN), valid for 7 days; recorded with role ``server``."""
+        now = now or datetime.now(UTC)
+        try:
+            names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(host))]
+        except ValueError:
+            names = [x509.DNSName(host)]
+        eku = [ExtendedKeyUsageOID.SERVER_AUTH]
+        cert, record = self._sign(host, names, eku, public_key, SERVER_VALIDITY, now, "server")
+        self.store.add(record, event="issue", actor="ca serve", now=now)
+        return cert
+
+    def issue_admin(
+        self,
+        name: str,
+        public_key: CertificatePublicKeyTypes,
+        *,
+        validity: timedelta = ADMIN_VALIDITY,
+        now: datetime | None = None,
+    ) -> x509.Certificate:
+        """A client certificate for an administrator of this CA's API. It names
+        ``urn:trustmesh:admin:<name>`` (a URI SAN, no DNS name), so it can never pass for
+        a node; the API knows it as an admin by its serial's role in the store."""
+        now = now or datetime.now(UTC)
+        check_node_id(name)
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(admin_uri(name))]
+        eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        cert, record = self._sign(
+            f"admin:{name}", names, eku, public_key, validity, now, "admin", label=name
+        )
+        self.store.add(record, event="issue", actor="cli", now=now)
+        return cert
+
+    def _sign(
+        self,
+        common_name: str,
+        names: list[x509.GeneralName],
+        eku: list[x509.ObjectIdentifier],
+        public_key: CertificatePublicKeyTypes,
+        validity: timedelta,
+        now: datetime,
+        role: str,
+        *,
+        label: str | None = None,
+    ) -> tuple[x509.Certificate, IssuedCertificate]:
+        not_before = now - BACKDATE
         not_after = min(now + validity, self.issuing_cert.not_valid_after_utc)
         if not_after <= now + MIN_NODE_VALIDITY:
             raise PkiError("the issuing CA expires too soon to issue; renew the CA")
-        public_key = csr.public_key()
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.issuing_cert.subject)
             .public_key(public_key)
             .serial_number(random_serial())
-            .not_valid_before(now - BACKDATE)
+            .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(ca=False), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(_aki(self.issuing_cert), critical=False)
         )
         cert = builder.sign(self._issuing_key, hashes.SHA256())
-        pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-        self.store.add(cert.serial_number, node_id, now - BACKDATE, not_after, pem)
-        return cert
+        record = IssuedCertificate(
+            serial=cert.serial_number,
+            node_id=label or common_name,
+            role=role,
+            not_before=not_before,
+            not_after=not_after,
+            pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            revoked_at=None,
+            reason=None,
+        )
+        return cert, record
+
+    # --- tokens -------------------------------------------------------------------------
+
+    def create_token(
+        self, node_id: str, *, ttl: timedelta = DEFAULT_TOKEN_TTL, now: datetime | None = None
+    ) -> str:
+        """A single-use enrollment token for ``node_id``; only its hash is stored."""
+        now = now or datetime.now(UTC)
+        check_node_id(node_id)
+        if not timedelta(minutes=1) <= ttl <= MAX_TOKEN_TTL:
+            raise PkiError("an enrollment token lives from 1 minute to 30 days")
+        token = ENROLL_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        self.store.add_token(token_hash(token), node_id, now, now + ttl)
+        return token
+
+    def create_admin_token(self, label: str = "admin", *, now: datetime | None = None) -> str:
+        """A bearer token for the admin API (POST /v1/revoke); only its hash is stored."""
+        token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        self.store.add_admin_token(token_hash(token), label, now or datetime.now(UTC))
+        return token
 
     # --- revocation ---------------------------------------------------------------------
 
@@ -171,6 +284,7 @@ class CertificateAuthority:
         node_id: str | None = None,
         reason: str = "unspecified",
         now: datetime | None = None,
+        actor: str | None = "cli",
     ) -> list[int]:
         """Revoke one certificate by serial, or every certificate of ``node_id``; return the
         serials newly revoked. Revoking again is not an error (nothing is lost twice)."""
@@ -189,7 +303,7 @@ class CertificateAuthority:
             if not issued:
                 raise UnknownCertificate(f"no certificate was issued to {node_id!r}")
             serials = [c.serial for c in issued]
-        return self.store.revoke(serials, now or datetime.now(UTC), reason)
+        return self.store.revoke(serials, now or datetime.now(UTC), reason, actor=actor)
 
     def crl(self, *, now: datetime | None = None) -> x509.CertificateRevocationList:
         """A CRL of every revoked certificate, signed by the issuing CA, valid for a day."""
@@ -254,14 +368,19 @@ def check_csr(csr: x509.CertificateSigningRequest, node_id: str) -> None:
 
 
 def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
-    """A CSR in PEM or DER; :class:`CsrRejected` when it does not parse."""
-    raw = data.encode() if isinstance(data, str) else data
+    """A CSR in PEM, DER, or (as text) base64 DER; :class:`CsrRejected` when it does not
+    parse."""
     try:
-        if raw.lstrip().startswith(b"-----"):
-            return x509.load_pem_x509_csr(raw)
-        return x509.load_der_x509_csr(raw)
-    except ValueError as exc:
-        raise CsrRejected(f"not a CSR in PEM or DER: {exc}") from None
+        if isinstance(data, str):
+            if not data.lstrip().startswith("-----"):
+                data = base64.b64decode("".join(data.split()), validate=True)
+            else:
+                data = data.encode()
+        if data.lstrip().startswith(b"-----"):
+            return x509.load_pem_x509_csr(data)
+        return x509.load_der_x509_csr(data)
+    except (ValueError, binascii.Error, UnicodeEncodeError) as exc:
+        raise CsrRejected(f"not a CSR in PEM, DER or base64 DER: {exc}") from None
 
 
 def _ca_certificate(

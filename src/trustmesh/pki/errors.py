@@ -15,3 +15,20 @@ class CsrRejected(PkiError):
 
 class UnknownCertificate(PkiError):
     """No certificate with that serial or node_id was issued by this CA."""
+
+
+class TokenRejected(PkiError):
+    """An enrollment token is unknown, expired, already used, or for another node."""
+
+
+class PolicyDenied(PkiError):
+    """The enrollment policy refuses the node (not on the allow-list, mesh full, revoked)."""
+
+
+class AttestationFailed(PkiError):
+    """An attestation is missing where the policy requires one, or does not verify."""
+
+
+class NotAuthenticated(PkiError):
+    """A request needs a credential (a mesh client certificate, an admin token) that it
+    did not present, or presented invalid."""

@@ -10,7 +10,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -38,6 +38,10 @@ class TlsConfig:
     alpn: Sequence[str] = field(default_factory=tuple)
     post_quantum: bool = True  # offer X25519MLKEM768 first when the build has it
     key_passphrase: bytes | None = field(default=None, repr=False)  # for an encrypted key
+    # A server's stance on client certificates: "require" one that chains to the CA
+    # bundle, or "request" one and accept whatever comes (none, or any chain), leaving
+    # the verdict to the application (an HTTP API that answers 401 instead of an alert).
+    client_auth: Literal["require", "request"] = "require"
 
 
 class TlsContext:
@@ -63,8 +67,11 @@ class TlsContext:
             ctx.load_verify_locations(str(self.config.ca_file))
         except (SSL.Error, OSError) as exc:
             raise TlsConfigError(f"cannot load certificate, key or CA bundle: {exc}") from None
-        # Both sides must present a certificate that chains to the CA bundle.
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        if self.server and self.config.client_auth == "request":
+            ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+        else:
+            # Both sides must present a certificate that chains to the CA bundle.
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
         if self.config.crl_file is not None:
             self._load_crl(ctx, self.config.crl_file)
         if _lib.SSL_CTX_set1_curves_list(ctx._context, ":".join(self.groups).encode()) != 1:
@@ -116,6 +123,10 @@ class TlsContext:
             if proto in offered:
                 return proto
         return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def _accept_any(conn: SSL.Connection, cert: crypto.X509, error: int, depth: int, ok: int) -> bool:
+    return True  # "request" mode: the application verifies the chain it is shown
 
 
 def key_is_encrypted(pem: bytes) -> bool:

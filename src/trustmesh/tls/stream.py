@@ -35,12 +35,15 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 @dataclass(frozen=True, slots=True)
 class TlsEstablished(Event):
     """The handshake is done and the peer accepted us; ``peer_chain`` starts with the
-    peer's own certificate, which chains to our CA bundle."""
+    peer's own certificate, which chains to our CA bundle when ``verified``. A server
+    whose context only *requests* client certificates gets the chain as presented (maybe
+    empty) and ``verified`` false: its application must verify it."""
 
     peer_chain: tuple[x509.Certificate, ...]
     alpn: str | None
     group: str | None
     resumed: bool
+    verified: bool = True
 
 
 class TlsStream:
@@ -212,7 +215,8 @@ class TlsStream:
         self._connected = True
         # The verified chain starts with the peer's certificate on both sides (the raw
         # peer chain leaves it out on a server).
-        chain = self._conn.get_verified_chain(as_cryptography=True) or []
+        verified = self.context.config.client_auth == "require" or not self.context.server
+        chain = self._conn.get_verified_chain(as_cryptography=True) if verified else None
         if not chain:  # a resumed session verifies nothing again; the session keeps the leaf
             leaf = self._conn.get_peer_certificate(as_cryptography=True)
             rest = self._conn.get_peer_cert_chain(as_cryptography=True) or []
@@ -226,6 +230,7 @@ class TlsStream:
             alpn=alpn.decode() if alpn else None,
             group=named.get(group.lower(), group) if group else None,
             resumed=bool(_lib.SSL_session_reused(self._conn._ssl)),
+            verified=verified,
         )
         return [established, *self._from_inner(self.inner.start(now))]
 

@@ -1,0 +1,347 @@
+"""The mesh CA's HTTP API (specs/zero-trust-mesh.md section 7.1 to 7.3).
+
+- ``POST /v1/enroll``: a token and a CSR buy a node certificate.
+- ``POST /v1/rotate``: a node authenticated by its current certificate (mTLS) gets a
+  new one; the old one stays valid until it expires.
+- ``GET /v1/crl``: the signed CRL, DER or PEM, with ETag and Cache-Control.
+- ``POST /v1/revoke``: an admin (bearer token or admin certificate) revokes.
+- ``GET /v1/health``: the CA's state, including loud expiry warnings.
+- ``GET /v1/openapi.json``: the OpenAPI 3.1 document of all of the above.
+
+Run it with :class:`trustmesh.api.ca_server.CaServer` (HTTPS on trustmesh TLS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.api.errors import ApiError, field, json_body, json_errors
+from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.errors import ProtocolError
+from trustmesh.io.https import peer_chain
+from trustmesh.pki.attestation import Attestation
+from trustmesh.pki.ca import CRL_VALIDITY, REASONS, CertificateAuthority, token_hash
+from trustmesh.pki.enroll import Issued, Registrar
+from trustmesh.pki.errors import (
+    AttestationFailed,
+    CsrRejected,
+    NotAuthenticated,
+    PkiError,
+    PolicyDenied,
+    TokenRejected,
+    UnknownCertificate,
+)
+from trustmesh.pki.store import IssuedCertificate
+
+log = logging.getLogger("trustmesh.api.ca")
+
+MAX_BODY = 64 * 1024  # a CSR with an attestation is a few KiB
+CRL_MAX_AGE = 60  # seconds a client or proxy may reuse a CRL without asking again
+DER_CRL = "application/pkix-crl"
+PEM_CRL = "application/x-pem-file"
+
+ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
+    CsrRejected: (400, "invalid_csr"),
+    TokenRejected: (400, "invalid_token"),
+    AttestationFailed: (403, "attestation_failed"),
+    PolicyDenied: (403, "policy_denied"),
+    NotAuthenticated: (401, "unauthenticated"),
+    UnknownCertificate: (404, "unknown_certificate"),
+    PkiError: (400, "bad_request"),
+}
+
+REGISTRAR = web.AppKey("registrar", Registrar)
+LIMITER = web.AppKey("limiter", RateLimiter)
+
+
+@dataclass(frozen=True)
+class CrlSnapshot:
+    der: bytes
+    pem: bytes
+    digest: str
+    this_update: datetime
+    next_update: datetime
+    epoch: int
+
+
+class CrlCache:
+    """The current CRL, signed again after every revocation (any process's: the store's
+    revocation epoch tells) and when half its validity has passed, so a served CRL
+    always has hours left before its nextUpdate."""
+
+    def __init__(self, ca: CertificateAuthority, *, refresh: timedelta = CRL_VALIDITY / 2):
+        self._ca = ca
+        self._refresh = refresh
+        self._current: CrlSnapshot | None = None
+
+    def current(self, now: datetime) -> CrlSnapshot:
+        epoch = self._ca.store.revocation_epoch()
+        cached = self._current
+        if cached is None or cached.epoch != epoch or now >= cached.this_update + self._refresh:
+            cached = self._current = self._sign(now, epoch)
+        return cached
+
+    def _sign(self, now: datetime, epoch: int) -> CrlSnapshot:
+        crl = self._ca.crl(now=now)
+        der = crl.public_bytes(serialization.Encoding.DER)
+        next_update = crl.next_update_utc
+        assert next_update is not None
+        return CrlSnapshot(
+            der=der,
+            pem=crl.public_bytes(serialization.Encoding.PEM),
+            digest=hashlib.sha256(der).hexdigest()[:32],
+            this_update=crl.last_update_utc,
+            next_update=next_update,
+            epoch=epoch,
+        )
+
+
+CRLS = web.AppKey("crls", CrlCache)
+Clock = Callable[[], datetime]
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+
+
+def ca_app(
+    registrar: Registrar,
+    *,
+    limiter: RateLimiter,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors(ERRORS)])
+    app[REGISTRAR] = registrar
+    app[LIMITER] = limiter
+    app[CRLS] = CrlCache(registrar.ca)
+    app[CLOCK] = clock
+    app.router.add_post("/v1/enroll", enroll)
+    app.router.add_post("/v1/rotate", rotate)
+    app.router.add_get("/v1/crl", crl)
+    app.router.add_post("/v1/revoke", revoke)
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/openapi.json", openapi)
+    return app
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+async def enroll(request: web.Request) -> web.Response:
+    _rate_limit(request)
+    body = await json_body(request)
+    registrar = request.app[REGISTRAR]
+    issued = registrar.enroll(
+        field(body, "token") or "",
+        field(body, "csr") or "",
+        node_id=field(body, "node_id", required=False),
+        attestation=_attestation(body),
+        actor=_client(request),
+        now=request.app[CLOCK](),
+    )
+    log.info("enrolled %s (serial %s)", issued.record.node_id, issued.record.serial_hex)
+    return web.json_response(
+        {
+            **_certificate_fields(issued, registrar),
+            "config": registrar.settings.to_json(),
+        }
+    )
+
+
+async def rotate(request: web.Request) -> web.Response:
+    _rate_limit(request)
+    registrar = request.app[REGISTRAR]
+    now = request.app[CLOCK]()
+    current = registrar.authenticate(peer_chain(request), now=now)
+    body = await json_body(request)
+    issued = registrar.rotate(
+        current,
+        field(body, "csr") or "",
+        current_serial=field(body, "current_cert_serial", required=False),
+        attestation=_attestation(body),
+        actor=_client(request),
+        now=now,
+    )
+    log.info(
+        "rotated %s: serial %s replaces %s",
+        current.node_id,
+        issued.record.serial_hex,
+        current.serial_hex,
+    )
+    return web.json_response(
+        {
+            **_certificate_fields(issued, registrar),
+            "valid_not_before": issued.record.not_before.isoformat(),
+            "valid_not_after": issued.record.not_after.isoformat(),
+            "previous_serial": current.serial_hex,
+        }
+    )
+
+
+async def crl(request: web.Request) -> web.Response:
+    snapshot = request.app[CRLS].current(request.app[CLOCK]())
+    pem = _wants_pem(request)
+    etag = f'"{snapshot.digest}-{"pem" if pem else "der"}"'
+    headers = {
+        "ETag": etag,
+        "Cache-Control": f"public, max-age={CRL_MAX_AGE}, must-revalidate",
+        "Last-Modified": _http_date(snapshot.this_update),
+        "Expires": _http_date(snapshot.next_update),
+        "Vary": "Accept",
+    }
+    if etag in _etags(request.headers.get("If-None-Match", "")):
+        return web.Response(status=304, headers=headers)
+    body, content_type = (snapshot.pem, PEM_CRL) if pem else (snapshot.der, DER_CRL)
+    return web.Response(body=body, content_type=content_type, headers=headers)
+
+
+async def revoke(request: web.Request) -> web.Response:
+    _rate_limit(request)
+    admin = _admin(request)
+    body = await json_body(request)
+    serial_text = field(body, "serial", required=False)
+    node_id = field(body, "node_id", required=False)
+    reason = field(body, "reason", required=False) or "unspecified"
+    if reason not in REASONS:
+        raise ApiError(400, f"unknown reason {reason!r}; one of {', '.join(REASONS)}")
+    if serial_text is None and node_id is None:
+        raise ApiError(400, "give serial or node_id")
+    ca = request.app[REGISTRAR].ca
+    now = request.app[CLOCK]()
+    if serial_text is not None:
+        serial = _serial(serial_text)
+        record = ca.store.get(serial)
+        if record is None:
+            raise UnknownCertificate(f"no certificate with serial {serial:x}")
+        if node_id is not None and record.node_id != node_id:
+            raise ApiError(400, f"certificate {serial:x} belongs to {record.node_id!r}")
+        revoked = ca.revoke(serial=serial, reason=reason, now=now, actor=admin)
+    else:
+        revoked = ca.revoke(node_id=node_id, reason=reason, now=now, actor=admin)
+    if revoked:
+        log.warning("revoked %s (%s) by %s", ", ".join(f"{s:x}" for s in revoked), reason, admin)
+    return web.Response(status=204)
+
+
+async def health(request: web.Request) -> web.Response:
+    ca = request.app[REGISTRAR].ca
+    now = request.app[CLOCK]()
+    warnings = ca.expiry_warnings(now=now)
+    snapshot = request.app[CRLS].current(now)
+    return web.json_response(
+        {
+            "status": "warning" if warnings else "ok",
+            "warnings": warnings,
+            "root_not_after": ca.root_cert.not_valid_after_utc.isoformat(),
+            "issuing_not_after": ca.issuing_cert.not_valid_after_utc.isoformat(),
+            "crl_next_update": snapshot.next_update.isoformat(),
+            "revoked": len(ca.store.revoked()),
+        }
+    )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def openapi_document() -> dict[str, Any]:
+    text = resources.files("trustmesh.api").joinpath("ca_openapi.json").read_text()
+    document: dict[str, Any] = json.loads(text)
+    return document
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _rate_limit(request: web.Request) -> None:
+    wait = request.app[LIMITER].check(_client(request))
+    if wait is not None:
+        seconds = max(1, int(wait + 0.999))
+        raise ApiError(
+            429,
+            f"too many requests from this client; retry in {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _attestation(body: dict[str, object]) -> Attestation | None:
+    value = body.get("attestation")
+    return None if value is None else Attestation.from_json(value)
+
+
+def _certificate_fields(issued: Issued, registrar: Registrar) -> dict[str, object]:
+    record = issued.record
+    result: dict[str, object] = {
+        "certificate": record.pem,
+        "ca_cert": registrar.ca.chain_pem,
+        "serial": record.serial_hex,
+        "node_id": record.node_id,
+        "not_before": record.not_before.isoformat(),
+        "not_after": record.not_after.isoformat(),
+    }
+    warnings = registrar.ca.expiry_warnings(now=record.not_before)
+    if warnings:
+        result["warnings"] = warnings
+    return result
+
+
+def _admin(request: web.Request) -> str:
+    """Who the admin is: a known bearer token's label, or an admin certificate's name."""
+    registrar = request.app[REGISTRAR]
+    auth = request.headers.get("Authorization")
+    if auth is not None:
+        scheme, _, token = auth.partition(" ")
+        label = (
+            registrar.ca.store.admin_token_label(token_hash(token.strip()))
+            if scheme.lower() == "bearer"
+            else None
+        )
+        if label is None:
+            raise ApiError(401, "invalid admin token", headers={"WWW-Authenticate": "Bearer"})
+        return f"token:{label}"
+    chain = peer_chain(request)
+    if not chain:
+        raise ApiError(
+            401,
+            "admin credentials needed: a bearer token or an admin client certificate",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    record: IssuedCertificate = registrar.authenticate(chain, now=request.app[CLOCK]())
+    if record.role != "admin":
+        raise ApiError(403, f"{record.node_id!r} is not an admin of this CA")
+    return f"cert:{record.node_id}"
+
+
+def _serial(text: str) -> int:
+    try:
+        return int(text.removeprefix("0x").replace(":", ""), 16)
+    except ValueError:
+        raise ApiError(400, f"serial {text!r} is not hexadecimal") from None
+
+
+def _wants_pem(request: web.Request) -> bool:
+    wanted = request.query.get("format")
+    if wanted is not None:
+        if wanted not in ("pem", "der"):
+            raise ApiError(400, "format is pem or der")
+        return wanted == "pem"
+    return PEM_CRL in request.headers.get("Accept", "")
+
+
+def _etags(header: str) -> set[str]:
+    return {tag.strip().removeprefix("W/") for tag in header.split(",") if tag.strip()}
+
+
+def _http_date(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")

@@ -1,0 +1,134 @@
+"""Serving the CA's API over HTTPS, with a TLS certificate the CA issues itself.
+
+At start the CA issues its API a certificate for the host it serves (an IP SAN for an
+address), so a client that trusts ``ca.crt`` verifies the server with nothing else. The
+certificate lives 7 days and is renewed at two thirds of that while serving: new
+connections get the new one. The server *requests* client certificates (for
+``/v1/rotate`` and admin calls) and the handlers verify them, so a missing or foreign
+certificate gets a JSON 401 instead of a failed handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.api.ca import ca_app
+from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.io.https import HttpsSite
+from trustmesh.keystore.filestore import save_key_file
+from trustmesh.pki.ca import SERVER_VALIDITY
+from trustmesh.pki.enroll import Registrar
+from trustmesh.tls.context import TlsConfig, TlsContext
+
+log = logging.getLogger("trustmesh.api.ca")
+
+DEFAULT_PORT = 8443
+DEFAULT_RATE = 5.0  # requests per second per client, on average
+DEFAULT_BURST = 20
+WARN_EVERY = 24 * 3600.0  # seconds between repeated CA-expiry warnings in the log
+
+
+class CaServer:
+    """The CA API on ``host:port`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        registrar: Registrar,
+        passphrase: bytes | None,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        *,
+        limiter: RateLimiter | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.registrar = registrar
+        self.host = host
+        self._port = port
+        self._passphrase = passphrase
+        self._clock = clock
+        self._limiter = limiter or RateLimiter(DEFAULT_RATE, DEFAULT_BURST)
+        self._runner: web.AppRunner | None = None
+        self._site: HttpsSite | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def port(self) -> int:
+        return self._site.port if self._site else self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    async def start(self) -> None:
+        for warning in self.registrar.ca.expiry_warnings(now=self._clock()):
+            log.warning("CA EXPIRY: %s", warning)
+        app = ca_app(self.registrar, limiter=self._limiter, clock=self._clock)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = HttpsSite(self._runner, self.host, self._port, self._tls_context())
+        await self._site.start()
+        self._tasks = [
+            asyncio.create_task(self._renew_certificate()),
+            asyncio.create_task(self._warn_expiry()),
+        ]
+        log.info("CA API listening on %s", self.url)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def __aenter__(self) -> CaServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def _tls_context(self) -> TlsContext:
+        """Issue the API a fresh certificate (files server.crt and server.key in the CA
+        directory) and build the context that serves it."""
+        ca = self.registrar.ca
+        key = PrivateKey.generate(KeyKind.P256)
+        public = key.to_cryptography().public_key()
+        cert = ca.issue_server(self.host, public, now=self._clock())
+        directory = ca.directory
+        chain = cert.public_bytes(serialization.Encoding.PEM) + ca.issuing_cert.public_bytes(
+            serialization.Encoding.PEM
+        )
+        (directory / "server.crt").write_bytes(chain)
+        save_key_file(key, directory / "server.key", self._passphrase, overwrite=True)
+        config = TlsConfig(
+            cert_file=directory / "server.crt",
+            key_file=directory / "server.key",
+            ca_file=directory / "ca.crt",
+            key_passphrase=self._passphrase,
+            client_auth="request",
+        )
+        return TlsContext(config, server=True)
+
+    async def _renew_certificate(self) -> None:
+        while True:
+            await asyncio.sleep(SERVER_VALIDITY.total_seconds() * 2 / 3)
+            assert self._site is not None
+            self._site.context = self._tls_context()
+            log.info("renewed the CA API's TLS certificate")
+
+    async def _warn_expiry(self) -> None:
+        while True:
+            await asyncio.sleep(WARN_EVERY)
+            for warning in self.registrar.ca.expiry_warnings(now=self._clock()):
+                log.warning("CA EXPIRY: %s", warning)

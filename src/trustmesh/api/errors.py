@@ -1,0 +1,110 @@
+"""JSON errors for every trustmesh HTTP API: ``{"error": code, "message": text}``.
+
+Handlers raise :class:`ApiError` (or a typed protocol error the API maps to a status);
+the middleware turns it, and aiohttp's own errors (404, 405, 413), into a JSON body, so
+no client ever has to parse an HTML error page or an empty body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from trustmesh.errors import ProtocolError
+
+log = logging.getLogger("trustmesh.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    429: "rate_limited",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or _CODES.get(status, "error")
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def error_response(error: ApiError) -> web.Response:
+    return web.json_response(
+        {"error": error.code, "message": error.message},
+        status=error.status,
+        headers=error.headers,
+    )
+
+
+def json_errors(mapping: Mapping[type[ProtocolError], tuple[int, str]]) -> Middleware:
+    """A middleware: ``mapping`` gives each protocol error class its status and code
+    (the most specific class listed wins, by method resolution order)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc)
+        except ProtocolError as exc:
+            for cls in type(exc).__mro__:
+                if cls in mapping:
+                    status, code = mapping[cls]
+                    return error_response(ApiError(status, str(exc), code=code))
+            raise
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            return error_response(ApiError(exc.status, exc.reason, headers=headers))
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(ApiError(500, "internal error", code="internal"))
+
+    return middleware
+
+
+async def json_body(request: web.Request) -> dict[str, object]:
+    """The request's body as a JSON object, or a 400."""
+    raw = await request.read()
+    if not raw:
+        raise ApiError(400, "the request needs a JSON object body")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+def field(body: Mapping[str, object], name: str, *, required: bool = True) -> str | None:
+    """A string field of a JSON body: a 400 when it is missing (and required) or not a
+    string."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"missing field {name!r}")
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"field {name!r} must be a string")
+    return value

@@ -1,0 +1,42 @@
+"""A per-client token bucket: ``rate`` requests per second on average, bursts of
+``burst``. The clock is injected, so tests drive it without sleeping."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+MAX_CLIENTS = 10_000  # the table forgets the least recently seen clients beyond this
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a rate limit needs rate > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def check(self, client: str) -> float | None:
+        """Take one token for ``client``: None when allowed, else the seconds to wait."""
+        now = self._clock()
+        tokens, last = self._buckets.pop(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[client] = (tokens, now)
+        if len(self._buckets) > self._max_clients:
+            # A forgotten client comes back with a full bucket: no worse than a new one.
+            self._buckets.popitem(last=False)
+        return None if allowed else (1.0 - tokens) / self.rate

@@ -1,0 +1,176 @@
+"""Enrollment and rotation: who may get a node certificate, and on what evidence.
+
+:class:`Registrar` is the CA's front desk, free of HTTP: the API parses requests into
+calls here and maps the typed errors to status codes (docs/protocols/pki.md).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from trustmesh.pki.attestation import (
+    Attestation,
+    AttestationPolicy,
+    AttestationResult,
+    enrollment_nonce,
+    rotation_nonce,
+)
+from trustmesh.pki.ca import DEFAULT_NODE_VALIDITY, CertificateAuthority, load_csr, token_hash
+from trustmesh.pki.errors import NotAuthenticated, PkiError, PolicyDenied, TokenRejected
+from trustmesh.pki.store import IssuedCertificate
+
+DEFAULT_GOSSIP_FANOUT = 3
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """What a newly enrolled node is told about the mesh (the response's ``config``)."""
+
+    bootstrap_peers: tuple[str, ...] = ()
+    gossip_fanout: int = DEFAULT_GOSSIP_FANOUT
+    crl_url: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "bootstrap_peers": list(self.bootstrap_peers),
+            "gossip_fanout": self.gossip_fanout,
+            "crl_url": self.crl_url,
+        }
+
+
+@dataclass(frozen=True)
+class EnrollmentPolicy:
+    """``allow``: shell patterns a node_id must match (empty: any). ``max_nodes``: how
+    many distinct nodes may hold a valid certificate at once (None: no cap)."""
+
+    allow: tuple[str, ...] = ()
+    max_nodes: int | None = None
+    attestation: AttestationPolicy = field(default_factory=AttestationPolicy)
+    validity: timedelta = DEFAULT_NODE_VALIDITY
+
+    def check_allowed(self, node_id: str) -> None:
+        if self.allow and not any(fnmatch.fnmatchcase(node_id, p) for p in self.allow):
+            raise PolicyDenied(f"node_id {node_id!r} is not on this CA's allow-list")
+
+
+@dataclass(frozen=True)
+class Issued:
+    certificate: x509.Certificate
+    record: IssuedCertificate
+    attestation: AttestationResult | None
+
+
+class Registrar:
+    """Enrolls nodes with tokens and rotates certificates for authenticated nodes."""
+
+    def __init__(
+        self, ca: CertificateAuthority, policy: EnrollmentPolicy, settings: MeshSettings
+    ) -> None:
+        self.ca = ca
+        self.policy = policy
+        self.settings = settings
+        self._trust = Store([ca.root_cert])
+
+    def enroll(
+        self,
+        token: str,
+        csr_text: str,
+        *,
+        node_id: str | None = None,
+        attestation: Attestation | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> Issued:
+        """Spend ``token`` on a certificate for the CSR's key. The certificate is in the
+        store (with its audit entry) before this returns."""
+        now = now or datetime.now(UTC)
+        known = self.ca.store.token(token_hash(token))
+        if known is None:
+            raise TokenRejected("unknown enrollment token")
+        if node_id is not None and node_id != known.node_id:
+            raise TokenRejected(f"the enrollment token is for another node_id, not {node_id!r}")
+        node_id = known.node_id
+        # Cheap refusals first, so a request that cannot succeed does not spend the token.
+        if known.used_at is not None:
+            raise TokenRejected("the enrollment token was already used")
+        if known.expires_at <= now:
+            raise TokenRejected("the enrollment token has expired")
+        csr = load_csr(csr_text)
+        self.policy.check_allowed(node_id)
+        verdict = self.policy.attestation.check(
+            attestation, enrollment_nonce(token, csr.public_key()), csr.public_key()
+        )
+        cert, record = self.ca.sign(csr, node_id, validity=self.policy.validity, now=now)
+        # Spends the token, applies the node cap and commits the record atomically:
+        # of racing requests with one token exactly one gets here.
+        self.ca.store.enroll(
+            token_hash(token), record, now=now, max_nodes=self.policy.max_nodes, actor=actor
+        )
+        return Issued(cert, record, verdict)
+
+    def authenticate(
+        self, chain: Sequence[x509.Certificate], *, now: datetime | None = None
+    ) -> IssuedCertificate:
+        """The store's record of the client certificate ``chain`` (leaf first) presented:
+        :class:`NotAuthenticated` when there is none or it does not verify to this CA,
+        :class:`PolicyDenied` when it is revoked."""
+        now = now or datetime.now(UTC)
+        if not chain:
+            raise NotAuthenticated("this request needs a client certificate from this mesh CA")
+        leaf, *intermediates = chain
+        verifier = PolicyBuilder().store(self._trust).time(now).build_client_verifier()
+        try:
+            verifier.verify(leaf, [self.ca.issuing_cert, *intermediates])
+        except VerificationError as exc:
+            raise NotAuthenticated(f"the client certificate does not verify: {exc}") from None
+        record = self.ca.store.get(leaf.serial_number)
+        if record is None:
+            raise NotAuthenticated("the client certificate is not one this CA issued")
+        if record.revoked_at is not None:
+            raise PolicyDenied(
+                f"certificate {record.serial_hex} of {record.node_id!r} is revoked"
+                f" ({record.reason})"
+            )
+        return record
+
+    def rotate(
+        self,
+        current: IssuedCertificate,
+        csr_text: str,
+        *,
+        current_serial: str | None = None,
+        attestation: Attestation | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> Issued:
+        """A new certificate for the node that holds ``current`` (already authenticated).
+        The old one stays valid until its own expiry: the two overlap."""
+        now = now or datetime.now(UTC)
+        if current.role != "node":
+            raise PolicyDenied(f"a {current.role} certificate cannot be rotated here")
+        if current_serial is not None and _parse_serial(current_serial) != current.serial:
+            raise PkiError(
+                f"current_cert_serial {current_serial} is not the client certificate's serial"
+                f" {current.serial_hex}"
+            )
+        csr = load_csr(csr_text)
+        self.policy.check_allowed(current.node_id)
+        verdict = self.policy.attestation.check(
+            attestation, rotation_nonce(current.serial, csr.public_key()), csr.public_key()
+        )
+        cert, record = self.ca.sign(csr, current.node_id, validity=self.policy.validity, now=now)
+        self.ca.store.add(record, event="rotate", actor=actor, now=now)
+        return Issued(cert, record, verdict)
+
+
+def _parse_serial(text: str) -> int:
+    try:
+        return int(text.removeprefix("0x").replace(":", ""), 16)
+    except ValueError:
+        raise PkiError(f"current_cert_serial {text!r} is not a hex serial") from None
