@@ -237,3 +237,42 @@ def test_truncated_csr_is_rejected(cut: int) -> None:
     if cut < len(der):
         with pytest.raises(CsrRejected):
             load_csr(der[:cut])
+
+
+def test_renew_recertifies_near_expiry_with_the_same_keys(
+    ca: CertificateAuthority, tmp_path: Path, require_openssl: str
+) -> None:
+    assert ca.renew(PASS, now=NOW) == []  # nothing due
+    late = ca.issuing_cert.not_valid_after_utc - timedelta(days=10)
+    node = ca.issue(make_csr("node-1"), "node-1", now=late - timedelta(hours=1))
+    assert ca.expiry_warnings(now=late)
+    old_issuing = ca.issuing_cert
+    assert ca.renew(PASS, now=late) == ["issuing"]
+    assert ca.issuing_cert.not_valid_after_utc > old_issuing.not_valid_after_utc
+    assert ca.issuing_cert.public_key() == old_issuing.public_key()
+    assert ca.expiry_warnings(now=late) == []
+    reopened = CertificateAuthority(ca.directory, PASS)  # the files changed, not just memory
+    try:
+        assert reopened.issuing_cert == ca.issuing_cert
+    finally:
+        reopened.close()
+    # A certificate issued before the renewal still chains through the renewed issuing CA.
+    leaf = tmp_path / "leaf.pem"
+    leaf.write_bytes(node.public_bytes(serialization.Encoding.PEM))
+    subprocess.run(
+        [
+            require_openssl,
+            "verify",
+            "-CAfile",
+            str(ca.directory / "ca.crt"),
+            "-untrusted",
+            str(ca.directory / "issuing.crt"),
+            "-attime",
+            str(int(late.timestamp())),
+            str(leaf),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    assert ca.renew(PASS, force=True, now=late) == ["root", "issuing"]
+    assert [e.event for e in ca.store.audit(2)] == ["renew-ca", "renew-ca"]

@@ -132,6 +132,32 @@ def revoke(
         authority.close()
 
 
+@ca.command()
+@DIR_OPTION
+@click.option("--force", is_flag=True, help="Renew even when more than 30 days are left.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def renew(directory: Path, force: bool, as_json: bool) -> None:
+    """Certify the root and issuing CA again (same keys) before they expire.
+
+    Everything issued so far keeps chaining. Restart `ca serve` afterwards, and hand
+    nodes the new D/ca.crt before the old one expires.
+    """
+    passphrase = passphrase_from_env_or_tty(directory, confirm=False)
+    authority = CertificateAuthority(directory, passphrase)
+    try:
+        renewed = authority.renew(passphrase, force=force)
+        emit(
+            {
+                "renewed": renewed,
+                "root_expires": authority.root_cert.not_valid_after_utc.isoformat(),
+                "issuing_expires": authority.issuing_cert.not_valid_after_utc.isoformat(),
+            },
+            as_json=as_json,
+        )
+    finally:
+        authority.close()
+
+
 @ca.group()
 def token() -> None:
     """Enrollment tokens: single-use, short-lived, bound to one node_id."""

@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import ipaddress
+import os
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -330,6 +331,40 @@ class CertificateAuthority:
             builder = builder.add_revoked_certificate(revoked.build())
         return builder.sign(self._issuing_key, hashes.SHA256())
 
+    # --- renewal ------------------------------------------------------------------------
+
+    def renew(
+        self, passphrase: bytes | None, *, force: bool = False, now: datetime | None = None
+    ) -> list[str]:
+        """Certify the root and the issuing CA again, with the same keys and names, when
+        less than 30 days are left (or always with ``force``); return what was renewed.
+
+        Same key and name means everything issued so far still chains: nodes may keep the
+        old ca.crt until it expires. A running ``ca serve`` picks the change up on restart.
+        """
+        now = now or datetime.now(UTC)
+        renewed = []
+        root_key = load_key_file(self.directory / "root.key", passphrase).to_cryptography()
+        root, issuing = self.root_cert, self.issuing_cert
+        if force or root.not_valid_after_utc - now < EXPIRY_WARNING:
+            root = _ca_certificate(
+                root.subject, root.subject, root_key, root_key, now, ROOT_VALIDITY, None
+            )
+            renewed.append("root")
+        if force or renewed or issuing.not_valid_after_utc - now < EXPIRY_WARNING:
+            validity = min(ISSUING_VALIDITY, root.not_valid_after_utc - now)
+            issuing = _ca_certificate(
+                issuing.subject, root.subject, self._issuing_key, root_key, now, validity, 0
+            )
+            renewed.append("issuing")
+        if renewed:
+            _write_pem(self.directory / "ca.crt", [root])
+            _write_pem(self.directory / "issuing.crt", [issuing])
+            _write_pem(self.directory / "chain.pem", [issuing, root])
+            self.root_cert, self.issuing_cert = root, issuing
+            self.store.audit_event("renew-ca", detail={"renewed": renewed}, now=now)
+        return renewed
+
     # --- health -------------------------------------------------------------------------
 
     def expiry_warnings(self, *, now: datetime | None = None) -> list[str]:
@@ -344,7 +379,7 @@ class CertificateAuthority:
             elif left < EXPIRY_WARNING:
                 warnings.append(
                     f"the {label} CA certificate expires in {left.days} days "
-                    f"({end:%Y-%m-%d %H:%M} UTC); renew it now"
+                    f"({end:%Y-%m-%d %H:%M} UTC); renew it now (trustmesh ca renew)"
                 )
         return warnings
 
@@ -440,4 +475,7 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 
 def _write_pem(path: Path, certs: list[x509.Certificate]) -> None:
-    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+    """Write atomically: a crash leaves the old certificate or the new one."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+    os.replace(tmp, path)

@@ -147,6 +147,11 @@ class CaStore(Protocol):
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         """The latest entries, newest first."""
 
+    def audit_event(
+        self, event: str, *, detail: Mapping[str, object], now: datetime, actor: str = "cli"
+    ) -> None:
+        """Record an event that changes no other table (a CA renewal)."""
+
 
 def _time(value: int | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
@@ -309,6 +314,12 @@ class SqliteStore:
             )
             for at, event, node_id, serial, actor, detail in rows
         ]
+
+    def audit_event(
+        self, event: str, *, detail: Mapping[str, object], now: datetime, actor: str = "cli"
+    ) -> None:
+        with self._transaction() as db:
+            self._audit(db, now, event, None, None, actor, detail)
 
     # --- internals ----------------------------------------------------------------------
 
