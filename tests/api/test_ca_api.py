@@ -334,3 +334,31 @@ async def test_ca_expiry_warnings_show_in_the_api(
     assert "renew it now" in body["warnings"][0]
     cert = x509.load_pem_x509_certificate(body["certificate"].encode())
     assert cert.not_valid_after_utc == ca.issuing_cert.not_valid_after_utc  # capped by the CA
+
+
+async def test_form_bodies_and_pem_answers_for_curl_users(
+    ca_api: RunningCa, tmp_path: Path
+) -> None:
+    """`curl --data-urlencode token=T --data-urlencode csr@node.csr -H 'Accept:
+    application/x-pem-file' -o node.crt` enrolls without any JSON tooling."""
+    pem, _ = make_csr("node-1")
+    form = {"token": ca_api.token("node-1"), "csr": pem}
+    headers = {"Accept": "application/x-pem-file"}
+    session = ca_api.session()
+    async with session.post(f"{ca_api.url}/v1/enroll", data=form, headers=headers) as response:
+        assert response.status == 200
+        assert response.content_type == "application/x-pem-file"
+        chain = x509.load_pem_x509_certificates(await response.read())
+    assert [c.subject for c in chain[1:]] == [ca_api.ca.issuing_cert.subject]
+    assert ca_api.ca.store.get(chain[0].serial_number) is not None
+    # The same form, twice-given fields and an empty form are 400s with JSON bodies.
+    async with session.post(f"{ca_api.url}/v1/enroll", data=form) as response:
+        assert response.status == 400
+        assert (await response.json())["error"] == "invalid_token"
+    async with session.post(
+        f"{ca_api.url}/v1/enroll",
+        data=b"token=a&token=b",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ) as response:
+        assert response.status == 400
+        assert "given twice" in (await response.json())["message"]

@@ -48,7 +48,7 @@ log = logging.getLogger("trustmesh.api.ca")
 MAX_BODY = 64 * 1024  # a CSR with an attestation is a few KiB
 CRL_MAX_AGE = 60  # seconds a client or proxy may reuse a CRL without asking again
 DER_CRL = "application/pkix-crl"
-PEM_CRL = "application/x-pem-file"
+PEM_CRL = PEM_CHAIN = "application/x-pem-file"
 
 ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     CsrRejected: (400, "invalid_csr"),
@@ -147,11 +147,10 @@ async def enroll(request: web.Request) -> web.Response:
         now=request.app[CLOCK](),
     )
     log.info("enrolled %s (serial %s)", issued.record.node_id, issued.record.serial_hex)
-    return web.json_response(
-        {
-            **_certificate_fields(issued, registrar),
-            "config": registrar.settings.to_json(),
-        }
+    return _certificate_answer(
+        request,
+        issued,
+        {**_certificate_fields(issued, registrar), "config": registrar.settings.to_json()},
     )
 
 
@@ -175,13 +174,15 @@ async def rotate(request: web.Request) -> web.Response:
         issued.record.serial_hex,
         current.serial_hex,
     )
-    return web.json_response(
+    return _certificate_answer(
+        request,
+        issued,
         {
             **_certificate_fields(issued, registrar),
             "valid_not_before": issued.record.not_before.isoformat(),
             "valid_not_after": issued.record.not_after.isoformat(),
             "previous_serial": current.serial_hex,
-        }
+        },
     )
 
 
@@ -296,6 +297,17 @@ def _certificate_fields(issued: Issued, registrar: Registrar) -> dict[str, objec
     return result
 
 
+def _certificate_answer(
+    request: web.Request, issued: Issued, fields: dict[str, object]
+) -> web.Response:
+    """JSON, or with ``Accept: application/x-pem-file`` (or ``?format=pem``) the chain a
+    node presents: its certificate then the issuing CA's, ready for ``curl -o node.crt``."""
+    if not _wants_pem(request):
+        return web.json_response(fields)
+    issuing = request.app[REGISTRAR].ca.issuing_cert.public_bytes(serialization.Encoding.PEM)
+    return web.Response(body=issued.record.pem.encode() + issuing, content_type=PEM_CHAIN)
+
+
 def _admin(request: web.Request) -> str:
     """Who the admin is: a known bearer token's label, or an admin certificate's name."""
     registrar = request.app[REGISTRAR]
@@ -331,6 +343,7 @@ def _serial(text: str) -> int:
 
 
 def _wants_pem(request: web.Request) -> bool:
+    """PEM when ``?format=pem`` or the Accept header names application/x-pem-file."""
     wanted = request.query.get("format")
     if wanted is not None:
         if wanted not in ("pem", "der"):
