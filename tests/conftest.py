@@ -6,6 +6,9 @@ import shutil
 
 import pytest
 
+# Fixtures of the CA API tests (tests/api/ca_support.py; tests/api is on pythonpath).
+pytest_plugins = ["ca_support"]
+
 
 @pytest.fixture
 def require_openssl() -> str:

@@ -362,3 +362,18 @@ async def test_form_bodies_and_pem_answers_for_curl_users(
     ) as response:
         assert response.status == 400
         assert "given twice" in (await response.json())["message"]
+
+
+async def test_a_bad_answer_format_is_refused_before_anything_is_issued(
+    ca_api: RunningCa,
+) -> None:
+    token = ca_api.token("node-1")
+    pem, _ = make_csr("node-1")
+    session = ca_api.session()
+    url = f"{ca_api.url}/v1/enroll"
+    async with session.post(url, params={"format": "xml"}, json={"token": token, "csr": pem}) as r:
+        assert r.status == 400
+        assert (await r.json())["message"] == "format is pem or json"
+    assert ca_api.ca.store.by_node("node-1") == []
+    async with session.post(url, params={"format": "json"}, json={"token": token, "csr": pem}) as r:
+        assert r.status == 200  # the token was not spent by the refused request

@@ -136,6 +136,7 @@ def ca_app(
 
 async def enroll(request: web.Request) -> web.Response:
     _rate_limit(request)
+    pem = _wants_pem(request, ("pem", "json"))  # a bad ?format fails before issuing
     body = await json_body(request)
     registrar = request.app[REGISTRAR]
     issued = registrar.enroll(
@@ -149,6 +150,7 @@ async def enroll(request: web.Request) -> web.Response:
     log.info("enrolled %s (serial %s)", issued.record.node_id, issued.record.serial_hex)
     return _certificate_answer(
         request,
+        pem,
         issued,
         {**_certificate_fields(issued, registrar), "config": registrar.settings.to_json()},
     )
@@ -156,6 +158,7 @@ async def enroll(request: web.Request) -> web.Response:
 
 async def rotate(request: web.Request) -> web.Response:
     _rate_limit(request)
+    pem = _wants_pem(request, ("pem", "json"))
     registrar = request.app[REGISTRAR]
     now = request.app[CLOCK]()
     current = registrar.authenticate(peer_chain(request), now=now)
@@ -176,6 +179,7 @@ async def rotate(request: web.Request) -> web.Response:
     )
     return _certificate_answer(
         request,
+        pem,
         issued,
         {
             **_certificate_fields(issued, registrar),
@@ -188,7 +192,7 @@ async def rotate(request: web.Request) -> web.Response:
 
 async def crl(request: web.Request) -> web.Response:
     snapshot = request.app[CRLS].current(request.app[CLOCK]())
-    pem = _wants_pem(request)
+    pem = _wants_pem(request, ("pem", "der"))
     etag = f'"{snapshot.digest}-{"pem" if pem else "der"}"'
     headers = {
         "ETag": etag,
@@ -278,6 +282,11 @@ def _client(request: web.Request) -> str:
 
 def _attestation(body: dict[str, object]) -> Attestation | None:
     value = body.get("attestation")
+    if isinstance(value, str):  # a form field carries the object as JSON text
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ApiError(400, "attestation is not a JSON object") from None
     return None if value is None else Attestation.from_json(value)
 
 
@@ -298,11 +307,11 @@ def _certificate_fields(issued: Issued, registrar: Registrar) -> dict[str, objec
 
 
 def _certificate_answer(
-    request: web.Request, issued: Issued, fields: dict[str, object]
+    request: web.Request, pem: bool, issued: Issued, fields: dict[str, object]
 ) -> web.Response:
     """JSON, or with ``Accept: application/x-pem-file`` (or ``?format=pem``) the chain a
     node presents: its certificate then the issuing CA's, ready for ``curl -o node.crt``."""
-    if not _wants_pem(request):
+    if not pem:
         return web.json_response(fields)
     issuing = request.app[REGISTRAR].ca.issuing_cert.public_bytes(serialization.Encoding.PEM)
     return web.Response(body=issued.record.pem.encode() + issuing, content_type=PEM_CHAIN)
@@ -329,7 +338,10 @@ def _admin(request: web.Request) -> str:
             "admin credentials needed: a bearer token or an admin client certificate",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    record: IssuedCertificate = registrar.authenticate(chain, now=request.app[CLOCK]())
+    try:
+        record: IssuedCertificate = registrar.authenticate(chain, now=request.app[CLOCK]())
+    except NotAuthenticated as exc:
+        raise ApiError(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     if record.role != "admin":
         raise ApiError(403, f"{record.node_id!r} is not an admin of this CA")
     return f"cert:{record.node_id}"
@@ -342,12 +354,12 @@ def _serial(text: str) -> int:
         raise ApiError(400, f"serial {text!r} is not hexadecimal") from None
 
 
-def _wants_pem(request: web.Request) -> bool:
+def _wants_pem(request: web.Request, formats: tuple[str, str]) -> bool:
     """PEM when ``?format=pem`` or the Accept header names application/x-pem-file."""
     wanted = request.query.get("format")
     if wanted is not None:
-        if wanted not in ("pem", "der"):
-            raise ApiError(400, "format is pem or der")
+        if wanted not in formats:
+            raise ApiError(400, f"format is {' or '.join(formats)}")
         return wanted == "pem"
     return PEM_CRL in request.headers.get("Accept", "")
 

@@ -75,7 +75,11 @@ def json_errors(mapping: Mapping[type[ProtocolError], tuple[int, str]]) -> Middl
             if exc.status < 400:
                 raise
             headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-            return error_response(ApiError(exc.status, exc.reason, headers=headers))
+            # aiohttp's text says more than its reason for some errors (a 413 names the
+            # limit); for others it is just "404: Not Found".
+            text = exc.text or ""
+            message = exc.reason if text.startswith(f"{exc.status}:") or not text else text
+            return error_response(ApiError(exc.status, message, headers=headers))
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return error_response(ApiError(500, "internal error", code="internal"))

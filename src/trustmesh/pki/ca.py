@@ -224,6 +224,7 @@ class CertificateAuthority:
         *,
         label: str | None = None,
     ) -> tuple[x509.Certificate, IssuedCertificate]:
+        now = now.replace(microsecond=0)  # X.509 times have whole seconds
         not_before = now - BACKDATE
         not_after = min(now + validity, self.issuing_cert.not_valid_after_utc)
         if not_after <= now + MIN_NODE_VALIDITY:
