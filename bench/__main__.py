@@ -10,7 +10,7 @@ import sys
 import bench
 from bench.harness import report
 
-NOT_BENCHES = {"anchors", "harness"}
+NOT_BENCHES = {"__main__", "anchors", "harness"}
 
 
 def available() -> list[str]:

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.api.ca import ca_app
+from trustmesh.api.ca_server import CaServer
 from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
@@ -377,3 +378,24 @@ async def test_a_bad_answer_format_is_refused_before_anything_is_issued(
     assert ca_api.ca.store.by_node("node-1") == []
     async with session.post(url, params={"format": "json"}, json={"token": token, "csr": pem}) as r:
         assert r.status == 200  # the token was not spent by the refused request
+
+
+async def test_the_server_certificate_names_every_san(ca_api: RunningCa) -> None:
+    server = CaServer(
+        ca_api.server.registrar,
+        b"api-test-passphrase",
+        "127.0.0.1",
+        0,
+        names=("127.0.0.1", "ca.mesh.example"),
+    )
+    await server.start()
+    try:
+        served = [c for c in ca_api.ca.store.all() if c.role == "server"][-1]
+        cert = x509.load_pem_x509_certificate(served.pem.encode())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert names.get_values_for_type(x509.DNSName) == ["ca.mesh.example"]
+        assert [str(a) for a in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+        async with ca_api.session().get(f"{server.url}/v1/health") as response:
+            assert response.status == 200
+    finally:
+        await server.stop()

@@ -95,3 +95,19 @@ def test_errors_and_usage(tmp_path: Path) -> None:
     )
     assert wrong.returncode == 1 and "wrong passphrase" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_bad_option_values_are_usage_errors_before_the_ca_opens(tmp_path: Path) -> None:
+    """Exit 2 and a message naming the option; the CA directory need not even exist."""
+    missing = str(tmp_path / "no-ca")
+    cases = [
+        (["ca", "token", "create", "--dir", missing, "--node-id", "n1", "--ttl", "30s"], "--ttl"),
+        (["ca", "token", "create", "--dir", missing, "--node-id", "N_1"], "--node-id"),
+        (["ca", "token", "create", "--dir", missing, "--node-id", "n1", "--ttl", "5"], "unit"),
+        (["ca", "serve", "--dir", missing, "--validity", "30m"], "--validity"),
+        (["ca", "serve", "--dir", missing, "--host", "0.0.0.0"], "--san"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr, (args, result.stderr)

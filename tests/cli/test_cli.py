@@ -62,8 +62,11 @@ def assert_one_line_failure(code: int, out: str, err: str) -> None:
 
 def _command_paths(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[list[str]]:
     yield list(path)
-    if isinstance(command, click.Group):
-        for name, sub in sorted(command.commands.items()):
+    if isinstance(command, click.Group):  # through get_command: the root group loads lazily
+        context = click.Context(command)
+        for name in sorted(command.list_commands(context)):
+            sub = command.get_command(context, name)
+            assert sub is not None
             yield from _command_paths(sub, (*path, name))
 
 
@@ -99,6 +102,8 @@ def test_command_tree_is_complete() -> None:
     assert ["keys", "generate"] in COMMAND_PATHS
     assert ["keys", "show"] in COMMAND_PATHS
     assert ["demo"] in COMMAND_PATHS
+    for path in (["ca", "serve"], ["ca", "token", "create"], ["enroll"], ["rotate"]):
+        assert path in COMMAND_PATHS
 
 
 @pytest.mark.parametrize("path", COMMAND_PATHS, ids=lambda p: " ".join(p) or "trustmesh")

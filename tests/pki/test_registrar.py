@@ -354,10 +354,22 @@ def test_admin_certificates_cannot_rotate_or_name_a_node(ca: CertificateAuthorit
     cert = ca.issue_admin("alice", key.public_key(), now=NOW)
     record = desk.authenticate([cert, ca.issuing_cert], now=NOW)
     assert record.role == "admin"
-    with pytest.raises(PolicyDenied, match="admin certificate cannot be rotated"):
+    with pytest.raises(PolicyDenied, match="not admin ones"):
         desk.rotate(record, csr_pem("alice"), now=NOW)
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == []
     assert names.get_values_for_type(x509.UniformResourceIdentifier) == [
         "urn:trustmesh:admin:alice"
     ]
+
+
+def test_revoking_a_node_id_spares_admins_and_servers_of_that_name(
+    ca: CertificateAuthority,
+) -> None:
+    desk = registrar(ca)
+    node = _enrolled(ca, desk, "alice")[0]
+    admin = ca.issue_admin("alice", ec.generate_private_key(ec.SECP256R1()).public_key(), now=NOW)
+    server = ca.issue_server(["alice"], ec.generate_private_key(ec.SECP256R1()).public_key())
+    assert ca.revoke(node_id="alice", now=NOW) == [node.serial_number]
+    for kept in (admin, server):
+        assert ca.store.get(kept.serial_number).revoked_at is None  # type: ignore[union-attr]

@@ -28,11 +28,12 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.keystore.filestore import load_key_file, save_key_file
+from trustmesh.keystore.filestore import fsync_directory, load_key_file, save_key_file
 from trustmesh.pki.errors import PkiError
 
 DEFAULT_TIMEOUT = 30.0
 ENROLLMENT_FILE = "enrollment.json"
+NEXT_KEY, NEXT_CERT = "node.next.key", "node.next.crt"  # a rotation's new pair, in flight
 
 
 class CaRequestFailed(PkiError):
@@ -226,6 +227,7 @@ def rotate_node(
     """Get a new certificate (for a new key unless ``keep_key``) over mTLS with the
     current one, then swap the files in. The previous pair is kept as node.prev.crt
     and node.prev.key; it stays valid until it expires, for links that still use it."""
+    finish_interrupted_rotation(directory)
     info = _read_enrollment(directory)
     url = ca_url or str(info.get("ca_url", ""))
     if not url:
@@ -248,9 +250,13 @@ def rotate_node(
     )
     leaf, chain = _check_answer(answer, key, node_id, _load_roots(directory / "ca.crt"))
     _keep_previous(directory)
+    # Journalled: the complete new pair goes to node.next.*, the certificate last; then
+    # both move into place. A crash in between is finished by the next rotate (or node
+    # start), never left as a new key next to an old certificate.
     if not keep_key:
-        save_key_file(key, directory / "node.key", passphrase, overwrite=True)
-    _write_atomic(directory / "node.crt", _pem_chain(leaf, *chain))
+        save_key_file(key, directory / NEXT_KEY, passphrase, overwrite=True)
+    _write_atomic(directory / NEXT_CERT, _pem_chain(leaf, *chain))
+    finish_interrupted_rotation(directory)
     info.update(
         serial=format(leaf.serial_number, "x"),
         not_after=leaf.not_valid_after_utc.isoformat(),
@@ -258,6 +264,18 @@ def rotate_node(
     )
     _write_atomic(directory / ENROLLMENT_FILE, json.dumps(info, indent=2).encode() + b"\n")
     return NodeCertificate(directory, node_id, str(info["serial"]), leaf.not_valid_after_utc)
+
+
+def finish_interrupted_rotation(directory: Path) -> bool:
+    """Move a complete new pair (node.next.crt, and node.next.key unless the key was
+    kept) into place; True when there was one."""
+    if not (directory / NEXT_CERT).exists():
+        return False
+    if (directory / NEXT_KEY).exists():
+        os.replace(directory / NEXT_KEY, directory / "node.key")
+    os.replace(directory / NEXT_CERT, directory / "node.crt")
+    fsync_directory(directory)
+    return True
 
 
 def _check_answer(
@@ -332,6 +350,7 @@ def _write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -1,11 +1,14 @@
 """Serving the CA's API over HTTPS, with a TLS certificate the CA issues itself.
 
-At start the CA issues its API a certificate for the host it serves (an IP SAN for an
-address), so a client that trusts ``ca.crt`` verifies the server with nothing else. The
-certificate lives 7 days and is renewed at two thirds of that while serving: new
-connections get the new one. The server *requests* client certificates (for
-``/v1/rotate`` and admin calls) and the handlers verify them, so a missing or foreign
-certificate gets a JSON 401 instead of a failed handshake.
+At start the CA issues its API a certificate for the names clients use (by default the
+host it serves; an IP SAN for an address), so a client that trusts ``ca.crt`` verifies
+the server with nothing else. The certificate lives 7 days and is renewed at two thirds
+of that while serving: new connections get the new one. Its files live in a private
+temporary directory of this server, so several servers on one CA never share them.
+
+The server *requests* client certificates (for ``/v1/rotate`` and admin calls) and the
+handlers verify them, so a missing or foreign certificate gets a JSON 401 instead of a
+failed handshake.
 """
 
 from __future__ import annotations
@@ -13,26 +16,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.api.ca import ca_app
-from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.https import HttpsSite
 from trustmesh.keystore.filestore import save_key_file
 from trustmesh.pki.ca import SERVER_VALIDITY
 from trustmesh.pki.enroll import Registrar
+from trustmesh.pki.errors import PkiError
 from trustmesh.tls.context import TlsConfig, TlsContext
 
 log = logging.getLogger("trustmesh.api.ca")
 
 DEFAULT_PORT = 8443
-DEFAULT_RATE = 5.0  # requests per second per client, on average
-DEFAULT_BURST = 20
 WARN_EVERY = 24 * 3600.0  # seconds between repeated CA-expiry warnings in the log
 
 
@@ -48,9 +52,15 @@ class CaServer:
         *,
         limiter: RateLimiter | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        names: tuple[str, ...] = (),
     ) -> None:
+        if not names and host in ("0.0.0.0", "::", ""):  # noqa: S104 (a check, not a bind)
+            raise PkiError(
+                f"serving on {host or 'all addresses'}: give the names clients use (--san)"
+            )
         self.registrar = registrar
         self.host = host
+        self.names = names or (host,)
         self._port = port
         self._passphrase = passphrase
         self._clock = clock
@@ -58,14 +68,24 @@ class CaServer:
         self._runner: web.AppRunner | None = None
         self._site: HttpsSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._files: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def port(self) -> int:
         return self._site.port if self._site else self._port
 
     @property
+    def tls_context(self) -> TlsContext:
+        """The context new connections get (its certificate is the latest issued)."""
+        if self._site is None:
+            raise RuntimeError("the CA server is not started")
+        return self._site.context
+
+    @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        """The URL clients use: the first of the certificate's names."""
+        host = self.names[0]
+        host = f"[{host}]" if ":" in host else host
         return f"https://{host}:{self.port}"
 
     async def start(self) -> None:
@@ -90,6 +110,8 @@ class CaServer:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._files is not None:
+            self._files.cleanup()
 
     async def __aenter__(self) -> CaServer:
         await self.start()
@@ -99,13 +121,14 @@ class CaServer:
         await self.stop()
 
     def _tls_context(self) -> TlsContext:
-        """Issue the API a fresh certificate (files server.crt and server.key in the CA
-        directory) and build the context that serves it."""
+        """Issue the API a fresh certificate and build the context that serves it."""
         ca = self.registrar.ca
         key = PrivateKey.generate(KeyKind.P256)
         public = key.to_cryptography().public_key()
-        cert = ca.issue_server(self.host, public, now=self._clock())
-        directory = ca.directory
+        cert = ca.issue_server(list(self.names), public, now=self._clock())
+        if self._files is None:
+            self._files = tempfile.TemporaryDirectory(prefix="trustmesh-ca-api-")
+        directory = Path(self._files.name)
         chain = cert.public_bytes(serialization.Encoding.PEM) + ca.issuing_cert.public_bytes(
             serialization.Encoding.PEM
         )
@@ -114,7 +137,7 @@ class CaServer:
         config = TlsConfig(
             cert_file=directory / "server.crt",
             key_file=directory / "server.key",
-            ca_file=directory / "ca.crt",
+            ca_file=ca.directory / "ca.crt",
             key_passphrase=self._passphrase,
             client_auth="request",
         )

@@ -7,6 +7,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+DEFAULT_RATE = 5.0  # requests per second per client, on average
+DEFAULT_BURST = 20
 MAX_CLIENTS = 10_000  # the table forgets the least recently seen clients beyond this
 
 

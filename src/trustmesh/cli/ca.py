@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.api.ca_server import DEFAULT_BURST, DEFAULT_RATE, CaServer
-from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import Duration
 from trustmesh.cli.signals import stop_on_signals
@@ -20,11 +21,18 @@ from trustmesh.keystore.filestore import passphrase_from_env_or_tty, save_key_fi
 from trustmesh.pki.attestation import AttestationPolicy, installed_verifiers
 from trustmesh.pki.ca import (
     MAX_NODE_VALIDITY,
+    MAX_TOKEN_TTL,
     MIN_NODE_VALIDITY,
+    MIN_TOKEN_TTL,
     REASONS,
     CertificateAuthority,
+    check_node_id,
 )
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
+from trustmesh.pki.errors import PkiError
+
+if TYPE_CHECKING:
+    from trustmesh.api.ca_server import CaServer as CaServerType
 
 DIR_OPTION = click.option(
     "--dir",
@@ -42,6 +50,13 @@ def _open(directory: Path, passphrase: bytes | None = None) -> CertificateAuthor
     for warning in ca.expiry_warnings():  # loudly, on every command
         click.echo(f"trustmesh: WARNING: {warning}", err=True)
     return ca
+
+
+def check_node_id_option(node_id: str) -> None:
+    try:
+        check_node_id(node_id)
+    except PkiError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--node-id'") from None
 
 
 @click.group()
@@ -80,7 +95,8 @@ def init(directory: Path, name: str, as_json: bool) -> None:
 @DIR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per certificate.")
 def list_certificates(directory: Path, as_json: bool) -> None:
-    """Every certificate the CA issued, with its state (valid, expired, revoked)."""
+    """Every certificate the CA issued: node, admin or server, and its state (valid,
+    expired, revoked)."""
     authority = _open(directory)
     try:
         now = datetime.now(UTC)
@@ -89,12 +105,16 @@ def list_certificates(directory: Path, as_json: bool) -> None:
             row = {
                 "serial": cert.serial_hex,
                 "node_id": cert.node_id,
+                "role": cert.role,
                 "not_before": cert.not_before.isoformat(),
                 "not_after": cert.not_after.isoformat(),
                 "state": state,
                 "reason": cert.reason,
             }
-            human = f"{cert.serial_hex:>32}  {cert.node_id:<24} {state:<8} {row['not_after']}"
+            human = (
+                f"{cert.serial_hex:>32}  {cert.node_id:<24} {cert.role:<6} {state:<8} "
+                f"{row['not_after']}"
+            )
             emit(row, as_json=as_json, human=human)
     finally:
         authority.close()
@@ -179,6 +199,9 @@ def token_create(directory: Path, node_id: str, ttl: timedelta, as_json: bool) -
 
     Hand it to the node over a safe channel; `trustmesh enroll --token` spends it.
     """
+    if not MIN_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL:
+        raise click.BadParameter("between 1m and 30d", param_hint="'--ttl'")
+    check_node_id_option(node_id)
     authority = _open(directory)
     try:
         now = datetime.now(UTC)
@@ -308,6 +331,13 @@ def audit(directory: Path, limit: int, as_json: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True)
 @click.option(
+    "--san",
+    multiple=True,
+    metavar="NAME",
+    help="A DNS name or address clients use to reach this server, for its certificate "
+    "(repeatable; default: --host; required with --host 0.0.0.0).",
+)
+@click.option(
     "--allow",
     "allow",
     multiple=True,
@@ -350,6 +380,7 @@ def serve(
     directory: Path,
     host: str,
     port: int,
+    san: tuple[str, ...],
     allow: tuple[str, ...],
     max_nodes: int | None,
     attestation: str,
@@ -374,6 +405,13 @@ def serve(
     The server's certificate is issued by this CA for --host, so
     `curl --cacert D/ca.crt https://HOST:PORT/v1/health` verifies.
     """
+    if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
+        raise click.BadParameter("between 1h and 7d", param_hint="'--validity'")
+    if not san and host in ("0.0.0.0", "::"):  # noqa: S104 (a check, not a bind)
+        raise click.UsageError(f"serving on {host}: give the names clients use with --san")
+    # Imported here: aiohttp costs every other `ca` command a quarter second otherwise.
+    from trustmesh.api.ca_server import CaServer
+
     passphrase = passphrase_from_env_or_tty(directory, confirm=False)
     authority = _open(directory, passphrase)
     try:
@@ -386,53 +424,32 @@ def serve(
             ),
             validity=validity,
         )
-        if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
-            raise click.BadParameter("between 1h and 7d", param_hint="'--validity'")
-        asyncio.run(
-            _serve(
-                authority,
-                passphrase,
-                host,
-                port,
-                policy,
-                bootstrap,
-                gossip_fanout,
-                crl_url,
-                RateLimiter(rate, burst),
-                as_json,
-            )
+        settings = MeshSettings(bootstrap, gossip_fanout, crl_url)
+        registrar = Registrar(authority, policy, settings)
+        server = CaServer(
+            registrar, passphrase, host, port, limiter=RateLimiter(rate, burst), names=san
         )
+        asyncio.run(_serve(server, as_json))
     finally:
         authority.close()
 
 
-async def _serve(
-    authority: CertificateAuthority,
-    passphrase: bytes | None,
-    host: str,
-    port: int,
-    policy: EnrollmentPolicy,
-    bootstrap: tuple[str, ...],
-    gossip_fanout: int,
-    crl_url: str | None,
-    limiter: RateLimiter,
-    as_json: bool,
-) -> None:
+async def _serve(server: CaServerType, as_json: bool) -> None:
     stop = stop_on_signals()
-    registrar = Registrar(authority, policy, MeshSettings(bootstrap, gossip_fanout, crl_url))
-    server = CaServer(registrar, passphrase, host, port, limiter=limiter)
     await server.start()
     try:
-        if crl_url is None:  # now that the port is known
-            registrar.settings = MeshSettings(bootstrap, gossip_fanout, f"{server.url}/v1/crl")
+        registrar = server.registrar
+        if registrar.settings.crl_url is None:  # now that the port is known
+            registrar.settings = replace(registrar.settings, crl_url=f"{server.url}/v1/crl")
+        directory = registrar.ca.directory
         emit(
             {
                 "listening": server.url,
-                "ca_cert": str(authority.directory / "ca.crt"),
-                "warnings": authority.expiry_warnings(),
+                "ca_cert": str(directory / "ca.crt"),
+                "warnings": registrar.ca.expiry_warnings(),
             },
             as_json=as_json,
-            human=f"CA API on {server.url} (trust {authority.directory / 'ca.crt'})",
+            human=f"CA API on {server.url} (trust {directory / 'ca.crt'})",
         )
         await stop.wait()
     finally:

@@ -6,6 +6,7 @@ and no traceback, unless ``--debug`` (or ``TRUSTMESH_DEBUG=1``) asks for it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -14,12 +15,6 @@ import traceback
 import click
 
 from trustmesh import __version__
-from trustmesh.cli.botd import botd
-from trustmesh.cli.ca import ca
-from trustmesh.cli.catalyst import catalyst
-from trustmesh.cli.demo import demo
-from trustmesh.cli.enroll import enroll, rotate
-from trustmesh.cli.keys import keys
 from trustmesh.errors import ProtocolError
 
 EXIT_OK = 0
@@ -27,11 +22,40 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
+# Subcommands load on use: a command pays only for its own imports (aiohttp, cedarpy...).
+COMMANDS = {
+    "keys": "trustmesh.cli.keys:keys",
+    "botd": "trustmesh.cli.botd:botd",
+    "catalyst": "trustmesh.cli.catalyst:catalyst",
+    "ca": "trustmesh.cli.ca:ca",
+    "enroll": "trustmesh.cli.enroll:enroll",
+    "rotate": "trustmesh.cli.enroll:rotate",
+    "demo": "trustmesh.cli.demo:demo",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, name = target.partition(":")
+        command = getattr(importlib.import_module(module), name)
+        assert isinstance(command, click.Command)
+        return command
+
+
 class _State:
     debug = False  # set per run by main() from TRUSTMESH_DEBUG, and by --debug
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, "--version", "-V", prog_name="trustmesh")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs on failure.")
 def cli(debug: bool) -> None:
@@ -49,15 +73,6 @@ def cli(debug: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-
-
-cli.add_command(keys)
-cli.add_command(botd)
-cli.add_command(catalyst)
-cli.add_command(ca)
-cli.add_command(enroll)
-cli.add_command(rotate)
-cli.add_command(demo)
 
 
 def main(argv: list[str] | None = None) -> None:

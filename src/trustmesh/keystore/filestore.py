@@ -104,7 +104,7 @@ def save_key_file(
         else:
             os.link(tmp, p)  # fails if p exists, unlike rename
             tmp.unlink()
-        _fsync_directory(p.parent)  # the new name survives a crash, the tmp name does not
+        fsync_directory(p.parent)  # the new name survives a crash, the tmp name does not
     except FileExistsError:
         raise KeyStoreError(f"{p} already exists; refusing to overwrite a key") from None
     except OSError as exc:
@@ -115,7 +115,8 @@ def save_key_file(
     return p
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` survive a crash."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -43,6 +43,7 @@ MAX_NODE_VALIDITY = timedelta(days=7)
 SERVER_VALIDITY = timedelta(days=7)  # the CA API's own TLS certificate, renewed while serving
 ADMIN_VALIDITY = timedelta(days=90)
 DEFAULT_TOKEN_TTL = timedelta(hours=1)
+MIN_TOKEN_TTL = timedelta(minutes=1)
 MAX_TOKEN_TTL = timedelta(days=30)
 ENROLL_TOKEN_PREFIX = "tmenroll_"  # noqa: S105 (a prefix that makes tokens recognizable)
 ADMIN_TOKEN_PREFIX = "tmadmin_"  # noqa: S105
@@ -137,7 +138,8 @@ class CertificateAuthority:
 
     @property
     def chain_pem(self) -> str:
-        return (self.directory / "chain.pem").read_text()
+        """The issuing CA then the root, PEM: what a node is handed with its certificate."""
+        return _pem(self.issuing_cert) + _pem(self.root_cert)
 
     # --- issuing ------------------------------------------------------------------------
 
@@ -177,17 +179,23 @@ class CertificateAuthority:
         return cert
 
     def issue_server(
-        self, host: str, public_key: CertificatePublicKeyTypes, *, now: datetime | None = None
+        self,
+        hosts: list[str],
+        public_key: CertificatePublicKeyTypes,
+        *,
+        now: datetime | None = None,
     ) -> x509.Certificate:
-        """A TLS server certificate for the CA's own API at ``host`` (an IP SAN when it
-        is an address, else a DNS SAN), valid for 7 days; recorded with role ``server``."""
+        """A TLS server certificate for the CA's own API, naming each of ``hosts`` (an
+        IP SAN for an address, else a DNS SAN), valid for 7 days; role ``server``."""
         now = now or datetime.now(UTC)
-        try:
-            names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(host))]
-        except ValueError:
-            names = [x509.DNSName(host)]
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
         eku = [ExtendedKeyUsageOID.SERVER_AUTH]
-        cert, record = self._sign(host, names, eku, public_key, SERVER_VALIDITY, now, "server")
+        cert, record = self._sign(hosts[0], names, eku, public_key, SERVER_VALIDITY, now, "server")
         self.store.add(record, event="issue", actor="ca serve", now=now)
         return cert
 
@@ -265,7 +273,7 @@ class CertificateAuthority:
         """A single-use enrollment token for ``node_id``; only its hash is stored."""
         now = now or datetime.now(UTC)
         check_node_id(node_id)
-        if not timedelta(minutes=1) <= ttl <= MAX_TOKEN_TTL:
+        if not MIN_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL:
             raise PkiError("an enrollment token lives from 1 minute to 30 days")
         token = ENROLL_TOKEN_PREFIX + secrets.token_urlsafe(32)
         self.store.add_token(token_hash(token), node_id, now, now + ttl)
@@ -301,7 +309,8 @@ class CertificateAuthority:
             serials = [serial]
         else:
             assert node_id is not None
-            issued = self.store.by_node(node_id)
+            # Only node certificates: an admin or the API server may share the name.
+            issued = [c for c in self.store.by_node(node_id) if c.role == "node"]
             if not issued:
                 raise UnknownCertificate(f"no certificate was issued to {node_id!r}")
             serials = [c.serial for c in issued]
@@ -469,6 +478,10 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
 def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _load_cert(path: Path) -> x509.Certificate:

@@ -153,7 +153,7 @@ class Registrar:
         The old one stays valid until its own expiry: the two overlap."""
         now = now or datetime.now(UTC)
         if current.role != "node":
-            raise PolicyDenied(f"a {current.role} certificate cannot be rotated here")
+            raise PolicyDenied(f"only node certificates rotate here, not {current.role} ones")
         if current_serial is not None and _parse_serial(current_serial) != current.serial:
             raise PkiError(
                 f"current_cert_serial {current_serial} is not the client certificate's serial"
