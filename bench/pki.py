@@ -60,13 +60,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.harness import Result, compare_rates
+from trustmesh.api.ca_client import make_csr as node_csr
 from trustmesh.api.ca_server import CaServer
 from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.https import HttpsSite
 from trustmesh.pki.ca import ENROLL_TOKEN_PREFIX, CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
@@ -92,16 +94,8 @@ GENEROUS_LIMIT = 1e9
 
 
 def make_csr(node_id: str) -> str:
-    """A fresh P-256 key's CSR naming ``node_id`` (CN and DNS SAN), in PEM: what a node
-    sends, as ``trustmesh.api.ca_client.make_csr`` builds it."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
+    """A fresh P-256 key's CSR naming ``node_id``: what ``trustmesh enroll`` sends."""
+    return node_csr(PrivateKey.generate(KeyKind.P256), node_id)
 
 
 def enroll_body(token: str, node_id: str, csr_pem: str) -> bytes:

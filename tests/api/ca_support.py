@@ -13,12 +13,13 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from trustmesh.api.ca_client import make_csr as node_csr
 from trustmesh.api.ca_server import CaServer
 from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.crypto.keys import PrivateKey
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 
@@ -28,14 +29,9 @@ PASSPHRASE = b"api-test-passphrase"
 def make_csr(
     node_id: str, key: ec.EllipticCurvePrivateKey | None = None
 ) -> tuple[str, ec.EllipticCurvePrivateKey]:
+    """A CSR as `trustmesh enroll` makes it, and its key (to write or reuse)."""
     key = key or ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode(), key
+    return node_csr(PrivateKey.from_cryptography(key), node_id), key
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clitools import TRUSTMESH, clean_env
+from clitools import LEAF_EXTENSIONS, OPENSSL_CONFIG, P256, TRUSTMESH, clean_env
 
 from trustmesh.pki.ca import CertificateAuthority
 
@@ -265,27 +265,6 @@ def curl(url: str, *options: str | Path) -> Reply:
 
 # --- openssl ------------------------------------------------------------------------------
 
-OPENSSL_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-[leaf]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth, clientAuth
-subjectAltName = DNS:{name}
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
-
-P256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256")
-
 
 class OpenSsl:
     """The openssl command line, with a minimal config of our own (none from the system)."""
@@ -294,7 +273,7 @@ class OpenSsl:
         self.executable = executable
         self.folder = folder
         self.config = folder / "openssl.cnf"
-        self.config.write_text(OPENSSL_CONFIG.format(name="unused"))
+        self.config.write_text(OPENSSL_CONFIG)
         self.env = {**os.environ, "OPENSSL_CONF": str(self.config)}
 
     def run(self, *args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -347,12 +326,12 @@ class OpenSsl:
             *("-days", "2", "-subj", f"/CN={issuer_cn}", "-extensions", "ca"),
         )
         extensions = self.folder / f"{name}.ext"
-        extensions.write_text(OPENSSL_CONFIG.format(name=node_id))
+        extensions.write_text(LEAF_EXTENSIONS.format(name=node_id))
         cert = self.folder / f"{name}.crt"
         self(
             *("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-sha256"),
             *("-set_serial", f"0x{serial:x}", "-days", "1"),
-            *("-extfile", extensions, "-extensions", "leaf", "-out", cert),
+            *("-extfile", extensions, "-out", cert),
         )
         return cert
 

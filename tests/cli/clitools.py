@@ -31,3 +31,30 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 TRUSTMESH = trustmesh_executable()
+
+
+# The openssl command line's minimal config (none from the system): requests without
+# prompts, and a "ca" extension section for self-signed CAs.
+OPENSSL_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+"""
+
+# An -extfile for a node certificate: CN and DNS SAN ``name``, server and client use.
+LEAF_EXTENSIONS = """\
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth, clientAuth
+subjectAltName = DNS:{name}
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+P256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256")

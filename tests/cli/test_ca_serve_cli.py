@@ -36,11 +36,9 @@ from catools import (
     split_pem,
     trustmesh,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from trustmesh.api.ca_client import make_csr
+from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.pki.ca import CertificateAuthority
 
 
@@ -51,14 +49,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedCa]:
 
 
 def csr_pem(node_id: str) -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode()
+    return make_csr(PrivateKey.generate(KeyKind.P256), node_id)
 
 
 # --- admin client certificates --------------------------------------------------------------

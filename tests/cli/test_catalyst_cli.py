@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clitools import TRUSTMESH, clean_env
+from clitools import LEAF_EXTENSIONS, OPENSSL_CONFIG, P256, TRUSTMESH, clean_env
 
 # Fails, never skips, without openssl. The module-scoped pki fixture repeats the check, so
 # that a missing openssl is the same plain failure whichever fixture is set up first.
@@ -62,29 +62,6 @@ def notifications(events: list[Event]) -> list[tuple[int, int, str]]:
 
 
 # --- certificates, keys and secrets, all made by the openssl command line ----------------
-
-OPENSSL_CONFIG = """\
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-"""
-
-LEAF_EXTENSIONS = """\
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth, clientAuth
-subjectAltName = DNS:{name}
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
-
-P256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256")
 
 # Permit only a peer that proved a pre-shared secret (validated against CEDAR_SCHEMA).
 PSK_ONLY_POLICY = """\

@@ -30,7 +30,13 @@ from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.errors import ProtocolError
 from trustmesh.io.https import peer_chain
 from trustmesh.pki.attestation import Attestation
-from trustmesh.pki.ca import CRL_VALIDITY, REASONS, CertificateAuthority, token_hash
+from trustmesh.pki.ca import (
+    CRL_VALIDITY,
+    REASONS,
+    CertificateAuthority,
+    parse_serial,
+    token_hash,
+)
 from trustmesh.pki.enroll import Issued, Registrar
 from trustmesh.pki.errors import (
     AttestationFailed,
@@ -72,6 +78,8 @@ class CrlSnapshot:
     this_update: datetime
     next_update: datetime
     epoch: int
+    revoked: int  # how many certificates it lists
+    headers: dict[str, str]  # the caching headers, the same for every fetch of it
 
 
 class CrlCache:
@@ -103,6 +111,13 @@ class CrlCache:
             this_update=crl.last_update_utc,
             next_update=next_update,
             epoch=epoch,
+            revoked=len(crl),
+            headers={
+                "Cache-Control": f"public, max-age={CRL_MAX_AGE}, must-revalidate",
+                "Last-Modified": _http_date(crl.last_update_utc),
+                "Expires": _http_date(next_update),
+                "Vary": "Accept",
+            },
         )
 
 
@@ -194,13 +209,7 @@ async def crl(request: web.Request) -> web.Response:
     snapshot = request.app[CRLS].current(request.app[CLOCK]())
     pem = _wants_pem(request, ("pem", "der"))
     etag = f'"{snapshot.digest}-{"pem" if pem else "der"}"'
-    headers = {
-        "ETag": etag,
-        "Cache-Control": f"public, max-age={CRL_MAX_AGE}, must-revalidate",
-        "Last-Modified": _http_date(snapshot.this_update),
-        "Expires": _http_date(snapshot.next_update),
-        "Vary": "Accept",
-    }
+    headers = {"ETag": etag, **snapshot.headers}
     if etag in _etags(request.headers.get("If-None-Match", "")):
         return web.Response(status=304, headers=headers)
     body, content_type = (snapshot.pem, PEM_CRL) if pem else (snapshot.der, DER_CRL)
@@ -221,7 +230,7 @@ async def revoke(request: web.Request) -> web.Response:
     ca = request.app[REGISTRAR].ca
     now = request.app[CLOCK]()
     if serial_text is not None:
-        serial = _serial(serial_text)
+        serial = parse_serial(serial_text)
         record = ca.store.get(serial)
         if record is None:
             raise UnknownCertificate(f"no certificate with serial {serial:x}")
@@ -247,7 +256,7 @@ async def health(request: web.Request) -> web.Response:
             "root_not_after": ca.root_cert.not_valid_after_utc.isoformat(),
             "issuing_not_after": ca.issuing_cert.not_valid_after_utc.isoformat(),
             "crl_next_update": snapshot.next_update.isoformat(),
-            "revoked": len(ca.store.revoked()),
+            "revoked": snapshot.revoked,
         }
     )
 
@@ -345,13 +354,6 @@ def _admin(request: web.Request) -> str:
     if record.role != "admin":
         raise ApiError(403, f"{record.node_id!r} is not an admin of this CA")
     return f"cert:{record.node_id}"
-
-
-def _serial(text: str) -> int:
-    try:
-        return int(text.removeprefix("0x").replace(":", ""), 16)
-    except ValueError:
-        raise ApiError(400, f"serial {text!r} is not hexadecimal") from None
 
 
 def _wants_pem(request: web.Request, formats: tuple[str, str]) -> bool:

@@ -27,6 +27,7 @@ from trustmesh.pki.ca import (
     REASONS,
     CertificateAuthority,
     check_node_id,
+    parse_serial,
 )
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.pki.errors import PkiError
@@ -75,8 +76,7 @@ def ca() -> None:
 def init(directory: Path, name: str, as_json: bool) -> None:
     """Create a root and an issuing CA (P-256) in an empty directory."""
     passphrase = passphrase_from_env_or_tty(directory, confirm=True)
-    authority = CertificateAuthority.init(directory, passphrase, name=name)
-    try:
+    with CertificateAuthority.init(directory, passphrase, name=name) as authority:
         root, issuing = authority.root_cert, authority.issuing_cert
         emit(
             {
@@ -87,8 +87,6 @@ def init(directory: Path, name: str, as_json: bool) -> None:
             },
             as_json=as_json,
         )
-    finally:
-        authority.close()
 
 
 @ca.command(name="list")
@@ -97,8 +95,7 @@ def init(directory: Path, name: str, as_json: bool) -> None:
 def list_certificates(directory: Path, as_json: bool) -> None:
     """Every certificate the CA issued: node, admin or server, and its state (valid,
     expired, revoked)."""
-    authority = _open(directory)
-    try:
+    with _open(directory) as authority:
         now = datetime.now(UTC)
         for cert in authority.store.all():
             state = "revoked" if cert.revoked_at else "expired" if cert.not_after < now else "valid"
@@ -116,8 +113,6 @@ def list_certificates(directory: Path, as_json: bool) -> None:
                 f"{row['not_after']}"
             )
             emit(row, as_json=as_json, human=human)
-    finally:
-        authority.close()
 
 
 @ca.command()
@@ -141,15 +136,12 @@ def revoke(
     number = None
     if serial is not None:
         try:
-            number = int(serial.removeprefix("0x"), 16)
-        except ValueError:
+            number = parse_serial(serial)
+        except PkiError:
             raise click.BadParameter("not a hex serial", param_hint="'--serial'") from None
-    authority = _open(directory)
-    try:
+    with _open(directory) as authority:
         revoked = authority.revoke(serial=number, node_id=node_id, reason=reason)
         emit({"revoked": [format(s, "x") for s in revoked], "reason": reason}, as_json=as_json)
-    finally:
-        authority.close()
 
 
 @ca.command()
@@ -163,8 +155,7 @@ def renew(directory: Path, force: bool, as_json: bool) -> None:
     nodes the new D/ca.crt before the old one expires.
     """
     passphrase = passphrase_from_env_or_tty(directory, confirm=False)
-    authority = CertificateAuthority(directory, passphrase)
-    try:
+    with _open(directory, passphrase) as authority:
         renewed = authority.renew(passphrase, force=force)
         emit(
             {
@@ -174,8 +165,6 @@ def renew(directory: Path, force: bool, as_json: bool) -> None:
             },
             as_json=as_json,
         )
-    finally:
-        authority.close()
 
 
 @ca.group()
@@ -202,14 +191,11 @@ def token_create(directory: Path, node_id: str, ttl: timedelta, as_json: bool) -
     if not MIN_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL:
         raise click.BadParameter("between 1m and 30d", param_hint="'--ttl'")
     check_node_id_option(node_id)
-    authority = _open(directory)
-    try:
+    with _open(directory) as authority:
         now = datetime.now(UTC)
         secret = authority.create_token(node_id, ttl=ttl, now=now)
         data = {"token": secret, "node_id": node_id, "expires_at": (now + ttl).isoformat()}
         emit(data, as_json=as_json, human=secret)
-    finally:
-        authority.close()
 
 
 @ca.group(name="admin-token")
@@ -226,12 +212,9 @@ def admin_token_create(directory: Path, label: str, as_json: bool) -> None:
 
     Use it as `Authorization: Bearer TOKEN` on POST /v1/revoke.
     """
-    authority = _open(directory)
-    try:
+    with _open(directory) as authority:
         secret = authority.create_admin_token(label)
         emit({"token": secret, "label": label}, as_json=as_json, human=secret)
-    finally:
-        authority.close()
 
 
 @ca.command(name="admin-cert")
@@ -251,8 +234,7 @@ def admin_cert(directory: Path, name: str, out: Path, no_encrypt: bool, as_json:
     The key is made here and encrypted with $TRUSTMESH_PASSPHRASE unless --no-encrypt.
     Use it as `curl --cert admin.crt --key admin.key`.
     """
-    authority = _open(directory)
-    try:
+    with _open(directory) as authority:
         out.mkdir(parents=True, exist_ok=True)
         key = PrivateKey.generate(KeyKind.P256)
         cert = authority.issue_admin(name, key.to_cryptography().public_key())
@@ -271,8 +253,6 @@ def admin_cert(directory: Path, name: str, out: Path, no_encrypt: bool, as_json:
             "not_after": cert.not_valid_after_utc.isoformat(),
         }
         emit(data, as_json=as_json)
-    finally:
-        authority.close()
 
 
 @ca.command()
@@ -285,8 +265,7 @@ def admin_cert(directory: Path, name: str, out: Path, no_encrypt: bool, as_json:
 )
 def crl(directory: Path, pem: bool, out: Path | None) -> None:
     """Sign the current CRL (valid 24 h), for nodes that cannot reach the API."""
-    authority = _open(directory)
-    try:
+    with _open(directory) as authority:
         signed = authority.crl()
         data = signed.public_bytes(
             serialization.Encoding.PEM if pem else serialization.Encoding.DER
@@ -296,8 +275,6 @@ def crl(directory: Path, pem: bool, out: Path | None) -> None:
             sys.stdout.buffer.flush()
         else:
             out.write_bytes(data)
-    finally:
-        authority.close()
 
 
 @ca.command()
@@ -306,8 +283,7 @@ def crl(directory: Path, pem: bool, out: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per entry.")
 def audit(directory: Path, limit: int, as_json: bool) -> None:
     """The audit log, newest first: issuance, enrollment, rotation, revocation, tokens."""
-    authority = _open(directory)
-    try:
+    with _open(directory) as authority:
         for entry in authority.store.audit(limit):
             row = {
                 "at": entry.at.isoformat(),
@@ -322,8 +298,6 @@ def audit(directory: Path, limit: int, as_json: bool) -> None:
                 f"{entry.serial or '-':<32} {entry.actor or '-'}"
             )
             emit(row, as_json=as_json, human=human)
-    finally:
-        authority.close()
 
 
 @ca.command()
@@ -413,8 +387,7 @@ def serve(
     from trustmesh.api.ca_server import CaServer
 
     passphrase = passphrase_from_env_or_tty(directory, confirm=False)
-    authority = _open(directory, passphrase)
-    try:
+    with _open(directory, passphrase) as authority:
         policy = EnrollmentPolicy(
             allow=allow,
             max_nodes=max_nodes,
@@ -430,8 +403,6 @@ def serve(
             registrar, passphrase, host, port, limiter=RateLimiter(rate, burst), names=san
         )
         asyncio.run(_serve(server, as_json))
-    finally:
-        authority.close()
 
 
 async def _serve(server: CaServerType, as_json: bool) -> None:

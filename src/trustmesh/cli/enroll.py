@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from trustmesh.api.ca_client import enroll_node, rotate_node
+from trustmesh.api.ca_client import NodeCertificate, enroll_node, rotate_node
 from trustmesh.cli.output import emit
 from trustmesh.crypto.keys import KeyKind
 from trustmesh.keystore.filestore import load_key_file, passphrase_from_env_or_tty
@@ -59,15 +59,7 @@ def enroll(
     result = enroll_node(
         ca_url, ca_cert, token, node_id, out, passphrase=passphrase, key_kind=KEY_TYPES[key_type]
     )
-    emit(
-        {
-            "node_id": result.node_id,
-            "serial": result.serial,
-            "not_after": result.not_after.isoformat(),
-            "dir": str(result.directory),
-        },
-        as_json=as_json,
-    )
+    _report(result, as_json)
 
 
 @click.command()
@@ -95,12 +87,14 @@ def rotate(directory: Path, ca_url: str | None, keep_key: bool, as_json: bool) -
         passphrase = passphrase_from_env_or_tty(key_file, confirm=False)
         load_key_file(key_file, passphrase)  # a wrong passphrase fails here, before the CA
     result = rotate_node(directory, passphrase=passphrase, ca_url=ca_url, keep_key=keep_key)
-    emit(
-        {
-            "node_id": result.node_id,
-            "serial": result.serial,
-            "not_after": result.not_after.isoformat(),
-            "dir": str(result.directory),
-        },
-        as_json=as_json,
-    )
+    _report(result, as_json)
+
+
+def _report(result: NodeCertificate, as_json: bool) -> None:
+    data = {
+        "node_id": result.node_id,
+        "serial": result.serial,
+        "not_after": result.not_after.isoformat(),
+        "dir": str(result.directory),
+    }
+    emit(data, as_json=as_json)

@@ -44,8 +44,8 @@ class _Plaintext:
         self._connection = connection
         self._out = bytearray()
 
-    def queue(self, data: bytes) -> None:
-        self._out += data
+    def queue(self, data: bytes | bytearray | memoryview) -> None:
+        self._out += data  # one copy, into the buffer TLS encrypts from
 
     def start(self, now: float) -> list[Event]:
         return []
@@ -133,7 +133,7 @@ class _HttpsConnection(asyncio.Protocol):
         else:
             self._app.data_received(data)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             return
         self._inner.queue(data)
@@ -220,10 +220,10 @@ class _PlaintextTransport(asyncio.Transport):
         self._connection = connection
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._connection.write(bytes(data))
+        self._connection.write(data)
 
     def writelines(self, list_of_data: Any) -> None:
-        self._connection.write(b"".join(bytes(d) for d in list_of_data))
+        self._connection.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
         return False

@@ -82,6 +82,14 @@ def admin_uri(name: str) -> str:
     return f"urn:trustmesh:admin:{name}"
 
 
+def parse_serial(text: str, what: str = "serial") -> int:
+    """A serial as people write it: hex, with or without ``0x`` or colons."""
+    try:
+        return int(text.removeprefix("0x").replace(":", ""), 16)
+    except ValueError:
+        raise PkiError(f"{what} {text!r} is not a hex serial") from None
+
+
 def random_serial() -> int:
     """A random positive 128-bit serial (its top bit clear, so DER needs no sign byte)."""
     return secrets.randbits(127) | 1
@@ -135,6 +143,12 @@ class CertificateAuthority:
 
     def close(self) -> None:
         self.store.close()
+
+    def __enter__(self) -> CertificateAuthority:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @property
     def chain_pem(self) -> str:

@@ -21,7 +21,13 @@ from trustmesh.pki.attestation import (
     enrollment_nonce,
     rotation_nonce,
 )
-from trustmesh.pki.ca import DEFAULT_NODE_VALIDITY, CertificateAuthority, load_csr, token_hash
+from trustmesh.pki.ca import (
+    DEFAULT_NODE_VALIDITY,
+    CertificateAuthority,
+    load_csr,
+    parse_serial,
+    token_hash,
+)
 from trustmesh.pki.errors import NotAuthenticated, PkiError, PolicyDenied, TokenRejected
 from trustmesh.pki.store import IssuedCertificate
 
@@ -103,9 +109,8 @@ class Registrar:
             raise TokenRejected("the enrollment token has expired")
         csr = load_csr(csr_text)
         self.policy.check_allowed(node_id)
-        verdict = self.policy.attestation.check(
-            attestation, enrollment_nonce(token, csr.public_key()), csr.public_key()
-        )
+        key = csr.public_key()
+        verdict = self.policy.attestation.check(attestation, enrollment_nonce(token, key), key)
         cert, record = self.ca.sign(csr, node_id, validity=self.policy.validity, now=now)
         # Spends the token, applies the node cap and commits the record atomically:
         # of racing requests with one token exactly one gets here.
@@ -154,23 +159,20 @@ class Registrar:
         now = now or datetime.now(UTC)
         if current.role != "node":
             raise PolicyDenied(f"only node certificates rotate here, not {current.role} ones")
-        if current_serial is not None and _parse_serial(current_serial) != current.serial:
+        if (
+            current_serial is not None
+            and parse_serial(current_serial, "current_cert_serial") != current.serial
+        ):
             raise PkiError(
                 f"current_cert_serial {current_serial} is not the client certificate's serial"
                 f" {current.serial_hex}"
             )
         csr = load_csr(csr_text)
         self.policy.check_allowed(current.node_id)
+        key = csr.public_key()
         verdict = self.policy.attestation.check(
-            attestation, rotation_nonce(current.serial, csr.public_key()), csr.public_key()
+            attestation, rotation_nonce(current.serial, key), key
         )
         cert, record = self.ca.sign(csr, current.node_id, validity=self.policy.validity, now=now)
         self.ca.store.add(record, event="rotate", actor=actor, now=now)
         return Issued(cert, record, verdict)
-
-
-def _parse_serial(text: str) -> int:
-    try:
-        return int(text.removeprefix("0x").replace(":", ""), 16)
-    except ValueError:
-        raise PkiError(f"current_cert_serial {text!r} is not a hex serial") from None
