@@ -7,6 +7,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from trustmesh.ratelimit import TokenBucket
+
 DEFAULT_RATE = 5.0  # requests per second per client, on average
 DEFAULT_BURST = 20
 MAX_CLIENTS = 10_000  # the table forgets the least recently seen clients beyond this
@@ -27,18 +29,15 @@ class RateLimiter:
         self.burst = burst
         self._clock = clock
         self._max_clients = max_clients
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def check(self, client: str) -> float | None:
         """Take one token for ``client``: None when allowed, else the seconds to wait."""
         now = self._clock()
-        tokens, last = self._buckets.pop(client, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[client] = (tokens, now)
+        bucket = self._buckets.pop(client, None) or TokenBucket(self.rate, self.burst, now)
+        wait = bucket.take(now)
+        self._buckets[client] = bucket
         if len(self._buckets) > self._max_clients:
             # A forgotten client comes back with a full bucket: no worse than a new one.
             self._buckets.popitem(last=False)
-        return None if allowed else (1.0 - tokens) / self.rate
+        return wait

@@ -7,7 +7,7 @@ pyOpenSSL, not the stdlib ``ssl``: only pyOpenSSL offers the RFC 8446 exporter
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +42,9 @@ class TlsConfig:
     # bundle, or "request" one and accept whatever comes (none, or any chain), leaving
     # the verdict to the application (an HTTP API that answers 401 instead of an alert).
     client_auth: Literal["require", "request"] = "require"
+    # Asked for the serial of each peer certificate that otherwise verifies: a live
+    # revocation view (a mesh node's), where a CRL file would need a new context.
+    is_revoked: Callable[[int], bool] | None = field(default=None, compare=False, repr=False)
 
 
 class TlsContext:
@@ -69,6 +72,8 @@ class TlsContext:
             raise TlsConfigError(f"cannot load certificate, key or CA bundle: {exc}") from None
         if self.server and self.config.client_auth == "request":
             ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+        elif self.config.is_revoked is not None:
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._not_revoked)
         else:
             # Both sides must present a certificate that chains to the CA bundle.
             ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
@@ -116,6 +121,14 @@ class TlsContext:
         store.add_crl(crl)
         # Only the leaf is checked: the CA bundle's own certificates carry no CRL here.
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+
+    def _not_revoked(
+        self, conn: SSL.Connection, cert: crypto.X509, error: int, depth: int, ok: int
+    ) -> bool:
+        # OpenSSL's own verdict stands; a revoked peer certificate (depth 0) fails too.
+        is_revoked = self.config.is_revoked
+        assert is_revoked is not None
+        return bool(ok) and not (depth == 0 and is_revoked(cert.get_serial_number()))
 
     def _select_alpn(self, conn: SSL.Connection, offered: list[bytes]) -> Any:
         # Any: pyOpenSSL types the "no overlap" sentinel with a private class.

@@ -79,6 +79,7 @@ class TlsStream:
         self._peer_closed = False  # the peer sent close_notify
         self._failed = False  # a TLS error ended the session: no more records from us
         self._post_handshake = bytearray()  # client: bytes since the handshake, until accepted
+        self.established: TlsEstablished | None = None  # the handshake's outcome, once connected
 
     # --- what the session offers ------------------------------------------------------
 
@@ -232,6 +233,7 @@ class TlsStream:
             resumed=bool(_lib.SSL_session_reused(self._conn._ssl)),
             verified=verified,
         )
+        self.established = established
         return [established, *self._from_inner(self.inner.start(now))]
 
     def _from_inner(self, events: list[Event]) -> list[Event]:

@@ -1,0 +1,316 @@
+"""The gossip engine: what a node does with a message (zero-trust-mesh.md section 6.3).
+
+Sans-IO. For each message it checks, in this order (cheapest first): lifetime, the
+seen-cache, the sender's rate, the origin's certificate and revocation, the signature.
+A new valid message is marked seen, kept for peers that ask for it, and forwarded to
+``fanout`` peers chosen at random, never the sender or the origin.
+
+Eager push to a few peers reaches most nodes in a few hops; to make coverage certain on
+any connected mesh, nodes also trade digests (``ihave``) of the messages they hold with
+the peers not known to hold them, and pull what they lack (``iwant``), as gossipsub does.
+A peer "knows" a message once it sent it to us, we sent it to them, or either side
+announced it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from trustmesh.mesh.errors import (
+    ExpiredMessage,
+    GossipRejected,
+    MalformedMessage,
+    RateLimited,
+    RevokedOrigin,
+    UntrustedOrigin,
+)
+from trustmesh.mesh.gossip import MAX_TTL_MS, GossipMessage, crl_from_payload, decode_message
+from trustmesh.mesh.trust import CrlUpdate, Identity, TrustView
+from trustmesh.ratelimit import TokenBucket
+
+DEFAULT_FANOUT = 3
+DEFAULT_SEEN_CAPACITY = 100_000
+DEFAULT_RECENT_CAPACITY = 1024  # messages kept to answer iwant
+DEFAULT_RATE = 200.0  # gossip messages per second per peer, on average
+DEFAULT_BURST = 400
+CLOCK_SKEW_MS = 60_000  # how far in the future a timestamp may be
+MAX_DIGEST = 512  # ids per ihave or iwant
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message was taken: ``new`` is false for a duplicate (nothing else is set then)."""
+
+    message_id: str
+    new: bool
+    message: GossipMessage | None = None
+    raw: bytes = b""  # the message as received: what is forwarded
+    origin: Identity | None = None
+    forward_to: tuple[str, ...] = ()
+    crl: CrlUpdate | None = None
+
+
+@dataclass
+class GossipStats:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    forwarded: int = 0
+
+    def reject(self, code: str) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+
+
+class SeenCache:
+    """Message ids seen, each until its message expires; at most ``capacity``, the oldest
+    forgotten first. New entries wait in :attr:`pending` until the node persists them."""
+
+    def __init__(self, capacity: int = DEFAULT_SEEN_CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError("the seen-cache needs room for at least one id")
+        self.capacity = capacity
+        self._ids: OrderedDict[str, int] = OrderedDict()
+        self.pending: list[tuple[str, int]] = []
+
+    def __contains__(self, message_id: object) -> bool:
+        return message_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, message_id: str, expiry: int, *, persist: bool = True) -> None:
+        self._ids[message_id] = expiry
+        if persist:
+            self.pending.append((message_id, expiry))
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def load(self, entries: Iterable[tuple[str, int]], now_ms: int) -> None:
+        """Restore persisted ids (oldest first), skipping expired ones."""
+        for message_id, expiry in entries:
+            if expiry > now_ms:
+                self.add(message_id, expiry, persist=False)
+
+    def take_pending(self) -> list[tuple[str, int]]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def prune(self, now_ms: int) -> None:
+        """Forget ids whose message has expired: a replay of it is refused as expired."""
+        expired = [mid for mid, expiry in self._ids.items() if expiry <= now_ms]
+        for message_id in expired:
+            del self._ids[message_id]
+
+
+class GossipEngine:
+    """One node's gossip state: trust, the seen-cache, recent messages, peer knowledge."""
+
+    def __init__(
+        self,
+        node_id: str,
+        trust: TrustView,
+        *,
+        fanout: int = DEFAULT_FANOUT,
+        seen: SeenCache | None = None,
+        recent_capacity: int = DEFAULT_RECENT_CAPACITY,
+        rate: float = DEFAULT_RATE,
+        burst: int = DEFAULT_BURST,
+        max_ttl_ms: int = MAX_TTL_MS,
+        rng: random.Random | None = None,
+    ) -> None:
+        if fanout < 1:
+            raise ValueError("fanout must be at least 1")
+        self.node_id = node_id
+        self.trust = trust
+        self.fanout = fanout
+        self.seen = seen if seen is not None else SeenCache()
+        self.recent_capacity = recent_capacity
+        self.rate = rate
+        self.burst = burst
+        self.max_ttl_ms = max_ttl_ms
+        # Which peers to push to need not be unpredictable, only spread.
+        self.rng = rng if rng is not None else random.Random()  # noqa: S311
+        self.stats = GossipStats()
+        self._origins: dict[str, Identity] = {}  # the latest verified identity per origin
+        self._recent: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # raw, expiry
+        self._known: dict[str, set[str]] = {}  # peer -> ids it is known to hold
+        self._buckets: dict[str, TokenBucket] = {}
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def receive_raw(
+        self, raw: bytes, *, sender: str | None, peers: Sequence[str], now_ms: int
+    ) -> Received:
+        """Parse then :meth:`receive`; ``raw`` is what gets forwarded, byte for byte."""
+        try:
+            message = decode_message(raw)
+        except MalformedMessage:
+            self.stats.reject("malformed")
+            raise
+        return self.receive(message, raw, sender=sender, peers=peers, now_ms=now_ms)
+
+    def receive(
+        self,
+        message: GossipMessage,
+        raw: bytes,
+        *,
+        sender: str | None,
+        peers: Sequence[str],
+        now_ms: int,
+    ) -> Received:
+        """Take one message from ``sender`` (a peer's node_id, or None for the local API);
+        ``peers`` are the node_ids of the live links. Raises a
+        :class:`~trustmesh.mesh.errors.GossipRejected` subclass for a message to drop."""
+        try:
+            return self._receive(message, raw, sender, peers, now_ms)
+        except GossipRejected as exc:
+            self.stats.reject(exc.code)
+            raise
+
+    def _receive(
+        self,
+        message: GossipMessage,
+        raw: bytes,
+        sender: str | None,
+        peers: Sequence[str],
+        now_ms: int,
+    ) -> Received:
+        message_id = message.message_id
+        self._check_lifetime(message, now_ms)
+        if sender is not None:
+            self._known_by(sender).add(message_id)
+        if message_id in self.seen:
+            self.stats.duplicates += 1
+            return Received(message_id, new=False)
+        if sender is not None:
+            bucket = self._buckets.get(sender)
+            if bucket is None:
+                bucket = self._buckets[sender] = TokenBucket(self.rate, self.burst, now_ms / 1e3)
+            if bucket.take(now_ms / 1e3) is not None:
+                raise RateLimited(f"{sender} is over {self.rate:g} gossip messages a second")
+        origin = self._origin(message, now_ms)
+        origin.verify(message.signature, message.signed_bytes())
+        crl = None
+        if message.kind == "crl":
+            crl = self.trust.apply_crl(crl_from_payload(message.payload))
+        self.seen.add(message_id, message.expiry)
+        self._remember(message_id, raw, message.expiry)
+        self.stats.accepted += 1
+        stale_crl = message.kind == "crl" and crl is None
+        forward = () if stale_crl else self._pick(peers, exclude=(sender, message.origin))
+        for peer in forward:
+            self._known_by(peer).add(message_id)
+        self.stats.forwarded += len(forward)
+        return Received(message_id, True, message, raw, origin, forward, crl)
+
+    def _check_lifetime(self, message: GossipMessage, now_ms: int) -> None:
+        if message.expiry <= message.timestamp:
+            raise ExpiredMessage("the message expires before it was made")
+        if message.expiry <= now_ms:
+            raise ExpiredMessage(f"message {message.message_id} has expired")
+        if message.timestamp > now_ms + CLOCK_SKEW_MS:
+            raise ExpiredMessage(f"message {message.message_id} is from the future")
+        if message.expiry - message.timestamp > self.max_ttl_ms:
+            raise ExpiredMessage(f"message lifetime exceeds {self.max_ttl_ms} ms")
+
+    def _origin(self, message: GossipMessage, now_ms: int) -> Identity:
+        if message.chain:
+            now = datetime.fromtimestamp(now_ms / 1e3, UTC)
+            identity = self.trust.identity(message.chain, now=now)
+            if identity.node_id != message.origin:
+                raise UntrustedOrigin(
+                    f"the certificate names {identity.node_id}, not the origin {message.origin}"
+                )
+            self._origins[message.origin] = identity
+            return identity
+        known = self._origins.get(message.origin)
+        if known is None:
+            raise UntrustedOrigin(f"no certificate known for {message.origin}: send its chain")
+        if self.trust.is_revoked(known.serial):
+            raise RevokedOrigin(f"{known.node_id}'s certificate is revoked")
+        return known
+
+    def _pick(self, peers: Sequence[str], exclude: tuple[str | None, str]) -> tuple[str, ...]:
+        candidates = [p for p in peers if p not in exclude]
+        if len(candidates) <= self.fanout:
+            return tuple(candidates)
+        return tuple(self.rng.sample(candidates, self.fanout))
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def publish(
+        self, message: GossipMessage, raw: bytes, peers: Sequence[str], now_ms: int
+    ) -> Received:
+        """Our own message: checked like any other (a node must not sign what peers
+        refuse), then sent to ``fanout`` peers."""
+        return self.receive(message, raw, sender=None, peers=peers, now_ms=now_ms)
+
+    # --- digests (lazy pull) -------------------------------------------------------------------
+
+    def ihave_for(self, peer: str, now_ms: int) -> list[str]:
+        """Ids of unexpired messages we hold that ``peer`` is not known to hold; they
+        count as known from now on (an ihave is sent once per message and peer)."""
+        self._expire(now_ms)
+        known = self._known_by(peer)
+        ids = [mid for mid in self._recent if mid not in known][-MAX_DIGEST:]
+        known.update(ids)
+        return ids
+
+    def on_ihave(self, peer: str, ids: Iterable[str]) -> list[str]:
+        """The ids a peer announced that we lack: ask for them."""
+        known = self._known_by(peer)
+        wanted = []
+        for message_id in ids:
+            known.add(message_id)
+            if message_id not in self.seen:
+                wanted.append(message_id)
+        return wanted[:MAX_DIGEST]
+
+    def on_iwant(self, peer: str, ids: Iterable[str], now_ms: int) -> list[bytes]:
+        """The messages a peer asked for that we still hold."""
+        self._expire(now_ms)
+        known = self._known_by(peer)
+        found = []
+        for message_id in list(ids)[:MAX_DIGEST]:
+            entry = self._recent.get(message_id)
+            if entry is not None:
+                known.add(message_id)
+                found.append(entry[0])
+        return found
+
+    def forget_peer(self, peer: str) -> None:
+        self._known.pop(peer, None)
+        self._buckets.pop(peer, None)
+
+    def recent_ids(self) -> list[str]:
+        return list(self._recent)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _known_by(self, peer: str) -> set[str]:
+        known = self._known.get(peer)
+        if known is None:
+            known = self._known[peer] = set()
+        return known
+
+    def _remember(self, message_id: str, raw: bytes, expiry: int) -> None:
+        self._recent[message_id] = (raw, expiry)
+        while len(self._recent) > self.recent_capacity:
+            gone, _ = self._recent.popitem(last=False)
+            for known in self._known.values():
+                known.discard(gone)
+
+    def _expire(self, now_ms: int) -> None:
+        expired = [mid for mid, (_, expiry) in self._recent.items() if expiry <= now_ms]
+        for message_id in expired:
+            del self._recent[message_id]
+            for known in self._known.values():
+                known.discard(message_id)
+        # Ids a peer announced but we never held must not pile up.
+        for known in self._known.values():
+            if len(known) > 4 * self.recent_capacity:
+                known.intersection_update(self._recent)

@@ -1,0 +1,213 @@
+"""Signed gossip messages (zero-trust-mesh.md section 6.2; docs/protocols/mesh-link.md).
+
+A message is a JSON object::
+
+    {"message_id": "...", "origin": "node-1", "payload": {"type": "anomaly", ...},
+     "timestamp": 1767225600000, "expiry": 1767229200000,
+     "signature": "<base64 DER ECDSA or Ed25519>", "chain": ["<base64 DER>", ...]}
+
+Times are Unix milliseconds. The signature covers ``SIGNING_LABEL`` followed by the
+canonical JSON of ``[message_id, origin, payload, timestamp, expiry]``; ``chain`` (the
+origin's certificate, then its issuing CA) rides outside the signature, as a
+certificate does in TLS, and may be left out when the receiver already knows the origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from trustmesh.keystore.signer import Signer
+from trustmesh.mesh.errors import MalformedMessage
+from trustmesh.wire.jsonwire import canonical_json, compact_json, strict_loads
+
+SIGNING_LABEL = b"trustmesh-gossip/1\n"
+MAX_MESSAGE = 512 * 1024  # a CRL of thousands of serials fits
+MAX_ANOMALY = 4 * 1024  # an anomaly is a hash and a few words, never a log
+MAX_CHAIN = 4
+MAX_CERT = 8 * 1024
+MAX_TTL_MS = 7 * 24 * 3600 * 1000
+DEFAULT_TTL_MS = 3600 * 1000
+MESSAGE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+NODE_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
+HEX = re.compile(r"(?:[0-9a-f]{2}){8,64}")
+KIND = re.compile(r"[A-Za-z0-9._:/-]{1,64}")
+PAYLOAD_TYPES = ("anomaly", "crl")
+FIELDS = {"message_id", "origin", "payload", "timestamp", "expiry", "signature", "chain"}
+
+
+@dataclass(frozen=True, slots=True)
+class GossipMessage:
+    message_id: str
+    origin: str
+    payload: dict[str, Any]
+    timestamp: int
+    expiry: int
+    signature: bytes
+    chain: tuple[bytes, ...] = ()  # DER certificates, the origin's first
+
+    @property
+    def kind(self) -> str:
+        return str(self.payload["type"])
+
+    def signed_bytes(self) -> bytes:
+        return signing_input(
+            self.message_id, self.origin, self.payload, self.timestamp, self.expiry
+        )
+
+    def to_json(self, *, with_chain: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "message_id": self.message_id,
+            "origin": self.origin,
+            "payload": self.payload,
+            "timestamp": self.timestamp,
+            "expiry": self.expiry,
+            "signature": base64.b64encode(self.signature).decode(),
+        }
+        if with_chain and self.chain:
+            data["chain"] = [base64.b64encode(der).decode() for der in self.chain]
+        return data
+
+    def encode(self, *, with_chain: bool = True) -> bytes:
+        return compact_json(self.to_json(with_chain=with_chain))
+
+
+def signing_input(
+    message_id: str, origin: str, payload: dict[str, Any], timestamp: int, expiry: int
+) -> bytes:
+    return SIGNING_LABEL + canonical_json([message_id, origin, payload, timestamp, expiry])
+
+
+def sign_message(
+    signer: Signer,
+    origin: str,
+    payload: dict[str, Any],
+    *,
+    now_ms: int,
+    ttl_ms: int = DEFAULT_TTL_MS,
+    chain: tuple[bytes, ...] = (),
+    message_id: str | None = None,
+) -> GossipMessage:
+    """Sign a new message from ``origin``; ``payload`` is checked first, so a node never
+    signs what its peers would refuse."""
+    if not 0 < ttl_ms <= MAX_TTL_MS:
+        raise ValueError(f"ttl must be in 1..{MAX_TTL_MS} ms")
+    check_payload(payload)
+    message_id = message_id if message_id is not None else f"{origin}:{uuid.uuid4().hex}"
+    if not MESSAGE_ID.fullmatch(message_id):
+        raise ValueError(f"message_id {message_id!r} is not 1-128 of [A-Za-z0-9._:-]")
+    expiry = now_ms + ttl_ms
+    signature = signer.sign(signing_input(message_id, origin, payload, now_ms, expiry))
+    return GossipMessage(message_id, origin, payload, now_ms, expiry, signature, chain)
+
+
+def decode_message(data: bytes | bytearray | memoryview) -> GossipMessage:
+    """Parse a message from JSON text; raise :class:`MalformedMessage` (or an
+    :class:`~trustmesh.errors.OversizeError`) for anything that breaks the format."""
+    return message_from_json(strict_loads(data, max_size=MAX_MESSAGE, error=MalformedMessage))
+
+
+def message_from_json(data: Any) -> GossipMessage:
+    if not isinstance(data, dict):
+        raise MalformedMessage("a gossip message is a JSON object")
+    extra = data.keys() - FIELDS
+    if extra:
+        raise MalformedMessage(f"unknown fields {sorted(extra)}")
+    message_id = _string(data, "message_id")
+    if not MESSAGE_ID.fullmatch(message_id):
+        raise MalformedMessage("message_id must be 1-128 of [A-Za-z0-9._:-]")
+    origin = _string(data, "origin")
+    if not NODE_ID.fullmatch(origin):
+        raise MalformedMessage("origin must be a node_id (a DNS name)")
+    payload = data.get("payload")
+    if not isinstance(payload, dict):
+        raise MalformedMessage("payload must be an object")
+    check_payload(payload)
+    timestamp = _millis(data, "timestamp")
+    expiry = _millis(data, "expiry")
+    signature = _base64(_string(data, "signature"), "signature", 512)
+    chain_field = data.get("chain", [])
+    if not isinstance(chain_field, list) or len(chain_field) > MAX_CHAIN:
+        raise MalformedMessage(f"chain must be a list of at most {MAX_CHAIN} certificates")
+    chain = tuple(_base64(c, "chain entry", MAX_CERT) for c in chain_field)
+    return GossipMessage(message_id, origin, payload, timestamp, expiry, signature, chain)
+
+
+def check_payload(payload: dict[str, Any]) -> None:
+    """Refuse payloads of unknown type or that break their type's rules."""
+    kind = payload.get("type")
+    if kind == "anomaly":
+        _check_anomaly(payload)
+    elif kind == "crl":
+        if payload.keys() != {"type", "crl"} or not isinstance(payload["crl"], str):
+            raise MalformedMessage('a crl payload is {"type": "crl", "crl": base64 DER}')
+        _base64(payload["crl"], "crl", MAX_MESSAGE)
+    else:
+        raise MalformedMessage(f"payload type must be one of {list(PAYLOAD_TYPES)}")
+
+
+def anomaly_payload(
+    hash_hex: str, kind: str, risk: float, meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    payload = {"type": "anomaly", "hash": hash_hex, "kind": kind, "risk": risk, "meta": meta or {}}
+    check_payload(payload)
+    return payload
+
+
+def crl_payload(der: bytes) -> dict[str, Any]:
+    return {"type": "crl", "crl": base64.b64encode(der).decode()}
+
+
+def crl_from_payload(payload: dict[str, Any]) -> bytes:
+    return _base64(payload["crl"], "crl", MAX_MESSAGE)
+
+
+def _check_anomaly(payload: dict[str, Any]) -> None:
+    allowed = {"type", "hash", "kind", "risk", "meta"}
+    if not payload.keys() <= allowed or not {"hash", "kind", "risk"} <= payload.keys():
+        raise MalformedMessage("an anomaly has hash, kind, risk and optional meta, no more")
+    digest, kind, risk = payload["hash"], payload["kind"], payload["risk"]
+    if not isinstance(digest, str) or not HEX.fullmatch(digest):
+        raise MalformedMessage("anomaly hash must be 16-128 lowercase hex digits")
+    if not isinstance(kind, str) or not KIND.fullmatch(kind):
+        raise MalformedMessage("anomaly kind must be 1-64 of [A-Za-z0-9._:/-]")
+    if isinstance(risk, bool) or not isinstance(risk, int | float) or not 0 <= risk <= 1:
+        raise MalformedMessage("anomaly risk must be a number in 0..1")
+    meta = payload.get("meta", {})
+    if not isinstance(meta, dict):
+        raise MalformedMessage("anomaly meta must be an object")
+    for key, value in meta.items():
+        if isinstance(value, dict | list):
+            raise MalformedMessage(f"anomaly meta {key!r} must be a scalar: no nested data")
+    if len(canonical_json(payload)) > MAX_ANOMALY:
+        raise MalformedMessage(f"an anomaly payload is at most {MAX_ANOMALY} bytes")
+
+
+def _string(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{key} must be a string")
+    return value
+
+
+def _millis(data: dict[str, Any], key: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 53:
+        raise MalformedMessage(f"{key} must be Unix milliseconds (an integer)")
+    return value
+
+
+def _base64(text: Any, what: str, limit: int) -> bytes:
+    if not isinstance(text, str) or len(text) > (limit + 2) // 3 * 4:
+        raise MalformedMessage(f"{what} must be base64 of at most {limit} bytes")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedMessage(f"{what} is not base64") from None
+    if not raw:
+        raise MalformedMessage(f"{what} is empty")
+    return raw

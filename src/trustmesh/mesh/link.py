@@ -1,0 +1,413 @@
+"""The mesh link protocol, ``dadm-mesh/1``, inside TLS 1.3 (docs/protocols/mesh-link.md).
+
+A frame is ``uvarint(length) || type || body``: one type byte, then a body that is JSON
+for control frames, a gossip message's own JSON text (forwarded byte for byte), or a
+CRL's DER. Both sides send HELLO as soon as TLS is up; nothing but HELLO or CLOSE may
+come before the peer's HELLO. Then either side sends KEEPALIVE every third of the hold
+time, and a link silent for the hold time is closed. Every refusal is a CLOSE frame with
+a code and a reason, then close_notify.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from cryptography import x509
+
+from trustmesh.errors import DecodeError
+from trustmesh.mesh.errors import MalformedMessage, MeshError, RevokedOrigin
+from trustmesh.mesh.gossip import NODE_ID
+from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.tls import TlsEstablished
+from trustmesh.wire.frames import FrameDecoder, encode_frame
+from trustmesh.wire.jsonwire import compact_json, strict_loads
+
+ALPN = "dadm-mesh/1"
+VERSION = 1
+MAX_FRAME = 1 << 20
+MAX_HELLO_FRAME = 16 * 1024
+MAX_CONTROL = 64 * 1024
+DEFAULT_HOLD_TIME = 30
+MAX_HOLD_TIME = 3600
+MAX_PEERS = 64
+MAX_IDS = 512
+
+
+class Frame(enum.IntEnum):
+    HELLO = 1
+    KEEPALIVE = 2
+    GOSSIP = 3
+    CRL = 4
+    PEERS = 5
+    IHAVE = 6
+    IWANT = 7
+    CLOSE = 8
+
+
+class CloseCode(enum.StrEnum):
+    SHUTDOWN = "shutdown"
+    PROTOCOL = "protocol-error"
+    HOLD_TIMER = "hold-timer-expired"
+    REFUSED = "refused"  # the peer's certificate or name is not acceptable
+    REVOKED = "revoked"
+    BAD_SIGNATURE = "bad-signature"
+    DUPLICATE = "duplicate-link"
+    LINK_CAP = "link-cap"
+    RATE_LIMITED = "rate-limited"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    node_id: str
+    address: str  # host:port of its link listener
+
+
+@dataclass(frozen=True, slots=True)
+class LinkUp(Event):
+    """The peer's HELLO arrived and checked out."""
+
+    peer_id: str
+    listen: str | None
+    crl_number: int
+    hold_time: int
+
+
+@dataclass(frozen=True, slots=True)
+class GossipFrame(Event):
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CrlFrame(Event):
+    der: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeersFrame(Event):
+    peers: tuple[PeerAddress, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IHaveFrame(Event):
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class IWantFrame(Event):
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkClosed(ConnectionClosed):
+    """The link ended; ``code`` is the CLOSE frame's (sent or received)."""
+
+    code: str = CloseCode.SHUTDOWN
+
+
+class TlsBinding(Protocol):
+    @property
+    def established(self) -> TlsEstablished | None:
+        """The TLS handshake's outcome, once connected."""
+
+
+Authorizer = Callable[[Sequence[x509.Certificate]], str]
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    node_id: str
+    listen: str | None = None  # the address peers may dial us on, told in HELLO
+    hold_time: int = DEFAULT_HOLD_TIME
+
+    def __post_init__(self) -> None:
+        if self.hold_time in (1, 2) or not 0 <= self.hold_time <= MAX_HOLD_TIME:
+            raise ValueError(f"hold_time must be 0 or 3..{MAX_HOLD_TIME} seconds")
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class MeshLink:
+    """One side of one link. ``authorize(chain)`` returns the peer's node_id from its TLS
+    chain or raises a :class:`MeshError` (revoked, not a node certificate); ``crl_number``
+    reads the CRL number we hold when HELLO goes out."""
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        *,
+        initiator: bool,
+        authorize: Authorizer,
+        crl_number: Callable[[], int] = lambda: -1,
+    ) -> None:
+        self.config = config
+        self.initiator = initiator
+        self.state = State.AWAIT_HELLO
+        self.peer_id: str | None = None  # from the certificate, confirmed by HELLO
+        self.hold_time = config.hold_time
+        self._authorize = authorize
+        self._crl_number = crl_number
+        self._binding: TlsBinding | None = None
+        self._decoder = FrameDecoder(MAX_HELLO_FRAME)
+        self._out = bytearray()
+        self._hold_deadline: float | None = None
+        self._keepalive_at: float | None = None
+
+    def bind(self, binding: TlsBinding) -> None:
+        self._binding = binding
+
+    @property
+    def established(self) -> bool:
+        return self.state is State.ESTABLISHED
+
+    # --- StreamCore -----------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Event]:
+        tls = self._binding.established if self._binding is not None else None
+        if tls is None:
+            return self._close(CloseCode.PROTOCOL, "no TLS session", error=True)
+        try:
+            self.peer_id = self._authorize(tls.peer_chain)
+        except MeshError as exc:
+            code = CloseCode.REVOKED if isinstance(exc, RevokedOrigin) else CloseCode.REFUSED
+            return self._close(code, str(exc), error=True)
+        if self.peer_id == self.config.node_id:
+            return self._close(CloseCode.REFUSED, "a link to ourselves", error=True)
+        hello: dict[str, Any] = {
+            "version": VERSION,
+            "node_id": self.config.node_id,
+            "hold_time": self.config.hold_time,
+            "crl_number": self._crl_number(),
+        }
+        if self.config.listen:
+            hello["listen"] = self.config.listen
+        self._send(Frame.HELLO, compact_json(hello))
+        self._hold_deadline = now + max(self.config.hold_time, DEFAULT_HOLD_TIME)
+        return []
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        if not data:
+            return self._finish(LinkClosed("peer closed the link", error=True, by_peer=True))
+        events: list[Event] = []
+        try:
+            frames = self._decoder.feed(data)
+        except DecodeError as exc:
+            frames = list(exc.frames)
+            self._handle_frames(frames, now, events)
+            return events + self._close(CloseCode.PROTOCOL, f"bad frame: {exc}", error=True)
+        self._handle_frames(frames, now, events)
+        return events
+
+    def handle_timer(self, now: float) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        if self._hold_deadline is not None and now >= self._hold_deadline:
+            return self._close(CloseCode.HOLD_TIMER, "hold timer expired", error=True)
+        if self._keepalive_at is not None and now >= self._keepalive_at:
+            self._send(Frame.KEEPALIVE, b"")
+            self._keepalive_at = now + self.hold_time / 3
+        return []
+
+    def get_timer(self) -> float | None:
+        if self.state is State.CLOSED:
+            return None
+        times = [t for t in (self._hold_deadline, self._keepalive_at) if t is not None]
+        return min(times) if times else None
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def close(self, reason: str, now: float) -> list[Event]:
+        return self.close_with(CloseCode.SHUTDOWN, reason)
+
+    # --- actions (through the driver's ``act``) -----------------------------------------------
+
+    def close_with(self, code: str, reason: str, *, error: bool = False) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        return self._close(code, reason, error=error)
+
+    def send_gossip(self, raw: bytes) -> list[Event]:
+        return self._send_established(Frame.GOSSIP, raw)
+
+    def send_crl(self, der: bytes) -> list[Event]:
+        return self._send_established(Frame.CRL, der)
+
+    def send_peers(self, peers: Sequence[PeerAddress]) -> list[Event]:
+        body = [{"node_id": p.node_id, "address": p.address} for p in peers[:MAX_PEERS]]
+        return self._send_established(Frame.PEERS, compact_json({"peers": body}))
+
+    def send_ihave(self, ids: Sequence[str]) -> list[Event]:
+        return self._send_established(Frame.IHAVE, compact_json({"ids": list(ids[:MAX_IDS])}))
+
+    def send_iwant(self, ids: Sequence[str]) -> list[Event]:
+        return self._send_established(Frame.IWANT, compact_json({"ids": list(ids[:MAX_IDS])}))
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _handle_frames(self, frames: list[bytes], now: float, events: list[Event]) -> None:
+        for frame in frames:
+            if self.state is State.CLOSED:
+                return
+            if self.hold_time:
+                self._hold_deadline = now + self.hold_time
+            try:
+                events += self._on_frame(frame, now)
+            except (MalformedMessage, DecodeError) as exc:
+                events += self._close(CloseCode.PROTOCOL, str(exc), error=True)
+
+    def _on_frame(self, frame: bytes, now: float) -> list[Event]:
+        if not frame:
+            raise MalformedMessage("empty frame: no type byte")
+        kind, body = frame[0], frame[1:]
+        if kind == Frame.CLOSE:
+            data = _control(body)
+            code, reason = data.get("code"), data.get("reason", "")
+            code_text, text = str(code)[:64], str(reason)[:512]
+            return self._finish(
+                LinkClosed(
+                    f"{code_text}: {text}",
+                    error=code_text != CloseCode.SHUTDOWN,
+                    by_peer=True,
+                    code=code_text,
+                )
+            )
+        if self.state is State.AWAIT_HELLO:
+            if kind != Frame.HELLO:
+                raise MalformedMessage(f"frame type {kind} before HELLO")
+            return self._on_hello(_control(body, MAX_HELLO_FRAME), now)
+        if kind == Frame.KEEPALIVE:
+            if body:
+                raise MalformedMessage("KEEPALIVE has no body")
+            return []
+        if kind == Frame.GOSSIP:
+            return [GossipFrame(body)]
+        if kind == Frame.CRL:
+            return [CrlFrame(body)]
+        if kind == Frame.PEERS:
+            return [PeersFrame(_peers(_control(body)))]
+        if kind in (Frame.IHAVE, Frame.IWANT):
+            ids = _ids(_control(body))
+            return [IHaveFrame(ids) if kind == Frame.IHAVE else IWantFrame(ids)]
+        if kind == Frame.HELLO:
+            raise MalformedMessage("a second HELLO")
+        raise MalformedMessage(f"unknown frame type {kind}")
+
+    def _on_hello(self, hello: dict[str, Any], now: float) -> list[Event]:
+        if hello.get("version") != VERSION:
+            raise MalformedMessage(f"unsupported version {hello.get('version')!r}")
+        node_id = hello.get("node_id")
+        if node_id != self.peer_id:
+            return self._close(
+                CloseCode.REFUSED,
+                f"HELLO names {node_id!r} but the certificate is {self.peer_id!r}",
+                error=True,
+            )
+        hold = hello.get("hold_time")
+        if isinstance(hold, bool) or not isinstance(hold, int) or hold in (1, 2):
+            raise MalformedMessage("hold_time must be 0 or 3..3600")
+        if not 0 <= hold <= MAX_HOLD_TIME:
+            raise MalformedMessage("hold_time must be 0 or 3..3600")
+        crl_number = hello.get("crl_number", -1)
+        if isinstance(crl_number, bool) or not isinstance(crl_number, int):
+            raise MalformedMessage("crl_number must be an integer")
+        listen = hello.get("listen")
+        if listen is not None and not _is_address(listen):
+            raise MalformedMessage("listen must be host:port")
+        self.hold_time = min(self.config.hold_time, hold) if hold and self.config.hold_time else 0
+        self.state = State.ESTABLISHED
+        self._decoder.max_size = MAX_FRAME
+        if self.hold_time:
+            self._hold_deadline = now + self.hold_time
+            self._keepalive_at = now + self.hold_time / 3
+        else:
+            self._hold_deadline = self._keepalive_at = None
+        assert self.peer_id is not None
+        return [LinkUp(self.peer_id, listen, crl_number, self.hold_time)]
+
+    def _send_established(self, kind: Frame, body: bytes) -> list[Event]:
+        if self.state is State.ESTABLISHED:
+            self._send(kind, body)
+        return []
+
+    def _send(self, kind: Frame, body: bytes) -> None:
+        self._out += encode_frame(bytes((kind,)) + body, MAX_FRAME)
+
+    def _close(self, code: str, reason: str, *, error: bool) -> list[Event]:
+        self._send(Frame.CLOSE, compact_json({"code": str(code), "reason": reason[:512]}))
+        return self._finish(LinkClosed(f"{code}: {reason}", error=error, code=str(code)))
+
+    def _finish(self, event: LinkClosed) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []
+        self.state = State.CLOSED
+        self._hold_deadline = self._keepalive_at = None
+        return [event]
+
+
+def _control(body: bytes, limit: int = MAX_CONTROL) -> dict[str, Any]:
+    data = strict_loads(body, max_size=limit, error=MalformedMessage)
+    if not isinstance(data, dict):
+        raise MalformedMessage("a control frame's body is a JSON object")
+    return data
+
+
+def _peers(data: dict[str, Any]) -> tuple[PeerAddress, ...]:
+    entries = data.get("peers")
+    if not isinstance(entries, list) or len(entries) > MAX_PEERS:
+        raise MalformedMessage(f"PEERS holds a list of at most {MAX_PEERS} peers")
+    peers = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise MalformedMessage("a peer is an object")
+        node_id, address = entry.get("node_id"), entry.get("address")
+        if not isinstance(node_id, str) or not NODE_ID.fullmatch(node_id):
+            raise MalformedMessage("a peer's node_id must be a DNS name")
+        if not _is_address(address):
+            raise MalformedMessage("a peer's address must be host:port")
+        assert isinstance(address, str)
+        peers.append(PeerAddress(node_id, address))
+    return tuple(peers)
+
+
+def _ids(data: dict[str, Any]) -> tuple[str, ...]:
+    ids = data.get("ids")
+    if not isinstance(ids, list) or len(ids) > MAX_IDS:
+        raise MalformedMessage(f"ids must be a list of at most {MAX_IDS}")
+    if not all(isinstance(i, str) and 0 < len(i) <= 128 for i in ids):
+        raise MalformedMessage("each id is a string of 1-128 characters")
+    return tuple(ids)
+
+
+def split_address(address: str, *, any_port: bool = False) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) into its parts; ValueError if it is not.
+    Port 0 (any free port) is allowed only to listen, with ``any_port``."""
+    host, sep, port_text = address.rpartition(":")
+    low = 0 if any_port else 1
+    if not sep or not host or not port_text.isdigit() or not low <= int(port_text) < 65536:
+        raise ValueError(f"{address!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if len(host) > 253 or any(c.isspace() for c in host):
+        raise ValueError(f"{address!r} has a bad host")
+    return host, int(port_text)
+
+
+def _is_address(value: object) -> bool:
+    if not isinstance(value, str) or len(value) > 300:
+        return False
+    try:
+        split_address(value)
+    except ValueError:
+        return False
+    return True

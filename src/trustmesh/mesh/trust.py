@@ -1,0 +1,176 @@
+"""A node's view of trust: the mesh CA, the revocation list, and the identities it has
+verified (zero-trust-mesh.md sections 2.1 and 5).
+
+Verifying a certificate chain costs far more than a signature, so each chain is verified
+once and its identity cached by the leaf's bytes. Revocation is never cached: every use
+of an identity asks :meth:`TrustView.is_revoked` afresh, so a CRL takes effect at once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from trustmesh.mesh.errors import BadSignature, GossipRejected, RevokedOrigin, UntrustedOrigin
+
+_DER = serialization.Encoding.DER
+MAX_IDENTITIES = 4096  # verified chains kept; the least recently used go first
+
+
+class CrlRejected(GossipRejected):
+    """A CRL that does not parse or is not signed by the mesh's issuing CA."""
+
+    code = "bad-crl"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A node certificate that chains to the mesh CA."""
+
+    node_id: str
+    serial: int
+    public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+    not_after: datetime
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.serial, "x")
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        """Raise :class:`BadSignature` unless ``signature`` over ``data`` is this node's."""
+        try:
+            if isinstance(self.public_key, ed25519.Ed25519PublicKey):
+                self.public_key.verify(signature, data)
+            else:
+                self.public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise BadSignature(f"signature does not verify under {self.node_id}'s key") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CrlUpdate:
+    """A CRL newer than the one held: ``revoked`` holds the serials it adds."""
+
+    number: int
+    revoked: frozenset[int]
+
+
+class TrustView:
+    """The mesh CA's roots, its issuing CAs (for CRL signatures), the revoked serials."""
+
+    def __init__(
+        self, roots: Sequence[x509.Certificate], issuers: Iterable[x509.Certificate] = ()
+    ) -> None:
+        if not roots:
+            raise ValueError("a trust view needs the mesh root certificate")
+        self._store = Store(list(roots))
+        self._issuers: dict[bytes, x509.Certificate] = {}
+        for issuer in issuers:
+            self.add_issuer(issuer)
+        self.revoked: set[int] = set()
+        self.crl_der: bytes | None = None
+        self.crl_number = -1
+        self.crl_next_update: datetime | None = None
+        self._identities: OrderedDict[bytes, Identity] = OrderedDict()
+
+    def add_issuer(self, cert: x509.Certificate) -> None:
+        """An issuing CA whose key may sign CRLs (from our own chain, usually)."""
+        self._issuers[cert.public_bytes(_DER)] = cert
+
+    # --- revocation -----------------------------------------------------------------------
+
+    def is_revoked(self, serial: int) -> bool:
+        return serial in self.revoked
+
+    def apply_crl(self, der: bytes) -> CrlUpdate | None:
+        """Take a CRL if it is signed by a known issuing CA and newer than the one held
+        (by CRL number); return what it changed, or None for one we already have."""
+        try:
+            crl = x509.load_der_x509_crl(der)
+            number_ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
+        except (ValueError, x509.ExtensionNotFound) as exc:
+            raise CrlRejected(f"not a CRL with a CRL number: {exc}") from None
+        if not any(
+            issuer.subject == crl.issuer and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+            for issuer in self._issuers.values()
+        ):
+            raise CrlRejected("the CRL is not signed by the mesh's issuing CA")
+        number = number_ext.value.crl_number
+        if number <= self.crl_number:
+            return None
+        serials = frozenset(entry.serial_number for entry in crl)
+        added = serials - self.revoked
+        # A CRL lists every revocation that is still relevant; a serial never comes off.
+        self.revoked |= serials
+        self.crl_der = der
+        self.crl_number = number
+        self.crl_next_update = crl.next_update_utc
+        return CrlUpdate(number, frozenset(added))
+
+    # --- identities -------------------------------------------------------------------------
+
+    def identity(self, chain: Sequence[bytes], *, now: datetime | None = None) -> Identity:
+        """The node identity of a DER chain (leaf first), verified to the mesh root and
+        checked against the revocation list."""
+        if not chain:
+            raise UntrustedOrigin("no certificate for this origin")
+        cached = self._identities.get(chain[0])
+        if cached is not None and (now or datetime.now(UTC)) < cached.not_after:
+            self._identities.move_to_end(chain[0])
+        else:
+            try:
+                certs = [x509.load_der_x509_certificate(der) for der in chain]
+            except ValueError as exc:
+                raise UntrustedOrigin(f"a certificate does not parse: {exc}") from None
+            cached = self._verify(certs, now)
+            self._identities[chain[0]] = cached
+            if len(self._identities) > MAX_IDENTITIES:
+                self._identities.popitem(last=False)
+        if self.is_revoked(cached.serial):
+            raise RevokedOrigin(f"{cached.node_id}'s certificate {cached.serial_hex} is revoked")
+        return cached
+
+    def identity_of(
+        self, chain: Sequence[x509.Certificate], *, now: datetime | None = None
+    ) -> Identity:
+        """As :meth:`identity`, for parsed certificates (a TLS peer's chain)."""
+        return self.identity([c.public_bytes(_DER) for c in chain], now=now)
+
+    def _verify(self, certs: list[x509.Certificate], now: datetime | None) -> Identity:
+        leaf, *intermediates = certs
+        policy = PolicyBuilder().store(self._store).time(now or datetime.now(UTC))
+        verifier = policy.build_client_verifier()
+        try:
+            verified = verifier.verify(leaf, [*intermediates, *self._issuers.values()])
+        except VerificationError as exc:
+            raise UntrustedOrigin(f"certificate does not verify to the mesh CA: {exc}") from None
+        node_id = node_id_of(leaf)
+        key = leaf.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+            raise UntrustedOrigin(f"{node_id}'s certificate has a key type gossip does not use")
+        for issuer in verified.chain[1:-1]:
+            self.add_issuer(issuer)
+        return Identity(node_id, leaf.serial_number, key, leaf.not_valid_after_utc)
+
+
+def node_id_of(cert: x509.Certificate) -> str:
+    """The node_id a node certificate names: its CN, which its DNS SAN must repeat (an
+    admin or other certificate without that pairing is not a node)."""
+    common = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    if len(common) != 1 or common[0] not in dns:
+        raise UntrustedOrigin("not a node certificate: its CN is not one of its DNS names")
+    return common[0]

@@ -1,0 +1,126 @@
+"""The node's HTTPS API (zero-trust-mesh.md section 7.4), for holders of a mesh
+certificate (mTLS):
+
+- ``GET /v1/mesh/peers``: the peer table (node_id, status, last_seen, ...).
+- ``POST /v1/mesh/gossip``: a signed gossip message; 202 once verified and queued.
+- ``GET /v1/mesh/anomalies``: the indicators received (``?limit=`` and ``?since=`` ms).
+- ``GET /v1/mesh/health``: links, certificate, CRL and gossip counters.
+
+A request without a client certificate, or with one that does not chain to the mesh CA,
+gets 401; a revoked certificate gets 403.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from trustmesh.api.errors import ApiError, Handler, json_errors
+from trustmesh.errors import OversizeError, ProtocolError
+from trustmesh.io.https import peer_chain
+from trustmesh.mesh.errors import (
+    BadSignature,
+    ExpiredMessage,
+    MalformedMessage,
+    RateLimited,
+    RevokedOrigin,
+    UntrustedOrigin,
+)
+from trustmesh.mesh.gossip import MAX_MESSAGE
+from trustmesh.mesh.trust import CrlRejected
+
+if TYPE_CHECKING:
+    from trustmesh.node.runtime import MeshNode
+
+NODE_KEY: web.AppKey[MeshNode] = web.AppKey("node")
+MAX_LIMIT = 10_000
+
+ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
+    MalformedMessage: (400, "malformed"),
+    OversizeError: (413, "too_large"),
+    BadSignature: (400, "bad_signature"),
+    ExpiredMessage: (400, "expired"),
+    CrlRejected: (400, "bad_crl"),
+    UntrustedOrigin: (403, "untrusted_origin"),
+    RevokedOrigin: (403, "revoked"),
+    RateLimited: (429, "rate_limited"),
+}
+
+
+def node_app(node: MeshNode) -> web.Application:
+    app = web.Application(
+        middlewares=[json_errors(ERRORS), _authenticate], client_max_size=MAX_MESSAGE + 1024
+    )
+    app[NODE_KEY] = node
+    app.router.add_get("/v1/mesh/peers", _peers)
+    app.router.add_post("/v1/mesh/gossip", _gossip)
+    app.router.add_get("/v1/mesh/anomalies", _anomalies)
+    app.router.add_get("/v1/mesh/health", _health)
+    return app
+
+
+@web.middleware
+async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    node = request.app[NODE_KEY]
+    chain = peer_chain(request)
+    if not chain:
+        raise ApiError(401, "this API needs a client certificate from the mesh CA")
+    try:
+        identity = node.trust.identity_of(chain)
+    except RevokedOrigin as exc:
+        raise ApiError(403, str(exc), code="revoked") from None
+    except UntrustedOrigin as exc:
+        raise ApiError(401, f"the client certificate is not accepted: {exc}") from None
+    request["client"] = identity.node_id
+    return await handler(request)
+
+
+async def _peers(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    peers = sorted(node.peers.values(), key=lambda p: p.node_id)
+    return web.json_response({"node_id": node.node_id, "peers": [p.to_json() for p in peers]})
+
+
+async def _gossip(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    raw = await request.read()
+    if not raw:
+        raise ApiError(400, "the body must be a signed gossip message (JSON)")
+    received = node.accept_raw(raw)
+    return web.json_response(
+        {
+            "message_id": received.message_id,
+            "status": "accepted" if received.new else "duplicate",
+            "forwarded_to": len(received.forward_to),
+        },
+        status=202,
+    )
+
+
+async def _anomalies(request: web.Request) -> web.Response:
+    node = request.app[NODE_KEY]
+    limit = _int_query(request, "limit", 1000, 1, MAX_LIMIT)
+    since = _int_query(request, "since", -1, -1, 1 << 53)
+    node.flush()
+    indicators = node.store.indicators(limit=limit, since=since)
+    return web.json_response(
+        {"node_id": node.node_id, "anomalies": [i.to_json() for i in indicators]}
+    )
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response(request.app[NODE_KEY].health())
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be in {low}..{high}")
+    return value

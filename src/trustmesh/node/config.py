@@ -1,0 +1,106 @@
+"""A node's config file, ``node.toml``, next to its key and certificate.
+
+node_id = "node-1"
+ca_url = "https://127.0.0.1:8443"
+listen = "127.0.0.1:7400"        # mesh links (TLS 1.3, ALPN dadm-mesh/1)
+api = "127.0.0.1:7401"           # the node's HTTPS API (mTLS)
+bootstrap = ["127.0.0.1:7500"]   # peers to dial first, redialled with backoff
+crl_interval = 60                # seconds between CRL fetches from the CA
+gossip_fanout = 3
+max_links = 8
+hold_time = 30
+key_encrypted = true             # node.key needs TRUSTMESH_PASSPHRASE
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from trustmesh.mesh.engine import DEFAULT_FANOUT
+from trustmesh.mesh.errors import MeshError
+from trustmesh.mesh.link import DEFAULT_HOLD_TIME, MAX_HOLD_TIME, split_address
+
+CONFIG_FILE = "node.toml"
+DEFAULT_CRL_INTERVAL = 60.0
+DEFAULT_MAX_LINKS = 8
+DEFAULT_DIGEST_INTERVAL = 1.0
+
+
+class ConfigError(MeshError):
+    """The node's config file is missing, unreadable, or holds a bad value."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    ca_url: str
+    listen: str
+    api: str
+    bootstrap: tuple[str, ...] = ()
+    crl_interval: float = DEFAULT_CRL_INTERVAL
+    gossip_fanout: int = DEFAULT_FANOUT
+    max_links: int = DEFAULT_MAX_LINKS
+    hold_time: int = DEFAULT_HOLD_TIME
+    digest_interval: float = DEFAULT_DIGEST_INTERVAL
+    key_encrypted: bool = True
+    advertise: str | None = None  # the address peers dial, when not ``listen``
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        addresses = [("listen", self.listen, True), ("api", self.api, True)]
+        addresses += [("bootstrap", b, False) for b in self.bootstrap]
+        if self.advertise is not None:
+            addresses.append(("advertise", self.advertise, False))
+        for name, value, any_port in addresses:
+            try:
+                split_address(value, any_port=any_port)
+            except (ValueError, AttributeError) as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        if self.crl_interval < 1:
+            raise ConfigError("crl_interval must be at least 1 second")
+        if not 1 <= self.gossip_fanout <= 64:
+            raise ConfigError("gossip_fanout must be in 1..64")
+        if not 1 <= self.max_links <= 1024:
+            raise ConfigError("max_links must be in 1..1024")
+        if self.hold_time in (1, 2) or not 0 <= self.hold_time <= MAX_HOLD_TIME:
+            raise ConfigError(f"hold_time must be 0 or 3..{MAX_HOLD_TIME}")
+        if not 0.05 <= self.digest_interval <= 3600:
+            raise ConfigError("digest_interval must be in 0.05..3600 seconds")
+
+    def to_toml(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
+        data["bootstrap"] = list(self.bootstrap)
+        return tomli_w.dumps({**data, **self.extra})
+
+
+def load_config(directory: Path) -> NodeConfig:
+    path = directory / CONFIG_FILE
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: run `trustmesh node init` first") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    known = {f.name for f in fields(NodeConfig)} - {"extra"}
+    values = {k: v for k, v in data.items() if k in known}
+    extra = {k: v for k, v in data.items() if k not in known}
+    if "bootstrap" in values:
+        values["bootstrap"] = tuple(values["bootstrap"])
+    try:
+        return NodeConfig(**values, extra=extra)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def write_config(directory: Path, config: NodeConfig) -> Path:
+    path = directory / CONFIG_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(config.to_toml())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,704 @@
+"""A running mesh node (zero-trust-mesh.md sections 1, 2, 5.3 and 6).
+
+    node = MeshNode.from_directory(Path("node-1"), passphrase)
+    await node.start()       # links, API, CRL fetch, renewal, gossip housekeeping
+    await node.publish(anomaly_payload("ab" * 16, "port-scan", 0.8))
+    await node.stop()
+
+The protocol lives in :mod:`trustmesh.mesh` (sans-IO); this module moves bytes, keeps
+time, and holds the tables: links by peer, the peer table, the address book.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.api.ca_client import CaClient, finish_interrupted_rotation, rotate_node
+from trustmesh.crypto.keys import PrivateKey
+from trustmesh.errors import ProtocolError
+from trustmesh.io.catalyst import Backoff
+from trustmesh.io.https import HttpsSite
+from trustmesh.io.stream import StreamDriver, StreamServer, serve_stream
+from trustmesh.keystore.filestore import load_key_file
+from trustmesh.mesh.engine import GossipEngine, Received, SeenCache
+from trustmesh.mesh.errors import BadSignature, GossipRejected, MalformedMessage
+from trustmesh.mesh.gossip import (
+    DEFAULT_TTL_MS,
+    GossipMessage,
+    crl_payload,
+    decode_message,
+    sign_message,
+)
+from trustmesh.mesh.link import (
+    ALPN,
+    CloseCode,
+    CrlFrame,
+    GossipFrame,
+    IHaveFrame,
+    IWantFrame,
+    LinkConfig,
+    LinkUp,
+    MeshLink,
+    PeerAddress,
+    PeersFrame,
+    split_address,
+)
+from trustmesh.mesh.store import Indicator, MeshStore
+from trustmesh.mesh.trust import CrlRejected, CrlUpdate, TrustView
+from trustmesh.node.config import NodeConfig, load_config
+from trustmesh.node.links import Link, LinkFailed
+from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.tls import TlsConfig, TlsContext, TlsStream
+
+log = logging.getLogger("trustmesh.node")
+
+DIAL_TIMEOUT = 10.0
+FLUSH_INTERVAL = 0.2  # seconds between store commits
+RENEW_AT = 2 / 3  # of a certificate's lifetime
+RENEW_RETRY = (5.0, 300.0)  # bounds of the wait after a failed renewal
+STORE_FILE = "mesh.db"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class PeerInfo:
+    """A row of the peer table (``GET /v1/mesh/peers``)."""
+
+    node_id: str
+    address: str | None
+    status: str  # "connected" or "disconnected"
+    last_seen: int  # Unix ms of the last frame
+    direction: str | None = None
+    serial: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "status": self.status,
+            "last_seen": datetime.fromtimestamp(self.last_seen / 1e3, UTC).isoformat(),
+            "last_seen_ms": self.last_seen,
+            "address": self.address,
+            "direction": self.direction,
+            "serial": format(self.serial, "x") if self.serial is not None else None,
+        }
+
+
+@dataclass
+class Identity:
+    """What the node presents: its key, its chain, and the TLS contexts built on them."""
+
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...]
+    server: TlsContext
+    client: TlsContext
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def chain_der(self) -> tuple[bytes, ...]:
+        return tuple(c.public_bytes(serialization.Encoding.DER) for c in self.chain)
+
+
+class MeshNode:
+    def __init__(
+        self, directory: Path, config: NodeConfig, passphrase: bytes | None = None
+    ) -> None:
+        self.directory = directory
+        self.config = config
+        self.node_id = config.node_id
+        self._passphrase = passphrase
+        self.store = MeshStore(directory / STORE_FILE)
+        roots = x509.load_pem_x509_certificates((directory / "ca.crt").read_bytes())
+        self.trust = TrustView(roots)
+        self.seen = SeenCache()
+        self.engine = GossipEngine(
+            self.node_id, self.trust, fanout=config.gossip_fanout, seen=self.seen
+        )
+        self.identity = self._load_identity()
+        self.links: dict[str, Link] = {}  # established, by peer node_id
+        self.peers: dict[str, PeerInfo] = {}
+        self.addresses: dict[str, str] = {}  # node_id -> advertised address (address book)
+        self.revoked_nodes: set[str] = set()
+        self.listeners: list[Callable[[str, Any], None]] = []  # (event name, detail)
+        self._pending: set[Link] = set()  # links whose HELLO exchange is not done
+        self._dialing: set[str] = set()
+        self._cooldown: dict[str, tuple[float, Backoff]] = {}
+        self._indicators: list[Indicator] = []
+        self._server: StreamServer[TlsStream] | None = None
+        self._runner: web.AppRunner | None = None
+        self.api_site: HttpsSite | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.started_at: float | None = None
+
+    @classmethod
+    def from_directory(cls, directory: Path, passphrase: bytes | None = None) -> MeshNode:
+        finish_interrupted_rotation(directory)  # before the key is read
+        return cls(directory, load_config(directory), passphrase)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        now = now_ms()
+        self.seen.load(self.store.seen(), now)
+        stored = self.store.crl()
+        if stored is not None:
+            self._apply_crl(stored, source="store")
+        await self._fetch_crl()
+        host, port = split_address(self.config.listen, any_port=True)
+        self._server = await serve_stream(
+            lambda: self._new_stream(initiator=False),
+            self._serve_link,
+            host,
+            port,
+            on_accept=self._accepted,
+        )
+        await self._start_api()
+        self.started_at = time.monotonic()
+        self._tasks = [
+            asyncio.create_task(self._maintain(address)) for address in self.config.bootstrap
+        ]
+        self._tasks += [
+            asyncio.create_task(self._crl_loop()),
+            asyncio.create_task(self._digest_loop()),
+            asyncio.create_task(self._flush_loop()),
+            asyncio.create_task(self._renewal_loop()),
+        ]
+        self._emit("node.started", listen=self.listen_address, api=self.api_url)
+
+    async def stop(self) -> None:
+        """Close every link with a CLOSE frame, stop the API, commit the store."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            self._server.close("node shutting down")
+        for link in [*self.links.values(), *self._pending]:
+            link.close(CloseCode.SHUTDOWN, "node shutting down")
+        closing = [link.wait_closed() for link in [*self.links.values(), *self._pending]]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await asyncio.gather(*closing, return_exceptions=True)
+                if self._server is not None:
+                    await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.flush()
+        self.store.close()
+        self._emit("node.stopped")
+
+    async def __aenter__(self) -> MeshNode:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def listen_address(self) -> str:
+        host, port = split_address(self.config.listen, any_port=True)
+        if port == 0 and self._server is not None:
+            port = self._server.port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def advertised(self) -> str:
+        """The address peers are told to dial: ``advertise``, or where we listen."""
+        return self.config.advertise or self.listen_address
+
+    @property
+    def api_url(self) -> str:
+        host, port = split_address(self.config.api, any_port=True)
+        if self.api_site is not None:
+            port = self.api_site.port
+        return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def sign(self, payload: dict[str, Any], *, ttl_ms: int | None = None) -> GossipMessage:
+        """A message from this node, signed with its key, its chain attached."""
+        return sign_message(
+            self.identity.key,
+            self.node_id,
+            payload,
+            now_ms=now_ms(),
+            ttl_ms=ttl_ms if ttl_ms is not None else DEFAULT_TTL_MS,
+            chain=self.identity.chain_der,
+        )
+
+    def publish(self, payload: dict[str, Any], *, ttl_ms: int | None = None) -> Received:
+        """Sign ``payload`` and gossip it."""
+        message = self.sign(payload, ttl_ms=ttl_ms)
+        return self.accept(message, message.encode(), sender=None)
+
+    def accept_raw(self, raw: bytes) -> Received:
+        """A signed message from the API (anyone's, verified like gossip from a link)."""
+        return self.accept(decode_message(raw), raw, sender=None)
+
+    def accept(self, message: GossipMessage, raw: bytes, *, sender: Link | None) -> Received:
+        received = self.engine.receive(
+            message,
+            raw,
+            sender=sender.peer_id if sender is not None else None,
+            peers=list(self.links),
+            now_ms=now_ms(),
+        )
+        self._deliver(received)
+        return received
+
+    # --- links ------------------------------------------------------------------------------
+
+    def _new_stream(self, *, initiator: bool) -> TlsStream:
+        core = MeshLink(
+            LinkConfig(self.node_id, self.advertised, self.config.hold_time),
+            initiator=initiator,
+            authorize=self._authorize,
+            crl_number=lambda: self.trust.crl_number,
+        )
+        context = self.identity.client if initiator else self.identity.server
+        stream = TlsStream(context, core, handshake_timeout=DIAL_TIMEOUT)
+        core.bind(stream)
+        return stream
+
+    def _authorize(self, chain: Any) -> str:
+        return self.trust.identity_of(chain).node_id
+
+    def _accepted(self, driver: StreamDriver[TlsStream]) -> None:
+        core = driver.core.inner
+        assert isinstance(core, MeshLink)
+        self._pending.add(Link(driver, core, address=None, on_event=self._on_event))
+
+    async def _serve_link(self, driver: StreamDriver[TlsStream]) -> None:
+        await driver.wait_closed()
+
+    async def dial(self, address: str) -> Link:
+        """Open a link to ``address`` and return it once both HELLOs are exchanged
+        (raises :class:`LinkFailed` or ``OSError``)."""
+        host, port = split_address(address)
+        stream = self._new_stream(initiator=True)
+        core = stream.inner
+        assert isinstance(core, MeshLink)
+        loop = asyncio.get_running_loop()
+        holder: list[Link] = []
+
+        def protocol() -> StreamDriver[TlsStream]:
+            driver = StreamDriver(stream)
+            link = Link(driver, core, address=address, on_event=self._on_event)
+            self._pending.add(link)
+            holder.append(link)
+            return driver
+
+        try:
+            async with asyncio.timeout(DIAL_TIMEOUT):
+                await loop.create_connection(protocol, host, port)
+                await holder[0].wait_up()
+        except TimeoutError:
+            if holder:
+                holder[0].abort("no HELLO in time")
+            raise LinkFailed(f"no link with {address} within {DIAL_TIMEOUT:g} s") from None
+        except BaseException:
+            if holder:
+                holder[0].abort("dial cancelled")
+            raise
+        return holder[0]
+
+    async def _maintain(self, address: str) -> None:
+        """Keep a link to a bootstrap address, redialling with backoff."""
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        while True:
+            existing = self._link_at(address)
+            if existing is not None:
+                await existing.wait_closed()
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            try:
+                link = await self.dial(address)
+            except (LinkFailed, OSError) as exc:
+                delay = backoff.next_delay()
+                self._emit("link.dial_failed", address=address, error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            await link.wait_closed()
+            await asyncio.sleep(backoff.next_delay())
+
+    def _link_at(self, address: str) -> Link | None:
+        for link in self.links.values():
+            if address in (link.address, link.listen):
+                return link
+        return None
+
+    def _topup(self) -> None:
+        """Dial known peers until the links (and dials in flight) reach ``max_links``."""
+        if self._stopping:
+            return
+        room = self.config.max_links - len(self.links) - len(self._dialing)
+        clock = time.monotonic()
+        for node_id, address in list(self.addresses.items()):
+            if room <= 0:
+                break
+            if node_id in self.links or node_id in self.revoked_nodes:
+                continue
+            if address in self._dialing or address == self.advertised:
+                continue
+            until, _ = self._cooldown.get(address, (0.0, None))
+            if until > clock:
+                continue
+            room -= 1
+            self._dialing.add(address)
+            self._tasks.append(asyncio.create_task(self._dial_learned(address)))
+
+    async def _dial_learned(self, address: str) -> None:
+        try:
+            await self.dial(address)
+            self._cooldown.pop(address, None)
+        except (LinkFailed, OSError) as exc:
+            backoff = self._cooldown.get(address, (0.0, Backoff(initial=1.0, maximum=60.0)))[1]
+            self._cooldown[address] = (time.monotonic() + backoff.next_delay(), backoff)
+            log.debug("dial %s failed: %s", address, exc)
+        finally:
+            self._dialing.discard(address)
+
+    # --- link events ------------------------------------------------------------------------
+
+    def _on_event(self, link: Link, event: Event) -> None:
+        peer = link.peer_id
+        if peer is not None and peer in self.peers and link.up:
+            self.peers[peer].last_seen = now_ms()
+        try:
+            if isinstance(event, LinkUp):
+                self._on_up(link, event)
+            elif isinstance(event, GossipFrame):
+                self._on_gossip(link, event.raw)
+            elif isinstance(event, IHaveFrame):
+                assert peer is not None
+                wanted = self.engine.on_ihave(peer, event.ids)
+                if wanted:
+                    link.send_iwant(wanted)
+            elif isinstance(event, IWantFrame):
+                assert peer is not None
+                for raw in self.engine.on_iwant(peer, event.ids, now_ms()):
+                    link.send_gossip(raw)
+            elif isinstance(event, CrlFrame):
+                self._on_crl_frame(link, event.der)
+            elif isinstance(event, PeersFrame):
+                self._learn(event.peers)
+            elif isinstance(event, ConnectionClosed):
+                self._on_closed(link, event)
+        except ProtocolError as exc:  # a peer's frame this node cannot use: refuse the link
+            link.close(CloseCode.PROTOCOL, str(exc))
+
+    def _on_up(self, link: Link, event: LinkUp) -> None:
+        self._pending.discard(link)
+        peer = event.peer_id
+        current = self.links.get(peer)
+        if current is not None and current.up:
+            keep, drop = _collision(self.node_id, current, link)
+            drop.close(CloseCode.DUPLICATE, "a link to this peer already exists")
+            if keep is current:
+                return
+        elif len(self.links) >= self.config.max_links:
+            link.send_peers(self._peer_addresses(exclude=peer))
+            link.close(CloseCode.LINK_CAP, f"at the cap of {self.config.max_links} links")
+            return
+        self.links[peer] = link
+        address = event.listen or link.address
+        if event.listen:
+            self.addresses[peer] = event.listen
+            self.store.remember_peer(peer, event.listen, now_ms())
+        self.peers[peer] = PeerInfo(
+            peer, address, "connected", now_ms(), link.direction, link.serial
+        )
+        link.send_peers(self._peer_addresses(exclude=peer))
+        ids = self.engine.ihave_for(peer, now_ms())
+        if ids:
+            link.send_ihave(ids)
+        if self.trust.crl_der is not None and event.crl_number < self.trust.crl_number:
+            link.send_crl(self.trust.crl_der)
+        self._emit("link.up", peer=peer, direction=link.direction, address=address)
+
+    def _on_closed(self, link: Link, event: ConnectionClosed) -> None:
+        self._pending.discard(link)
+        peer = link.peer_id
+        if peer is None or self.links.get(peer) is not link:
+            return
+        del self.links[peer]
+        self.engine.forget_peer(peer)
+        info = self.peers.get(peer)
+        if info is not None:
+            info.status = "disconnected"
+        self._emit("link.down", peer=peer, reason=event.reason)
+        if not self._stopping:
+            self._topup()
+
+    def _on_gossip(self, link: Link, raw: bytes) -> None:
+        try:
+            message = decode_message(raw)
+            self.accept(message, raw, sender=link)
+        except BadSignature as exc:
+            link.close(CloseCode.BAD_SIGNATURE, str(exc))
+            self._emit("gossip.bad_signature", peer=link.peer_id, error=str(exc))
+        except MalformedMessage as exc:
+            link.close(CloseCode.PROTOCOL, f"malformed gossip: {exc}")
+        except CrlRejected as exc:
+            link.close(CloseCode.REFUSED, str(exc))
+        except GossipRejected as exc:  # expired, revoked origin, rate: dropped, link kept
+            log.debug("gossip from %s dropped: %s", link.peer_id, exc)
+
+    def _deliver(self, received: Received) -> None:
+        message = received.message
+        if not received.new or message is None:
+            return
+        for peer in received.forward_to:
+            target = self.links.get(peer)
+            if target is not None:
+                target.send_gossip(received.raw)
+        if message.kind == "anomaly":
+            indicator = Indicator.from_message(message, now_ms())
+            self._indicators.append(indicator)
+            self._emit("gossip.anomaly", message_id=message.message_id, origin=message.origin)
+        if received.crl is not None:
+            self._after_crl(received.crl, source=f"gossip from {message.origin}")
+
+    def _learn(self, peers: tuple[PeerAddress, ...]) -> None:
+        for peer in peers:
+            if peer.node_id != self.node_id and peer.node_id not in self.revoked_nodes:
+                self.addresses.setdefault(peer.node_id, peer.address)
+        self._topup()
+
+    def _peer_addresses(self, *, exclude: str) -> list[PeerAddress]:
+        return [
+            PeerAddress(node_id, address)
+            for node_id, address in self.addresses.items()
+            if node_id != exclude and node_id in self.links
+        ]
+
+    # --- revocation -------------------------------------------------------------------------
+
+    def _on_crl_frame(self, link: Link, der: bytes) -> None:
+        try:
+            self._apply_crl(der, source=f"link from {link.peer_id}")
+        except CrlRejected as exc:
+            link.close(CloseCode.REFUSED, str(exc))
+
+    def _apply_crl(self, der: bytes, *, source: str) -> CrlUpdate | None:
+        update = self.trust.apply_crl(der)
+        if update is not None:
+            self._after_crl(update, source=source)
+        return update
+
+    def _after_crl(self, update: CrlUpdate, *, source: str) -> None:
+        """A newer CRL: keep it, cut off every revoked peer, pass it on."""
+        assert self.trust.crl_der is not None
+        self.store.save_crl(update.number, self.trust.crl_der)
+        for peer, link in list(self.links.items()):
+            if link.serial is not None and self.trust.is_revoked(link.serial):
+                link.close(CloseCode.REVOKED, "your certificate is revoked")
+                self._forget_node(peer)
+        for link in list(self._pending):
+            if link.serial is not None and self.trust.is_revoked(link.serial):
+                link.close(CloseCode.REVOKED, "your certificate is revoked")
+        for peer, info in list(self.peers.items()):
+            if info.serial is not None and self.trust.is_revoked(info.serial):
+                self._forget_node(peer)
+        for link in self.links.values():
+            link.send_crl(self.trust.crl_der)
+        self._emit("crl.updated", number=update.number, revoked=len(update.revoked), source=source)
+
+    def _forget_node(self, node_id: str) -> None:
+        self.revoked_nodes.add(node_id)
+        self.peers.pop(node_id, None)
+        self.links.pop(node_id, None)
+        if self.addresses.pop(node_id, None) is not None:
+            self.store.forget_peer(node_id)
+        self.engine.forget_peer(node_id)
+        self._emit("peer.revoked", peer=node_id)
+
+    async def _fetch_crl(self) -> bool:
+        """Fetch the CRL from the CA; True when it was newer than ours."""
+        client = CaClient(self.config.ca_url, self.directory / "ca.crt", timeout=10.0)
+        try:
+            crl = await asyncio.to_thread(client.crl)
+            der = crl.public_bytes(serialization.Encoding.DER)
+            update = self._apply_crl(der, source="CA")
+        except ProtocolError as exc:
+            self._emit("crl.fetch_failed", error=str(exc), level=logging.WARNING)
+            return False
+        if update is not None and self.links:
+            with contextlib.suppress(GossipRejected):
+                self.publish(crl_payload(der))  # spread it faster than everyone's fetch
+        return update is not None
+
+    async def refresh_crl(self) -> bool:
+        return await self._fetch_crl()
+
+    async def _crl_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.crl_interval)
+            await self._fetch_crl()
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    async def _digest_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.digest_interval)
+            now = now_ms()
+            for peer, link in list(self.links.items()):
+                ids = self.engine.ihave_for(peer, now)
+                if ids:
+                    link.send_ihave(ids)
+            self._topup()
+
+    async def _flush_loop(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            self.flush()
+            ticks += 1
+            if ticks % 300 == 0:
+                self.seen.prune(now_ms())
+
+    def flush(self) -> None:
+        seen = self.seen.take_pending()
+        indicators, self._indicators = self._indicators, []
+        if seen or indicators:
+            self.store.save(seen, indicators, capacity=self.seen.capacity, now_ms=now_ms())
+
+    # --- certificate renewal ----------------------------------------------------------------
+
+    def renewal_due(self) -> datetime:
+        cert = self.identity.certificate
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        return start + (end - start) * RENEW_AT
+
+    async def _renewal_loop(self) -> None:
+        while True:
+            wait = (self.renewal_due() - datetime.now(UTC)).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                await self.renew()
+            except ProtocolError as exc:
+                left = self.identity.certificate.not_valid_after_utc - datetime.now(UTC)
+                retry = min(max(left.total_seconds() / 10, RENEW_RETRY[0]), RENEW_RETRY[1])
+                self._emit(
+                    "cert.renew_failed", error=str(exc), retry_in=retry, level=logging.WARNING
+                )
+                await asyncio.sleep(retry)
+
+    async def renew(self) -> None:
+        """Rotate through the CA's ``/v1/rotate``; live links keep the old certificate,
+        new links (and the API) use the new one."""
+        await asyncio.to_thread(
+            rotate_node, self.directory, passphrase=self._passphrase, ca_url=self.config.ca_url
+        )
+        self.identity = self._load_identity()
+        if self.api_site is not None:
+            self.api_site.context = self.identity.server
+        cert = self.identity.certificate
+        self._emit(
+            "cert.renewed",
+            serial=format(cert.serial_number, "x"),
+            not_after=cert.not_valid_after_utc.isoformat(),
+        )
+
+    def _load_identity(self) -> Identity:
+        key = load_key_file(self.directory / "node.key", self._passphrase)
+        chain = tuple(x509.load_pem_x509_certificates((self.directory / "node.crt").read_bytes()))
+        for issuer in chain[1:]:
+            self.trust.add_issuer(issuer)
+        config = TlsConfig(
+            cert_file=self.directory / "node.crt",
+            key_file=self.directory / "node.key",
+            ca_file=self.directory / "ca.crt",
+            alpn=(ALPN,),
+            key_passphrase=self._passphrase,
+            is_revoked=self.trust.is_revoked,
+        )
+        return Identity(
+            key,
+            chain,
+            TlsContext(config, server=True),
+            TlsContext(config, server=False),
+        )
+
+    # --- API --------------------------------------------------------------------------------
+
+    async def _start_api(self) -> None:
+        from trustmesh.node.api import node_app
+
+        host, port = split_address(self.config.api, any_port=True)
+        api_context = TlsContext(
+            TlsConfig(
+                cert_file=self.directory / "node.crt",
+                key_file=self.directory / "node.key",
+                ca_file=self.directory / "ca.crt",
+                key_passphrase=self._passphrase,
+                client_auth="request",
+            ),
+            server=True,
+        )
+        self._runner = web.AppRunner(node_app(self), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self.api_site = HttpsSite(self._runner, host, port, api_context)
+        await self.api_site.start()
+
+    def health(self) -> dict[str, Any]:
+        cert = self.identity.certificate
+        stats = self.engine.stats
+        return {
+            "node_id": self.node_id,
+            "status": "ok",
+            "links": len(self.links),
+            "peers": len(self.peers),
+            "listen": self.listen_address,
+            "serial": format(cert.serial_number, "x"),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "renewal_due": self.renewal_due().isoformat(),
+            "crl_number": self.trust.crl_number if self.trust.crl_der else None,
+            "revoked_serials": len(self.trust.revoked),
+            "seen": len(self.seen),
+            "gossip": {
+                "accepted": stats.accepted,
+                "duplicates": stats.duplicates,
+                "forwarded": stats.forwarded,
+                "rejected": dict(stats.rejected),
+            },
+        }
+
+    def _emit(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        log.log(level, event, extra={"node": self.node_id, "fields": fields})
+        for listener in self.listeners:
+            listener(event, fields)
+
+
+def _collision(me: str, first: Link, second: Link) -> tuple[Link, Link]:
+    """Two links to one peer: keep the one dialled by the smaller node_id (both sides
+    reach the same verdict), or the older if one side dialled both."""
+
+    def dialler(link: Link) -> str:
+        return me if link.initiator else str(link.peer_id)
+
+    if dialler(first) == dialler(second) or dialler(first) < dialler(second):
+        return first, second
+    return second, first
