@@ -30,6 +30,7 @@ COMMANDS = {
     "ca": "trustmesh.cli.ca:ca",
     "enroll": "trustmesh.cli.enroll:enroll",
     "rotate": "trustmesh.cli.enroll:rotate",
+    "node": "trustmesh.cli.node:node",
     "demo": "trustmesh.cli.demo:demo",
 }
 

@@ -56,3 +56,35 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
         if amount <= 0:
             self.fail(f"a duration must be positive, got {value!r}", param, ctx)
         return timedelta(seconds=amount * self.UNITS[unit])
+
+
+class Seconds(Duration):
+    """Seconds as a plain number (``60``), or a duration with a unit (``30s``, ``5m``)."""
+
+    name = "SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int | float):
+            return float(value)
+        text = str(value).strip().lower()
+        if text[-1:] not in self.UNITS:
+            text += "s"
+        return super().convert(text, param, ctx).total_seconds()
+
+
+class Address(click.ParamType):  # type: ignore[type-arg]
+    """``HOST:PORT`` kept as text (``[::1]:7400`` for IPv6); port 0 only if ``any_port``."""
+
+    name = "HOST:PORT"
+
+    def __init__(self, *, any_port: bool = False) -> None:
+        self.any_port = any_port
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from trustmesh.mesh.link import split_address
+
+        try:
+            split_address(str(value), any_port=self.any_port)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)

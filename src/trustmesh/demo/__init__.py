@@ -1,5 +1,7 @@
-"""``trustmesh demo``: a guided, self-checking tour of what trustmesh does."""
+"""``trustmesh demo``: a self-checking mesh on loopback (and ``--tour``: the foundation)."""
 
-from trustmesh.demo.run import Step, run_demo
+from trustmesh.demo.mesh import run_mesh_demo
+from trustmesh.demo.run import run_tour
+from trustmesh.demo.steps import Step
 
-__all__ = ["Step", "run_demo"]
+__all__ = ["Step", "run_mesh_demo", "run_tour"]

@@ -1,4 +1,5 @@
-"""``trustmesh demo``: shows, step by step, what trustmesh does today, and checks each step."""
+"""``trustmesh demo --tour``: the foundation under the mesh, step by step, each checked:
+key files, libp2p peer IDs, signatures, ECDH and a BOTD #2 channel."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import secrets
 import stat
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trustmesh.botd import BotdConfig, BotdConnection, HandshakeFailed
 from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
+from trustmesh.demo.steps import DemoFailure, Step, check
 from trustmesh.errors import InvalidSignatureError, ProtocolError
 from trustmesh.io import botd
 from trustmesh.keystore.filestore import load_key_file, save_key_file
@@ -30,24 +31,7 @@ LIBP2P_SECP256K1_PEER_ID = "16Uiu2HAmLhLvBoYaoZfaMUKuibM6ac163GwKY74c5kiSLg5KvLp
 STEP_TIMEOUT = 10.0
 
 
-@dataclass
-class Step:
-    name: str
-    ok: bool
-    detail: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-class DemoFailure(Exception):
-    """A check in a demo step did not hold."""
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise DemoFailure(message)
-
-
-async def run_demo(workdir: Path) -> list[Step]:
+async def run_tour(workdir: Path) -> list[Step]:
     """Run every step in ``workdir``; a failed step is reported, never hidden."""
     keys: dict[KeyKind, PrivateKey] = {}
     steps: list[Step] = []
@@ -59,11 +43,14 @@ async def run_demo(workdir: Path) -> list[Step]:
         ("botd channel", _botd_step),
     ]
     for name, action in plan:
+        started = time.monotonic()
         try:
             detail, data = await asyncio.wait_for(action(), STEP_TIMEOUT)
-            steps.append(Step(name, True, detail, data))
+            steps.append(Step(name, True, detail, time.monotonic() - started, data))
         except (DemoFailure, ProtocolError, OSError, TimeoutError) as exc:
-            steps.append(Step(name, False, f"{type(exc).__name__}: {exc}"))
+            steps.append(
+                Step(name, False, f"{type(exc).__name__}: {exc}", time.monotonic() - started)
+            )
     return steps
 
 
@@ -74,10 +61,10 @@ async def _keys_step(workdir: Path, keys: dict[KeyKind, PrivateKey]) -> tuple[st
         key = PrivateKey.generate(kind)
         path = save_key_file(key, workdir / f"{kind}.pem", passphrase)
         mode = stat.S_IMODE(os.stat(path).st_mode)
-        _check(mode == 0o600, f"{path} has mode {mode:o}, not 600")
-        _check(b"ENCRYPTED" in path.read_bytes(), f"{path} is not encrypted")
+        check(mode == 0o600, f"{path} has mode {mode:o}, not 600")
+        check(b"ENCRYPTED" in path.read_bytes(), f"{path} is not encrypted")
         loaded = load_key_file(path, passphrase)
-        _check(loaded.public_key() == key.public_key(), f"{kind} key did not load back")
+        check(loaded.public_key() == key.public_key(), f"{kind} key did not load back")
         keys[kind] = loaded
         files[str(kind)] = str(path)
     return "3 keys written encrypted (scrypt, mode 0600) and loaded back", {"files": files}
@@ -87,16 +74,16 @@ async def _peer_id_step(keys: dict[KeyKind, PrivateKey]) -> tuple[str, dict[str,
     _need_keys(keys)
     key_type, data = decode_public_key(LIBP2P_SECP256K1_PUBLIC)
     vector = PeerId.from_public_key(key_type, data)
-    _check(str(vector) == LIBP2P_SECP256K1_PEER_ID, f"libp2p test vector gave {vector}")
+    check(str(vector) == LIBP2P_SECP256K1_PEER_ID, f"libp2p test vector gave {vector}")
     ids = {}
     for kind, key in keys.items():
         peer_id = key.public_key().peer_id()
-        _check(PeerId.parse(str(peer_id)) == peer_id, f"{kind} peer ID does not parse back")
-        _check(PeerId.parse(peer_id.to_cid()) == peer_id, f"{kind} CID form does not parse back")
+        check(PeerId.parse(str(peer_id)) == peer_id, f"{kind} peer ID does not parse back")
+        check(PeerId.parse(peer_id.to_cid()) == peer_id, f"{kind} CID form does not parse back")
         ids[str(kind)] = str(peer_id)
     ordered = sorted(PeerId.parse(text) for text in ids.values())
-    _check(all(int(a) < int(b) for a, b in itertools.pairwise(ordered)), "bad order")
-    _check(key_type is KeyType.SECP256K1, "libp2p vector is not secp256k1")
+    check(all(int(a) < int(b) for a, b in itertools.pairwise(ordered)), "bad order")
+    check(key_type is KeyType.SECP256K1, "libp2p vector is not secp256k1")
     return "libp2p peer IDs derived, parsed back, ordered; spec vector matches", {"peer_ids": ids}
 
 
@@ -107,7 +94,7 @@ async def _signature_step(keys: dict[KeyKind, PrivateKey]) -> tuple[str, dict[st
     for kind, key in keys.items():
         signature = key.sign(message)
         key.public_key().verify(signature, message)
-        _check(
+        check(
             not _verifies(key.public_key(), signature, message + b"!"),
             f"{kind} accepted a signature over another message",
         )
@@ -118,7 +105,7 @@ async def _signature_step(keys: dict[KeyKind, PrivateKey]) -> tuple[str, dict[st
 async def _ecdh_step() -> tuple[str, dict[str, Any]]:
     for kind in (KeyKind.SECP256K1, KeyKind.P256):
         a, b = PrivateKey.generate(kind), PrivateKey.generate(kind)
-        _check(a.ecdh(b.public_key()) == b.ecdh(a.public_key()), f"{kind} ECDH disagrees")
+        check(a.ecdh(b.public_key()) == b.ecdh(a.public_key()), f"{kind} ECDH disagrees")
     return "secp256k1 and P-256 ECDH agree on both sides", {}
 
 
@@ -149,23 +136,23 @@ async def _botd_step() -> tuple[str, dict[str, Any]]:
             echoed = [await channel.recv() for _ in messages]
             rtt = await channel.ping()
         elapsed_ms = (time.perf_counter() - started) * 1000
-        _check(echoed == messages, "echoed messages differ from what was sent")
+        check(echoed == messages, "echoed messages differ from what was sent")
         # A key that is not on the allow-list is refused before any data.
-        _check(
+        check(
             await _handshake_refused(server.port, stranger, server_pub),
             "a key not on the allow-list was accepted",
         )
         reason = await rejections.get()
-        _check("allow-list" in reason, f"the stranger was refused for another reason: {reason}")
+        check("allow-list" in reason, f"the stranger was refused for another reason: {reason}")
         # An Init whose signature was tampered with: the server hangs up, saying nothing.
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(_forged_init(client_key, server_pub))
         await writer.drain()
         reply = await reader.read()  # returns only once the server has closed
         writer.close()
-        _check(reply == b"", "the server answered a forged Init")
+        check(reply == b"", "the server answered a forged Init")
         reason = await rejections.get()
-        _check("signature" in reason, f"the forged Init was refused for another reason: {reason}")
+        check("signature" in reason, f"the forged Init was refused for another reason: {reason}")
     return (
         f"BOTD #2 over TCP loopback: handshake, {len(messages)} messages echoed and a ping "
         f"(rtt {rtt * 1000:.2f} ms) in {elapsed_ms:.1f} ms; a key off the allow-list and a "
@@ -196,7 +183,7 @@ def _forged_init(key: PrivateKey, peer: PublicKey) -> bytes:
 
 def _need_keys(keys: dict[KeyKind, PrivateKey]) -> None:
     missing = [str(kind) for kind in KeyKind if kind not in keys]
-    _check(not missing, f"no {', '.join(missing)} key: the key files step failed")
+    check(not missing, f"no {', '.join(missing)} key: the key files step failed")
 
 
 def _verifies(public: PublicKey, signature: bytes, message: bytes) -> bool:

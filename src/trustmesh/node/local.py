@@ -55,13 +55,14 @@ class LocalMesh:
         await self.ca_server.start()
         return self.ca_server
 
-    async def enroll(self, index: int, **settings: Any) -> Path:
-        """Enroll node-``index`` over the CA's HTTPS API and write its config."""
+    async def enroll(self, index: int, *, token: str | None = None, **settings: Any) -> Path:
+        """Enroll node-``index`` over the CA's HTTPS API (with a fresh token unless one is
+        given) and write its config."""
         assert self.ca is not None
         assert self.ca_server is not None
         node_id = f"node-{index}"
         directory = self.workdir / node_id
-        token = self.ca.create_token(node_id)
+        token = token or self.ca.create_token(node_id)
         await asyncio.to_thread(
             enroll_node,
             self.ca_server.url,
@@ -124,17 +125,17 @@ class LocalMesh:
         return time.monotonic() - start
 
     def connected(self) -> bool:
-        """Every node has a link, and the links join all nodes into one mesh."""
+        """The links, counted only where both ends hold them, join all nodes into one mesh."""
         live = {n.node_id: n for n in self.nodes}
-        if any(not n.links for n in self.nodes):
-            return False
         reached, frontier = set(), [self.nodes[0].node_id]
         while frontier:
             current = frontier.pop()
-            if current in reached or current not in live:
+            if current in reached:
                 continue
             reached.add(current)
-            frontier.extend(live[current].links)
+            frontier.extend(
+                p for p in live[current].links if p in live and current in live[p].links
+            )
         return reached == set(live)
 
     async def stop(self) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ from trustmesh.mesh.link import (
     GossipFrame,
     IHaveFrame,
     IWantFrame,
+    LinkClosed,
     LinkConfig,
     LinkUp,
     MeshLink,
@@ -69,6 +72,7 @@ FLUSH_INTERVAL = 0.2  # seconds between store commits
 RENEW_AT = 2 / 3  # of a certificate's lifetime
 RENEW_RETRY = (5.0, 300.0)  # bounds of the wait after a failed renewal
 STORE_FILE = "mesh.db"
+RUN_FILE = "run.json"  # where a running node listens (trustmesh.node.client reads it)
 
 
 def now_ms() -> int:
@@ -139,6 +143,7 @@ class MeshNode:
         self.listeners: list[Callable[[str, Any], None]] = []  # (event name, detail)
         self._pending: set[Link] = set()  # links whose HELLO exchange is not done
         self._dialing: set[str] = set()
+        self._links_low = asyncio.Event()  # set when the links fall below the dial target
         self._cooldown: dict[str, tuple[float, Backoff]] = {}
         self._indicators: list[Indicator] = []
         self._server: StreamServer[TlsStream] | None = None
@@ -181,6 +186,7 @@ class MeshNode:
             asyncio.create_task(self._flush_loop()),
             asyncio.create_task(self._renewal_loop()),
         ]
+        self._write_run_file()
         self._emit("node.started", listen=self.listen_address, api=self.api_url)
 
     async def stop(self) -> None:
@@ -205,6 +211,7 @@ class MeshNode:
             await self._runner.cleanup()
         self.flush()
         self.store.close()
+        (self.directory / RUN_FILE).unlink(missing_ok=True)
         self._emit("node.stopped")
 
     async def __aenter__(self) -> MeshNode:
@@ -213,6 +220,20 @@ class MeshNode:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+    def _write_run_file(self) -> None:
+        """Where this process really listens (ports given as 0 are known only now)."""
+        api = self.api_site.port if self.api_site is not None else 0
+        host = split_address(self.config.api, any_port=True)[0]
+        state = {
+            "pid": os.getpid(),
+            "node_id": self.node_id,
+            "listen": self.listen_address,
+            "api": f"[{host}]:{api}" if ":" in host else f"{host}:{api}",
+        }
+        tmp = self.directory / f"{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(state) + "\n")
+        os.replace(tmp, self.directory / RUN_FILE)
 
     @property
     def listen_address(self) -> str:
@@ -323,13 +344,17 @@ class MeshNode:
         return holder[0]
 
     async def _maintain(self, address: str) -> None:
-        """Keep a link to a bootstrap address, redialling with backoff."""
+        """Keep a link to a bootstrap address while the node has too few links,
+        redialling with backoff."""
         backoff = Backoff(initial=0.5, maximum=30.0)
         while True:
+            if len(self.links) >= self.dial_target:
+                self._links_low.clear()
+                await self._links_low.wait()
+                continue
             existing = self._link_at(address)
             if existing is not None:
                 await existing.wait_closed()
-                await asyncio.sleep(backoff.next_delay())
                 continue
             try:
                 link = await self.dial(address)
@@ -338,9 +363,16 @@ class MeshNode:
                 self._emit("link.dial_failed", address=address, error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 continue
-            backoff.reset()
-            await link.wait_closed()
+            closed = await link.wait_closed()
+            if isinstance(closed, LinkClosed) and closed.code == CloseCode.SHUTDOWN:
+                backoff.reset()
             await asyncio.sleep(backoff.next_delay())
+
+    @property
+    def dial_target(self) -> int:
+        """Links the node dials out for: half its cap, so that there is always room for
+        newcomers to link in."""
+        return max(1, self.config.max_links // 2)
 
     def _link_at(self, address: str) -> Link | None:
         for link in self.links.values():
@@ -352,7 +384,7 @@ class MeshNode:
         """Dial known peers until the links (and dials in flight) reach ``max_links``."""
         if self._stopping:
             return
-        room = self.config.max_links - len(self.links) - len(self._dialing)
+        room = self.dial_target - len(self.links) - len(self._dialing)
         clock = time.monotonic()
         for node_id, address in list(self.addresses.items()):
             if room <= 0:
@@ -371,13 +403,16 @@ class MeshNode:
     async def _dial_learned(self, address: str) -> None:
         try:
             await self.dial(address)
-            self._cooldown.pop(address, None)
         except (LinkFailed, OSError) as exc:
-            backoff = self._cooldown.get(address, (0.0, Backoff(initial=1.0, maximum=60.0)))[1]
-            self._cooldown[address] = (time.monotonic() + backoff.next_delay(), backoff)
+            self._cool_down(address)
             log.debug("dial %s failed: %s", address, exc)
         finally:
             self._dialing.discard(address)
+
+    def _cool_down(self, address: str) -> None:
+        """Wait before dialling ``address`` again: 1 s, doubling up to a minute."""
+        backoff = self._cooldown.get(address, (0.0, Backoff(initial=1.0, maximum=60.0)))[1]
+        self._cooldown[address] = (time.monotonic() + backoff.next_delay(), backoff)
 
     # --- link events ------------------------------------------------------------------------
 
@@ -439,10 +474,17 @@ class MeshNode:
 
     def _on_closed(self, link: Link, event: ConnectionClosed) -> None:
         self._pending.discard(link)
+        refused = isinstance(event, LinkClosed) and event.code != CloseCode.SHUTDOWN
+        if link.address is not None and refused:
+            self._cool_down(link.address)  # at its cap, a duplicate, or worse: not at once
+        elif link.address is not None:
+            self._cooldown.pop(link.address, None)
         peer = link.peer_id
         if peer is None or self.links.get(peer) is not link:
             return
         del self.links[peer]
+        if len(self.links) < self.dial_target:
+            self._links_low.set()
         self.engine.forget_peer(peer)
         info = self.peers.get(peer)
         if info is not None:

@@ -1,0 +1,118 @@
+"""Talking to a running node's API from its own directory, with its own certificate.
+
+The API presents the node's certificate, whose name is the node_id, so the client
+checks the server against the mesh root *and* that name, whatever address it dials.
+A running node writes ``run.json`` (its real addresses, when it listens on port 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from trustmesh.keystore.filestore import passphrase_from_env_or_tty
+from trustmesh.keystore.pkcs8 import is_encrypted
+from trustmesh.mesh.errors import MeshError
+from trustmesh.mesh.link import split_address
+from trustmesh.node.config import NodeConfig, load_config
+from trustmesh.node.runtime import RUN_FILE
+
+DEFAULT_TIMEOUT = 10.0
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
+
+
+class NodeApiError(MeshError):
+    """The node's API refused a request (``status`` and its JSON ``error`` code) or
+    could not be reached (``status`` 0)."""
+
+    def __init__(self, message: str, *, status: int = 0, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def node_passphrase(directory: Path) -> bytes | None:
+    """The key's passphrase ($TRUSTMESH_PASSPHRASE or a prompt), if node.key is encrypted."""
+    key_file = directory / "node.key"
+    if key_file.exists() and is_encrypted(key_file.read_bytes()):
+        return passphrase_from_env_or_tty(key_file, confirm=False)
+    return None
+
+
+def api_url(directory: Path, config: NodeConfig) -> str:
+    """Where the node's API listens: from run.json while it runs, else the config."""
+    address = config.api
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        address = str(json.loads((directory / RUN_FILE).read_text())["api"])
+    host, port = split_address(address, any_port=True)
+    host = WILDCARDS.get(host, host)
+    return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+class NodeClient:
+    def __init__(
+        self, directory: Path, *, passphrase: bytes | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.directory = directory
+        self.config = load_config(directory)
+        self.url = api_url(directory, self.config)
+        self.timeout = timeout
+        try:
+            context = ssl.create_default_context(cafile=str(directory / "ca.crt"))
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_cert_chain(
+                str(directory / "node.crt"), str(directory / "node.key"), password=passphrase
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise NodeApiError(f"cannot load {directory}'s certificate and key: {exc}") from None
+        self._ssl = context
+
+    async def get(self, path: str, **params: str) -> dict[str, Any]:
+        return await self._request("GET", path, params=params)
+
+    async def post(self, path: str, body: bytes) -> dict[str, Any]:
+        return await self._request("POST", path, body=body)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.request(
+                    method,
+                    self.url + path,
+                    data=body,
+                    params=params,
+                    headers=headers,
+                    ssl=self._ssl,
+                    server_hostname=self.config.node_id,
+                ) as response,
+            ):
+                text = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise NodeApiError(f"cannot reach the node's API at {self.url}: {exc}") from None
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise NodeApiError(f"{path}: the answer is not JSON", status=status) from None
+        if status >= 400:
+            message = data.get("message", "") if isinstance(data, dict) else ""
+            code = data.get("error") if isinstance(data, dict) else None
+            raise NodeApiError(f"{path}: {status} {code}: {message}", status=status, code=code)
+        if not isinstance(data, dict):
+            raise NodeApiError(f"{path}: the answer is not a JSON object", status=status)
+        return data
