@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -358,15 +360,28 @@ def test_generate_refuses_existing_file_encrypted(
 # --- demo ------------------------------------------------------------------------------------
 
 
+MESH_STEPS = ["ca and enrollment", "mesh forms", "anomaly gossip", "revocation", "clean shutdown"]
+
+
+def _assert_mesh_demo(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A passing mesh demo's JSON: ok, the five steps in order, each fully reported."""
+    assert result["ok"] is True, result
+    steps: list[dict[str, Any]] = result["steps"]
+    assert [step["name"] for step in steps] == MESH_STEPS
+    for step in steps:
+        assert step["ok"] is True, step
+        seconds = step["seconds"]
+        assert isinstance(seconds, int | float) and not isinstance(seconds, bool), step
+        assert seconds >= 0
+        assert isinstance(step["detail"], str) and step["detail"], step
+    return steps
+
+
 def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["demo", "--json"], capsys)
     assert code == 0, err
-    result = json.loads(out)
-    assert result["ok"] is True
-    steps = result["steps"]
-    assert len(steps) == 5
-    assert all(step["ok"] is True for step in steps), steps
-    assert all(step["name"] and step["detail"] for step in steps)
+    steps = _assert_mesh_demo(json.loads(out))
+    assert len(steps[0]["serials"]) == 5  # five nodes by default
 
 
 def test_demo_keep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -374,21 +389,41 @@ def test_demo_keep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["demo", "--keep", str(keep)], capsys)
     assert code == 0
     assert "5/5 steps passed" in out
-    files = sorted(keep.iterdir())
-    assert files
-    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files if f.is_file())
+    nodes = [f"node-{i}" for i in range(1, 6)]
+    assert sorted(f.name for f in keep.iterdir()) == ["ca", *nodes]
+    ca = keep / "ca"
+    assert (ca / "ca.crt").is_file()
+    assert all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in ca.glob("*.key"))
+    assert len(list(ca.glob("*.key"))) == 2  # the root and the issuing CA
+    for name in nodes:
+        node_dir = keep / name
+        assert stat.S_IMODE((node_dir / "node.key").stat().st_mode) == 0o600, name
+        assert (node_dir / "node.crt").is_file(), name
+        assert (node_dir / "mesh.db").is_file(), name
+        assert not (node_dir / "run.json").exists(), name  # every node stopped
+
+
+def test_demo_node_count_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    for count in ("2", "51", "x"):
+        code, out, err = run(["demo", "--nodes", count, "--json"], capsys)
+        assert code == 2, (count, err)
+        assert out == ""
+        assert "--nodes" in err
+        assert "Traceback" not in err
 
 
 # --- as a real process -----------------------------------------------------------------------
 
 
-def _run_process(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+def _run_process(
+    args: list[str], *, timeout: float = 30, **env: str
+) -> subprocess.CompletedProcess[str]:
     """Run the installed ``trustmesh`` with ``args``, no stdin, and only ``env`` set."""
     return subprocess.run(
         [TRUSTMESH, *args],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         check=False,
         env=clean_env(**env),
         stdin=subprocess.DEVNULL,
@@ -430,12 +465,23 @@ def test_subprocess_usage_error() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_subprocess_demo_three_nodes() -> None:
+    started = time.monotonic()
+    result = _run_process(["demo", "--nodes", "3", "--json"], timeout=60)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 60
+    steps = _assert_mesh_demo(json.loads(result.stdout))
+    assert sorted(steps[0]["serials"]) == ["node-1", "node-2", "node-3"]
+    assert "Traceback" not in result.stderr
+
+
 def test_demo_fails_when_a_step_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keep = tmp_path / "demo"
-    assert run(["demo", "--keep", str(keep)], capsys)[0] == 0
+    assert run(["demo", "--tour", "--keep", str(keep)], capsys)[0] == 0
     # The key files exist now, and a key is never overwritten: the first step fails,
     # the steps that need its keys fail too, and the exit code says so.
-    code, out, _ = run(["demo", "--json", "--keep", str(keep)], capsys)
+    code, out, _ = run(["demo", "--tour", "--json", "--keep", str(keep)], capsys)
     assert code == 1
     result = json.loads(out)
     assert result["ok"] is False
@@ -448,7 +494,7 @@ def test_demo_fails_when_a_step_fails(tmp_path: Path, capsys: pytest.CaptureFixt
         "botd channel": True,
     }
     assert "already exists" in result["steps"][0]["detail"]
-    code, out, _ = run(["demo", "--keep", str(keep)], capsys)
+    code, out, _ = run(["demo", "--tour", "--keep", str(keep)], capsys)
     assert code == 1
     assert "FAIL key files" in out
     assert "2/5 steps passed" in out

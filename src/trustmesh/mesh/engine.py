@@ -18,9 +18,9 @@ import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from trustmesh.mesh.errors import (
+    BadSignature,
     ExpiredMessage,
     GossipRejected,
     MalformedMessage,
@@ -41,17 +41,18 @@ CLOCK_SKEW_MS = 60_000  # how far in the future a timestamp may be
 MAX_DIGEST = 512  # ids per ihave or iwant
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Received:
     """A message was taken: ``new`` is false for a duplicate (nothing else is set then)."""
 
     message_id: str
     new: bool
     message: GossipMessage | None = None
-    raw: bytes = b""  # the message as received: what is forwarded
+    raw: bytes = b""  # the message as received
     origin: Identity | None = None
     forward_to: tuple[str, ...] = ()
     crl: CrlUpdate | None = None
+    chain: tuple[bytes, ...] = ()  # the origin's certificate chain, for peers that lack it
 
 
 @dataclass
@@ -135,8 +136,9 @@ class GossipEngine:
         # Which peers to push to need not be unpredictable, only spread.
         self.rng = rng if rng is not None else random.Random()  # noqa: S311
         self.stats = GossipStats()
-        self._origins: dict[str, Identity] = {}  # the latest verified identity per origin
-        self._recent: OrderedDict[str, tuple[bytes, int]] = OrderedDict()  # raw, expiry
+        # Per origin, the certificates proven by a signature: the latest, then the one before.
+        self._origins: dict[str, list[tuple[Identity, tuple[bytes, ...]]]] = {}
+        self._recent: OrderedDict[str, Received] = OrderedDict()  # to answer iwant
         self._known: dict[str, set[str]] = {}  # peer -> ids it is known to hold
         self._buckets: dict[str, TokenBucket] = {}
 
@@ -187,25 +189,29 @@ class GossipEngine:
             self.stats.duplicates += 1
             return Received(message_id, new=False)
         if sender is not None:
+            now = now_ms / 1e3
             bucket = self._buckets.get(sender)
             if bucket is None:
-                bucket = self._buckets[sender] = TokenBucket(self.rate, self.burst, now_ms / 1e3)
-            if bucket.take(now_ms / 1e3) is not None:
+                bucket = self._buckets[sender] = TokenBucket(self.rate, self.burst, now)
+            if bucket.take(now) is not None:
                 raise RateLimited(f"{sender} is over {self.rate:g} gossip messages a second")
-        origin = self._origin(message, now_ms)
-        origin.verify(message.signature, message.signed_bytes())
-        crl = None
+        origin, chain = self._verify(message, now_ms)
         if message.kind == "crl":
-            crl = self.trust.apply_crl(crl_from_payload(message.payload))
+            received_crl = self.trust.apply_crl(crl_from_payload(message.payload))
+        else:
+            received_crl = None
         self.seen.add(message_id, message.expiry)
-        self._remember(message_id, raw, message.expiry)
+        received = Received(message_id, True, message, raw, origin, (), None, chain)
+        self._remember(message_id, received)
         self.stats.accepted += 1
-        stale_crl = message.kind == "crl" and crl is None
+        stale_crl = message.kind == "crl" and received_crl is None
         forward = () if stale_crl else self._pick(peers, exclude=(sender, message.origin))
         for peer in forward:
             self._known_by(peer).add(message_id)
         self.stats.forwarded += len(forward)
-        return Received(message_id, True, message, raw, origin, forward, crl)
+        received.forward_to = forward
+        received.crl = received_crl
+        return received
 
     def _check_lifetime(self, message: GossipMessage, now_ms: int) -> None:
         if message.expiry <= message.timestamp:
@@ -217,22 +223,49 @@ class GossipEngine:
         if message.expiry - message.timestamp > self.max_ttl_ms:
             raise ExpiredMessage(f"message lifetime exceeds {self.max_ttl_ms} ms")
 
-    def _origin(self, message: GossipMessage, now_ms: int) -> Identity:
+    def _verify(self, message: GossipMessage, now_ms: int) -> tuple[Identity, tuple[bytes, ...]]:
+        """Check the signature under the origin's certificate: the message's chain, or
+        else the certificates last proven for that origin (its current and previous one,
+        so a rotation in flight does not fail). A certificate is remembered only once a
+        signature checked out under it."""
         if message.chain:
-            now = datetime.fromtimestamp(now_ms / 1e3, UTC)
-            identity = self.trust.identity(message.chain, now=now)
+            identity = self.trust.identity(message.chain, now_ms=now_ms)
             if identity.node_id != message.origin:
                 raise UntrustedOrigin(
                     f"the certificate names {identity.node_id}, not the origin {message.origin}"
                 )
-            self._origins[message.origin] = identity
-            return identity
-        known = self._origins.get(message.origin)
-        if known is None:
-            raise UntrustedOrigin(f"no certificate known for {message.origin}: send its chain")
-        if self.trust.is_revoked(known.serial):
-            raise RevokedOrigin(f"{known.node_id}'s certificate is revoked")
-        return known
+            candidates = [(identity, message.chain)]
+        else:
+            candidates = self._origins.get(message.origin, [])
+            if not candidates:
+                raise UntrustedOrigin(f"no certificate known for {message.origin}: send its chain")
+        signed = message.signed_bytes()
+        failure: GossipRejected | None = None
+        for identity, chain in candidates:
+            if self.trust.is_revoked(identity.serial):
+                failure = RevokedOrigin(f"{identity.node_id}'s certificate is revoked")
+                continue
+            try:
+                identity.verify(message.signature, signed)
+            except BadSignature as exc:
+                failure = failure or exc
+                continue
+            self._prove(identity, chain)
+            return identity, chain
+        assert failure is not None
+        raise failure
+
+    def _prove(self, identity: Identity, chain: tuple[bytes, ...]) -> None:
+        known = self._origins.get(identity.node_id)
+        if known is not None and known[0][0].serial == identity.serial:
+            return  # the usual case: nothing changes
+        others = [k for k in known or () if k[0].serial != identity.serial]
+        self._origins[identity.node_id] = [(identity, chain), *others[:1]]
+
+    def chain_of(self, origin: str) -> tuple[bytes, ...]:
+        """The chain of the certificate last proven for ``origin`` (empty if none)."""
+        known = self._origins.get(origin)
+        return known[0][1] if known else ()
 
     def _pick(self, peers: Sequence[str], exclude: tuple[str | None, str]) -> tuple[str, ...]:
         candidates = [p for p in peers if p not in exclude]
@@ -270,7 +303,7 @@ class GossipEngine:
                 wanted.append(message_id)
         return wanted[:MAX_DIGEST]
 
-    def on_iwant(self, peer: str, ids: Iterable[str], now_ms: int) -> list[bytes]:
+    def on_iwant(self, peer: str, ids: Iterable[str], now_ms: int) -> list[Received]:
         """The messages a peer asked for that we still hold."""
         self._expire(now_ms)
         known = self._known_by(peer)
@@ -279,7 +312,7 @@ class GossipEngine:
             entry = self._recent.get(message_id)
             if entry is not None:
                 known.add(message_id)
-                found.append(entry[0])
+                found.append(entry)
         return found
 
     def forget_peer(self, peer: str) -> None:
@@ -297,15 +330,15 @@ class GossipEngine:
             known = self._known[peer] = set()
         return known
 
-    def _remember(self, message_id: str, raw: bytes, expiry: int) -> None:
-        self._recent[message_id] = (raw, expiry)
+    def _remember(self, message_id: str, held: Received) -> None:
+        self._recent[message_id] = held
         while len(self._recent) > self.recent_capacity:
             gone, _ = self._recent.popitem(last=False)
             for known in self._known.values():
                 known.discard(gone)
 
     def _expire(self, now_ms: int) -> None:
-        expired = [mid for mid, (_, expiry) in self._recent.items() if expiry <= now_ms]
+        expired = [mid for mid, held in self._recent.items() if _expiry(held) <= now_ms]
         for message_id in expired:
             del self._recent[message_id]
             for known in self._known.values():
@@ -314,3 +347,8 @@ class GossipEngine:
         for known in self._known.values():
             if len(known) > 4 * self.recent_capacity:
                 known.intersection_update(self._recent)
+
+
+def _expiry(held: Received) -> int:
+    assert held.message is not None
+    return held.message.expiry

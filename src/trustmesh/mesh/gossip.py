@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import uuid
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from trustmesh.wire.jsonwire import canonical_json, compact_json, strict_loads
 
 SIGNING_LABEL = b"trustmesh-gossip/1\n"
 MAX_MESSAGE = 512 * 1024  # a CRL of thousands of serials fits
-MAX_ANOMALY = 4 * 1024  # an anomaly is a hash and a few words, never a log
+MAX_META_FIELDS = 16  # an anomaly is a hash and a few words, never a log
+MAX_META_KEY = 64
+MAX_META_TEXT = 256
+MAX_SAFE_INT = (1 << 53) - 1
 MAX_CHAIN = 4
 MAX_CERT = 8 * 1024
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
@@ -40,8 +44,11 @@ PAYLOAD_TYPES = ("anomaly", "crl")
 FIELDS = {"message_id", "origin", "payload", "timestamp", "expiry", "signature", "chain"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GossipMessage:
+    """A message; treat it as immutable (it is not frozen only because building frozen
+    dataclasses costs several microseconds on the gossip hot path)."""
+
     message_id: str
     origin: str
     payload: dict[str, Any]
@@ -97,7 +104,9 @@ def sign_message(
     if not 0 < ttl_ms <= MAX_TTL_MS:
         raise ValueError(f"ttl must be in 1..{MAX_TTL_MS} ms")
     check_payload(payload)
-    message_id = message_id if message_id is not None else f"{origin}:{uuid.uuid4().hex}"
+    if message_id is None:
+        unique = uuid.uuid4().hex
+        message_id = f"{origin}:{unique}" if len(origin) <= 95 else unique
     if not MESSAGE_ID.fullmatch(message_id):
         raise ValueError(f"message_id {message_id!r} is not 1-128 of [A-Za-z0-9._:-]")
     expiry = now_ms + ttl_ms
@@ -114,14 +123,13 @@ def decode_message(data: bytes | bytearray | memoryview) -> GossipMessage:
 def message_from_json(data: Any) -> GossipMessage:
     if not isinstance(data, dict):
         raise MalformedMessage("a gossip message is a JSON object")
-    extra = data.keys() - FIELDS
-    if extra:
-        raise MalformedMessage(f"unknown fields {sorted(extra)}")
-    message_id = _string(data, "message_id")
-    if not MESSAGE_ID.fullmatch(message_id):
+    if not data.keys() <= FIELDS:
+        raise MalformedMessage(f"unknown fields {sorted(data.keys() - FIELDS)}")
+    message_id = data.get("message_id")
+    if not isinstance(message_id, str) or not MESSAGE_ID.fullmatch(message_id):
         raise MalformedMessage("message_id must be 1-128 of [A-Za-z0-9._:-]")
-    origin = _string(data, "origin")
-    if not NODE_ID.fullmatch(origin):
+    origin = data.get("origin")
+    if not isinstance(origin, str) or not _is_node_id(origin):
         raise MalformedMessage("origin must be a node_id (a DNS name)")
     payload = data.get("payload")
     if not isinstance(payload, dict):
@@ -129,7 +137,7 @@ def message_from_json(data: Any) -> GossipMessage:
     check_payload(payload)
     timestamp = _millis(data, "timestamp")
     expiry = _millis(data, "expiry")
-    signature = _base64(_string(data, "signature"), "signature", 512)
+    signature = _base64(data.get("signature"), "signature", 512)
     chain_field = data.get("chain", [])
     if not isinstance(chain_field, list) or len(chain_field) > MAX_CHAIN:
         raise MalformedMessage(f"chain must be a list of at most {MAX_CHAIN} certificates")
@@ -166,25 +174,42 @@ def crl_from_payload(payload: dict[str, Any]) -> bytes:
     return _base64(payload["crl"], "crl", MAX_MESSAGE)
 
 
+_ANOMALY_FIELDS = frozenset({"type", "hash", "kind", "risk", "meta"})
+_ANOMALY_REQUIRED = frozenset({"hash", "kind", "risk"})
+
+
 def _check_anomaly(payload: dict[str, Any]) -> None:
-    allowed = {"type", "hash", "kind", "risk", "meta"}
-    if not payload.keys() <= allowed or not {"hash", "kind", "risk"} <= payload.keys():
+    keys = payload.keys()
+    if not keys <= _ANOMALY_FIELDS or not keys >= _ANOMALY_REQUIRED:
         raise MalformedMessage("an anomaly has hash, kind, risk and optional meta, no more")
     digest, kind, risk = payload["hash"], payload["kind"], payload["risk"]
     if not isinstance(digest, str) or not HEX.fullmatch(digest):
         raise MalformedMessage("anomaly hash must be 16-128 lowercase hex digits")
     if not isinstance(kind, str) or not KIND.fullmatch(kind):
         raise MalformedMessage("anomaly kind must be 1-64 of [A-Za-z0-9._:/-]")
-    if isinstance(risk, bool) or not isinstance(risk, int | float) or not 0 <= risk <= 1:
+    if isinstance(risk, bool) or not isinstance(risk, (int, float)) or not 0 <= risk <= 1:
         raise MalformedMessage("anomaly risk must be a number in 0..1")
     meta = payload.get("meta", {})
-    if not isinstance(meta, dict):
-        raise MalformedMessage("anomaly meta must be an object")
+    if not isinstance(meta, dict) or len(meta) > MAX_META_FIELDS:
+        raise MalformedMessage(f"anomaly meta must be an object of at most {MAX_META_FIELDS}")
+    # Bounded field by field (no encoding on the hot path): a few words, never a log.
     for key, value in meta.items():
-        if isinstance(value, dict | list):
+        if len(key) > MAX_META_KEY:
+            raise MalformedMessage(f"anomaly meta keys are at most {MAX_META_KEY} characters")
+        if isinstance(value, str):
+            if len(value) > MAX_META_TEXT:
+                raise MalformedMessage(f"anomaly meta text is at most {MAX_META_TEXT} characters")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+                raise MalformedMessage("anomaly meta integers must fit in 53 bits")
+        elif not isinstance(value, float | bool) and value is not None:
             raise MalformedMessage(f"anomaly meta {key!r} must be a scalar: no nested data")
-    if len(canonical_json(payload)) > MAX_ANOMALY:
-        raise MalformedMessage(f"an anomaly payload is at most {MAX_ANOMALY} bytes")
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_node_id(text: str) -> bool:
+    """Cached: a mesh has few origins, and each sends many messages."""
+    return NODE_ID.fullmatch(text) is not None
 
 
 def _string(data: dict[str, Any], key: str) -> str:
@@ -205,9 +230,9 @@ def _base64(text: Any, what: str, limit: int) -> bytes:
     if not isinstance(text, str) or len(text) > (limit + 2) // 3 * 4:
         raise MalformedMessage(f"{what} must be base64 of at most {limit} bytes")
     try:
-        raw = base64.b64decode(text, validate=True)
+        raw = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
         raise MalformedMessage(f"{what} is not base64") from None
-    if not raw:
-        raise MalformedMessage(f"{what} is empty")
+    if not 0 < len(raw) <= limit:
+        raise MalformedMessage(f"{what} must be 1 to {limit} bytes")
     return raw

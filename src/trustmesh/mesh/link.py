@@ -76,6 +76,11 @@ class LinkUp(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class KeepaliveFrame(Event):
+    """The peer's KEEPALIVE (the hold timer restarted)."""
+
+
+@dataclass(frozen=True, slots=True)
 class GossipFrame(Event):
     raw: bytes
 
@@ -154,7 +159,8 @@ class MeshLink:
         self._authorize = authorize
         self._crl_number = crl_number
         self._binding: TlsBinding | None = None
-        self._decoder = FrameDecoder(MAX_HELLO_FRAME)
+        # One limit for every frame; HELLO's own body has a smaller one (_on_frame).
+        self._decoder = FrameDecoder(MAX_FRAME)
         self._out = bytearray()
         self._hold_deadline: float | None = None
         self._keepalive_at: float | None = None
@@ -172,6 +178,8 @@ class MeshLink:
         tls = self._binding.established if self._binding is not None else None
         if tls is None:
             return self._close(CloseCode.PROTOCOL, "no TLS session", error=True)
+        if tls.alpn != ALPN:
+            return self._close(CloseCode.REFUSED, f"ALPN {tls.alpn!r} is not {ALPN}", error=True)
         try:
             self.peer_id = self._authorize(tls.peer_chain)
         except MeshError as exc:
@@ -273,7 +281,8 @@ class MeshLink:
         if kind == Frame.CLOSE:
             data = _control(body)
             code, reason = data.get("code"), data.get("reason", "")
-            code_text, text = str(code)[:64], str(reason)[:512]
+            code_text = code[:64] if isinstance(code, str) and code else CloseCode.PROTOCOL
+            text = str(reason)[:512]
             return self._finish(
                 LinkClosed(
                     f"{code_text}: {text}",
@@ -289,7 +298,7 @@ class MeshLink:
         if kind == Frame.KEEPALIVE:
             if body:
                 raise MalformedMessage("KEEPALIVE has no body")
-            return []
+            return [KeepaliveFrame()]
         if kind == Frame.GOSSIP:
             return [GossipFrame(body)]
         if kind == Frame.CRL:
@@ -304,7 +313,8 @@ class MeshLink:
         raise MalformedMessage(f"unknown frame type {kind}")
 
     def _on_hello(self, hello: dict[str, Any], now: float) -> list[Event]:
-        if hello.get("version") != VERSION:
+        version = hello.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version != VERSION:
             raise MalformedMessage(f"unsupported version {hello.get('version')!r}")
         node_id = hello.get("node_id")
         if node_id != self.peer_id:
@@ -326,7 +336,6 @@ class MeshLink:
             raise MalformedMessage("listen must be host:port")
         self.hold_time = min(self.config.hold_time, hold) if hold and self.config.hold_time else 0
         self.state = State.ESTABLISHED
-        self._decoder.max_size = MAX_FRAME
         if self.hold_time:
             self._hold_deadline = now + self.hold_time
             self._keepalive_at = now + self.hold_time / 3
@@ -344,6 +353,8 @@ class MeshLink:
         self._out += encode_frame(bytes((kind,)) + body, MAX_FRAME)
 
     def _close(self, code: str, reason: str, *, error: bool) -> list[Event]:
+        if self.state is State.CLOSED:
+            return []  # nothing more goes out once the link is closed
         self._send(Frame.CLOSE, compact_json({"code": str(code), "reason": reason[:512]}))
         return self._finish(LinkClosed(f"{code}: {reason}", error=error, code=str(code)))
 

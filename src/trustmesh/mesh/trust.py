@@ -23,6 +23,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from trustmesh.mesh.errors import BadSignature, GossipRejected, RevokedOrigin, UntrustedOrigin
 
 _DER = serialization.Encoding.DER
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 MAX_IDENTITIES = 4096  # verified chains kept; the least recently used go first
 
 
@@ -40,6 +41,7 @@ class Identity:
     serial: int
     public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
     not_after: datetime
+    not_after_ms: int
 
     @property
     def serial_hex(self) -> str:
@@ -51,7 +53,7 @@ class Identity:
             if isinstance(self.public_key, ed25519.Ed25519PublicKey):
                 self.public_key.verify(signature, data)
             else:
-                self.public_key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+                self.public_key.verify(signature, data, _ECDSA_SHA256)
         except InvalidSignature:
             raise BadSignature(f"signature does not verify under {self.node_id}'s key") from None
 
@@ -91,6 +93,16 @@ class TrustView:
     def is_revoked(self, serial: int) -> bool:
         return serial in self.revoked
 
+    def is_newer_crl(self, der: bytes) -> bool:
+        """Whether ``der`` has a higher CRL number than the CRL held (signature unchecked:
+        :meth:`apply_crl` checks it)."""
+        try:
+            crl = x509.load_der_x509_crl(der)
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        except (ValueError, x509.ExtensionNotFound) as exc:
+            raise CrlRejected(f"not a CRL with a CRL number: {exc}") from None
+        return bool(number > self.crl_number)
+
     def apply_crl(self, der: bytes) -> CrlUpdate | None:
         """Take a CRL if it is signed by a known issuing CA and newer than the one held
         (by CRL number); return what it changed, or None for one we already have."""
@@ -118,15 +130,26 @@ class TrustView:
 
     # --- identities -------------------------------------------------------------------------
 
-    def identity(self, chain: Sequence[bytes], *, now: datetime | None = None) -> Identity:
+    def identity(
+        self,
+        chain: Sequence[bytes],
+        *,
+        now: datetime | None = None,
+        now_ms: int | None = None,
+    ) -> Identity:
         """The node identity of a DER chain (leaf first), verified to the mesh root and
-        checked against the revocation list."""
+        checked against the revocation list; the time is ``now`` (or ``now_ms``, Unix
+        milliseconds, which spares building a datetime when the chain is cached)."""
         if not chain:
             raise UntrustedOrigin("no certificate for this origin")
+        if now_ms is None:
+            now = now or datetime.now(UTC)
+            now_ms = int(now.timestamp() * 1000)
         cached = self._identities.get(chain[0])
-        if cached is not None and (now or datetime.now(UTC)) < cached.not_after:
+        if cached is not None and now_ms < cached.not_after_ms:
             self._identities.move_to_end(chain[0])
         else:
+            now = now or datetime.fromtimestamp(now_ms / 1000, UTC)
             try:
                 certs = [x509.load_der_x509_certificate(der) for der in chain]
             except ValueError as exc:
@@ -159,7 +182,10 @@ class TrustView:
             raise UntrustedOrigin(f"{node_id}'s certificate has a key type gossip does not use")
         for issuer in verified.chain[1:-1]:
             self.add_issuer(issuer)
-        return Identity(node_id, leaf.serial_number, key, leaf.not_valid_after_utc)
+        not_after = leaf.not_valid_after_utc
+        return Identity(
+            node_id, leaf.serial_number, key, not_after, int(not_after.timestamp() * 1000)
+        )
 
 
 def node_id_of(cert: x509.Certificate) -> str:

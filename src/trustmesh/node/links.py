@@ -27,8 +27,10 @@ class Link:
         self.core = core
         self.address = address  # what we dialled (None for an inbound link)
         self.listen: str | None = None  # the peer's advertised address, from its HELLO
-        self.serial: int | None = None  # the peer certificate's serial
         self.closed_event: ConnectionClosed | None = None
+        # (origin, serial) of the certificates this peer has seen on this link: gossip
+        # from those origins goes to it without the chain.
+        self.certs_known: set[tuple[str, int]] = set()
         self._on_event = on_event
         loop = asyncio.get_running_loop()
         self._up: asyncio.Future[LinkUp] = loop.create_future()
@@ -45,6 +47,19 @@ class Link:
     @property
     def up(self) -> bool:
         return self._up.done() and not self._up.exception() and self.closed_event is None
+
+    @property
+    def serial(self) -> int | None:
+        """The peer certificate's serial, once TLS is up."""
+        tls = self.driver.core.established
+        return tls.peer_chain[0].serial_number if tls is not None and tls.peer_chain else None
+
+    @property
+    def dialler_port(self) -> int:
+        """The TCP port of the side that dialled: both ends of a link know it."""
+        name = "sockname" if self.initiator else "peername"
+        address = self.driver.get_extra_info(name)
+        return int(address[1]) if isinstance(address, tuple) and len(address) > 1 else 0
 
     @property
     def direction(self) -> str:
@@ -90,9 +105,6 @@ class Link:
             async for event in self.driver:
                 if isinstance(event, LinkUp):
                     self.listen = event.listen
-                    tls = self.driver.core.established
-                    if tls is not None and tls.peer_chain:
-                        self.serial = tls.peer_chain[0].serial_number
                     self._up.set_result(event)
                 elif isinstance(event, ConnectionClosed):
                     self._finish(event)

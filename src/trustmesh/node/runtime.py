@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -68,6 +69,7 @@ from trustmesh.tls import TlsConfig, TlsContext, TlsStream
 log = logging.getLogger("trustmesh.node")
 
 DIAL_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 5.0  # for the links' goodbyes at shutdown
 FLUSH_INTERVAL = 0.2  # seconds between store commits
 RENEW_AT = 2 / 3  # of a certificate's lifetime
 RENEW_RETRY = (5.0, 300.0)  # bounds of the wait after a failed renewal
@@ -86,7 +88,7 @@ class PeerInfo:
     node_id: str
     address: str | None
     status: str  # "connected" or "disconnected"
-    last_seen: int  # Unix ms of the last frame
+    last_seen: int  # Unix ms of the last frame (keepalives included)
     direction: str | None = None
     serial: int | None = None
 
@@ -142,6 +144,7 @@ class MeshNode:
         self.revoked_nodes: set[str] = set()
         self.listeners: list[Callable[[str, Any], None]] = []  # (event name, detail)
         self._pending: set[Link] = set()  # links whose HELLO exchange is not done
+        self._live: set[Link] = set()  # every link whose connection is open
         self._dialing: set[str] = set()
         self._links_low = asyncio.Event()  # set when the links fall below the dial target
         self._cooldown: dict[str, tuple[float, Backoff]] = {}
@@ -199,14 +202,18 @@ class MeshNode:
                 await task
         if self._server is not None:
             self._server.close("node shutting down")
-        for link in [*self.links.values(), *self._pending]:
+        live = list(self._live)
+        for link in live:
             link.close(CloseCode.SHUTDOWN, "node shutting down")
-        closing = [link.wait_closed() for link in [*self.links.values(), *self._pending]]
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await asyncio.gather(*closing, return_exceptions=True)
-                if self._server is not None:
-                    await self._server.wait_closed()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await asyncio.gather(*(link.wait_closed() for link in live))
+        except TimeoutError:
+            for link in live:
+                link.abort("no goodbye in time")
+            await asyncio.gather(*(link.wait_closed() for link in live))
+        if self._server is not None:
+            await self._server.wait_closed()
         if self._runner is not None:
             await self._runner.cleanup()
         self.flush()
@@ -307,7 +314,11 @@ class MeshNode:
     def _accepted(self, driver: StreamDriver[TlsStream]) -> None:
         core = driver.core.inner
         assert isinstance(core, MeshLink)
-        self._pending.add(Link(driver, core, address=None, on_event=self._on_event))
+        self._track(Link(driver, core, address=None, on_event=self._on_event))
+
+    def _track(self, link: Link) -> None:
+        self._pending.add(link)
+        self._live.add(link)
 
     async def _serve_link(self, driver: StreamDriver[TlsStream]) -> None:
         await driver.wait_closed()
@@ -325,7 +336,7 @@ class MeshNode:
         def protocol() -> StreamDriver[TlsStream]:
             driver = StreamDriver(stream)
             link = Link(driver, core, address=address, on_event=self._on_event)
-            self._pending.add(link)
+            self._track(link)
             holder.append(link)
             return driver
 
@@ -341,6 +352,9 @@ class MeshNode:
             if holder:
                 holder[0].abort("dial cancelled")
             raise
+        finally:
+            if holder and holder[0].closed_event is not None:
+                await holder[0].wait_closed()  # its socket is closed before we go on
         return holder[0]
 
     async def _maintain(self, address: str) -> None:
@@ -381,7 +395,7 @@ class MeshNode:
         return None
 
     def _topup(self) -> None:
-        """Dial known peers until the links (and dials in flight) reach ``max_links``."""
+        """Dial known peers until the links (and dials in flight) reach the dial target."""
         if self._stopping:
             return
         room = self.dial_target - len(self.links) - len(self._dialing)
@@ -432,8 +446,10 @@ class MeshNode:
                     link.send_iwant(wanted)
             elif isinstance(event, IWantFrame):
                 assert peer is not None
-                for raw in self.engine.on_iwant(peer, event.ids, now_ms()):
-                    link.send_gossip(raw)
+                for held in self.engine.on_iwant(peer, event.ids, now_ms()):
+                    assert held.message is not None
+                    assert held.origin is not None
+                    _Outgoing(held.message, held.raw, held.origin.serial, held.chain).send(link)
             elif isinstance(event, CrlFrame):
                 self._on_crl_frame(link, event.der)
             elif isinstance(event, PeersFrame):
@@ -457,6 +473,7 @@ class MeshNode:
             link.close(CloseCode.LINK_CAP, f"at the cap of {self.config.max_links} links")
             return
         self.links[peer] = link
+        self.revoked_nodes.discard(peer)  # re-enrolled: this certificate just checked out
         address = event.listen or link.address
         if event.listen:
             self.addresses[peer] = event.listen
@@ -474,6 +491,7 @@ class MeshNode:
 
     def _on_closed(self, link: Link, event: ConnectionClosed) -> None:
         self._pending.discard(link)
+        self._live.discard(link)
         refused = isinstance(event, LinkClosed) and event.code != CloseCode.SHUTDOWN
         if link.address is not None and refused:
             self._cool_down(link.address)  # at its cap, a duplicate, or worse: not at once
@@ -496,7 +514,9 @@ class MeshNode:
     def _on_gossip(self, link: Link, raw: bytes) -> None:
         try:
             message = decode_message(raw)
-            self.accept(message, raw, sender=link)
+            received = self.accept(message, raw, sender=link)
+            if received.origin is not None:
+                link.certs_known.add((message.origin, received.origin.serial))
         except BadSignature as exc:
             link.close(CloseCode.BAD_SIGNATURE, str(exc))
             self._emit("gossip.bad_signature", peer=link.peer_id, error=str(exc))
@@ -510,11 +530,14 @@ class MeshNode:
     def _deliver(self, received: Received) -> None:
         message = received.message
         if not received.new or message is None:
+            self._emit("gossip.duplicate", level=logging.DEBUG, message_id=received.message_id)
             return
+        assert received.origin is not None
+        outgoing = _Outgoing(message, received.raw, received.origin.serial, received.chain)
         for peer in received.forward_to:
             target = self.links.get(peer)
             if target is not None:
-                target.send_gossip(received.raw)
+                outgoing.send(target)
         if message.kind == "anomaly":
             indicator = Indicator.from_message(message, now_ms())
             self._indicators.append(indicator)
@@ -582,14 +605,19 @@ class MeshNode:
         try:
             crl = await asyncio.to_thread(client.crl)
             der = crl.public_bytes(serialization.Encoding.DER)
-            update = self._apply_crl(der, source="CA")
+            if not self.trust.is_newer_crl(der):
+                return False
+            if self.links:
+                # Gossip it, signed by us: the engine applies it as it would a peer's,
+                # and the mesh learns it faster than by everyone's own fetch.
+                with contextlib.suppress(GossipRejected):
+                    received = self.publish(crl_payload(der))
+                    if received.crl is not None:
+                        return True
+            return self._apply_crl(der, source="CA") is not None
         except ProtocolError as exc:
             self._emit("crl.fetch_failed", error=str(exc), level=logging.WARNING)
             return False
-        if update is not None and self.links:
-            with contextlib.suppress(GossipRejected):
-                self.publish(crl_payload(der))  # spread it faster than everyone's fetch
-        return update is not None
 
     async def refresh_crl(self) -> bool:
         return await self._fetch_crl()
@@ -656,7 +684,7 @@ class MeshNode:
         )
         self.identity = self._load_identity()
         if self.api_site is not None:
-            self.api_site.context = self.identity.server
+            self.api_site.context = self._api_context()
         cert = self.identity.certificate
         self._emit(
             "cert.renewed",
@@ -690,20 +718,23 @@ class MeshNode:
         from trustmesh.node.api import node_app
 
         host, port = split_address(self.config.api, any_port=True)
-        api_context = TlsContext(
-            TlsConfig(
-                cert_file=self.directory / "node.crt",
-                key_file=self.directory / "node.key",
-                ca_file=self.directory / "ca.crt",
-                key_passphrase=self._passphrase,
-                client_auth="request",
-            ),
-            server=True,
-        )
+        api_context = self._api_context()
         self._runner = web.AppRunner(node_app(self), access_log=None, handle_signals=False)
         await self._runner.setup()
         self.api_site = HttpsSite(self._runner, host, port, api_context)
         await self.api_site.start()
+
+    def _api_context(self) -> TlsContext:
+        """The API asks for a client certificate but lets the handshake finish without
+        one, so that the answer is a JSON 401 or 403, not a TLS alert."""
+        config = TlsConfig(
+            cert_file=self.directory / "node.crt",
+            key_file=self.directory / "node.key",
+            ca_file=self.directory / "ca.crt",
+            key_passphrase=self._passphrase,
+            client_auth="request",
+        )
+        return TlsContext(config, server=True)
 
     def health(self) -> dict[str, Any]:
         cert = self.identity.certificate
@@ -734,13 +765,38 @@ class MeshNode:
             listener(event, fields)
 
 
+class _Outgoing:
+    """One message on its way to peers: with the origin's chain to a peer that has not
+    seen that certificate on its link, without it (smaller, and cheaper to check) to a
+    peer that has. Each form is encoded at most once."""
+
+    def __init__(
+        self, message: GossipMessage, raw: bytes, serial: int, chain: tuple[bytes, ...]
+    ) -> None:
+        self.message = message
+        self.key = (message.origin, serial)
+        self.chain = chain
+        self._full = raw if message.chain else None
+        self._light = None if message.chain else raw
+
+    def send(self, link: Link) -> None:
+        if self.key in link.certs_known:
+            if self._light is None:
+                self._light = self.message.encode(with_chain=False)
+            link.send_gossip(self._light)
+            return
+        if self._full is None:
+            self._full = dataclasses.replace(self.message, chain=self.chain).encode()
+        link.send_gossip(self._full)
+        link.certs_known.add(self.key)
+
+
 def _collision(me: str, first: Link, second: Link) -> tuple[Link, Link]:
-    """Two links to one peer: keep the one dialled by the smaller node_id (both sides
-    reach the same verdict), or the older if one side dialled both."""
+    """Two links to one peer: keep the one dialled by the smaller node_id, or if one
+    side dialled both, the one from the dialler's lower TCP port. Both ends see the
+    same facts, so both keep the same link."""
 
-    def dialler(link: Link) -> str:
-        return me if link.initiator else str(link.peer_id)
+    def rank(link: Link) -> tuple[str, int]:
+        return (me if link.initiator else str(link.peer_id), link.dialler_port)
 
-    if dialler(first) == dialler(second) or dialler(first) < dialler(second):
-        return first, second
-    return second, first
+    return (first, second) if rank(first) <= rank(second) else (second, first)
