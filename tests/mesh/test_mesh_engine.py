@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshtools import T0_MS, MeshPki, Node, anomaly
+from meshtools import T0_MS, MeshPki, Node, anomaly, ms
 
 from trustmesh.mesh.engine import (
     CLOCK_SKEW_MS,
@@ -23,6 +23,7 @@ from trustmesh.mesh.engine import (
 from trustmesh.mesh.errors import (
     BadSignature,
     ExpiredMessage,
+    GossipRejected,
     MalformedMessage,
     RateLimited,
     RevokedOrigin,
@@ -132,7 +133,8 @@ def test_raw_bytes_are_kept_byte_for_byte(pki: MeshPki, origin: Node) -> None:
     raw = b"  " + message.encode().replace(b",", b", ") + b"\n"
     got = engine.receive_raw(raw, sender="peer-a", peers=PEERS, now_ms=T0_MS)
     assert got.raw == raw and got.message == message
-    assert engine.on_iwant("peer-z", [message.message_id], T0_MS) == [raw]
+    (held,) = engine.on_iwant("peer-z", [message.message_id], T0_MS)
+    assert held.raw == raw and held.message == message
 
 
 def test_receive_raw_counts_malformed_input(pki: MeshPki) -> None:
@@ -272,6 +274,122 @@ def test_a_revoked_origin_is_dropped_and_not_forwarded(pki: MeshPki, origin: Nod
     assert engine.stats.rejected == {"revoked": 2}
 
 
+def test_received_carries_the_chain_that_verified_the_message(pki: MeshPki, origin: Node) -> None:
+    engine = engine_for(pki)
+    assert engine.chain_of("origin-1") == ()
+    got = take(engine, origin.sign(anomaly(1)))
+    assert got.chain == origin.chain_der
+    assert engine.chain_of("origin-1") == origin.chain_der
+    bare = take(engine, origin.sign(anomaly(2), with_chain=False))
+    assert bare.chain == origin.chain_der
+    # A leaf alone (its issuing CA known to the trust view) is the chain remembered.
+    leaf_only = dataclasses.replace(origin.sign(anomaly(3)), chain=origin.chain_der[:1])
+    assert take(engine, leaf_only).chain == origin.chain_der[:1]
+    assert engine.chain_of("nobody") == ()
+
+
+def test_a_refused_message_does_not_teach_the_engine_its_chain(pki: MeshPki, origin: Node) -> None:
+    engine = engine_for(pki)
+    forged = dataclasses.replace(pki.node("evil").sign(origin="origin-1"), chain=origin.chain_der)
+    with pytest.raises(BadSignature):
+        take(engine, forged)
+    assert engine.chain_of("origin-1") == ()
+    # The chain was valid, but no signature was proven under it: chain-less is still refused.
+    with pytest.raises(UntrustedOrigin, match="send its chain"):
+        take(engine, origin.sign(anomaly(1), with_chain=False))
+
+
+def test_a_bad_signature_under_a_valid_new_chain_keeps_the_proven_certificate(
+    pki: MeshPki, origin: Node
+) -> None:
+    engine = engine_for(pki)
+    take(engine, origin.sign(anomaly(1)))
+    renewed = pki.node("origin-1")  # a real, newer certificate for origin-1
+    assert renewed.serial != origin.serial
+    # Its genuine chain, but not signed with its key (an attacker replaying the chain).
+    forged = dataclasses.replace(
+        pki.node("mallory").sign(anomaly(2), origin="origin-1"), chain=renewed.chain_der
+    )
+    with pytest.raises(BadSignature):
+        take(engine, forged)
+    assert engine.chain_of("origin-1") == origin.chain_der
+    # The proven certificate still verifies chain-less messages; the unproven one does not.
+    assert take(engine, origin.sign(anomaly(3), with_chain=False)).new
+    with pytest.raises(BadSignature):
+        take(engine, renewed.sign(anomaly(4), with_chain=False))
+    assert engine.chain_of("origin-1") == origin.chain_der
+
+
+def test_after_a_rotation_chain_less_messages_verify_under_both_certificates(
+    pki: MeshPki, origin: Node
+) -> None:
+    engine = engine_for(pki)
+    take(engine, origin.sign(anomaly(1)))
+    renewed = pki.node("origin-1")
+    got = take(engine, renewed.sign(anomaly(2)))  # proves the new certificate
+    assert got.origin is not None and got.origin.serial == renewed.serial
+    assert engine.chain_of("origin-1") == renewed.chain_der
+    # Messages in flight, signed before the rotation, still verify (the previous one) ...
+    old = take(engine, origin.sign(anomaly(3), with_chain=False))
+    assert old.new and old.origin is not None and old.origin.serial == origin.serial
+    assert old.chain == origin.chain_der
+    # ... as do those signed after it (the latest one).
+    new = take(engine, renewed.sign(anomaly(4), with_chain=False))
+    assert new.new and new.origin is not None and new.origin.serial == renewed.serial
+    assert new.chain == renewed.chain_der
+    assert engine.stats.rejected == {}
+
+
+def test_only_the_latest_and_the_previous_certificate_are_kept(pki: MeshPki) -> None:
+    engine = engine_for(pki)
+    first, second, third = (pki.node("origin-1") for _ in range(3))
+    for i, node in enumerate((first, second, third)):
+        take(engine, node.sign(anomaly(i)))
+    assert engine.chain_of("origin-1") == third.chain_der
+    assert take(engine, second.sign(anomaly(10), with_chain=False)).new
+    assert take(engine, third.sign(anomaly(11), with_chain=False)).new
+    with pytest.raises(BadSignature):
+        take(engine, first.sign(anomaly(12), with_chain=False))
+    # With its chain, the oldest certificate is proven again.
+    assert take(engine, first.sign(anomaly(13))).new
+    assert take(engine, first.sign(anomaly(14), with_chain=False)).new
+
+
+def test_a_revoked_previous_certificate_no_longer_verifies_chain_less_messages(
+    pki: MeshPki, origin: Node
+) -> None:
+    engine = engine_for(pki)
+    take(engine, origin.sign(anomaly(1)))
+    renewed = pki.node("origin-1")
+    take(engine, renewed.sign(anomaly(2)))
+    pki.revoke(origin)
+    engine.trust.apply_crl(pki.crl())
+    with pytest.raises(RevokedOrigin):
+        take(engine, origin.sign(anomaly(3), with_chain=False))
+    assert take(engine, renewed.sign(anomaly(4), with_chain=False)).new
+    assert engine.stats.rejected == {"revoked": 1}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src bug: engine._verify checks a remembered certificate for revocation but "
+    "not for expiry, so a chain-less message is accepted under an expired certificate "
+    "that the same message with its chain is refused for",
+)
+def test_a_chain_less_message_under_an_expired_certificate_is_refused(
+    pki: MeshPki, origin: Node
+) -> None:
+    engine = engine_for(pki)
+    take(engine, origin.sign(anomaly(1)))
+    later = ms(origin.cert.not_valid_after_utc) + 60_000
+    with pytest.raises(UntrustedOrigin):
+        take(engine, origin.sign(anomaly(2), now_ms=later), now_ms=later)
+    bare = origin.sign(anomaly(3), now_ms=later, with_chain=False)
+    with pytest.raises(GossipRejected):
+        take(engine, bare, now_ms=later)
+    assert bare.message_id not in engine.seen
+
+
 # --- rate limits --------------------------------------------------------------------------
 
 
@@ -371,16 +489,34 @@ def test_on_ihave_asks_only_for_unseen_ids(pki: MeshPki, origin: Node) -> None:
     assert engine.on_ihave("peer-c", many) == many[:MAX_DIGEST]
 
 
-def test_on_iwant_returns_the_raw_messages_still_held(pki: MeshPki, origin: Node) -> None:
+def test_on_iwant_returns_the_messages_still_held(pki: MeshPki, origin: Node) -> None:
     engine = engine_for(pki)
     short, long = origin.sign(anomaly(1), ttl_ms=1000), origin.sign(anomaly(2))
     for message in (short, long):
         take(engine, message)
     ids = [short.message_id, "unknown:1", long.message_id]
-    assert engine.on_iwant("peer-b", ids, T0_MS) == [short.encode(), long.encode()]
-    assert engine.on_iwant("peer-b", ids, short.expiry) == [long.encode()]
+    assert [r.raw for r in engine.on_iwant("peer-b", ids, T0_MS)] == [
+        short.encode(),
+        long.encode(),
+    ]
+    assert [r.raw for r in engine.on_iwant("peer-b", ids, short.expiry)] == [long.encode()]
     # What was sent counts as known: not announced to that peer again.
     assert engine.ihave_for("peer-b", short.expiry) == []
+
+
+def test_on_iwant_gives_what_was_received_with_the_origins_chain(
+    pki: MeshPki, origin: Node
+) -> None:
+    engine = engine_for(pki)
+    full, bare = origin.sign(anomaly(1)), origin.sign(anomaly(2), with_chain=False)
+    got_full, got_bare = take(engine, full), take(engine, bare)
+    held = engine.on_iwant("peer-b", [full.message_id, bare.message_id], T0_MS)
+    assert held == [got_full, got_bare]
+    assert [r.raw for r in held] == [full.encode(), bare.encode()]
+    assert [r.message for r in held] == [full, bare]
+    # A message that came without its chain still carries the origin's, for peers that lack it.
+    assert [r.chain for r in held] == [origin.chain_der, origin.chain_der]
+    assert all(r.origin is not None and r.origin.serial == origin.serial for r in held)
 
 
 def test_recent_messages_are_bounded(pki: MeshPki, origin: Node) -> None:

@@ -7,6 +7,7 @@ import base64
 import copy
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,10 +20,13 @@ from trustmesh.crypto.keys import KeyKind
 from trustmesh.errors import DecodeError, OversizeError
 from trustmesh.mesh.errors import BadSignature, MalformedMessage
 from trustmesh.mesh.gossip import (
-    MAX_ANOMALY,
     MAX_CERT,
     MAX_CHAIN,
     MAX_MESSAGE,
+    MAX_META_FIELDS,
+    MAX_META_KEY,
+    MAX_META_TEXT,
+    MAX_SAFE_INT,
     MAX_TTL_MS,
     SIGNING_LABEL,
     GossipMessage,
@@ -118,6 +122,24 @@ def test_sign_message_sets_times_and_a_default_id(node: Node) -> None:
     assert message.kind == "anomaly"
     another = sign_message(node.key, "node-1", anomaly(), now_ms=1000, ttl_ms=500)
     assert another.message_id != message.message_id
+
+
+@pytest.mark.parametrize(
+    ("origin_length", "prefixed"), [(1, True), (95, True), (96, False), (253, False)]
+)
+def test_the_default_id_names_the_origin_only_while_it_fits(
+    node: Node, origin_length: int, prefixed: bool
+) -> None:
+    # "origin:" and 32 hex digits fit the 128 characters of an id up to a 95 character origin.
+    origin = "n" * origin_length
+    message = sign_message(node.key, origin, anomaly(), now_ms=T0_MS)
+    if prefixed:
+        assert message.message_id.startswith(f"{origin}:")
+        unique = message.message_id[origin_length + 1 :]
+    else:
+        unique = message.message_id
+    assert re.fullmatch("[0-9a-f]{32}", unique), message.message_id
+    assert decode_message(message.encode()) == message
 
 
 @pytest.mark.parametrize("ttl", [0, -1, MAX_TTL_MS + 1])
@@ -279,7 +301,13 @@ BROKEN: dict[str, Mutation] = {
     "meta nested object": _set("payload.meta.x", {"y": 1}),
     "meta nested list": _set("payload.meta.x", [1, 2]),
     "meta empty nested": _set("payload.meta.x", {}),
-    "anomaly oversize": _set("payload.meta.pad", "p" * MAX_ANOMALY),
+    "meta too many fields": _set("payload.meta", {f"k{i}": i for i in range(MAX_META_FIELDS + 1)}),
+    "meta key too long": _set("payload.meta", {"k" * (MAX_META_KEY + 1): 1}),
+    "meta text too long": _set("payload.meta.x", "t" * (MAX_META_TEXT + 1)),
+    "meta non-ascii text too long": _set("payload.meta.x", "é" * (MAX_META_TEXT + 1)),
+    "meta int too large": _set("payload.meta.x", MAX_SAFE_INT + 1),
+    "meta int too small": _set("payload.meta.x", -MAX_SAFE_INT - 1),
+    "meta huge int": _set("payload.meta.x", 10**40),
     # crl payloads
     "crl extra field": _set("payload", {**CRL_OK, "number": 3}),
     "crl missing": _set("payload", {"type": "crl"}),
@@ -305,6 +333,7 @@ BROKEN: dict[str, Mutation] = {
     "signature not base64": _set("signature", "%%%%"),
     "signature url-safe base64": _set("signature", "-_-_"),
     "signature too long": _set("signature", B64(b"s" * 514).decode()),
+    "signature one byte over": _set("signature", B64(b"s" * 513).decode()),
     "signature raw bytes list": _set("signature", [1, 2]),
     # chain
     "chain object": _set("chain", {"0": "MAA="}),
@@ -349,6 +378,14 @@ ACCEPTED: dict[str, Mutation] = {
     "risk one float": _set("payload.risk", 1.0),
     "meta absent": _drop("payload.meta"),
     "meta scalars": _set("payload.meta", {"s": "x", "i": -3, "f": 0.25, "b": False, "n": None}),
+    "meta fields at the limit": _set("payload.meta", {f"k{i}": i for i in range(MAX_META_FIELDS)}),
+    "meta key at the limit": _set("payload.meta", {"k" * MAX_META_KEY: 1}),
+    "meta text at the limit": _set("payload.meta.x", "t" * MAX_META_TEXT),
+    "meta non-ascii text at the limit": _set("payload.meta.x", "é" * MAX_META_TEXT),
+    "meta empty text and key": _set("payload.meta", {"": ""}),
+    "meta int at the top": _set("payload.meta.x", MAX_SAFE_INT),
+    "meta int at the bottom": _set("payload.meta.x", -MAX_SAFE_INT),
+    "meta large float": _set("payload.meta.x", 1.5e308),
     "no chain": _drop("chain"),
     "empty chain": _set("chain", []),
     "chain of four": _set("chain", ["MAA="] * MAX_CHAIN),
@@ -371,25 +408,62 @@ def test_boundary_values_are_accepted_and_round_trip(valid: Json, name: str) -> 
     assert decode_message(message.encode()) == message
 
 
-def test_the_anomaly_size_limit_is_exact(valid: Json) -> None:
-    payload = {**valid["payload"], "meta": {"pad": ""}}
-    payload["meta"]["pad"] = "p" * (MAX_ANOMALY - len(canonical_json(payload)))
-    assert len(canonical_json(payload)) == MAX_ANOMALY
+def test_every_meta_limit_is_exact_and_checked_on_its_own(valid: Json) -> None:
+    """All limits at once at their maximum: accepted; each one pushed one past: refused."""
+    meta: dict[str, Any] = {f"{i:0{MAX_META_KEY}d}": "t" * MAX_META_TEXT for i in range(15)}
+    meta["n" * MAX_META_KEY] = -MAX_SAFE_INT
+    assert len(meta) == MAX_META_FIELDS
+    payload = {**valid["payload"], "meta": meta}
     check_payload(payload)
-    payload["meta"]["pad"] += "p"
-    with pytest.raises(MalformedMessage, match="at most"):
-        check_payload(payload)
+    message = message_from_json({**valid, "payload": payload})
+    assert decode_message(message.encode()).payload == payload
+    first = f"{0:0{MAX_META_KEY}d}"
+    fifteen = {k: v for k, v in meta.items() if k != first}
+    for broken, match in (
+        ({**meta, "extra": 1}, "at most 16"),
+        ({**meta, "n" * MAX_META_KEY: -MAX_SAFE_INT - 1}, "53 bits"),
+        ({**meta, "n" * MAX_META_KEY: MAX_SAFE_INT + 1}, "53 bits"),
+        ({**meta, first: "t" * (MAX_META_TEXT + 1)}, "text is at most"),
+        ({**fifteen, "k" * (MAX_META_KEY + 1): 1}, "keys are at most"),
+    ):
+        assert len(broken) == MAX_META_FIELDS + (match == "at most 16")
+        with pytest.raises(MalformedMessage, match=match):
+            check_payload({**payload, "meta": broken})
+
+
+@pytest.mark.parametrize("value", [b"\x00", [], {}, ("t",), object()])
+def test_meta_values_are_json_scalars_only(value: object) -> None:
+    with pytest.raises(MalformedMessage, match="scalar"):
+        anomaly_payload("ab" * 8, "k", 0.5, {"x": value})
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="src bug: gossip._base64 bounds the text at (limit + 2) // 3 * 4 characters, "
-    "which lets through up to 2 bytes over the limit (a 513-byte signature)",
+    reason="src bug: gossip._check_anomaly takes any float and any str in meta, so "
+    "sign_message signs NaN/Infinity (encoded as non-JSON tokens) and lone surrogates "
+    "(canonical_json raises UnicodeEncodeError): messages no peer accepts",
 )
-def test_the_signature_size_limit_is_exact(valid: Json) -> None:
-    data = {**valid, "signature": B64(b"s" * 513).decode()}
+@pytest.mark.parametrize(
+    "value",
+    [float("inf"), float("-inf"), float("nan"), "\ud800"],
+    ids=["inf", "-inf", "nan", "lone-surrogate"],
+)
+def test_meta_a_peer_would_refuse_is_refused_before_signing(node: Node, value: object) -> None:
+    payload = {"type": "anomaly", "hash": "ab" * 8, "kind": "k", "risk": 0.5, "meta": {"x": value}}
     with pytest.raises(MalformedMessage):
-        message_from_json(data)
+        check_payload(payload)
+    with pytest.raises(MalformedMessage):
+        node.sign(payload)
+
+
+@pytest.mark.parametrize("size", [512, 513])
+def test_the_signature_size_limit_is_exact(valid: Json, size: int) -> None:
+    data = {**valid, "signature": B64(b"s" * size).decode()}
+    if size <= 512:
+        assert message_from_json(data).signature == b"s" * size
+    else:
+        with pytest.raises(MalformedMessage, match="1 to 512 bytes"):
+            message_from_json(data)
 
 
 def test_a_message_over_the_size_limit_is_oversize(valid: Json) -> None:
@@ -424,34 +498,31 @@ def test_duplicate_keys_are_refused_even_with_equal_values(message: GossipMessag
         decode_message(doubled)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="src bug: an escaped lone surrogate in anomaly meta makes _check_anomaly's "
-    "canonical_json raise UnicodeEncodeError out of decode_message",
+@pytest.mark.parametrize(
+    "meta",
+    ['{"x":"\\ud800"}', '{"\\udfff":1}', '{"x":"a\\udc00b"}', '{"x":"\\ude00\\ud83d"}'],
 )
-@pytest.mark.parametrize("meta", ['{"x":"\\ud800"}', '{"\\udfff":1}'])
 def test_a_lone_surrogate_in_meta_is_malformed(valid: Json, meta: str) -> None:
     # The \u escape goes into the JSON text as is: valid JSON, a lone surrogate once parsed.
     raw = json.dumps(valid).replace(json.dumps(valid["payload"]["meta"]), meta)
     assert meta in raw
-    with pytest.raises(MalformedMessage):
+    with pytest.raises(MalformedMessage, match="surrogate"):
         decode_message(raw.encode())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: meta 1e400 parses to inf and is accepted; the message then "
-    "encodes to JSON (Infinity) that no node accepts",
-)
-def test_an_accepted_message_re_encodes_to_an_accepted_message(valid: Json) -> None:
-    raw = json.dumps(valid).replace(json.dumps(valid["payload"]["meta"]), '{"x":1e400}')
-    assert "1e400" in raw
-    try:
-        message = decode_message(raw.encode())
-    except MalformedMessage:
-        return
+def test_an_escaped_surrogate_pair_is_one_character(valid: Json) -> None:
+    raw = json.dumps(valid).replace(json.dumps(valid["payload"]["meta"]), '{"x":"\\ud83d\\ude00"}')
+    message = decode_message(raw.encode())
+    assert message.payload["meta"] == {"x": "\U0001f600"}
     assert decode_message(message.encode()) == message
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1E309", "123456789e999"])
+def test_a_number_that_overflows_a_double_is_malformed(valid: Json, number: str) -> None:
+    raw = json.dumps(valid).replace(json.dumps(valid["payload"]["meta"]), f'{{"x":{number}}}')
+    assert number in raw
+    with pytest.raises(MalformedMessage, match="too large"):
+        decode_message(raw.encode())
 
 
 # --- fuzzing ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from trustmesh.mesh.link import (
     GossipFrame,
     IHaveFrame,
     IWantFrame,
+    KeepaliveFrame,
     LinkClosed,
     LinkConfig,
     LinkUp,
@@ -43,7 +44,16 @@ from trustmesh.tls import TlsEstablished
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 from trustmesh.wire.varint import encode_uvarint
 
-EVENT_TYPES = (LinkUp, GossipFrame, CrlFrame, PeersFrame, IHaveFrame, IWantFrame, LinkClosed)
+EVENT_TYPES = (
+    LinkUp,
+    KeepaliveFrame,
+    GossipFrame,
+    CrlFrame,
+    PeersFrame,
+    IHaveFrame,
+    IWantFrame,
+    LinkClosed,
+)
 
 
 @dataclass
@@ -53,8 +63,8 @@ class Binding:
     established: TlsEstablished | None
 
 
-def tls_with(chain: Sequence[x509.Certificate]) -> Binding:
-    return Binding(TlsEstablished(peer_chain=tuple(chain), alpn=ALPN, group=None, resumed=False))
+def tls_with(chain: Sequence[x509.Certificate], alpn: str | None = ALPN) -> Binding:
+    return Binding(TlsEstablished(peer_chain=tuple(chain), alpn=alpn, group=None, resumed=False))
 
 
 def authorizer(trust: TrustView) -> Callable[[Sequence[x509.Certificate]], str]:
@@ -279,18 +289,15 @@ def test_hello_field_rules(pki: MeshPki, nodes: tuple[Node, Node], fields: dict[
     assert isinstance(closed, LinkClosed) and closed.code == CloseCode.PROTOCOL, fields
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: _on_hello compares version with != 1, so true and 1.0 pass "
-    "(hold_time and crl_number refuse bools; version does not)",
-)
-@pytest.mark.parametrize("version", [True, 1.0])
+@pytest.mark.parametrize("version", [True, 1.0, None, [1], "1", 0])
 def test_hello_version_must_be_the_integer_1(
     pki: MeshPki, nodes: tuple[Node, Node], version: object
 ) -> None:
     link = lone_link(pki, nodes[0])
     (closed,) = link.receive_data(hello(version=version), 0.0)
     assert isinstance(closed, LinkClosed) and closed.code == CloseCode.PROTOCOL
+    assert "version" in closed.reason
+    assert close_code_sent(link) == CloseCode.PROTOCOL
 
 
 @pytest.mark.parametrize(
@@ -319,13 +326,66 @@ def test_hello_must_be_a_json_object(pki: MeshPki, nodes: tuple[Node, Node]) -> 
         assert isinstance(closed, LinkClosed) and closed.code == CloseCode.PROTOCOL
 
 
-def test_a_hello_frame_over_its_limit_is_a_protocol_error(
+def padded_hello(body_size: int) -> bytes:
+    """A valid HELLO whose JSON body is exactly ``body_size`` bytes (an unknown field pads it)."""
+    fields = {"version": 1, "node_id": "node-a", "hold_time": 30, "pad": ""}
+    fields["pad"] = "p" * (body_size - len(json.dumps(fields).encode()))
+    body = json.dumps(fields).encode()
+    assert len(body) == body_size
+    return frame(Frame.HELLO, body)
+
+
+def test_a_hello_body_of_the_limit_is_taken(pki: MeshPki, nodes: tuple[Node, Node]) -> None:
+    link = lone_link(pki, nodes[0])
+    (up,) = link.receive_data(padded_hello(MAX_HELLO_FRAME), 0.0)
+    assert isinstance(up, LinkUp) and up.peer_id == "node-a"
+
+
+def test_a_hello_bigger_than_its_limit_is_a_protocol_error(
     pki: MeshPki, nodes: tuple[Node, Node]
 ) -> None:
     link = lone_link(pki, nodes[0])
-    # Only the length prefix: refused before the body is buffered.
-    (closed,) = link.receive_data(encode_uvarint(MAX_HELLO_FRAME + 1), 0.0)
+    (closed,) = link.receive_data(padded_hello(MAX_HELLO_FRAME + 1), 0.0)
     assert isinstance(closed, LinkClosed) and closed.code == CloseCode.PROTOCOL
+    assert close_code_sent(link) == CloseCode.PROTOCOL
+    assert not link.established and link.state is State.CLOSED
+
+
+def test_a_hello_bigger_than_its_limit_is_refused_even_in_pieces(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    link = lone_link(pki, nodes[0])
+    data = padded_hello(4 * MAX_HELLO_FRAME)
+    events: list[Event] = []
+    for at in range(0, len(data), 1000):
+        events += link.receive_data(data[at : at + 1000], 0.0)
+    assert [type(e) for e in events] == [LinkClosed]
+    assert isinstance(events[0], LinkClosed) and events[0].code == CloseCode.PROTOCOL
+
+
+def test_a_length_prefix_over_the_frame_limit_is_refused_before_hello(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    link = lone_link(pki, nodes[0])
+    # Only the length prefix: refused before any body is buffered.
+    (closed,) = link.receive_data(encode_uvarint(MAX_FRAME + 1), 0.0)
+    assert isinstance(closed, LinkClosed) and closed.code == CloseCode.PROTOCOL
+    assert close_code_sent(link) == CloseCode.PROTOCOL
+
+
+def test_a_big_frame_right_after_hello_in_the_same_read_is_taken(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    link = lone_link(pki, nodes[0])
+    big = b"g" * (4 * MAX_HELLO_FRAME)
+    events = link.receive_data(hello() + frame(Frame.GOSSIP, big), 0.0)
+    assert events == [LinkUp("node-a", None, -1, 30), GossipFrame(big)]
+    assert link.data_to_send() == b""  # nothing to say: no CLOSE
+    # And the largest frame, split across reads, once up.
+    largest = b"h" * (MAX_FRAME - 1)
+    data = frame(Frame.GOSSIP, largest)
+    assert link.receive_data(data[:100], 1.0) == []
+    assert link.receive_data(data[100:], 1.0) == [GossipFrame(largest)]
 
 
 # --- who may link -------------------------------------------------------------------------
@@ -360,6 +420,29 @@ def test_an_untrusted_peer_is_refused(pki: MeshPki, tmp_path: Any) -> None:
         assert close_code_sent(link) == CloseCode.REFUSED
     finally:
         foreign.close()
+
+
+@pytest.mark.parametrize("alpn", [None, "h2", "http/1.1", "dadm-mesh/2", "DADM-MESH/1", ""])
+def test_a_tls_session_without_the_mesh_alpn_is_refused(
+    pki: MeshPki, nodes: tuple[Node, Node], alpn: str | None
+) -> None:
+    asked: list[Sequence[x509.Certificate]] = []
+
+    def authorize(chain: Sequence[x509.Certificate]) -> str:
+        asked.append(chain)
+        return "node-a"
+
+    link = MeshLink(LinkConfig("node-b"), initiator=False, authorize=authorize)
+    link.bind(tls_with(nodes[0].chain, alpn=alpn))
+    (closed,) = link.start(0.0)
+    assert isinstance(closed, LinkClosed) and closed.code == CloseCode.REFUSED
+    assert closed.error and not closed.by_peer and "ALPN" in closed.reason
+    sent = frames_in(link.data_to_send())
+    assert [k for k, _ in sent] == [Frame.CLOSE]  # no HELLO goes out
+    assert json.loads(sent[0][1])["code"] == "refused"
+    assert asked == [] and link.peer_id is None  # refused before the peer is looked at
+    assert link.state is State.CLOSED and link.get_timer() is None
+    assert link.receive_data(hello(), 0.0) == []
 
 
 def test_a_link_to_ourselves_is_refused(pki: MeshPki, nodes: tuple[Node, Node]) -> None:
@@ -405,12 +488,26 @@ def test_keepalives_keep_the_link_alive_past_the_hold_time(
 ) -> None:
     pair = linked(pki, nodes, hold_a=9, hold_b=9)
     now = 0.0
+    keepalives = 0
     while now < 60.0:
         now = min(t for t in (pair.a.get_timer(), pair.b.get_timer()) if t is not None)
         assert pair.a.handle_timer(now) == [] and pair.b.handle_timer(now) == []
         got_a, got_b = pair.pump(now)
-        assert got_a == [] and got_b == []
+        assert set(got_a + got_b) <= {KeepaliveFrame()}
+        keepalives += len(got_a) + len(got_b)
     assert pair.a.established and pair.b.established
+    assert keepalives >= 2 * 60 // 3  # each side, every 3 seconds
+
+
+def test_a_keepalive_is_delivered_as_an_event(pki: MeshPki, nodes: tuple[Node, Node]) -> None:
+    pair = linked(pki, nodes, hold_a=9, hold_b=9)
+    assert pair.a.handle_timer(3.0) == []
+    got_a, got_b = pair.pump(3.0)
+    assert got_a == [] and got_b == [KeepaliveFrame()]
+    # It restarted b's hold timer: 9 seconds from when it came.
+    assert pair.b.handle_timer(11.9) == [] and pair.b.established
+    pair.b.data_to_send()
+    assert pair.b.receive_data(frame(Frame.KEEPALIVE) * 3, 4.0) == [KeepaliveFrame()] * 3
 
 
 def test_a_silent_peer_is_closed_when_the_hold_timer_expires(
@@ -482,27 +579,63 @@ def test_a_close_frame_is_honoured_before_hello(pki: MeshPki, nodes: tuple[Node,
     assert link.data_to_send() == b""  # nothing is said back
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: receive_data's bad-prefix path calls _close without checking that "
-    "a CLOSE frame earlier in the same read already closed the link, so it answers with a CLOSE",
-)
 def test_nothing_is_sent_after_the_peers_close_even_if_garbage_follows(
     pki: MeshPki, nodes: tuple[Node, Node]
 ) -> None:
     pair = linked(pki, nodes)
     data = frame(Frame.CLOSE, {"code": "shutdown"}) + encode_uvarint(MAX_FRAME + 1)
     (closed,) = pair.b.receive_data(data, 1.0)
-    assert isinstance(closed, LinkClosed) and closed.by_peer
+    assert closed == LinkClosed("shutdown: ", error=False, by_peer=True, code="shutdown")
+    assert pair.b.data_to_send() == b""
+    # Nor after any later action or input.
+    assert pair.b.close_with(CloseCode.PROTOCOL, "late") == []
+    assert pair.b.receive_data(frame(99), 2.0) == [] and pair.b.handle_timer(100.0) == []
+    pair.b.send_gossip(b"{}")
     assert pair.b.data_to_send() == b""
 
 
-def test_a_close_frame_with_odd_fields_is_still_a_close(
+def test_nothing_is_sent_after_our_own_close_even_if_garbage_follows(
     pki: MeshPki, nodes: tuple[Node, Node]
 ) -> None:
+    pair = linked(pki, nodes)
+    # A bad frame closes the link; a bad length prefix in the same read says nothing more.
+    events = pair.b.receive_data(frame(99) + encode_uvarint(MAX_FRAME + 1), 1.0)
+    assert [type(e) for e in events] == [LinkClosed]
+    assert [k for k, _ in frames_in(pair.b.data_to_send())] == [Frame.CLOSE]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"reason": "no code"},
+        {"code": None},
+        {"code": ""},
+        {"code": 5},
+        {"code": True},
+        {"code": ["x" * 100]},
+        {"code": {"c": "shutdown"}},
+    ],
+)
+def test_a_close_without_a_string_code_reports_a_protocol_error(
+    pki: MeshPki, nodes: tuple[Node, Node], body: dict[str, Any]
+) -> None:
     link = lone_link(pki, nodes[0])
-    (closed,) = link.receive_data(frame(Frame.CLOSE, {"code": ["x" * 100]}), 0.0)
-    assert isinstance(closed, LinkClosed) and closed.by_peer and len(closed.code) == 64
+    (closed,) = link.receive_data(frame(Frame.CLOSE, body), 0.0)
+    reason = str(body.get("reason", ""))
+    assert closed == LinkClosed(
+        f"protocol-error: {reason}", error=True, by_peer=True, code=CloseCode.PROTOCOL
+    )
+    assert link.data_to_send() == b""
+
+
+def test_a_close_code_and_reason_are_cut_to_size(pki: MeshPki, nodes: tuple[Node, Node]) -> None:
+    link = lone_link(pki, nodes[0])
+    body = {"code": "c" * 100, "reason": ["r" * 1000]}
+    (closed,) = link.receive_data(frame(Frame.CLOSE, body), 0.0)
+    assert isinstance(closed, LinkClosed) and closed.by_peer and closed.error
+    assert closed.code == "c" * 64
+    assert closed.reason == "c" * 64 + ": " + str(["r" * 1000])[:512]
 
 
 def test_eof_from_the_peer_closes_the_link(pki: MeshPki, nodes: tuple[Node, Node]) -> None:
@@ -614,21 +747,26 @@ def test_a_frame_of_the_maximum_size_is_delivered(pki: MeshPki, nodes: tuple[Nod
     assert got_b == [GossipFrame(body)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="src bug: an IHAVE id may be any 1-128 character string, including an escaped "
-    "lone surrogate; the engine asks for it back and send_iwant cannot encode it",
-)
-def test_an_announced_id_can_be_asked_for(pki: MeshPki, nodes: tuple[Node, Node]) -> None:
+@pytest.mark.parametrize("body", [b'{"ids":["\\ud800"]}', b'{"ids":["m:\\udfff"]}'])
+def test_an_id_with_a_lone_surrogate_is_a_protocol_error(
+    pki: MeshPki, nodes: tuple[Node, Node], body: bytes
+) -> None:
     pair = linked(pki, nodes)
-    events = pair.b.receive_data(frame(Frame.IHAVE, b'{"ids":["\\ud800"]}'), 1.0)
-    if any(isinstance(e, LinkClosed) for e in events):
-        return  # refusing the id is the other correct answer
-    (ihave,) = events
-    assert isinstance(ihave, IHaveFrame)
+    (closed,) = pair.b.receive_data(frame(Frame.IHAVE, body), 1.0)
+    assert isinstance(closed, LinkClosed) and closed.code == CloseCode.PROTOCOL
+    assert "surrogate" in closed.reason
+    assert close_code_sent(pair.b) == CloseCode.PROTOCOL
+
+
+def test_every_announced_id_can_be_asked_for(pki: MeshPki, nodes: tuple[Node, Node]) -> None:
+    pair = linked(pki, nodes)
+    ids = ["m:1", "\U0001f600", "é" * 128, "\\ud800"]
+    (ihave,) = pair.b.receive_data(frame(Frame.IHAVE, {"ids": ids}), 1.0)
+    assert ihave == IHaveFrame(tuple(ids))
     engine = GossipEngine("node-b", pki.trust())
     pair.b.send_iwant(engine.on_ihave("node-a", ihave.ids))
+    got_a, _ = pair.pump()
+    assert got_a == [IWantFrame(tuple(ids))]
 
 
 # --- addresses ----------------------------------------------------------------------------

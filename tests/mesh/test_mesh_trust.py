@@ -51,6 +51,7 @@ def test_a_valid_chain_gives_the_nodes_identity(pki: MeshPki, kind: KeyKind) -> 
         DER, SPKI
     )
     assert identity.not_after == node.cert.not_valid_after_utc
+    assert identity.not_after_ms == ms(node.cert.not_valid_after_utc)
     data = b"signed by node-1"
     identity.verify(node.key.sign(data), data)
     with pytest.raises(BadSignature):
@@ -160,6 +161,42 @@ def test_a_cached_identity_is_verified_again_once_it_expires(pki: MeshPki) -> No
         trust.identity(node.chain_der, now=node.cert.not_valid_after_utc + timedelta(1))
 
 
+def test_now_ms_is_the_same_clock_as_now(pki: MeshPki) -> None:
+    node = pki.node("node-1")
+    by_ms = pki.trust().identity(node.chain_der, now_ms=ms(T0))
+    assert by_ms == pki.trust().identity(node.chain_der, now=T0)
+    with pytest.raises(UntrustedOrigin):
+        pki.trust().identity(node.chain_der, now_ms=ms(NOW - timedelta(hours=1)))
+    # Expired, whether the view verified it before (cached) or not.
+    after = ms(node.cert.not_valid_after_utc + timedelta(seconds=1))
+    cached = pki.trust()
+    cached.identity(node.chain_der, now_ms=ms(T0))
+    for trust in (pki.trust(), cached):
+        with pytest.raises(UntrustedOrigin):
+            trust.identity(node.chain_der, now_ms=after)
+
+
+def test_a_cached_identity_is_used_until_just_before_its_not_after(
+    pki: MeshPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = pki.node("node-1")
+    trust = pki.trust()
+    first = trust.identity(node.chain_der, now_ms=ms(T0))
+    real_verify = trust._verify
+    verified: list[int] = []
+
+    def counting(certs: list[x509.Certificate], now: Any) -> Identity:
+        verified.append(ms(now))
+        return real_verify(certs, now)
+
+    monkeypatch.setattr(trust, "_verify", counting)
+    assert trust.identity(node.chain_der, now_ms=first.not_after_ms - 1) is first
+    assert verified == []
+    with pytest.raises(UntrustedOrigin):
+        trust.identity(node.chain_der, now_ms=first.not_after_ms + 1000)
+    assert verified == [first.not_after_ms + 1000]
+
+
 def test_a_trust_view_needs_a_root() -> None:
     with pytest.raises(ValueError, match="root"):
         TrustView([])
@@ -258,6 +295,48 @@ def test_a_stale_or_equal_crl_changes_nothing(pki: MeshPki) -> None:
     assert trust.crl_der == current
     assert trust.crl_number == ms(T0)
     assert not trust.is_revoked(node.serial)
+
+
+def test_is_newer_crl_compares_crl_numbers(pki: MeshPki) -> None:
+    trust = pki.trust()
+    current = pki.crl(T0)
+    assert trust.is_newer_crl(current)  # nothing held yet
+    trust.apply_crl(current)
+    assert not trust.is_newer_crl(current)
+    assert not trust.is_newer_crl(pki.crl(T0 - timedelta(seconds=1)))
+    assert trust.is_newer_crl(pki.crl(T0 + timedelta(milliseconds=1)))
+    # It only reads: nothing is applied.
+    assert trust.crl_der == current and trust.crl_number == ms(T0)
+
+
+def test_is_newer_crl_does_not_check_the_signature(pki: MeshPki, foreign: MeshPki) -> None:
+    trust = pki.trust()
+    trust.apply_crl(pki.crl(T0))
+    forged = foreign.crl(T0 + timedelta(days=1))
+    assert trust.is_newer_crl(forged)  # as documented: apply_crl is what checks it
+    with pytest.raises(CrlRejected, match="not signed"):
+        trust.apply_crl(forged)
+    assert trust.crl_number == ms(T0)
+
+
+@pytest.mark.parametrize("junk", [b"", b"garbage", b"\x30\x00"])
+def test_is_newer_crl_refuses_what_is_not_a_crl(pki: MeshPki, junk: bytes) -> None:
+    with pytest.raises(CrlRejected, match="not a CRL"):
+        pki.trust().is_newer_crl(junk)
+    with pytest.raises(CrlRejected):
+        pki.trust().is_newer_crl(pki.node("node-1").chain_der[0])
+
+
+def test_is_newer_crl_needs_a_crl_number(pki: MeshPki) -> None:
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(pki.ca.issuing_cert.subject)
+        .last_update(T0)
+        .next_update(T0 + timedelta(days=1))
+        .sign(pki.issuing_key(), hashes.SHA256())
+    )
+    with pytest.raises(CrlRejected, match="CRL number"):
+        pki.trust().is_newer_crl(crl.public_bytes(DER))
 
 
 def test_a_crl_signed_by_another_ca_is_rejected(pki: MeshPki, foreign: MeshPki) -> None:

@@ -126,7 +126,7 @@ def test_strict_loads_refuses_what_is_not_json(text: bytes) -> None:
 
 
 def test_strict_loads_raises_the_protocols_error_type() -> None:
-    for text in (b'{"a":1,"a":1}', b"NaN", b"[" * 100, b"{", b"\xff"):
+    for text in (b'{"a":1,"a":1}', b"NaN", b"[" * 100, b"{", b"\xff", b"1e999", rb'"\udc00"'):
         with pytest.raises(Refused):
             strict_loads(text, max_size=BIG, error=Refused)
 
@@ -136,27 +136,55 @@ def test_strict_loads_takes_bytearray_and_memoryview() -> None:
     assert strict_loads(memoryview(b'{"a":[1]}'), max_size=BIG) == {"a": [1]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: strict_loads returns float('inf') for 1e400, which canonical_json "
-    "then writes as the non-JSON token Infinity",
+@pytest.mark.parametrize(
+    "text",
+    [b'{"x":1e400}', b"[-1e400]", b"1E309", b"[0.1e99999]", b'{"a":[1,{"b":-9e999}]}'],
 )
-def test_numbers_that_overflow_to_infinity_are_refused() -> None:
-    with pytest.raises(DecodeError):
-        strict_loads(b'{"x":1e400}', max_size=BIG)
+def test_numbers_that_overflow_to_infinity_are_refused(text: bytes) -> None:
+    with pytest.raises(Refused, match="too large for a double"):
+        strict_loads(text, max_size=BIG, error=Refused)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: strict_loads accepts an escaped lone surrogate, a str that "
-    "canonical_json cannot encode (UnicodeEncodeError)",
+def test_the_largest_doubles_and_tiny_numbers_are_taken() -> None:
+    assert strict_loads(b"[1.7976931348623157e308,-1.7976931348623157e308]", max_size=BIG) == [
+        1.7976931348623157e308,
+        -1.7976931348623157e308,
+    ]
+    assert strict_loads(b"[1e-400,5e-324]", max_size=BIG) == [0.0, 5e-324]  # underflow is fine
+    assert strict_loads(b"[" + b"9" * 400 + b"]", max_size=BIG) == [int("9" * 400)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        rb'{"k":"\ud800"}',
+        rb'{"\udfff":1}',
+        rb'["a\uDC00b"]',
+        rb'["\ude00\ud83d"]',  # a pair in the wrong order is two lone halves
+        rb'["\ud83d"]',
+        rb'["\ud83dx"]',
+        rb'{"a":{"b":["ok","\udbff"]}}',
+    ],
 )
-def test_what_strict_loads_returns_canonical_json_can_encode() -> None:
-    try:
-        value = strict_loads(b'{"k":"\\ud800"}', max_size=BIG)
-    except DecodeError:
-        return  # refusing it is the other correct answer
-    canonical_json(value)
+def test_lone_surrogate_escapes_are_refused(text: bytes) -> None:
+    with pytest.raises(Refused, match="lone surrogate"):
+        strict_loads(text, max_size=BIG, error=Refused)
+
+
+def test_an_escaped_surrogate_pair_is_one_character() -> None:
+    value = strict_loads(rb'{"\ud83d\ude00":"\uD83D\uDE00"}', max_size=BIG)
+    assert value == {"\U0001f600": "\U0001f600"}
+    assert canonical_json(value) == '{"\U0001f600":"\U0001f600"}'.encode()
+
+
+def test_an_escaped_backslash_before_u_is_not_a_surrogate_escape() -> None:
+    # The text \\ud800 is a backslash then "ud800": no surrogate at all.
+    assert strict_loads(rb'["\\ud800"]', max_size=BIG) == ["\\ud800"]
+
+
+def test_surrogates_encoded_as_utf8_bytes_are_refused() -> None:
+    with pytest.raises(Refused):
+        strict_loads(b'["\xed\xa0\x80"]', max_size=BIG, error=Refused)
 
 
 # --- fuzzing -----------------------------------------------------------------------------
@@ -174,3 +202,32 @@ def test_arbitrary_bytes_raise_only_decode_errors(data: bytes) -> None:
 def test_json_like_text_raises_only_decode_errors(text: str) -> None:
     with contextlib.suppress(DecodeError):
         strict_loads(text.encode(), max_size=BIG)
+
+
+escapes = st.lists(
+    st.one_of(
+        st.builds("\\u{:04{}}".format, st.integers(0xD7F0, 0xE010), st.sampled_from("xX")),
+        st.sampled_from(["a", "\\\\", '\\"', "é", "\\n"]),
+    ),
+    max_size=6,
+)
+
+
+@FUZZ
+@given(parts=escapes, as_key=st.booleans())
+def test_what_strict_loads_returns_canonical_json_can_encode(
+    parts: list[str], as_key: bool
+) -> None:
+    text = "".join(parts)
+    raw = ('{"' + text + '":1}' if as_key else '["' + text + '"]').encode()
+    # The oracle: the standard parser, then a strict UTF-8 encoding of what it gives.
+    plain = json.dumps(json.loads(raw), ensure_ascii=False)
+    try:
+        plain.encode("utf-8")
+    except UnicodeEncodeError:
+        with pytest.raises(Refused, match="lone surrogate"):
+            strict_loads(raw, max_size=BIG, error=Refused)
+        return
+    value = strict_loads(raw, max_size=BIG, error=Refused)
+    assert value == json.loads(raw)
+    assert strict_loads(canonical_json(value), max_size=BIG) == value

@@ -14,6 +14,7 @@ announced it.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,7 @@ DEFAULT_RATE = 200.0  # gossip messages per second per peer, on average
 DEFAULT_BURST = 400
 CLOCK_SKEW_MS = 60_000  # how far in the future a timestamp may be
 MAX_DIGEST = 512  # ids per ihave or iwant
+KEPT_CERTIFICATES = 3  # per origin: the latest proven and the two before it (rotations)
 
 
 @dataclass(slots=True)
@@ -187,6 +189,11 @@ class GossipEngine:
             self._known_by(sender).add(message_id)
         if message_id in self.seen:
             self.stats.duplicates += 1
+            if message.chain and message.origin not in self._origins:
+                # A restarted node remembers ids but not certificates: learn this one
+                # (after its signature checks out), as later copies may come without it.
+                with contextlib.suppress(GossipRejected):
+                    self._verify(message, now_ms)
             return Received(message_id, new=False)
         if sender is not None:
             now = now_ms / 1e3
@@ -245,10 +252,19 @@ class GossipEngine:
             if self.trust.is_revoked(identity.serial):
                 failure = RevokedOrigin(f"{identity.node_id}'s certificate is revoked")
                 continue
+            if now_ms >= identity.not_after_ms:
+                failure = failure or UntrustedOrigin(f"{identity.node_id}'s certificate expired")
+                continue
             try:
                 identity.verify(message.signature, signed)
             except BadSignature as exc:
-                failure = failure or exc
+                if message.chain:
+                    raise  # the sender vouched for this certificate: a forgery
+                # Without a chain it may be a certificate we have not seen: not proof of
+                # a forgery, so the sender is not cut off.
+                failure = failure or UntrustedOrigin(
+                    f"{exc}; no known certificate of {message.origin} fits: send its chain"
+                )
                 continue
             self._prove(identity, chain)
             return identity, chain
@@ -260,7 +276,7 @@ class GossipEngine:
         if known is not None and known[0][0].serial == identity.serial:
             return  # the usual case: nothing changes
         others = [k for k in known or () if k[0].serial != identity.serial]
-        self._origins[identity.node_id] = [(identity, chain), *others[:1]]
+        self._origins[identity.node_id] = [(identity, chain), *others[: KEPT_CERTIFICATES - 1]]
 
     def chain_of(self, origin: str) -> tuple[bytes, ...]:
         """The chain of the certificate last proven for ``origin`` (empty if none)."""

@@ -52,7 +52,3 @@ class RateLimited(GossipRejected):
     """The sending peer is over its gossip rate."""
 
     code = "rate-limited"
-
-
-class LinkRefused(MeshError):
-    """A link's peer is not acceptable (revoked, wrong name, ourselves)."""

@@ -32,6 +32,7 @@ MAX_META_FIELDS = 16  # an anomaly is a hash and a few words, never a log
 MAX_META_KEY = 64
 MAX_META_TEXT = 256
 MAX_SAFE_INT = (1 << 53) - 1
+MAX_MESSAGE_OVERHEAD = 48 * 1024  # room for the chain and signature beside the payload
 MAX_CHAIN = 4
 MAX_CERT = 8 * 1024
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
@@ -110,7 +111,13 @@ def sign_message(
     if not MESSAGE_ID.fullmatch(message_id):
         raise ValueError(f"message_id {message_id!r} is not 1-128 of [A-Za-z0-9._:-]")
     expiry = now_ms + ttl_ms
-    signature = signer.sign(signing_input(message_id, origin, payload, now_ms, expiry))
+    try:
+        signed = signing_input(message_id, origin, payload, now_ms, expiry)
+    except (ValueError, UnicodeEncodeError) as exc:  # NaN, Infinity, a lone surrogate
+        raise MalformedMessage(f"the payload is not valid JSON text: {exc}") from None
+    if len(signed) > MAX_MESSAGE - MAX_MESSAGE_OVERHEAD:
+        raise MalformedMessage(f"the payload is too large for a {MAX_MESSAGE}-byte message")
+    signature = signer.sign(signed)
     return GossipMessage(message_id, origin, payload, now_ms, expiry, signature, chain)
 
 

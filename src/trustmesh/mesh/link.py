@@ -56,7 +56,6 @@ class CloseCode(enum.StrEnum):
     BAD_SIGNATURE = "bad-signature"
     DUPLICATE = "duplicate-link"
     LINK_CAP = "link-cap"
-    RATE_LIMITED = "rate-limited"
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,11 @@ class Link:
         return self.core.peer_id
 
     @property
+    def was_up(self) -> bool:
+        """Both HELLOs were exchanged at some point (the link may be closed since)."""
+        return self._up.done() and not self._up.exception()
+
+    @property
     def up(self) -> bool:
         return self._up.done() and not self._up.exception() and self.closed_event is None
 

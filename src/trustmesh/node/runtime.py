@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +70,7 @@ log = logging.getLogger("trustmesh.node")
 
 DIAL_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0  # for the links' goodbyes at shutdown
+MAX_ADDRESSES = 4096  # the address book's bound
 FLUSH_INTERVAL = 0.2  # seconds between store commits
 RENEW_AT = 2 / 3  # of a certificate's lifetime
 RENEW_RETRY = (5.0, 300.0)  # bounds of the wait after a failed renewal
@@ -166,6 +167,8 @@ class MeshNode:
     async def start(self) -> None:
         now = now_ms()
         self.seen.load(self.store.seen(), now)
+        # The address book of the last run: peers to dial if the bootstrap list is down.
+        self.addresses.update((n, a) for n, a in self.store.known_peers() if n != self.node_id)
         stored = self.store.crl()
         if stored is not None:
             self._apply_crl(stored, source="store")
@@ -197,25 +200,20 @@ class MeshNode:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _within(CLOSE_TIMEOUT, *self._tasks, what="background tasks")
         if self._server is not None:
             self._server.close("node shutting down")
         live = list(self._live)
         for link in live:
             link.close(CloseCode.SHUTDOWN, "node shutting down")
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await asyncio.gather(*(link.wait_closed() for link in live))
-        except TimeoutError:
+        if not await _within(CLOSE_TIMEOUT, *(link.wait_closed() for link in live)):
             for link in live:
                 link.abort("no goodbye in time")
-            await asyncio.gather(*(link.wait_closed() for link in live))
+            await _within(CLOSE_TIMEOUT, *(link.wait_closed() for link in live), what="links")
         if self._server is not None:
-            await self._server.wait_closed()
+            await _within(CLOSE_TIMEOUT, self._server.wait_closed(), what="the link listener")
         if self._runner is not None:
-            await self._runner.cleanup()
+            await _within(CLOSE_TIMEOUT, self._runner.cleanup(), what="the API")
         self.flush()
         self.store.close()
         (self.directory / RUN_FILE).unlink(missing_ok=True)
@@ -354,7 +352,8 @@ class MeshNode:
             raise
         finally:
             if holder and holder[0].closed_event is not None:
-                await holder[0].wait_closed()  # its socket is closed before we go on
+                # Its socket is closed before we go on (bounded: this may run on cancel).
+                await _within(CLOSE_TIMEOUT, asyncio.shield(holder[0].wait_closed()))
         return holder[0]
 
     async def _maintain(self, address: str) -> None:
@@ -418,7 +417,7 @@ class MeshNode:
         try:
             await self.dial(address)
         except (LinkFailed, OSError) as exc:
-            self._cool_down(address)
+            self._cool_down(address)  # the one place a failed dial is counted
             log.debug("dial %s failed: %s", address, exc)
         finally:
             self._dialing.discard(address)
@@ -473,6 +472,8 @@ class MeshNode:
             link.close(CloseCode.LINK_CAP, f"at the cap of {self.config.max_links} links")
             return
         self.links[peer] = link
+        if link.address is not None:
+            self._cooldown.pop(link.address, None)
         self.revoked_nodes.discard(peer)  # re-enrolled: this certificate just checked out
         address = event.listen or link.address
         if event.listen:
@@ -493,10 +494,8 @@ class MeshNode:
         self._pending.discard(link)
         self._live.discard(link)
         refused = isinstance(event, LinkClosed) and event.code != CloseCode.SHUTDOWN
-        if link.address is not None and refused:
+        if link.address is not None and refused and link.was_up:
             self._cool_down(link.address)  # at its cap, a duplicate, or worse: not at once
-        elif link.address is not None:
-            self._cooldown.pop(link.address, None)
         peer = link.peer_id
         if peer is None or self.links.get(peer) is not link:
             return
@@ -547,6 +546,8 @@ class MeshNode:
 
     def _learn(self, peers: tuple[PeerAddress, ...]) -> None:
         for peer in peers:
+            if len(self.addresses) >= MAX_ADDRESSES:
+                break  # enough to find a way in; a flood of addresses is not kept
             if peer.node_id != self.node_id and peer.node_id not in self.revoked_nodes:
                 self.addresses.setdefault(peer.node_id, peer.address)
         self._topup()
@@ -593,7 +594,9 @@ class MeshNode:
     def _forget_node(self, node_id: str) -> None:
         self.revoked_nodes.add(node_id)
         self.peers.pop(node_id, None)
-        self.links.pop(node_id, None)
+        if self.links.pop(node_id, None) is not None and len(self.links) < self.dial_target:
+            self._links_low.set()  # the bootstrap redial and top-up find a replacement
+            self._topup()
         if self.addresses.pop(node_id, None) is not None:
             self.store.forget_peer(node_id)
         self.engine.forget_peer(node_id)
@@ -609,8 +612,9 @@ class MeshNode:
                 return False
             if self.links:
                 # Gossip it, signed by us: the engine applies it as it would a peer's,
-                # and the mesh learns it faster than by everyone's own fetch.
-                with contextlib.suppress(GossipRejected):
+                # and the mesh learns it faster than by everyone's own fetch. (If we are
+                # the one revoked, or it is too big to gossip, it is applied below.)
+                with contextlib.suppress(ProtocolError):
                     received = self.publish(crl_payload(der))
                     if received.crl is not None:
                         return True
@@ -763,6 +767,21 @@ class MeshNode:
         log.log(level, event, extra={"node": self.node_id, "fields": fields})
         for listener in self.listeners:
             listener(event, fields)
+
+
+async def _within(seconds: float, *waits: Awaitable[object], what: str = "") -> bool:
+    """Wait for all of ``waits`` (their errors ignored) for at most ``seconds``; say so
+    (if ``what``) when they do not finish, rather than hang a shutdown."""
+    if not waits:
+        return True
+    futures = [asyncio.ensure_future(w) for w in waits]
+    _, pending = await asyncio.wait(futures, timeout=seconds)
+    for future in futures:
+        if future.done() and not future.cancelled():
+            future.exception()  # retrieved: a shutdown reports nothing more
+    if pending and what:
+        log.warning("shutdown: %d of %s did not finish within %g s", len(pending), what, seconds)
+    return not pending
 
 
 class _Outgoing:
