@@ -13,7 +13,7 @@ from cryptography.exceptions import InvalidSignature
 
 from bench import mesh as mesh_bench
 from bench.harness import report
-from trustmesh.mesh.errors import BadSignature
+from trustmesh.mesh.errors import BadSignature, UntrustedOrigin
 from trustmesh.mesh.gossip import decode_message
 
 MESSAGES = 40
@@ -27,7 +27,8 @@ def load(tmp_path_factory: pytest.TempPathFactory) -> mesh_bench.GossipLoad:
 def test_load_holds_distinct_signed_anomalies_with_their_chain(
     load: mesh_bench.GossipLoad,
 ) -> None:
-    messages = [decode_message(raw) for raw in load.raws]
+    messages = [decode_message(raw) for raw in load.raws_with_chain]
+    assert [m.chain for m in map(decode_message, load.raws)] == [()] * MESSAGES
     assert len({m.message_id for m in messages}) == MESSAGES
     assert [m.message_id for m in messages] == load.message_ids
     assert len({m.payload["hash"] for m in messages}) == MESSAGES
@@ -46,19 +47,24 @@ def test_rounds_measure_positive_rates(load: mesh_bench.GossipLoad) -> None:
 
 def _forged(load: mesh_bench.GossipLoad) -> mesh_bench.GossipLoad:
     """The load with the last message's signature replaced by the first one's."""
-    last = decode_message(load.raws[-1])
+    last = decode_message(load.raws_with_chain[-1])
     forged = dataclasses.replace(last, signature=load.signed[0][0])
     return dataclasses.replace(
         load,
-        raws=[*load.raws[:-1], forged.encode()],
+        raws=[*load.raws[:-1], forged.encode(with_chain=False)],
+        raws_with_chain=[*load.raws_with_chain[:-1], forged.encode()],
         signed=[*load.signed[:-1], (forged.signature, forged.signed_bytes())],
     )
 
 
 def test_a_bad_signature_fails_both_rounds(load: mesh_bench.GossipLoad) -> None:
     forged = _forged(load)
-    with pytest.raises(BadSignature):
+    # Chain-less, no known certificate fits: dropped (not a proven forgery) ...
+    with pytest.raises(UntrustedOrigin):
         mesh_bench.engine_round(forged)
+    # ... and with its chain, a forgery.
+    with pytest.raises(BadSignature):
+        mesh_bench.engine_round(forged, with_chain=True)
     with pytest.raises(InvalidSignature):
         mesh_bench.verify_round(forged)
 
@@ -74,12 +80,13 @@ def test_quick_run_reports_every_figure_with_its_anchor() -> None:
     results = mesh_bench.run(messages=MESSAGES, verify_rounds=1, nodes=nodes, coverage_rounds=2)
     assert [r.metric for r in results] == [
         "gossip_verify_per_s",
+        "gossip_verify_chain_per_s",
         f"coverage_ms_{nodes}",
         "coverage_msgs_per_node",
         "coverage_dups_per_node",
     ]
-    verify, coverage, messages, duplicates = results
-    for result in (verify, coverage, messages):
+    verify, verify_chain, coverage, messages, duplicates = results
+    for result in (verify, verify_chain, coverage, messages):
         assert result.value > 0
         assert result.anchor_value > 0
         assert math.isfinite(result.ratio)

@@ -437,12 +437,6 @@ def test_meta_values_are_json_scalars_only(value: object) -> None:
         anomaly_payload("ab" * 8, "k", 0.5, {"x": value})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: gossip._check_anomaly takes any float and any str in meta, so "
-    "sign_message signs NaN/Infinity (encoded as non-JSON tokens) and lone surrogates "
-    "(canonical_json raises UnicodeEncodeError): messages no peer accepts",
-)
 @pytest.mark.parametrize(
     "value",
     [float("inf"), float("-inf"), float("nan"), "\ud800"],

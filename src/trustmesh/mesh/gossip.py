@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -206,11 +207,24 @@ def _check_anomaly(payload: dict[str, Any]) -> None:
         if isinstance(value, str):
             if len(value) > MAX_META_TEXT:
                 raise MalformedMessage(f"anomaly meta text is at most {MAX_META_TEXT} characters")
+            if not value.isascii() and not _encodable(value):
+                raise MalformedMessage(f"anomaly meta {key!r} holds a lone surrogate")
         elif isinstance(value, int) and not isinstance(value, bool):
             if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
                 raise MalformedMessage("anomaly meta integers must fit in 53 bits")
-        elif not isinstance(value, float | bool) and value is not None:
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise MalformedMessage(f"anomaly meta {key!r} must be finite: JSON has no NaN")
+        elif not isinstance(value, bool) and value is not None:
             raise MalformedMessage(f"anomaly meta {key!r} must be a scalar: no nested data")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=4096)
