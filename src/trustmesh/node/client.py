@@ -104,7 +104,13 @@ class NodeClient:
                 text = await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise NodeApiError(f"cannot reach the node's API at {self.url}: {exc}") from None
+            if not (self.directory / RUN_FILE).exists():
+                raise NodeApiError(
+                    f"cannot reach the node's API at {self.url}: {self.config.node_id} is not"
+                    f" running (no {RUN_FILE} in {self.directory}; start `trustmesh node run`)"
+                ) from None
+            reason = getattr(exc, "os_error", None) or exc
+            raise NodeApiError(f"cannot reach the node's API at {self.url}: {reason}") from None
         try:
             data = json.loads(text)
         except ValueError:
