@@ -9,6 +9,7 @@ a protocol passes), never a ``ValueError`` or ``RecursionError``.
 from __future__ import annotations
 
 import json
+import json.scanner
 import math
 import re
 from collections.abc import Callable
@@ -21,12 +22,12 @@ _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
 def canonical_json(value: Any) -> bytes:
-    return _CANONICAL.encode(value).encode()
+    return _CANONICAL(value).encode()
 
 
 def compact_json(value: Any) -> bytes:
     """Compact, field order kept: for messages whose signature covers something else."""
-    return _COMPACT.encode(value).encode()
+    return _COMPACT(value).encode()
 
 
 def strict_loads(
@@ -42,7 +43,13 @@ def strict_loads(
     if _nesting(raw) > MAX_DEPTH:
         raise error(f"JSON nests deeper than {MAX_DEPTH} levels")
     try:
-        value = _DECODER.decode(raw.decode("utf-8"))
+        text = raw.decode("utf-8").strip(" \t\n\r")  # JSON's whitespace, around the value
+        try:
+            value, end = _SCAN(text, 0)  # the C scanner, without decode()'s regex passes
+        except StopIteration as exc:
+            raise _Refused(f"not JSON: no value at character {exc.value}") from None
+        if end != len(text):
+            raise _Refused(f"not JSON: extra data at character {end}")
         if _SURROGATE_ESCAPE.search(raw):
             _check_text(value)
     except _Refused as exc:
@@ -93,15 +100,41 @@ def _reject_constant(name: str) -> Any:
     raise _Refused(f"{name} is not JSON")
 
 
-# Built once: json.dumps and json.loads with options build a new coder on every call.
-# allow_nan=False: NaN and Infinity are not JSON, so they are never written either.
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+def _encoder(*, sort_keys: bool) -> Callable[[Any], str]:
+    """A JSON writer built once. ``json.dumps`` (and ``JSONEncoder.encode``) build a new
+    C encoder on every call, which costs more than encoding a gossip message; this one
+    is built once (skipping the circular-reference check: a cycle ends in a
+    RecursionError, turned into a ValueError). NaN and Infinity are refused: not JSON."""
+    c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+    if c_make_encoder is None:  # not CPython: the pure-Python encoder, per call
+        slow = json.JSONEncoder(
+            sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        return slow.encode
+    fast = c_make_encoder(
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", sort_keys, False, False
+    )
+
+    def encode(value: Any) -> str:
+        try:
+            return "".join(fast(value, 0))
+        except RecursionError:
+            raise ValueError("the value is circular or nested too deeply") from None
+
+    return encode
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+_CANONICAL = _encoder(sort_keys=True)
+_COMPACT = _encoder(sort_keys=False)
 _DECODER = json.JSONDecoder(
     object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
 )
+# The decoder's scanner (C in CPython): one value from a position, no regex passes.
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]
 
 
 def _nesting(raw: bytes) -> int:
