@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from trustmesh.errors import DecodeError, ProtocolError
 from trustmesh.mesh.errors import (
     BadSignature,
     ExpiredMessage,
@@ -89,7 +90,7 @@ class SeenCache:
         self._ids[message_id] = expiry
         if persist:
             self.pending.append((message_id, expiry))
-        while len(self._ids) > self.capacity:
+        if len(self._ids) > self.capacity:  # one in, at most one out
             self._ids.popitem(last=False)
 
     def load(self, entries: Iterable[tuple[str, int]], now_ms: int) -> None:
@@ -175,6 +176,51 @@ class GossipEngine:
             self.stats.reject(exc.code)
             raise
 
+    def receive_batch(
+        self, raws: Sequence[bytes], *, sender: str | None, peers: Sequence[str], now_ms: int
+    ) -> list[Received | ProtocolError]:
+        """Take the gossip frames of one read from ``sender`` together: screen them all
+        (parse, lifetime, seen-cache, rate), then check all their signatures, then record
+        them. Signatures checked back to back keep OpenSSL's curve tables in the CPU
+        cache, which makes each check markedly cheaper than one between other work
+        (docs/performance.md). Each frame's outcome is a :class:`Received` or the error
+        that refused it, in order."""
+        results: list[Received | ProtocolError | None] = [None] * len(raws)
+        screened: list[tuple[int, GossipMessage, bytes, bytes]] = []
+        for index, raw in enumerate(raws):
+            try:
+                message = decode_message(raw)
+            except DecodeError as exc:
+                self.stats.reject("malformed")
+                results[index] = exc
+                continue
+            try:
+                duplicate = self._screen(message, sender, now_ms)
+            except GossipRejected as exc:
+                self.stats.reject(exc.code)
+                results[index] = exc
+                continue
+            if duplicate is not None:
+                results[index] = duplicate
+            else:
+                screened.append((index, message, raw, message.signed_bytes()))
+        proven: list[tuple[int, GossipMessage, bytes, Identity, tuple[bytes, ...]]] = []
+        for index, message, raw, signed in screened:
+            try:
+                origin, chain = self._verify(message, now_ms, signed)
+            except GossipRejected as exc:
+                self.stats.reject(exc.code)
+                results[index] = exc
+                continue
+            proven.append((index, message, raw, origin, chain))
+        for index, message, raw, origin, chain in proven:
+            try:
+                results[index] = self._record(message, raw, origin, chain, sender, peers)
+            except GossipRejected as exc:
+                self.stats.reject(exc.code)
+                results[index] = exc
+        return [r for r in results if r is not None]
+
     def _receive(
         self,
         message: GossipMessage,
@@ -183,18 +229,21 @@ class GossipEngine:
         peers: Sequence[str],
         now_ms: int,
     ) -> Received:
+        duplicate = self._screen(message, sender, now_ms)
+        if duplicate is not None:
+            return duplicate
+        origin, chain = self._verify(message, now_ms, message.signed_bytes())
+        return self._record(message, raw, origin, chain, sender, peers)
+
+    def _screen(self, message: GossipMessage, sender: str | None, now_ms: int) -> Received | None:
+        """The cheap checks, before any signature: a Received for a duplicate, None for a
+        message to verify; raises for one to drop."""
         message_id = message.message_id
         self._check_lifetime(message, now_ms)
         if sender is not None:
             self._known_by(sender).add(message_id)
         if message_id in self.seen:
-            self.stats.duplicates += 1
-            if message.chain and message.origin not in self._origins:
-                # A restarted node remembers ids but not certificates: learn this one
-                # (after its signature checks out), as later copies may come without it.
-                with contextlib.suppress(GossipRejected):
-                    self._verify(message, now_ms)
-            return Received(message_id, new=False)
+            return self._duplicate(message, now_ms)
         if sender is not None:
             now = now_ms / 1e3
             bucket = self._buckets.get(sender)
@@ -202,7 +251,30 @@ class GossipEngine:
                 bucket = self._buckets[sender] = TokenBucket(self.rate, self.burst, now)
             if bucket.take(now) is not None:
                 raise RateLimited(f"{sender} is over {self.rate:g} gossip messages a second")
-        origin, chain = self._verify(message, now_ms)
+        return None
+
+    def _duplicate(self, message: GossipMessage, now_ms: int) -> Received:
+        self.stats.duplicates += 1
+        if message.chain and message.origin not in self._origins:
+            # A restarted node remembers ids but not certificates: learn this one
+            # (after its signature checks out), as later copies may come without it.
+            with contextlib.suppress(GossipRejected):
+                self._verify(message, now_ms, message.signed_bytes())
+        return Received(message.message_id, new=False)
+
+    def _record(
+        self,
+        message: GossipMessage,
+        raw: bytes,
+        origin: Identity,
+        chain: tuple[bytes, ...],
+        sender: str | None,
+        peers: Sequence[str],
+    ) -> Received:
+        """A verified message: mark it seen, keep it, pick the peers to push it to."""
+        message_id = message.message_id
+        if message_id in self.seen:  # an earlier copy in the same batch
+            return self._duplicate(message, 0)
         if message.kind == "crl":
             received_crl = self.trust.apply_crl(crl_from_payload(message.payload))
         else:
@@ -230,7 +302,9 @@ class GossipEngine:
         if message.expiry - message.timestamp > self.max_ttl_ms:
             raise ExpiredMessage(f"message lifetime exceeds {self.max_ttl_ms} ms")
 
-    def _verify(self, message: GossipMessage, now_ms: int) -> tuple[Identity, tuple[bytes, ...]]:
+    def _verify(
+        self, message: GossipMessage, now_ms: int, signed: bytes
+    ) -> tuple[Identity, tuple[bytes, ...]]:
         """Check the signature under the origin's certificate: the message's chain, or
         else the certificates last proven for that origin (its current and previous one,
         so a rotation in flight does not fail). A certificate is remembered only once a
@@ -246,7 +320,6 @@ class GossipEngine:
             candidates = self._origins.get(message.origin, [])
             if not candidates:
                 raise UntrustedOrigin(f"no certificate known for {message.origin}: send its chain")
-        signed = message.signed_bytes()
         failure: GossipRejected | None = None
         for identity, chain in candidates:
             if self.trust.is_revoked(identity.serial):

@@ -42,6 +42,7 @@ class Identity:
     public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
     not_after: datetime
     not_after_ms: int
+    ecdsa: bool = True  # else Ed25519 (decided once, not by an ABC check per message)
 
     @property
     def serial_hex(self) -> str:
@@ -50,10 +51,10 @@ class Identity:
     def verify(self, signature: bytes, data: bytes) -> None:
         """Raise :class:`BadSignature` unless ``signature`` over ``data`` is this node's."""
         try:
-            if isinstance(self.public_key, ed25519.Ed25519PublicKey):
-                self.public_key.verify(signature, data)
+            if self.ecdsa:
+                self.public_key.verify(signature, data, _ECDSA_SHA256)  # type: ignore[call-arg]
             else:
-                self.public_key.verify(signature, data, _ECDSA_SHA256)
+                self.public_key.verify(signature, data)  # type: ignore[call-arg]
         except InvalidSignature:
             raise BadSignature(f"signature does not verify under {self.node_id}'s key") from None
 
@@ -184,7 +185,12 @@ class TrustView:
             self.add_issuer(issuer)
         not_after = leaf.not_valid_after_utc
         return Identity(
-            node_id, leaf.serial_number, key, not_after, int(not_after.timestamp() * 1000)
+            node_id,
+            leaf.serial_number,
+            key,
+            not_after,
+            int(not_after.timestamp() * 1000),
+            ecdsa=isinstance(key, ec.EllipticCurvePublicKey),
         )
 
 
