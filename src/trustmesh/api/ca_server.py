@@ -92,7 +92,9 @@ class CaServer:
         for warning in self.registrar.ca.expiry_warnings(now=self._clock()):
             log.warning("CA EXPIRY: %s", warning)
         app = ca_app(self.registrar, limiter=self._limiter, clock=self._clock)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+        )
         await self._runner.setup()
         self._site = HttpsSite(self._runner, self.host, self._port, self._tls_context())
         await self._site.start()

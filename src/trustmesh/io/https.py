@@ -141,6 +141,10 @@ class _HttpsConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self._step(lambda now: self._tls.close("closed by the HTTP server", now))
+        if not self._closed:
+            # The TLS session had already ended without saying so to us: the socket
+            # must still close, or the HTTP server's shutdown waits for it in vain.
+            self._finish(ConnectionClosed("closed by the HTTP server"))
 
     def abort(self) -> None:
         self._closed = True

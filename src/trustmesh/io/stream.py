@@ -30,6 +30,7 @@ DEFAULT_MAX_PENDING_EVENTS = 1024
 # to a peer that does not read) gets here; a lower bound would deadlock two peers that
 # both send in bulk.
 READ_PAUSE_FACTOR = 4
+ABANDON_AFTER = 1.0  # at shutdown, seconds an accepted connection has to start or be dropped
 DEFAULT_CLOSE_TIMEOUT = 10.0  # an orderly close that has not finished by then is aborted
 
 
@@ -139,9 +140,15 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         await self._drained.wait()
 
     def close(self, reason: str = "closed by application") -> None:
-        """Ask the core to close the connection the way its protocol says."""
+        """Ask the core to close the connection the way its protocol says; if it has not
+        ended within the close timeout (a core that waits for a goodbye that never
+        comes, or that took the request as a no-op), drop it."""
         if not self._closed.done():
             self._guarded(lambda: self.core.close(reason, self._loop.time()))
+        if not self._closed.done() and self._linger is None:
+            self._linger = self._loop.call_later(
+                self._close_timeout, lambda: self.abort(f"{reason}: no goodbye in time")
+            )
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once, without the protocol's goodbye (also ends an
@@ -151,9 +158,24 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
+    def abandon_if_unstarted(self) -> None:
+        """End a connection whose transport never came: asyncio can fail to set up an
+        accepted connection (the peer reset it at once) after the protocol was made, and
+        then nothing would ever end it."""
+        if self._transport is not None or self._connected.done():
+            return
+        self._connected.set_exception(ConnectionClosedError("the connection never started"))
+        self._connected.exception()  # retrieved: nobody may be waiting
+        self._finish(ConnectionClosed("the connection never started", error=True), abort=True)
+        if not self._transport_gone.done():
+            self._transport_gone.set_result(None)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        if self._connected.done():  # abandoned: too late
+            transport.abort()
+            return
         self._connected.set_result(None)
         if self._closed.done():  # closed (e.g. by a server shutting down) before it began
             transport.abort()
@@ -284,6 +306,8 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             self._abort_transport()
         else:
             transport.close()  # sends what is buffered, then FIN
+            if self._linger is not None:
+                self._linger.cancel()
             self._linger = self._loop.call_later(self._close_timeout, self._abort_transport)
 
     def _abort_transport(self) -> None:
@@ -325,6 +349,7 @@ class StreamServer(Generic[CoreT]):
         self._port: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._drivers: set[StreamDriver[CoreT]] = set()
+        self._closing: str | None = None  # the reason, once close() was called
 
     @property
     def sockets(self) -> tuple[object, ...]:
@@ -351,6 +376,11 @@ class StreamServer(Generic[CoreT]):
         self._drivers.add(driver)
         if self._on_accept is not None:  # before the transport can deliver a byte
             self._on_accept(driver)
+        if self._closing is not None:
+            # asyncio hands over connections it accepted just before close(): they end
+            # at once too, or wait_closed() would wait for them in vain.
+            driver.close(self._closing)
+            asyncio.get_running_loop().call_later(ABANDON_AFTER, driver.abandon_if_unstarted)
         task = asyncio.get_running_loop().create_task(self._run(driver))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -372,10 +402,13 @@ class StreamServer(Generic[CoreT]):
             self._drivers.discard(driver)
 
     def close(self, reason: str = "server shutting down") -> None:
+        self._closing = reason
         if self._server is not None:
             self._server.close()
+        loop = asyncio.get_running_loop()
         for driver in list(self._drivers):
             driver.close(reason)
+            loop.call_later(ABANDON_AFTER, driver.abandon_if_unstarted)
 
     async def wait_closed(self) -> None:
         if self._server is not None:

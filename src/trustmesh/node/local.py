@@ -139,6 +139,8 @@ class LocalMesh:
         return reached == set(live)
 
     async def stop(self) -> None:
+        for node in self.nodes:
+            await node.quiesce()  # nobody redials a node that is going away
         for node in reversed(self.nodes):
             await node.stop()
         self.nodes.clear()

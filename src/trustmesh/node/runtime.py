@@ -197,12 +197,18 @@ class MeshNode:
         self._write_run_file()
         self._emit("node.started", listen=self.listen_address, api=self.api_url)
 
-    async def stop(self) -> None:
-        """Close every link with a CLOSE frame, stop the API, commit the store."""
+    async def quiesce(self) -> None:
+        """Stop dialling, fetching and renewing (links stay up): the first half of
+        :meth:`stop`. A mesh that shuts down quiesces every node first, so no node dials
+        one that is going away."""
         self._stopping = True
         for task in self._tasks:
             task.cancel()
         await _within(CLOSE_TIMEOUT, *self._tasks, what="background tasks")
+
+    async def stop(self) -> None:
+        """Close every link with a CLOSE frame, stop the API, commit the store."""
+        await self.quiesce()
         if self._server is not None:
             self._server.close("node shutting down")
         live = list(self._live)
@@ -749,7 +755,9 @@ class MeshNode:
 
         host, port = split_address(self.config.api, any_port=True)
         api_context = self._api_context()
-        self._runner = web.AppRunner(node_app(self), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            node_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await self._runner.setup()
         self.api_site = HttpsSite(self._runner, host, port, api_context)
         await self.api_site.start()
