@@ -131,7 +131,7 @@ def gossip_load(workdir: Path, count: int = MESSAGES) -> GossipLoad:
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise BenchFailure("the origin's certificate does not hold its P-256 key")
     now = int(time.time() * 1000)
-    trust.identity(chain)  # a running node has verified a known origin's chain already
+    trust.identity(chain, now_ms=now)  # a running node has verified a known origin's chain
     messages = [
         sign_message(
             key,

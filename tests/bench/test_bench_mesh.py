@@ -36,7 +36,7 @@ def test_load_holds_distinct_signed_anomalies_with_their_chain(
         assert message.origin == mesh_bench.ORIGIN
         assert message.kind == "anomaly"
         assert len(message.chain) == 2  # the leaf and the issuing CA
-        assert load.trust.identity(message.chain).node_id == mesh_bench.ORIGIN
+        assert load.trust.identity(message.chain, now_ms=load.now_ms).node_id == mesh_bench.ORIGIN
         assert (signature, data) == (message.signature, message.signed_bytes())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -147,12 +148,8 @@ def init(
     settings = json.loads((directory / "enrollment.json").read_text()).get("config", {})
     peers = tuple(str(p) for p in settings.get("bootstrap_peers") or ())
     fanout = gossip_fanout or int(settings.get("gossip_fanout") or config.gossip_fanout)
-    config = NodeConfig(
-        **{
-            **config.__dict__,
-            "bootstrap": tuple(dict.fromkeys(bootstrap + peers)),
-            "gossip_fanout": fanout,
-        }
+    config = dataclasses.replace(
+        config, bootstrap=tuple(dict.fromkeys(bootstrap + peers)), gossip_fanout=fanout
     )
     path = write_config(directory, config)
     emit(

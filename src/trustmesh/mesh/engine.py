@@ -15,17 +15,18 @@ announced it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from trustmesh.errors import DecodeError, ProtocolError
 from trustmesh.mesh.errors import (
     BadSignature,
     ExpiredMessage,
     GossipRejected,
-    MalformedMessage,
     RateLimited,
     RevokedOrigin,
     UntrustedOrigin,
@@ -34,6 +35,7 @@ from trustmesh.mesh.gossip import MAX_TTL_MS, GossipMessage, crl_from_payload, d
 from trustmesh.mesh.trust import CrlUpdate, Identity, TrustView
 from trustmesh.ratelimit import TokenBucket
 
+T = TypeVar("T")
 DEFAULT_FANOUT = 3
 DEFAULT_SEEN_CAPACITY = 100_000
 DEFAULT_RECENT_CAPACITY = 1024  # messages kept to answer iwant
@@ -56,6 +58,8 @@ class Received:
     forward_to: tuple[str, ...] = ()
     crl: CrlUpdate | None = None
     chain: tuple[bytes, ...] = ()  # the origin's certificate chain, for peers that lack it
+    full: bytes | None = None  # encoded with the chain, once a peer needs it
+    light: bytes | None = None  # encoded without it, once a peer needs it
 
 
 @dataclass
@@ -143,6 +147,9 @@ class GossipEngine:
         self._origins: dict[str, list[tuple[Identity, tuple[bytes, ...]]]] = {}
         self._recent: OrderedDict[str, Received] = OrderedDict()  # to answer iwant
         self._known: dict[str, set[str]] = {}  # peer -> ids it is known to hold
+        # peer -> (origin, serial) of the certificates it has seen: it gets those origins'
+        # messages without the chain.
+        self._certs_known: dict[str, set[tuple[str, int]]] = {}
         self._buckets: dict[str, TokenBucket] = {}
 
     # --- receiving ------------------------------------------------------------------------
@@ -150,13 +157,11 @@ class GossipEngine:
     def receive_raw(
         self, raw: bytes, *, sender: str | None, peers: Sequence[str], now_ms: int
     ) -> Received:
-        """Parse then :meth:`receive`; ``raw`` is what gets forwarded, byte for byte."""
-        try:
-            message = decode_message(raw)
-        except MalformedMessage:
-            self.stats.reject("malformed")
-            raise
-        return self.receive(message, raw, sender=sender, peers=peers, now_ms=now_ms)
+        """One frame: as :meth:`receive_batch`, raising the error that refused it."""
+        (result,) = self.receive_batch([raw], sender=sender, peers=peers, now_ms=now_ms)
+        if isinstance(result, ProtocolError):
+            raise result
+        return result
 
     def receive(
         self,
@@ -215,7 +220,7 @@ class GossipEngine:
             proven.append((index, message, raw, origin, chain))
         for index, message, raw, origin, chain in proven:
             try:
-                results[index] = self._record(message, raw, origin, chain, sender, peers)
+                results[index] = self._record(message, raw, origin, chain, sender, peers, now_ms)
             except GossipRejected as exc:
                 self.stats.reject(exc.code)
                 results[index] = exc
@@ -233,7 +238,7 @@ class GossipEngine:
         if duplicate is not None:
             return duplicate
         origin, chain = self._verify(message, now_ms, message.signed_bytes())
-        return self._record(message, raw, origin, chain, sender, peers)
+        return self._record(message, raw, origin, chain, sender, peers, now_ms)
 
     def _screen(self, message: GossipMessage, sender: str | None, now_ms: int) -> Received | None:
         """The cheap checks, before any signature: a Received for a duplicate, None for a
@@ -270,16 +275,19 @@ class GossipEngine:
         chain: tuple[bytes, ...],
         sender: str | None,
         peers: Sequence[str],
+        now_ms: int,
     ) -> Received:
         """A verified message: mark it seen, keep it, pick the peers to push it to."""
         message_id = message.message_id
         if message_id in self.seen:  # an earlier copy in the same batch
-            return self._duplicate(message, 0)
+            return self._duplicate(message, now_ms)
         if message.kind == "crl":
             received_crl = self.trust.apply_crl(crl_from_payload(message.payload))
         else:
             received_crl = None
         self.seen.add(message_id, message.expiry)
+        if sender is not None:  # it sent us the message: it has seen the certificate
+            self._certs_known_by(sender).add((message.origin, origin.serial))
         received = Received(message_id, True, message, raw, origin, (), None, chain)
         self._remember(message_id, received)
         self.stats.accepted += 1
@@ -406,7 +414,36 @@ class GossipEngine:
 
     def forget_peer(self, peer: str) -> None:
         self._known.pop(peer, None)
+        self._certs_known.pop(peer, None)
         self._buckets.pop(peer, None)
+
+    # --- what goes on the wire ---------------------------------------------------------------
+
+    def wire_for(self, peer: str, received: Received) -> bytes:
+        """The bytes to send ``peer`` for an accepted message: with the origin's chain if
+        the peer has not seen that certificate from us or sent it to us (it has from then
+        on), else without it (smaller, and cheaper to check). Each form is encoded at most
+        once per message."""
+        message, origin = received.message, received.origin
+        assert message is not None
+        assert origin is not None
+        key = (message.origin, origin.serial)
+        known = self._certs_known_by(peer)
+        if key in known:
+            if received.light is None:
+                received.light = message.encode(with_chain=False) if message.chain else received.raw
+            return received.light
+        known.add(key)
+        if received.full is None:
+            received.full = (
+                received.raw
+                if message.chain
+                else dataclasses.replace(message, chain=received.chain).encode()
+            )
+        return received.full
+
+    def _certs_known_by(self, peer: str) -> set[tuple[str, int]]:
+        return _set_of(self._certs_known, peer)
 
     def recent_ids(self) -> list[str]:
         return list(self._recent)
@@ -414,10 +451,7 @@ class GossipEngine:
     # --- internals ----------------------------------------------------------------------------
 
     def _known_by(self, peer: str) -> set[str]:
-        known = self._known.get(peer)
-        if known is None:
-            known = self._known[peer] = set()
-        return known
+        return _set_of(self._known, peer)
 
     def _remember(self, message_id: str, held: Received) -> None:
         self._recent[message_id] = held
@@ -441,3 +475,12 @@ class GossipEngine:
 def _expiry(held: Received) -> int:
     assert held.message is not None
     return held.message.expiry
+
+
+def _set_of(table: dict[str, set[T]], peer: str) -> set[T]:
+    """``table[peer]``, made empty on first use (without building a set per call, as
+    ``setdefault`` would)."""
+    entry = table.get(peer)
+    if entry is None:
+        entry = table[peer] = set()
+    return entry

@@ -233,13 +233,6 @@ def _is_node_id(text: str) -> bool:
     return NODE_ID.fullmatch(text) is not None
 
 
-def _string(data: dict[str, Any], key: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str):
-        raise MalformedMessage(f"{key} must be a string")
-    return value
-
-
 def _millis(data: dict[str, Any], key: str) -> int:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 53:

@@ -413,6 +413,11 @@ def split_address(address: str, *, any_port: bool = False) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def join_address(host: str, port: int) -> str:
+    """The inverse of :func:`split_address`: ``host:port``, ``[v6]:port``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _is_address(value: object) -> bool:
     if not isinstance(value, str) or len(value) > 300:
         return False

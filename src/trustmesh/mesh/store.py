@@ -10,14 +10,13 @@ gossip costs one commit, not one per message.
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trustmesh.mesh.gossip import GossipMessage
+from trustmesh.sqlitedb import open_database, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
@@ -92,24 +91,10 @@ class Indicator:
 class MeshStore:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
+        self._db = open_database(path, SCHEMA, synchronous="NORMAL", busy_timeout=5)
 
     def close(self) -> None:
         self._db.close()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def save(
         self,
@@ -121,7 +106,7 @@ class MeshStore:
     ) -> None:
         """One batch: new seen ids and indicators; expired ids go, and beyond
         ``capacity`` ids the soonest to expire go too (the cache is bounded)."""
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", seen)
             db.executemany(
                 "INSERT OR IGNORE INTO indicators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -167,7 +152,7 @@ class MeshStore:
         return int(self._db.execute("SELECT count(*) FROM indicators").fetchone()[0])
 
     def save_crl(self, number: int, der: bytes) -> None:
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "INSERT INTO crl VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
                 " SET number = excluded.number, der = excluded.der WHERE excluded.number > number",
@@ -179,7 +164,7 @@ class MeshStore:
         return bytes(row[0]) if row else None
 
     def remember_peer(self, node_id: str, address: str, last_seen: int) -> None:
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "INSERT INTO peers VALUES (?, ?, ?) ON CONFLICT (node_id) DO UPDATE"
                 " SET address = excluded.address, last_seen = excluded.last_seen",
@@ -187,7 +172,7 @@ class MeshStore:
             )
 
     def forget_peer(self, node_id: str) -> None:
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             db.execute("DELETE FROM peers WHERE node_id = ?", (node_id,))
 
     def known_peers(self) -> list[tuple[str, str]]:

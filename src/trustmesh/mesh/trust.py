@@ -139,12 +139,14 @@ class TrustView:
         now_ms: int | None = None,
     ) -> Identity:
         """The node identity of a DER chain (leaf first), verified to the mesh root and
-        checked against the revocation list; the time is ``now`` (or ``now_ms``, Unix
-        milliseconds, which spares building a datetime when the chain is cached)."""
+        checked against the revocation list, at the time ``now`` (or ``now_ms``, Unix
+        milliseconds, which spares building a datetime when the chain is cached). The
+        caller gives the time: this core reads no clock."""
         if not chain:
             raise UntrustedOrigin("no certificate for this origin")
         if now_ms is None:
-            now = now or datetime.now(UTC)
+            if now is None:
+                raise TypeError("identity() needs the time: now or now_ms")
             now_ms = int(now.timestamp() * 1000)
         cached = self._identities.get(chain[0])
         if cached is not None and now_ms < cached.not_after_ms:
@@ -164,14 +166,18 @@ class TrustView:
         return cached
 
     def identity_of(
-        self, chain: Sequence[x509.Certificate], *, now: datetime | None = None
+        self,
+        chain: Sequence[x509.Certificate],
+        *,
+        now: datetime | None = None,
+        now_ms: int | None = None,
     ) -> Identity:
         """As :meth:`identity`, for parsed certificates (a TLS peer's chain)."""
-        return self.identity([c.public_bytes(_DER) for c in chain], now=now)
+        return self.identity([c.public_bytes(_DER) for c in chain], now=now, now_ms=now_ms)
 
-    def _verify(self, certs: list[x509.Certificate], now: datetime | None) -> Identity:
+    def _verify(self, certs: list[x509.Certificate], now: datetime) -> Identity:
         leaf, *intermediates = certs
-        policy = PolicyBuilder().store(self._store).time(now or datetime.now(UTC))
+        policy = PolicyBuilder().store(self._store).time(now)
         verifier = policy.build_client_verifier()
         try:
             verified = verifier.verify(leaf, [*intermediates, *self._issuers.values()])

@@ -29,6 +29,7 @@ from trustmesh.mesh.errors import (
 )
 from trustmesh.mesh.gossip import MAX_MESSAGE
 from trustmesh.mesh.trust import CrlRejected
+from trustmesh.node.runtime import now_ms
 
 if TYPE_CHECKING:
     from trustmesh.node.runtime import MeshNode
@@ -67,7 +68,7 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     if not chain:
         raise ApiError(401, "this API needs a client certificate from the mesh CA")
     try:
-        node.trust.identity_of(chain)
+        node.trust.identity_of(chain, now_ms=now_ms())
     except RevokedOrigin as exc:
         raise ApiError(403, str(exc), code="revoked") from None
     except UntrustedOrigin as exc:

@@ -18,7 +18,7 @@ import aiohttp
 from trustmesh.keystore.filestore import passphrase_from_env_or_tty
 from trustmesh.keystore.pkcs8 import is_encrypted
 from trustmesh.mesh.errors import MeshError
-from trustmesh.mesh.link import split_address
+from trustmesh.mesh.link import join_address, split_address
 from trustmesh.node.config import NodeConfig, load_config
 from trustmesh.node.runtime import RUN_FILE
 
@@ -51,7 +51,7 @@ def api_url(directory: Path, config: NodeConfig) -> str:
         address = str(json.loads((directory / RUN_FILE).read_text())["api"])
     host, port = split_address(address, any_port=True)
     host = WILDCARDS.get(host, host)
-    return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+    return f"https://{join_address(host, port)}"
 
 
 class NodeClient:

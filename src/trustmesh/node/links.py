@@ -28,9 +28,6 @@ class Link:
         self.address = address  # what we dialled (None for an inbound link)
         self.listen: str | None = None  # the peer's advertised address, from its HELLO
         self.closed_event: ConnectionClosed | None = None
-        # (origin, serial) of the certificates this peer has seen on this link: gossip
-        # from those origins goes to it without the chain.
-        self.certs_known: set[tuple[str, int]] = set()
         self._on_event = on_event
         loop = asyncio.get_running_loop()
         self._up: asyncio.Future[LinkUp] = loop.create_future()

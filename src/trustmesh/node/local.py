@@ -155,3 +155,16 @@ class LocalMesh:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+def is_connected(graph: dict[str, set[str]]) -> bool:
+    """Whether the edges of ``graph`` (node -> neighbours) reach every node from any."""
+    if not graph:
+        return False
+    reached, frontier = set(), [next(iter(graph))]
+    while frontier:
+        current = frontier.pop()
+        if current not in reached:
+            reached.add(current)
+            frontier.extend(graph.get(current, ()))
+    return reached == set(graph)

@@ -57,6 +57,7 @@ from trustmesh.mesh.link import (
     MeshLink,
     PeerAddress,
     PeersFrame,
+    join_address,
     split_address,
 )
 from trustmesh.mesh.store import Indicator, MeshStore
@@ -111,8 +112,9 @@ class Identity:
 
     key: PrivateKey
     chain: tuple[x509.Certificate, ...]
-    server: TlsContext
-    client: TlsContext
+    server: TlsContext  # links
+    client: TlsContext  # links
+    api: TlsContext  # the HTTPS API
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -157,7 +159,6 @@ class MeshNode:
         self.api_site: HttpsSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self.started_at: float | None = None
 
     @classmethod
     def from_directory(cls, directory: Path, passphrase: bytes | None = None) -> MeshNode:
@@ -167,14 +168,13 @@ class MeshNode:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        now = now_ms()
-        self.seen.load(self.store.seen(), now)
+        self.seen.load(self.store.seen(), now_ms())
         # The address book of the last run: peers to dial if the bootstrap list is down.
         self.addresses.update((n, a) for n, a in self.store.known_peers() if n != self.node_id)
         stored = self.store.crl()
         if stored is not None:
             self._apply_crl(stored, source="store")
-        await self._fetch_crl()
+        await self.refresh_crl()
         host, port = split_address(self.config.listen, any_port=True)
         self._server = await serve_stream(
             lambda: self._new_stream(initiator=False),
@@ -184,7 +184,6 @@ class MeshNode:
             on_accept=self._accepted,
         )
         await self._start_api()
-        self.started_at = time.monotonic()
         self._tasks = [
             asyncio.create_task(self._maintain(address)) for address in self.config.bootstrap
         ]
@@ -242,7 +241,7 @@ class MeshNode:
             "pid": os.getpid(),
             "node_id": self.node_id,
             "listen": self.listen_address,
-            "api": f"[{host}]:{api}" if ":" in host else f"{host}:{api}",
+            "api": join_address(host, api),
         }
         tmp = self.directory / f"{RUN_FILE}.tmp"
         tmp.write_text(json.dumps(state) + "\n")
@@ -253,7 +252,7 @@ class MeshNode:
         host, port = split_address(self.config.listen, any_port=True)
         if port == 0 and self._server is not None:
             port = self._server.port
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return join_address(host, port)
 
     @property
     def advertised(self) -> str:
@@ -265,7 +264,7 @@ class MeshNode:
         host, port = split_address(self.config.api, any_port=True)
         if self.api_site is not None:
             port = self.api_site.port
-        return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"https://{join_address(host, port)}"
 
     # --- publishing -------------------------------------------------------------------------
 
@@ -315,7 +314,7 @@ class MeshNode:
         return stream
 
     def _authorize(self, chain: Any) -> str:
-        return self.trust.identity_of(chain).node_id
+        return self.trust.identity_of(chain, now_ms=now_ms()).node_id
 
     def _accepted(self, driver: StreamDriver[TlsStream]) -> None:
         core = driver.core.inner
@@ -454,9 +453,7 @@ class MeshNode:
             elif isinstance(event, IWantFrame):
                 assert peer is not None
                 for held in self.engine.on_iwant(peer, event.ids, now_ms()):
-                    assert held.message is not None
-                    assert held.origin is not None
-                    _Outgoing(held.message, held.raw, held.origin.serial, held.chain).send(link)
+                    link.send_gossip(self.engine.wire_for(peer, held))
             elif isinstance(event, CrlFrame):
                 self._on_crl_frame(link, event.der)
             elif isinstance(event, PeersFrame):
@@ -536,9 +533,6 @@ class MeshNode:
             )
             for result in results:
                 if isinstance(result, Received):
-                    message = result.message
-                    if message is not None and result.origin is not None:
-                        link.certs_known.add((message.origin, result.origin.serial))
                     self._deliver(result)
                 elif self._refuse(link, result):
                     break  # the link is closed: the rest of its frames are moot
@@ -563,12 +557,10 @@ class MeshNode:
         if not received.new or message is None:
             self._emit("gossip.duplicate", level=logging.DEBUG, message_id=received.message_id)
             return
-        assert received.origin is not None
-        outgoing = _Outgoing(message, received.raw, received.origin.serial, received.chain)
         for peer in received.forward_to:
             target = self.links.get(peer)
             if target is not None:
-                outgoing.send(target)
+                target.send_gossip(self.engine.wire_for(peer, received))
         if message.kind == "anomaly":
             indicator = Indicator.from_message(message, now_ms())
             self._indicators.append(indicator)
@@ -634,7 +626,7 @@ class MeshNode:
         self.engine.forget_peer(node_id)
         self._emit("peer.revoked", peer=node_id)
 
-    async def _fetch_crl(self) -> bool:
+    async def refresh_crl(self) -> bool:
         """Fetch the CRL from the CA; True when it was newer than ours."""
         client = CaClient(self.config.ca_url, self.directory / "ca.crt", timeout=10.0)
         try:
@@ -655,13 +647,10 @@ class MeshNode:
             self._emit("crl.fetch_failed", error=str(exc), level=logging.WARNING)
             return False
 
-    async def refresh_crl(self) -> bool:
-        return await self._fetch_crl()
-
     async def _crl_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.crl_interval)
-            await self._fetch_crl()
+            await self.refresh_crl()
 
     # --- housekeeping -----------------------------------------------------------------------
 
@@ -720,7 +709,7 @@ class MeshNode:
         )
         self.identity = self._load_identity()
         if self.api_site is not None:
-            self.api_site.context = self._api_context()
+            self.api_site.context = self.identity.api
         cert = self.identity.certificate
         self._emit(
             "cert.renewed",
@@ -741,11 +730,15 @@ class MeshNode:
             key_passphrase=self._passphrase,
             is_revoked=self.trust.is_revoked,
         )
+        # The API asks for a client certificate but lets the handshake finish without
+        # one, so that the answer is a JSON 401 or 403, not a TLS alert.
+        api = dataclasses.replace(config, alpn=(), is_revoked=None, client_auth="request")
         return Identity(
             key,
             chain,
             TlsContext(config, server=True),
             TlsContext(config, server=False),
+            TlsContext(api, server=True),
         )
 
     # --- API --------------------------------------------------------------------------------
@@ -754,25 +747,12 @@ class MeshNode:
         from trustmesh.node.api import node_app
 
         host, port = split_address(self.config.api, any_port=True)
-        api_context = self._api_context()
         self._runner = web.AppRunner(
             node_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
         )
         await self._runner.setup()
-        self.api_site = HttpsSite(self._runner, host, port, api_context)
+        self.api_site = HttpsSite(self._runner, host, port, self.identity.api)
         await self.api_site.start()
-
-    def _api_context(self) -> TlsContext:
-        """The API asks for a client certificate but lets the handshake finish without
-        one, so that the answer is a JSON 401 or 403, not a TLS alert."""
-        config = TlsConfig(
-            cert_file=self.directory / "node.crt",
-            key_file=self.directory / "node.key",
-            ca_file=self.directory / "ca.crt",
-            key_passphrase=self._passphrase,
-            client_auth="request",
-        )
-        return TlsContext(config, server=True)
 
     def health(self) -> dict[str, Any]:
         cert = self.identity.certificate
@@ -816,32 +796,6 @@ async def _within(seconds: float, *waits: Awaitable[object], what: str = "") -> 
     if pending and what:
         log.warning("shutdown: %d of %s did not finish within %g s", len(pending), what, seconds)
     return not pending
-
-
-class _Outgoing:
-    """One message on its way to peers: with the origin's chain to a peer that has not
-    seen that certificate on its link, without it (smaller, and cheaper to check) to a
-    peer that has. Each form is encoded at most once."""
-
-    def __init__(
-        self, message: GossipMessage, raw: bytes, serial: int, chain: tuple[bytes, ...]
-    ) -> None:
-        self.message = message
-        self.key = (message.origin, serial)
-        self.chain = chain
-        self._full = raw if message.chain else None
-        self._light = None if message.chain else raw
-
-    def send(self, link: Link) -> None:
-        if self.key in link.certs_known:
-            if self._light is None:
-                self._light = self.message.encode(with_chain=False)
-            link.send_gossip(self._light)
-            return
-        if self._full is None:
-            self._full = dataclasses.replace(self.message, chain=self.chain).encode()
-        link.send_gossip(self._full)
-        link.certs_known.add(self.key)
 
 
 def _collision(me: str, first: Link, second: Link) -> tuple[Link, Link]:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from trustmesh.pki.errors import PolicyDenied, TokenRejected
+from trustmesh.sqlitedb import open_database, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
@@ -167,28 +167,15 @@ class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         # Waits for another process's write transaction instead of failing at once.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = open_database(path, SCHEMA, synchronous="FULL", busy_timeout=30)
 
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
     # --- certificates -------------------------------------------------------------------
 
     def add(self, cert: IssuedCertificate, *, event: str, actor: str | None, now: datetime) -> None:
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             self._insert(db, cert, event, actor, now)
 
     def enroll(
@@ -200,7 +187,7 @@ class SqliteStore:
         max_nodes: int | None,
         actor: str | None,
     ) -> None:
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             # Spending the token is the first write: of any number of racing requests,
             # exactly one finds it unused.
             spent = db.execute(
@@ -233,7 +220,7 @@ class SqliteStore:
         self, serials: list[int], when: datetime, reason: str, *, actor: str | None
     ) -> list[int]:
         marked = []
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             for serial in serials:
                 hexed = format(serial, "x")
                 row = db.execute(
@@ -259,7 +246,7 @@ class SqliteStore:
     def add_token(
         self, token_hash: str, node_id: str, created: datetime, expires: datetime
     ) -> None:
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "INSERT INTO tokens (hash, node_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
                 (token_hash, node_id, _seconds(created), _seconds(expires)),
@@ -283,7 +270,7 @@ class SqliteStore:
         )
 
     def add_admin_token(self, token_hash: str, label: str, created: datetime) -> None:
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             db.execute(
                 "INSERT INTO admin_tokens (hash, label, created_at) VALUES (?, ?, ?)",
                 (token_hash, label, _seconds(created)),
@@ -318,7 +305,7 @@ class SqliteStore:
     def audit_event(
         self, event: str, *, detail: Mapping[str, object], now: datetime, actor: str = "cli"
     ) -> None:
-        with self._transaction() as db:
+        with transaction(self._db) as db:
             self._audit(db, now, event, None, None, actor, detail)
 
     # --- internals ----------------------------------------------------------------------

@@ -60,7 +60,7 @@ def strict_loads(
 
 
 class _Refused(ValueError):
-    pass
+    """Text the json module would take but this parser refuses (said precisely)."""
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
