@@ -1,0 +1,607 @@
+"""The BRC-103 peer as a sans-IO state machine.
+
+It takes AuthMessages in (:meth:`Peer.receive`), returns events, and queues the messages
+it must send (:meth:`Peer.messages_to_send`); the application's own messages come from
+:meth:`Peer.create_general` and friends. Time comes in as milliseconds; the driver calls
+:meth:`Peer.handle_timer` at :meth:`Peer.get_timer`.
+
+Stricter than the references, without changing a byte on the wire
+(``docs/protocols/brc103.md`` lists each point):
+
+- each message nonce is accepted once per session (replays are refused);
+- a signed message's ``identityKey`` must be the session's peer, and events carry the
+  session's (verified) identity, never the message's field;
+- an initialResponse is accepted once, only for a handshake we started;
+- certificates are checked against what we asked for: certifier, type and every
+  revealed field name, on every path (initialResponse, certificateResponse);
+- general messages from a peer we asked for certificates are held until they validate
+  (bounded in count, bytes and time), then delivered in order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from trustmesh.brc103.certificates import (
+    MasterCertificate,
+    VerifiableCertificate,
+    is_revocable,
+)
+from trustmesh.brc103.encoding import b64decode, b64encode
+from trustmesh.brc103.errors import (
+    Brc103Error,
+    CertificateError,
+    CertificateRevokedError,
+    CertificatesTimeoutError,
+    HandshakeTimeoutError,
+    IdentityMismatchError,
+    MalformedMessageError,
+    MessageSignatureError,
+    ReplayError,
+    SessionNotFoundError,
+    UnexpectedMessageError,
+    UnrequestedCertificateError,
+)
+from trustmesh.brc103.messages import (
+    NO_REQUEST,
+    AuthMessage,
+    MessageType,
+    RequestedCertificates,
+)
+from trustmesh.brc103.nonces import create_nonce, verify_nonce
+from trustmesh.brc103.revocation import LocalRevocationRegistry, RevocationChecker
+from trustmesh.brc103.sessions import MAX_SEEN_NONCES, Session, SessionTable
+from trustmesh.brc103.wallet import Wallet
+from trustmesh.errors import InvalidKeyError, InvalidSignatureError
+
+SIGNATURE_PROTOCOL = (2, "auth message signature")
+HANDSHAKE_TIMEOUT_MS = 10_000
+CERTIFICATE_TIMEOUT_MS = 30_000
+MAX_HELD_MESSAGES = 64
+MAX_HELD_BYTES = 8 * 1024 * 1024
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    session_nonce: str
+    identity_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class GeneralMessageReceived:
+    session_nonce: str
+    identity_key: str  # the session's verified peer
+    payload: bytes
+    message: AuthMessage
+
+
+@dataclass(frozen=True, slots=True)
+class CertificatesReceived:
+    session_nonce: str
+    identity_key: str
+    certificates: list[VerifiableCertificate]  # each with decrypted_fields filled in
+
+
+@dataclass(frozen=True, slots=True)
+class CertificatesRequested:
+    """The peer asked for certificates and the peer has no store to answer from (or
+    was told not to answer by itself): the application answers with
+    :meth:`Peer.create_certificate_response`."""
+
+    session_nonce: str
+    identity_key: str
+    requested: RequestedCertificates
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeFailed:
+    session_nonce: str
+    error: Brc103Error
+
+
+@dataclass(frozen=True, slots=True)
+class HeldMessagesDropped:
+    session_nonce: str
+    identity_key: str
+    messages: list[AuthMessage]
+    error: Brc103Error
+
+
+Event = (
+    HandshakeCompleted
+    | GeneralMessageReceived
+    | CertificatesReceived
+    | CertificatesRequested
+    | HandshakeFailed
+    | HeldMessagesDropped
+)
+
+
+@dataclass(slots=True)
+class PeerConfig:
+    """What we ask peers for, what we can show, and the limits."""
+
+    requested_certificates: RequestedCertificates = NO_REQUEST
+    certificates: list[MasterCertificate] = field(default_factory=list)
+    answer_certificate_requests: bool = True
+    handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS
+    certificate_timeout_ms: int = CERTIFICATE_TIMEOUT_MS
+    max_sessions: int = 100_000
+    session_idle_ms: int | None = None  # drop sessions unused this long (None: never)
+
+
+class Peer:
+    def __init__(
+        self,
+        wallet: Wallet,
+        config: PeerConfig | None = None,
+        *,
+        revocation: RevocationChecker | None = None,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.wallet = wallet
+        self.config = config or PeerConfig()
+        self.revocation: RevocationChecker = revocation or LocalRevocationRegistry()
+        self._random = random
+        self.sessions = SessionTable(self.config.max_sessions)
+        self._outbox: list[AuthMessage] = []
+        self._deadlines: list[tuple[int, int, str]] = []  # (deadline ms, sequence, nonce)
+        self._sequence = 0
+
+    @property
+    def identity_key(self) -> str:
+        return self.wallet.identity_key
+
+    def messages_to_send(self) -> list[AuthMessage]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    # --- starting a handshake -----------------------------------------------------------
+
+    def initiate(self, now_ms: int, *, peer_identity_key: str | None = None) -> AuthMessage:
+        """An initialRequest (returned, not queued); its initialNonce names the session.
+
+        With ``peer_identity_key`` the response must come from that key."""
+        session_nonce = create_nonce(self.wallet, random_part=self._random(16))
+        requested = self.config.requested_certificates
+        session = Session(
+            session_nonce=session_nonce,
+            peer_identity_key=peer_identity_key,
+            initiator=True,
+            created_ms=now_ms,
+            last_update_ms=now_ms,
+            handshake_deadline_ms=now_ms + self.config.handshake_timeout_ms,
+            certificates_required=requested.required,
+            requested=requested,
+        )
+        self._add(session)
+        assert session.handshake_deadline_ms is not None
+        self._arm(session, session.handshake_deadline_ms)
+        return AuthMessage(
+            message_type=MessageType.INITIAL_REQUEST,
+            identity_key=self.identity_key,
+            initial_nonce=session_nonce,
+            requested_certificates=requested,
+        )
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def receive(self, message: AuthMessage, now_ms: int) -> list[Event]:
+        """Process one message; raise a :class:`Brc103Error` (nothing changes) to refuse it."""
+        handler = {
+            MessageType.INITIAL_REQUEST: self._on_initial_request,
+            MessageType.INITIAL_RESPONSE: self._on_initial_response,
+            MessageType.CERTIFICATE_REQUEST: self._on_certificate_request,
+            MessageType.CERTIFICATE_RESPONSE: self._on_certificate_response,
+            MessageType.GENERAL: self._on_general,
+        }[message.message_type]
+        return handler(message, now_ms)
+
+    def _on_initial_request(self, message: AuthMessage, now_ms: int) -> list[Event]:
+        their_nonce = message.initial_nonce
+        assert their_nonce is not None  # the parser requires it
+        our_nonce = create_nonce(self.wallet, random_part=self._random(16))
+        requested = self.config.requested_certificates
+        session = Session(
+            session_nonce=our_nonce,
+            peer_identity_key=message.identity_key,
+            initiator=False,
+            created_ms=now_ms,
+            last_update_ms=now_ms,
+            peer_nonce=their_nonce,
+            is_authenticated=True,  # as the reference: the peer proves itself by signing
+            certificates_required=requested.required,
+            requested=requested,
+        )
+        certificates: list[VerifiableCertificate] = []
+        their_request = message.requested_certificates
+        if their_request is not None and their_request.required:
+            certificates = self._prove(their_request, message.identity_key)
+        signature = self.wallet.create_signature(
+            b64decode(their_nonce, "initialNonce") + b64decode(our_nonce, "initialNonce"),
+            SIGNATURE_PROTOCOL,
+            f"{their_nonce} {our_nonce}",
+            message.identity_key,
+        )
+        self._add(session)
+        self._outbox.append(
+            AuthMessage(
+                message_type=MessageType.INITIAL_RESPONSE,
+                identity_key=self.identity_key,
+                initial_nonce=our_nonce,
+                your_nonce=their_nonce,
+                certificates=certificates or None,
+                requested_certificates=requested,
+                signature=signature,
+            )
+        )
+        return []
+
+    def _on_initial_response(self, message: AuthMessage, now_ms: int) -> list[Event]:
+        session = self._session_for(message)
+        if not session.initiator or session.is_authenticated:
+            raise UnexpectedMessageError("initialResponse for a session that is not awaiting one")
+        if session.peer_identity_key not in (None, message.identity_key):
+            raise IdentityMismatchError(
+                f"expected a response from {session.peer_identity_key}, "
+                f"got one from {message.identity_key}"
+            )
+        our_nonce, their_nonce = session.session_nonce, message.initial_nonce
+        assert their_nonce is not None
+        assert message.signature is not None
+        self._verify(
+            b64decode(our_nonce, "yourNonce") + b64decode(their_nonce, "initialNonce"),
+            message.signature,
+            f"{our_nonce} {their_nonce}",
+            message.identity_key,
+        )
+        # Certificates are checked before anything changes, so a bad one refuses the lot.
+        received = self._validate_certificates(message, session) if message.certificates else []
+        if session.peer_identity_key is None:
+            self.sessions.set_identity(session, message.identity_key)
+        session.peer_nonce = their_nonce
+        session.is_authenticated = session.peer_proven = True
+        session.handshake_deadline_ms = None
+        session.last_update_ms = now_ms
+        identity = message.identity_key
+        events: list[Event] = [HandshakeCompleted(session.session_nonce, identity)]
+        if received:
+            events.extend(self._accept_certificates(session, received))
+        elif session.certificates_required:
+            self._hold_until(session, now_ms + self.config.certificate_timeout_ms)
+        their_request = message.requested_certificates
+        if their_request is not None and their_request.required:
+            events.extend(self._answer_request(session, their_request, only_if_any=True))
+        return events
+
+    def _on_certificate_request(self, message: AuthMessage, now_ms: int) -> list[Event]:
+        session = self._signed_session(message, now_ms)
+        requested = message.requested_certificates or NO_REQUEST
+        return self._answer_request(session, requested, only_if_any=False)
+
+    def _on_certificate_response(self, message: AuthMessage, now_ms: int) -> list[Event]:
+        session = self._check_signed(message)
+        received = self._validate_certificates(message, session) if message.certificates else []
+        self._commit_signed(session, message, now_ms)
+        return self._accept_certificates(session, received) if received else []
+
+    def _on_general(self, message: AuthMessage, now_ms: int) -> list[Event]:
+        session = self._check_signed(message)
+        if session.certificates_required and not session.certificates_validated:
+            size = len(message.payload or b"")
+            if len(session.held) >= MAX_HELD_MESSAGES or session.held_bytes + size > MAX_HELD_BYTES:
+                raise UnexpectedMessageError(
+                    "too many general messages held while waiting for certificates"
+                )
+            self._commit_signed(session, message, now_ms)
+            session.held.append(message)
+            session.held_bytes += size
+            if session.held_deadline_ms is None:
+                self._hold_until(session, now_ms + self.config.certificate_timeout_ms)
+            return []
+        self._commit_signed(session, message, now_ms)
+        assert session.peer_identity_key is not None
+        return [
+            GeneralMessageReceived(
+                session.session_nonce, session.peer_identity_key, message.payload or b"", message
+            )
+        ]
+
+    def _add(self, session: Session) -> None:
+        self.sessions.add(session)
+        if self.config.session_idle_ms is not None:
+            self._arm(session, session.last_update_ms + self.config.session_idle_ms)
+
+    def _hold_until(self, session: Session, deadline: int) -> None:
+        session.held_deadline_ms = deadline
+        self._arm(session, deadline)
+
+    # --- checks -------------------------------------------------------------------------
+
+    def _session_for(self, message: AuthMessage) -> Session:
+        """The session our nonce in ``yourNonce`` names; the nonce's HMAC is checked first."""
+        your_nonce = message.your_nonce
+        assert your_nonce is not None
+        verify_nonce(self.wallet, your_nonce)
+        session = self.sessions.by_nonce(your_nonce)
+        if session is None:
+            raise SessionNotFoundError(f"Session not found for nonce: {your_nonce}")
+        return session
+
+    def _check_signed(self, message: AuthMessage) -> Session:
+        """Nonce, session, identity, replay and signature of a certificate or general
+        message; nothing is recorded until :meth:`_commit_signed`."""
+        session = self._session_for(message)
+        if not session.is_authenticated:
+            raise UnexpectedMessageError("the session's handshake is not complete")
+        if message.identity_key != session.peer_identity_key:
+            raise IdentityMismatchError(
+                f"message names {message.identity_key}, the session is with "
+                f"{session.peer_identity_key}"
+            )
+        nonce = message.nonce
+        assert nonce is not None
+        assert message.signature is not None
+        if nonce in session.seen_nonces:
+            raise ReplayError("this message nonce was already accepted in the session")
+        if len(session.seen_nonces) >= MAX_SEEN_NONCES:
+            raise ReplayError("the session has carried its limit of messages; handshake again")
+        self._verify(
+            message.signed_data(),
+            message.signature,
+            f"{nonce} {session.session_nonce}",
+            session.peer_identity_key,
+        )
+        return session
+
+    def _commit_signed(self, session: Session, message: AuthMessage, now_ms: int) -> None:
+        assert message.nonce is not None
+        session.seen_nonces.add(message.nonce)
+        session.peer_proven = True
+        session.last_update_ms = now_ms
+
+    def _signed_session(self, message: AuthMessage, now_ms: int) -> Session:
+        session = self._check_signed(message)
+        self._commit_signed(session, message, now_ms)
+        return session
+
+    def _verify(self, data: bytes, signature: bytes, key_id: str, signer: str | None) -> None:
+        if signer is None:
+            raise SessionNotFoundError("the session has no peer identity yet")
+        try:
+            self.wallet.verify_signature(data, signature, SIGNATURE_PROTOCOL, key_id, signer)
+        except (InvalidSignatureError, InvalidKeyError):
+            raise MessageSignatureError("Signature is not valid") from None
+
+    # --- certificates -------------------------------------------------------------------
+
+    def _validate_certificates(
+        self, message: AuthMessage, session: Session
+    ) -> list[VerifiableCertificate]:
+        """Every certificate must be the sender's, signed, unrevoked, requested (certifier,
+        type and each revealed field) and decryptable by us."""
+        requested = session.requested or NO_REQUEST
+        out: list[VerifiableCertificate] = []
+        for certificate in message.certificates or []:
+            cert = certificate.certificate
+            if cert.subject != message.identity_key:
+                raise CertificateError("a certificate's subject is not the sender")
+            why = requested.allows(cert.certifier, cert.type, list(certificate.keyring))
+            if why is not None:
+                raise UnrequestedCertificateError(why)
+            cert.verify()
+            if is_revocable(cert.revocation_outpoint) and self.revocation.is_revoked(
+                cert.revocation_outpoint
+            ):
+                raise CertificateRevokedError(
+                    f"certificate {cert.serial_number} is revoked ({cert.revocation_outpoint})"
+                )
+            fields = certificate.decrypt_fields(self.wallet)
+            out.append(VerifiableCertificate(cert, certificate.keyring, fields))
+        return out
+
+    def _accept_certificates(
+        self, session: Session, received: list[VerifiableCertificate]
+    ) -> list[Event]:
+        assert session.peer_identity_key is not None
+        session.certificates.extend(received)
+        events: list[Event] = [
+            CertificatesReceived(session.session_nonce, session.peer_identity_key, received)
+        ]
+        if not session.certificates_validated:
+            session.certificates_validated = True
+            session.held_deadline_ms = None
+            held, session.held, session.held_bytes = session.held, [], 0
+            events.extend(
+                GeneralMessageReceived(
+                    session.session_nonce, session.peer_identity_key, m.payload or b"", m
+                )
+                for m in held
+            )
+        return events
+
+    def _prove(
+        self, requested: RequestedCertificates, verifier: str
+    ) -> list[VerifiableCertificate]:
+        """Our certificates that answer ``requested``, revealing the requested fields."""
+        out: list[VerifiableCertificate] = []
+        for master in self.config.certificates:
+            cert = master.certificate
+            wanted = requested.types.get(cert.type)
+            if cert.certifier not in requested.certifiers or wanted is None:
+                continue
+            names = [name for name in wanted if name in cert.fields]
+            if names:
+                out.append(master.reveal(self.wallet, verifier, names))
+        return out
+
+    def _answer_request(
+        self, session: Session, requested: RequestedCertificates, *, only_if_any: bool
+    ) -> list[Event]:
+        assert session.peer_identity_key is not None
+        if not self.config.answer_certificate_requests:
+            return [
+                CertificatesRequested(session.session_nonce, session.peer_identity_key, requested)
+            ]
+        certificates = self._prove(requested, session.peer_identity_key)
+        if certificates or not only_if_any:
+            self._outbox.append(self.create_certificate_response(certificates, session=session))
+        return []
+
+    # --- sending --------------------------------------------------------------------------
+
+    def session(
+        self, *, identity_key: str | None = None, session_nonce: str | None = None
+    ) -> Session:
+        """The session to send on: by our nonce, else the latest with ``identity_key``."""
+        session = None
+        if session_nonce is not None:
+            session = self.sessions.by_nonce(session_nonce)
+        elif identity_key is not None:
+            session = self.sessions.by_identity(identity_key)
+        if session is None or not session.is_authenticated:
+            raise SessionNotFoundError("no authenticated session with that peer")
+        return session
+
+    def _signed(
+        self, session: Session, message_type: MessageType, **members: object
+    ) -> AuthMessage:
+        assert session.peer_nonce is not None
+        assert session.peer_identity_key is not None
+        nonce = b64encode(self._random(32))
+        message = AuthMessage(
+            message_type=message_type,
+            identity_key=self.identity_key,
+            nonce=nonce,
+            your_nonce=session.peer_nonce,
+            **members,  # type: ignore[arg-type]
+        )
+        message.signature = self.wallet.create_signature(
+            message.signed_data(),
+            SIGNATURE_PROTOCOL,
+            f"{nonce} {session.peer_nonce}",
+            session.peer_identity_key,
+        )
+        return message
+
+    def create_general(
+        self,
+        payload: bytes,
+        *,
+        identity_key: str | None = None,
+        session_nonce: str | None = None,
+    ) -> AuthMessage:
+        session = self.session(identity_key=identity_key, session_nonce=session_nonce)
+        if session.certificates_required and not session.certificates_validated:
+            raise UnexpectedMessageError(
+                "Cannot send general message before certificate validation is complete"
+            )
+        return self._signed(session, MessageType.GENERAL, payload=bytes(payload))
+
+    def create_certificate_request(
+        self,
+        requested: RequestedCertificates,
+        *,
+        identity_key: str | None = None,
+        session_nonce: str | None = None,
+    ) -> AuthMessage:
+        session = self.session(identity_key=identity_key, session_nonce=session_nonce)
+        session.requested = requested
+        session.certificates_required = requested.required
+        return self._signed(
+            session,
+            MessageType.CERTIFICATE_REQUEST,
+            initial_nonce=session.session_nonce,
+            requested_certificates=requested,
+        )
+
+    def create_certificate_response(
+        self,
+        certificates: list[VerifiableCertificate],
+        *,
+        session: Session | None = None,
+        identity_key: str | None = None,
+        session_nonce: str | None = None,
+    ) -> AuthMessage:
+        if session is None:
+            session = self.session(identity_key=identity_key, session_nonce=session_nonce)
+        return self._signed(
+            session,
+            MessageType.CERTIFICATE_RESPONSE,
+            initial_nonce=session.session_nonce,
+            certificates=list(certificates),
+        )
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def get_timer(self) -> int | None:
+        """The next deadline (ms) at which :meth:`handle_timer` has work, if any."""
+        while self._deadlines:
+            deadline, _, nonce = self._deadlines[0]
+            if self.sessions.get(nonce) is not None:
+                return deadline
+            heapq.heappop(self._deadlines)  # the session is gone
+        return None
+
+    def handle_timer(self, now_ms: int) -> list[Event]:
+        events: list[Event] = []
+        while self._deadlines and self._deadlines[0][0] <= now_ms:
+            _, _, nonce = heapq.heappop(self._deadlines)
+            session = self.sessions.get(nonce)
+            if session is not None:
+                events.extend(self._expire(session, now_ms))
+        return events
+
+    def _arm(self, session: Session, deadline: int) -> None:
+        self._sequence += 1
+        heapq.heappush(self._deadlines, (deadline, self._sequence, session.session_nonce))
+
+    def _expire(self, session: Session, now_ms: int) -> list[Event]:
+        if session.handshake_deadline_ms is not None and now_ms >= session.handshake_deadline_ms:
+            self.sessions.remove(session)
+            timeout = HandshakeTimeoutError("no initialResponse before the handshake timeout")
+            return [HandshakeFailed(session.session_nonce, timeout)]
+        events: list[Event] = []
+        if session.held_deadline_ms is not None and now_ms >= session.held_deadline_ms:
+            session.held_deadline_ms = None
+            held, session.held, session.held_bytes = session.held, [], 0
+            assert session.peer_identity_key is not None
+            error = CertificatesTimeoutError(
+                f"Timeout waiting for certificate validation from peer {session.peer_identity_key}"
+            )
+            events.append(
+                HeldMessagesDropped(session.session_nonce, session.peer_identity_key, held, error)
+            )
+        idle = self.config.session_idle_ms
+        if idle is not None:
+            if now_ms - session.last_update_ms >= idle:
+                self.sessions.remove(session)
+            else:
+                self._arm(session, session.last_update_ms + idle)
+        return events
+
+    def forget(self, session_nonce: str) -> None:
+        """Drop a session (a transport closed, or the application is done with it)."""
+        session = self.sessions.by_nonce(session_nonce)
+        if session is not None:
+            self.sessions.remove(session)
+
+
+__all__ = [
+    "CertificatesReceived",
+    "CertificatesRequested",
+    "Event",
+    "GeneralMessageReceived",
+    "HandshakeCompleted",
+    "HandshakeFailed",
+    "HeldMessagesDropped",
+    "MalformedMessageError",
+    "Peer",
+    "PeerConfig",
+]
