@@ -180,7 +180,8 @@ def parse_message_bytes(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Aut
 
 def parse_message(obj: object) -> AuthMessage:
     """Check and type a decoded JSON object. Unknown members are ignored, as the
-    references ignore them; every known member must have the right shape."""
+    references ignore them; every known member must have the right shape. ``null`` and
+    ``""`` mean absent (the Python reference sends every member, empty ones so)."""
     if not isinstance(obj, dict):
         raise MalformedMessageError("an AuthMessage is a JSON object")
     version = obj.get("version")
@@ -204,6 +205,9 @@ def parse_message(obj: object) -> AuthMessage:
     message.payload = _byte_array(obj, "payload", MAX_MESSAGE_SIZE)
 
     raw_requested = obj.get("requestedCertificates")
+    if isinstance(raw_requested, str):
+        # The Python reference writes its request object's repr() here in handshakes.
+        raw_requested = None
     if raw_requested is not None:
         message.requested_certificates = RequestedCertificates.from_json(raw_requested)
         message.raw_requested = raw_requested
@@ -252,9 +256,9 @@ def _require(message: AuthMessage) -> None:
 
 def _nonce(obj: dict[str, Any], key: str) -> str | None:
     value = obj.get(key)
-    if value is None:
+    if value is None or value == "":  # the Python reference writes "" for absent nonces
         return None
-    if not isinstance(value, str) or not value or len(value) > MAX_NONCE_TEXT:
+    if not isinstance(value, str) or len(value) > MAX_NONCE_TEXT:
         raise MalformedMessageError(f"{key} must be non-empty base64 text")
     if len(b64decode(value, key, MalformedMessageError)) < 16:
         raise MalformedMessageError(f"{key} is shorter than 16 bytes")

@@ -222,7 +222,7 @@ class Peer:
         certificates: list[VerifiableCertificate] = []
         their_request = message.requested_certificates
         if their_request is not None and their_request.required:
-            certificates = self._prove(their_request, message.identity_key)
+            certificates = self.prove(their_request, message.identity_key)
         signature = self.wallet.create_signature(
             b64decode(their_nonce, "initialNonce") + b64decode(our_nonce, "initialNonce"),
             SIGNATURE_PROTOCOL,
@@ -426,9 +426,7 @@ class Peer:
             )
         return events
 
-    def _prove(
-        self, requested: RequestedCertificates, verifier: str
-    ) -> list[VerifiableCertificate]:
+    def prove(self, requested: RequestedCertificates, verifier: str) -> list[VerifiableCertificate]:
         """Our certificates that answer ``requested``, revealing the requested fields."""
         out: list[VerifiableCertificate] = []
         for master in self.config.certificates:
@@ -449,10 +447,19 @@ class Peer:
             return [
                 CertificatesRequested(session.session_nonce, session.peer_identity_key, requested)
             ]
-        certificates = self._prove(requested, session.peer_identity_key)
+        certificates = self.prove(requested, session.peer_identity_key)
         if certificates or not only_if_any:
             self._outbox.append(self.create_certificate_response(certificates, session=session))
         return []
+
+    def answer_certificate_request(
+        self, requested: RequestedCertificates, *, identity_key: str
+    ) -> list[Event]:
+        """Answer a request that came outside a certificateRequest message (a BRC-104
+        response header): queue a certificateResponse if we hold matching certificates."""
+        return self._answer_request(
+            self.session(identity_key=identity_key), requested, only_if_any=True
+        )
 
     # --- sending --------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ COMMANDS = {
     "enroll": "trustmesh.cli.enroll:enroll",
     "rotate": "trustmesh.cli.enroll:rotate",
     "node": "trustmesh.cli.node:node",
+    "brc103": "trustmesh.cli.brc103:brc103",
     "demo": "trustmesh.cli.demo:demo",
 }
 

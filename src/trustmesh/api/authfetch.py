@@ -1,0 +1,316 @@
+"""BRC-104 client: ``fetch`` over HTTP with BRC-103 mutual authentication.
+
+The first request to an origin performs the handshake (``POST /.well-known/auth``), then
+every request is a signed general message in ``x-bsv-auth-*`` headers, and every response
+must be signed by the same server identity over the response payload. A response that
+is not (a plain HTTP server, a wrong key, a bad signature) raises
+:class:`UnauthenticatedResponseError`: nothing unauthenticated is returned as if it were.
+
+Compatible with the reference express middleware and our own server: an empty response
+body verifies whether the server signed it as ``varint(0)`` or ``varint(-1)``, and the
+client does not wait for an answer to its certificateResponse (express never sends one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from trustmesh.brc103 import http as brc104
+from trustmesh.brc103.encoding import b64encode
+from trustmesh.brc103.errors import (
+    Brc103Error,
+    IdentityMismatchError,
+    MessageSignatureError,
+    TransportError,
+)
+from trustmesh.brc103.messages import (
+    AuthMessage,
+    MessageType,
+    RequestedCertificates,
+    parse_message_bytes,
+)
+from trustmesh.brc103.peer import Peer, PeerConfig
+from trustmesh.brc103.revocation import RevocationChecker
+from trustmesh.brc103.wallet import Wallet
+from trustmesh.errors import DecodeError
+from trustmesh.io.brc103 import monotonic_ms
+from trustmesh.wire.jsonwire import strict_loads
+
+log = logging.getLogger(__name__)
+BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+MAX_RETRIES = 3
+MAX_AUTH_REPLY = 1024 * 1024
+
+
+class UnauthenticatedResponseError(TransportError):
+    """The server's answer is not a BRC-104 authenticated response."""
+
+    code = "ERR_UNAUTHENTICATED_RESPONSE"
+
+    def __init__(self, message: str, *, status: int | None = None, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+@dataclass(slots=True)
+class AuthResponse:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    identity_key: str  # the server's verified identity
+    certificates: list[Any] = field(default_factory=list)
+
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+class AuthFetch:
+    def __init__(
+        self,
+        wallet: Wallet,
+        config: PeerConfig | None = None,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        revocation: RevocationChecker | None = None,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.peer = Peer(wallet, config, revocation=revocation)
+        self._session = session
+        self._own_session = session is None
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._servers: dict[str, str] = {}  # origin -> server identity key
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> AuthFetch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    # --- handshake ------------------------------------------------------------------------
+
+    async def server_identity(self, origin: str) -> str:
+        """The origin's identity key, handshaking first if there is no live session."""
+        lock = self._locks.setdefault(origin, asyncio.Lock())
+        async with lock:
+            known = self._servers.get(origin)
+            if known is not None:
+                try:
+                    self.peer.session(identity_key=known)
+                    return known
+                except Brc103Error:
+                    pass
+            identity = await self._handshake(origin)
+            self._servers[origin] = identity
+            return identity
+
+    async def _handshake(self, origin: str) -> str:
+        request = self.peer.initiate(monotonic_ms(), peer_identity_key=self._servers.get(origin))
+        reply = await self._post_auth(origin, request)
+        if reply is None or reply.message_type is not MessageType.INITIAL_RESPONSE:
+            raise UnauthenticatedResponseError(f"{origin} did not answer with an initialResponse")
+        self.peer.receive(reply, monotonic_ms())
+        self._send_queued(origin)
+        return reply.identity_key
+
+    async def _post_auth(self, origin: str, message: AuthMessage) -> AuthMessage | None:
+        url = origin + brc104.AUTH_PATH
+        try:
+            async with self._http().post(
+                url, data=message.to_bytes(), headers={"Content-Type": "application/json"}
+            ) as response:
+                body = await response.content.read(MAX_AUTH_REPLY + 1)
+                if response.status == 204:
+                    return None
+                if response.status != 200:
+                    raise UnauthenticatedResponseError(
+                        f"{url} answered HTTP {response.status}: {body[:200]!r}",
+                        status=response.status,
+                        body=body,
+                    )
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"cannot reach {url}: {exc}") from None
+        try:
+            return parse_message_bytes(body, max_size=MAX_AUTH_REPLY)
+        except DecodeError as exc:
+            raise UnauthenticatedResponseError(
+                f"{url} answered with no AuthMessage: {exc}"
+            ) from None
+
+    def _send_queued(self, origin: str) -> None:
+        """Send what the peer queued (a certificateResponse) without waiting for an answer:
+        the reference server never sends one."""
+        for message in self.peer.messages_to_send():
+            task = asyncio.get_running_loop().create_task(self._post_quietly(origin, message))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _post_quietly(self, origin: str, message: AuthMessage) -> None:
+        try:
+            await self._post_auth(origin, message)
+        except Brc103Error as exc:
+            log.warning("sending a %s to %s failed: %s", message.message_type, origin, exc)
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def fetch(
+        self,
+        url: str,
+        *,
+        method: str = "GET",
+        headers: dict[str, str] | list[tuple[str, str]] | None = None,
+        body: bytes | str | None = None,
+    ) -> AuthResponse:
+        """Send one authenticated request; return the server's authenticated response."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        origin = f"{parts.scheme}://{parts.netloc}"
+        method = method.upper()
+        header_list = brc104.header_items(headers or {})
+        brc104.check_client_headers(header_list)
+        content_type = next((v for k, v in header_list if k.lower() == "content-type"), None)
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        if data is None and method in BODY_METHODS:
+            is_json = (content_type or "").split(";")[0].strip() == "application/json"
+            data = b"{}" if is_json else None
+        if data and content_type is None:
+            raise ValueError("a request with a body needs a Content-Type header")
+        path = parts.path or "/"
+        query = "?" + parts.query if parts.query else ""
+        signed_headers = brc104.signed_request_headers(header_list)
+        for attempt in range(MAX_RETRIES):
+            identity = await self.server_identity(origin)
+            request_id = brc104.new_request_id()
+            payload = brc104.encode_request_payload(
+                request_id, method, path, query, signed_headers, data or None
+            )
+            message = self.peer.create_general(payload, identity_key=identity)
+            result = await self._exchange(
+                origin + path + query, method, header_list, data, message, request_id, identity
+            )
+            if result is not None:
+                return result
+            log.info("the server lost our session; handshaking again (attempt %d)", attempt + 2)
+            self._forget(origin)
+        raise UnauthenticatedResponseError(f"{origin} kept refusing our sessions")
+
+    def _forget(self, origin: str) -> None:
+        identity = self._servers.pop(origin, None)
+        if identity is not None:
+            for session in self.peer.sessions.sessions_of(identity):
+                self.peer.forget(session.session_nonce)
+
+    async def _exchange(
+        self,
+        url: str,
+        method: str,
+        header_list: list[tuple[str, str]],
+        data: bytes | None,
+        message: AuthMessage,
+        request_id: bytes,
+        identity: str,
+    ) -> AuthResponse | None:
+        send_headers = CIMultiDict(header_list)
+        send_headers.update(
+            {
+                brc104.VERSION: message.version,
+                brc104.IDENTITY_KEY: message.identity_key,
+                brc104.NONCE: message.nonce or "",
+                brc104.YOUR_NONCE: message.your_nonce or "",
+                brc104.SIGNATURE: (message.signature or b"").hex(),
+                brc104.REQUEST_ID: b64encode(request_id),
+            }
+        )
+        try:
+            async with self._http().request(
+                method, url, headers=send_headers, data=data, allow_redirects=False
+            ) as response:
+                body = await response.read()
+                status, headers = response.status, response.headers
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"cannot reach {url}: {exc}") from None
+        missing = [
+            name
+            for name in (brc104.VERSION, brc104.IDENTITY_KEY, brc104.SIGNATURE)
+            if not headers.get(name, "").strip()
+        ]
+        if missing:
+            if status == 401:
+                return None  # the server does not know our session (it restarted)
+            raise UnauthenticatedResponseError(
+                f"HTTP {status} from {url} without BSV authentication "
+                f"(missing {', '.join(missing)})",
+                status=status,
+                body=body,
+            )
+        if headers.get(brc104.IDENTITY_KEY) != identity:
+            raise IdentityMismatchError(
+                f"{url} answered as {headers.get(brc104.IDENTITY_KEY)}, not {identity}"
+            )
+        if headers.get(brc104.REQUEST_ID) not in (None, b64encode(request_id)):
+            raise UnauthenticatedResponseError("the response answers another request id")
+        self._verify_response(request_id, status, headers, body)
+        if headers.get(brc104.REQUESTED_CERTIFICATES):
+            self._answer_certificate_request(url, headers)
+        return AuthResponse(status, headers, body, identity)
+
+    def _verify_response(
+        self, request_id: bytes, status: int, headers: CIMultiDictProxy[str], body: bytes
+    ) -> None:
+        signed = brc104.signed_response_headers(headers.items())
+        encodings = [False] if body else [False, True]  # empty: varint(0), else varint(-1)
+        error: Brc103Error | None = None
+        for minus_one in encodings:
+            payload = brc104.encode_response_payload(
+                request_id, status, signed, body, empty_as_minus_one=minus_one
+            )
+            try:
+                reply = brc104.message_from_headers(headers, payload)
+                reply.message_type = MessageType.GENERAL
+                reply.payload = payload
+                self.peer.receive(reply, monotonic_ms())
+                return
+            except MessageSignatureError as exc:
+                error = exc
+            except (Brc103Error, DecodeError) as exc:
+                raise UnauthenticatedResponseError(f"the response does not verify: {exc}") from None
+        raise UnauthenticatedResponseError(f"the response does not verify: {error}")
+
+    def _answer_certificate_request(self, url: str, headers: CIMultiDictProxy[str]) -> None:
+        """The server asked for certificates in a response header: send ours."""
+        origin = "{0.scheme}://{0.netloc}".format(urlsplit(url))
+        identity = self._servers.get(origin)
+        if identity is None:
+            return
+        try:
+            requested = RequestedCertificates.from_json(
+                strict_loads(headers[brc104.REQUESTED_CERTIFICATES].encode(), max_size=65536)
+            )
+        except DecodeError as exc:
+            log.warning("ignored a malformed certificate request from %s: %s", origin, exc)
+            return
+        self.peer.answer_certificate_request(requested, identity_key=identity)
+        self._send_queued(origin)

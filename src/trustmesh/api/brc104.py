@@ -1,0 +1,250 @@
+"""BRC-104 for aiohttp servers: a middleware that puts any app behind BRC-103.
+
+``Brc104Server(wallet).install(app)`` answers ``POST /.well-known/auth`` (handshakes and
+certificate exchange) and checks every other request: its ``x-bsv-auth-*`` headers must
+carry a general message, signed over the request payload, on a live session. The handler
+then sees the client's verified identity key through :func:`identity_key_of`, and its
+response is signed over the response payload.
+
+Unlike the reference express middleware, the request payload is rebuilt from the raw
+body bytes (so JSON with spaces, or ``application/json; charset=utf-8``, verifies), the
+application's ``Content-Type`` is kept, an empty body is signed as the reference client
+expects (``varint(0)``), and a certificateResponse POST gets an immediate 204.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from trustmesh.brc103 import http as brc104
+from trustmesh.brc103.encoding import b64decode, js_stringify
+from trustmesh.brc103.errors import Brc103Error, CertificatesTimeoutError, MalformedMessageError
+from trustmesh.brc103.messages import AuthMessage, MessageType, parse_message_bytes
+from trustmesh.brc103.peer import (
+    Event,
+    GeneralMessageReceived,
+    HeldMessagesDropped,
+    Peer,
+    PeerConfig,
+)
+from trustmesh.brc103.revocation import RevocationChecker
+from trustmesh.brc103.wallet import Wallet
+from trustmesh.errors import DecodeError
+from trustmesh.io.brc103 import monotonic_ms
+
+log = logging.getLogger(__name__)
+IDENTITY_KEY = "trustmesh.brc103.identity_key"
+CERTIFICATES = "trustmesh.brc103.certificates"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def identity_key_of(request: web.Request) -> str:
+    """The client's verified identity key (``"unknown"`` on an allowed unauthenticated
+    request)."""
+    value = request.get(IDENTITY_KEY)
+    if not isinstance(value, str):
+        raise RuntimeError("the BRC-104 middleware did not run for this request")
+    return value
+
+
+def _error(status: int, code: str, description: str) -> web.Response:
+    return web.json_response(
+        {"status": "error", "code": code, "description": description}, status=status
+    )
+
+
+class Brc104Server:
+    def __init__(
+        self,
+        wallet: Wallet,
+        config: PeerConfig | None = None,
+        *,
+        revocation: RevocationChecker | None = None,
+        allow_unauthenticated: bool = False,
+        clock: Callable[[], int] = monotonic_ms,
+    ) -> None:
+        self.peer = Peer(wallet, config, revocation=revocation)
+        self.allow_unauthenticated = allow_unauthenticated
+        self._clock = clock
+        self._waiting: dict[str, asyncio.Future[GeneralMessageReceived]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def identity_key(self) -> str:
+        return self.peer.identity_key
+
+    def install(self, app: web.Application) -> None:
+        app.middlewares.append(self.middleware)
+        app.on_cleanup.append(self._cleanup)
+
+    async def _cleanup(self, _app: web.Application) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == brc104.AUTH_PATH:
+            if request.method != "POST":
+                return _error(405, "ERR_METHOD_NOT_ALLOWED", "POST an AuthMessage here")
+            return await self._auth_endpoint(request)
+        if brc104.REQUEST_ID not in request.headers:
+            if self.allow_unauthenticated:
+                request[IDENTITY_KEY] = "unknown"
+                return await handler(request)
+            return web.json_response(
+                {
+                    "status": "error",
+                    "code": "UNAUTHORIZED",
+                    "message": "Mutual-authentication failed!",
+                },
+                status=401,
+            )
+        return await self._general(request, handler)
+
+    # --- /.well-known/auth --------------------------------------------------------------
+
+    async def _auth_endpoint(self, request: web.Request) -> web.StreamResponse:
+        try:
+            message = parse_message_bytes(await request.read())
+            events = self.peer.receive(message, self._clock())
+        except (MalformedMessageError, DecodeError) as exc:
+            return _error(400, getattr(exc, "code", "ERR_MALFORMED_MESSAGE"), str(exc))
+        except Brc103Error as exc:
+            log.info("refused a %s: %s", message.message_type, exc)
+            return _error(401, exc.code, str(exc))
+        self._dispatch(events)
+        self._arm_timer()
+        replies = self.peer.messages_to_send()
+        if not replies:  # a certificateResponse: the reference never answers it at all
+            return web.Response(status=204)
+        reply = replies[0]
+        for extra in replies[1:]:
+            log.warning("dropped an extra %s reply", extra.message_type)
+        return web.Response(
+            body=reply.to_bytes(), content_type="application/json", headers=_auth_headers(reply)
+        )
+
+    # --- general messages ---------------------------------------------------------------
+
+    async def _general(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        headers = request.headers
+        try:
+            request_id_text = headers[brc104.REQUEST_ID]
+            request_id = b64decode(request_id_text, "request id")
+            if len(request_id) != brc104.REQUEST_ID_SIZE:
+                raise MalformedMessageError("x-bsv-auth-request-id must be 32 bytes of base64")
+            body = await request.read()
+            raw_target = request.raw_path
+            path, _, query = raw_target.partition("?")
+            payload = brc104.encode_request_payload(
+                request_id,
+                request.method,
+                path,
+                "?" + query if query else "",
+                brc104.signed_request_headers(headers.items()),
+                body or None,
+            )
+            message = brc104.message_from_headers(headers, payload)
+        except (DecodeError, Brc103Error, KeyError, ValueError) as exc:
+            return _error(400, "ERR_MALFORMED_REQUEST", str(exc))
+        try:
+            event = await self._receive_general(message)
+        except Brc103Error as exc:
+            log.info("refused a request from %s: %s", message.identity_key, exc)
+            return _error(401, "ERR_AUTH_FAILED", f"{exc.code}: {exc}")
+        request[IDENTITY_KEY] = event.identity_key
+        session = self.peer.sessions.get(event.session_nonce)
+        request[CERTIFICATES] = list(session.certificates) if session else []
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = exc
+        return self._sign_response(response, request_id, request_id_text, event)
+
+    async def _receive_general(self, message: AuthMessage) -> GeneralMessageReceived:
+        assert message.nonce is not None
+        waiter: asyncio.Future[GeneralMessageReceived] = asyncio.get_running_loop().create_future()
+        self._waiting[message.nonce] = waiter
+        try:
+            events = self.peer.receive(message, self._clock())
+            self._dispatch(events)
+            self._arm_timer()
+            return await waiter  # now, or once the client's certificates validate
+        finally:
+            self._waiting.pop(message.nonce, None)
+
+    def _sign_response(
+        self,
+        response: web.StreamResponse,
+        request_id: bytes,
+        request_id_text: str,
+        event: GeneralMessageReceived,
+    ) -> web.StreamResponse:
+        if not isinstance(response, web.Response) or not isinstance(
+            response.body, bytes | bytearray | None
+        ):
+            log.error("a streamed response cannot be signed under BRC-104")
+            return _error(500, "ERR_INTERNAL_SERVER_ERROR", "streamed responses cannot be signed")
+        body = bytes(response.body or b"")
+        payload = brc104.encode_response_payload(
+            request_id,
+            response.status,
+            brc104.signed_response_headers(response.headers.items()),
+            body,
+        )
+        reply = self.peer.create_general(payload, session_nonce=event.session_nonce)
+        response.headers.update(_auth_headers(reply))
+        response.headers[brc104.REQUEST_ID] = request_id_text
+        return response
+
+    # --- events and timers --------------------------------------------------------------
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, GeneralMessageReceived):
+                waiter = self._waiting.get(event.message.nonce or "")
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(event)
+            elif isinstance(event, HeldMessagesDropped):
+                for message in event.messages:
+                    waiter = self._waiting.get(message.nonce or "")
+                    if waiter is not None and not waiter.done():
+                        waiter.set_exception(
+                            CertificatesTimeoutError(
+                                "the client's certificates did not arrive in time"
+                            )
+                        )
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.peer.get_timer()
+        if deadline is not None:
+            delay = max(0.0, (deadline - self._clock()) / 1000)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch(self.peer.handle_timer(self._clock()))
+        self._arm_timer()
+
+
+def _auth_headers(message: AuthMessage) -> dict[str, str]:
+    headers = {
+        brc104.VERSION: message.version,
+        brc104.MESSAGE_TYPE: message.message_type.value,
+        brc104.IDENTITY_KEY: message.identity_key,
+        brc104.SIGNATURE: (message.signature or b"").hex(),
+    }
+    if message.nonce:
+        headers[brc104.NONCE] = message.nonce
+    if message.your_nonce:
+        headers[brc104.YOUR_NONCE] = message.your_nonce
+    if message.message_type is not MessageType.GENERAL and message.requested_certificates:
+        headers[brc104.REQUESTED_CERTIFICATES] = js_stringify(message.requested_json()).decode()
+    return headers

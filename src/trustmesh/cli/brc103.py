@@ -1,0 +1,438 @@
+"""``trustmesh brc103``: BRC-103 mutual authentication over HTTP (BRC-104) and BRC-52
+certificates from the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from aiohttp import web
+
+from trustmesh.api.authfetch import AuthFetch
+from trustmesh.api.brc104 import Brc104Server
+from trustmesh.api.brc104_demo import demo_app
+from trustmesh.brc103.certificates import (
+    NO_REVOCATION,
+    MasterCertificate,
+    VerifiableCertificate,
+    is_revocable,
+)
+from trustmesh.brc103.errors import CertificateError, CertificateRevokedError
+from trustmesh.brc103.revocation import LocalRevocationRegistry
+from trustmesh.brc103.wallet import Wallet
+from trustmesh.cli.output import emit
+from trustmesh.cli.signals import stop_on_signals
+from trustmesh.crypto.brc42 import parse_public_key
+from trustmesh.crypto.keys import Secp256k1PrivateKey
+from trustmesh.errors import DecodeError, InvalidKeyError
+from trustmesh.keystore.filestore import FileKeyStore
+from trustmesh.wire.jsonwire import strict_loads
+
+
+def load_wallet(path: Path | None) -> Wallet:
+    """A wallet from a key file: a secp256k1 PEM key (``trustmesh keys generate --type
+    secp256k1``) or 64 hex digits; a fresh random identity without a file."""
+    if path is None:
+        return Wallet.generate()
+    try:
+        head = path.read_bytes()[:200].strip()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    if len(head) == 64 and all(c in b"0123456789abcdefABCDEF" for c in head):
+        return Wallet.from_hex(head.decode())
+    key = FileKeyStore().load(path)
+    if not isinstance(key, Secp256k1PrivateKey):
+        raise click.BadParameter(f"BRC-103 needs a secp256k1 key, {path} holds {key.kind}")
+    return Wallet(key)
+
+
+KEY_OPTION = click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Identity key file: secp256k1 PEM, or 64 hex digits. Default: a new random identity.",
+)
+
+
+def _public_key_hex(value: str, what: str) -> str:
+    text = value.strip().lower()
+    if len(text) != 66 or text[:2] not in ("02", "03"):
+        raise click.BadParameter(f"{what} must be a compressed public key: 66 hex digits")
+    try:
+        parse_public_key(bytes.fromhex(text))
+    except (ValueError, InvalidKeyError) as exc:
+        raise click.BadParameter(f"{what}: {exc}") from None
+    return text
+
+
+@click.group()
+def brc103() -> None:
+    """BRC-103 mutual authentication and selective-disclosure certificates.
+
+    Identities are secp256k1 keys: `--key` takes a PEM key file (`trustmesh keys generate
+    --type secp256k1 --out id.key`) or a file holding the private key as 64 hex digits.
+    The wire format and every place we are stricter than the reference SDKs are in
+    docs/protocols/brc103.md.
+
+    \b
+    Try it:
+      trustmesh brc103 serve --port 8103 &
+      trustmesh brc103 fetch http://127.0.0.1:8103/hello
+      trustmesh brc103 fetch http://127.0.0.1:8103/echo -d '{"a":1}'
+    """
+
+
+# --- serve ----------------------------------------------------------------------------
+
+
+@brc103.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8103, show_default=True, type=click.IntRange(0, 65535))
+@KEY_OPTION
+def serve(host: str, port: int, key_file: Path | None) -> None:
+    """Serve a demo app behind BRC-104 until interrupted (SIGINT or SIGTERM).
+
+    The first stdout line is {"listening": URL, "identityKey": HEX}. Every route needs
+    mutual authentication; a request without it gets 401.
+
+    \b
+    Routes:
+      POST /.well-known/auth   handshakes and certificate exchange (BRC-104)
+      GET  /hello              {"hello": <client identity key>}
+      POST /echo               the JSON body back, with header x-bsv-echo: yes
+      POST /echo-text          the body back, same content type
+      POST /echo-bin           the body back, same content type
+      GET  /empty              204, no body
+      GET  /status/<code>      that status
+    """
+    wallet = load_wallet(key_file)
+    asyncio.run(_serve(host, port, wallet))
+
+
+async def _serve(host: str, port: int, wallet: Wallet) -> None:
+    stop = stop_on_signals()
+    server = Brc104Server(wallet)
+    runner = web.AppRunner(demo_app(server), access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0][1] if runner.addresses else port
+        shown = f"[{host}]" if ":" in host else host
+        emit(
+            {"listening": f"http://{shown}:{bound}", "identityKey": wallet.identity_key},
+            as_json=True,
+        )
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+# --- fetch ----------------------------------------------------------------------------
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, rest = value.partition(":")
+    if not sep or not name.strip():
+        raise click.BadParameter(f"{value!r} is not NAME:VALUE")
+    return name.strip(), rest.strip()
+
+
+@brc103.command()
+@click.argument("url")
+@click.option("-X", "--request", "method", default=None, help="HTTP method (GET, or POST with -d).")
+@click.option(
+    "-H",
+    "--header",
+    "headers",
+    multiple=True,
+    help="NAME:VALUE; only content-type, authorization and x-bsv-* can be signed. Repeatable.",
+)
+@click.option(
+    "-d", "--data", default=None, help="Request body; @FILE reads a file, @- reads stdin."
+)
+@KEY_OPTION
+@click.option("-i", "--include", is_flag=True, help="Print the status line and headers first.")
+@click.option(
+    "-f", "--fail", is_flag=True, help="Exit 1 when the (authenticated) status is >= 400."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Say who answered on stderr.")
+def fetch(
+    url: str,
+    method: str | None,
+    headers: tuple[str, ...],
+    data: str | None,
+    key_file: Path | None,
+    include: bool,
+    fail: bool,
+    verbose: bool,
+) -> None:
+    """Send one mutually authenticated request to URL and print the response body.
+
+    Exits 0 only when the response was authenticated: signed by the server's identity
+    key over the status, x-bsv-* headers and body. A plain HTTP answer, a bad signature
+    or a refused handshake exits 1. With -d and no Content-Type, the body is sent as
+    application/json when it parses as JSON, else as text/plain.
+    """
+    wallet = load_wallet(key_file)
+    header_list = [_header(h) for h in headers]
+    body: bytes | None = None
+    if data is not None:
+        body = _read_data(data)
+        if not any(k.lower() == "content-type" for k, _ in header_list):
+            header_list.append(("Content-Type", _guess_type(body)))
+    verb = (method or ("POST" if body is not None else "GET")).upper()
+    response = asyncio.run(_fetch(wallet, url, verb, header_list, body))
+    if verbose:
+        click.echo(f"authenticated: HTTP {response.status} from {response.identity_key}", err=True)
+    if include:
+        lines = [f"HTTP {response.status}"] + [f"{k}: {v}" for k, v in response.headers.items()]
+        sys.stdout.write("\r\n".join(lines) + "\r\n\r\n")
+        sys.stdout.flush()
+    sys.stdout.buffer.write(response.body)
+    sys.stdout.buffer.flush()
+    if fail and response.status >= 400:
+        raise SystemExit(1)
+
+
+async def _fetch(
+    wallet: Wallet, url: str, method: str, headers: list[tuple[str, str]], body: bytes | None
+) -> Any:
+    async with AuthFetch(wallet) as client:
+        return await client.fetch(url, method=method, headers=headers, body=body)
+
+
+def _read_data(data: str) -> bytes:
+    if data == "@-":
+        return sys.stdin.buffer.read()
+    if data.startswith("@"):
+        try:
+            return Path(data[1:]).read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {data[1:]}: {exc.strerror}") from None
+    return data.encode("utf-8")
+
+
+def _guess_type(body: bytes) -> str:
+    try:
+        json.loads(body)
+    except ValueError:
+        return "text/plain"
+    return "application/json"
+
+
+# --- certificates ---------------------------------------------------------------------
+
+
+@brc103.group()
+def cert() -> None:
+    """Issue, reveal and verify BRC-52 certificates (JSON files).
+
+    \b
+    A certifier issues to a subject, the subject reveals chosen fields to a verifier,
+    the verifier checks the signature and decrypts just those fields:
+      trustmesh brc103 cert issue --key certifier.key --subject SUBJECT_HEX \\
+          --type employee --field name=Alice --field role=admin --out master.json
+      trustmesh brc103 cert reveal master.json --key subject.key \\
+          --verifier VERIFIER_HEX --field role --out shown.json
+      trustmesh brc103 cert verify shown.json --key verifier.key
+    """
+
+
+def _certificate_type(value: str) -> str:
+    """32 bytes of base64 as given, else the SHA-256 of the name (so "employee" works)."""
+    try:
+        if len(base64.b64decode(value, validate=True)) == 32:
+            return value
+    except (binascii.Error, ValueError):
+        pass
+    return base64.b64encode(hashlib.sha256(value.encode("utf-8")).digest()).decode()
+
+
+def _field(value: str) -> tuple[str, str]:
+    name, sep, rest = value.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"{value!r} is not NAME=VALUE")
+    return name, rest
+
+
+def _write(data: dict[str, Any], out: Path | None) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return strict_loads(path.read_bytes(), max_size=4 * 1024 * 1024)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
+    except DecodeError as exc:
+        raise click.BadParameter(f"{path} is not JSON: {exc}") from None
+
+
+OUT_OPTION = click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not stdout."
+)
+
+
+@cert.command()
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The certifier's identity key file.",
+)
+@click.option("--subject", required=True, help="The subject's identity key (66 hex digits).")
+@click.option(
+    "--type",
+    "cert_type",
+    required=True,
+    help="Certificate type: 32 bytes of base64, or a name (hashed with SHA-256).",
+)
+@click.option(
+    "--field",
+    "fields",
+    multiple=True,
+    required=True,
+    type=str,
+    help="NAME=VALUE to certify; repeatable.",
+)
+@click.option(
+    "--revocation-outpoint",
+    default=NO_REVOCATION,
+    show_default=True,
+    help="<txid>.<index> that revokes the certificate once spent (or revoked locally).",
+)
+@click.option("--serial-number", default=None, help="32 bytes of base64 (default: random).")
+@OUT_OPTION
+def issue(
+    key_file: Path,
+    subject: str,
+    cert_type: str,
+    fields: tuple[str, ...],
+    revocation_outpoint: str,
+    serial_number: str | None,
+    out: Path | None,
+) -> None:
+    """Issue a master certificate: encrypt each field, sign, and write the JSON with the
+    master keyring (field keys encrypted for the subject)."""
+    certifier = load_wallet(key_file)
+    pairs = dict(_field(f) for f in fields)
+    master = MasterCertificate.issue(
+        certifier,
+        _public_key_hex(subject, "--subject"),
+        _certificate_type(cert_type),
+        pairs,
+        serial_number=serial_number,
+        revocation_outpoint=revocation_outpoint,
+    )
+    _write(master.to_json(), out)
+
+
+@cert.command()
+@click.argument("certificate", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The subject's identity key file.",
+)
+@click.option("--verifier", required=True, help="The verifier's identity key (66 hex digits).")
+@click.option(
+    "--field", "names", multiple=True, required=True, help="A field to reveal; repeatable."
+)
+@OUT_OPTION
+def reveal(
+    certificate: Path, key_file: Path, verifier: str, names: tuple[str, ...], out: Path | None
+) -> None:
+    """Make a verifiable certificate from a master certificate: the verifier will be able to
+    decrypt the named fields and no others."""
+    subject = load_wallet(key_file)
+    master = MasterCertificate.from_json(_read_json(certificate))
+    shown = master.reveal(subject, _public_key_hex(verifier, "--verifier"), list(names))
+    _write(shown.to_json(), out)
+
+
+@cert.command()
+@click.argument("certificate", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--key",
+    "key_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The verifier's identity key file, to decrypt the revealed fields.",
+)
+@click.option(
+    "--certifier",
+    "certifiers",
+    multiple=True,
+    help="Accept only this certifier (66 hex digits); repeatable.",
+)
+@click.option(
+    "--revocations",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A local revocation registry (SQLite) to check the outpoint against.",
+)
+def verify(
+    certificate: Path,
+    key_file: Path | None,
+    certifiers: tuple[str, ...],
+    revocations: Path | None,
+) -> None:
+    """Check a verifiable certificate: the certifier's signature, the revocation outpoint
+    and, with --key, decrypt every revealed field. Prints JSON; exits 1 when invalid."""
+    shown = VerifiableCertificate.from_json(_read_json(certificate))
+    cert_ = shown.certificate
+    allowed = {_public_key_hex(c, "--certifier") for c in certifiers}
+    if allowed and cert_.certifier not in allowed:
+        raise CertificateError(f"certifier {cert_.certifier} is not one of --certifier")
+    cert_.verify()
+    if revocations is not None and is_revocable(cert_.revocation_outpoint):
+        registry = LocalRevocationRegistry(revocations)
+        try:
+            if registry.is_revoked(cert_.revocation_outpoint):
+                raise CertificateRevokedError(f"revoked: {cert_.revocation_outpoint}")
+        finally:
+            registry.close()
+    result: dict[str, Any] = {
+        "valid": True,
+        "type": cert_.type,
+        "serialNumber": cert_.serial_number,
+        "subject": cert_.subject,
+        "certifier": cert_.certifier,
+        "revocationOutpoint": cert_.revocation_outpoint,
+    }
+    if key_file is not None:
+        result["fields"] = shown.decrypt_fields(load_wallet(key_file))
+    emit(result, as_json=True)
+
+
+@cert.command()
+@click.argument("outpoint")
+@click.option(
+    "--revocations",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The local revocation registry (SQLite, created if missing).",
+)
+@click.option("--reason", default="", help="Why, for the record.")
+def revoke(outpoint: str, revocations: Path, reason: str) -> None:
+    """Record OUTPOINT (<txid>.<index>) as revoked in a local registry."""
+    registry = LocalRevocationRegistry(revocations)
+    try:
+        registry.revoke(outpoint, now_ms=int(time.time() * 1000), reason=reason)
+    finally:
+        registry.close()
+    emit({"revoked": outpoint}, as_json=True)

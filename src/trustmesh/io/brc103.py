@@ -1,0 +1,256 @@
+"""The asyncio driver of the BRC-103 peer, over any message transport.
+
+A transport moves whole AuthMessages (in memory, over a WebSocket, ...). The driver
+feeds what arrives to the sans-IO :class:`~trustmesh.brc103.peer.Peer`, sends what the
+peer queues, arms its timer, and turns events into awaitable results: a handshake to
+wait for, general messages for listeners and an async iterator.
+
+A message the peer refuses is dropped and reported to ``on_error`` (BRC-103 has no error
+message of its own); it never disturbs other sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from trustmesh.brc103.errors import Brc103Error, HandshakeTimeoutError
+from trustmesh.brc103.messages import AuthMessage, RequestedCertificates, parse_message_bytes
+from trustmesh.brc103.peer import (
+    CertificatesReceived,
+    CertificatesRequested,
+    Event,
+    GeneralMessageReceived,
+    HandshakeCompleted,
+    HandshakeFailed,
+    HeldMessagesDropped,
+    Peer,
+)
+from trustmesh.errors import DecodeError
+
+log = logging.getLogger(__name__)
+MessageHandler = Callable[[AuthMessage], None]
+GeneralListener = Callable[[GeneralMessageReceived], Awaitable[None] | None]
+
+
+class MessageTransport(Protocol):
+    """Carries whole AuthMessages. ``send`` returns once the message is handed over;
+    incoming ones go to the handler given to ``set_handler``."""
+
+    async def send(self, message: AuthMessage) -> None: ...
+
+    def set_handler(self, handler: MessageHandler) -> None: ...
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class AsyncPeer:
+    def __init__(
+        self,
+        peer: Peer,
+        transport: MessageTransport,
+        *,
+        clock: Callable[[], int] = monotonic_ms,
+        on_error: Callable[[AuthMessage, Exception], None] | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.peer = peer
+        self.handshake_timeout = handshake_timeout
+        self.transport = transport
+        self._clock = clock
+        self._on_error = on_error
+        self._handshakes: dict[str, asyncio.Future[str]] = {}
+        self._listeners: list[GeneralListener] = []
+        self._certificate_listeners: list[Callable[[CertificatesReceived], None]] = []
+        self._request_listeners: list[Callable[[CertificatesRequested], None]] = []
+        self._inbox: asyncio.Queue[GeneralMessageReceived] = asyncio.Queue()
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._send_lock = asyncio.Lock()  # sends leave in the order they were made
+        self.errors: list[Exception] = []
+        transport.set_handler(self._on_message)
+
+    @property
+    def identity_key(self) -> str:
+        return self.peer.identity_key
+
+    # --- the application's side -------------------------------------------------------
+
+    async def handshake(self, *, identity_key: str | None = None) -> str:
+        """Start a handshake and wait for it; return the peer's verified identity key."""
+        message = self.peer.initiate(self._clock(), peer_identity_key=identity_key)
+        assert message.initial_nonce is not None
+        nonce = message.initial_nonce
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._handshakes[nonce] = waiter
+        self._arm_timer()
+        try:
+            await self._send(message)
+            return await asyncio.wait_for(asyncio.shield(waiter), self.handshake_timeout)
+        except TimeoutError:
+            self.peer.forget(nonce)
+            raise HandshakeTimeoutError("no initialResponse in time") from None
+        finally:
+            self._handshakes.pop(nonce, None)
+
+    async def session_with(self, identity_key: str | None) -> str:
+        """The peer identity of an authenticated session, handshaking if there is none."""
+        if identity_key is not None:
+            with contextlib.suppress(Brc103Error):
+                self.peer.session(identity_key=identity_key)
+                return identity_key
+        return await self.handshake(identity_key=identity_key)
+
+    async def send_general(self, payload: bytes, *, identity_key: str | None = None) -> str:
+        """Send ``payload`` to ``identity_key`` (or to whoever answers a new handshake);
+        return the identity key it went to."""
+        identity_key = await self.session_with(identity_key)
+        await self._send(self.peer.create_general(payload, identity_key=identity_key))
+        return identity_key
+
+    async def request_certificates(
+        self, requested: RequestedCertificates, *, identity_key: str
+    ) -> None:
+        await self._send(self.peer.create_certificate_request(requested, identity_key=identity_key))
+
+    def on_general_message(self, listener: GeneralListener) -> None:
+        self._listeners.append(listener)
+
+    def on_certificates(self, listener: Callable[[CertificatesReceived], None]) -> None:
+        self._certificate_listeners.append(listener)
+
+    def on_certificates_requested(self, listener: Callable[[CertificatesRequested], None]) -> None:
+        self._request_listeners.append(listener)
+
+    async def receive(self) -> GeneralMessageReceived:
+        """The next general message that no listener took (wrap in ``asyncio.timeout``)."""
+        return await self._inbox.get()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- the transport's side ---------------------------------------------------------
+
+    def _on_message(self, message: AuthMessage) -> None:
+        try:
+            events = self.peer.receive(message, self._clock())
+        except (Brc103Error, DecodeError) as exc:
+            self._report(message, exc)
+            return
+        self._flush()
+        self._dispatch(events)
+        self._arm_timer()
+
+    def _report(self, message: AuthMessage, exc: Exception) -> None:
+        self.errors.append(exc)
+        log.info("refused a %s from %s: %s", message.message_type, message.identity_key, exc)
+        if self._on_error is not None:
+            self._on_error(message, exc)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, HandshakeCompleted):
+                waiter = self._handshakes.get(event.session_nonce)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(event.identity_key)
+            elif isinstance(event, GeneralMessageReceived):
+                if not self._listeners:
+                    self._inbox.put_nowait(event)
+                for listener in self._listeners:
+                    result = listener(event)
+                    if result is not None:
+                        self._spawn(result)
+            elif isinstance(event, CertificatesReceived):
+                for cert_listener in self._certificate_listeners:
+                    cert_listener(event)
+            elif isinstance(event, CertificatesRequested):
+                for request_listener in self._request_listeners:
+                    request_listener(event)
+            elif isinstance(event, HandshakeFailed):
+                waiter = self._handshakes.get(event.session_nonce)
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(event.error)
+            elif isinstance(event, HeldMessagesDropped):
+                for held in event.messages:
+                    self._report(held, event.error)
+
+    def _flush(self) -> None:
+        for message in self.peer.messages_to_send():
+            self._spawn(self._send(message))
+
+    async def _send(self, message: AuthMessage) -> None:
+        async with self._send_lock:
+            await self.transport.send(message)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await work
+            except Exception as exc:  # a failed send or listener must not kill the driver
+                log.warning("BRC-103 background work failed: %s", exc)
+                self.errors.append(exc)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.peer.get_timer()
+        if deadline is None:
+            return
+        delay = max(0.0, (deadline - self._clock()) / 1000)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch(self.peer.handle_timer(self._clock()))
+        self._arm_timer()
+
+
+class MemoryTransport:
+    """One end of an in-memory channel. Messages pass through their JSON wire form, so
+    both ends see exactly what a network peer would; delivery happens on the next loop
+    iteration, after ``send`` has returned."""
+
+    def __init__(self) -> None:
+        self._handler: MessageHandler | None = None
+        self.other: MemoryTransport | None = None
+        self.sent: list[bytes] = []
+
+    @classmethod
+    def pair(cls) -> tuple[MemoryTransport, MemoryTransport]:
+        a, b = cls(), cls()
+        a.other, b.other = b, a
+        return a, b
+
+    def set_handler(self, handler: MessageHandler) -> None:
+        self._handler = handler
+
+    async def send(self, message: AuthMessage) -> None:
+        assert self.other is not None
+        wire = message.to_bytes()
+        self.sent.append(wire)
+        asyncio.get_running_loop().call_soon(self.other.deliver_bytes, wire)
+
+    def deliver_bytes(self, wire: bytes) -> None:
+        if self._handler is None:
+            return
+        try:
+            message = parse_message_bytes(wire)
+        except DecodeError as exc:
+            log.info("dropped a malformed AuthMessage: %s", exc)
+            return
+        self._handler(message)
