@@ -1,0 +1,128 @@
+"""BRC-103 over WebSocket (aiohttp): one AuthMessage per text frame, as JSON.
+
+The server side keeps one :class:`~trustmesh.io.brc103.AsyncPeer` per connection (as the
+reference authsocket server keeps one Peer per socket); the application gets each
+connection's peer once the socket is open and talks through it. A binary frame, or text
+that is not an AuthMessage, closes the connection with 1003 / 1007: a peer that cannot
+frame its messages has nothing more to say. Messages that parse but fail a check are
+dropped and reported, as on every transport.
+
+The reference's WebSocket binding is Socket.IO (event ``authMessage``); this is plain
+RFC 6455 with the same message JSON, described in ``docs/protocols/brc103.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from trustmesh.brc103.messages import AuthMessage, parse_message_bytes
+from trustmesh.brc103.peer import Peer, PeerConfig
+from trustmesh.brc103.revocation import RevocationChecker
+from trustmesh.brc103.wallet import Wallet
+from trustmesh.errors import DecodeError
+from trustmesh.io.brc103 import AsyncPeer, MessageHandler
+
+log = logging.getLogger(__name__)
+MAX_FRAME = 8 * 1024 * 1024
+PeerHandler = Callable[[AsyncPeer], Coroutine[Any, Any, None]]
+
+
+class WebSocketTransport:
+    """A :class:`~trustmesh.io.brc103.MessageTransport` over an open WebSocket."""
+
+    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._handler: MessageHandler | None = None
+
+    def set_handler(self, handler: MessageHandler) -> None:
+        self._handler = handler
+
+    async def send(self, message: AuthMessage) -> None:
+        await self.ws.send_str(message.to_bytes().decode("utf-8"))
+
+    async def run(self) -> None:
+        """Deliver incoming frames until the socket closes."""
+        async for frame in self.ws:
+            if frame.type is WSMsgType.TEXT:
+                try:
+                    message = parse_message_bytes(frame.data.encode("utf-8"))
+                except DecodeError as exc:
+                    log.info("closing a WebSocket that sent a malformed AuthMessage: %s", exc)
+                    await self.ws.close(code=WSCloseCode.INVALID_TEXT, message=b"bad AuthMessage")
+                    return
+                if self._handler is not None:
+                    self._handler(message)
+            elif frame.type is WSMsgType.BINARY:
+                await self.ws.close(
+                    code=WSCloseCode.UNSUPPORTED_DATA, message=b"AuthMessages are text frames"
+                )
+                return
+            elif frame.type is WSMsgType.ERROR:
+                return
+
+
+def websocket_handler(
+    wallet: Wallet,
+    on_peer: PeerHandler,
+    config: PeerConfig | None = None,
+    *,
+    revocation: RevocationChecker | None = None,
+) -> Callable[[web.Request], Awaitable[web.WebSocketResponse]]:
+    """An aiohttp handler that runs BRC-103 on each WebSocket and hands its peer to
+    ``on_peer``; the connection ends when the client closes or ``on_peer`` returns."""
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=30.0)
+        await ws.prepare(request)
+        transport = WebSocketTransport(ws)
+        peer = AsyncPeer(Peer(wallet, config, revocation=revocation), transport)
+        app_task = asyncio.get_running_loop().create_task(on_peer(peer))
+        try:
+            await transport.run()
+        finally:
+            app_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await app_task
+            await peer.close()
+            await ws.close()
+        return ws
+
+    return handler
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    url: str,
+    wallet: Wallet,
+    config: PeerConfig | None = None,
+    *,
+    revocation: RevocationChecker | None = None,
+    session: aiohttp.ClientSession | None = None,
+) -> AsyncIterator[AsyncPeer]:
+    """Open a WebSocket to ``url`` and yield a peer on it (not yet handshaken: the first
+    ``send_general`` or ``handshake`` does that)."""
+    own = session is None
+    http = session or aiohttp.ClientSession()
+    try:
+        async with http.ws_connect(url, max_msg_size=MAX_FRAME, heartbeat=30.0) as ws:
+            transport = WebSocketTransport(ws)
+            peer = AsyncPeer(Peer(wallet, config, revocation=revocation), transport)
+            reader = asyncio.get_running_loop().create_task(transport.run())
+            try:
+                yield peer
+            finally:
+                await peer.close()
+                await ws.close()
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+    finally:
+        if own:
+            await http.close()
