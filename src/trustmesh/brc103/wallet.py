@@ -14,6 +14,7 @@ memory: BRC-42 child keys are ``root + h``, which no PKCS#11 token or TPM comput
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -39,7 +40,19 @@ _SHARED_CACHE = 4096  # counterparties whose ECDH point we keep
 
 def invoice_number(protocol: ProtocolId, key_id: str) -> str:
     """``"<level>-<name>-<keyID>"`` after the reference's validation (BRC-43)."""
-    level, raw_name = protocol
+    prefix = _protocol_prefix(*protocol)
+    # The reference counts JavaScript string length: UTF-16 code units.
+    units = len(key_id) if key_id.isascii() else len(key_id.encode("utf-16-le")) // 2
+    if units < 1:
+        raise InvalidProtocolIdError("Key IDs must be 1 character or more")
+    if units > 800:
+        raise InvalidProtocolIdError("Key IDs must be 800 characters or less")
+    return prefix + key_id
+
+
+@functools.lru_cache(maxsize=256)
+def _protocol_prefix(level: int, raw_name: str) -> str:
+    """``"<level>-<name>-"``, validated once per protocol ID (they are few)."""
     if isinstance(level, bool) or level not in (0, 1, 2):
         raise InvalidProtocolIdError("Protocol security level must be 0, 1, or 2")
     name = raw_name.lower().strip()
@@ -56,13 +69,7 @@ def invoice_number(protocol: ProtocolId, key_id: str) -> str:
         raise InvalidProtocolIdError("Protocol names can only contain letters, numbers and spaces")
     if name.endswith(" protocol"):
         raise InvalidProtocolIdError('No need to end your protocol name with " protocol"')
-    # The reference counts JavaScript string length: UTF-16 code units.
-    units = len(key_id.encode("utf-16-le")) // 2
-    if units < 1:
-        raise InvalidProtocolIdError("Key IDs must be 1 character or more")
-    if units > 800:
-        raise InvalidProtocolIdError("Key IDs must be 800 characters or less")
-    return f"{level}-{name}-{key_id}"
+    return f"{level}-{name}-"
 
 
 def minimal_bytes(value: bytes) -> bytes:
@@ -185,9 +192,9 @@ class Wallet:
         counterparty: Counterparty = ANYONE,
     ) -> bytes:
         """DER ECDSA over SHA-256(data), RFC 6979 nonce, low-S, with the child key."""
-        secret = self.derive_private_key(protocol, key_id, counterparty)
-        digest = hashlib.sha256(data).digest()
-        return bytes(coincurve.PrivateKey(secret).sign(digest, hasher=None))
+        h, _ = self._derive(protocol, key_id, counterparty)
+        child = brc42.child_secret(self._secret, h)
+        return brc42.sign_digest(child, hashlib.sha256(data).digest())
 
     def verify_signature(
         self,

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 
 import coincurve
+from coincurve.context import GLOBAL_CONTEXT
 
 from trustmesh.errors import InvalidKeyError
 
@@ -77,3 +78,15 @@ def x_coordinate(secret: int, public: coincurve.PublicKey) -> bytes:
 
 def secret_to_bytes(secret: int) -> bytes:
     return secret.to_bytes(32, "big")
+
+
+def sign_digest(secret: int, digest: bytes) -> bytes:
+    """DER ECDSA (RFC 6979, low-S) of a 32-byte digest with a derived key.
+
+    ``coincurve.PrivateKey(secret)`` computes two public keys it would not use here
+    (a third of a handshake's curve work), so the key object is built bare: signing
+    reads only ``secret`` and ``context``."""
+    key = coincurve.PrivateKey.__new__(coincurve.PrivateKey)
+    key.secret = secret.to_bytes(32, "big")
+    key.context = GLOBAL_CONTEXT
+    return bytes(key.sign(digest, hasher=None))
