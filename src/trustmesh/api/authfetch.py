@@ -289,8 +289,6 @@ class AuthFetch:
             )
             try:
                 reply = brc104.message_from_headers(headers, payload)
-                reply.message_type = MessageType.GENERAL
-                reply.payload = payload
                 self.peer.receive(reply, monotonic_ms())
                 return
             except MessageSignatureError as exc:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.brc103 import http as brc104
 from trustmesh.brc103.encoding import b64decode, js_stringify
 from trustmesh.brc103.errors import Brc103Error, CertificatesTimeoutError, MalformedMessageError
@@ -39,6 +41,8 @@ from trustmesh.io.brc103 import monotonic_ms
 log = logging.getLogger(__name__)
 IDENTITY_KEY = "trustmesh.brc103.identity_key"
 CERTIFICATES = "trustmesh.brc103.certificates"
+AUTH_RATE = 20.0  # /.well-known/auth messages per second per client address, on average
+AUTH_BURST = 100
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -65,10 +69,14 @@ class Brc104Server:
         *,
         revocation: RevocationChecker | None = None,
         allow_unauthenticated: bool = False,
+        auth_rate_limit: RateLimiter | None = None,
         clock: Callable[[], int] = monotonic_ms,
     ) -> None:
         self.peer = Peer(wallet, config, revocation=revocation)
         self.allow_unauthenticated = allow_unauthenticated
+        # Handshakes cost the server two signatures' worth of curve work: one client must
+        # not be able to spend it all, nor push other clients' sessions out of the table.
+        self.auth_rate_limit = auth_rate_limit or RateLimiter(AUTH_RATE, AUTH_BURST)
         self._clock = clock
         self._waiting: dict[str, asyncio.Future[GeneralMessageReceived]] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -108,6 +116,11 @@ class Brc104Server:
     # --- /.well-known/auth --------------------------------------------------------------
 
     async def _auth_endpoint(self, request: web.Request) -> web.StreamResponse:
+        wait = self.auth_rate_limit.check(request.remote or "unknown")
+        if wait is not None:
+            response = _error(429, "ERR_RATE_LIMITED", "too many handshakes; slow down")
+            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return response
         try:
             message = parse_message_bytes(await request.read())
             events = self.peer.receive(message, self._clock())

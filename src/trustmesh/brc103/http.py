@@ -16,7 +16,6 @@ from trustmesh.brc103.encoding import read_bytes, read_varint, write_varint
 from trustmesh.brc103.errors import Brc103Error, MalformedMessageError
 from trustmesh.brc103.messages import AuthMessage, MessageType, parse_message
 from trustmesh.errors import DecodeError
-from trustmesh.wire.jsonwire import strict_loads
 
 AUTH_PATH = "/.well-known/auth"
 VERSION = "x-bsv-auth-version"
@@ -194,29 +193,21 @@ def header_items(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list
 
 
 def message_from_headers(headers: Mapping[str, str], payload: bytes) -> AuthMessage:
-    """The general message (or certificateRequest, when ``x-bsv-auth-message-type`` says
-    so) that ``x-bsv-auth-*`` headers carry, checked like a JSON one."""
+    """The general message that ``x-bsv-auth-*`` headers carry, checked like a JSON one;
+    its payload is the request or response payload the receiver rebuilt."""
     try:
         signature = bytes.fromhex(headers.get(SIGNATURE, ""))
     except ValueError:
         raise MalformedMessageError("x-bsv-auth-signature is not hex") from None
-    certificate_request = headers.get(MESSAGE_TYPE) == MessageType.CERTIFICATE_REQUEST.value
-    obj: dict[str, object] = {
-        "version": headers.get(VERSION),
-        "messageType": (
-            MessageType.CERTIFICATE_REQUEST if certificate_request else MessageType.GENERAL
-        ).value,
-        "identityKey": headers.get(IDENTITY_KEY),
-        "nonce": headers.get(NONCE),
-        "yourNonce": headers.get(YOUR_NONCE),
-        "signature": list(signature),
-    }
-    requested = headers.get(REQUESTED_CERTIFICATES)
-    if requested is not None:
-        obj["requestedCertificates"] = strict_loads(
-            requested.encode(), max_size=MAX_PAYLOAD_TEXT, error=MalformedMessageError
-        )
-    message = parse_message(obj)
-    if not certificate_request:
-        message.payload = payload
+    message = parse_message(
+        {
+            "version": headers.get(VERSION),
+            "messageType": MessageType.GENERAL.value,
+            "identityKey": headers.get(IDENTITY_KEY),
+            "nonce": headers.get(NONCE),
+            "yourNonce": headers.get(YOUR_NONCE),
+            "signature": list(signature),
+        }
+    )
+    message.payload = payload
     return message
