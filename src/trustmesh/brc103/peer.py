@@ -325,12 +325,15 @@ class Peer:
     # --- checks -------------------------------------------------------------------------
 
     def _session_for(self, message: AuthMessage) -> Session:
-        """The session our nonce in ``yourNonce`` names; the nonce's HMAC is checked first."""
+        """The session our nonce in ``yourNonce`` names.
+
+        Every key of the session table is a nonce we made, so a hit needs no HMAC check;
+        a miss is checked, to tell a forged or foreign nonce from an expired session."""
         your_nonce = message.your_nonce
         assert your_nonce is not None
-        verify_nonce(self.wallet, your_nonce)
         session = self.sessions.by_nonce(your_nonce)
         if session is None:
+            verify_nonce(self.wallet, your_nonce)
             raise SessionNotFoundError(f"Session not found for nonce: {your_nonce}")
         return session
 
