@@ -17,9 +17,9 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from trustmesh.brc103 import http as brc104
@@ -184,10 +184,10 @@ class AuthFetch:
         body: bytes | str | None = None,
     ) -> AuthResponse:
         """Send one authenticated request; return the server's authenticated response."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        target = yarl.URL(url)  # what aiohttp will send: sign exactly that path and query
+        if target.scheme not in ("http", "https") or not target.host:
             raise ValueError(f"{url!r} is not an http(s) URL")
-        origin = f"{parts.scheme}://{parts.netloc}"
+        origin = str(target.origin())
         method = method.upper()
         header_list = brc104.header_items(headers or {})
         brc104.check_client_headers(header_list)
@@ -198,10 +198,11 @@ class AuthFetch:
             data = b"{}" if is_json else None
         if data and content_type is None:
             raise ValueError("a request with a body needs a Content-Type header")
-        path = parts.path or "/"
-        query = "?" + parts.query if parts.query else ""
+        path = target.raw_path or "/"
+        query = "?" + target.raw_query_string if target.raw_query_string else ""
         signed_headers = brc104.signed_request_headers(header_list)
-        for attempt in range(MAX_RETRIES):
+        send_url = yarl.URL(origin + path + query, encoded=True)
+        for attempt in range(1, MAX_RETRIES + 1):
             identity = await self.server_identity(origin)
             request_id = brc104.new_request_id()
             payload = brc104.encode_request_payload(
@@ -209,23 +210,26 @@ class AuthFetch:
             )
             message = self.peer.create_general(payload, identity_key=identity)
             result = await self._exchange(
-                origin + path + query, method, header_list, data, message, request_id, identity
+                send_url, method, header_list, data, message, request_id, identity
             )
             if result is not None:
                 return result
-            log.info("the server lost our session; handshaking again (attempt %d)", attempt + 2)
-            self._forget(origin)
+            if attempt < MAX_RETRIES:
+                log.info("the server lost our session; handshaking again (attempt %d)", attempt + 1)
+            self._forget_sessions(origin)
         raise UnauthenticatedResponseError(f"{origin} kept refusing our sessions")
 
-    def _forget(self, origin: str) -> None:
-        identity = self._servers.pop(origin, None)
+    def _forget_sessions(self, origin: str) -> None:
+        """Drop our sessions with the origin but keep its identity: the next handshake
+        must reach the same key (a server that comes back as someone else is refused)."""
+        identity = self._servers.get(origin)
         if identity is not None:
             for session in self.peer.sessions.sessions_of(identity):
                 self.peer.forget(session.session_nonce)
 
     async def _exchange(
         self,
-        url: str,
+        url: yarl.URL,
         method: str,
         header_list: list[tuple[str, str]],
         data: bytes | None,
@@ -246,7 +250,13 @@ class AuthFetch:
         )
         try:
             async with self._http().request(
-                method, url, headers=send_headers, data=data, allow_redirects=False
+                method,
+                url,
+                headers=send_headers,
+                data=data,
+                allow_redirects=False,
+                # aiohttp would add an unsigned Content-Type to a body-less POST.
+                skip_auto_headers=() if brc104.CONTENT_TYPE in send_headers else ("Content-Type",),
             ) as response:
                 body = await response.read()
                 status, headers = response.status, response.headers
@@ -258,11 +268,12 @@ class AuthFetch:
             if not headers.get(name, "").strip()
         ]
         if missing:
-            if status == 401:
+            if status == 401 and _lost_session(body):
                 return None  # the server does not know our session (it restarted)
+            preview = body[:300].decode("utf-8", "replace").strip()
             raise UnauthenticatedResponseError(
                 f"HTTP {status} from {url} without BSV authentication "
-                f"(missing {', '.join(missing)})",
+                f"(missing {', '.join(missing)})" + (f": {preview}" if preview else ""),
                 status=status,
                 body=body,
             )
@@ -297,9 +308,9 @@ class AuthFetch:
                 raise UnauthenticatedResponseError(f"the response does not verify: {exc}") from None
         raise UnauthenticatedResponseError(f"the response does not verify: {error}")
 
-    def _answer_certificate_request(self, url: str, headers: CIMultiDictProxy[str]) -> None:
+    def _answer_certificate_request(self, url: yarl.URL, headers: CIMultiDictProxy[str]) -> None:
         """The server asked for certificates in a response header: send ours."""
-        origin = "{0.scheme}://{0.netloc}".format(urlsplit(url))
+        origin = str(yarl.URL(url).origin())
         identity = self._servers.get(origin)
         if identity is None:
             return
@@ -312,3 +323,14 @@ class AuthFetch:
             return
         self.peer.answer_certificate_request(requested, identity_key=identity)
         self._send_queued(origin)
+
+
+def _lost_session(body: bytes) -> bool:
+    """Does a 401 without auth headers say the server lost our session (it restarted or
+    forgot us)? Ours says ERR_SESSION_NOT_FOUND or ERR_INVALID_NONCE; the reference
+    says "Session not found" or "HMAC is not valid". Anything else is a refusal."""
+    text = body[:2048].decode("utf-8", "replace").lower()
+    return any(
+        marker in text
+        for marker in ("err_session_not_found", "err_invalid_nonce", "session not found", "hmac")
+    )

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.brc103 import http as brc104
+from trustmesh.brc103.certificates import VerifiableCertificate
 from trustmesh.brc103.encoding import b64decode, js_stringify
 from trustmesh.brc103.errors import Brc103Error, CertificatesTimeoutError, MalformedMessageError
 from trustmesh.brc103.messages import AuthMessage, MessageType, parse_message_bytes
@@ -39,8 +40,8 @@ from trustmesh.errors import DecodeError
 from trustmesh.io.brc103 import monotonic_ms
 
 log = logging.getLogger(__name__)
-IDENTITY_KEY = "trustmesh.brc103.identity_key"
-CERTIFICATES = "trustmesh.brc103.certificates"
+IDENTITY_KEY = web.RequestKey("trustmesh.brc103.identity_key", str)
+CERTIFICATES = web.RequestKey("trustmesh.brc103.certificates", list[VerifiableCertificate])
 AUTH_RATE = 20.0  # /.well-known/auth messages per second per client address, on average
 AUTH_BURST = 100
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,10 +50,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def identity_key_of(request: web.Request) -> str:
     """The client's verified identity key (``"unknown"`` on an allowed unauthenticated
     request)."""
-    value = request.get(IDENTITY_KEY)
-    if not isinstance(value, str):
-        raise RuntimeError("the BRC-104 middleware did not run for this request")
-    return value
+    try:
+        return request[IDENTITY_KEY]
+    except KeyError:
+        raise RuntimeError("the BRC-104 middleware did not run for this request") from None
 
 
 def _error(status: int, code: str, description: str) -> web.Response:
@@ -174,8 +175,10 @@ class Brc104Server:
         request[CERTIFICATES] = list(session.certificates) if session else []
         try:
             response = await handler(request)
-        except web.HTTPException as exc:
-            response = exc
+        except web.HTTPException as exc:  # a 404 or 405 is answered, and signed, too
+            response = web.Response(
+                status=exc.status, reason=exc.reason, body=exc.body, headers=exc.headers
+            )
         return self._sign_response(response, request_id, request_id_text, event)
 
     async def _receive_general(self, message: AuthMessage) -> GeneralMessageReceived:

@@ -18,6 +18,7 @@ from trustmesh.brc103.messages import AuthMessage, MessageType, parse_message
 from trustmesh.errors import DecodeError
 
 AUTH_PATH = "/.well-known/auth"
+CONTENT_TYPE = "content-type"
 VERSION = "x-bsv-auth-version"
 IDENTITY_KEY = "x-bsv-auth-identity-key"
 NONCE = "x-bsv-auth-nonce"

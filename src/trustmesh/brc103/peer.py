@@ -220,9 +220,13 @@ class Peer:
             requested=requested,
         )
         certificates: list[VerifiableCertificate] = []
+        events: list[Event] = []
         their_request = message.requested_certificates
         if their_request is not None and their_request.required:
-            certificates = self.prove(their_request, message.identity_key)
+            if self.config.answer_certificate_requests:
+                certificates = self.prove(their_request, message.identity_key)
+            else:
+                events.append(CertificatesRequested(our_nonce, message.identity_key, their_request))
         signature = self.wallet.create_signature(
             b64decode(their_nonce, "initialNonce") + b64decode(our_nonce, "initialNonce"),
             SIGNATURE_PROTOCOL,
@@ -241,7 +245,7 @@ class Peer:
                 signature=signature,
             )
         )
-        return []
+        return events
 
     def _on_initial_response(self, message: AuthMessage, now_ms: int) -> list[Event]:
         session = self._session_for(message)

@@ -25,7 +25,11 @@ from trustmesh.brc103.certificates import (
     VerifiableCertificate,
     is_revocable,
 )
-from trustmesh.brc103.errors import CertificateError, CertificateRevokedError
+from trustmesh.brc103.errors import (
+    CertificateError,
+    CertificateFormatError,
+    CertificateRevokedError,
+)
 from trustmesh.brc103.revocation import LocalRevocationRegistry
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.cli.output import emit
@@ -200,6 +204,7 @@ def fetch(
     sys.stdout.buffer.write(response.body)
     sys.stdout.buffer.flush()
     if fail and response.status >= 400:
+        click.echo(f"trustmesh: error: HTTP {response.status} (authenticated)", err=True)
         raise SystemExit(1)
 
 
@@ -278,7 +283,7 @@ def _read_json(path: Path) -> Any:
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
     except DecodeError as exc:
-        raise click.BadParameter(f"{path} is not JSON: {exc}") from None
+        raise CertificateFormatError(f"{path}: {exc}") from None
 
 
 OUT_OPTION = click.option(

@@ -16,10 +16,16 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
+from trustmesh.brc103.certificates import VerifiableCertificate
 from trustmesh.brc103.errors import Brc103Error, HandshakeTimeoutError
-from trustmesh.brc103.messages import AuthMessage, RequestedCertificates, parse_message_bytes
+from trustmesh.brc103.messages import (
+    AuthMessage,
+    MessageType,
+    RequestedCertificates,
+    parse_message_bytes,
+)
 from trustmesh.brc103.peer import (
     CertificatesReceived,
     CertificatesRequested,
@@ -132,7 +138,16 @@ class AsyncPeer:
         """The next general message that no listener took (wrap in ``asyncio.timeout``)."""
         return await self._inbox.get()
 
+    async def send_certificates(
+        self, certificates: list[VerifiableCertificate], *, identity_key: str
+    ) -> None:
+        """Answer a :class:`CertificatesRequested` with certificates the application chose."""
+        await self._send(
+            self.peer.create_certificate_response(certificates, identity_key=identity_key)
+        )
+
     async def close(self) -> None:
+        self.transport.set_handler(_ignore)  # nothing arriving after close is processed
         if self._timer is not None:
             self._timer.cancel()
         for task in list(self._tasks):
@@ -153,6 +168,11 @@ class AsyncPeer:
 
     def _report(self, message: AuthMessage, exc: Exception) -> None:
         self.errors.append(exc)
+        if message.message_type is MessageType.INITIAL_RESPONSE:
+            # A refused answer to our handshake fails it now, not at the timeout.
+            waiter = self._handshakes.get(message.your_nonce or "")
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
         log.info("refused a %s from %s: %s", message.message_type, message.identity_key, exc)
         if self._on_error is not None:
             self._on_error(message, exc)
@@ -167,15 +187,15 @@ class AsyncPeer:
                 if not self._listeners:
                     self._inbox.put_nowait(event)
                 for listener in self._listeners:
-                    result = listener(event)
+                    result = self._call(listener, event)
                     if result is not None:
                         self._spawn(result)
             elif isinstance(event, CertificatesReceived):
                 for cert_listener in self._certificate_listeners:
-                    cert_listener(event)
+                    self._call(cert_listener, event)
             elif isinstance(event, CertificatesRequested):
                 for request_listener in self._request_listeners:
-                    request_listener(event)
+                    self._call(request_listener, event)
             elif isinstance(event, HandshakeFailed):
                 waiter = self._handshakes.get(event.session_nonce)
                 if waiter is not None and not waiter.done():
@@ -183,6 +203,15 @@ class AsyncPeer:
             elif isinstance(event, HeldMessagesDropped):
                 for held in event.messages:
                     self._report(held, event.error)
+
+    def _call(self, listener: Callable[[Any], Any], event: Event) -> Any:
+        """Run one listener; one that raises is recorded and the others still run."""
+        try:
+            return listener(event)
+        except Exception as exc:
+            log.warning("a BRC-103 listener failed: %s", exc)
+            self.errors.append(exc)
+            return None
 
     def _flush(self) -> None:
         for message in self.peer.messages_to_send():
@@ -218,6 +247,10 @@ class AsyncPeer:
         self._timer = None
         self._dispatch(self.peer.handle_timer(self._clock()))
         self._arm_timer()
+
+
+def _ignore(_message: AuthMessage) -> None:
+    return None
 
 
 class MemoryTransport:
