@@ -37,6 +37,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +46,7 @@ from types import SimpleNamespace
 from typing import Any, Final
 
 import bsv.auth.utils as _bsv_auth_utils
+import bsv.utils.pushdata as _bsv_pushdata
 import bsv.wallet.wallet_impl as _bsv_wallet_impl
 from bsv.auth.peer import Peer
 from bsv.auth.transports.simplified_http_transport import SimplifiedHTTPTransport
@@ -66,6 +69,24 @@ __all__ = [
 
 WireMessage = dict[str, Any]
 """An AuthMessage as decoded JSON (camelCase keys, byte arrays as lists of ints)."""
+
+
+def _undo_bsv_sys_path() -> None:
+    """Take bsv-sdk's package directory off ``sys.path`` again.
+
+    ``bsv/utils/pushdata.py`` does ``sys.path.insert(0, <site-packages>/bsv)`` when imported (to
+    ``from constants import OpCode``), after which every later top-level import of a name that
+    bsv-sdk also has as a module -- ``base58``, ``hash``, ``keys``, ``utils``, ... -- finds
+    bsv-sdk's file: ``import base58`` in ``trustmesh.wire`` then fails unless trustmesh happened to
+    be imported first.  bsv-sdk needs the entry only while pushdata.py is imported, so it is
+    removed as soon as the imports above have run; importers need no particular import order.
+    """
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(_bsv_pushdata.__file__)))
+    while package_dir in sys.path:
+        sys.path.remove(package_dir)
+
+
+_undo_bsv_sys_path()
 
 SECP256K1_N: Final = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 WAIT_MS: Final = 5_000
