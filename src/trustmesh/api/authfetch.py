@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import yarl
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from trustmesh.brc103 import http as brc104
+from trustmesh.brc103.certificates import VerifiableCertificate
 from trustmesh.brc103.encoding import b64encode
 from trustmesh.brc103.errors import (
     Brc103Error,
@@ -66,7 +66,8 @@ class AuthResponse:
     headers: CIMultiDictProxy[str]
     body: bytes
     identity_key: str  # the server's verified identity
-    certificates: list[Any] = field(default_factory=list)
+    # The server's certificates validated on this session (fields decrypted).
+    certificates: list[VerifiableCertificate] = field(default_factory=list)
 
     def text(self) -> str:
         return self.body.decode("utf-8", "replace")
@@ -286,7 +287,8 @@ class AuthFetch:
         self._verify_response(request_id, status, headers, body)
         if headers.get(brc104.REQUESTED_CERTIFICATES):
             self._answer_certificate_request(url, headers)
-        return AuthResponse(status, headers, body, identity)
+        session = self.peer.session(identity_key=identity)
+        return AuthResponse(status, headers, body, identity, list(session.certificates))
 
     def _verify_response(
         self, request_id: bytes, status: int, headers: CIMultiDictProxy[str], body: bytes

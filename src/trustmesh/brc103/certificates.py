@@ -51,6 +51,8 @@ def parse_outpoint(text: str) -> tuple[bytes, int | None]:
     if match is None:
         raise CertificateFormatError(f"revocation outpoint {text[:80]!r} is not <txid>.<index>")
     index = match.group(2)
+    if index is not None and int(index) > 0xFFFFFFFF:
+        raise CertificateFormatError("revocation output index out of range")
     return bytes.fromhex(match.group(1)), None if index is None else int(index)
 
 

@@ -20,12 +20,13 @@ from trustmesh.brc103.errors import (
     MalformedMessageError,
     UnsupportedVersionError,
 )
-from trustmesh.errors import DecodeError
+from trustmesh.crypto.brc42 import parse_public_key
+from trustmesh.errors import DecodeError, InvalidKeyError
 from trustmesh.wire.jsonwire import compact_json, strict_loads
 
 VERSION = "0.1"
 MAX_MESSAGE_SIZE = 8 * 1024 * 1024
-MAX_NONCE_TEXT = 1024  # base64 characters; references use 44 and 64
+MAX_NONCE_TEXT = 256  # base64 characters; references use 44 and 64
 MAX_SIGNATURE = 80
 MAX_CERTIFICATES = 64
 MAX_REQUESTED = 256
@@ -224,6 +225,10 @@ def parse_message(obj: object) -> AuthMessage:
         message.raw_certificates = raw_certificates
 
     _require(message)
+    try:
+        parse_public_key(bytes.fromhex(identity_key))
+    except InvalidKeyError:
+        raise MalformedMessageError("identityKey is not a point on secp256k1") from None
     return message
 
 

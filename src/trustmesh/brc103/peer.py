@@ -293,7 +293,17 @@ class Peer:
         session = self._check_signed(message)
         received = self._validate_certificates(message, session) if message.certificates else []
         self._commit_signed(session, message, now_ms)
-        return self._accept_certificates(session, received) if received else []
+        if received:
+            return self._accept_certificates(session, received)
+        if session.certificates_required and not session.certificates_validated:
+            assert session.peer_identity_key is not None
+            held, session.held, session.held_bytes = session.held, [], 0
+            session.held_deadline_ms = None
+            error = CertificateError("the peer has none of the requested certificates")
+            return [
+                HeldMessagesDropped(session.session_nonce, session.peer_identity_key, held, error)
+            ]
+        return []
 
     def _on_general(self, message: AuthMessage, now_ms: int) -> list[Event]:
         session = self._check_signed(message)
@@ -596,6 +606,9 @@ class Peer:
         if idle is not None:
             if now_ms - session.last_update_ms >= idle:
                 self.sessions.remove(session)
+                if session.handshake_deadline_ms is not None:
+                    timeout = HandshakeTimeoutError("the session went idle before its handshake")
+                    events.append(HandshakeFailed(session.session_nonce, timeout))
             else:
                 self._arm(session, session.last_update_ms + idle)
         return events

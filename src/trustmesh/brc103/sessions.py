@@ -82,7 +82,9 @@ class SessionTable:
         best: Session | None = None
         for session in self._by_identity.get(identity_key, ()):
             if session.is_authenticated and (
-                best is None or session.last_update_ms >= best.last_update_ms
+                best is None
+                or (session.peer_proven, session.last_update_ms)
+                >= (best.peer_proven, best.last_update_ms)
             ):
                 best = session
         return best

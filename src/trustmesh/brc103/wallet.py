@@ -42,7 +42,9 @@ def invoice_number(protocol: ProtocolId, key_id: str) -> str:
     """``"<level>-<name>-<keyID>"`` after the reference's validation (BRC-43)."""
     prefix = _protocol_prefix(*protocol)
     # The reference counts JavaScript string length: UTF-16 code units.
-    units = len(key_id) if key_id.isascii() else len(key_id.encode("utf-16-le")) // 2
+    units = (
+        len(key_id) if key_id.isascii() else len(key_id.encode("utf-16-le", "surrogatepass")) // 2
+    )
     if units < 1:
         raise InvalidProtocolIdError("Key IDs must be 1 character or more")
     if units > 800:
@@ -50,7 +52,7 @@ def invoice_number(protocol: ProtocolId, key_id: str) -> str:
     return prefix + key_id
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)
 def _protocol_prefix(level: int, raw_name: str) -> str:
     """``"<level>-<name>-"``, validated once per protocol ID (they are few)."""
     if isinstance(level, bool) or level not in (0, 1, 2):
@@ -144,7 +146,10 @@ class Wallet:
         self, protocol: ProtocolId, key_id: str, counterparty: Counterparty
     ) -> tuple[int, coincurve.PublicKey]:
         public, shared = self._counterparty(counterparty)
-        invoice = invoice_number(protocol, key_id).encode("utf-8", "surrogatepass")
+        text = invoice_number(protocol, key_id)
+        if not text.isascii():  # lone surrogates become U+FFFD, as JavaScript's UTF-8 does
+            text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+        invoice = text.encode("utf-8")
         return brc42.invoice_scalar(shared, invoice), public
 
     def derive_private_key(
