@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 
@@ -67,7 +68,7 @@ def test_rounds_measure_positive_rates() -> None:
 def test_a_round_trip_that_loses_its_payload_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     real = Peer.create_general
 
-    def truncating(self: Peer, payload: bytes, **kwargs: str | None) -> AuthMessage:
+    def truncating(self: Peer, payload: bytes, **kwargs: Any) -> AuthMessage:
         return real(self, payload[:-1], **kwargs)
 
     monkeypatch.setattr(Peer, "create_general", truncating)

@@ -57,7 +57,6 @@ from trustmesh.brc103.messages import (
 )
 from trustmesh.brc103.nonces import create_nonce
 from trustmesh.brc103.peer import (
-    MAX_HELD_MESSAGES,
     SIGNATURE_PROTOCOL,
     CertificatesReceived,
     CertificatesRequested,
@@ -562,13 +561,13 @@ def test_held_messages_are_bounded() -> None:
     a = make_peer(alice(), PeerConfig(answer_certificate_requests=False))
     b = make_peer(bob(), PeerConfig(requested_certificates=REQUEST))
     handshake(a, b)
-    for index in range(MAX_HELD_MESSAGES):
+    for index in range(PeerConfig().max_held_messages):
         assert b.receive(relay(a.create_general(b"%d" % index, identity_key=B)), 1) == []
     with pytest.raises(UnexpectedMessageError):
         b.receive(relay(a.create_general(b"one too many", identity_key=B)), 2)
     shown = ALICE_CERT.reveal(alice(), B, ["name"])
     events = b.receive(relay(a.create_certificate_response([shown], identity_key=B)), 3)
-    assert payloads(events) == [b"%d" % i for i in range(MAX_HELD_MESSAGES)]
+    assert payloads(events) == [b"%d" % i for i in range(PeerConfig().max_held_messages)]
 
 
 def test_swapped_identity_key() -> None:

@@ -223,6 +223,8 @@ def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("brc103-keys")
     (directory / "server.hex").write_text(SERVER_HEX + "\n")
     (directory / "client.hex").write_text(CLIENT_HEX.upper())  # either case, no newline
+    for key in directory.iterdir():
+        key.chmod(0o600)  # a hex key is refused unless private, like a PEM one
     return directory
 
 
@@ -647,6 +649,7 @@ def identities(
             secret = f"{index + 1:02x}" * 32
             path = tmp_path / f"{name}.hex"
             path.write_text(secret + "\n")
+            path.chmod(0o600)
             out[name] = Identity(path, Wallet.from_hex(secret).identity_key)
     return out
 
@@ -845,6 +848,12 @@ def test_revoked_certificates_fail_verify(
     assert json.loads(master.read_text())["revocationOutpoint"] == OUTPOINT
     shown = reveal(ids, master, tmp_path, capsysbinary, "name")
     db = tmp_path / "revoked.sqlite"
+    # A registry that does not exist is a usage error, never an empty (all-clear) one.
+    code, _, err = run(verify(shown, "--revocations", str(db)), capsysbinary)
+    assert code == 2
+    assert "does not exist" in err
+    other = "11" * 32 + ".0"
+    succeeds(["brc103", "cert", "revoke", other, "--revocations", str(db)], capsysbinary)
     before = json.loads(succeeds(verify(shown, "--revocations", str(db)), capsysbinary))
     assert before["valid"] is True and before["revocationOutpoint"] == OUTPOINT
     out = succeeds(
@@ -918,3 +927,29 @@ def test_issue_refuses_a_bad_subject_key(
     )
     assert (code, out) == (2, b"")
     assert "--subject" in err
+
+
+def test_a_hex_key_that_others_can_read_is_refused(
+    tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    key = tmp_path / "open.hex"
+    key.write_text(SERVER_HEX)
+    key.chmod(0o644)
+    exit_code, out, err = run(
+        [
+            "brc103",
+            "cert",
+            "issue",
+            "--key",
+            str(key),
+            "--subject",
+            "02" + "11" * 32,
+            "--type",
+            "t",
+            "--field",
+            "a=b",
+        ],
+        capsysbinary,
+    )
+    assert (exit_code, out) == (1, b"")
+    assert "chmod 600" in err

@@ -145,7 +145,7 @@ async def test_we_initiate_then_general_messages_flow_both_ways() -> None:
         assert unprompted.session_nonce == answer.session_nonce  # one session throughout
         [session] = ours.peer.sessions
         assert session.initiator
-        assert ours.errors == []
+        assert not ours.errors
 
     # The reference's initialResponse, as it writes it: every member present, its session
     # nonce also as "nonce", an empty certificate list, no request of its own.
@@ -179,7 +179,7 @@ async def test_reference_initiates_and_we_answer() -> None:
         assert await received_by_reference(reference) == (ours.identity_key, b"answer")
         await within(reference.send_general(b"again", ours.identity_key))
         assert (await received_by_us(ours)).payload == b"again"
-        assert ours.errors == []
+        assert not ours.errors
 
     # The reference writes its (empty) certificate request as a Python repr string, which we
     # read as "no request".
@@ -199,7 +199,7 @@ async def test_empty_payloads_both_ways() -> None:
         await within(ours.send_general(b"", identity_key=reference.identity_key))
         assert link.to_reference[-1]["payload"] == []
         assert await received_by_reference(reference) == (ours.identity_key, b"")
-        assert ours.errors == []
+        assert not ours.errors
 
 
 async def capture_next(

@@ -332,6 +332,8 @@ def test_cli_serve_answers_ts_client_and_cli_fetch(tmp_path: Path) -> None:
     server_key, client_key = tmp_path / "server.hex", tmp_path / "client.hex"
     server_key.write_text(SERVER_KEY + "\n")
     client_key.write_text(CLIENT_KEY)
+    server_key.chmod(0o600)
+    client_key.chmod(0o600)
     serve = subprocess.Popen(
         [TRUSTMESH, "brc103", "serve", "--host", "127.0.0.1", "--port", "0", "--key", server_key],
         stdin=subprocess.DEVNULL,

@@ -72,6 +72,12 @@ class AuthResponse:
     def text(self) -> str:
         return self.body.decode("utf-8", "replace")
 
+    @property
+    def signed_headers(self) -> list[tuple[str, str]]:
+        """The headers the server's signature covers (``x-bsv-*`` and ``authorization``);
+        the others in ``headers`` (Content-Type, Date...) are not authenticated."""
+        return brc104.signed_response_headers(self.headers.items())
+
 
 class AuthFetch:
     def __init__(
@@ -82,7 +88,9 @@ class AuthFetch:
         session: aiohttp.ClientSession | None = None,
         revocation: RevocationChecker | None = None,
         request_timeout: float = 30.0,
+        max_response: int = 64 * 1024 * 1024,
     ) -> None:
+        self.max_response = max_response
         self.peer = Peer(wallet, config, revocation=revocation)
         self._session = session
         self._own_session = session is None
@@ -129,10 +137,17 @@ class AuthFetch:
 
     async def _handshake(self, origin: str) -> str:
         request = self.peer.initiate(monotonic_ms(), peer_identity_key=self._servers.get(origin))
-        reply = await self._post_auth(origin, request)
-        if reply is None or reply.message_type is not MessageType.INITIAL_RESPONSE:
-            raise UnauthenticatedResponseError(f"{origin} did not answer with an initialResponse")
-        self.peer.receive(reply, monotonic_ms())
+        assert request.initial_nonce is not None
+        try:
+            reply = await self._post_auth(origin, request)
+            if reply is None or reply.message_type is not MessageType.INITIAL_RESPONSE:
+                raise UnauthenticatedResponseError(
+                    f"{origin} did not answer with an initialResponse"
+                )
+            self.peer.receive(reply, monotonic_ms())
+        except BaseException:
+            self.peer.forget(request.initial_nonce)  # no half-made session stays behind
+            raise
         self._send_queued(origin)
         return reply.identity_key
 
@@ -140,9 +155,12 @@ class AuthFetch:
         url = origin + brc104.AUTH_PATH
         try:
             async with self._http().post(
-                url, data=message.to_bytes(), headers={"Content-Type": "application/json"}
+                url,
+                data=message.to_bytes(),
+                headers={"Content-Type": "application/json"},
+                timeout=self._timeout,
             ) as response:
-                body = await response.content.read(MAX_AUTH_REPLY + 1)
+                body = await _read_capped(response, MAX_AUTH_REPLY)
                 if response.status == 204:
                     return None
                 if response.status != 200:
@@ -153,6 +171,8 @@ class AuthFetch:
                     )
         except aiohttp.ClientError as exc:
             raise TransportError(f"cannot reach {url}: {exc}") from None
+        except TimeoutError:
+            raise TransportError(f"{url} did not answer in time") from None
         try:
             return parse_message_bytes(body, max_size=MAX_AUTH_REPLY)
         except DecodeError as exc:
@@ -209,7 +229,8 @@ class AuthFetch:
             payload = brc104.encode_request_payload(
                 request_id, method, path, query, signed_headers, data or None
             )
-            message = self.peer.create_general(payload, identity_key=identity)
+            session = self.peer.session(identity_key=identity)
+            message = self.peer.create_general(payload, session=session)
             result = await self._exchange(
                 send_url, method, header_list, data, message, request_id, identity
             )
@@ -217,16 +238,10 @@ class AuthFetch:
                 return result
             if attempt < MAX_RETRIES:
                 log.info("the server lost our session; handshaking again (attempt %d)", attempt + 1)
-            self._forget_sessions(origin)
+            # Only this session: others may carry requests still in flight. The origin's
+            # identity stays pinned, so the next handshake must reach the same key.
+            self.peer.forget(session.session_nonce)
         raise UnauthenticatedResponseError(f"{origin} kept refusing our sessions")
-
-    def _forget_sessions(self, origin: str) -> None:
-        """Drop our sessions with the origin but keep its identity: the next handshake
-        must reach the same key (a server that comes back as someone else is refused)."""
-        identity = self._servers.get(origin)
-        if identity is not None:
-            for session in self.peer.sessions.sessions_of(identity):
-                self.peer.forget(session.session_nonce)
 
     async def _exchange(
         self,
@@ -239,16 +254,7 @@ class AuthFetch:
         identity: str,
     ) -> AuthResponse | None:
         send_headers = CIMultiDict(header_list)
-        send_headers.update(
-            {
-                brc104.VERSION: message.version,
-                brc104.IDENTITY_KEY: message.identity_key,
-                brc104.NONCE: message.nonce or "",
-                brc104.YOUR_NONCE: message.your_nonce or "",
-                brc104.SIGNATURE: (message.signature or b"").hex(),
-                brc104.REQUEST_ID: b64encode(request_id),
-            }
-        )
+        send_headers.update(brc104.auth_headers(message, b64encode(request_id)))
         try:
             async with self._http().request(
                 method,
@@ -258,11 +264,14 @@ class AuthFetch:
                 allow_redirects=False,
                 # aiohttp would add an unsigned Content-Type to a body-less POST.
                 skip_auto_headers=() if brc104.CONTENT_TYPE in send_headers else ("Content-Type",),
+                timeout=self._timeout,
             ) as response:
-                body = await response.read()
+                body = await _read_capped(response, self.max_response)
                 status, headers = response.status, response.headers
         except aiohttp.ClientError as exc:
             raise TransportError(f"cannot reach {url}: {exc}") from None
+        except TimeoutError:
+            raise TransportError(f"{url} did not answer in time") from None
         missing = [
             name
             for name in (brc104.VERSION, brc104.IDENTITY_KEY, brc104.SIGNATURE)
@@ -336,3 +345,15 @@ def _lost_session(body: bytes) -> bool:
         marker in text
         for marker in ("err_session_not_found", "err_invalid_nonce", "session not found", "hmac")
     )
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body (however many reads it takes), refusing one over ``limit`` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise TransportError(f"a response of {response.content_length} bytes is over {limit}")
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            raise TransportError(f"a response over {limit} bytes")
+    return bytes(body)

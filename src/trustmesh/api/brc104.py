@@ -35,13 +35,16 @@ from trustmesh.brc103.peer import (
     PeerConfig,
 )
 from trustmesh.brc103.revocation import RevocationChecker
+from trustmesh.brc103.sessions import Session
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import DecodeError
-from trustmesh.io.brc103 import monotonic_ms
+from trustmesh.io.brc103 import PeerTimer, monotonic_ms
 
 log = logging.getLogger(__name__)
 IDENTITY_KEY = web.RequestKey("trustmesh.brc103.identity_key", str)
 CERTIFICATES = web.RequestKey("trustmesh.brc103.certificates", list[VerifiableCertificate])
+SESSION_IDLE_MS = 3_600_000  # a client silent for an hour handshakes again
+HOLD_MARGIN = 5.0  # seconds past the certificate timeout before a held request gives up
 AUTH_RATE = 20.0  # /.well-known/auth messages per second per client address, on average
 AUTH_BURST = 100
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -73,14 +76,17 @@ class Brc104Server:
         auth_rate_limit: RateLimiter | None = None,
         clock: Callable[[], int] = monotonic_ms,
     ) -> None:
+        if config is None:
+            config = PeerConfig(session_idle_ms=SESSION_IDLE_MS)
         self.peer = Peer(wallet, config, revocation=revocation)
+        self.timer = PeerTimer(self.peer, clock, self._dispatch)
         self.allow_unauthenticated = allow_unauthenticated
         # Handshakes cost the server two signatures' worth of curve work: one client must
         # not be able to spend it all, nor push other clients' sessions out of the table.
         self.auth_rate_limit = auth_rate_limit or RateLimiter(AUTH_RATE, AUTH_BURST)
         self._clock = clock
-        self._waiting: dict[str, asyncio.Future[GeneralMessageReceived]] = {}
-        self._timer: asyncio.TimerHandle | None = None
+        # Requests held until the client's certificates validate, by (session, nonce).
+        self._waiting: dict[tuple[str, str], asyncio.Future[GeneralMessageReceived]] = {}
 
     @property
     def identity_key(self) -> str:
@@ -91,8 +97,7 @@ class Brc104Server:
         app.on_cleanup.append(self._cleanup)
 
     async def _cleanup(self, _app: web.Application) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self.timer.cancel()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -124,6 +129,10 @@ class Brc104Server:
             return response
         try:
             message = parse_message_bytes(await request.read())
+            if message.message_type is MessageType.GENERAL:
+                raise MalformedMessageError(
+                    "general messages travel as ordinary requests, not to /.well-known/auth"
+                )
             events = self.peer.receive(message, self._clock())
         except (MalformedMessageError, DecodeError) as exc:
             return _error(400, getattr(exc, "code", "ERR_MALFORMED_MESSAGE"), str(exc))
@@ -131,7 +140,7 @@ class Brc104Server:
             log.info("refused a %s: %s", message.message_type, exc)
             return _error(401, exc.code, str(exc))
         self._dispatch(events)
-        self._arm_timer()
+        self.timer.arm()
         replies = self.peer.messages_to_send()
         if not replies:  # a certificateResponse: the reference never answers it at all
             return web.Response(status=204)
@@ -170,35 +179,54 @@ class Brc104Server:
         except Brc103Error as exc:
             log.info("refused a request from %s: %s", message.identity_key, exc)
             return _error(401, "ERR_AUTH_FAILED", f"{exc.code}: {exc}")
-        request[IDENTITY_KEY] = event.identity_key
+        # Keep the session itself: the answer is owed even if the table drops it meanwhile.
         session = self.peer.sessions.get(event.session_nonce)
-        request[CERTIFICATES] = list(session.certificates) if session else []
+        if session is None:
+            return _error(401, "ERR_AUTH_FAILED", "the session ended; handshake again")
+        request[IDENTITY_KEY] = event.identity_key
+        request[CERTIFICATES] = list(session.certificates)
         try:
             response = await handler(request)
         except web.HTTPException as exc:  # a 404 or 405 is answered, and signed, too
             response = web.Response(
                 status=exc.status, reason=exc.reason, body=exc.body, headers=exc.headers
             )
-        return self._sign_response(response, request_id, request_id_text, event)
+        return self._sign_response(response, request_id, request_id_text, session)
 
     async def _receive_general(self, message: AuthMessage) -> GeneralMessageReceived:
-        assert message.nonce is not None
-        waiter: asyncio.Future[GeneralMessageReceived] = asyncio.get_running_loop().create_future()
-        self._waiting[message.nonce] = waiter
+        """The verified general message: at once, or once the client's certificates
+        validate (it is held until then, within the certificate timeout)."""
+        events = self.peer.receive(message, self._clock())  # raises if refused
+        mine = next(
+            (e for e in events if isinstance(e, GeneralMessageReceived) and e.message is message),
+            None,
+        )
+        key = (message.your_nonce or "", message.nonce or "")
+        waiter: asyncio.Future[GeneralMessageReceived] | None = None
+        if mine is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting[key] = waiter
         try:
-            events = self.peer.receive(message, self._clock())
             self._dispatch(events)
-            self._arm_timer()
-            return await waiter  # now, or once the client's certificates validate
+            self.timer.arm()
+            if waiter is None:
+                assert mine is not None
+                return mine
+            limit = self.peer.config.certificate_timeout_ms / 1000 + HOLD_MARGIN
+            try:
+                async with asyncio.timeout(limit):
+                    return await waiter
+            except TimeoutError:
+                raise CertificatesTimeoutError("the client's certificates did not arrive") from None
         finally:
-            self._waiting.pop(message.nonce, None)
+            self._waiting.pop(key, None)
 
     def _sign_response(
         self,
         response: web.StreamResponse,
         request_id: bytes,
         request_id_text: str,
-        event: GeneralMessageReceived,
+        session: Session,
     ) -> web.StreamResponse:
         if not isinstance(response, web.Response) or not isinstance(
             response.body, bytes | bytearray | None
@@ -212,7 +240,7 @@ class Brc104Server:
             brc104.signed_response_headers(response.headers.items()),
             body,
         )
-        reply = self.peer.create_general(payload, session_nonce=event.session_nonce)
+        reply = self.peer.create_general(payload, session=session)
         response.headers.update(_auth_headers(reply))
         response.headers[brc104.REQUEST_ID] = request_id_text
         return response
@@ -222,45 +250,22 @@ class Brc104Server:
     def _dispatch(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, GeneralMessageReceived):
-                waiter = self._waiting.get(event.message.nonce or "")
+                message = event.message
+                waiter = self._waiting.get((message.your_nonce or "", message.nonce or ""))
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event)
             elif isinstance(event, HeldMessagesDropped):
                 for message in event.messages:
-                    waiter = self._waiting.get(message.nonce or "")
+                    waiter = self._waiting.get((message.your_nonce or "", message.nonce or ""))
                     if waiter is not None and not waiter.done():
-                        waiter.set_exception(
-                            CertificatesTimeoutError(
-                                "the client's certificates did not arrive in time"
-                            )
-                        )
-
-    def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        deadline = self.peer.get_timer()
-        if deadline is not None:
-            delay = max(0.0, (deadline - self._clock()) / 1000)
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._dispatch(self.peer.handle_timer(self._clock()))
-        self._arm_timer()
+                        waiter.set_exception(event.error)
 
 
 def _auth_headers(message: AuthMessage) -> dict[str, str]:
-    headers = {
-        brc104.VERSION: message.version,
-        brc104.MESSAGE_TYPE: message.message_type.value,
-        brc104.IDENTITY_KEY: message.identity_key,
-        brc104.SIGNATURE: (message.signature or b"").hex(),
-    }
-    if message.nonce:
-        headers[brc104.NONCE] = message.nonce
-    if message.your_nonce:
-        headers[brc104.YOUR_NONCE] = message.your_nonce
+    """The reply's headers as the express middleware sends them (the TS client reads the
+    JSON body of /.well-known/auth answers, but other clients may read these)."""
+    headers = brc104.auth_headers(message)
+    headers[brc104.MESSAGE_TYPE] = message.message_type.value
     if message.message_type is not MessageType.GENERAL and message.requested_certificates:
         headers[brc104.REQUESTED_CERTIFICATES] = js_stringify(message.requested_json()).decode()
     return headers

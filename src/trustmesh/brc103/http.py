@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from trustmesh.brc103.collation import sort_key
 from trustmesh.brc103.encoding import read_bytes, read_varint, write_varint
 from trustmesh.brc103.errors import Brc103Error, MalformedMessageError
 from trustmesh.brc103.messages import AuthMessage, MessageType, parse_message
@@ -61,7 +62,13 @@ def signed_request_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str
         if key == "content-type":
             value = value.split(";", 1)[0].strip()
         out.append((key, value))
-    return sorted(out)
+    return _locale_sorted(out)
+
+
+def _locale_sorted(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """By name in ``localeCompare`` order, as the references sort signed headers (it
+    differs from byte order where ``_``, ``.`` or digits meet letters)."""
+    return sorted(headers, key=lambda item: (sort_key(item[0]), item))
 
 
 def check_client_headers(headers: Iterable[tuple[str, str]]) -> None:
@@ -80,7 +87,9 @@ def check_client_headers(headers: Iterable[tuple[str, str]]) -> None:
 def signed_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The headers a response payload covers: authorization and ``x-bsv-*`` but not
     ``x-bsv-auth*``, lower-cased and sorted."""
-    return sorted((k.lower(), v) for k, v in headers if _signable(k.lower(), response=True))
+    return _locale_sorted(
+        [(k.lower(), v) for k, v in headers if _signable(k.lower(), response=True)]
+    )
 
 
 def _text(value: str | None) -> bytes:
@@ -191,6 +200,22 @@ def _read_text(data: bytes, offset: int, what: str) -> tuple[str | None, int]:
 def header_items(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     items = headers.items() if isinstance(headers, Mapping) else headers
     return [(str(k), str(v)) for k, v in items]
+
+
+def auth_headers(message: AuthMessage, request_id: str | None = None) -> dict[str, str]:
+    """The ``x-bsv-auth-*`` headers that carry ``message`` (BRC-104 both ways)."""
+    headers = {
+        VERSION: message.version,
+        IDENTITY_KEY: message.identity_key,
+        SIGNATURE: (message.signature or b"").hex(),
+    }
+    if message.nonce:
+        headers[NONCE] = message.nonce
+    if message.your_nonce:
+        headers[YOUR_NONCE] = message.your_nonce
+    if request_id is not None:
+        headers[REQUEST_ID] = request_id
+    return headers
 
 
 def message_from_headers(headers: Mapping[str, str], payload: bytes) -> AuthMessage:

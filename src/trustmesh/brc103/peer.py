@@ -38,7 +38,6 @@ from trustmesh.brc103.errors import (
     CertificatesTimeoutError,
     HandshakeTimeoutError,
     IdentityMismatchError,
-    MalformedMessageError,
     MessageSignatureError,
     ReplayError,
     SessionNotFoundError,
@@ -53,15 +52,13 @@ from trustmesh.brc103.messages import (
 )
 from trustmesh.brc103.nonces import create_nonce, verify_nonce
 from trustmesh.brc103.revocation import LocalRevocationRegistry, RevocationChecker
-from trustmesh.brc103.sessions import MAX_SEEN_NONCES, Session, SessionTable
+from trustmesh.brc103.sessions import Session, SessionTable
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import InvalidKeyError, InvalidSignatureError
 
 SIGNATURE_PROTOCOL = (2, "auth message signature")
 HANDSHAKE_TIMEOUT_MS = 10_000
 CERTIFICATE_TIMEOUT_MS = 30_000
-MAX_HELD_MESSAGES = 64
-MAX_HELD_BYTES = 8 * 1024 * 1024
 
 
 # --- events ---------------------------------------------------------------------------
@@ -132,8 +129,15 @@ class PeerConfig:
     answer_certificate_requests: bool = True
     handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS
     certificate_timeout_ms: int = CERTIFICATE_TIMEOUT_MS
-    max_sessions: int = 100_000
     session_idle_ms: int | None = None  # drop sessions unused this long (None: never)
+    # Bounds on what peers can make us keep (least recently used goes first):
+    max_sessions: int = 10_000
+    max_unproven_sessions: int = 1_000  # sessions whose peer has not signed anything yet
+    max_seen_nonces: int = 2_000_000  # replay memory, all sessions (about 135 B each)
+    max_session_messages: int = 10_000  # then the session ends and the peer handshakes again
+    max_held_messages: int = 64  # per session, while its certificates are awaited
+    max_held_bytes: int = 8 * 1024 * 1024  # per session
+    max_held_total: int = 64 * 1024 * 1024  # all sessions together
 
 
 class Peer:
@@ -147,9 +151,19 @@ class Peer:
     ) -> None:
         self.wallet = wallet
         self.config = config or PeerConfig()
-        self.revocation: RevocationChecker = revocation or LocalRevocationRegistry()
+        for master in self.config.certificates:
+            if master.certificate.subject != wallet.identity_key:
+                raise ValueError("a certificate to show must be issued to this wallet's key")
+        self.revocation: RevocationChecker = (
+            revocation if revocation is not None else LocalRevocationRegistry()
+        )
         self._random = random
-        self.sessions = SessionTable(self.config.max_sessions)
+        self.sessions = SessionTable(
+            self.config.max_sessions,
+            max_unproven=self.config.max_unproven_sessions,
+            max_seen=self.config.max_seen_nonces,
+        )
+        self._late: list[Event] = []  # about sessions evicted while handling something else
         self._outbox: list[AuthMessage] = []
         self._deadlines: list[tuple[int, int, str]] = []  # (deadline ms, sequence, nonce)
         self._sequence = 0
@@ -174,7 +188,6 @@ class Peer:
             session_nonce=session_nonce,
             peer_identity_key=peer_identity_key,
             initiator=True,
-            created_ms=now_ms,
             last_update_ms=now_ms,
             handshake_deadline_ms=now_ms + self.config.handshake_timeout_ms,
             certificates_required=requested.required,
@@ -201,7 +214,13 @@ class Peer:
             MessageType.CERTIFICATE_RESPONSE: self._on_certificate_response,
             MessageType.GENERAL: self._on_general,
         }[message.message_type]
-        return handler(message, now_ms)
+        events = handler(message, now_ms)
+        return self._with_late(events)
+
+    def _with_late(self, events: list[Event]) -> list[Event]:
+        if self._late:
+            events, self._late = self._late + events, []
+        return events
 
     def _on_initial_request(self, message: AuthMessage, now_ms: int) -> list[Event]:
         their_nonce = message.initial_nonce
@@ -212,7 +231,6 @@ class Peer:
             session_nonce=our_nonce,
             peer_identity_key=message.identity_key,
             initiator=False,
-            created_ms=now_ms,
             last_update_ms=now_ms,
             peer_nonce=their_nonce,
             is_authenticated=True,  # as the reference: the peer proves itself by signing
@@ -270,7 +288,8 @@ class Peer:
         if session.peer_identity_key is None:
             self.sessions.set_identity(session, message.identity_key)
         session.peer_nonce = their_nonce
-        session.is_authenticated = session.peer_proven = True
+        session.is_authenticated = True
+        self.sessions.mark_proven(session)
         session.handshake_deadline_ms = None
         session.last_update_ms = now_ms
         identity = message.identity_key
@@ -297,8 +316,7 @@ class Peer:
             return self._accept_certificates(session, received)
         if session.certificates_required and not session.certificates_validated:
             assert session.peer_identity_key is not None
-            held, session.held, session.held_bytes = session.held, [], 0
-            session.held_deadline_ms = None
+            held = self._take_held(session)
             error = CertificateError("the peer has none of the requested certificates")
             return [
                 HeldMessagesDropped(session.session_nonce, session.peer_identity_key, held, error)
@@ -309,13 +327,19 @@ class Peer:
         session = self._check_signed(message)
         if session.certificates_required and not session.certificates_validated:
             size = len(message.payload or b"")
-            if len(session.held) >= MAX_HELD_MESSAGES or session.held_bytes + size > MAX_HELD_BYTES:
+            config = self.config
+            if (
+                len(session.held) >= config.max_held_messages
+                or session.held_bytes + size > config.max_held_bytes
+                or self.sessions.held_total + size > config.max_held_total
+            ):
                 raise UnexpectedMessageError(
                     "too many general messages held while waiting for certificates"
                 )
             self._commit_signed(session, message, now_ms)
             session.held.append(message)
             session.held_bytes += size
+            self.sessions.held_total += size
             if session.held_deadline_ms is None:
                 self._hold_until(session, now_ms + self.config.certificate_timeout_ms)
             return []
@@ -328,9 +352,25 @@ class Peer:
         ]
 
     def _add(self, session: Session) -> None:
-        self.sessions.add(session)
+        self._late.extend(self._dropped(old) for old in self.sessions.add(session))
         if self.config.session_idle_ms is not None:
             self._arm(session, session.last_update_ms + self.config.session_idle_ms)
+
+    def _dropped(self, session: Session) -> Event:
+        """What the application hears about a session dropped to stay within bounds."""
+        error = SessionNotFoundError("the session was dropped to make room for others")
+        if session.handshake_deadline_ms is not None:
+            return HandshakeFailed(session.session_nonce, error)
+        held = self._take_held(session)
+        return HeldMessagesDropped(
+            session.session_nonce, session.peer_identity_key or "", held, error
+        )
+
+    def _take_held(self, session: Session) -> list[AuthMessage]:
+        held = session.held
+        self.sessions.held_total -= session.held_bytes
+        session.held, session.held_bytes, session.held_deadline_ms = [], 0, None
+        return held
 
     def _hold_until(self, session: Session, deadline: int) -> None:
         session.held_deadline_ms = deadline
@@ -345,7 +385,7 @@ class Peer:
         a miss is checked, to tell a forged or foreign nonce from an expired session."""
         your_nonce = message.your_nonce
         assert your_nonce is not None
-        session = self.sessions.by_nonce(your_nonce)
+        session = self.sessions.get(your_nonce)
         if session is None:
             verify_nonce(self.wallet, your_nonce)
             raise SessionNotFoundError(f"Session not found for nonce: {your_nonce}")
@@ -367,8 +407,6 @@ class Peer:
         assert message.signature is not None
         if nonce in session.seen_nonces:
             raise ReplayError("this message nonce was already accepted in the session")
-        if len(session.seen_nonces) >= MAX_SEEN_NONCES:
-            raise ReplayError("the session has carried its limit of messages; handshake again")
         self._verify(
             message.signed_data(),
             message.signature,
@@ -378,10 +416,17 @@ class Peer:
         return session
 
     def _commit_signed(self, session: Session, message: AuthMessage, now_ms: int) -> None:
+        """Record an accepted signed message: its nonce, the proof of the peer, the use."""
         assert message.nonce is not None
-        session.seen_nonces.add(message.nonce)
-        session.peer_proven = True
+        evicted = self.sessions.remember_nonce(session, message.nonce)
+        self._late.extend(self._dropped(old) for old in evicted)
+        self.sessions.mark_proven(session)
+        self.sessions.touch(session)
         session.last_update_ms = now_ms
+        if len(session.seen_nonces) >= self.config.max_session_messages:
+            # Replay memory must stay bounded: this session ends, the next message finds
+            # none and the peer handshakes again (reference clients do so by themselves).
+            self.sessions.remove(session)
 
     def _signed_session(self, message: AuthMessage, now_ms: int) -> Session:
         session = self._check_signed(message)
@@ -433,8 +478,7 @@ class Peer:
         ]
         if not session.certificates_validated:
             session.certificates_validated = True
-            session.held_deadline_ms = None
-            held, session.held, session.held_bytes = session.held, [], 0
+            held = self._take_held(session)
             events.extend(
                 GeneralMessageReceived(
                     session.session_nonce, session.peer_identity_key, m.payload or b"", m
@@ -486,7 +530,7 @@ class Peer:
         """The session to send on: by our nonce, else the latest with ``identity_key``."""
         session = None
         if session_nonce is not None:
-            session = self.sessions.by_nonce(session_nonce)
+            session = self.sessions.get(session_nonce)
         elif identity_key is not None:
             session = self.sessions.by_identity(identity_key)
         if session is None or not session.is_authenticated:
@@ -520,8 +564,13 @@ class Peer:
         *,
         identity_key: str | None = None,
         session_nonce: str | None = None,
+        session: Session | None = None,
     ) -> AuthMessage:
-        session = self.session(identity_key=identity_key, session_nonce=session_nonce)
+        """A signed general message on ``session`` (which may since have left the table:
+        an answer to a request it carried is still owed), else on the session that
+        ``session_nonce`` names, else on the latest proven one with ``identity_key``."""
+        if session is None:
+            session = self.session(identity_key=identity_key, session_nonce=session_nonce)
         if session.certificates_required and not session.certificates_validated:
             raise UnexpectedMessageError(
                 "Cannot send general message before certificate validation is complete"
@@ -580,7 +629,7 @@ class Peer:
             session = self.sessions.get(nonce)
             if session is not None:
                 events.extend(self._expire(session, now_ms))
-        return events
+        return self._with_late(events)
 
     def _arm(self, session: Session, deadline: int) -> None:
         self._sequence += 1
@@ -593,8 +642,7 @@ class Peer:
             return [HandshakeFailed(session.session_nonce, timeout)]
         events: list[Event] = []
         if session.held_deadline_ms is not None and now_ms >= session.held_deadline_ms:
-            session.held_deadline_ms = None
-            held, session.held, session.held_bytes = session.held, [], 0
+            held = self._take_held(session)
             assert session.peer_identity_key is not None
             error = CertificatesTimeoutError(
                 f"Timeout waiting for certificate validation from peer {session.peer_identity_key}"
@@ -609,13 +657,18 @@ class Peer:
                 if session.handshake_deadline_ms is not None:
                     timeout = HandshakeTimeoutError("the session went idle before its handshake")
                     events.append(HandshakeFailed(session.session_nonce, timeout))
+                elif session.held:
+                    error = CertificatesTimeoutError("the session went idle with messages held")
+                    held = self._take_held(session)
+                    identity = session.peer_identity_key or ""
+                    events.append(HeldMessagesDropped(session.session_nonce, identity, held, error))
             else:
                 self._arm(session, session.last_update_ms + idle)
         return events
 
     def forget(self, session_nonce: str) -> None:
         """Drop a session (a transport closed, or the application is done with it)."""
-        session = self.sessions.by_nonce(session_nonce)
+        session = self.sessions.get(session_nonce)
         if session is not None:
             self.sessions.remove(session)
 
@@ -628,7 +681,6 @@ __all__ = [
     "HandshakeCompleted",
     "HandshakeFailed",
     "HeldMessagesDropped",
-    "MalformedMessageError",
     "Peer",
     "PeerConfig",
 ]

@@ -180,7 +180,7 @@ class Wallet:
         """BRC-2: the x-coordinate of our child private key times their child public key."""
         h, public = self._derive(protocol, key_id, counterparty)
         own = brc42.child_secret(self._secret, h)
-        if public is self._public or counterparty == SELF:
+        if counterparty == SELF:
             # Their child key is ours: (a+h)·(a+h)·G costs one fixed-base multiplication.
             square = own * own % brc42.CURVE_ORDER
             point = coincurve.PublicKey.from_secret(square.to_bytes(32, "big"))

@@ -17,7 +17,7 @@ import click
 from aiohttp import web
 
 from trustmesh.api.authfetch import AuthFetch
-from trustmesh.api.brc104 import Brc104Server
+from trustmesh.api.brc104 import SESSION_IDLE_MS, Brc104Server
 from trustmesh.api.brc104_demo import demo_app
 from trustmesh.brc103.certificates import (
     NO_REVOCATION,
@@ -30,6 +30,8 @@ from trustmesh.brc103.errors import (
     CertificateFormatError,
     CertificateRevokedError,
 )
+from trustmesh.brc103.messages import NO_REQUEST, RequestedCertificates
+from trustmesh.brc103.peer import PeerConfig
 from trustmesh.brc103.revocation import LocalRevocationRegistry
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.cli.output import emit
@@ -37,7 +39,7 @@ from trustmesh.cli.signals import stop_on_signals
 from trustmesh.crypto.brc42 import parse_public_key
 from trustmesh.crypto.keys import Secp256k1PrivateKey
 from trustmesh.errors import DecodeError, InvalidKeyError
-from trustmesh.keystore.filestore import FileKeyStore
+from trustmesh.keystore.filestore import FileKeyStore, check_permissions
 from trustmesh.wire.jsonwire import strict_loads
 
 
@@ -51,6 +53,7 @@ def load_wallet(path: Path | None) -> Wallet:
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
     if len(head) == 64 and all(c in b"0123456789abcdefABCDEF" for c in head):
+        check_permissions(path)  # a private key in hex is as secret as a PEM one
         return Wallet.from_hex(head.decode())
     key = FileKeyStore().load(path)
     if not isinstance(key, Secp256k1PrivateKey):
@@ -97,11 +100,60 @@ def brc103() -> None:
 # --- serve ----------------------------------------------------------------------------
 
 
+CERTIFICATE_OPTION = click.option(
+    "--certificate",
+    "certificate_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A master certificate of ours (from `cert issue`) to show when asked; repeatable.",
+)
+REQUEST_OPTION = click.option(
+    "--request-certificates",
+    "requested_json",
+    default=None,
+    metavar="JSON",
+    help='Ask the peer for certificates: {"certifiers": [HEX...], "types": {TYPE: [FIELD...]}}.',
+)
+
+
+def _peer_config(
+    requested_json: str | None, certificate_files: tuple[Path, ...], *, server: bool
+) -> PeerConfig:
+    requested = NO_REQUEST
+    if requested_json is not None:
+        try:
+            requested = RequestedCertificates.from_json(
+                strict_loads(requested_json.encode(), max_size=65536)
+            )
+        except DecodeError as exc:
+            raise click.BadParameter(str(exc), param_hint="--request-certificates") from None
+    masters = [MasterCertificate.from_json(_read_json(path)) for path in certificate_files]
+    return PeerConfig(
+        requested_certificates=requested,
+        certificates=masters,
+        session_idle_ms=SESSION_IDLE_MS if server else None,
+    )
+
+
 @brc103.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8103, show_default=True, type=click.IntRange(0, 65535))
 @KEY_OPTION
-def serve(host: str, port: int, key_file: Path | None) -> None:
+@REQUEST_OPTION
+@CERTIFICATE_OPTION
+@click.option(
+    "--revocations",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A local revocation registry (`cert revoke`) that client certificates must pass.",
+)
+def serve(
+    host: str,
+    port: int,
+    key_file: Path | None,
+    requested_json: str | None,
+    certificate_files: tuple[Path, ...],
+    revocations: Path | None,
+) -> None:
     """Serve a demo app behind BRC-104 until interrupted (SIGINT or SIGTERM).
 
     The first stdout line is {"listening": URL, "identityKey": HEX}. Every route needs
@@ -116,14 +168,22 @@ def serve(host: str, port: int, key_file: Path | None) -> None:
       POST /echo-bin           the body back, same content type
       GET  /empty              204, no body
       GET  /status/<code>      that status
+
+    With --request-certificates every client must show a matching certificate before
+    its requests are answered (GET /hello then lists the fields it revealed).
     """
     wallet = load_wallet(key_file)
-    asyncio.run(_serve(host, port, wallet))
+    config = _peer_config(requested_json, certificate_files, server=True)
+    registry = LocalRevocationRegistry(revocations) if revocations else None
+    try:
+        asyncio.run(_serve(host, port, Brc104Server(wallet, config, revocation=registry)))
+    finally:
+        if registry is not None:
+            registry.close()
 
 
-async def _serve(host: str, port: int, wallet: Wallet) -> None:
+async def _serve(host: str, port: int, server: Brc104Server) -> None:
     stop = stop_on_signals()
-    server = Brc104Server(wallet)
     runner = web.AppRunner(demo_app(server), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
@@ -132,7 +192,7 @@ async def _serve(host: str, port: int, wallet: Wallet) -> None:
         bound = runner.addresses[0][1] if runner.addresses else port
         shown = f"[{host}]" if ":" in host else host
         emit(
-            {"listening": f"http://{shown}:{bound}", "identityKey": wallet.identity_key},
+            {"listening": f"http://{shown}:{bound}", "identityKey": server.identity_key},
             as_json=True,
         )
         await stop.wait()
@@ -164,6 +224,8 @@ def _header(value: str) -> tuple[str, str]:
     "-d", "--data", default=None, help="Request body; @FILE reads a file, @- reads stdin."
 )
 @KEY_OPTION
+@REQUEST_OPTION
+@CERTIFICATE_OPTION
 @click.option("-i", "--include", is_flag=True, help="Print the status line and headers first.")
 @click.option(
     "-f", "--fail", is_flag=True, help="Exit 1 when the (authenticated) status is >= 400."
@@ -175,6 +237,8 @@ def fetch(
     headers: tuple[str, ...],
     data: str | None,
     key_file: Path | None,
+    requested_json: str | None,
+    certificate_files: tuple[Path, ...],
     include: bool,
     fail: bool,
     verbose: bool,
@@ -194,7 +258,8 @@ def fetch(
         if not any(k.lower() == "content-type" for k, _ in header_list):
             header_list.append(("Content-Type", _guess_type(body)))
     verb = (method or ("POST" if body is not None else "GET")).upper()
-    response = asyncio.run(_fetch(wallet, url, verb, header_list, body))
+    config = _peer_config(requested_json, certificate_files, server=False)
+    response = asyncio.run(_fetch(wallet, config, url, verb, header_list, body))
     if verbose:
         click.echo(f"authenticated: HTTP {response.status} from {response.identity_key}", err=True)
     if include:
@@ -209,9 +274,14 @@ def fetch(
 
 
 async def _fetch(
-    wallet: Wallet, url: str, method: str, headers: list[tuple[str, str]], body: bytes | None
+    wallet: Wallet,
+    config: PeerConfig,
+    url: str,
+    method: str,
+    headers: list[tuple[str, str]],
+    body: bytes | None,
 ) -> Any:
-    async with AuthFetch(wallet) as client:
+    async with AuthFetch(wallet, config) as client:
         return await client.fetch(url, method=method, headers=headers, body=body)
 
 
@@ -334,7 +404,11 @@ def issue(
     """Issue a master certificate: encrypt each field, sign, and write the JSON with the
     master keyring (field keys encrypted for the subject)."""
     certifier = load_wallet(key_file)
-    pairs = dict(_field(f) for f in fields)
+    pairs: dict[str, str] = {}
+    for name, value in (_field(f) for f in fields):
+        if name in pairs:
+            raise click.BadParameter(f"field {name!r} is given twice", param_hint="--field")
+        pairs[name] = value
     master = MasterCertificate.issue(
         certifier,
         _public_key_hex(subject, "--subject"),
@@ -387,8 +461,8 @@ def reveal(
 )
 @click.option(
     "--revocations",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="A local revocation registry (SQLite) to check the outpoint against.",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A local revocation registry (SQLite, made by `cert revoke`) to check against.",
 )
 def verify(
     certificate: Path,

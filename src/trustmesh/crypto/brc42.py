@@ -76,10 +76,6 @@ def x_coordinate(secret: int, public: coincurve.PublicKey) -> bytes:
     return bytes(public.multiply(secret.to_bytes(32, "big")).format(compressed=True)[1:])
 
 
-def secret_to_bytes(secret: int) -> bytes:
-    return secret.to_bytes(32, "big")
-
-
 def sign_digest(secret: int, digest: bytes) -> bytes:
     """DER ECDSA (RFC 6979, low-S) of a 32-byte digest with a derived key.
 

@@ -12,6 +12,7 @@ message of its own); it never disturbs other sessions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from trustmesh.brc103.certificates import VerifiableCertificate
-from trustmesh.brc103.errors import Brc103Error, HandshakeTimeoutError
+from trustmesh.brc103.errors import Brc103Error, HandshakeTimeoutError, TransportError
 from trustmesh.brc103.messages import (
     AuthMessage,
     MessageType,
@@ -39,6 +40,8 @@ from trustmesh.brc103.peer import (
 from trustmesh.errors import DecodeError
 
 log = logging.getLogger(__name__)
+MAX_INBOX = 1024  # general messages waiting for receive() when no listener takes them
+MAX_ERRORS = 100
 MessageHandler = Callable[[AuthMessage], None]
 GeneralListener = Callable[[GeneralMessageReceived], Awaitable[None] | None]
 
@@ -54,6 +57,36 @@ class MessageTransport(Protocol):
 
 def monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
+
+
+class PeerTimer:
+    """Runs a sans-IO peer's timer on the event loop: re-armed after every step at the
+    peer's next deadline, its events handed to ``on_events``."""
+
+    def __init__(
+        self, peer: Peer, clock: Callable[[], int], on_events: Callable[[list[Event]], None]
+    ) -> None:
+        self._peer = peer
+        self._clock = clock
+        self._on_events = on_events
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self.cancel()
+        deadline = self._peer.get_timer()
+        if deadline is not None:
+            delay = max(0.0, (deadline - self._clock()) / 1000)
+            self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._on_events(self._peer.handle_timer(self._clock()))
+        self.arm()
 
 
 class AsyncPeer:
@@ -75,11 +108,12 @@ class AsyncPeer:
         self._listeners: list[GeneralListener] = []
         self._certificate_listeners: list[Callable[[CertificatesReceived], None]] = []
         self._request_listeners: list[Callable[[CertificatesRequested], None]] = []
-        self._inbox: asyncio.Queue[GeneralMessageReceived] = asyncio.Queue()
-        self._timer: asyncio.TimerHandle | None = None
+        self._inbox: asyncio.Queue[GeneralMessageReceived] = asyncio.Queue(MAX_INBOX)
+        self.timer = PeerTimer(peer, clock, self._dispatch)
         self._tasks: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()  # sends leave in the order they were made
-        self.errors: list[Exception] = []
+        # The latest refusals, for logs and tests (a hostile peer must not grow this).
+        self.errors: collections.deque[Exception] = collections.deque(maxlen=MAX_ERRORS)
         transport.set_handler(self._on_message)
 
     @property
@@ -95,7 +129,7 @@ class AsyncPeer:
         nonce = message.initial_nonce
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._handshakes[nonce] = waiter
-        self._arm_timer()
+        self.timer.arm()
         try:
             await self._send(message)
             return await asyncio.wait_for(asyncio.shield(waiter), self.handshake_timeout)
@@ -148,8 +182,10 @@ class AsyncPeer:
 
     async def close(self) -> None:
         self.transport.set_handler(_ignore)  # nothing arriving after close is processed
-        if self._timer is not None:
-            self._timer.cancel()
+        self.timer.cancel()
+        for waiter in self._handshakes.values():
+            if not waiter.done():
+                waiter.set_exception(TransportError("the peer was closed"))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -164,7 +200,7 @@ class AsyncPeer:
             return
         self._flush()
         self._dispatch(events)
-        self._arm_timer()
+        self.timer.arm()
 
     def _report(self, message: AuthMessage, exc: Exception) -> None:
         self.errors.append(exc)
@@ -185,7 +221,10 @@ class AsyncPeer:
                     waiter.set_result(event.identity_key)
             elif isinstance(event, GeneralMessageReceived):
                 if not self._listeners:
-                    self._inbox.put_nowait(event)
+                    try:
+                        self._inbox.put_nowait(event)
+                    except asyncio.QueueFull:  # nobody reads: drop, and say so
+                        self._report(event.message, TransportError("the inbox is full"))
                 for listener in self._listeners:
                     result = self._call(listener, event)
                     if result is not None:
@@ -232,21 +271,6 @@ class AsyncPeer:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        deadline = self.peer.get_timer()
-        if deadline is None:
-            return
-        delay = max(0.0, (deadline - self._clock()) / 1000)
-        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._dispatch(self.peer.handle_timer(self._clock()))
-        self._arm_timer()
 
 
 def _ignore(_message: AuthMessage) -> None:

@@ -15,40 +15,65 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from trustmesh.brc103.messages import AuthMessage, parse_message_bytes
+from trustmesh.brc103.messages import AuthMessage, MessageType, parse_message_bytes
 from trustmesh.brc103.peer import Peer, PeerConfig
 from trustmesh.brc103.revocation import RevocationChecker
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import DecodeError
 from trustmesh.io.brc103 import AsyncPeer, MessageHandler
+from trustmesh.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 MAX_FRAME = 8 * 1024 * 1024
+MAX_PENDING_SENDS = 16  # replies in flight before we stop reading the peer
+SESSIONS_PER_CONNECTION = 4
+HANDSHAKE_RATE = 2.0  # initialRequests per second per connection, on average
+HANDSHAKE_BURST = 10
 PeerHandler = Callable[[AsyncPeer], Coroutine[Any, Any, None]]
 
 
 class WebSocketTransport:
     """A :class:`~trustmesh.io.brc103.MessageTransport` over an open WebSocket."""
 
-    def __init__(self, ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        *,
+        handshake_rate: float = HANDSHAKE_RATE,
+        handshake_burst: int = HANDSHAKE_BURST,
+    ) -> None:
         self.ws = ws
         self._handler: MessageHandler | None = None
+        self._sending = 0
+        self._sent = asyncio.Event()
+        self._handshakes = TokenBucket(handshake_rate, handshake_burst, time.monotonic())
 
     def set_handler(self, handler: MessageHandler) -> None:
         self._handler = handler
 
     async def send(self, message: AuthMessage) -> None:
-        await self.ws.send_str(message.to_bytes().decode("utf-8"))
+        self._sending += 1
+        try:
+            await self.ws.send_str(message.to_bytes().decode("utf-8"))
+        finally:
+            self._sending -= 1
+            self._sent.set()
 
     async def run(self) -> None:
-        """Deliver incoming frames until the socket closes."""
+        """Deliver incoming frames until the socket closes.
+
+        A peer that does not read our replies stops being read (at most
+        ``MAX_PENDING_SENDS`` replies in flight), and one that opens handshakes faster
+        than the rate limit is closed with 1008: neither can make us queue without end."""
         async for frame in self.ws:
             if frame.type is WSMsgType.TEXT:
                 try:
@@ -57,8 +82,19 @@ class WebSocketTransport:
                     log.info("closing a WebSocket that sent a malformed AuthMessage: %s", exc)
                     await self.ws.close(code=WSCloseCode.INVALID_TEXT, message=b"bad AuthMessage")
                     return
+                if message.message_type is MessageType.INITIAL_REQUEST and (
+                    self._handshakes.take(time.monotonic()) is not None
+                ):
+                    await self.ws.close(
+                        code=WSCloseCode.POLICY_VIOLATION, message=b"too many handshakes"
+                    )
+                    return
                 if self._handler is not None:
                     self._handler(message)
+                await asyncio.sleep(0)  # let the replies this message queued start
+                while self._sending >= MAX_PENDING_SENDS:
+                    self._sent.clear()
+                    await self._sent.wait()
             elif frame.type is WSMsgType.BINARY:
                 await self.ws.close(
                     code=WSCloseCode.UNSUPPORTED_DATA, message=b"AuthMessages are text frames"
@@ -76,22 +112,36 @@ def websocket_handler(
     revocation: RevocationChecker | None = None,
 ) -> Callable[[web.Request], Awaitable[web.WebSocketResponse]]:
     """An aiohttp handler that runs BRC-103 on each WebSocket and hands its peer to
-    ``on_peer``; the connection ends when the client closes or ``on_peer`` returns."""
+    ``on_peer``; the connection ends when the client closes or ``on_peer`` returns.
+    Each connection's peer keeps at most ``SESSIONS_PER_CONNECTION`` sessions."""
+
+    # One client per connection: a few sessions are plenty (a re-handshake or two).
+    per_connection = dataclasses.replace(
+        config or PeerConfig(),
+        max_sessions=SESSIONS_PER_CONNECTION,
+        max_unproven_sessions=SESSIONS_PER_CONNECTION,
+    )
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=30.0)
         await ws.prepare(request)
         transport = WebSocketTransport(ws)
-        peer = AsyncPeer(Peer(wallet, config, revocation=revocation), transport)
-        app_task = asyncio.get_running_loop().create_task(on_peer(peer))
+        peer = AsyncPeer(Peer(wallet, per_connection, revocation=revocation), transport)
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(transport.run())
+        app_task = loop.create_task(on_peer(peer))
         try:
-            await transport.run()
+            # The connection ends when the client goes or the application is done.
+            await asyncio.wait({reader, app_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            app_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await app_task
+            for task in (reader, app_task):
+                task.cancel()
+            results = await asyncio.gather(reader, app_task, return_exceptions=True)
             await peer.close()
             await ws.close()
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("a BRC-103 WebSocket connection ended with an error: %r", result)
         return ws
 
     return handler
