@@ -25,7 +25,12 @@ from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.brc103 import http as brc104
 from trustmesh.brc103.certificates import VerifiableCertificate
 from trustmesh.brc103.encoding import b64decode, js_stringify
-from trustmesh.brc103.errors import Brc103Error, CertificatesTimeoutError, MalformedMessageError
+from trustmesh.brc103.errors import (
+    Brc103Error,
+    CertificatesTimeoutError,
+    MalformedMessageError,
+    MessageSignatureError,
+)
 from trustmesh.brc103.messages import AuthMessage, MessageType, parse_message_bytes
 from trustmesh.brc103.peer import (
     Event,
@@ -161,21 +166,29 @@ class Brc104Server:
             if len(request_id) != brc104.REQUEST_ID_SIZE:
                 raise MalformedMessageError("x-bsv-auth-request-id must be 32 bytes of base64")
             body = await request.read()
-            raw_target = request.raw_path
-            path, _, query = raw_target.partition("?")
-            payload = brc104.encode_request_payload(
-                request_id,
-                request.method,
-                path,
-                "?" + query if query else "",
-                brc104.signed_request_headers(headers.items()),
-                body or None,
-            )
-            message = brc104.message_from_headers(headers, payload)
+            path, _, query = request.raw_path.partition("?")
+            signed = brc104.signed_request_headers(headers.items())
+            # The Python reference client signs a URL without a path as "no path" (-1),
+            # where every other client signs "/": both are tried for "/".
+            messages = [
+                brc104.message_from_headers(
+                    headers,
+                    brc104.encode_request_payload(
+                        request_id,
+                        request.method,
+                        variant,
+                        "?" + query if query else "",
+                        signed,
+                        body or None,
+                    ),
+                )
+                for variant in ([path, ""] if path == "/" else [path])
+            ]
         except (DecodeError, Brc103Error, KeyError, ValueError) as exc:
             return _error(400, "ERR_MALFORMED_REQUEST", str(exc))
+        message = messages[0]
         try:
-            event = await self._receive_general(message)
+            event = await self._receive_general(messages)
         except Brc103Error as exc:
             log.info("refused a request from %s: %s", message.identity_key, exc)
             return _error(401, "ERR_AUTH_FAILED", f"{exc.code}: {exc}")
@@ -193,9 +206,19 @@ class Brc104Server:
             )
         return self._sign_response(response, request_id, request_id_text, session)
 
-    async def _receive_general(self, message: AuthMessage) -> GeneralMessageReceived:
+    async def _receive_general(self, candidates: list[AuthMessage]) -> GeneralMessageReceived:
         """The verified general message: at once, or once the client's certificates
-        validate (it is held until then, within the certificate timeout)."""
+        validate (it is held until then, within the certificate timeout). Candidates
+        differ only in the payload the signature may cover; a refused one changes
+        nothing, so the next is tried."""
+        for candidate in candidates[:-1]:
+            try:
+                return await self._receive_one(candidate)
+            except MessageSignatureError:
+                continue
+        return await self._receive_one(candidates[-1])
+
+    async def _receive_one(self, message: AuthMessage) -> GeneralMessageReceived:
         events = self.peer.receive(message, self._clock())  # raises if refused
         mine = next(
             (e for e in events if isinstance(e, GeneralMessageReceived) and e.message is message),
