@@ -336,11 +336,11 @@ class Peer:
                 raise UnexpectedMessageError(
                     "too many general messages held while waiting for certificates"
                 )
-            self._commit_signed(session, message, now_ms)
             session.held.append(message)
             session.held_bytes += size
             self.sessions.held_total += size
-            if session.held_deadline_ms is None:
+            self._commit_signed(session, message, now_ms)
+            if session.held and session.held_deadline_ms is None:
                 self._hold_until(session, now_ms + self.config.certificate_timeout_ms)
             return []
         self._commit_signed(session, message, now_ms)
@@ -427,6 +427,8 @@ class Peer:
             # Replay memory must stay bounded: this session ends, the next message finds
             # none and the peer handshakes again (reference clients do so by themselves).
             self.sessions.remove(session)
+            if session.held:
+                self._late.append(self._dropped(session))
 
     def _signed_session(self, message: AuthMessage, now_ms: int) -> Session:
         session = self._check_signed(message)

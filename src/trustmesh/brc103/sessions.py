@@ -63,7 +63,8 @@ class SessionTable:
             while len(self._unproven) >= self._max_unproven:
                 evicted.append(self._evict(next(iter(self._unproven.values()))))
         while len(self._by_nonce) >= self._max:
-            evicted.append(self._evict(next(iter(self._by_nonce.values()))))
+            pool = self._unproven if self._unproven else self._by_nonce
+            evicted.append(self._evict(next(iter(pool.values()))))
         self._by_nonce[session.session_nonce] = session
         if not session.peer_proven:
             self._unproven[session.session_nonce] = session
@@ -132,6 +133,7 @@ class SessionTable:
         self._unproven.pop(session.session_nonce, None)
         self.seen_total -= len(session.seen_nonces)
         self.held_total -= session.held_bytes
+        session.held_bytes = 0  # the held messages themselves stay, for the report
         self._unindex(session)
 
     def _unindex(self, session: Session) -> None:

@@ -262,6 +262,13 @@ def fetch(
     response = asyncio.run(_fetch(wallet, config, url, verb, header_list, body))
     if verbose:
         click.echo(f"authenticated: HTTP {response.status} from {response.identity_key}", err=True)
+        for shown in response.certificates:
+            fields = json.dumps(shown.decrypted_fields, ensure_ascii=False)
+            click.echo(
+                f"certificate: type {shown.certificate.type} certifier "
+                f"{shown.certificate.certifier} fields {fields}",
+                err=True,
+            )
     if include:
         lines = [f"HTTP {response.status}"] + [f"{k}: {v}" for k, v in response.headers.items()]
         sys.stdout.write("\r\n".join(lines) + "\r\n\r\n")

@@ -110,8 +110,9 @@ class AsyncPeer:
         self._request_listeners: list[Callable[[CertificatesRequested], None]] = []
         self._inbox: asyncio.Queue[GeneralMessageReceived] = asyncio.Queue(MAX_INBOX)
         self.timer = PeerTimer(peer, clock, self._dispatch)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._send_lock = asyncio.Lock()  # sends leave in the order they were made
+        self.pending_sends = 0  # sends made and not yet handed to the transport
         # The latest refusals, for logs and tests (a hostile peer must not grow this).
         self.errors: collections.deque[Exception] = collections.deque(maxlen=MAX_ERRORS)
         transport.set_handler(self._on_message)
@@ -257,20 +258,28 @@ class AsyncPeer:
             self._spawn(self._send(message))
 
     async def _send(self, message: AuthMessage) -> None:
-        async with self._send_lock:
-            await self.transport.send(message)
+        self.pending_sends += 1
+        try:
+            async with self._send_lock:
+                await self.transport.send(message)
+        finally:
+            self.pending_sends -= 1
 
     def _spawn(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            try:
-                await work
-            except Exception as exc:  # a failed send or listener must not kill the driver
-                log.warning("BRC-103 background work failed: %s", exc)
-                self.errors.append(exc)
-
-        task = asyncio.get_running_loop().create_task(run())
+        """Run ``work`` (a send, an async listener) beside the peer; a failure is logged
+        and recorded, never fatal to the driver."""
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, Exception):
+            log.warning("BRC-103 background work failed: %s", exc)
+            self.errors.append(exc)
 
 
 def _ignore(_message: AuthMessage) -> None:

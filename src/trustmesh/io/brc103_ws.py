@@ -68,12 +68,15 @@ class WebSocketTransport:
             self._sending -= 1
             self._sent.set()
 
-    async def run(self) -> None:
+    async def run(self, backlog: Callable[[], int] | None = None) -> None:
         """Deliver incoming frames until the socket closes.
 
         A peer that does not read our replies stops being read (at most
         ``MAX_PENDING_SENDS`` replies in flight), and one that opens handshakes faster
-        than the rate limit is closed with 1008: neither can make us queue without end."""
+        than the rate limit is closed with 1008: neither can make us queue without end.
+        ``backlog`` counts the replies waiting to go out (the peer's queued sends); without
+        it, only sends already inside this transport count."""
+        pending = backlog or (lambda: self._sending)
         async for frame in self.ws:
             if frame.type is WSMsgType.TEXT:
                 try:
@@ -92,7 +95,7 @@ class WebSocketTransport:
                 if self._handler is not None:
                     self._handler(message)
                 await asyncio.sleep(0)  # let the replies this message queued start
-                while self._sending >= MAX_PENDING_SENDS:
+                while pending() >= MAX_PENDING_SENDS:
                     self._sent.clear()
                     await self._sent.wait()
             elif frame.type is WSMsgType.BINARY:
@@ -128,7 +131,7 @@ def websocket_handler(
         transport = WebSocketTransport(ws)
         peer = AsyncPeer(Peer(wallet, per_connection, revocation=revocation), transport)
         loop = asyncio.get_running_loop()
-        reader = loop.create_task(transport.run())
+        reader = loop.create_task(transport.run(lambda: peer.pending_sends))
         app_task = loop.create_task(on_peer(peer))
         try:
             # The connection ends when the client goes or the application is done.
@@ -164,7 +167,9 @@ async def connect(
         async with http.ws_connect(url, max_msg_size=MAX_FRAME, heartbeat=30.0) as ws:
             transport = WebSocketTransport(ws)
             peer = AsyncPeer(Peer(wallet, config, revocation=revocation), transport)
-            reader = asyncio.get_running_loop().create_task(transport.run())
+            reader = asyncio.get_running_loop().create_task(
+                transport.run(lambda: peer.pending_sends)
+            )
             try:
                 yield peer
             finally:
