@@ -10,11 +10,13 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 from aiohttp import web
+from click.decorators import FC
 
 from trustmesh.api.authfetch import AuthFetch
 from trustmesh.api.brc104 import SESSION_IDLE_MS, Brc104Server
@@ -363,19 +365,24 @@ def _read_json(path: Path) -> Any:
         raise CertificateFormatError(f"{path}: {exc}") from None
 
 
+def _role_key(role: str, *, required: bool = False) -> Callable[[FC], FC]:
+    """``--key``: the key file of the party in ``role`` (PEM, or 64 hex digits)."""
+    return click.option(
+        "--key",
+        "key_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        required=required,
+        help=f"The {role}'s identity key file (secp256k1 PEM, or 64 hex digits).",
+    )
+
+
 OUT_OPTION = click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not stdout."
 )
 
 
 @cert.command()
-@click.option(
-    "--key",
-    "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The certifier's identity key file.",
-)
+@_role_key("certifier", required=True)
 @click.option("--subject", required=True, help="The subject's identity key (66 hex digits).")
 @click.option(
     "--type",
@@ -429,13 +436,7 @@ def issue(
 
 @cert.command()
 @click.argument("certificate", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option(
-    "--key",
-    "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The subject's identity key file.",
-)
+@_role_key("subject", required=True)
 @click.option("--verifier", required=True, help="The verifier's identity key (66 hex digits).")
 @click.option(
     "--field", "names", multiple=True, required=True, help="A field to reveal; repeatable."
@@ -454,12 +455,7 @@ def reveal(
 
 @cert.command()
 @click.argument("certificate", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option(
-    "--key",
-    "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The verifier's identity key file, to decrypt the revealed fields.",
-)
+@_role_key("verifier")
 @click.option(
     "--certifier",
     "certifiers",
