@@ -89,7 +89,11 @@ class CertificatesReceived:
 class CertificatesRequested:
     """The peer asked for certificates and the peer has no store to answer from (or
     was told not to answer by itself): the application answers with
-    :meth:`Peer.create_certificate_response`."""
+    :meth:`Peer.create_certificate_response`.
+
+    From an initialRequest (unsigned) ``identity_key`` is only what the requester
+    claims; the answer is encrypted and signed for that key, so only its holder can use
+    it. From a certificateRequest it is the session's verified peer."""
 
     session_nonce: str
     identity_key: str
