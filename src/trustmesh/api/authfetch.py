@@ -27,7 +27,6 @@ from trustmesh.brc103.encoding import b64encode
 from trustmesh.brc103.errors import (
     Brc103Error,
     IdentityMismatchError,
-    MessageSignatureError,
     TransportError,
 )
 from trustmesh.brc103.messages import (
@@ -41,7 +40,6 @@ from trustmesh.brc103.revocation import RevocationChecker
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import DecodeError
 from trustmesh.io.brc103 import monotonic_ms
-from trustmesh.wire.jsonwire import strict_loads
 
 log = logging.getLogger(__name__)
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -125,12 +123,8 @@ class AuthFetch:
         lock = self._locks.setdefault(origin, asyncio.Lock())
         async with lock:
             known = self._servers.get(origin)
-            if known is not None:
-                try:
-                    self.peer.session(identity_key=known)
-                    return known
-                except Brc103Error:
-                    pass
+            if known is not None and self.peer.has_session(known):
+                return known
             identity = await self._handshake(origin)
             self._servers[origin] = identity
             return identity
@@ -304,20 +298,19 @@ class AuthFetch:
     ) -> None:
         signed = brc104.signed_response_headers(headers.items())
         encodings = [False] if body else [False, True]  # empty: varint(0), else varint(-1)
-        error: Brc103Error | None = None
-        for minus_one in encodings:
-            payload = brc104.encode_response_payload(
-                request_id, status, signed, body, empty_as_minus_one=minus_one
-            )
-            try:
-                reply = brc104.message_from_headers(headers, payload)
-                self.peer.receive(reply, monotonic_ms())
-                return
-            except MessageSignatureError as exc:
-                error = exc
-            except (Brc103Error, DecodeError) as exc:
-                raise UnauthenticatedResponseError(f"the response does not verify: {exc}") from None
-        raise UnauthenticatedResponseError(f"the response does not verify: {error}")
+        try:
+            candidates = [
+                brc104.message_from_headers(
+                    headers,
+                    brc104.encode_response_payload(
+                        request_id, status, signed, body, empty_as_minus_one=minus_one
+                    ),
+                )
+                for minus_one in encodings
+            ]
+            self.peer.receive_any(candidates, monotonic_ms())
+        except (Brc103Error, DecodeError) as exc:
+            raise UnauthenticatedResponseError(f"the response does not verify: {exc}") from None
 
     def _answer_certificate_request(self, url: yarl.URL, headers: CIMultiDictProxy[str]) -> None:
         """The server asked for certificates in a response header: send ours."""
@@ -326,9 +319,7 @@ class AuthFetch:
         if identity is None:
             return
         try:
-            requested = RequestedCertificates.from_json(
-                strict_loads(headers[brc104.REQUESTED_CERTIFICATES].encode(), max_size=65536)
-            )
+            requested = RequestedCertificates.from_text(headers[brc104.REQUESTED_CERTIFICATES])
         except DecodeError as exc:
             log.warning("ignored a malformed certificate request from %s: %s", origin, exc)
             return

@@ -29,7 +29,6 @@ from trustmesh.brc103.errors import (
     Brc103Error,
     CertificatesTimeoutError,
     MalformedMessageError,
-    MessageSignatureError,
 )
 from trustmesh.brc103.messages import AuthMessage, MessageType, parse_message_bytes
 from trustmesh.brc103.peer import (
@@ -90,8 +89,9 @@ class Brc104Server:
         # not be able to spend it all, nor push other clients' sessions out of the table.
         self.auth_rate_limit = auth_rate_limit or RateLimiter(AUTH_RATE, AUTH_BURST)
         self._clock = clock
-        # Requests held until the client's certificates validate, by (session, nonce).
-        self._waiting: dict[tuple[str, str], asyncio.Future[GeneralMessageReceived]] = {}
+        # Requests held until the client's certificates validate, by id() of their
+        # message: the peer hands the same object back when it releases or drops it.
+        self._waiting: dict[int, asyncio.Future[GeneralMessageReceived]] = {}
 
     @property
     def identity_key(self) -> str:
@@ -208,27 +208,16 @@ class Brc104Server:
 
     async def _receive_general(self, candidates: list[AuthMessage]) -> GeneralMessageReceived:
         """The verified general message: at once, or once the client's certificates
-        validate (it is held until then, within the certificate timeout). Candidates
-        differ only in the payload the signature may cover; a refused one changes
-        nothing, so the next is tried."""
-        for candidate in candidates[:-1]:
-            try:
-                return await self._receive_one(candidate)
-            except MessageSignatureError:
-                continue
-        return await self._receive_one(candidates[-1])
-
-    async def _receive_one(self, message: AuthMessage) -> GeneralMessageReceived:
-        events = self.peer.receive(message, self._clock())  # raises if refused
+        validate (it is held until then, within the certificate timeout)."""
+        message, events = self.peer.receive_any(candidates, self._clock())  # raises if refused
         mine = next(
             (e for e in events if isinstance(e, GeneralMessageReceived) and e.message is message),
             None,
         )
-        key = (message.your_nonce or "", message.nonce or "")
         waiter: asyncio.Future[GeneralMessageReceived] | None = None
         if mine is None:
             waiter = asyncio.get_running_loop().create_future()
-            self._waiting[key] = waiter
+            self._waiting[id(message)] = waiter
         try:
             self._dispatch(events)
             self.timer.arm()
@@ -242,7 +231,7 @@ class Brc104Server:
             except TimeoutError:
                 raise CertificatesTimeoutError("the client's certificates did not arrive") from None
         finally:
-            self._waiting.pop(key, None)
+            self._waiting.pop(id(message), None)
 
     def _sign_response(
         self,
@@ -273,13 +262,12 @@ class Brc104Server:
     def _dispatch(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, GeneralMessageReceived):
-                message = event.message
-                waiter = self._waiting.get((message.your_nonce or "", message.nonce or ""))
+                waiter = self._waiting.get(id(event.message))
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event)
             elif isinstance(event, HeldMessagesDropped):
                 for message in event.messages:
-                    waiter = self._waiting.get((message.your_nonce or "", message.nonce or ""))
+                    waiter = self._waiting.get(id(message))
                     if waiter is not None and not waiter.done():
                         waiter.set_exception(event.error)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable
 from typing import Any
 
-from trustmesh.errors import DecodeError, TruncatedError
+from trustmesh.errors import DecodeError, ProtocolError, TruncatedError
 from trustmesh.wire.jsonwire import compact_json
 
 MINUS_ONE = b"\xff" * 9
@@ -90,7 +91,7 @@ def _js_order(value: Any) -> Any:
     return value
 
 
-def b64decode(text: str, what: str, error: type[DecodeError] = DecodeError) -> bytes:
+def b64decode(text: str, what: str, error: Callable[[str], ProtocolError] = DecodeError) -> bytes:
     """Standard base64 with padding; anything else is ``error``."""
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)

@@ -30,6 +30,7 @@ MAX_NONCE_TEXT = 256  # base64 characters; references use 44 and 64
 MAX_SIGNATURE = 80
 MAX_CERTIFICATES = 64
 MAX_REQUESTED = 256
+MAX_TEXT = 64 * 1024  # requestedCertificates as JSON text
 
 
 class MessageType(StrEnum):
@@ -69,6 +70,13 @@ class RequestedCertificates:
             "certifiers": list(self.certifiers),
             "types": {k: list(v) for k, v in self.types.items()},
         }
+
+    @classmethod
+    def from_text(cls, text: str) -> RequestedCertificates:
+        """From JSON text (a BRC-104 header, a command-line option)."""
+        raw = text.encode("utf-8", "surrogatepass")  # a lone surrogate: refused as bad UTF-8
+        value = strict_loads(raw, max_size=MAX_TEXT, error=MalformedMessageError)
+        return cls.from_json(value)
 
     @classmethod
     def from_json(cls, value: object) -> RequestedCertificates:

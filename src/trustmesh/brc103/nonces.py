@@ -9,10 +9,9 @@ padding, which the initialResponse signature needs (reference notes b.2). Counte
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 
+from trustmesh.brc103.encoding import b64decode, b64encode
 from trustmesh.brc103.errors import NonceError
 from trustmesh.brc103.wallet import SELF, Wallet
 
@@ -32,15 +31,12 @@ def create_nonce(wallet: Wallet, *, random_part: bytes | None = None) -> str:
     elif len(random_part) != RANDOM_SIZE:
         raise ValueError(f"the random part is {RANDOM_SIZE} bytes")
     mac = wallet.create_hmac(random_part, NONCE_PROTOCOL, _key_id(random_part), SELF)
-    return base64.b64encode(random_part + mac).decode("ascii")
+    return b64encode(random_part + mac)
 
 
 def verify_nonce(wallet: Wallet, nonce: str) -> None:
     """Raise :class:`NonceError` unless ``wallet`` made ``nonce``."""
-    try:
-        raw = base64.b64decode(nonce.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise NonceError("nonce is not base64") from None
+    raw = b64decode(nonce, "nonce", NonceError)
     if len(raw) != NONCE_SIZE:
         raise NonceError(f"nonce has {len(raw)} bytes, not {NONCE_SIZE}")
     random_part, mac = raw[:RANDOM_SIZE], raw[RANDOM_SIZE:]

@@ -221,6 +221,20 @@ class Peer:
         events = handler(message, now_ms)
         return self._with_late(events)
 
+    def receive_any(
+        self, candidates: list[AuthMessage], now_ms: int
+    ) -> tuple[AuthMessage, list[Event]]:
+        """Receive one message that can be read several ways (BRC-104 payloads whose
+        signer may have written an empty part as -1 or 0): the first candidate whose
+        signature verifies. A refused candidate changes nothing, so the next is tried;
+        the last one's error is raised."""
+        for candidate in candidates[:-1]:
+            try:
+                return candidate, self.receive(candidate, now_ms)
+            except MessageSignatureError:
+                continue
+        return candidates[-1], self.receive(candidates[-1], now_ms)
+
     def _with_late(self, events: list[Event]) -> list[Event]:
         if self._late:
             events, self._late = self._late + events, []
@@ -308,7 +322,8 @@ class Peer:
         return events
 
     def _on_certificate_request(self, message: AuthMessage, now_ms: int) -> list[Event]:
-        session = self._signed_session(message, now_ms)
+        session = self._check_signed(message)
+        self._commit_signed(session, message, now_ms)
         requested = message.requested_certificates or NO_REQUEST
         return self._answer_request(session, requested, only_if_any=False)
 
@@ -434,11 +449,6 @@ class Peer:
             if session.held:
                 self._late.append(self._dropped(session))
 
-    def _signed_session(self, message: AuthMessage, now_ms: int) -> Session:
-        session = self._check_signed(message)
-        self._commit_signed(session, message, now_ms)
-        return session
-
     def _verify(self, data: bytes, signature: bytes, key_id: str, signer: str | None) -> None:
         if signer is None:
             raise SessionNotFoundError("the session has no peer identity yet")
@@ -529,6 +539,10 @@ class Peer:
         )
 
     # --- sending --------------------------------------------------------------------------
+
+    def has_session(self, identity_key: str) -> bool:
+        """Is there an authenticated session to send on to ``identity_key``?"""
+        return self.sessions.by_identity(identity_key) is not None
 
     def session(
         self, *, identity_key: str | None = None, session_nonce: str | None = None

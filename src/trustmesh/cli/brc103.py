@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import sys
@@ -124,9 +125,7 @@ def _peer_config(
     requested = NO_REQUEST
     if requested_json is not None:
         try:
-            requested = RequestedCertificates.from_json(
-                strict_loads(requested_json.encode(), max_size=65536)
-            )
+            requested = RequestedCertificates.from_text(requested_json)
         except DecodeError as exc:
             raise click.BadParameter(str(exc), param_hint="--request-certificates") from None
     masters = [MasterCertificate.from_json(_read_json(path)) for path in certificate_files]
@@ -333,11 +332,9 @@ def cert() -> None:
 
 def _certificate_type(value: str) -> str:
     """32 bytes of base64 as given, else the SHA-256 of the name (so "employee" works)."""
-    try:
+    with contextlib.suppress(binascii.Error, ValueError):
         if len(base64.b64decode(value, validate=True)) == 32:
             return value
-    except (binascii.Error, ValueError):
-        pass
     return base64.b64encode(hashlib.sha256(value.encode("utf-8")).digest()).decode()
 
 

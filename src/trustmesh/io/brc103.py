@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -142,10 +141,8 @@ class AsyncPeer:
 
     async def session_with(self, identity_key: str | None) -> str:
         """The peer identity of an authenticated session, handshaking if there is none."""
-        if identity_key is not None:
-            with contextlib.suppress(Brc103Error):
-                self.peer.session(identity_key=identity_key)
-                return identity_key
+        if identity_key is not None and self.peer.has_session(identity_key):
+            return identity_key
         return await self.handshake(identity_key=identity_key)
 
     async def send_general(self, payload: bytes, *, identity_key: str | None = None) -> str:
