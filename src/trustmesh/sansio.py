@@ -16,6 +16,17 @@ from typing import Protocol
 class Event:
     """Base class of every event a core returns."""
 
+    def payload_size(self) -> int:
+        """Bytes of peer data this event holds (drivers bound what they queue by it)."""
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated(Event):
+    """Base class of the event that says the peer is proven (BOTD's handshake, a
+    Catalyst session Established, a mesh link's HELLO): the driver's handshake deadline
+    ends, and the listener protects the connection from eviction."""
+
 
 @dataclass(frozen=True, slots=True)
 class ConnectionClosed(Event):

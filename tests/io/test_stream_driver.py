@@ -14,6 +14,7 @@ from toy_protocol import Message, ToyCore
 
 from trustmesh.errors import ConnectionClosedError, ProtocolError
 from trustmesh.io import StreamDriver, StreamServer, memory_pipe, open_stream, serve_stream
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.stream import CoreT
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.wire.frames import encode_frame
@@ -409,7 +410,8 @@ async def test_abort_ends_an_orderly_close_that_cannot_finish(
     tcp_server: Callable[..., Awaitable[int]],
 ) -> None:
     handler: ServerSide[ToyCore] = ServerSide(send_8mb_then_close)
-    port = await tcp_server(ToyCore, handler)
+    # A write buffer cap above the 8 MB: this test is about the close, not the cap.
+    port = await tcp_server(ToyCore, handler, policy=ResourcePolicy(max_write_buffer=16 << 20))
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     server = await handler.driver()
     assert server.closed
@@ -425,7 +427,9 @@ async def test_close_timeout_aborts_a_stuck_close(
     tcp_server: Callable[..., Awaitable[int]],
 ) -> None:
     handler: ServerSide[ToyCore] = ServerSide(send_8mb_then_close)
-    port = await tcp_server(ToyCore, handler, close_timeout=0.05)
+    port = await tcp_server(
+        ToyCore, handler, close_timeout=0.05, policy=ResourcePolicy(max_write_buffer=16 << 20)
+    )
     _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     server = await handler.driver()
     event = await closed(server)  # the linger timer aborts the stuck close

@@ -54,7 +54,7 @@ from trustmesh.crypto.aead import TAG_SIZE
 from trustmesh.crypto.keys import KeyKind, PublicKey, Secp256k1PublicKey
 from trustmesh.errors import DecodeError, OversizeError, ProtocolError
 from trustmesh.keystore.signer import Signer
-from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 from trustmesh.wire.frames import FrameDecoder
 from trustmesh.wire.varint import encode_uvarint
 
@@ -63,7 +63,7 @@ RECORD_OVERHEAD = 8 + TAG_SIZE
 
 
 @dataclass(frozen=True, slots=True)
-class HandshakeComplete(Event):
+class HandshakeComplete(Authenticated):
     """The peer proved its identity key for this session and holds the session keys."""
 
     peer_key: PublicKey
@@ -74,6 +74,9 @@ class MessageReceived(Event):
     """One authenticated application message."""
 
     data: bytes
+
+    def payload_size(self) -> int:
+        return len(self.data)
 
 
 @dataclass(frozen=True, slots=True)

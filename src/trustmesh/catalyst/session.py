@@ -24,7 +24,7 @@ from trustmesh.catalyst.errors import CatalystError
 from trustmesh.catalyst.jose import JWS_EXPORTER_LABEL, JwsSigner, verify_detached
 from trustmesh.catalyst.policy import PeeringPolicy, PeeringRequest
 from trustmesh.errors import DecodeError
-from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 
 OPEN_HOLD_TIME = 240.0  # RFC 4271's "large" hold time while waiting for the OPEN
@@ -97,7 +97,7 @@ class State(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class SessionEstablished(Event):
+class SessionEstablished(Authenticated):
     peer_id: str
     peer_asn: int
     hold_time: int

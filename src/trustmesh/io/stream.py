@@ -3,9 +3,16 @@
 It pumps bytes between a transport and the core, arms the core's timer, turns the
 core's :class:`~trustmesh.sansio.ConnectionClosed` into closing the transport, and
 applies backpressure: ``drain()`` holds writers above the high-water mark, and reading
-stops while the application has not taken ``max_pending_events`` events or while the
-core's unsent output passes ``READ_PAUSE_FACTOR`` high-water marks. No protocol logic
-lives here; see docs/architecture.md.
+stops while the application has not taken ``max_pending_events`` events (or their
+payloads pass ``max_queued_bytes``) or while the core's unsent output passes
+``READ_PAUSE_FACTOR`` high-water marks.
+
+Every connection runs under a :class:`~trustmesh.io.limits.ResourcePolicy`: a peer
+whose unsent output passes ``max_write_buffer``, or that keeps writing paused for
+``write_stall_timeout``, is dropped; an accepted connection that sends nothing within
+``idle_timeout``, or is not authenticated (its core's
+:class:`~trustmesh.sansio.Authenticated` event) within ``handshake_timeout``, is
+dropped too. No protocol logic lives here; see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -17,14 +24,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Self, TypeVar
 
 from trustmesh.errors import ConnectionClosedError, ProtocolError
-from trustmesh.sansio import ConnectionClosed, Event, StreamCore
+from trustmesh.io.limits import Admission, LimitStats, ResourcePolicy
+from trustmesh.io.listener import Listener
+from trustmesh.sansio import Authenticated, ConnectionClosed, Event, StreamCore
 
 log = logging.getLogger("trustmesh.io")
 
 CoreT = TypeVar("CoreT", bound=StreamCore)
 
 DEFAULT_HIGH_WATER = 256 * 1024
-DEFAULT_MAX_PENDING_EVENTS = 1024
+CLIENT_STATS = LimitStats("outbound connections")  # limits hit on connections we opened
 # Reading stops when unsent output passes this many high-water marks. Writers that
 # await drain() stay below one mark, so only output the core makes by itself (replies
 # to a peer that does not read) gets here; a lower bound would deadlock two peers that
@@ -42,14 +51,24 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         core: CoreT,
         *,
         high_water: int = DEFAULT_HIGH_WATER,
-        max_pending_events: int = DEFAULT_MAX_PENDING_EVENTS,
+        max_pending_events: int | None = None,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        policy: ResourcePolicy | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.core = core
         self._loop = asyncio.get_running_loop()
+        self._policy = policy or (admission.policy if admission else ResourcePolicy())
+        self._admission = admission  # our place in a listener's table (accepted only)
+        self._stats = admission.stats if admission else CLIENT_STATS
         self._high_water = high_water
-        self._max_pending = max_pending_events
+        self._max_pending = max_pending_events or self._policy.max_queued_events
+        self._queued_bytes = 0  # payload bytes of the events in self._events
         self._close_timeout = close_timeout
+        self._guard: asyncio.TimerHandle | None = None  # idle / handshake deadline
+        self._stall: asyncio.TimerHandle | None = None  # writing paused too long
+        self._heard = False  # any byte from the peer yet
+        self._handshake_deadline = 0.0
         self._linger: asyncio.TimerHandle | None = None
         self._eof = False
         self._transport: asyncio.Transport | None = None
@@ -107,6 +126,7 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             self._event_ready.clear()
             await self._event_ready.wait()
         event = self._events.popleft()
+        self._queued_bytes -= event.payload_size()
         if isinstance(event, ConnectionClosed):
             self._delivered_close = True
         self._update_reading()
@@ -181,9 +201,19 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             transport.abort()
             return
         transport.set_write_buffer_limits(high=self._high_water)
+        if self._admission is not None:
+            self._admission.evict = self.abort
+            policy = self._policy
+            now = self._loop.time()
+            self._handshake_deadline = now + policy.handshake_timeout
+            self._arm_guard(min(now + policy.idle_timeout, self._handshake_deadline))
         self._guarded(lambda: self.core.start(self._loop.time()))
 
     def data_received(self, data: bytes) -> None:
+        if not self._heard:
+            self._heard = True
+            if self._guard is not None:  # the idle deadline is over; the handshake's is not
+                self._arm_guard(self._handshake_deadline)
         if not self._closed.done():
             self._guarded(lambda: self.core.receive_data(data, self._loop.time()))
 
@@ -209,12 +239,53 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
     def pause_writing(self) -> None:
         self._write_paused = True
         self._drained.clear()
+        if self._stall is None:
+            self._stall = self._loop.call_later(
+                self._policy.write_stall_timeout, self._on_write_stall
+            )
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         self._drained.set()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._update_reading()
+
+    # --- the resource policy ----------------------------------------------------------
+
+    def _arm_guard(self, deadline: float) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+        self._guard = self._loop.call_at(deadline, self._on_guard)
+
+    def _on_guard(self) -> None:
+        self._guard = None
+        if self._closed.done():
+            return
+        if not self._heard:
+            self._limit_hit("idle_timeout", "sent nothing")
+        else:
+            self._limit_hit("handshake_timeout", "not authenticated in time")
+
+    def _on_authenticated(self) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+            self._guard = None
+        if self._admission is not None:
+            self._admission.authenticated(self._loop.time())
+
+    def _on_write_stall(self) -> None:
+        self._stall = None
+        if not self._closed.done():
+            self._limit_hit("write_stall_timeout", "stopped reading")
+
+    def _limit_hit(self, limit: str, detail: str) -> None:
+        peer = self.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        self._stats.hit(limit, source, detail)
+        self.abort(f"{limit}: the peer {detail}")
 
     # --- the pump ---------------------------------------------------------------------
 
@@ -239,8 +310,11 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         for event in events:
             if isinstance(event, ConnectionClosed):
                 closing = closing or event
-            else:
-                self._events.append(event)
+                continue
+            if isinstance(event, Authenticated):
+                self._on_authenticated()
+            self._events.append(event)
+            self._queued_bytes += event.payload_size()
         self._flush()
         if closing is not None:
             self._finish(closing, abort=False)
@@ -252,8 +326,11 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
 
     def _flush(self) -> None:
         data = self.core.data_to_send()
-        if data and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        transport = self._transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+            if transport.get_write_buffer_size() > self._policy.max_write_buffer:
+                self._limit_hit("max_write_buffer", "does not read what we send")
 
     def _arm_timer(self) -> None:
         deadline = self.core.get_timer()
@@ -277,9 +354,11 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         if transport is None or transport.is_closing() or self._eof:
             return  # after EOF, resuming would make the socket report EOF again
         unsent = transport.get_write_buffer_size()
-        want_pause = (self._write_paused and unsent > READ_PAUSE_FACTOR * self._high_water) or len(
-            self._events
-        ) >= self._max_pending
+        want_pause = (
+            (self._write_paused and unsent > READ_PAUSE_FACTOR * self._high_water)
+            or len(self._events) >= self._max_pending
+            or self._queued_bytes >= self._policy.max_queued_bytes
+        )
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
@@ -290,9 +369,12 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
     def _finish(self, event: ConnectionClosed, *, abort: bool) -> None:
         if self._closed.done():
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for handle in (self._timer, self._guard, self._stall):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._guard = self._stall = None
+        if self._admission is not None:
+            self._admission.release()
         self._closed.set_result(event)
         self._events.append(event)
         self._event_ready.set()
@@ -340,12 +422,16 @@ class StreamServer(Generic[CoreT]):
         handler: Callable[[StreamDriver[CoreT]], Awaitable[None]],
         driver_options: dict[str, Any],
         on_accept: Callable[[StreamDriver[CoreT]], None] | None = None,
+        *,
+        policy: ResourcePolicy | None = None,
+        name: str = "stream listener",
     ) -> None:
         self._core_factory = core_factory
         self._handler = handler
         self._driver_options = driver_options
         self._on_accept = on_accept
-        self._server: asyncio.Server | None = None
+        self._listener = Listener(self._accept, policy, name=name)
+        self._server: Listener | None = None
         self._port: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._drivers: set[StreamDriver[CoreT]] = set()
@@ -366,13 +452,18 @@ class StreamServer(Generic[CoreT]):
     def connections(self) -> frozenset[StreamDriver[CoreT]]:
         return frozenset(self._drivers)
 
-    async def listen(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accept, host, port)
-        self._port = int(self._server.sockets[0].getsockname()[1])
+    @property
+    def listener(self) -> Listener:
+        """The listening socket, its connection table and its limit counters."""
+        return self._listener
 
-    def _accept(self) -> StreamDriver[CoreT]:
-        driver = StreamDriver(self._core_factory(), **self._driver_options)
+    async def listen(self, host: str, port: int) -> None:
+        await self._listener.listen(host, port)
+        self._server = self._listener
+        self._port = self._listener.port
+
+    def _accept(self, admission: Admission) -> StreamDriver[CoreT]:
+        driver = StreamDriver(self._core_factory(), admission=admission, **self._driver_options)
         self._drivers.add(driver)
         if self._on_accept is not None:  # before the transport can deliver a byte
             self._on_accept(driver)
@@ -460,14 +551,19 @@ async def serve_stream(
     port: int,
     *,
     on_accept: Callable[[StreamDriver[CoreT]], None] | None = None,
+    policy: ResourcePolicy | None = None,
+    name: str = "stream listener",
     **driver_options: Any,
 ) -> StreamServer[CoreT]:
     """Accept TCP connections; each gets a fresh core and its own ``handler`` task.
 
     A handler that fails is logged and its connection aborted; others go on. When a
     handler returns, its connection is closed. ``on_accept(driver)`` runs synchronously
-    for each new connection, before any of its bytes are processed.
+    for each new connection, before any of its bytes are processed. ``policy`` bounds
+    the connections and what each may cost (the defaults when not given).
     """
-    server = StreamServer(core_factory, handler, driver_options, on_accept)
+    server = StreamServer(
+        core_factory, handler, driver_options, on_accept, policy=policy, name=name
+    )
     await server.listen(host, port)
     return server

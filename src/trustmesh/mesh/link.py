@@ -20,7 +20,7 @@ from cryptography import x509
 from trustmesh.errors import DecodeError
 from trustmesh.mesh.errors import MalformedMessage, MeshError, RevokedOrigin
 from trustmesh.mesh.gossip import NODE_ID
-from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 from trustmesh.tls import TlsEstablished
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 from trustmesh.wire.jsonwire import compact_json, strict_loads
@@ -65,7 +65,7 @@ class PeerAddress:
 
 
 @dataclass(frozen=True, slots=True)
-class LinkUp(Event):
+class LinkUp(Authenticated):
     """The peer's HELLO arrived and checked out."""
 
     peer_id: str
@@ -83,10 +83,16 @@ class KeepaliveFrame(Event):
 class GossipFrame(Event):
     raw: bytes
 
+    def payload_size(self) -> int:
+        return len(self.raw)
+
 
 @dataclass(frozen=True, slots=True)
 class CrlFrame(Event):
     der: bytes
+
+    def payload_size(self) -> int:
+        return len(self.der)
 
 
 @dataclass(frozen=True, slots=True)
