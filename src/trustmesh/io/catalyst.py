@@ -34,6 +34,7 @@ from trustmesh.catalyst.session import (
     SessionEstablished,
     State,
 )
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.stream import ServerHandle, StreamDriver, serve_stream
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsConfig, TlsContext, TlsEstablished, TlsStream
@@ -295,6 +296,7 @@ class CatalystNode:
         port: int = DEFAULT_PORT,
         *,
         listener: EventListener | None = None,
+        policy: ResourcePolicy | None = None,
     ) -> CatalystServer:
         """Listen for peers. ``handler(session)`` runs for each connection as soon as it
         is accepted (await ``session.wait_established()`` in it); without a handler a
@@ -320,7 +322,9 @@ class CatalystNode:
             else:
                 await session.wait_closed()
 
-        server = await serve_stream(new_core, run, host, port, on_accept=accepted)
+        server = await serve_stream(
+            new_core, run, host, port, on_accept=accepted, policy=policy, name="catalyst"
+        )
         return CatalystServer(server)
 
     async def maintain(

@@ -29,6 +29,7 @@ from trustmesh.ratelimit import RateLimiter
 
 log = logging.getLogger("trustmesh.io.limits")
 
+MIN_HTTP_DEADLINE = 5.0
 LOG_EVERY = 60.0  # seconds between two log lines about one source and one limit
 MAX_LOGGED_SOURCES = 4096  # the log limiter's memory
 
@@ -69,9 +70,12 @@ class ResourcePolicy:
             raise ValueError("max_per_source cannot exceed max_connections")
         if self.max_unauthenticated_per_source > self.max_unauthenticated:
             raise ValueError("max_unauthenticated_per_source cannot exceed max_unauthenticated")
+
+    def check_operator_values(self) -> None:
+        """The floors an operator's settings must respect (tests may go lower)."""
         for name in ("header_timeout", "body_timeout"):
-            if getattr(self, name) < 5.0:  # a slow honest link still gets its request in
-                raise ValueError(f"{name} must be at least 5 seconds")
+            if getattr(self, name) < MIN_HTTP_DEADLINE:  # slow honest links get their request in
+                raise ValueError(f"{name} must be at least {MIN_HTTP_DEADLINE:g} seconds")
 
     def replace(self, **changes: Any) -> ResourcePolicy:
         return dataclasses.replace(self, **changes)
