@@ -21,13 +21,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.api.ca import ca_app
 from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.io.https import HttpsSite
+from trustmesh.io.https import HttpServer, HttpsSite, serve_app
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.keystore.filestore import save_key_file
 from trustmesh.pki.ca import SERVER_VALIDITY
 from trustmesh.pki.enroll import Registrar
@@ -53,6 +53,7 @@ class CaServer:
         limiter: RateLimiter | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         names: tuple[str, ...] = (),
+        policy: ResourcePolicy | None = None,
     ) -> None:
         if not names and host in ("0.0.0.0", "::", ""):  # noqa: S104 (a check, not a bind)
             raise PkiError(
@@ -65,7 +66,8 @@ class CaServer:
         self._passphrase = passphrase
         self._clock = clock
         self._limiter = limiter or RateLimiter(DEFAULT_RATE, DEFAULT_BURST)
-        self._runner: web.AppRunner | None = None
+        self.policy = policy or ResourcePolicy()
+        self._http: HttpServer | None = None
         self._site: HttpsSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._files: tempfile.TemporaryDirectory[str] | None = None
@@ -77,7 +79,7 @@ class CaServer:
     @property
     def tls_context(self) -> TlsContext:
         """The context new connections get (its certificate is the latest issued)."""
-        if self._site is None:
+        if self._site is None or self._site.context is None:
             raise RuntimeError("the CA server is not started")
         return self._site.context
 
@@ -92,12 +94,15 @@ class CaServer:
         for warning in self.registrar.ca.expiry_warnings(now=self._clock()):
             log.warning("CA EXPIRY: %s", warning)
         app = ca_app(self.registrar, limiter=self._limiter, clock=self._clock)
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=5.0
+        self._http = await serve_app(
+            app,
+            self.host,
+            self._port,
+            context=self._tls_context(),
+            policy=self.policy,
+            name="CA API",
         )
-        await self._runner.setup()
-        self._site = HttpsSite(self._runner, self.host, self._port, self._tls_context())
-        await self._site.start()
+        self._site = self._http.site
         self._tasks = [
             asyncio.create_task(self._renew_certificate()),
             asyncio.create_task(self._warn_expiry()),
@@ -110,8 +115,8 @@ class CaServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.stop()
         if self._files is not None:
             self._files.cleanup()
 

@@ -13,20 +13,24 @@ Handlers find the peer's chain (leaf first, as presented, not verified) with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from cryptography import x509
 
+from trustmesh.io.limits import Admission, ResourcePolicy
+from trustmesh.io.listener import Listener
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls.context import TlsContext
-from trustmesh.tls.stream import DEFAULT_HANDSHAKE_TIMEOUT, TlsEstablished, TlsStream
+from trustmesh.tls.stream import TlsEstablished, TlsStream
 
 log = logging.getLogger("trustmesh.io.https")
 
 PEER_CHAIN = "trustmesh_peer_chain"  # get_extra_info key: tuple[x509.Certificate, ...]
+CONNECTION = "trustmesh_http_connection"  # get_extra_info key: the connection object
 
 
 def peer_chain(request: web.Request) -> tuple[x509.Certificate, ...]:
@@ -72,23 +76,35 @@ class _Plaintext:
 
 
 class _HttpsConnection(asyncio.Protocol):
-    """One accepted TCP connection: TLS on the socket, an aiohttp protocol on top."""
+    """One accepted TCP connection: TLS on the socket (unless plain HTTP), an aiohttp
+    protocol on top, and the policy's deadlines around it (see :class:`HttpsSite`)."""
 
     def __init__(
         self,
-        context: TlsContext,
+        context: TlsContext | None,
         app_factory: Callable[[], asyncio.BaseProtocol],
-        handshake_timeout: float,
+        admission: Admission,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._app_factory = app_factory
+        self._admission = admission
+        self._policy = admission.policy
         self._inner = _Plaintext(self)
-        self._tls = TlsStream(context, self._inner, handshake_timeout=handshake_timeout)
+        self._tls = (
+            TlsStream(context, self._inner, handshake_timeout=self._policy.handshake_timeout)
+            if context is not None
+            else None
+        )
         self._raw: asyncio.Transport | None = None
         self._app: asyncio.Protocol | None = None
         self._pending: list[bytes] = []  # plaintext that came with the handshake's end
         self._chain: tuple[x509.Certificate, ...] = ()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # TLS's own handshake timer
+        self._deadline: asyncio.TimerHandle | None = None  # the policy's current deadline
+        self._deadline_kind = ""
+        self._requests = 0  # requests being handled
+        self._heard = False
+        self._stall: asyncio.TimerHandle | None = None
         self._closed = False
         self.transport = _PlaintextTransport(self)
 
@@ -97,50 +113,101 @@ class _HttpsConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._raw = transport
-        self._step(lambda now: self._tls.start(now))
+        self._admission.evict = lambda reason: self._drop("evicted", reason)
+        now = self._loop.time()
+        # Until the first request head: nothing at all for idle_timeout, and not done by
+        # handshake_timeout after the accept.
+        self._handshake_deadline = now + self._policy.handshake_timeout
+        self._arm("idle_timeout", min(now + self._policy.idle_timeout, self._handshake_deadline))
+        if self._tls is None:
+            self._start_app()
+            return
+        self._step(lambda now: self._tls.start(now) if self._tls else [])
         deadline = self._tls.get_timer()
         if deadline is not None:
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
-        self._step(lambda now: self._tls.receive_data(data, now))
+        if not self._heard:
+            self._heard = True
+            if self._deadline_kind == "idle_timeout":
+                self._arm("handshake_timeout", self._handshake_deadline)
+        if self._tls is None:
+            self.deliver(data)
+        else:
+            self._step(lambda now: self._tls.receive_data(data, now) if self._tls else [])
 
     def eof_received(self) -> bool:
-        self._step(lambda now: self._tls.receive_data(b"", now))
+        if self._tls is None:
+            return False
+        self._step(lambda now: self._tls.receive_data(b"", now) if self._tls else [])
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._admission.release()
+        for handle in (self._timer, self._deadline, self._stall):
+            if handle is not None:
+                handle.cancel()
         if self._app is not None:
             app, self._app = self._app, None
             app.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        if self._stall is None:
+            self._stall = self._loop.call_later(
+                self._policy.write_stall_timeout,
+                lambda: self._drop("write_stall_timeout", "the client stopped reading"),
+            )
         if self._app is not None:
             self._app.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if self._app is not None:
             self._app.resume_writing()
 
     # --- the HTTP side ------------------------------------------------------------------
 
     def deliver(self, data: bytes) -> None:
+        if self._requests == 0 and self._deadline_kind == "keepalive_timeout":
+            # A new request begins: its head must be complete within header_timeout.
+            self._arm("header_timeout", self._loop.time() + self._policy.header_timeout)
         if self._app is None:
             self._pending.append(data)
         else:
             self._app.data_received(data)
 
+    def request_started(self) -> None:
+        """aiohttp has parsed a request head (the handler wrapper tells us)."""
+        self._requests += 1
+        self._cancel_deadline()
+        self._admission.authenticated(self._loop.time())
+
+    def request_finished(self) -> None:
+        self._requests -= 1
+        if self._requests == 0 and not self._closed:
+            self._arm("keepalive_timeout", self._loop.time() + self._policy.keepalive_timeout)
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
+            return
+        if self._tls is None:
+            if self._raw is not None and not self._raw.is_closing():
+                self._raw.write(data)
             return
         self._inner.queue(data)
         self._flush()
 
     def close(self) -> None:
-        self._step(lambda now: self._tls.close("closed by the HTTP server", now))
+        if self._tls is None:
+            self._finish(ConnectionClosed("closed by the HTTP server"))
+            return
+        self._step(
+            lambda now: self._tls.close("closed by the HTTP server", now) if self._tls else []
+        )
         if not self._closed:
             # The TLS session had already ended without saying so to us: the socket
             # must still close, or the HTTP server's shutdown waits for it in vain.
@@ -154,8 +221,11 @@ class _HttpsConnection(asyncio.Protocol):
     def extra_info(self, name: str, default: Any) -> Any:
         if name == PEER_CHAIN:
             return self._chain
+        if name == CONNECTION:
+            return self
         if name == "sslcontext":
-            return self._tls.context  # aiohttp: a truthy value means the scheme is https
+            # aiohttp: a truthy value means the scheme is https
+            return self._tls.context if self._tls is not None else None
         if name == "ssl_object":
             return None
         return self._raw.get_extra_info(name, default) if self._raw else default
@@ -167,6 +237,34 @@ class _HttpsConnection(asyncio.Protocol):
     @property
     def closing(self) -> bool:
         return self._closed or self._raw is None or self._raw.is_closing()
+
+    # --- deadlines ------------------------------------------------------------------------
+
+    def _arm(self, kind: str, deadline: float) -> None:
+        self._cancel_deadline()
+        self._deadline_kind = kind
+        self._deadline = self._loop.call_at(deadline, self._on_deadline)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = None
+        self._deadline_kind = ""
+
+    def _on_deadline(self) -> None:
+        kind, self._deadline, self._deadline_kind = self._deadline_kind, None, ""
+        if kind == "keepalive_timeout":  # an idle client: an ordinary end, not an attack
+            self.close()
+            return
+        self._drop(kind, "sent nothing" if kind == "idle_timeout" else "too slow")
+
+    def _drop(self, limit: str, detail: str) -> None:
+        if self._closed:
+            return
+        peer = self._raw.get_extra_info("peername") if self._raw is not None else None
+        self._admission.stats.hit(limit, self._admission.source, detail)
+        log.debug("dropping HTTP connection from %s: %s (%s)", peer, limit, detail)
+        self.abort()
 
     # --- the pump -----------------------------------------------------------------------
 
@@ -189,6 +287,9 @@ class _HttpsConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._chain = event.peer_chain
+        self._start_app()
+
+    def _start_app(self) -> None:
         app = self._app_factory()
         assert isinstance(app, asyncio.Protocol)
         self._app = app
@@ -198,6 +299,8 @@ class _HttpsConnection(asyncio.Protocol):
             app.data_received(data)
 
     def _flush(self) -> None:
+        if self._tls is None:
+            return
         data = self._tls.data_to_send()
         if data and self._raw is not None and not self._raw.is_closing():
             self._raw.write(data)
@@ -213,7 +316,7 @@ class _HttpsConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._step(lambda now: self._tls.handle_timer(now))
+        self._step(lambda now: self._tls.handle_timer(now) if self._tls else [])
 
 
 class _PlaintextTransport(asyncio.Transport):
@@ -266,10 +369,19 @@ class _PlaintextTransport(asyncio.Transport):
 
 
 class HttpsSite(web.BaseSite):
-    """An aiohttp site that serves a runner's app over trustmesh TLS.
+    """An aiohttp site that serves a runner's app over trustmesh TLS (or plain HTTP when
+    ``context`` is None), under a resource policy.
 
     ``context`` is a server :class:`TlsContext`; assign :attr:`context` to switch
     certificates (a renewed one) for new connections while live ones keep theirs.
+
+    The policy's deadlines: a new connection must send a byte within ``idle_timeout``
+    and finish TLS and its first request head within ``handshake_timeout``; a later
+    request head must be complete ``header_timeout`` after its first byte; a body may
+    make no progress for ``body_timeout`` (408); an idle connection closes after
+    ``keepalive_timeout``; a client that leaves a response unread for
+    ``write_stall_timeout`` is dropped. Connections count in the listener's table, and a
+    request in progress marks its connection as one to keep.
     """
 
     def __init__(
@@ -277,37 +389,182 @@ class HttpsSite(web.BaseSite):
         runner: web.BaseRunner,
         host: str,
         port: int,
-        context: TlsContext,
+        context: TlsContext | None,
         *,
-        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-        backlog: int = 128,
+        policy: ResourcePolicy | None = None,
+        name: str = "https",
+        handshake_timeout: float | None = None,
     ) -> None:
-        super().__init__(runner, backlog=backlog)
+        policy = policy or ResourcePolicy()
+        if handshake_timeout is not None:
+            policy = policy.replace(handshake_timeout=handshake_timeout)
+        super().__init__(runner, backlog=policy.backlog)
         self._host = host
         self._port = port
         self.context = context
-        self._handshake_timeout = handshake_timeout
-        self._bound_port: int | None = None
+        self.policy = policy
+        self._listener: Listener | None = None
+        self._label = name
 
     @property
     def port(self) -> int:
-        return self._bound_port if self._bound_port is not None else self._port
+        return self._listener.port if self._listener is not None else self._port
+
+    @property
+    def listener(self) -> Listener:
+        """The listening socket, its connection table and its limit counters."""
+        if self._listener is None:
+            raise RuntimeError("the site is not started")
+        return self._listener
 
     @property
     def name(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"https://{host}:{self.port}"
+        scheme = "https" if self.context is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     async def start(self) -> None:
         await super().start()
-        app_factory = self._runner.server
-        assert app_factory is not None
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _HttpsConnection(self.context, app_factory, self._handshake_timeout),
-            self._host,
-            self._port,
-            backlog=self._backlog,
-            reuse_address=True,
+        server = self._runner.server
+        assert server is not None
+        if not getattr(server.request_handler, "_trustmesh_deadlines", False):
+            server.request_handler = _with_deadlines(server.request_handler, self.policy)
+        listener = Listener(
+            lambda admission: _HttpsConnection(self.context, server, admission),
+            self.policy,
+            name=self._label,
         )
-        self._bound_port = int(self._server.sockets[0].getsockname()[1])
+        await listener.listen(self._host, self._port)
+        self._listener = listener
+        self._server = _ListenerServer(listener)
+
+
+class _ListenerServer(asyncio.AbstractServer):
+    """The Listener as the asyncio server aiohttp's site expects to close."""
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+
+    def close(self) -> None:
+        self._listener.close()
+
+    async def wait_closed(self) -> None:
+        await self._listener.wait_closed()
+
+    def is_serving(self) -> bool:
+        return self._listener.is_serving()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    async def start_serving(self) -> None:
+        return None  # a Listener serves from the moment it listens
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError("await the site's runner instead")
+
+
+RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def _with_deadlines(handler: RequestHandler, policy: ResourcePolicy) -> RequestHandler:
+    """Wrap aiohttp's request handler: tell the connection a request began and ended,
+    and read the body under ``body_timeout`` before the application sees it."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        transport = request.transport
+        connection = transport.get_extra_info(CONNECTION) if transport is not None else None
+        if isinstance(connection, _HttpsConnection):
+            connection.request_started()
+        try:
+            if request.body_exists:
+                refused = await _read_body(request, policy.body_timeout)
+                if refused is not None:
+                    return refused
+            return await handler(request)
+        finally:
+            if isinstance(connection, _HttpsConnection):
+                connection.request_finished()
+
+    handle._trustmesh_deadlines = True  # type: ignore[attr-defined]
+    return handle
+
+
+async def _read_body(request: web.BaseRequest, idle: float) -> web.Response | None:
+    """Read (and cache) the whole body; a 408 if ``idle`` seconds pass with no progress,
+    a 413 if it is larger than the application allows."""
+    reading = asyncio.ensure_future(request.read())
+    seen = request.content.total_bytes
+    try:
+        while True:
+            done, _ = await asyncio.wait({reading}, timeout=idle)
+            if done:
+                reading.result()
+                return None
+            progress = request.content.total_bytes
+            if progress == seen:
+                response = web.json_response(
+                    {"error": "timeout", "message": f"no body bytes for {idle:g} s"},
+                    status=408,
+                )
+                response.force_close()
+                return response
+            seen = progress
+    except web.HTTPRequestEntityTooLarge as exc:
+        response = web.json_response({"error": "too_large", "message": exc.text}, status=413)
+        response.force_close()
+        return response
+    finally:
+        if not reading.done():
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reading
+
+
+async def serve_app(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    context: TlsContext | None,
+    policy: ResourcePolicy | None = None,
+    name: str = "https",
+    shutdown_timeout: float = 5.0,
+) -> HttpServer:
+    """Serve ``app`` on ``host:port`` (HTTPS with ``context``, else plain HTTP) under
+    ``policy``; stop it with :meth:`HttpServer.stop`."""
+    policy = policy or ResourcePolicy()
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=policy.keepalive_timeout,
+    )
+    await runner.setup()
+    site = HttpsSite(runner, host, port, context, policy=policy, name=name)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return HttpServer(runner, site)
+
+
+class HttpServer:
+    """A running :func:`serve_app`."""
+
+    def __init__(self, runner: web.AppRunner, site: HttpsSite) -> None:
+        self.runner = runner
+        self.site = site
+
+    @property
+    def port(self) -> int:
+        return self.site.port
+
+    @property
+    def listener(self) -> Listener:
+        return self.site.listener
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()

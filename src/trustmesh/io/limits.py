@@ -96,6 +96,25 @@ class ResourcePolicy:
 
 
 LIMIT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ResourcePolicy))
+_TYPES = {f.name: f.type for f in dataclasses.fields(ResourcePolicy)}
+
+
+def policy_from(overrides: dict[str, Any], base: ResourcePolicy | None = None) -> ResourcePolicy:
+    """``base`` (the defaults) with ``overrides`` by limit name, each checked for its name
+    and type (raises ValueError or TypeError naming the limit)."""
+    values: dict[str, Any] = {}
+    for name, value in overrides.items():
+        kind = _TYPES.get(name)
+        if kind is None:
+            raise ValueError(f"unknown limit {name!r} (known: {', '.join(LIMIT_FIELDS)})")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"limit {name} must be a number, not {value!r}")
+        if kind in ("int", int):
+            if value != int(value):
+                raise TypeError(f"limit {name} must be a whole number, not {value!r}")
+            value = int(value)
+        values[name] = float(value) if kind in ("float", float) else value
+    return (base or ResourcePolicy()).replace(**values)
 
 
 def source_of(address: object) -> str:

@@ -42,6 +42,7 @@ class Listener:
         self.table = ConnectionTable(self.policy, self.stats)
         self._factory = protocol_factory
         self._socket: socket.socket | None = None
+        self._port: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
 
@@ -51,9 +52,10 @@ class Listener:
 
     @property
     def port(self) -> int:
-        if self._socket is None:
+        """The port it listens (or listened) on; useful after binding port 0."""
+        if self._port is None:
             raise RuntimeError("the listener is not listening yet")
-        return int(self._socket.getsockname()[1])
+        return self._port
 
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -73,6 +75,7 @@ class Listener:
             sock.close()
             raise
         self._socket = sock
+        self._port = int(sock.getsockname()[1])
         self._task = loop.create_task(self._accept_loop(sock))
 
     def close(self) -> None:

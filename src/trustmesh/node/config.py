@@ -10,6 +10,10 @@ gossip_fanout = 3
 max_links = 8
 hold_time = 30
 key_encrypted = true             # node.key needs TRUSTMESH_PASSPHRASE
+
+[limits]                         # the resource policy of both listeners (docs/limits.md)
+max_connections = 1024
+handshake_timeout = 10.0
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import tomli_w
 
+from trustmesh.io.limits import ResourcePolicy, policy_from
 from trustmesh.mesh.engine import DEFAULT_FANOUT
 from trustmesh.mesh.errors import MeshError
 from trustmesh.mesh.link import DEFAULT_HOLD_TIME, MAX_HOLD_TIME, split_address
@@ -50,7 +55,14 @@ class NodeConfig:
     digest_interval: float = DEFAULT_DIGEST_INTERVAL
     key_encrypted: bool = True
     advertise: str | None = None  # the address peers dial, when not ``listen``
+    limits: dict[str, float] = field(default_factory=dict)  # ResourcePolicy overrides
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def policy(self) -> ResourcePolicy:
+        """The resource policy of the link listener and the API (defaults, then
+        ``[limits]``)."""
+        return policy_from(self.limits)
 
     def __post_init__(self) -> None:
         addresses = [("listen", self.listen, True), ("api", self.api, True)]
@@ -72,10 +84,16 @@ class NodeConfig:
             raise ConfigError(f"hold_time must be 0 or 3..{MAX_HOLD_TIME}")
         if not 0.05 <= self.digest_interval <= 3600:
             raise ConfigError("digest_interval must be in 0.05..3600 seconds")
+        try:
+            policy_from(self.limits).check_operator_values()
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[limits]: {exc}") from None
 
     def to_toml(self) -> str:
         data = {k: v for k, v in asdict(self).items() if k != "extra" and v is not None}
         data["bootstrap"] = list(self.bootstrap)
+        if not self.limits:
+            del data["limits"]
         return tomli_w.dumps({**data, **self.extra})
 
 

@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -32,7 +31,7 @@ from trustmesh.api.ca_client import CaClient, finish_interrupted_rotation, rotat
 from trustmesh.crypto.keys import PrivateKey
 from trustmesh.errors import ProtocolError
 from trustmesh.io.catalyst import Backoff
-from trustmesh.io.https import HttpsSite
+from trustmesh.io.https import HttpServer, HttpsSite, serve_app
 from trustmesh.io.stream import StreamDriver, StreamServer, serve_stream
 from trustmesh.keystore.filestore import load_key_file
 from trustmesh.mesh.engine import GossipEngine, Received, SeenCache
@@ -155,7 +154,7 @@ class MeshNode:
         self._inbox: dict[Link, list[bytes]] = {}  # gossip frames waiting for their batch
         self._inbox_scheduled = False
         self._server: StreamServer[TlsStream] | None = None
-        self._runner: web.AppRunner | None = None
+        self._api: HttpServer | None = None
         self.api_site: HttpsSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -182,6 +181,8 @@ class MeshNode:
             host,
             port,
             on_accept=self._accepted,
+            policy=self.config.policy,
+            name="mesh links",
         )
         await self._start_api()
         self._tasks = [
@@ -219,8 +220,8 @@ class MeshNode:
             await _within(CLOSE_TIMEOUT, *(link.wait_closed() for link in live), what="links")
         if self._server is not None:
             await _within(CLOSE_TIMEOUT, self._server.wait_closed(), what="the link listener")
-        if self._runner is not None:
-            await _within(CLOSE_TIMEOUT, self._runner.cleanup(), what="the API")
+        if self._api is not None:
+            await _within(CLOSE_TIMEOUT, self._api.stop(), what="the API")
         self.flush()
         self.store.close()
         (self.directory / RUN_FILE).unlink(missing_ok=True)
@@ -747,12 +748,16 @@ class MeshNode:
         from trustmesh.node.api import node_app
 
         host, port = split_address(self.config.api, any_port=True)
-        self._runner = web.AppRunner(
-            node_app(self), access_log=None, handle_signals=False, shutdown_timeout=2.0
+        self._api = await serve_app(
+            node_app(self),
+            host,
+            port,
+            context=self.identity.api,
+            policy=self.config.policy,
+            name="node API",
+            shutdown_timeout=2.0,
         )
-        await self._runner.setup()
-        self.api_site = HttpsSite(self._runner, host, port, self.identity.api)
-        await self.api_site.start()
+        self.api_site = self._api.site
 
     def health(self) -> dict[str, Any]:
         cert = self.identity.certificate
