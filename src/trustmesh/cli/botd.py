@@ -13,11 +13,13 @@ from typing import Any
 import click
 
 from trustmesh.botd import DEFAULT_PORT, BotdConfig, HandshakeFailed
+from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import HostPort
 from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
 from trustmesh.errors import ConnectionClosedError, InvalidKeyError
 from trustmesh.io import botd as botd_io
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.keystore.filestore import FileKeyStore
 from trustmesh.sansio import ConnectionClosed
 
@@ -131,7 +133,15 @@ def botd() -> None:
     help="Accept only this peer identity key (hex); repeat for more. Default: anyone.",
 )
 @click.option("--echo", is_flag=True, help="Send every message back to its sender.")
-def listen(key_file: Path, host: str, port: int, allow: tuple[PublicKey, ...], echo: bool) -> None:
+@limit_options
+def listen(
+    key_file: Path,
+    host: str,
+    port: int,
+    allow: tuple[PublicKey, ...],
+    echo: bool,
+    **limits: Any,
+) -> None:
     """Accept BOTD #2 peers until interrupted (SIGINT or SIGTERM).
 
     \b
@@ -142,12 +152,20 @@ def listen(key_file: Path, host: str, port: int, allow: tuple[PublicKey, ...], e
       closed       {peer_key, reason, ...}    a connection ended (peer_key null when the
                                               handshake failed)
     """
+    policy = pop_policy(limits)
     key = _load_key(key_file)
     config = BotdConfig(allow=frozenset(allow) if allow else None)
-    asyncio.run(_listen(key, host, port, config, echo))
+    asyncio.run(_listen(key, host, port, config, echo, policy))
 
 
-async def _listen(key: PrivateKey, host: str, port: int, config: BotdConfig, echo: bool) -> None:
+async def _listen(
+    key: PrivateKey,
+    host: str,
+    port: int,
+    config: BotdConfig,
+    echo: bool,
+    policy: ResourcePolicy,
+) -> None:
     async def handler(channel: botd_io.Channel) -> None:
         peer = channel.peer_key
         remote = _address(channel.remote_address)
@@ -167,7 +185,9 @@ async def _listen(key: PrivateKey, host: str, port: int, config: BotdConfig, ech
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = await botd_io.serve(key, handler, host, port, config=config, on_reject=rejected)
+    server = await botd_io.serve(
+        key, handler, host, port, config=config, on_reject=rejected, policy=policy, name="botd"
+    )
     async with server:
         emit(
             {

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from aiohttp import web
 from click.decorators import FC
 
 from trustmesh.api.authfetch import AuthFetch
@@ -37,11 +36,13 @@ from trustmesh.brc103.messages import NO_REQUEST, RequestedCertificates
 from trustmesh.brc103.peer import PeerConfig
 from trustmesh.brc103.revocation import LocalRevocationRegistry
 from trustmesh.brc103.wallet import Wallet
+from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit
 from trustmesh.cli.signals import stop_on_signals
 from trustmesh.crypto.brc42 import parse_public_key
 from trustmesh.crypto.keys import Secp256k1PrivateKey
 from trustmesh.errors import DecodeError, InvalidKeyError
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.keystore.filestore import FileKeyStore, check_permissions
 from trustmesh.wire.jsonwire import strict_loads
 
@@ -147,6 +148,7 @@ def _peer_config(
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="A local revocation registry (`cert revoke`) that client certificates must pass.",
 )
+@limit_options
 def serve(
     host: str,
     port: int,
@@ -154,6 +156,7 @@ def serve(
     requested_json: str | None,
     certificate_files: tuple[Path, ...],
     revocations: Path | None,
+    **limits: Any,
 ) -> None:
     """Serve a demo app behind BRC-104 until interrupted (SIGINT or SIGTERM).
 
@@ -173,24 +176,33 @@ def serve(
     With --request-certificates every client must show a matching certificate before
     its requests are answered (GET /hello then lists the fields it revealed).
     """
+    policy = pop_policy(limits)
     wallet = load_wallet(key_file)
     config = _peer_config(requested_json, certificate_files, server=True)
     registry = LocalRevocationRegistry(revocations) if revocations else None
     try:
-        asyncio.run(_serve(host, port, Brc104Server(wallet, config, revocation=registry)))
+        server = Brc104Server(wallet, config, revocation=registry)
+        asyncio.run(_serve(host, port, server, policy))
     finally:
         if registry is not None:
             registry.close()
 
 
-async def _serve(host: str, port: int, server: Brc104Server) -> None:
+async def _serve(host: str, port: int, server: Brc104Server, policy: ResourcePolicy) -> None:
+    from trustmesh.io.https import serve_app
+
     stop = stop_on_signals()
-    runner = web.AppRunner(demo_app(server), access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
+    http = await serve_app(
+        demo_app(server),
+        host,
+        port,
+        context=None,
+        policy=policy,
+        name="BRC-104",
+        shutdown_timeout=2.0,
+    )
     try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = runner.addresses[0][1] if runner.addresses else port
+        bound = http.port
         shown = f"[{host}]" if ":" in host else host
         emit(
             {"listening": f"http://{shown}:{bound}", "identityKey": server.identity_key},
@@ -198,7 +210,7 @@ async def _serve(host: str, port: int, server: Brc104Server) -> None:
         )
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await http.stop()
 
 
 # --- fetch ----------------------------------------------------------------------------

@@ -7,12 +7,13 @@ import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
+from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import Duration
 from trustmesh.cli.signals import stop_on_signals
@@ -350,6 +351,7 @@ def audit(directory: Path, limit: int, as_json: bool) -> None:
 )
 @click.option("--burst", type=click.IntRange(1), default=DEFAULT_BURST, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
+@limit_options
 def serve(
     directory: Path,
     host: str,
@@ -365,6 +367,7 @@ def serve(
     rate: float,
     burst: int,
     as_json: bool,
+    **limits: Any,
 ) -> None:
     """Serve the CA API over HTTPS until SIGINT or SIGTERM.
 
@@ -378,7 +381,12 @@ def serve(
 
     The server's certificate is issued by this CA for --host, so
     `curl --cacert D/ca.crt https://HOST:PORT/v1/health` verifies.
+
+    The --max-*, --*-timeout and rate flags bound what clients may cost: connections in
+    total and per address, deadlines for TLS, request heads and bodies, keep-alive
+    (docs/limits.md).
     """
+    resources = pop_policy(limits)
     if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
         raise click.BadParameter("between 1h and 7d", param_hint="'--validity'")
     if not san and host in ("0.0.0.0", "::"):  # noqa: S104 (a check, not a bind)
@@ -400,7 +408,13 @@ def serve(
         settings = MeshSettings(bootstrap, gossip_fanout, crl_url)
         registrar = Registrar(authority, policy, settings)
         server = CaServer(
-            registrar, passphrase, host, port, limiter=RateLimiter(rate, burst), names=san
+            registrar,
+            passphrase,
+            host,
+            port,
+            limiter=RateLimiter(rate, burst),
+            names=san,
+            policy=resources,
         )
         asyncio.run(_serve(server, as_json))
 

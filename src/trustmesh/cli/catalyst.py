@@ -23,10 +23,12 @@ from trustmesh.catalyst.session import (
     Peer,
     SessionEstablished,
 )
+from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import HostPort
 from trustmesh.cli.signals import stop_on_signals
 from trustmesh.io.catalyst import DEFAULT_PORT, Backoff, CatalystNode, Session
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.keystore.filestore import passphrase_from_env_or_tty
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsConfig
@@ -312,6 +314,7 @@ def catalyst() -> None:
     help="Check the PSK proof of peers that send one, but let peers without one in (for a "
     "--policy that decides with context.psk).",
 )
+@limit_options
 def listen(host: str, port: int, psk_optional: bool, **options: Any) -> None:
     """Accept peers until interrupted.
 
@@ -319,13 +322,14 @@ def listen(host: str, port: int, psk_optional: bool, **options: Any) -> None:
     node's counters, and exits 0."""
     if psk_optional and not options["psk"]:
         raise click.UsageError("--psk-optional needs at least one --psk")
+    policy = pop_policy(options)
     node = _build_node({**options, "psk_optional": psk_optional}, dialer=False)
-    asyncio.run(_listen(node, host, port))
+    asyncio.run(_listen(node, host, port, policy))
 
 
-async def _listen(node: CatalystNode, host: str, port: int) -> None:
+async def _listen(node: CatalystNode, host: str, port: int, policy: ResourcePolicy) -> None:
     stop = stop_on_signals()
-    server = await node.serve(host=host, port=port, listener=_print_event)
+    server = await node.serve(host=host, port=port, listener=_print_event, policy=policy)
     async with server:
         emit(
             {

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from trustmesh.api.ca_client import enroll_node
+from trustmesh.cli.limits import limit_options
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import Address, Seconds
 from trustmesh.cli.signals import stop_on_signals
@@ -172,23 +173,31 @@ def init(
     default="info",
     show_default=True,
 )
-def run(directory: Path, log_level: str) -> None:
+@limit_options
+def run(directory: Path, log_level: str, **limits: Any) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT.
 
     Logs one JSON object per line on stderr; prints {"event": "started", ...} on stdout
     once the links and the API listen. Renews the certificate at 2/3 of its lifetime,
     fetches the CRL every crl_interval, and closes every link cleanly on the way out.
+
+    The limit flags (--max-connections ...) override node.toml's [limits] table for this
+    run; both listeners (links and API) use them (docs/limits.md).
     """
     from trustmesh.node.client import node_passphrase
     from trustmesh.node.logs import use_json_logs
     from trustmesh.node.runtime import MeshNode
 
+    overrides = {name: value for name, value in limits.items() if value is not None}
     use_json_logs(getattr(logging, log_level.upper()))
     passphrase = node_passphrase(directory)
 
     async def main() -> None:
         stop = stop_on_signals()
         mesh_node = MeshNode.from_directory(directory, passphrase)
+        if overrides:
+            config = mesh_node.config
+            mesh_node.config = dataclasses.replace(config, limits={**config.limits, **overrides})
         await mesh_node.start()
         emit(
             {

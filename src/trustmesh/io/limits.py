@@ -96,6 +96,33 @@ class ResourcePolicy:
 
 
 LIMIT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ResourcePolicy))
+LIMIT_HELP: dict[str, str] = {
+    "max_connections": "connections held in total; over it, unauthenticated ones are evicted "
+    "or the newcomer is refused",
+    "max_per_source": "connections held per source address (per /64 for IPv6)",
+    "max_unauthenticated": "connections not yet authenticated, in total",
+    "max_unauthenticated_per_source": "connections not yet authenticated, per source address",
+    "handshake_timeout": "seconds from TCP accept to authenticated (HTTP: to the first request "
+    "head)",
+    "idle_timeout": "seconds a new connection may send nothing at all",
+    "max_write_buffer": "bytes of unsent output per connection before the peer is dropped "
+    "(HTTP: reading pauses)",
+    "write_stall_timeout": "seconds a peer may leave our output unread before it is dropped",
+    "max_queued_events": "inbound events queued per connection before reading pauses",
+    "max_queued_bytes": "payload bytes of those events (and of a BOTD channel's inbox) before "
+    "reading pauses",
+    "max_tasks": "background tasks per connection (BRC-103 sends and listeners) before reading "
+    "pauses",
+    "handshake_rate": "new connections per second per source address, on average",
+    "handshake_burst": "new connections per source address in a burst",
+    "backlog": "the listen backlog (the kernel caps it at net.core.somaxconn)",
+    "accept_retry": "seconds accepting pauses when the process is out of descriptors",
+    "header_timeout": "seconds for an HTTP request head, from its first byte (at least 5)",
+    "body_timeout": "seconds an HTTP request body may make no progress (at least 5; then 408)",
+    "keepalive_timeout": "seconds an idle HTTP connection is kept",
+    "request_rate": "requests per second per client on rate-limited routes (gossip, BRC-104)",
+    "request_burst": "requests per client in a burst on those routes",
+}
 _TYPES = {f.name: f.type for f in dataclasses.fields(ResourcePolicy)}
 
 

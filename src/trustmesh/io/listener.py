@@ -71,6 +71,10 @@ class Listener:
             sock.bind(address)
             sock.listen(self.policy.backlog)
             sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            shown = f"[{host}]" if ":" in host else host
+            raise OSError(exc.errno, f"cannot listen on {shown}:{port}: {exc.strerror}") from None
         except BaseException:
             sock.close()
             raise
