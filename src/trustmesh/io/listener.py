@@ -4,9 +4,10 @@ Why not ``loop.create_server``: its backlog is 100, it accepts whoever comes, an
 descriptor limit CPython's accept loop schedules a retry for every connection left in
 the backlog, which spins the CPU and floods the log. :class:`Listener` accepts one
 connection at a time, asks its :class:`~trustmesh.io.limits.ConnectionTable` first
-(a refused connection is reset at once, costing one descriptor for a moment), and at
-the descriptor limit evicts one unauthenticated connection and pauses accepting for
-``accept_retry`` seconds before it tries again.
+(a refused connection is reset at once, costing one descriptor for a moment). At the
+descriptor limit it evicts the oldest unauthenticated connection of the busiest source
+and accepts again once that socket is closed; with none to evict it pauses accepting
+for ``accept_retry`` seconds. It never spins, and says so once a minute.
 """
 
 from __future__ import annotations
@@ -113,9 +114,13 @@ class Listener:
                         if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                             continue  # the peer gave up while it waited in the backlog
                         raise
-                    self.stats.hit("descriptors", "*", "accepting paused")
-                    self.table.evict_for_descriptors()
-                    await asyncio.sleep(self.policy.accept_retry)
+                    if self.table.evict_for_descriptors():
+                        # Its socket closes on the loop's next turn; then accept again.
+                        self.stats.hit("descriptors", "*", "evicting unauthenticated peers")
+                        await asyncio.sleep(0)
+                    else:
+                        self.stats.hit("descriptors", "*", "accepting paused")
+                        await asyncio.sleep(self.policy.accept_retry)
                     continue
                 await self._start(conn, address)
         finally:
