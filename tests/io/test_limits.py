@@ -303,3 +303,20 @@ async def test_at_the_descriptor_limit_the_listener_evicts_and_never_spins(
     logged = stderr.read()
     assert logged.count("limit descriptors") <= 2, logged[-2000:]
     assert "out of system resource" not in logged
+
+
+async def test_listeners_have_a_backlog_sized_for_bursts() -> None:
+    """asyncio's default backlog is 100: bursts overflowed it and cost a 1 s SYN retry."""
+    listener = Listener(Echo)
+    await listener.listen("127.0.0.1", 0)
+    try:
+        ss = await asyncio.create_subprocess_exec(
+            "ss", "-ltnH", f"sport = :{listener.port}", stdout=subprocess.PIPE
+        )
+        out, _ = await ss.communicate()
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    somaxconn = int(await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text))
+    send_q = int(out.split()[2])  # a listening socket's Send-Q is its backlog
+    assert send_q == min(1024, somaxconn)
