@@ -42,6 +42,7 @@ class FakeTls:
 
 A = CatalystConfig(my_asn=65001, bgp_identifier="node-a")
 B = CatalystConfig(my_asn=65002, bgp_identifier="node-b")
+B_ZERO = CatalystConfig(my_asn=65002, bgp_identifier="node-b", allow_zero_hold=True)
 
 
 def pair(
@@ -131,9 +132,11 @@ def test_hold_timer_expiry_sends_notification_4() -> None:
 
 
 def test_hold_time_zero_disables_timers() -> None:
-    a, b = pair(CatalystConfig(65001, "node-a", hold_time=0))
+    # b offers 180 and accepts a's 0 only because its policy allows it.
+    a, b = pair(CatalystConfig(65001, "node-a", hold_time=0), B_ZERO)
     establish(a, b)
-    assert a.hold_time == 0
+    assert a.state is b.state is State.ESTABLISHED
+    assert a.hold_time == b.hold_time == 0
     assert a.get_timer() is None
     assert b.get_timer() is None
 
@@ -310,3 +313,142 @@ def test_psk_proof_to_a_node_without_secrets_is_ignored() -> None:
 def test_requiring_a_psk_needs_a_secret() -> None:
     with pytest.raises(ValueError, match="require_psk"):
         CatalystConfig(65002, "node-b", require_psk=True)
+
+
+# --- deadlines and hold-time floors (issue 15: a peer must not hold a session for free) ---
+
+
+def responder(config: CatalystConfig = B) -> CatalystSession:
+    """A responder whose OPEN is out at t=0, facing a peer "node-a" driven by hand."""
+    b = CatalystSession(config, initiator=False, binding=FakeTls(frozenset({"node-a"})))
+    b.start(0.0)
+    b.data_to_send()  # our OPEN
+    return b
+
+
+def peer_open(hold: int) -> bytes:
+    return encode_frame(m.encode(m.Open(my_asn=65001, bgp_identifier="node-a", hold_time=hold)))
+
+
+def test_a_peer_that_never_sends_open_is_dropped_at_the_open_timeout() -> None:
+    counters = Counters()
+    b = CatalystSession(
+        B, initiator=False, binding=FakeTls(frozenset({"node-a"})), counters=counters
+    )
+    b.start(100.0)
+    assert b.get_timer() == 110.0  # open_timeout, 10 s by default (not RFC 4271's 240 s)
+    assert b.handle_timer(109.9) == []
+    note = sent_notification(b.handle_timer(110.0))
+    assert (note.code, note.subcode) == (m.HOLD_TIMER_EXPIRED, 0)
+    assert b.closed
+    assert counters.hold_timer_expiries == 1
+
+
+def test_the_open_timeout_is_configurable() -> None:
+    b = responder(CatalystConfig(65002, "node-b", open_timeout=2.5))
+    assert b.get_timer() == 2.5
+    assert sent_notification(b.handle_timer(2.5)).code == m.HOLD_TIMER_EXPIRED
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, 241.0])
+def test_open_timeout_must_be_positive_and_at_most_240_s(bad: float) -> None:
+    with pytest.raises(ValueError, match="open_timeout"):
+        CatalystConfig(65002, "node-b", open_timeout=bad)
+
+
+def test_open_confirm_waits_open_timeout_for_the_keepalive_not_the_hold_time() -> None:
+    b = responder()  # offers 180; the peer offers 180 too
+    assert b.receive_data(peer_open(180), 5.0) == []
+    assert b.state is State.OPEN_CONFIRM
+    assert b.hold_time == 180
+    assert b.get_timer() == 15.0  # OPEN at 5 s + open_timeout, not 5 + 180
+    note = sent_notification(b.handle_timer(15.0))
+    assert (note.code, note.subcode) == (m.HOLD_TIMER_EXPIRED, 0)
+    # A hold time shorter than open_timeout is the deadline itself.
+    short = responder(CatalystConfig(65002, "node-b", hold_time=6))
+    short.receive_data(peer_open(6), 0.0)
+    assert short.get_timer() == 2.0  # our keepalive (hold/3) comes first ...
+    assert short.handle_timer(2.0) == []
+    assert short.handle_timer(4.0) == []
+    assert sent_notification(short.handle_timer(6.0)).code == m.HOLD_TIMER_EXPIRED
+
+
+def test_open_confirm_keeps_a_deadline_when_the_hold_time_is_zero() -> None:
+    b = responder(B_ZERO)
+    assert b.receive_data(peer_open(0), 1.0) == []
+    assert b.state is State.OPEN_CONFIRM
+    assert b.hold_time == 0
+    assert b.get_timer() == 11.0  # hold 0 turns off the hold timer, not this deadline
+    note = sent_notification(b.handle_timer(11.0))
+    assert (note.code, note.subcode) == (m.HOLD_TIMER_EXPIRED, 0)
+    # The KEEPALIVE in time establishes the session, which then has no timer at all.
+    b = responder(B_ZERO)
+    b.receive_data(peer_open(0), 1.0)
+    events = b.receive_data(encode_frame(m.encode(m.Keepalive())), 10.9)
+    assert SessionEstablished("node-a", 65001, 0) in events
+    assert b.get_timer() is None
+
+
+@pytest.mark.parametrize("hold", [3, 4, 8])
+def test_a_hold_time_below_the_minimum_is_refused(hold: int) -> None:
+    b = responder()
+    note = sent_notification(b.receive_data(peer_open(hold), 0.0))
+    assert (note.code, note.subcode) == (m.OPEN_MESSAGE_ERROR, m.UNACCEPTABLE_HOLD_TIME)
+    assert "minimum of 9 s" in note.message
+    assert b.peer is None
+
+
+def test_the_minimum_hold_time_is_accepted_and_configurable() -> None:
+    b = responder()
+    b.receive_data(peer_open(9), 0.0)
+    assert b.state is State.OPEN_CONFIRM
+    assert b.hold_time == 9
+    strict = responder(CatalystConfig(65002, "node-b", min_hold_time=60))
+    note = sent_notification(strict.receive_data(peer_open(59), 0.0))
+    assert note.subcode == m.UNACCEPTABLE_HOLD_TIME
+    assert (
+        responder(CatalystConfig(65002, "node-b", min_hold_time=60)).receive_data(
+            peer_open(60), 0.0
+        )
+        == []
+    )
+
+
+def test_the_minimum_never_refuses_what_we_offer_ourselves() -> None:
+    b = responder(CatalystConfig(65002, "node-b", hold_time=5))  # below the default 9
+    b.receive_data(peer_open(5), 0.0)
+    assert b.state is State.OPEN_CONFIRM
+    low = responder(CatalystConfig(65002, "node-b", hold_time=5))
+    assert sent_notification(low.receive_data(peer_open(4), 0.0)).subcode == (
+        m.UNACCEPTABLE_HOLD_TIME
+    )
+
+
+def test_a_zero_hold_time_is_refused_unless_allowed() -> None:
+    b = responder()
+    note = sent_notification(b.receive_data(peer_open(0), 0.0))
+    assert (note.code, note.subcode) == (m.OPEN_MESSAGE_ERROR, m.UNACCEPTABLE_HOLD_TIME)
+    assert "hold time 0" in note.message
+    allowed = responder(B_ZERO)
+    allowed.receive_data(peer_open(0), 0.0)
+    assert allowed.state is State.OPEN_CONFIRM
+    # A node that offers 0 itself has no hold timer whatever the peer says.
+    own_zero = responder(CatalystConfig(65002, "node-b", hold_time=0))
+    own_zero.receive_data(peer_open(0), 0.0)
+    assert own_zero.state is State.OPEN_CONFIRM
+
+
+def test_a_refused_hold_time_reaches_the_initiator_as_2_6() -> None:
+    a, b = pair(CatalystConfig(65001, "node-a", hold_time=3))
+    a_events, b_events = establish(a, b)
+    assert sent_notification(b_events).subcode == m.UNACCEPTABLE_HOLD_TIME
+    [received] = [
+        e for e in a_events if isinstance(e, NotificationEvent) and e.direction == "received"
+    ]
+    assert (received.code, received.subcode) == (m.OPEN_MESSAGE_ERROR, m.UNACCEPTABLE_HOLD_TIME)
+
+
+@pytest.mark.parametrize("bad", [0, 1, 2, 65536])
+def test_min_hold_time_must_be_3_to_65535(bad: int) -> None:
+    with pytest.raises(ValueError, match="min_hold_time"):
+        CatalystConfig(65002, "node-b", min_hold_time=bad)

@@ -139,17 +139,20 @@ def make_pair(
     listen_b: str | None = None,
     start: bool = True,
     trust: TrustView | None = None,
+    allow_zero_hold: bool = False,
 ) -> Pair:
     a_node, b_node = nodes
     trust = trust if trust is not None else pki.trust()
     a = MeshLink(
-        LinkConfig("node-a", listen_a, hold_a),
+        LinkConfig("node-a", listen_a, hold_a, allow_zero_hold=allow_zero_hold),
         initiator=True,
         authorize=authorizer(trust),
         crl_number=lambda: 11,
     )
     b = MeshLink(
-        LinkConfig("node-b", listen_b, hold_b), initiator=False, authorize=authorizer(trust)
+        LinkConfig("node-b", listen_b, hold_b, allow_zero_hold=allow_zero_hold),
+        initiator=False,
+        authorize=authorizer(trust),
     )
     a.bind(tls_with(b_node.chain))
     b.bind(tls_with(a_node.chain))
@@ -207,21 +210,42 @@ def test_hello_exchange_brings_the_link_up_on_both_sides(
 def test_a_hold_time_of_zero_on_either_side_turns_timers_off(
     pki: MeshPki, nodes: tuple[Node, Node]
 ) -> None:
-    pair = linked(pki, nodes, hold_a=0, hold_b=30)
+    pair = linked(pki, nodes, hold_a=0, hold_b=30, allow_zero_hold=True)
     assert pair.a.hold_time == pair.b.hold_time == 0
     assert pair.a.get_timer() is None and pair.b.get_timer() is None
 
 
-def test_before_hello_the_timer_waits_at_least_the_default_hold_time(
+def test_before_hello_the_timer_is_the_hello_timeout_whatever_the_hold_time(
     pki: MeshPki, nodes: tuple[Node, Node]
 ) -> None:
-    pair = make_pair(pki, nodes, hold_a=0, hold_b=90, start=False)
+    pair = make_pair(pki, nodes, hold_a=0, hold_b=3600, start=False)
     pair.a.start(100.0)
     pair.b.start(100.0)
-    assert pair.a.get_timer() == 130.0 and pair.b.get_timer() == 190.0
-    assert pair.a.handle_timer(129.9) == []
-    (closed,) = pair.a.handle_timer(130.0)
+    # Hold 0 does not turn it off, and a long hold time does not stretch it.
+    assert pair.a.get_timer() == 110.0 and pair.b.get_timer() == 110.0
+    assert pair.a.handle_timer(109.9) == []
+    (closed,) = pair.a.handle_timer(110.0)
     assert isinstance(closed, LinkClosed) and closed.code == CloseCode.HOLD_TIMER
+    assert "HELLO" in closed.reason
+
+
+def test_the_hello_timeout_is_configurable_and_not_moved_by_partial_frames(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    link = MeshLink(
+        LinkConfig("node-b", hello_timeout=2.5), initiator=False, authorize=authorizer(pki.trust())
+    )
+    link.bind(tls_with(nodes[0].chain))
+    assert link.start(0.0) == []
+    assert link.get_timer() == 2.5
+    whole = hello()
+    assert link.receive_data(whole[:-1], 2.0) == []  # a HELLO trickled in, never finished
+    assert link.get_timer() == 2.5
+    (closed,) = link.handle_timer(2.5)
+    assert isinstance(closed, LinkClosed) and closed.code == CloseCode.HOLD_TIMER
+    for bad in (0.0, -1.0, 3601.0):
+        with pytest.raises(ValueError, match="hello_timeout"):
+            LinkConfig("node-b", hello_timeout=bad)
 
 
 def test_frames_split_at_every_byte_give_the_same_events(
@@ -303,8 +327,7 @@ def test_hello_version_must_be_the_integer_1(
 @pytest.mark.parametrize(
     ("fields", "hold", "listen"),
     [
-        ({"hold_time": 0}, 0, None),
-        ({"hold_time": 3}, 3, None),
+        ({"hold_time": 9}, 9, None),
         ({"hold_time": 3600}, 30, None),
         ({"listen": "[::1]:7000"}, 30, "[::1]:7000"),
         ({"listen": "node-a.example:1"}, 30, "node-a.example:1"),
@@ -317,6 +340,83 @@ def test_hello_values_that_are_accepted(
     link = lone_link(pki, nodes[0])
     (up,) = link.receive_data(hello(**fields), 0.0)
     assert isinstance(up, LinkUp) and up.hold_time == hold and up.listen == listen
+
+
+def lone_link_with(pki: MeshPki, peer: Node, config: LinkConfig) -> MeshLink:
+    link = MeshLink(config, initiator=False, authorize=authorizer(pki.trust()))
+    link.bind(tls_with(peer.chain))
+    assert link.start(0.0) == []
+    link.data_to_send()  # our HELLO
+    return link
+
+
+def test_a_peer_hold_time_of_zero_is_refused_unless_allowed(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    link = lone_link(pki, nodes[0])  # offers 30, does not allow 0
+    (closed,) = link.receive_data(hello(hold_time=0), 0.0)
+    assert isinstance(closed, LinkClosed) and closed.code == CloseCode.REFUSED and closed.error
+    assert "hold_time 0" in closed.reason
+    assert close_code_sent(link) == CloseCode.REFUSED
+    assert not link.established and link.get_timer() is None
+    allowing = lone_link_with(pki, nodes[0], LinkConfig("node-b", allow_zero_hold=True))
+    (up,) = allowing.receive_data(hello(hold_time=0), 0.0)
+    assert isinstance(up, LinkUp) and up.hold_time == 0
+    assert allowing.get_timer() is None
+    # Offering 0 ourselves, we have no hold timer whatever the peer offers.
+    own_zero = lone_link_with(pki, nodes[0], LinkConfig("node-b", hold_time=0))
+    (up,) = own_zero.receive_data(hello(hold_time=0), 0.0)
+    assert isinstance(up, LinkUp) and up.hold_time == 0
+
+
+@pytest.mark.parametrize("hold", [3, 4, 8])
+def test_a_peer_hold_time_below_the_minimum_is_refused(
+    pki: MeshPki, nodes: tuple[Node, Node], hold: int
+) -> None:
+    link = lone_link(pki, nodes[0])
+    (closed,) = link.receive_data(hello(hold_time=hold), 0.0)
+    assert isinstance(closed, LinkClosed) and closed.code == CloseCode.REFUSED
+    assert f"hold_time {hold} is below our minimum of 9" in closed.reason
+    assert close_code_sent(link) == CloseCode.REFUSED
+
+
+def test_the_minimum_hold_time_is_configurable_and_never_above_our_own(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    strict = lone_link_with(pki, nodes[0], LinkConfig("node-b", hold_time=90, min_hold_time=60))
+    (closed,) = strict.receive_data(hello(hold_time=59), 0.0)
+    assert isinstance(closed, LinkClosed) and closed.code == CloseCode.REFUSED
+    strict = lone_link_with(pki, nodes[0], LinkConfig("node-b", hold_time=90, min_hold_time=60))
+    (up,) = strict.receive_data(hello(hold_time=60), 0.0)
+    assert isinstance(up, LinkUp) and up.hold_time == 60
+    low = lone_link_with(pki, nodes[0], LinkConfig("node-b", hold_time=5))  # below 9
+    (up,) = low.receive_data(hello(hold_time=5), 0.0)
+    assert isinstance(up, LinkUp) and up.hold_time == 5
+    low = lone_link_with(pki, nodes[0], LinkConfig("node-b", hold_time=5))
+    (closed,) = low.receive_data(hello(hold_time=4), 0.0)
+    assert isinstance(closed, LinkClosed) and closed.code == CloseCode.REFUSED
+    for bad in (0, 2, 3601):
+        with pytest.raises(ValueError, match="min_hold_time"):
+            LinkConfig("node-b", min_hold_time=bad)
+
+
+def test_the_dialler_hears_why_its_hold_time_was_refused(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    pair = make_pair(pki, nodes, hold_a=0, hold_b=30)
+    got_a, got_b = pair.pump()
+    [refused] = got_b
+    assert isinstance(refused, LinkClosed) and refused.code == CloseCode.REFUSED
+    assert (
+        LinkClosed(
+            "refused: hold_time 0 (no hold timer) is not accepted here",
+            error=True,
+            by_peer=True,
+            code=CloseCode.REFUSED,
+        )
+        in got_a
+    )
+    assert not pair.b.established
 
 
 def test_hello_must_be_a_json_object(pki: MeshPki, nodes: tuple[Node, Node]) -> None:

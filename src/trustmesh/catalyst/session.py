@@ -27,7 +27,9 @@ from trustmesh.errors import DecodeError
 from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 
-OPEN_HOLD_TIME = 240.0  # RFC 4271's "large" hold time while waiting for the OPEN
+OPEN_HOLD_TIME = 240.0  # RFC 4271's "large" hold time; we wait open_timeout instead
+DEFAULT_OPEN_TIMEOUT = 10.0  # for the peer's OPEN, and then for its KEEPALIVE
+DEFAULT_MIN_HOLD_TIME = 9  # keepalives from a peer at most every 3 s
 PSK_EXPORTER_LABEL = b"EXPORTER-catalyst-psk"
 EXPORTER_LENGTH = 32
 
@@ -65,6 +67,20 @@ class Counters:
 
 @dataclass(frozen=True)
 class CatalystConfig:
+    """One node's settings.
+
+    ``open_timeout``: how long we wait for the peer's OPEN once ours is out (OpenSent),
+    and then for its KEEPALIVE (OpenConfirm, or the hold time if that is shorter); a
+    peer late for either gets NOTIFICATION 4/0. Unlike RFC 4271's 240 s, a peer that
+    completed TLS 1.3 has no reason to be slow.
+    ``min_hold_time``: a peer's OPEN whose hold time is not 0 but below this is refused
+    (2/6). It never exceeds our own ``hold_time``: what we offer, we accept (and with
+    our own 0 the peer's offer does not matter: the session has no hold timer).
+    ``allow_zero_hold``: accept a peer's hold time of 0 (no hold timer, no keepalives:
+    a peer that goes silent is held until TCP notices). Refused (2/6) unless set, or
+    unless our own ``hold_time`` is 0 and the session has no hold timer anyway.
+    """
+
     my_asn: int
     bgp_identifier: str
     hold_time: int = 180
@@ -76,10 +92,17 @@ class CatalystConfig:
     require_jws: bool = False
     capabilities: tuple[str, ...] = ()
     policy: PeeringPolicy | None = None  # asked last, once every other check passed
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT
+    min_hold_time: int = DEFAULT_MIN_HOLD_TIME
+    allow_zero_hold: bool = False
 
     def __post_init__(self) -> None:
         if self.hold_time in (1, 2) or not 0 <= self.hold_time <= m.MAX_HOLD_TIME:
             raise ValueError("hold_time must be 0 or 3..65535 seconds")
+        if not 3 <= self.min_hold_time <= m.MAX_HOLD_TIME:
+            raise ValueError("min_hold_time must be 3..65535 seconds")
+        if not 0 < self.open_timeout <= OPEN_HOLD_TIME:
+            raise ValueError(f"open_timeout must be in (0, {OPEN_HOLD_TIME:g}] seconds")
         if not 0 < self.my_asn <= m.MAX_ASN:
             raise ValueError("my_asn must be in 1..4294967295")
         if self.psk_key_id is not None and self.psk_key_id not in self.psk_secrets:
@@ -158,7 +181,7 @@ class CatalystSession:
             return []
         self._send(self._our_open())
         self.state = State.OPEN_SENT
-        self._hold_deadline = now + OPEN_HOLD_TIME
+        self._hold_deadline = now + self.config.open_timeout
         return []
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
@@ -250,7 +273,10 @@ class CatalystSession:
             self.hold_time = hold
             self._send(m.Keepalive())
             self.state = State.OPEN_CONFIRM
-            self._restart_hold(now)
+            # The KEEPALIVE that confirms our OPEN is due at once: wait open_timeout
+            # for it, even when the negotiated hold time is longer or 0.
+            wait = min(hold, self.config.open_timeout) if hold else self.config.open_timeout
+            self._hold_deadline = now + wait
             self._schedule_keepalive(now)
         elif self.state is State.OPEN_CONFIRM:
             if not isinstance(message, m.Keepalive):
@@ -270,10 +296,7 @@ class CatalystSession:
             events.append(KeepaliveReceived())
 
     def _check_open(self, peer: m.Open) -> None:
-        if peer.hold_time in (1, 2):
-            raise CatalystError(
-                "hold time of 1 or 2 s", code=m.OPEN_MESSAGE_ERROR, subcode=m.UNACCEPTABLE_HOLD_TIME
-            )
+        self._check_hold_time(peer.hold_time)
         binding = self._binding()
         names = binding.peer_names()
         if peer.bgp_identifier == self.config.bgp_identifier:
@@ -318,6 +341,29 @@ class CatalystSession:
                     code=m.OPEN_MESSAGE_ERROR,
                     subcode=m.POLICY_REFUSED,
                 )
+
+    def _check_hold_time(self, hold: int) -> None:
+        """RFC 4271 6.2: an implementation may refuse hold times it finds too low."""
+        cfg = self.config
+        if hold in (1, 2):
+            raise CatalystError(
+                "hold time of 1 or 2 s", code=m.OPEN_MESSAGE_ERROR, subcode=m.UNACCEPTABLE_HOLD_TIME
+            )
+        if hold == 0:
+            if not cfg.allow_zero_hold and cfg.hold_time != 0:
+                raise CatalystError(
+                    "hold time 0 (no hold timer) is not allowed here",
+                    code=m.OPEN_MESSAGE_ERROR,
+                    subcode=m.UNACCEPTABLE_HOLD_TIME,
+                )
+            return
+        floor = min(cfg.min_hold_time, cfg.hold_time)  # with ours 0, theirs does not count
+        if hold < floor:
+            raise CatalystError(
+                f"hold time {hold} s is below our minimum of {floor} s",
+                code=m.OPEN_MESSAGE_ERROR,
+                subcode=m.UNACCEPTABLE_HOLD_TIME,
+            )
 
     def _check_jws(self, peer: m.Open, binding: TlsBinding) -> str | None:
         """Verify the OPEN's signature, if any; return the kid that signed it."""

@@ -49,15 +49,31 @@ DEFAULT_INBOX = 64  # messages held for the application before reading from the 
 class Channel:
     """One BOTD #2 connection, seen from the application.
 
-    A reader task takes the core's events: messages queue for :meth:`recv` (at most
-    ``inbox`` of them, then the socket stops being read), pongs answer :meth:`ping`.
+    A reader task takes the core's events: messages queue for :meth:`recv`, pongs
+    answer :meth:`ping`. Once ``inbox`` messages or ``inbox_bytes`` bytes of them
+    (default: the driver's ``max_queued_bytes``) wait, the reader takes nothing more
+    from the driver, whose own queue then fills and stops it reading the socket. A peer
+    that sends faster than the application reads therefore costs at most about the two
+    byte limits, plus a message for each and the one being received.
     """
 
-    def __init__(self, driver: StreamDriver[BotdConnection], *, inbox: int = DEFAULT_INBOX):
+    def __init__(
+        self,
+        driver: StreamDriver[BotdConnection],
+        *,
+        inbox: int = DEFAULT_INBOX,
+        inbox_bytes: int | None = None,
+    ):
+        if inbox_bytes is None:
+            inbox_bytes = driver.policy.max_queued_bytes
+        if inbox < 1 or inbox_bytes < 1:
+            raise ValueError("the inbox limits must be positive")
         self._driver = driver
         self._loop = asyncio.get_running_loop()
         self._inbox: collections.deque[bytes] = collections.deque()
         self._inbox_limit = inbox
+        self._inbox_byte_limit = inbox_bytes
+        self._inbox_bytes = 0
         self._message_ready = asyncio.Event()
         self._space = asyncio.Event()
         self._established: asyncio.Future[PublicKey] = self._loop.create_future()
@@ -88,6 +104,11 @@ class Channel:
         """Why the channel closed, once it has."""
         return self._closed
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of the messages that arrived and wait for :meth:`recv`."""
+        return self._inbox_bytes
+
     async def wait_established(self) -> PublicKey:
         """Wait for the handshake; raise :class:`HandshakeFailed` if it does not finish."""
         return await asyncio.shield(self._established)
@@ -109,7 +130,9 @@ class Channel:
             self._message_ready.clear()
             await self._message_ready.wait()
         data = self._inbox.popleft()
-        self._space.set()
+        self._inbox_bytes -= len(data)
+        if not self._inbox_full():
+            self._space.set()
         return data
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -154,11 +177,14 @@ class Channel:
         try:
             async for event in self._driver:
                 if isinstance(event, MessageReceived):
-                    while len(self._inbox) >= self._inbox_limit and not self._driver.closed:
+                    self._inbox.append(event.data)
+                    self._inbox_bytes += len(event.data)
+                    self._message_ready.set()
+                    # Full: take nothing more (no message waits in our hands meanwhile),
+                    # so that the driver's queue fills and it stops reading the socket.
+                    while self._inbox_full() and not self._driver.closed:
                         self._space.clear()
                         await self._space.wait()
-                    self._inbox.append(event.data)
-                    self._message_ready.set()
                 elif isinstance(event, PongReceived):
                     if self._pong is not None and not self._pong.done():
                         self._pong.set_result(event.rtt)
@@ -172,6 +198,9 @@ class Channel:
         finally:
             if self._closed is None:  # cancelled: the driver is going away
                 self._on_closed(ConnectionClosed("channel reader stopped", error=True))
+
+    def _inbox_full(self) -> bool:
+        return len(self._inbox) >= self._inbox_limit or self._inbox_bytes >= self._inbox_byte_limit
 
     def _on_closed(self, event: ConnectionClosed) -> None:
         self._closed = event

@@ -92,6 +92,11 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         return self._closed.done()
 
     @property
+    def policy(self) -> ResourcePolicy:
+        """The resource policy this connection runs under."""
+        return self._policy
+
+    @property
     def writing_paused(self) -> bool:
         """The transport's send buffer is above the high-water mark."""
         return self._write_paused

@@ -31,6 +31,8 @@ MAX_FRAME = 1 << 20
 MAX_HELLO_FRAME = 16 * 1024
 MAX_CONTROL = 64 * 1024
 DEFAULT_HOLD_TIME = 30
+DEFAULT_MIN_HOLD_TIME = 9  # keepalives from a peer at most every 3 s
+DEFAULT_HELLO_TIMEOUT = 10.0  # from TLS up to the peer's HELLO
 MAX_HOLD_TIME = 3600
 MAX_PEERS = 64
 MAX_IDS = 512
@@ -51,7 +53,7 @@ class CloseCode(enum.StrEnum):
     SHUTDOWN = "shutdown"
     PROTOCOL = "protocol-error"
     HOLD_TIMER = "hold-timer-expired"
-    REFUSED = "refused"  # the peer's certificate or name is not acceptable
+    REFUSED = "refused"  # the peer's certificate, name or hold time is not acceptable
     REVOKED = "revoked"
     BAD_SIGNATURE = "bad-signature"
     DUPLICATE = "duplicate-link"
@@ -128,13 +130,33 @@ Authorizer = Callable[[Sequence[x509.Certificate]], str]
 
 @dataclass(frozen=True)
 class LinkConfig:
+    """One node's link settings.
+
+    ``hold_time``: what we offer in HELLO; the link runs on the lower of the two offers,
+    or without hold timer and keepalives when either is 0.
+    ``hello_timeout``: the peer's HELLO must come this soon after TLS is up, whatever
+    the hold times.
+    ``min_hold_time``: a peer HELLO whose hold time is not 0 but below this is refused
+    (CLOSE ``refused``). It never exceeds our own ``hold_time``: what we offer, we accept
+    (and with our own 0 the peer's offer does not matter).
+    ``allow_zero_hold``: accept a peer's hold time of 0, a link that nothing but TCP
+    ever times out. Refused (CLOSE ``refused``) unless set, or unless we offer 0 too.
+    """
+
     node_id: str
     listen: str | None = None  # the address peers may dial us on, told in HELLO
     hold_time: int = DEFAULT_HOLD_TIME
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    min_hold_time: int = DEFAULT_MIN_HOLD_TIME
+    allow_zero_hold: bool = False
 
     def __post_init__(self) -> None:
         if self.hold_time in (1, 2) or not 0 <= self.hold_time <= MAX_HOLD_TIME:
             raise ValueError(f"hold_time must be 0 or 3..{MAX_HOLD_TIME} seconds")
+        if not 3 <= self.min_hold_time <= MAX_HOLD_TIME:
+            raise ValueError(f"min_hold_time must be 3..{MAX_HOLD_TIME} seconds")
+        if not 0 < self.hello_timeout <= MAX_HOLD_TIME:
+            raise ValueError(f"hello_timeout must be in (0, {MAX_HOLD_TIME}] seconds")
 
 
 class State(enum.Enum):
@@ -201,7 +223,7 @@ class MeshLink:
         if self.config.listen:
             hello["listen"] = self.config.listen
         self._send(Frame.HELLO, compact_json(hello))
-        self._hold_deadline = now + max(self.config.hold_time, DEFAULT_HOLD_TIME)
+        self._hold_deadline = now + self.config.hello_timeout  # nothing before HELLO moves it
         return []
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
@@ -223,6 +245,9 @@ class MeshLink:
         if self.state is State.CLOSED:
             return []
         if self._hold_deadline is not None and now >= self._hold_deadline:
+            if self.state is State.AWAIT_HELLO:
+                reason = f"no HELLO within {self.config.hello_timeout:g} s"
+                return self._close(CloseCode.HOLD_TIMER, reason, error=True)
             return self._close(CloseCode.HOLD_TIMER, "hold timer expired", error=True)
         if self._keepalive_at is not None and now >= self._keepalive_at:
             self._send(Frame.KEEPALIVE, b"")
@@ -272,7 +297,7 @@ class MeshLink:
         for frame in frames:
             if self.state is State.CLOSED:
                 return
-            if self.hold_time:
+            if self.hold_time and self.state is State.ESTABLISHED:
                 self._hold_deadline = now + self.hold_time
             try:
                 events += self._on_frame(frame, now)
@@ -339,6 +364,9 @@ class MeshLink:
         listen = hello.get("listen")
         if listen is not None and not _is_address(listen):
             raise MalformedMessage("listen must be host:port")
+        refusal = self._refuse_hold_time(hold)  # well-formed, but not what we accept
+        if refusal is not None:
+            return self._close(CloseCode.REFUSED, refusal, error=True)
         self.hold_time = min(self.config.hold_time, hold) if hold and self.config.hold_time else 0
         self.state = State.ESTABLISHED
         if self.hold_time:
@@ -348,6 +376,18 @@ class MeshLink:
             self._hold_deadline = self._keepalive_at = None
         assert self.peer_id is not None
         return [LinkUp(self.peer_id, listen, crl_number, self.hold_time)]
+
+    def _refuse_hold_time(self, hold: int) -> str | None:
+        """Why the peer's (well-formed) hold time is not acceptable here, if it is not."""
+        config = self.config
+        if hold == 0:
+            if config.allow_zero_hold or config.hold_time == 0:
+                return None
+            return "hold_time 0 (no hold timer) is not accepted here"
+        floor = min(config.min_hold_time, config.hold_time)  # with ours 0, theirs does not count
+        if hold < floor:
+            return f"hold_time {hold} is below our minimum of {floor} seconds"
+        return None
 
     def _send_established(self, kind: Frame, body: bytes) -> list[Event]:
         if self.state is State.ESTABLISHED:
