@@ -16,6 +16,8 @@ from trustmesh.catalyst.errors import PeeringFailed
 from trustmesh.catalyst.jose import JwsSigner
 from trustmesh.catalyst.policy import CedarPolicy
 from trustmesh.catalyst.session import (
+    DEFAULT_MIN_HOLD_TIME,
+    DEFAULT_OPEN_TIMEOUT,
     CatalystConfig,
     Counters,
     KeepaliveReceived,
@@ -154,6 +156,26 @@ def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Hold time we offer in seconds: 0 (no keepalives) or 3..65535.",
         ),
+        click.option(
+            "--min-hold-time",
+            type=click.IntRange(3, m.MAX_HOLD_TIME),
+            default=DEFAULT_MIN_HOLD_TIME,
+            show_default=True,
+            help="Refuse (2/6) a peer whose OPEN offers a hold time below this.",
+        ),
+        click.option(
+            "--allow-zero-hold",
+            is_flag=True,
+            help="Accept a peer's hold time of 0 (no hold timer: a silent peer is kept until "
+            "TCP notices). Refused by default.",
+        ),
+        click.option(
+            "--open-timeout",
+            type=click.FloatRange(0, 240, min_open=True),
+            default=DEFAULT_OPEN_TIMEOUT,
+            show_default=True,
+            help="Seconds to wait for the peer's OPEN, then for its confirming KEEPALIVE.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -193,6 +215,9 @@ def _build_node(options: dict[str, Any], *, dialer: bool) -> CatalystNode:
         jws_key=jws_key,
         require_jws=options["require_jws"],
         policy=policy,
+        open_timeout=options["open_timeout"],
+        min_hold_time=options["min_hold_time"],
+        allow_zero_hold=options["allow_zero_hold"],
     )
     key_file: Path = options["key"]
     passphrase = None

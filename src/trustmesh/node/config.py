@@ -9,6 +9,9 @@ crl_interval = 60                # seconds between CRL fetches from the CA
 gossip_fanout = 3
 max_links = 8
 hold_time = 30
+min_hold_time = 9                # a peer's HELLO offering less (or 0) is refused
+allow_zero_hold = false
+hello_timeout = 10.0             # seconds from TLS up to the peer's HELLO
 key_encrypted = true             # node.key needs TRUSTMESH_PASSPHRASE
 
 [limits]                         # the resource policy of both listeners (docs/limits.md)
@@ -29,7 +32,13 @@ import tomli_w
 from trustmesh.io.limits import ResourcePolicy, policy_from
 from trustmesh.mesh.engine import DEFAULT_FANOUT
 from trustmesh.mesh.errors import MeshError
-from trustmesh.mesh.link import DEFAULT_HOLD_TIME, MAX_HOLD_TIME, split_address
+from trustmesh.mesh.link import (
+    DEFAULT_HELLO_TIMEOUT,
+    DEFAULT_HOLD_TIME,
+    DEFAULT_MIN_HOLD_TIME,
+    MAX_HOLD_TIME,
+    split_address,
+)
 
 CONFIG_FILE = "node.toml"
 DEFAULT_CRL_INTERVAL = 60.0
@@ -52,6 +61,9 @@ class NodeConfig:
     gossip_fanout: int = DEFAULT_FANOUT
     max_links: int = DEFAULT_MAX_LINKS
     hold_time: int = DEFAULT_HOLD_TIME
+    min_hold_time: int = DEFAULT_MIN_HOLD_TIME
+    allow_zero_hold: bool = False
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
     digest_interval: float = DEFAULT_DIGEST_INTERVAL
     key_encrypted: bool = True
     advertise: str | None = None  # the address peers dial, when not ``listen``
@@ -82,6 +94,10 @@ class NodeConfig:
             raise ConfigError("max_links must be in 1..1024")
         if self.hold_time in (1, 2) or not 0 <= self.hold_time <= MAX_HOLD_TIME:
             raise ConfigError(f"hold_time must be 0 or 3..{MAX_HOLD_TIME}")
+        if not 3 <= self.min_hold_time <= MAX_HOLD_TIME:
+            raise ConfigError(f"min_hold_time must be 3..{MAX_HOLD_TIME}")
+        if not 0 < self.hello_timeout <= MAX_HOLD_TIME:
+            raise ConfigError(f"hello_timeout must be in (0, {MAX_HOLD_TIME}] seconds")
         if not 0.05 <= self.digest_interval <= 3600:
             raise ConfigError("digest_interval must be in 0.05..3600 seconds")
         try:

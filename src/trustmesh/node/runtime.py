@@ -304,7 +304,14 @@ class MeshNode:
 
     def _new_stream(self, *, initiator: bool) -> TlsStream:
         core = MeshLink(
-            LinkConfig(self.node_id, self.advertised, self.config.hold_time),
+            LinkConfig(
+                self.node_id,
+                self.advertised,
+                self.config.hold_time,
+                hello_timeout=self.config.hello_timeout,
+                min_hold_time=self.config.min_hold_time,
+                allow_zero_hold=self.config.allow_zero_hold,
+            ),
             initiator=initiator,
             authorize=self._authorize,
             crl_number=lambda: self.trust.crl_number,
