@@ -166,8 +166,8 @@ def watch_holds(server: Brc104Server, monkeypatch: pytest.MonkeyPatch) -> asynci
     held = asyncio.Event()
     receive = server.peer.receive
 
-    def watched(message: AuthMessage, now_ms: int) -> list[Event]:
-        events = receive(message, now_ms)
+    def watched(message: AuthMessage, now_ms: int, *, source: str | None = None) -> list[Event]:
+        events = receive(message, now_ms, source=source)
         mine = [e for e in events if isinstance(e, GeneralMessageReceived) and e.message is message]
         if message.message_type is MessageType.GENERAL and not mine:
             held.set()

@@ -10,6 +10,13 @@ Unlike the reference express middleware, the request payload is rebuilt from the
 body bytes (so JSON with spaces, or ``application/json; charset=utf-8``, verifies), the
 application's ``Content-Type`` is kept, an empty body is signed as the reference client
 expects (``varint(0)``), and a certificateResponse POST gets an immediate 204.
+
+Under attack: each client address (an IPv6 one per /64) may post so many handshakes a
+second and make so many general requests a second, and each verified identity key so
+many requests; beyond that 429 with ``Retry-After``. The unproven sessions an address's
+handshakes make are bounded per address, so one address's flood of handshakes pushes out
+only its own (``PeerConfig.max_unproven_sessions_per_source``). Error bodies quote at most
+a short excerpt of what the client sent.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from trustmesh.api.errors import excerpt
 from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.brc103 import http as brc104
 from trustmesh.brc103.certificates import VerifiableCertificate
@@ -43,6 +51,7 @@ from trustmesh.brc103.sessions import Session
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import DecodeError
 from trustmesh.io.brc103 import PeerTimer, monotonic_ms
+from trustmesh.io.limits import ResourcePolicy, source_of
 
 log = logging.getLogger(__name__)
 IDENTITY_KEY = web.RequestKey("trustmesh.brc103.identity_key", str)
@@ -51,6 +60,7 @@ SESSION_IDLE_MS = 3_600_000  # a client silent for an hour handshakes again
 HOLD_MARGIN = 5.0  # seconds past the certificate timeout before a held request gives up
 AUTH_RATE = 20.0  # /.well-known/auth messages per second per client address, on average
 AUTH_BURST = 100
+MAX_DESCRIPTION = 200  # characters of an error's description
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -63,10 +73,23 @@ def identity_key_of(request: web.Request) -> str:
         raise RuntimeError("the BRC-104 middleware did not run for this request") from None
 
 
-def _error(status: int, code: str, description: str) -> web.Response:
-    return web.json_response(
-        {"status": "error", "code": code, "description": description}, status=status
+def _error(
+    status: int, code: str, description: str, *, retry_after: float | None = None
+) -> web.Response:
+    """A JSON error, as the reference middleware answers them (unsigned). The
+    description is cut to a short excerpt: it may quote what the client sent."""
+    response = web.json_response(
+        {"status": "error", "code": code, "description": excerpt(description, MAX_DESCRIPTION)},
+        status=status,
     )
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
+
+
+def source_of_request(request: web.Request) -> str:
+    """The client address a request counts under (an IPv6 address per /64)."""
+    return source_of(request.remote or "unknown")
 
 
 class Brc104Server:
@@ -78,6 +101,9 @@ class Brc104Server:
         revocation: RevocationChecker | None = None,
         allow_unauthenticated: bool = False,
         auth_rate_limit: RateLimiter | None = None,
+        policy: ResourcePolicy | None = None,
+        request_rate_limit: RateLimiter | None = None,
+        identity_rate_limit: RateLimiter | None = None,
         clock: Callable[[], int] = monotonic_ms,
     ) -> None:
         if config is None:
@@ -85,10 +111,23 @@ class Brc104Server:
         self.peer = Peer(wallet, config, revocation=revocation)
         self.timer = PeerTimer(self.peer, clock, self._dispatch)
         self.allow_unauthenticated = allow_unauthenticated
+        self._clock = clock
+        policy = policy or ResourcePolicy()
+
+        def seconds() -> float:
+            return clock() / 1000
+
         # Handshakes cost the server two signatures' worth of curve work: one client must
         # not be able to spend it all, nor push other clients' sessions out of the table.
-        self.auth_rate_limit = auth_rate_limit or RateLimiter(AUTH_RATE, AUTH_BURST)
-        self._clock = clock
+        self.auth_rate_limit = auth_rate_limit or RateLimiter(AUTH_RATE, AUTH_BURST, clock=seconds)
+        # General requests: per client address before anything is verified, and per
+        # verified identity key (an address cannot spend another client's budget).
+        self.request_rate_limit = request_rate_limit or RateLimiter(
+            policy.request_rate, policy.request_burst, clock=seconds
+        )
+        self.identity_rate_limit = identity_rate_limit or RateLimiter(
+            policy.request_rate, policy.request_burst, clock=seconds
+        )
         # Requests held until the client's certificates validate, by id() of their
         # message: the peer hands the same object back when it releases or drops it.
         self._waiting: dict[int, asyncio.Future[GeneralMessageReceived]] = {}
@@ -127,22 +166,23 @@ class Brc104Server:
     # --- /.well-known/auth --------------------------------------------------------------
 
     async def _auth_endpoint(self, request: web.Request) -> web.StreamResponse:
-        wait = self.auth_rate_limit.check(request.remote or "unknown")
+        source = source_of_request(request)
+        wait = self.auth_rate_limit.check(source)
         if wait is not None:
-            response = _error(429, "ERR_RATE_LIMITED", "too many handshakes; slow down")
-            response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-            return response
+            return _error(
+                429, "ERR_RATE_LIMITED", "too many handshakes; slow down", retry_after=wait
+            )
         try:
             message = parse_message_bytes(await request.read())
             if message.message_type is MessageType.GENERAL:
                 raise MalformedMessageError(
                     "general messages travel as ordinary requests, not to /.well-known/auth"
                 )
-            events = self.peer.receive(message, self._clock())
+            events = self.peer.receive(message, self._clock(), source=source)
         except (MalformedMessageError, DecodeError) as exc:
             return _error(400, getattr(exc, "code", "ERR_MALFORMED_MESSAGE"), str(exc))
         except Brc103Error as exc:
-            log.info("refused a %s: %s", message.message_type, exc)
+            log.info("refused a %s from %s: %s", message.message_type, source, excerpt(exc))
             return _error(401, exc.code, str(exc))
         self._dispatch(events)
         self.timer.arm()
@@ -159,6 +199,11 @@ class Brc104Server:
     # --- general messages ---------------------------------------------------------------
 
     async def _general(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        wait = self.request_rate_limit.check(source_of_request(request))
+        if wait is not None:
+            return _error(
+                429, "ERR_RATE_LIMITED", "too many requests from this address", retry_after=wait
+            )
         headers = request.headers
         try:
             request_id_text = headers[brc104.REQUEST_ID]
@@ -190,12 +235,19 @@ class Brc104Server:
         try:
             event = await self._receive_general(messages)
         except Brc103Error as exc:
-            log.info("refused a request from %s: %s", message.identity_key, exc)
+            log.info("refused a request from %s: %s", excerpt(message.identity_key), excerpt(exc))
             return _error(401, "ERR_AUTH_FAILED", f"{exc.code}: {exc}")
         # Keep the session itself: the answer is owed even if the table drops it meanwhile.
         session = self.peer.sessions.get(event.session_nonce)
         if session is None:
             return _error(401, "ERR_AUTH_FAILED", "the session ended; handshake again")
+        wait = self.identity_rate_limit.check(event.identity_key)
+        if wait is not None:
+            # The request verified, so the refusal is signed like any answer to it.
+            limited = _error(
+                429, "ERR_RATE_LIMITED", "too many requests from this identity", retry_after=wait
+            )
+            return self._sign_response(limited, request_id, request_id_text, session)
         request[IDENTITY_KEY] = event.identity_key
         request[CERTIFICATES] = list(session.certificates)
         try:

@@ -3,6 +3,11 @@
 Handlers raise :class:`ApiError` (or a typed protocol error the API maps to a status);
 the middleware turns it, and aiohttp's own errors (404, 405, 413), into a JSON body, so
 no client ever has to parse an HTML error page or an empty body.
+
+An error never echoes much of what the client sent: a message quotes input through
+:func:`excerpt` (at most ``MAX_EXCERPT`` characters), and :func:`error_response` cuts
+every message to ``MAX_MESSAGE`` printable ASCII characters, so garbage in makes a
+small answer out.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ from trustmesh.errors import ProtocolError
 log = logging.getLogger("trustmesh.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_EXCERPT = 80  # characters of anything a client sent that an error may quote
+MAX_MESSAGE = 240  # characters of an error message in all
+ELLIPSIS = "\u2026"
 
 _CODES = {
     400: "bad_request",
@@ -47,9 +56,27 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
 
+def excerpt(value: object, limit: int = MAX_EXCERPT) -> str:
+    """At most ``limit`` characters of ``value`` (text, bytes, or anything ``str()`` can
+    show), for an error message or a log line: control and non-ASCII characters escaped
+    as Python does (``\\x00``, ``\\u00e9``), and an ellipsis at the end when cut."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        text = bytes(value[: limit + 1]).decode("ascii", "backslashreplace")
+    else:
+        text = value if isinstance(value, str) else str(value)
+    cut = len(text) > limit
+    shown = "".join(
+        ch if " " <= ch <= "~" else ch.encode("unicode_escape").decode("ascii")
+        for ch in text[:limit]
+    )
+    if cut or len(shown) > limit:
+        return shown[: limit - 1] + ELLIPSIS
+    return shown
+
+
 def error_response(error: ApiError) -> web.Response:
     return web.json_response(
-        {"error": error.code, "message": error.message},
+        {"error": excerpt(error.code, MAX_EXCERPT), "message": excerpt(error.message, MAX_MESSAGE)},
         status=error.status,
         headers=error.headers,
     )
@@ -113,9 +140,9 @@ async def _form(request: web.Request) -> dict[str, object]:
     fields: dict[str, object] = {}
     for name, value in form.items():
         if name in fields:
-            raise ApiError(400, f"field {name!r} is given twice")
+            raise ApiError(400, f"field '{excerpt(name)}' is given twice")
         if not isinstance(value, str):
-            raise ApiError(400, f"field {name!r} must be text")
+            raise ApiError(400, f"field '{excerpt(name)}' must be text")
         fields[name] = value
     if not fields:
         raise ApiError(400, "the request has no fields")

@@ -24,7 +24,7 @@ from trustmesh.brc103.encoding import (
     read_varint,
     write_varint,
 )
-from trustmesh.brc103.errors import CertificateError, CertificateFormatError
+from trustmesh.brc103.errors import CertificateError, CertificateFormatError, quoted
 from trustmesh.brc103.wallet import Wallet, minimal_bytes
 from trustmesh.crypto import brc2
 from trustmesh.errors import (
@@ -90,7 +90,7 @@ class Certificate:
             _check_field_name(name)
             if not isinstance(value, str) or len(value) > MAX_FIELD_VALUE:
                 raise CertificateFormatError(
-                    f"field {name!r} is not text of at most {MAX_FIELD_VALUE} characters"
+                    f"field {quoted(name)} is not text of at most {MAX_FIELD_VALUE} characters"
                 )
         if len(self.signature) > MAX_SIGNATURE:
             raise CertificateFormatError("the certificate signature is too long for DER ECDSA")
@@ -160,7 +160,7 @@ class Certificate:
             except UnicodeDecodeError:
                 raise CertificateFormatError("field text is not UTF-8", offset=offset) from None
             if name in fields:
-                raise CertificateFormatError(f"field {name!r} appears twice")
+                raise CertificateFormatError(f"field {quoted(name)} appears twice")
             fields[name] = value
         return cls(
             type=b64encode(type_id),
@@ -280,16 +280,18 @@ class MasterCertificate:
         """The subject's view of one field key (from the master keyring)."""
         sealed = self.master_keyring.get(name)
         if sealed is None:
-            raise CertificateError(f"the master keyring has no key for field {name!r}")
+            raise CertificateError(f"the master keyring has no key for field {quoted(name)}")
         try:
             return subject.decrypt(
-                b64decode(sealed, f"master key {name!r}", CertificateFormatError),
+                b64decode(sealed, f"master key {quoted(name)}", CertificateFormatError),
                 FIELD_PROTOCOL,
                 name,
                 self.certificate.certifier,
             )
         except (AuthenticationError, DecodeError):
-            raise CertificateError(f"cannot decrypt the master key of field {name!r}") from None
+            raise CertificateError(
+                f"cannot decrypt the master key of field {quoted(name)}"
+            ) from None
 
     def decrypt_fields(self, subject: Wallet) -> dict[str, str]:
         return {
@@ -304,7 +306,7 @@ class MasterCertificate:
         keyring: dict[str, str] = {}
         for name in names:
             if name not in self.certificate.fields:
-                raise CertificateError(f"the certificate has no field {name!r}")
+                raise CertificateError(f"the certificate has no field {quoted(name)}")
             key = self.field_key(subject, name)
             keyring[name] = b64encode(
                 subject.encrypt(
@@ -339,16 +341,16 @@ class VerifiableCertificate:
         out: dict[str, str] = {}
         for name, sealed in self.keyring.items():
             if name not in cert.fields:
-                raise CertificateError(f"the keyring reveals {name!r}, which is not a field")
+                raise CertificateError(f"the keyring reveals {quoted(name)}, which is not a field")
             try:
                 key = verifier.decrypt(
-                    b64decode(sealed, f"keyring {name!r}", CertificateFormatError),
+                    b64decode(sealed, f"keyring {quoted(name)}", CertificateFormatError),
                     FIELD_PROTOCOL,
                     f"{cert.serial_number} {name}",
                     cert.subject,
                 )
             except (AuthenticationError, DecodeError):
-                raise CertificateError(f"cannot decrypt the key of field {name!r}") from None
+                raise CertificateError(f"cannot decrypt the key of field {quoted(name)}") from None
             out[name] = _open_field(cert, name, key)
         return out
 
@@ -367,7 +369,7 @@ def _open_field(cert: Certificate, name: str, key: bytes) -> str:
         plain = brc2.decrypt(key, b64decode(cert.fields[name], name, CertificateFormatError))
         return plain.decode("utf-8")
     except (AuthenticationError, DecodeError, InvalidKeyError, UnicodeDecodeError):
-        raise CertificateError(f"field {name!r} does not decrypt with its key") from None
+        raise CertificateError(f"field {quoted(name)} does not decrypt with its key") from None
 
 
 def _check_field_name(name: object) -> None:

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from trustmesh.errors import DecodeError, ProtocolError
 
+MAX_QUOTED = 40  # characters of a peer's text that an error message quotes
+
+
+def quoted(text: str, limit: int = MAX_QUOTED) -> str:
+    """``repr`` of at most ``limit`` characters of ``text`` (a name a peer sent), with an
+    ellipsis when cut: an error message never carries much of what it complains about."""
+    return repr(text[:limit]) + ("\u2026" if len(text) > limit else "")
+
 
 class Brc103Error(ProtocolError):
     """Root of the BRC-103 errors."""

@@ -137,6 +137,8 @@ class PeerConfig:
     # Bounds on what peers can make us keep (least recently used goes first):
     max_sessions: int = 10_000
     max_unproven_sessions: int = 1_000  # sessions whose peer has not signed anything yet
+    # ... of them made by initialRequests from one source (``receive(source=...)``)
+    max_unproven_sessions_per_source: int = 16
     max_seen_nonces: int = 2_000_000  # replay memory, all sessions (about 135 B each)
     max_session_messages: int = 10_000  # then the session ends and the peer handshakes again
     max_held_messages: int = 64  # per session, while its certificates are awaited
@@ -165,6 +167,7 @@ class Peer:
         self.sessions = SessionTable(
             self.config.max_sessions,
             max_unproven=self.config.max_unproven_sessions,
+            max_unproven_per_source=self.config.max_unproven_sessions_per_source,
             max_seen=self.config.max_seen_nonces,
         )
         self._late: list[Event] = []  # about sessions evicted while handling something else
@@ -209,16 +212,24 @@ class Peer:
 
     # --- receiving ------------------------------------------------------------------------
 
-    def receive(self, message: AuthMessage, now_ms: int) -> list[Event]:
-        """Process one message; raise a :class:`Brc103Error` (nothing changes) to refuse it."""
-        handler = {
-            MessageType.INITIAL_REQUEST: self._on_initial_request,
-            MessageType.INITIAL_RESPONSE: self._on_initial_response,
-            MessageType.CERTIFICATE_REQUEST: self._on_certificate_request,
-            MessageType.CERTIFICATE_RESPONSE: self._on_certificate_response,
-            MessageType.GENERAL: self._on_general,
-        }[message.message_type]
-        events = handler(message, now_ms)
+    def receive(
+        self, message: AuthMessage, now_ms: int, *, source: str | None = None
+    ) -> list[Event]:
+        """Process one message; raise a :class:`Brc103Error` (nothing changes) to refuse it.
+
+        ``source`` names where the message came from (a BRC-104 server: the client's
+        address); the unproven sessions that initialRequests make are bounded per source
+        (``PeerConfig.max_unproven_sessions_per_source``)."""
+        if message.message_type is MessageType.INITIAL_REQUEST:
+            events = self._on_initial_request(message, now_ms, source)
+        else:
+            handler = {
+                MessageType.INITIAL_RESPONSE: self._on_initial_response,
+                MessageType.CERTIFICATE_REQUEST: self._on_certificate_request,
+                MessageType.CERTIFICATE_RESPONSE: self._on_certificate_response,
+                MessageType.GENERAL: self._on_general,
+            }[message.message_type]
+            events = handler(message, now_ms)
         return self._with_late(events)
 
     def receive_any(
@@ -240,7 +251,9 @@ class Peer:
             events, self._late = self._late + events, []
         return events
 
-    def _on_initial_request(self, message: AuthMessage, now_ms: int) -> list[Event]:
+    def _on_initial_request(
+        self, message: AuthMessage, now_ms: int, source: str | None
+    ) -> list[Event]:
         their_nonce = message.initial_nonce
         assert their_nonce is not None  # the parser requires it
         our_nonce = create_nonce(self.wallet, random_part=self._random(16))
@@ -250,6 +263,7 @@ class Peer:
             peer_identity_key=message.identity_key,
             initiator=False,
             last_update_ms=now_ms,
+            source=source,
             peer_nonce=their_nonce,
             is_authenticated=True,  # as the reference: the peer proves itself by signing
             certificates_required=requested.required,

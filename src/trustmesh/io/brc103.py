@@ -7,6 +7,12 @@ wait for, general messages for listeners and an async iterator.
 
 A message the peer refuses is dropped and reported to ``on_error`` (BRC-103 has no error
 message of its own); it never disturbs other sessions.
+
+The work a peer does beside its reader (sending a reply, running an async listener) runs
+as at most ``max_tasks`` tasks; more waits its turn in order, and a transport's reader
+stops reading while the peer is at that cap (:meth:`AsyncPeer.wait_for_room`), so a
+client cannot make us hold one task per message it sends, and no message it sent is
+dropped for it.
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ from trustmesh.brc103.peer import (
     Peer,
 )
 from trustmesh.errors import DecodeError
+from trustmesh.io.limits import ResourcePolicy
 
 log = logging.getLogger(__name__)
 MAX_INBOX = 1024  # general messages waiting for receive() when no listener takes them
 MAX_ERRORS = 100
+MAX_TASKS = ResourcePolicy().max_tasks  # sends and async listeners running per peer
 MessageHandler = Callable[[AuthMessage], None]
 GeneralListener = Callable[[GeneralMessageReceived], Awaitable[None] | None]
 
@@ -97,8 +105,12 @@ class AsyncPeer:
         clock: Callable[[], int] = monotonic_ms,
         on_error: Callable[[AuthMessage, Exception], None] | None = None,
         handshake_timeout: float = 10.0,
+        max_tasks: int = MAX_TASKS,
     ) -> None:
+        if max_tasks < 1:
+            raise ValueError("max_tasks must be at least 1")
         self.peer = peer
+        self.max_tasks = max_tasks
         self.handshake_timeout = handshake_timeout
         self.transport = transport
         self._clock = clock
@@ -110,6 +122,9 @@ class AsyncPeer:
         self._inbox: asyncio.Queue[GeneralMessageReceived] = asyncio.Queue(MAX_INBOX)
         self.timer = PeerTimer(peer, clock, self._dispatch)
         self._tasks: set[asyncio.Future[None]] = set()
+        # Work made while max_tasks tasks run, started in order as they finish.
+        self._queued: collections.deque[Awaitable[None]] = collections.deque()
+        self._room = asyncio.Event()  # set whenever a task finishes
         self._send_lock = asyncio.Lock()  # sends leave in the order they were made
         self.pending_sends = 0  # sends made and not yet handed to the transport
         # The latest refusals, for logs and tests (a hostile peer must not grow this).
@@ -119,6 +134,22 @@ class AsyncPeer:
     @property
     def identity_key(self) -> str:
         return self.peer.identity_key
+
+    @property
+    def tasks_in_flight(self) -> int:
+        """Background work made and not yet done: running tasks and work queued for them."""
+        return len(self._tasks) + len(self._queued)
+
+    def has_room(self) -> bool:
+        """May the transport hand us another message (fewer than ``max_tasks`` in flight)?"""
+        return self.tasks_in_flight < self.max_tasks
+
+    async def wait_for_room(self) -> None:
+        """Return once fewer than ``max_tasks`` tasks are in flight: a transport's reader
+        awaits this before it reads the next message."""
+        while not self.has_room():
+            self._room.clear()
+            await self._room.wait()
 
     # --- the application's side -------------------------------------------------------
 
@@ -184,9 +215,13 @@ class AsyncPeer:
         for waiter in self._handshakes.values():
             if not waiter.done():
                 waiter.set_exception(TransportError("the peer was closed"))
+        queued, self._queued = list(self._queued), collections.deque()
+        for work in queued:
+            _discard(work)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._room.set()
 
     # --- the transport's side ---------------------------------------------------------
 
@@ -263,14 +298,24 @@ class AsyncPeer:
             self.pending_sends -= 1
 
     def _spawn(self, work: Awaitable[None]) -> None:
-        """Run ``work`` (a send, an async listener) beside the peer; a failure is logged
-        and recorded, never fatal to the driver."""
+        """Run ``work`` (a send, an async listener) beside the peer, as one of at most
+        ``max_tasks`` tasks (else once one finishes, in order); a failure is logged and
+        recorded, never fatal to the driver."""
+        if len(self._tasks) >= self.max_tasks or self._queued:
+            self._queued.append(work)
+            return
+        self._start(work)
+
+    def _start(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
+        while self._queued and len(self._tasks) < self.max_tasks:
+            self._start(self._queued.popleft())
+        self._room.set()
         if task.cancelled():
             return
         exc = task.exception()
@@ -281,6 +326,13 @@ class AsyncPeer:
 
 def _ignore(_message: AuthMessage) -> None:
     return None
+
+
+def _discard(work: Awaitable[None]) -> None:
+    """Drop work that never started (a coroutine is closed, so it warns of nothing)."""
+    close = getattr(work, "close", None)
+    if callable(close):
+        close()
 
 
 class MemoryTransport:

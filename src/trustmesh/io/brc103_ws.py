@@ -29,7 +29,7 @@ from trustmesh.brc103.peer import Peer, PeerConfig
 from trustmesh.brc103.revocation import RevocationChecker
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import DecodeError
-from trustmesh.io.brc103 import AsyncPeer, MessageHandler
+from trustmesh.io.brc103 import MAX_TASKS, AsyncPeer, MessageHandler
 from trustmesh.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,22 @@ class WebSocketTransport:
             self._sending -= 1
             self._sent.set()
 
-    async def run(self, backlog: Callable[[], int] | None = None) -> None:
+    async def run(
+        self,
+        backlog: Callable[[], int] | None = None,
+        *,
+        room: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Deliver incoming frames until the socket closes.
 
         A peer that does not read our replies stops being read (at most
         ``MAX_PENDING_SENDS`` replies in flight), and one that opens handshakes faster
         than the rate limit is closed with 1008: neither can make us queue without end.
         ``backlog`` counts the replies waiting to go out (the peer's queued sends); without
-        it, only sends already inside this transport count."""
+        it, only sends already inside this transport count. ``room`` (the peer's
+        :meth:`~trustmesh.io.brc103.AsyncPeer.wait_for_room`) returns once the peer may
+        take another message: while its tasks are at their cap, the socket is not read,
+        so what the client sends waits in its own buffers and nothing it sent is lost."""
         pending = backlog or (lambda: self._sending)
         async for frame in self.ws:
             if frame.type is WSMsgType.TEXT:
@@ -98,6 +106,8 @@ class WebSocketTransport:
                 while pending() >= MAX_PENDING_SENDS:
                     self._sent.clear()
                     await self._sent.wait()
+                if room is not None:
+                    await room()
             elif frame.type is WSMsgType.BINARY:
                 await self.ws.close(
                     code=WSCloseCode.UNSUPPORTED_DATA, message=b"AuthMessages are text frames"
@@ -113,10 +123,13 @@ def websocket_handler(
     config: PeerConfig | None = None,
     *,
     revocation: RevocationChecker | None = None,
+    max_tasks: int = MAX_TASKS,
 ) -> Callable[[web.Request], Awaitable[web.WebSocketResponse]]:
     """An aiohttp handler that runs BRC-103 on each WebSocket and hands its peer to
     ``on_peer``; the connection ends when the client closes or ``on_peer`` returns.
-    Each connection's peer keeps at most ``SESSIONS_PER_CONNECTION`` sessions."""
+    Each connection's peer keeps at most ``SESSIONS_PER_CONNECTION`` sessions and runs at
+    most ``max_tasks`` tasks (replies, async listeners); at that cap its socket is not
+    read until one finishes."""
 
     # One client per connection: a few sessions are plenty (a re-handshake or two).
     per_connection = dataclasses.replace(
@@ -129,9 +142,13 @@ def websocket_handler(
         ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=30.0)
         await ws.prepare(request)
         transport = WebSocketTransport(ws)
-        peer = AsyncPeer(Peer(wallet, per_connection, revocation=revocation), transport)
+        peer = AsyncPeer(
+            Peer(wallet, per_connection, revocation=revocation), transport, max_tasks=max_tasks
+        )
         loop = asyncio.get_running_loop()
-        reader = loop.create_task(transport.run(lambda: peer.pending_sends))
+        reader = loop.create_task(
+            transport.run(lambda: peer.pending_sends, room=peer.wait_for_room)
+        )
         app_task = loop.create_task(on_peer(peer))
         try:
             # The connection ends when the client goes or the application is done.
@@ -158,6 +175,7 @@ async def connect(
     *,
     revocation: RevocationChecker | None = None,
     session: aiohttp.ClientSession | None = None,
+    max_tasks: int = MAX_TASKS,
 ) -> AsyncIterator[AsyncPeer]:
     """Open a WebSocket to ``url`` and yield a peer on it (not yet handshaken: the first
     ``send_general`` or ``handshake`` does that)."""
@@ -166,9 +184,11 @@ async def connect(
     try:
         async with http.ws_connect(url, max_msg_size=MAX_FRAME, heartbeat=30.0) as ws:
             transport = WebSocketTransport(ws)
-            peer = AsyncPeer(Peer(wallet, config, revocation=revocation), transport)
+            peer = AsyncPeer(
+                Peer(wallet, config, revocation=revocation), transport, max_tasks=max_tasks
+            )
             reader = asyncio.get_running_loop().create_task(
-                transport.run(lambda: peer.pending_sends)
+                transport.run(lambda: peer.pending_sends, room=peer.wait_for_room)
             )
             try:
                 yield peer

@@ -7,18 +7,27 @@ certificate (mTLS):
 - ``GET /v1/mesh/health``: links, certificate, CRL and gossip counters.
 
 A request without a client certificate, or with one that does not chain to the mesh CA,
-gets 401; a revoked certificate gets 403.
+gets 401; a revoked certificate gets 403. ``POST /v1/mesh/gossip`` is rate limited per
+client certificate and per client address (an IPv6 one per /64), each at the node
+policy's ``request_rate`` a second (bursts of ``request_burst``): beyond either, 429 with
+``Retry-After``.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from trustmesh.api.errors import ApiError, Handler, json_errors
 from trustmesh.errors import OversizeError, ProtocolError
 from trustmesh.io.https import peer_chain
+from trustmesh.io.limits import ResourcePolicy, source_of
 from trustmesh.mesh.errors import (
     BadSignature,
     ExpiredMessage,
@@ -30,12 +39,41 @@ from trustmesh.mesh.errors import (
 from trustmesh.mesh.gossip import MAX_MESSAGE
 from trustmesh.mesh.trust import CrlRejected
 from trustmesh.node.runtime import now_ms
+from trustmesh.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from trustmesh.node.runtime import MeshNode
 
-NODE_KEY: web.AppKey[MeshNode] = web.AppKey("node")
 MAX_LIMIT = 10_000
+
+
+class GossipLimits:
+    """The rate limits of ``POST /v1/mesh/gossip``: one bucket per client certificate
+    (its SHA-256 fingerprint) and one per client address."""
+
+    def __init__(self, policy: ResourcePolicy, clock: Callable[[], float] = time.monotonic):
+        rate, burst = policy.request_rate, policy.request_burst
+        self.per_certificate = RateLimiter(rate, burst, clock=clock)
+        self.per_address = RateLimiter(rate, burst, clock=clock)
+
+    def check(self, request: web.Request, certificate: x509.Certificate) -> None:
+        """Take a token from both buckets, or raise a 429 (a refused request takes none
+        from the certificate's bucket)."""
+        wait = self.per_address.check(source_of(request.remote or "unknown"))
+        who = "this address"
+        if wait is None:
+            wait = self.per_certificate.check(certificate.fingerprint(hashes.SHA256()).hex())
+            who = "this client certificate"
+        if wait is not None:
+            raise ApiError(
+                429,
+                f"too many gossip messages from {who}; slow down",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+
+NODE_KEY: web.AppKey[MeshNode] = web.AppKey("node")
+LIMITS_KEY: web.AppKey[GossipLimits] = web.AppKey("gossip_limits", GossipLimits)
 
 ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     MalformedMessage: (400, "malformed"),
@@ -49,11 +87,19 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
 }
 
 
-def node_app(node: MeshNode) -> web.Application:
+def node_app(
+    node: MeshNode,
+    *,
+    policy: ResourcePolicy | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    """The API of ``node``; its rate limits come from ``policy`` (default: the node's
+    own, ``node.config.policy``) and run on ``clock`` (monotonic seconds)."""
     app = web.Application(
         middlewares=[json_errors(ERRORS), _authenticate], client_max_size=MAX_MESSAGE + 1024
     )
     app[NODE_KEY] = node
+    app[LIMITS_KEY] = GossipLimits(policy or _policy_of(node), clock)
     app.router.add_get("/v1/mesh/peers", _peers)
     app.router.add_post("/v1/mesh/gossip", _gossip)
     app.router.add_get("/v1/mesh/anomalies", _anomalies)
@@ -82,8 +128,14 @@ async def _peers(request: web.Request) -> web.Response:
     return web.json_response({"node_id": node.node_id, "peers": [p.to_json() for p in peers]})
 
 
+def _policy_of(node: MeshNode) -> ResourcePolicy:
+    policy = getattr(node.config, "policy", None)
+    return policy if isinstance(policy, ResourcePolicy) else ResourcePolicy()
+
+
 async def _gossip(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
+    request.app[LIMITS_KEY].check(request, peer_chain(request)[0])
     raw = await request.read()
     if not raw:
         raise ApiError(400, "the body must be a signed gossip message (JSON)")
