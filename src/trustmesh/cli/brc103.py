@@ -181,7 +181,7 @@ def serve(
     config = _peer_config(requested_json, certificate_files, server=True)
     registry = LocalRevocationRegistry(revocations) if revocations else None
     try:
-        server = Brc104Server(wallet, config, revocation=registry)
+        server = Brc104Server(wallet, config, revocation=registry, policy=policy)
         asyncio.run(_serve(host, port, server, policy))
     finally:
         if registry is not None:
