@@ -4,6 +4,7 @@ listener's refusals, and the descriptor limit (no spin, honest clients still ser
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import textwrap
@@ -128,17 +129,39 @@ def test_release_is_idempotent_and_counts_stay_exact() -> None:
     assert (t.total, t.unauthenticated, t.per_source("10.0.0.1")) == (0, 0, 0)
 
 
-def test_limit_logs_are_rate_limited_per_source(caplog: pytest.LogCaptureFixture) -> None:
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def limit_log() -> Iterator[ListHandler]:
+    """The limits logger's records (directly: other tests may change the tree's levels)."""
+    handler = ListHandler()
+    logger = logging.getLogger("trustmesh.io.limits")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # whatever an earlier test set on "trustmesh"
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_limit_logs_are_rate_limited_per_source(limit_log: ListHandler) -> None:
     clock = FakeClock()
     stats = LimitStats("test", clock)
     for _ in range(100):
         stats.hit("refused.per_source", "10.0.0.1")
     stats.hit("refused.per_source", "10.0.0.2")
     assert stats.counts["refused.per_source"] == 101
-    assert len(caplog.records) == 2
+    assert len(limit_log.records) == 2
     clock.now += 61
     stats.hit("refused.per_source", "10.0.0.1")
-    assert len(caplog.records) == 3
+    assert len(limit_log.records) == 3
 
 
 def test_policy_overrides_are_checked_by_name_and_type() -> None:
