@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import ssl
 from collections.abc import Iterable
 from pathlib import Path
@@ -362,10 +363,9 @@ class MeshTarget(StreamTarget):
         try:
             await mesh.start_ca()
             victim = await mesh.enroll(1)
-            config = load_config(victim)
-            # NodeConfig refuses HTTP deadlines under 5 s (an operator's floor): the
-            # tests' shorter ones go in after that check.
-            object.__setattr__(config, "limits", limits_of(policy))
+            # Not through node.toml: load_config applies the operator's 5 s floor to the
+            # HTTP deadlines, and these tests use shorter ones.
+            config = dataclasses.replace(load_config(victim), limits=limits_of(policy))
             node = MeshNode(victim, config)
             await node.start()
             mesh.nodes.append(node)

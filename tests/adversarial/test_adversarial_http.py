@@ -200,10 +200,10 @@ async def test_slowloris_on_a_kept_alive_connection_ends_at_the_header_deadline(
 
 
 async def test_stalled_body_gets_408(target: HttpTarget) -> None:
-    """A head announcing 100,000 bytes, a hundred of them, then nothing: 408 once the
-    body has made no progress for body_timeout."""
+    """A head announcing as much as the app takes, a hundred bytes of it, then nothing:
+    408 once the body has made no progress for body_timeout."""
     policy = target.policy
-    request = http_request("POST", "/upload", body=b"b" * 100, content_length=100_000)
+    request = http_request("POST", "/upload", body=b"b" * 100, content_length=target.max_body)
     async with watch(target) as w, Honest(target.honest) as honest, Attack(target.port) as attack:
         conns = await target.open(attack, 3)
         for conn in conns:
@@ -245,17 +245,12 @@ async def test_oversized_body_gets_413(target: HttpTarget) -> None:
     await still_up(target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after the 408 (or 413) aiohttp lingers (lingering_time=10 s) reading the rest "
-    "of the body; only the keep-alive deadline ends it; see the report of issue 15",
-)
 @pytest.mark.parametrize("target", ["ca-api"], indirect=True)
 async def test_refused_body_ends_the_connection(target: HttpTarget) -> None:
     """Once a stalled body got its 408, the connection ends (within SLACK): the client
     said it would send more, and nothing it sends now matters."""
     policy = target.policy
-    request = http_request("POST", "/upload", body=b"b" * 100, content_length=100_000)
+    request = http_request("POST", "/upload", body=b"b" * 100, content_length=target.max_body)
     async with watch(target) as w, Honest(target.honest) as honest, Attack(target.port) as attack:
         conns = await target.open(attack, 2)
         for conn in conns:
@@ -268,11 +263,6 @@ async def test_refused_body_ends_the_connection(target: HttpTarget) -> None:
     assert statuses == [408, 408]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no deadline bounds a whole request body: body_timeout only needs one byte "
-    "per period (R.U.D.Y.); see the report of issue 15",
-)
 @pytest.mark.parametrize("target", ["ca-api"], indirect=True)
 async def test_trickled_body_ends(target: HttpTarget) -> None:
     """A body trickled a byte every 0.2 s (faster than body_timeout, so it always makes
@@ -489,11 +479,6 @@ async def test_websocket_handshake_flood_closes_with_1008(target: HttpTarget) ->
     await still_up(target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp waits its own close timeout (WebSocketResponse timeout=10 s) for the "
-    "client's close frame, outside the policy; see the report of issue 15",
-)
 @pytest.mark.parametrize("target", ["brc103-ws"], indirect=True)
 async def test_websocket_close_ignored_ends_in_time(target: HttpTarget) -> None:
     """A client that sends a bad frame and then ignores the server's close frame: the
@@ -512,12 +497,6 @@ async def test_websocket_close_ignored_ends_in_time(target: HttpTarget) -> None:
     w.check(queued_slack=target.max_body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an HTTP connection counts as authenticated at its first request head, so an "
-    "upgraded WebSocket that never starts BRC-103 has no deadline (and cannot be evicted); "
-    "see the report of issue 15",
-)
 @pytest.mark.parametrize("target", ["brc103-ws"], indirect=True)
 async def test_websocket_upgraded_then_silent_ends_at_the_handshake_deadline(
     target: HttpTarget,

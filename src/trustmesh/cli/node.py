@@ -198,6 +198,7 @@ def run(directory: Path, log_level: str, **limits: Any) -> None:
         if overrides:
             config = mesh_node.config
             mesh_node.config = dataclasses.replace(config, limits={**config.limits, **overrides})
+            mesh_node.config.check_operator_values()
         await mesh_node.start()
         emit(
             {

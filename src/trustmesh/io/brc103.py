@@ -48,6 +48,7 @@ from trustmesh.io.limits import ResourcePolicy
 log = logging.getLogger(__name__)
 MAX_INBOX = 1024  # general messages waiting for receive() when no listener takes them
 MAX_ERRORS = 100
+PROVING_EVENTS = (HandshakeCompleted, GeneralMessageReceived, CertificatesReceived)
 MAX_TASKS = ResourcePolicy().max_tasks  # sends and async listeners running per peer
 MessageHandler = Callable[[AuthMessage], None]
 GeneralListener = Callable[[GeneralMessageReceived], Awaitable[None] | None]
@@ -119,6 +120,7 @@ class AsyncPeer:
         self._listeners: list[GeneralListener] = []
         self._certificate_listeners: list[Callable[[CertificatesReceived], None]] = []
         self._request_listeners: list[Callable[[CertificatesRequested], None]] = []
+        self._proven_listeners: list[Callable[[Event], None]] = []
         self._inbox: asyncio.Queue[GeneralMessageReceived] = asyncio.Queue(MAX_INBOX)
         self.timer = PeerTimer(peer, clock, self._dispatch)
         self._tasks: set[asyncio.Future[None]] = set()
@@ -197,6 +199,11 @@ class AsyncPeer:
     def on_certificates_requested(self, listener: Callable[[CertificatesRequested], None]) -> None:
         self._request_listeners.append(listener)
 
+    def on_proven(self, listener: Callable[[Event], None]) -> None:
+        """Hear of every event that proves the other side holds its identity key: our
+        handshake answered (signed), or a signed message or certificates from it."""
+        self._proven_listeners.append(listener)
+
     async def receive(self) -> GeneralMessageReceived:
         """The next general message that no listener took (wrap in ``asyncio.timeout``)."""
         return await self._inbox.get()
@@ -248,10 +255,16 @@ class AsyncPeer:
 
     def _dispatch(self, events: list[Event]) -> None:
         for event in events:
+            if isinstance(
+                event, HandshakeCompleted | GeneralMessageReceived | CertificatesReceived
+            ):
+                for proven_listener in self._proven_listeners:
+                    self._call(proven_listener, event)
             if isinstance(event, HandshakeCompleted):
                 waiter = self._handshakes.get(event.session_nonce)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event.identity_key)
+
             elif isinstance(event, GeneralMessageReceived):
                 if not self._listeners:
                     try:

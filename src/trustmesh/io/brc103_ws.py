@@ -30,10 +30,12 @@ from trustmesh.brc103.revocation import RevocationChecker
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import DecodeError
 from trustmesh.io.brc103 import MAX_TASKS, AsyncPeer, MessageHandler
+from trustmesh.io.https import connection_policy, mark_authenticated
 from trustmesh.ratelimit import TokenBucket
 
 log = logging.getLogger(__name__)
 MAX_FRAME = 8 * 1024 * 1024
+CLOSE_TIMEOUT = 10.0  # seconds to wait for the client's close frame, at most
 MAX_PENDING_SENDS = 16  # replies in flight before we stop reading the peer
 SESSIONS_PER_CONNECTION = 4
 HANDSHAKE_RATE = 2.0  # initialRequests per second per connection, on average
@@ -139,12 +141,23 @@ def websocket_handler(
     )
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_FRAME, heartbeat=30.0)
+        # A client that ignores our close frame is not waited for longer than a stalled
+        # reader would be (aiohttp's own default is 10 s).
+        policy = connection_policy(request)
+        ws = web.WebSocketResponse(
+            max_msg_size=MAX_FRAME,
+            heartbeat=30.0,
+            timeout=min(CLOSE_TIMEOUT, policy.write_stall_timeout),
+        )
         await ws.prepare(request)
         transport = WebSocketTransport(ws)
         peer = AsyncPeer(
             Peer(wallet, per_connection, revocation=revocation), transport, max_tasks=max_tasks
         )
+        # The upgrade (or an unsigned initialRequest) proves nothing: the connection stays
+        # under the listener's handshake deadline, and may be evicted, until the client
+        # signs something.
+        peer.on_proven(lambda _event: mark_authenticated(request))
         loop = asyncio.get_running_loop()
         reader = loop.create_task(
             transport.run(lambda: peer.pending_sends, room=peer.wait_for_room)

@@ -33,6 +33,27 @@ PEER_CHAIN = "trustmesh_peer_chain"  # get_extra_info key: tuple[x509.Certificat
 CONNECTION = "trustmesh_http_connection"  # get_extra_info key: the connection object
 
 
+def connection_policy(request: web.BaseRequest) -> ResourcePolicy:
+    """The resource policy of the listener this request came in on (the defaults when it
+    was not served by :class:`HttpsSite`)."""
+    connection = _connection(request)
+    return connection.policy if connection is not None else ResourcePolicy()
+
+
+def mark_authenticated(request: web.BaseRequest) -> None:
+    """The protocol running over this (upgraded) request's connection has authenticated
+    its peer: end its handshake deadline and protect it from eviction."""
+    connection = _connection(request)
+    if connection is not None:
+        connection.authenticated()
+
+
+def _connection(request: web.BaseRequest) -> _HttpsConnection | None:
+    transport = request.transport
+    connection = transport.get_extra_info(CONNECTION) if transport is not None else None
+    return connection if isinstance(connection, _HttpsConnection) else None
+
+
 def peer_chain(request: web.Request) -> tuple[x509.Certificate, ...]:
     """The client's certificate chain on this request's connection (empty without one)."""
     transport = request.transport
@@ -180,10 +201,25 @@ class _HttpsConnection(asyncio.Protocol):
         else:
             self._app.data_received(data)
 
-    def request_started(self) -> None:
-        """aiohttp has parsed a request head (the handler wrapper tells us)."""
+    @property
+    def policy(self) -> ResourcePolicy:
+        return self._policy
+
+    def request_started(self, *, upgrade: bool = False) -> None:
+        """aiohttp has parsed a request head (the handler wrapper tells us). A request
+        proves the client speaks HTTP; an upgrade (WebSocket) proves nothing yet: its
+        protocol has ``handshake_timeout`` from now to authenticate
+        (:func:`mark_authenticated`)."""
         self._requests += 1
+        if upgrade:
+            self._arm("handshake_timeout", self._loop.time() + self._policy.handshake_timeout)
+            return
         self._cancel_deadline()
+        self._admission.authenticated(self._loop.time())
+
+    def authenticated(self) -> None:
+        if self._deadline_kind == "handshake_timeout":
+            self._cancel_deadline()
         self._admission.authenticated(self._loop.time())
 
     def request_finished(self) -> None:
@@ -472,53 +508,64 @@ def _with_deadlines(handler: RequestHandler, policy: ResourcePolicy) -> RequestH
     and read the body under ``body_timeout`` before the application sees it."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        transport = request.transport
-        connection = transport.get_extra_info(CONNECTION) if transport is not None else None
-        if isinstance(connection, _HttpsConnection):
-            connection.request_started()
+        connection = _connection(request)
+        if connection is not None:
+            upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+            connection.request_started(upgrade=upgrade)
         try:
             if request.body_exists:
-                refused = await _read_body(request, policy.body_timeout)
+                refused = await _read_body(request, policy)
                 if refused is not None:
                     return refused
             return await handler(request)
         finally:
-            if isinstance(connection, _HttpsConnection):
+            if connection is not None:
                 connection.request_finished()
 
     handle._trustmesh_deadlines = True  # type: ignore[attr-defined]
     return handle
 
 
-async def _read_body(request: web.BaseRequest, idle: float) -> web.Response | None:
-    """Read (and cache) the whole body; a 408 if ``idle`` seconds pass with no progress,
-    a 413 if it is larger than the application allows."""
+async def _read_body(request: web.BaseRequest, policy: ResourcePolicy) -> web.Response | None:
+    """Read (and cache) the whole body: a 408 if ``body_timeout`` passes with no
+    progress, or if the whole body takes longer than ``header_timeout + body_timeout``
+    (a body trickled a byte at a time); a 413 if it is larger than the application
+    allows (at once when its Content-Length says so)."""
+    limit = request.client_max_size if isinstance(request, web.Request) else 0
+    declared = request.content_length
+    if limit and declared is not None and declared > limit:
+        return _refuse(413, "too_large", f"the body may be at most {limit} bytes")
     reading = asyncio.ensure_future(request.read())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + policy.header_timeout + policy.body_timeout
     seen = request.content.total_bytes
     try:
         while True:
-            done, _ = await asyncio.wait({reading}, timeout=idle)
+            wait = min(policy.body_timeout, deadline - loop.time())
+            done, _ = await asyncio.wait({reading}, timeout=max(wait, 0.0))
             if done:
                 reading.result()
                 return None
             progress = request.content.total_bytes
             if progress == seen:
-                response = web.json_response(
-                    {"error": "timeout", "message": f"no body bytes for {idle:g} s"},
-                    status=408,
-                )
-                response.force_close()
-                return response
+                return _refuse(408, "timeout", f"no body bytes for {policy.body_timeout:g} s")
+            if loop.time() >= deadline:
+                return _refuse(408, "timeout", "the body is arriving too slowly")
             seen = progress
     except web.HTTPRequestEntityTooLarge as exc:
-        response = web.json_response({"error": "too_large", "message": exc.text}, status=413)
-        response.force_close()
-        return response
+        return _refuse(413, "too_large", exc.text or "the body is too large")
     finally:
         if not reading.done():
             reading.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reading
+
+
+def _refuse(status: int, code: str, message: str) -> web.Response:
+    """A JSON error after which the connection closes (the rest of the body is moot)."""
+    response = web.json_response({"error": code, "message": message}, status=status)
+    response.force_close()
+    return response
 
 
 async def serve_app(
@@ -540,6 +587,7 @@ async def serve_app(
         handle_signals=False,
         shutdown_timeout=shutdown_timeout,
         keepalive_timeout=policy.keepalive_timeout,
+        lingering_time=0,  # after a refused body, close at once: the rest is not read
     )
     await runner.setup()
     site = HttpsSite(runner, host, port, context, policy=policy, name=name)

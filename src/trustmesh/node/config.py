@@ -101,8 +101,15 @@ class NodeConfig:
         if not 0.05 <= self.digest_interval <= 3600:
             raise ConfigError("digest_interval must be in 0.05..3600 seconds")
         try:
-            policy_from(self.limits).check_operator_values()
+            policy_from(self.limits)
         except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[limits]: {exc}") from None
+
+    def check_operator_values(self) -> None:
+        """The floors an operator's settings must respect (tests may go lower)."""
+        try:
+            self.policy.check_operator_values()
+        except ValueError as exc:
             raise ConfigError(f"[limits]: {exc}") from None
 
     def to_toml(self) -> str:
@@ -127,9 +134,11 @@ def load_config(directory: Path) -> NodeConfig:
     if "bootstrap" in values:
         values["bootstrap"] = tuple(values["bootstrap"])
     try:
-        return NodeConfig(**values, extra=extra)
+        config = NodeConfig(**values, extra=extra)
     except TypeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    config.check_operator_values()
+    return config
 
 
 def write_config(directory: Path, config: NodeConfig) -> Path:
