@@ -1,9 +1,10 @@
-"""``python -m bench NAME [--json]``: run one benchmark and print its figures."""
+"""``python -m bench NAME [--json] [--quick]``: run one benchmark and print its figures."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import pkgutil
 import sys
 
@@ -21,9 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("name", choices=available(), help="which benchmark to run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small, fast run (benches that offer one: load)"
+    )
     args = parser.parse_args(argv)
     module = importlib.import_module(f"bench.{args.name}")
-    print(report(args.name, module.run(), as_json=args.json))
+    options = {}
+    if args.quick:
+        if "quick" not in inspect.signature(module.run).parameters:
+            parser.error(f"bench {args.name} has no --quick")
+        options["quick"] = True
+    print(report(args.name, module.run(**options), as_json=args.json))
     return 0
 
 

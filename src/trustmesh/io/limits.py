@@ -147,6 +147,8 @@ def policy_from(overrides: dict[str, Any], base: ResourcePolicy | None = None) -
 def source_of(address: object) -> str:
     """The key a peer address counts under: the IPv4 address, or an IPv6 /64."""
     host = address[0] if isinstance(address, tuple) and address else address
+    if isinstance(host, str) and ":" not in host and host.count(".") == 3:
+        return host  # IPv4 as the kernel wrote it: the common case, at flood rates
     try:
         ip = ipaddress.ip_address(str(host))
     except ValueError:
