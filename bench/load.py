@@ -325,7 +325,7 @@ class BotdServer(Server):
         await self.hold(_until_peer_closes(channel))
 
     async def stop(self) -> dict[str, Any]:
-        stats = self.server._server.listener.stats.snapshot()
+        stats = self.server.listener.stats.snapshot()
         self.server.close()
         await self.server.wait_closed()
         return {"limits": stats}

@@ -535,6 +535,11 @@ class ServerHandle(Generic[CoreT]):
     def connections(self) -> int:
         return len(self._server.connections)
 
+    @property
+    def listener(self) -> Listener:
+        """The listening socket, its connection table and its limit counters."""
+        return self._server.listener
+
     def close(self, reason: str = "server shutting down") -> None:
         self._server.close(reason)
 
