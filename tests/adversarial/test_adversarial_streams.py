@@ -96,6 +96,8 @@ async def test_idle_connections_end_at_the_idle_deadline(target: StreamTarget) -
     assert counts["refused.unauthenticated_per_source"] == 4  # reset at once
     waited = sorted(c.closed_after or 0.0 for c in attack.conns)[-admitted:]
     assert min(waited) >= policy.idle_timeout - EARLY  # the deadline, not something sooner
+    if isinstance(target, MeshTarget):  # operators see the counts in the node's health
+        assert target.node.health()["limits"]["links"] == dict(counts)
     await still_up(target)
 
 

@@ -787,7 +787,17 @@ class MeshNode:
                 "forwarded": stats.forwarded,
                 "rejected": dict(stats.rejected),
             },
+            "limits": self._limit_counts(),
         }
+
+    def _limit_counts(self) -> dict[str, dict[str, int]]:
+        """How often each resource limit was hit, per listener (docs/limits.md)."""
+        counts: dict[str, dict[str, int]] = {}
+        if self._server is not None:
+            counts["links"] = self._server.listener.stats.snapshot()
+        if self.api_site is not None:
+            counts["api"] = self.api_site.listener.stats.snapshot()
+        return counts
 
     def _emit(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
         log.log(level, event, extra={"node": self.node_id, "fields": fields})
