@@ -132,6 +132,21 @@ async def test_idle_connections_end_at_the_idle_deadline(target: HttpTarget) -> 
 
 
 @pytest.mark.parametrize("target", TLS_TARGETS, indirect=True)
+async def test_tls_done_then_silence_ends_at_the_handshake_deadline(target: HttpTarget) -> None:
+    """TLS completed without a client certificate, then not a byte of HTTP (before the
+    fix such a connection was held for about an hour): the first request head is due
+    handshake_timeout after the accept."""
+    policy = target.policy
+    async with watch(target) as w, Honest(target.honest) as honest, Attack(target.port) as attack:
+        await target.open(attack, 4)
+        await attack.wait_all_closed(policy.handshake_timeout + SLACK)
+        await honest.wait_served()  # served while the attack runs
+    w.check(queued_slack=target.max_body)
+    assert target.counts["handshake_timeout"] == 4, target.counts
+    await still_up(target)
+
+
+@pytest.mark.parametrize("target", TLS_TARGETS, indirect=True)
 async def test_stalled_tls_ends_at_the_handshake_deadline(target: HttpTarget) -> None:
     """A ClientHello, then silence."""
     policy = target.policy
