@@ -43,6 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from bench.harness import Result, compare_rates
 from trustmesh.catalyst.session import CatalystConfig
 from trustmesh.io.catalyst import CatalystNode, CatalystServer, Session
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.tls import TlsConfig, hybrid_group_available
 from trustmesh.tls.context import CLASSIC_GROUP, HYBRID_GROUP
 
@@ -167,7 +168,11 @@ class CatalystRig:
         return self.server.port
 
     async def start(self) -> None:
-        self.server = await self.server_node.serve(self._serve, host=HOST, port=0)
+        # Every client dials from 127.0.0.1 as fast as it can: lift the per-address caps
+        # and handshake rate a listener puts on one source (docs/limits.md).
+        self.server = await self.server_node.serve(
+            self._serve, host=HOST, port=0, policy=ResourcePolicy.for_load(4096)
+        )
         # One session per client: warms both sides up and, with resume, leaves a ticket.
         await self._run(1)
         if self.resume and self.resumed:

@@ -70,6 +70,7 @@ from trustmesh.api.ca_server import CaServer
 from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.https import HttpsSite
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.pki.ca import ENROLL_TOKEN_PREFIX, CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.tls.context import TlsContext
@@ -88,6 +89,9 @@ ECHO_PATH = "/v1/echo"
 JSON_HEADERS = {"Content-Type": "application/json"}
 # Never triggers: every bench client shares 127.0.0.1, so one bucket takes all requests.
 GENEROUS_LIMIT = 1e9
+
+# The same for the listeners: every client connects from 127.0.0.1 (docs/limits.md).
+LOAD_POLICY = ResourcePolicy.for_load(4096)
 
 
 # --- requests made before the timing ------------------------------------------------------
@@ -199,6 +203,8 @@ class PkiRig:
             HOST,
             0,
             limiter=RateLimiter(GENEROUS_LIMIT, int(GENEROUS_LIMIT)),
+            # Every client connects from 127.0.0.1: lift the per-address caps and rate.
+            policy=LOAD_POLICY,
         )
         self.anchor_runner: web.AppRunner | None = None
         self.anchor_site: HttpsSite | None = None
@@ -223,7 +229,9 @@ class PkiRig:
         app.router.add_route("*", ECHO_PATH, self._echo)
         self.anchor_runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.anchor_runner.setup()
-        self.anchor_site = HttpsSite(self.anchor_runner, HOST, 0, self.server.tls_context)
+        self.anchor_site = HttpsSite(
+            self.anchor_runner, HOST, 0, self.server.tls_context, policy=LOAD_POLICY
+        )
         await self.anchor_site.start()
         ca_file = directory / "ca.crt"
         self.fresh = Clients(ca_file, self.clients_count, fresh=True)

@@ -20,6 +20,7 @@ from trustmesh.api.ca_client import make_csr as node_csr
 from trustmesh.api.ca_server import CaServer
 from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.crypto.keys import PrivateKey
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 
@@ -106,6 +107,8 @@ async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             0,
             limiter=limiter or RateLimiter(1000.0, 1000),
             clock=clock or (lambda: datetime.now(UTC)),
+            # Every test client connects from 127.0.0.1: lift the per-address caps too.
+            policy=ResourcePolicy.for_load(1024),
         )
         await server.start()
         handle = RunningCa(ca, server, directory)

@@ -190,6 +190,17 @@ def test_docs_list_every_limit_with_its_default_and_flag() -> None:
 # --- the listener, on real sockets --------------------------------------------------------
 
 
+async def read_one_byte(host: str, port: int) -> bytes:
+    """Connect and read a byte (a refused connection is reset, maybe before connect
+    returns)."""
+    async with asyncio.timeout(WAIT):
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            return await reader.readexactly(1)
+        finally:
+            writer.close()
+
+
 class Echo(asyncio.Protocol):
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
@@ -225,11 +236,8 @@ async def test_a_flood_from_one_address_is_reset_while_another_is_served() -> No
             flood.append(await asyncio.open_connection("127.0.0.1", listener.port))
         async with asyncio.timeout(WAIT):
             await four.wait()
-        refused_reader, refused_writer = await asyncio.open_connection("127.0.0.1", listener.port)
         with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
-            async with asyncio.timeout(WAIT):
-                await refused_reader.readexactly(1)  # reset at once
-        refused_writer.close()
+            await read_one_byte("127.0.0.1", listener.port)  # reset at once
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", listener.port, local_addr=("127.0.0.2", 0)
         )

@@ -42,7 +42,7 @@ class ResourcePolicy:
     max_connections: int = 1024
     max_per_source: int = 64
     max_unauthenticated: int = 256
-    max_unauthenticated_per_source: int = 16
+    max_unauthenticated_per_source: int = 32
     handshake_timeout: float = 10.0  # TCP accept to authenticated
     idle_timeout: float = 5.0  # no byte at all from the peer before authentication
     max_write_buffer: int = 2 * 1024 * 1024  # unsent bytes; a peer past it is closed

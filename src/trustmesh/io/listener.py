@@ -2,9 +2,10 @@
 
 Why not ``loop.create_server``: its backlog is 100, it accepts whoever comes, and at the
 descriptor limit CPython's accept loop schedules a retry for every connection left in
-the backlog, which spins the CPU and floods the log. :class:`Listener` accepts one
-connection at a time, asks its :class:`~trustmesh.io.limits.ConnectionTable` first
-(a refused connection is reset at once, costing one descriptor for a moment). At the
+the backlog, which spins the CPU and floods the log. :class:`Listener` accepts in batches
+from a reader callback, as asyncio does, but asks its
+:class:`~trustmesh.io.limits.ConnectionTable` about each connection first (a refused
+connection is reset at once, costing one descriptor for a moment). At the
 descriptor limit it evicts the oldest unauthenticated connection of the busiest source
 and accepts again once that socket is closed; with none to evict it pauses accepting
 for ``accept_retry`` seconds. It never spins, and says so once a minute.
@@ -43,10 +44,12 @@ class Listener:
         self.stats = LimitStats(name)
         self.table = ConnectionTable(self.policy, self.stats)
         self._factory = protocol_factory
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: socket.socket | None = None
         self._port: int | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
+        self._reading = False  # the socket is registered for accept
+        self._resume: asyncio.TimerHandle | None = None  # accepting again after a pause
+        self._starting: set[asyncio.Task[None]] = set()  # transports being set up
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -80,73 +83,83 @@ class Listener:
         except BaseException:
             sock.close()
             raise
+        self._loop = loop
         self._socket = sock
         self._port = int(sock.getsockname()[1])
-        self._task = loop.create_task(self._accept_loop(sock))
+        self._start_reading()
 
     def close(self) -> None:
         """Stop accepting (live connections are their owner's to close)."""
-        sock = self._socket
-        if sock is None:
+        if self._socket is None:
             return
-        if self._task is None:
-            sock.close()
-        else:
-            # Closed once the accept loop has let go of it (its pending accept removed).
-            self._task.add_done_callback(lambda _: sock.close())
-            self._task.cancel()
+        self._stop_reading()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        self._socket.close()
+        self._socket = None
 
     async def wait_closed(self) -> None:
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Wait until the connections accepted before :meth:`close` have started."""
+        if self._starting:
+            await asyncio.gather(*self._starting, return_exceptions=True)
 
     def is_serving(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._socket is not None
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
-        """Accept in batches while the socket is readable: a refusal costs one accept(),
-        one table lookup and one close(), with no task switch, so a flood from one
-        address does not slow the accept queue down for everyone else."""
-        loop = asyncio.get_running_loop()
-        readable = asyncio.Event()
-        fd = sock.fileno()
-        loop.add_reader(fd, readable.set)
-        try:
-            while True:
-                await readable.wait()
-                readable.clear()  # the selector is level-triggered: it sets it again
-                for _ in range(ACCEPT_BATCH):
-                    try:
-                        conn, address = sock.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as exc:
-                        if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                            continue  # the peer gave up while it waited in the backlog
-                        if exc.errno not in OUT_OF_DESCRIPTORS:
-                            raise
-                        await self._out_of_descriptors()
-                        break
-                    admission = self.table.admit(source_of(address))
-                    if admission is None:
-                        _reset(conn)
-                    else:
-                        await self._start(conn, admission)
-                else:
-                    await asyncio.sleep(0)  # a full batch: let the connections run
-        finally:
-            loop.remove_reader(fd)
-            sock.close()  # an accept loop that fails ends the listener
+    # --- accepting ------------------------------------------------------------------------
 
-    async def _out_of_descriptors(self) -> None:
-        if self.table.evict_for_descriptors():
-            # Its socket closes on the loop's next turn; then accept again.
+    def _start_reading(self) -> None:
+        self._resume = None
+        if self._socket is not None and self._loop is not None and not self._reading:
+            self._loop.add_reader(self._socket.fileno(), self._accept_ready)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading and self._socket is not None and self._loop is not None:
+            self._loop.remove_reader(self._socket.fileno())
+        self._reading = False
+
+    def _accept_ready(self) -> None:
+        """Accept a batch, synchronously, as asyncio's own server does: a refusal costs
+        one accept(), one table lookup and one close(), so a flood from one address does
+        not slow the accept queue down for everyone else."""
+        sock, loop = self._socket, self._loop
+        assert sock is not None
+        assert loop is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the peer gave up while it waited in the backlog
+                self._pause(exc)
+                return
+            admission = self.table.admit(source_of(address))
+            if admission is None:
+                _reset(conn)
+                continue
+            task = loop.create_task(self._start(conn, admission))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    def _pause(self, exc: OSError) -> None:
+        """accept() failed: out of descriptors (or worse). Stop accepting; resume once an
+        evicted connection's socket is closed (the loop's next turn), or after
+        ``accept_retry`` when there was none to evict. Never spin."""
+        assert self._loop is not None
+        self._stop_reading()
+        if exc.errno in OUT_OF_DESCRIPTORS and self.table.evict_for_descriptors():
             self.stats.hit("descriptors", "*", "evicting unauthenticated peers")
-            await asyncio.sleep(0)
-        else:
+            self._resume = self._loop.call_later(0, self._start_reading)
+            return
+        if exc.errno in OUT_OF_DESCRIPTORS:
             self.stats.hit("descriptors", "*", "accepting paused")
-            await asyncio.sleep(self.policy.accept_retry)
+        else:
+            self.stats.hit("accept_error", "*", str(exc))
+        self._resume = self._loop.call_later(self.policy.accept_retry, self._start_reading)
 
     async def _start(self, conn: socket.socket, admission: Admission) -> None:
         conn.setblocking(False)
