@@ -69,7 +69,6 @@ from cryptography.hazmat.primitives import serialization
 from bench.catalyst import SERVER_ASN, SERVER_ID, Pki, anchor_contexts, make_pki
 from bench.harness import Result
 from trustmesh.api.ca_client import make_csr
-from trustmesh.botd import BotdConnection
 from trustmesh.brc103.peer import PeerConfig
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.catalyst.errors import PeeringFailed
@@ -794,25 +793,6 @@ async def hold_sessions(kind: str, sessions: int, workdir: Path, extra: Any = No
 # --- the flood --------------------------------------------------------------------------------
 
 
-async def botd_dial(
-    port: int, key: PrivateKey, peer: PublicKey, local: str | None = None
-) -> botd.Channel:
-    """``trustmesh.io.botd.connect`` from a chosen source address (``local``)."""
-    loop = asyncio.get_running_loop()
-    core = BotdConnection(key, peer_key=peer)
-    _, driver = await loop.create_connection(
-        lambda: StreamDriver(core), HOST, port, local_addr=(local, 0) if local else None
-    )
-    channel = botd.Channel(driver)
-    try:
-        await channel.wait_established()
-    except BaseException:
-        driver.abort("handshake failed")
-        await channel.wait_closed()
-        raise
-    return channel
-
-
 async def honest_handshakes(
     port: int, peer: PublicKey, key: PrivateKey, count: int
 ) -> tuple[list[float], int]:
@@ -831,7 +811,7 @@ async def honest_handshakes(
         start = time.perf_counter()
         try:
             async with asyncio.timeout(HONEST_TIMEOUT):
-                channel = await botd_dial(port, key, peer, HONEST)
+                channel = await botd.connect(HOST, port, key, peer, local_addr=(HONEST, 0))
         except Exception:
             failures += 1
             latencies.append(HONEST_TIMEOUT)
@@ -899,7 +879,7 @@ async def _attack(port: int, peer: PublicKey, idle: int, conn: Connection) -> No
             stats["flood_attempts"] += 1
             try:
                 async with asyncio.timeout(ATTACK_CONNECT_TIMEOUT):
-                    channel = await botd_dial(port, key, peer)
+                    channel = await botd.connect(HOST, port, key, peer)
             except Exception:
                 stats["flood_refused"] += 1
                 continue

@@ -244,7 +244,8 @@ def connect(
 
     Returns once the handshake is complete; raises :class:`HandshakeFailed` with the
     reason when it is not (within ``config.handshake_timeout``), and ``OSError`` when
-    the TCP connection fails.
+    the TCP connection fails. ``driver_options`` go to :func:`open_stream`
+    (``local_addr=(address, 0)`` picks the source address).
     """
 
     async def open_channel() -> Channel:

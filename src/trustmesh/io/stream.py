@@ -404,12 +404,18 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
 
 
 async def open_stream(
-    core: CoreT, host: str, port: int, **driver_options: Any
+    core: CoreT,
+    host: str,
+    port: int,
+    *,
+    local_addr: tuple[str, int] | None = None,
+    **driver_options: Any,
 ) -> StreamDriver[CoreT]:
-    """Connect to ``host:port`` over TCP and run ``core`` on the connection."""
+    """Connect to ``host:port`` over TCP (from ``local_addr`` when given) and run
+    ``core`` on the connection."""
     loop = asyncio.get_running_loop()
     _, driver = await loop.create_connection(
-        lambda: StreamDriver(core, **driver_options), host, port
+        lambda: StreamDriver(core, **driver_options), host, port, local_addr=local_addr
     )
     return driver
 
