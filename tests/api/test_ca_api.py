@@ -352,8 +352,13 @@ async def test_form_bodies_and_pem_answers_for_curl_users(
         chain = x509.load_pem_x509_certificates(await response.read())
     assert [c.subject for c in chain[1:]] == [ca_api.ca.issuing_cert.subject]
     assert ca_api.ca.store.get(chain[0].serial_number) is not None
-    # The same form, twice-given fields and an empty form are 400s with JSON bodies.
-    async with session.post(f"{ca_api.url}/v1/enroll", data=form) as response:
+    # The same form again is a retry (same token, same key): the same certificate. The
+    # token with another key, twice-given fields and an empty form are 400s with JSON.
+    async with session.post(f"{ca_api.url}/v1/enroll", data=form, headers=headers) as response:
+        assert response.status == 200
+        assert x509.load_pem_x509_certificates(await response.read())[0] == chain[0]
+    other = {**form, "csr": make_csr("node-1")[0]}
+    async with session.post(f"{ca_api.url}/v1/enroll", data=other) as response:
         assert response.status == 400
         assert (await response.json())["error"] == "invalid_token"
     async with session.post(

@@ -345,8 +345,8 @@ async def test_rotate_with_node_certificate_conforms(ca_api: RunningCa, tmp_path
     assert answer["serial"] != answer["previous_serial"]
     assert answer["node_id"] == "node-2"
 
-    # The same certificate may rotate again (the old one stays valid); as a form, in PEM.
-    csr, _ = make_csr("node-2")
+    # The same request again (a retry: the same key) gets the same certificate; as a
+    # form, in PEM.
     sent, received = await client(ca_api, cert_file, key_file).call(
         "POST", "/v1/rotate", form={"csr": csr}, query={"format": "pem"}
     )
@@ -355,6 +355,21 @@ async def test_rotate_with_node_certificate_conforms(ca_api: RunningCa, tmp_path
     conforms(sent, received)
     leaf, _ = x509.load_pem_x509_certificates(received.data)
     assert leaf.subject == cert.subject
+    assert format(leaf.serial_number, "x") == answer["serial"]
+
+    # Another key: the old certificate is superseded and may not rotate again.
+    other, _ = make_csr("node-2")
+    sent, received = await client(ca_api, cert_file, key_file).call(
+        "POST", "/v1/rotate", body={"csr": other}
+    )
+    assert (received.status_code, error_code(received)) == (409, "superseded")
+    conforms(sent, received)
+
+    # A current_cert_serial that is not the client certificate's.
+    body = {"csr": other, "current_cert_serial": "abc123"}
+    sent, received = await client(ca_api, cert_file, key_file).call("POST", "/v1/rotate", body=body)
+    assert (received.status_code, error_code(received)) == (400, "serial_mismatch")
+    conforms(sent, received)
 
 
 # --- the CRL ------------------------------------------------------------------------------

@@ -125,7 +125,9 @@ async def test_crl_and_ping_rounds_reuse_their_connections(rig: pki_bench.PkiRig
 async def test_a_failed_enrollment_fails_the_round(rig: pki_bench.PkiRig) -> None:
     fresh, _ = _clients(rig)
     spent = rig.enrollments[0]  # enrolled in the warm-up: its token is used
-    request = rig._enroll_request(spent)
+    # With another key: the same key would be an idempotent retry, answered 200.
+    other_key = pki_bench.enroll_body(spent.token, spent.node_id, pki_bench.make_csr(spent.node_id))
+    request = rig._enroll_request(pki_bench.Enrollment(spent.node_id, spent.token, other_key))
     async with asyncio.timeout(20):
         with pytest.raises(pki_bench.BenchFailure, match="answered 400"):
             await fresh.run([[request]] + [[] for _ in range(CLIENTS - 1)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from clitools import TRUSTMESH, clean_env
@@ -12,7 +13,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from trustmesh.pki.ca import CertificateAuthority
+from trustmesh.api.ca_client import make_csr
+from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.pki.ca import CertificateAuthority, token_hash
+from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
+from trustmesh.pki.store import admin_token_id
 
 PASS = "ca passphrase for tests"
 
@@ -36,6 +41,10 @@ def issue(directory: Path, node_id: str) -> int:
         return ca.issue(csr, node_id).serial_number
     finally:
         ca.close()
+
+
+def node_csr(node_id: str) -> str:
+    return make_csr(PrivateKey.generate(KeyKind.P256), node_id)
 
 
 def test_init_list_revoke(tmp_path: Path) -> None:
@@ -111,3 +120,74 @@ def test_bad_option_values_are_usage_errors_before_the_ca_opens(tmp_path: Path) 
         result = run(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+
+
+def test_ca_list_shows_rotation_lineage(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    assert run("ca", "init", "--dir", str(d)).returncode == 0
+    ca = CertificateAuthority(d, PASS.encode())
+    try:
+        desk = Registrar(ca, EnrollmentPolicy(), MeshSettings())
+        enrolled = desk.enroll(ca.create_token("n1"), node_csr("n1"))
+        current = desk.authenticate([enrolled.certificate, ca.issuing_cert])
+        rotated = desk.rotate(current, node_csr("n1"))
+    finally:
+        ca.close()
+    old, new = enrolled.record.serial_hex, rotated.record.serial_hex
+    listed = {
+        row["serial"]: row
+        for row in map(
+            json.loads, run("ca", "list", "--dir", str(d), "--json").stdout.split("\n")[:-1]
+        )
+    }
+    assert (listed[old]["replaces"], listed[old]["replaced_by"]) == (None, new)
+    assert (listed[new]["replaces"], listed[new]["replaced_by"]) == (old, None)
+    human = run("ca", "list", "--dir", str(d)).stdout
+    assert f"replaces {old}" in human
+
+
+def test_admin_tokens_expire_list_and_revoke(tmp_path: Path) -> None:
+    d = tmp_path / "ca"
+    assert run("ca", "init", "--dir", str(d)).returncode == 0
+    made = [
+        json.loads(run("ca", "admin-token", "create", "--dir", str(d), *args, "--json").stdout)
+        for args in (("--label", "ops", "--ttl", "2s"), ("--label", "oncall"))
+    ]
+    assert [m["label"] for m in made] == ["ops", "oncall"]
+    short, default = made
+    assert short["id"] == admin_token_id(token_hash(short["token"]))
+    lifetimes = [
+        datetime.fromisoformat(m["expires_at"]) - datetime.now(UTC) for m in (short, default)
+    ]
+    assert lifetimes[0] <= timedelta(seconds=2)
+    assert timedelta(hours=23) < lifetimes[1] <= timedelta(hours=24)
+
+    revoked = run("ca", "admin-token", "revoke", "--dir", str(d), default["id"], "--json")
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout) == {"id": default["id"], "revoked": True, "already": False}
+    listed = [
+        json.loads(line)
+        for line in run("ca", "admin-token", "list", "--dir", str(d), "--json").stdout.splitlines()
+    ]
+    assert [(t["id"], t["label"], t["revoked"]) for t in listed] == [
+        (short["id"], "ops", False),
+        (default["id"], "oncall", True),
+    ]
+    assert listed[1]["state"] == "revoked"
+    assert all("token" not in t for t in listed)  # only hashes are kept
+    human = run("ca", "admin-token", "list", "--dir", str(d)).stdout
+    assert default["id"] in human and "revoked" in human
+
+    unknown = run("ca", "admin-token", "revoke", "--dir", str(d), "0" * 16)
+    assert unknown.returncode == 1 and "no admin token has the id" in unknown.stderr
+    for args in (("--ttl", "0s"), ("--ttl", "91d"), ("--ttl", "5")):
+        bad = run("ca", "admin-token", "create", "--dir", str(d), *args)
+        assert bad.returncode == 2, bad.stderr
+        assert "--ttl" in bad.stderr, bad.stderr
+    cert = run(
+        *("ca", "admin-cert", "--dir", str(d), "--name", "alice", "--out", str(tmp_path / "a")),
+        *("--ttl", "10m", "--no-encrypt", "--json"),
+    )
+    assert cert.returncode == 0, cert.stderr
+    left = datetime.fromisoformat(json.loads(cert.stdout)["not_after"]) - datetime.now(UTC)
+    assert timedelta(minutes=9) < left <= timedelta(minutes=10)

@@ -297,14 +297,23 @@ def test_kill_9_during_issuance_loses_no_certificate(tmp_path: Path) -> None:
         unspent = [row[0] for row in db.execute("SELECT node_id FROM tokens WHERE used_at IS NULL")]
     assert spent[0] >= len(received)
 
-    # Restarted, the CA refuses every spent token, and still enrolls with an unspent one.
+    # Restarted, the CA answers a retry (the same token and key) with the certificate
+    # already issued, also to a client whose answer the kill lost (issue 16, item 4);
+    # it refuses a spent token with another key, and still enrolls with an unspent one.
     with serving(directory, "--rate", "1000", "--burst", "1000") as server:
         for node_id in received:
             status, answer = enroll_once(server.port, context, tokens[node_id], csrs[node_id])
+            assert (status, answer["serial"]) == (200, received[node_id]), answer
+            status, answer = enroll_once(server.port, context, tokens[node_id], csr_pem(node_id))
             assert (status, answer) == (
                 400,
                 {"error": "invalid_token", "message": "the enrollment token was already used"},
             )
+        lost = [n for n in node_ids if n not in received and n not in unspent]
+        for node_id in lost:  # committed, but the answer never left
+            status, answer = enroll_once(server.port, context, tokens[node_id], csrs[node_id])
+            assert status == 200, answer
+            assert rows[answer["serial"]]["node_id"] == node_id  # the one committed
         assert unspent, "every token was spent"
         node_id = unspent[0]
         status, answer = enroll_once(server.port, context, tokens[node_id], csrs[node_id])

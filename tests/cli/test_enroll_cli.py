@@ -35,9 +35,13 @@ from catools import (
     succeeds,
     trustmesh,
 )
+from cryptography import x509
 
 import trustmesh.cli.main as cli_main
+from trustmesh.api.ca_client import make_csr
+from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.pki.ca import token_hash
+from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +375,31 @@ def test_help_names_the_key_options(capsys: pytest.CaptureFixture[str]) -> None:
         text = " ".join(out.split())  # click wraps long lines
         missing = [word for word in words if word not in text]
         assert not missing, f"trustmesh {' '.join(command)} --help lacks {missing}:\n{out}"
+
+
+def test_rotate_deletes_a_revoked_previous_key_and_a_superseded_certificate_gets_409(
+    shared: SharedCa, tmp_path: Path
+) -> None:
+    out = tmp_path / "node-p"
+    token = shared.authority.create_token("node-p")
+    enroll = (
+        *("enroll", "--ca-url", shared.url, "--ca-cert", shared.ca_cert, "--token", token),
+        *("--node-id", "node-p", "--out", out, "--json"),
+    )
+    enrolled = json.loads(succeeds(*enroll, passphrase=NODE_PASS))
+    rotated = json.loads(succeeds("rotate", "--dir", out, "--json", passphrase=NODE_PASS))
+    assert (out / "node.prev.key").exists()
+    # The previous certificate is revoked, and the current one is superseded behind the
+    # node's back (its successor issued to another key).
+    shared.authority.revoke(serial=int(enrolled["serial"], 16), reason="keyCompromise")
+    desk = Registrar(shared.authority, EnrollmentPolicy(), MeshSettings())
+    chain = x509.load_pem_x509_certificates((out / "node.crt").read_bytes())
+    current = desk.authenticate(chain)
+    desk.rotate(current, make_csr(PrivateKey.generate(KeyKind.P256), "node-p"))
+    key_before = (out / "node.key").read_bytes()
+    refused = one_line_failure(trustmesh("rotate", "--dir", out, passphrase=NODE_PASS))
+    assert "/v1/rotate: 409" in refused and "already replaced" in refused
+    assert not (out / "node.prev.key").exists() and not (out / "node.prev.crt").exists()
+    assert (out / "node.key").read_bytes() == key_before
+    assert not (out / "node.next.key").exists()  # refused: the pending key is useless
+    assert json.loads((out / "enrollment.json").read_text())["serial"] == rotated["serial"]

@@ -44,7 +44,10 @@ from trustmesh.pki.errors import (
     NotAuthenticated,
     PkiError,
     PolicyDenied,
+    SerialMismatch,
+    Superseded,
     TokenRejected,
+    UnknownAdminToken,
     UnknownCertificate,
 )
 from trustmesh.pki.store import IssuedCertificate
@@ -63,6 +66,9 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     PolicyDenied: (403, "policy_denied"),
     NotAuthenticated: (401, "unauthenticated"),
     UnknownCertificate: (404, "unknown_certificate"),
+    UnknownAdminToken: (404, "not_found"),
+    Superseded: (409, "superseded"),
+    SerialMismatch: (400, "serial_mismatch"),
     PkiError: (400, "bad_request"),
 }
 
@@ -162,7 +168,12 @@ async def enroll(request: web.Request) -> web.Response:
         actor=_client(request),
         now=request.app[CLOCK](),
     )
-    log.info("enrolled %s (serial %s)", issued.record.node_id, issued.record.serial_hex)
+    log.info(
+        "enrolled %s (serial %s%s)",
+        issued.record.node_id,
+        issued.record.serial_hex,
+        ", a retry: the certificate already issued" if issued.retried else "",
+    )
     return _certificate_answer(
         request,
         pem,
@@ -175,22 +186,25 @@ async def rotate(request: web.Request) -> web.Response:
     _rate_limit(request)
     pem = _wants_pem(request, ("pem", "json"))
     registrar = request.app[REGISTRAR]
-    now = request.app[CLOCK]()
-    current = registrar.authenticate(peer_chain(request), now=now)
+    # Cheap refusal first: a client without a current certificate is not read further.
+    current = registrar.authenticate(peer_chain(request), now=request.app[CLOCK]())
     body = await json_body(request)
+    # The body may have taken a while: the store checks the certificate again (revoked,
+    # expired, superseded) at this time, in the transaction that issues.
     issued = registrar.rotate(
         current,
         field(body, "csr") or "",
         current_serial=field(body, "current_cert_serial", required=False),
         attestation=_attestation(body),
         actor=_client(request),
-        now=now,
+        now=request.app[CLOCK](),
     )
     log.info(
-        "rotated %s: serial %s replaces %s",
+        "rotated %s: serial %s replaces %s%s",
         current.node_id,
         issued.record.serial_hex,
         current.serial_hex,
+        " (a retry: the certificate already issued)" if issued.retried else "",
     )
     return _certificate_answer(
         request,
@@ -327,19 +341,27 @@ def _certificate_answer(
 
 
 def _admin(request: web.Request) -> str:
-    """Who the admin is: a known bearer token's label, or an admin certificate's name."""
+    """Who the admin is: a known, unexpired, unrevoked bearer token's label, or a valid,
+    unrevoked admin certificate's name. Any other credential is a 401."""
     registrar = request.app[REGISTRAR]
+    now = request.app[CLOCK]()
     auth = request.headers.get("Authorization")
     if auth is not None:
         scheme, _, token = auth.partition(" ")
-        label = (
-            registrar.ca.store.admin_token_label(token_hash(token.strip()))
+        known = (
+            registrar.ca.store.admin_token(token_hash(token.strip()))
             if scheme.lower() == "bearer"
             else None
         )
-        if label is None:
-            raise ApiError(401, "invalid admin token", headers={"WWW-Authenticate": "Bearer"})
-        return f"token:{label}"
+        state = "unknown" if known is None else known.state(now)
+        if known is None or state != "valid":
+            log.warning("admin call refused: %s admin token", state)
+            raise ApiError(
+                401,
+                "invalid admin token" if known is None else f"the admin token is {state}",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return f"token:{known.label}"
     chain = peer_chain(request)
     if not chain:
         raise ApiError(
@@ -348,8 +370,8 @@ def _admin(request: web.Request) -> str:
             headers={"WWW-Authenticate": "Bearer"},
         )
     try:
-        record: IssuedCertificate = registrar.authenticate(chain, now=request.app[CLOCK]())
-    except NotAuthenticated as exc:
+        record: IssuedCertificate = registrar.authenticate(chain, now=now)
+    except (NotAuthenticated, PolicyDenied) as exc:  # foreign, expired or revoked
         raise ApiError(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     if record.role != "admin":
         raise ApiError(403, f"{record.node_id!r} is not an admin of this CA")

@@ -10,13 +10,17 @@ A node directory holds what enrollment produced (docs/protocols/pki.md)::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
+import socket
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,19 +35,35 @@ from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import fsync_directory, load_key_file, save_key_file
 from trustmesh.pki.errors import PkiError
 
+log = logging.getLogger("trustmesh.api.ca_client")
+
 DEFAULT_TIMEOUT = 30.0
 ENROLLMENT_FILE = "enrollment.json"
+PENDING_KEY = "node.pending.key"  # an enrollment's key until its certificate is in
 NEXT_KEY, NEXT_CERT = "node.next.key", "node.next.crt"  # a rotation's new pair, in flight
+NEXT_PUB = "node.next.pub"  # the public half of node.next.key (read without a passphrase)
+PREV_KEY, PREV_CERT = "node.prev.key", "node.prev.crt"  # the pair before the last rotation
+PREVIOUS_RECHECK = 3600.0  # seconds between looks for a new node.prev.crt (runtime)
+DROP_PENDING_ON = (400, 401, 403, 409)  # CA answers after which a pending key is useless
 
 
 class CaRequestFailed(PkiError):
     """The CA answered with an error (``status`` and its JSON ``error`` code) or could
-    not be reached (``status`` 0)."""
+    not be reached (``status`` 0). ``unsent``: the request surely never reached the CA
+    (no connection, or the CA's TLS certificate was refused)."""
 
-    def __init__(self, message: str, *, status: int = 0, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int = 0, code: str | None = None, unsent: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.unsent = unsent
+
+    @property
+    def definite(self) -> bool:
+        """The CA did not act on the request: refused it (4xx) or never got it."""
+        return self.unsent or 400 <= self.status < 500
 
 
 class CaClient:
@@ -144,7 +164,10 @@ class CaClient:
             raise _failure(path, exc) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise CaRequestFailed(f"cannot reach the CA at {self.url}: {reason}") from None
+            unsent = isinstance(reason, ssl.SSLError | ConnectionRefusedError | socket.gaierror)
+            raise CaRequestFailed(
+                f"cannot reach the CA at {self.url}: {reason}", unsent=unsent
+            ) from None
 
 
 def _failure(path: str, exc: urllib.error.HTTPError) -> CaRequestFailed:
@@ -191,16 +214,32 @@ def enroll_node(
     attestation: dict[str, str] | None = None,
 ) -> NodeCertificate:
     """Make a key, enroll it, check what came back against ``ca_file``, and write the
-    node directory. Refuses a directory that already holds a node key."""
+    node directory. Refuses a directory that already holds a node key.
+
+    The key is written (as ``node.pending.key``) *before* the CA is asked, and becomes
+    ``node.key`` last. An enrollment whose answer was lost (the CA committed, then the
+    connection or the CA died) is finished by running the same command again: the same
+    key and token get the certificate the CA already issued, where a new key would find
+    the token spent."""
     if (out / "node.key").exists():
         raise PkiError(f"{out / 'node.key'} exists: this directory is already enrolled")
     roots = _load_roots(ca_file)
-    key = PrivateKey.generate(key_kind)
-    client = CaClient(ca_url, ca_file)
-    answer = client.enroll(token, make_csr(key, node_id), node_id=node_id, attestation=attestation)
-    leaf, chain = _check_answer(answer, key, node_id, roots)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    save_key_file(key, out / "node.key", passphrase)
+    key = _pending_key(out / PENDING_KEY, key_kind, passphrase)
+    client = CaClient(ca_url, ca_file)
+    try:
+        answer = client.enroll(
+            token, make_csr(key, node_id), node_id=node_id, attestation=attestation
+        )
+    except CaRequestFailed as exc:
+        if exc.definite:
+            # Refused or never sent: the CA holds nothing for this key, nothing to retry.
+            (out / PENDING_KEY).unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    leaf, chain = _check_answer(answer, key, node_id, roots)
     _write_atomic(out / "node.crt", _pem_chain(leaf, *chain))
     _write_atomic(
         out / "ca.crt", b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots)
@@ -213,7 +252,20 @@ def enroll_node(
         "config": answer.get("config", {}),
     }
     _write_atomic(out / ENROLLMENT_FILE, json.dumps(record, indent=2).encode() + b"\n")
+    os.replace(out / PENDING_KEY, out / "node.key")  # last: the directory is enrolled
+    fsync_directory(out)
     return NodeCertificate(out, node_id, record["serial"], leaf.not_valid_after_utc)
+
+
+def _pending_key(path: Path, kind: KeyKind, passphrase: bytes | None) -> PrivateKey:
+    """The key of an earlier attempt that did not finish, or a new one written first."""
+    if path.exists():
+        key = load_key_file(path, passphrase)
+        if key.kind is kind:
+            return key
+    key = PrivateKey.generate(kind)
+    save_key_file(key, path, passphrase, overwrite=True)
+    return key
 
 
 def rotate_node(
@@ -223,19 +275,42 @@ def rotate_node(
     ca_url: str | None = None,
     keep_key: bool = False,
     attestation: dict[str, str] | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> NodeCertificate:
     """Get a new certificate (for a new key unless ``keep_key``) over mTLS with the
     current one, then swap the files in. The previous pair is kept as node.prev.crt
-    and node.prev.key; it stays valid until it expires, for links that still use it."""
+    and node.prev.key; it stays valid until it expires, for links that still use it,
+    and is deleted once it has expired or is revoked (checked here against the CA's CRL,
+    and by a running node at the end of the overlap: :func:`forget_previous_key`).
+
+    Journalled: a new key is written (node.next.key, with its public half in
+    node.next.pub) *before* the CA is asked, so that a rotation interrupted after the
+    CA answered is finished by the next one with the same key, which the CA answers
+    with the certificate it already issued. The certificate then goes to node.next.crt
+    and both move into place; a key is never paired with a certificate for another."""
     finish_interrupted_rotation(directory)
     info = _read_enrollment(directory)
     url = ca_url or str(info.get("ca_url", ""))
     if not url:
         raise PkiError(f"no CA URL: give --ca-url or enroll into {directory} first")
-    current = x509.load_pem_x509_certificates((directory / "node.crt").read_bytes())[0]
+    current, *issuers = x509.load_pem_x509_certificates((directory / "node.crt").read_bytes())
     node_id = str(info.get("node_id", ""))
     old_key = load_key_file(directory / "node.key", passphrase)
-    key = old_key if keep_key else PrivateKey.generate(old_key.kind)
+    pending = directory / NEXT_KEY
+    if keep_key and pending.exists():
+        raise PkiError(
+            f"a rotation to a new key was interrupted ({pending} is waiting for its"
+            " certificate): run `trustmesh rotate` without --keep-key to finish it"
+        )
+    if keep_key:
+        key = old_key
+    elif pending.exists():
+        key = load_key_file(pending, passphrase)  # resume: the CA may have certified it
+        _write_atomic(directory / NEXT_PUB, _public_pem(key))
+    else:
+        key = PrivateKey.generate(old_key.kind)
+        save_key_file(key, pending, passphrase, overwrite=True)
+        _write_atomic(directory / NEXT_PUB, _public_pem(key))
     client = CaClient(
         url,
         directory / "ca.crt",
@@ -243,18 +318,21 @@ def rotate_node(
         key_file=directory / "node.key",
         passphrase=passphrase,
     )
-    answer = client.rotate(
-        make_csr(key, node_id),
-        current_serial=format(current.serial_number, "x"),
-        attestation=attestation,
-    )
-    leaf, chain = _check_answer(answer, key, node_id, _load_roots(directory / "ca.crt"))
+    # The pair kept by the last rotation goes once it has expired or is revoked.
+    _prune_with_crl(directory, client, issuers, now())
+    try:
+        answer = client.rotate(
+            make_csr(key, node_id),
+            current_serial=format(current.serial_number, "x"),
+            attestation=attestation,
+        )
+    except CaRequestFailed as exc:
+        if not keep_key and exc.status in DROP_PENDING_ON:
+            _remove(directory, NEXT_KEY, NEXT_PUB)  # refused: nothing was certified for it
+        raise
+    roots = _load_roots(directory / "ca.crt")
+    leaf, chain = _check_answer(answer, key, node_id, roots)
     _keep_previous(directory)
-    # Journalled: the complete new pair goes to node.next.*, the certificate last; then
-    # both move into place. A crash in between is finished by the next rotate (or node
-    # start), never left as a new key next to an old certificate.
-    if not keep_key:
-        save_key_file(key, directory / NEXT_KEY, passphrase, overwrite=True)
     _write_atomic(directory / NEXT_CERT, _pem_chain(leaf, *chain))
     finish_interrupted_rotation(directory)
     info.update(
@@ -267,15 +345,83 @@ def rotate_node(
 
 
 def finish_interrupted_rotation(directory: Path) -> bool:
-    """Move a complete new pair (node.next.crt, and node.next.key unless the key was
-    kept) into place; True when there was one."""
+    """Move a complete new pair into place: node.next.crt with node.next.key (a new key)
+    or alone (the key was kept); True when there was one.
+
+    Needs no passphrase: the certificate's public key is compared with node.next.pub
+    (or node.crt's, for a kept key). A certificate that matches neither is discarded, and
+    a stale node.next.key beside a certificate for the current key is deleted, so a key is
+    never paired with a certificate for another. A node.next.key without a certificate
+    is left for the next rotation, which asks the CA again with it."""
     if not (directory / NEXT_CERT).exists():
         return False
-    if (directory / NEXT_KEY).exists():
-        os.replace(directory / NEXT_KEY, directory / "node.key")
-    os.replace(directory / NEXT_CERT, directory / "node.crt")
-    fsync_directory(directory)
+    new = _spki(x509.load_pem_x509_certificates((directory / NEXT_CERT).read_bytes())[0])
+    current = _spki(x509.load_pem_x509_certificates((directory / "node.crt").read_bytes())[0])
+    pending_pub = directory / NEXT_PUB
+    pending = (
+        serialization.load_pem_public_key(pending_pub.read_bytes()).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if pending_pub.exists()
+        else None
+    )
+    if new == current:  # the key was kept; any node.next.key is from an earlier attempt
+        os.replace(directory / NEXT_CERT, directory / "node.crt")
+        _remove(directory, NEXT_KEY, NEXT_PUB)
+        return True
+    # node.next.pub is absent only if an older version wrote the pair (the key first).
+    if pending in (None, new):
+        if (directory / NEXT_KEY).exists():
+            os.replace(directory / NEXT_KEY, directory / "node.key")
+        # else the key was moved already: the crash came between the two moves
+        os.replace(directory / NEXT_CERT, directory / "node.crt")
+        _remove(directory, NEXT_PUB)
+        return True
+    log.warning("%s certifies a key this node does not hold; discarded", directory / NEXT_CERT)
+    _remove(directory, NEXT_CERT)
+    return False
+
+
+def prune_previous(directory: Path, *, now: datetime, revoked: Container[int] = ()) -> bool:
+    """Delete node.prev.key and node.prev.crt once the previous certificate has expired
+    at ``now`` or its serial is in ``revoked``; True when they were deleted. A
+    node.prev.key without its certificate is deleted too."""
+    cert_path = directory / PREV_CERT
+    if not cert_path.exists():
+        if (directory / PREV_KEY).exists():
+            _remove(directory, PREV_KEY)
+            return True
+        return False
+    previous = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+    if previous.not_valid_after_utc > now and previous.serial_number not in revoked:
+        return False
+    _remove(directory, PREV_KEY, PREV_CERT)
     return True
+
+
+async def forget_previous_key(
+    directory: Path,
+    *,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    recheck: float = PREVIOUS_RECHECK,
+) -> None:
+    """For a running node: delete node.prev.key (and .crt) at the end of the overlap,
+    when the previous certificate expires; look again at least every ``recheck``
+    seconds for the pair a later rotation keeps. Runs until cancelled."""
+    while True:
+        wait = recheck
+        cert_path = directory / PREV_CERT
+        try:
+            if cert_path.exists():
+                end = x509.load_pem_x509_certificates(cert_path.read_bytes())[0]
+                left = (end.not_valid_after_utc - now()).total_seconds()
+                if left <= 0 and prune_previous(directory, now=now()):
+                    log.info("deleted the previous key of %s: its certificate expired", directory)
+                wait = min(recheck, max(left, 0.0)) or recheck
+        except (OSError, ValueError) as exc:  # a half-copied directory: try again later
+            log.warning("cannot read %s: %s", cert_path, exc)
+        await sleep(wait)
 
 
 def _check_answer(
@@ -334,9 +480,48 @@ def _pem_chain(*certs: x509.Certificate) -> bytes:
 
 
 def _keep_previous(directory: Path) -> None:
-    for name, previous in (("node.crt", "node.prev.crt"), ("node.key", "node.prev.key")):
+    for name, previous in (("node.crt", PREV_CERT), ("node.key", PREV_KEY)):
         source = directory / name
         _write_atomic(directory / previous, source.read_bytes(), mode=source.stat().st_mode & 0o777)
+
+
+def _prune_with_crl(
+    directory: Path, client: CaClient, chain: list[x509.Certificate], now: datetime
+) -> None:
+    """Delete the previous pair if it has expired or the CA's CRL lists it; a CRL that
+    cannot be fetched or does not verify leaves it (a running node deletes it when it
+    expires)."""
+    revoked: set[int] = set()
+    try:
+        crl = client.crl()
+        if chain and crl.is_signature_valid(chain[0].public_key()):  # type: ignore[arg-type]
+            revoked = {entry.serial_number for entry in crl}
+    except (PkiError, TypeError) as exc:
+        log.warning("no CRL to check the previous certificate against: %s", exc)
+    if prune_previous(directory, now=now, revoked=revoked):
+        log.info("deleted the previous key of %s: its certificate expired or is revoked", directory)
+
+
+def _remove(directory: Path, *names: str) -> None:
+    """Delete ``names`` in ``directory`` (those that exist) durably."""
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
+    fsync_directory(directory)
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _public_pem(key: PrivateKey) -> bytes:
+    return (
+        key.to_cryptography()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 def _write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:

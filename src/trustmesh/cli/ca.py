@@ -21,17 +21,24 @@ from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import passphrase_from_env_or_tty, save_key_file
 from trustmesh.pki.attestation import AttestationPolicy, installed_verifiers
 from trustmesh.pki.ca import (
+    MAX_ADMIN_TOKEN_TTL,
+    MAX_ADMIN_VALIDITY,
     MAX_NODE_VALIDITY,
     MAX_TOKEN_TTL,
+    MIN_ADMIN_TOKEN_TTL,
+    MIN_ADMIN_VALIDITY,
     MIN_NODE_VALIDITY,
     MIN_TOKEN_TTL,
     REASONS,
     CertificateAuthority,
     check_node_id,
     parse_serial,
+    token_hash,
+    write_durably,
 )
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.pki.errors import PkiError
+from trustmesh.pki.store import admin_token_id
 
 if TYPE_CHECKING:
     from trustmesh.api.ca_server import CaServer as CaServerType
@@ -95,10 +102,13 @@ def init(directory: Path, name: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per certificate.")
 def list_certificates(directory: Path, as_json: bool) -> None:
     """Every certificate the CA issued: node, admin or server, and its state (valid,
-    expired, revoked)."""
+    expired, revoked), with its lineage: the serial it replaced at a rotation
+    (``replaces``) and the one that replaced it (``replaced_by``)."""
     with _open(directory) as authority:
         now = datetime.now(UTC)
-        for cert in authority.store.all():
+        issued = authority.store.all()
+        successors = {c.replaces: c.serial_hex for c in issued if c.replaces is not None}
+        for cert in issued:
             state = "revoked" if cert.revoked_at else "expired" if cert.not_after < now else "valid"
             row = {
                 "serial": cert.serial_hex,
@@ -108,10 +118,13 @@ def list_certificates(directory: Path, as_json: bool) -> None:
                 "not_after": cert.not_after.isoformat(),
                 "state": state,
                 "reason": cert.reason,
+                "replaces": cert.replaces_hex,
+                "replaced_by": successors.get(cert.serial),
             }
             human = (
                 f"{cert.serial_hex:>32}  {cert.node_id:<24} {cert.role:<6} {state:<8} "
                 f"{row['not_after']}"
+                + (f"  replaces {cert.replaces_hex}" if cert.replaces is not None else "")
             )
             emit(row, as_json=as_json, human=human)
 
@@ -201,21 +214,78 @@ def token_create(directory: Path, node_id: str, ttl: timedelta, as_json: bool) -
 
 @ca.group(name="admin-token")
 def admin_token() -> None:
-    """Bearer tokens for the admin API (POST /v1/revoke)."""
+    """Bearer tokens for the admin API (POST /v1/revoke): they expire, and can be
+    listed and revoked by id."""
 
 
 @admin_token.command(name="create")
 @DIR_OPTION
 @click.option("--label", default="admin", show_default=True, help="Who holds it (audit log).")
+@click.option(
+    "--ttl",
+    type=Duration(),
+    default="24h",
+    show_default=True,
+    help="How long the token is valid (1s to 90d): 2s, 10m, 24h, 7d.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def admin_token_create(directory: Path, label: str, as_json: bool) -> None:
+def admin_token_create(directory: Path, label: str, ttl: timedelta, as_json: bool) -> None:
     """Make an admin bearer token and print it (only its hash is kept).
 
-    Use it as `Authorization: Bearer TOKEN` on POST /v1/revoke.
+    Use it as `Authorization: Bearer TOKEN` on POST /v1/revoke. Once it expires (or is
+    revoked with `ca admin-token revoke ID`) the API answers it with 401.
     """
+    if not MIN_ADMIN_TOKEN_TTL <= ttl <= MAX_ADMIN_TOKEN_TTL:
+        raise click.BadParameter("between 1s and 90d", param_hint="'--ttl'")
     with _open(directory) as authority:
-        secret = authority.create_admin_token(label)
-        emit({"token": secret, "label": label}, as_json=as_json, human=secret)
+        now = datetime.now(UTC)
+        secret = authority.create_admin_token(label, ttl=ttl, now=now)
+        data = {
+            "token": secret,
+            "id": admin_token_id(token_hash(secret)),
+            "label": label,
+            "expires_at": (now + ttl).replace(microsecond=0).isoformat(),
+        }
+        emit(data, as_json=as_json, human=secret)
+
+
+@admin_token.command(name="list")
+@DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per token.")
+def admin_token_list(directory: Path, as_json: bool) -> None:
+    """Every admin token: its id, label, expiry and state (valid, expired, revoked).
+    The tokens themselves are not kept, so they cannot be shown."""
+    with _open(directory) as authority:
+        now = datetime.now(UTC)
+        for known in authority.store.admin_tokens():
+            row = {
+                "id": known.id,
+                "label": known.label,
+                "created_at": known.created_at.isoformat(),
+                "expires_at": known.expires_at.isoformat(),
+                "revoked": known.revoked_at is not None,
+                "revoked_at": None if known.revoked_at is None else known.revoked_at.isoformat(),
+                "state": known.state(now),
+            }
+            human = (
+                f"{known.id}  {known.label:<16} {known.state(now):<8} expires {row['expires_at']}"
+            )
+            emit(row, as_json=as_json, human=human)
+
+
+@admin_token.command(name="revoke")
+@DIR_OPTION
+@click.argument("token_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def admin_token_revoke(directory: Path, token_id: str, as_json: bool) -> None:
+    """Revoke the admin token with this ID (as `ca admin-token list` shows it)."""
+    with _open(directory) as authority:
+        newly = authority.revoke_admin_token(token_id)
+        emit(
+            {"id": token_id, "revoked": True, "already": not newly},
+            as_json=as_json,
+            human=f"revoked {token_id}" if newly else f"{token_id} was already revoked",
+        )
 
 
 @ca.command(name="admin-cert")
@@ -227,25 +297,37 @@ def admin_token_create(directory: Path, label: str, as_json: bool) -> None:
     required=True,
     help="Where to write admin.key, admin.crt and ca.crt.",
 )
+@click.option(
+    "--ttl",
+    type=Duration(),
+    default="90d",
+    show_default=True,
+    help="How long the certificate is valid (1s to 365d).",
+)
 @click.option("--no-encrypt", is_flag=True, help="Leave admin.key unencrypted.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def admin_cert(directory: Path, name: str, out: Path, no_encrypt: bool, as_json: bool) -> None:
-    """Issue an admin client certificate (90 days) for the admin API.
+def admin_cert(
+    directory: Path, name: str, out: Path, ttl: timedelta, no_encrypt: bool, as_json: bool
+) -> None:
+    """Issue an admin client certificate (90 days unless --ttl) for the admin API.
 
     The key is made here and encrypted with $TRUSTMESH_PASSPHRASE unless --no-encrypt.
-    Use it as `curl --cert admin.crt --key admin.key`.
+    Use it as `curl --cert admin.crt --key admin.key`. Once it expires, or is revoked
+    (`ca revoke --serial`), the API answers it with 401.
     """
+    if not MIN_ADMIN_VALIDITY <= ttl <= MAX_ADMIN_VALIDITY:
+        raise click.BadParameter("between 1s and 365d", param_hint="'--ttl'")
     with _open(directory) as authority:
         out.mkdir(parents=True, exist_ok=True)
         key = PrivateKey.generate(KeyKind.P256)
-        cert = authority.issue_admin(name, key.to_cryptography().public_key())
+        cert = authority.issue_admin(name, key.to_cryptography().public_key(), validity=ttl)
         passphrase = None if no_encrypt else passphrase_from_env_or_tty(out, confirm=True)
         save_key_file(key, out / "admin.key", passphrase)
         chain = [cert, authority.issuing_cert]
-        (out / "admin.crt").write_bytes(
-            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+        write_durably(
+            out / "admin.crt", b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
         )
-        (out / "ca.crt").write_bytes(authority.root_cert.public_bytes(serialization.Encoding.PEM))
+        write_durably(out / "ca.crt", authority.root_cert.public_bytes(serialization.Encoding.PEM))
         data = {
             "name": name,
             "serial": format(cert.serial_number, "x"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -30,9 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.keystore.filestore import load_key_file, save_key_file
+from trustmesh.keystore.filestore import fsync_directory, load_key_file, save_key_file
 from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
-from trustmesh.pki.store import CaStore, IssuedCertificate, SqliteStore
+from trustmesh.pki.store import CaStore, IssuedCertificate, SqliteStore, spki_sha256
 from trustmesh.tls.stream import certificate_names
 
 ROOT_VALIDITY = timedelta(days=3650)
@@ -42,6 +43,11 @@ MIN_NODE_VALIDITY = timedelta(hours=1)
 MAX_NODE_VALIDITY = timedelta(days=7)
 SERVER_VALIDITY = timedelta(days=7)  # the CA API's own TLS certificate, renewed while serving
 ADMIN_VALIDITY = timedelta(days=90)
+MIN_ADMIN_VALIDITY = timedelta(seconds=1)
+MAX_ADMIN_VALIDITY = timedelta(days=365)
+DEFAULT_ADMIN_TOKEN_TTL = timedelta(hours=24)
+MIN_ADMIN_TOKEN_TTL = timedelta(seconds=1)
+MAX_ADMIN_TOKEN_TTL = timedelta(days=90)
 DEFAULT_TOKEN_TTL = timedelta(hours=1)
 MIN_TOKEN_TTL = timedelta(minutes=1)
 MAX_TOKEN_TTL = timedelta(days=30)
@@ -223,9 +229,13 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """A client certificate for an administrator of this CA's API. It names
         ``urn:trustmesh:admin:<name>`` (a URI SAN, no DNS name), so it can never pass for
-        a node; the API knows it as an admin by its serial's role in the store."""
+        a node; the API knows it as an admin by its serial's role in the store. It expires
+        (``validity``, 1 second to 365 days) and can be revoked by serial like any other
+        certificate; the API then refuses it with 401."""
         now = now or datetime.now(UTC)
         check_node_id(name)
+        if not MIN_ADMIN_VALIDITY <= validity <= MAX_ADMIN_VALIDITY:
+            raise PkiError("an admin certificate is valid for 1 second to 365 days")
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(admin_uri(name))]
         eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
         cert, record = self._sign(
@@ -249,7 +259,7 @@ class CertificateAuthority:
         now = now.replace(microsecond=0)  # X.509 times have whole seconds
         not_before = now - BACKDATE
         not_after = min(now + validity, self.issuing_cert.not_valid_after_utc)
-        if not_after <= now + MIN_NODE_VALIDITY:
+        if self.issuing_cert.not_valid_after_utc <= now + MIN_NODE_VALIDITY:
             raise PkiError("the issuing CA expires too soon to issue; renew the CA")
         builder = (
             x509.CertificateBuilder()
@@ -276,6 +286,7 @@ class CertificateAuthority:
             pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
             revoked_at=None,
             reason=None,
+            spki_sha256=spki_sha256(public_key),
         )
         return cert, record
 
@@ -293,11 +304,28 @@ class CertificateAuthority:
         self.store.add_token(token_hash(token), node_id, now, now + ttl)
         return token
 
-    def create_admin_token(self, label: str = "admin", *, now: datetime | None = None) -> str:
-        """A bearer token for the admin API (POST /v1/revoke); only its hash is stored."""
+    def create_admin_token(
+        self,
+        label: str = "admin",
+        *,
+        ttl: timedelta = DEFAULT_ADMIN_TOKEN_TTL,
+        now: datetime | None = None,
+    ) -> str:
+        """A bearer token for the admin API (POST /v1/revoke), valid for ``ttl`` (1 second
+        to 90 days, a day by default); only its hash is stored. Its public id (for
+        ``ca admin-token list`` and ``revoke``) is :func:`admin_token_id` of the hash."""
+        if not MIN_ADMIN_TOKEN_TTL <= ttl <= MAX_ADMIN_TOKEN_TTL:
+            raise PkiError("an admin token lives from 1 second to 90 days")
+        now = now or datetime.now(UTC)
         token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
-        self.store.add_admin_token(token_hash(token), label, now or datetime.now(UTC))
+        self.store.add_admin_token(token_hash(token), label, now, now + ttl)
         return token
+
+    def revoke_admin_token(
+        self, token_id: str, *, now: datetime | None = None, actor: str | None = "cli"
+    ) -> bool:
+        """Revoke an admin token by its id; False when it was revoked already."""
+        return self.store.revoke_admin_token(token_id, now or datetime.now(UTC), actor=actor)
 
     # --- revocation ---------------------------------------------------------------------
 
@@ -316,33 +344,31 @@ class CertificateAuthority:
             raise PkiError("revoke by serial or by node_id (one of them)")
         if reason not in REASONS:
             raise PkiError(f"unknown revocation reason {reason!r}; one of {', '.join(REASONS)}")
+        when = now or datetime.now(UTC)
         if serial is not None:
             found = self.store.get(serial)
             if found is None:
                 raise UnknownCertificate(f"no certificate with serial {serial:x}")
-            serials = [serial]
-        else:
-            assert node_id is not None
-            # Only node certificates: an admin or the API server may share the name.
-            issued = [c for c in self.store.by_node(node_id) if c.role == "node"]
-            if not issued:
-                raise UnknownCertificate(f"no certificate was issued to {node_id!r}")
-            serials = [c.serial for c in issued]
-        return self.store.revoke(serials, now or datetime.now(UTC), reason, actor=actor)
+            return self.store.revoke([serial], when, reason, actor=actor)
+        assert node_id is not None
+        # One transaction: a rotation that commits meanwhile is revoked with the rest.
+        revoked = self.store.revoke_node(node_id, when, reason, actor=actor)
+        if revoked is None:
+            raise UnknownCertificate(f"no certificate was issued to {node_id!r}")
+        return revoked
 
     def crl(self, *, now: datetime | None = None) -> x509.CertificateRevocationList:
-        """A CRL of every revoked certificate, signed by the issuing CA, valid for a day."""
+        """A CRL of every revoked certificate that has not expired, signed by the issuing
+        CA, valid for a day.
+
+        A revoked serial stays listed until its certificate has been expired for one CRL
+        validity (24 h), then leaves: every CRL issued in that day still lists it, so the
+        CRL after its notAfter does (RFC 5280 section 3.3), and a node whose clock runs
+        behind the CA's still refuses it. An expired certificate is refused anyway, so
+        the CRL holds only what can still be used, whatever the mesh's history."""
         now = now or datetime.now(UTC)
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.issuing_cert.subject)
-            .last_update(now)
-            .next_update(now + CRL_VALIDITY)
-            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
-            .add_extension(_aki(self.issuing_cert), critical=False)
-        )
-        for entry in self.store.revoked():
-            assert entry.revoked_at is not None
+        entries = []
+        for entry in self.store.crl_entries(now - CRL_VALIDITY):
             revoked = (
                 x509.RevokedCertificateBuilder()
                 .serial_number(entry.serial)
@@ -352,7 +378,16 @@ class CertificateAuthority:
                 revoked = revoked.add_extension(
                     x509.CRLReason(REASONS[entry.reason]), critical=False
                 )
-            builder = builder.add_revoked_certificate(revoked.build())
+            entries.append(revoked.build())
+        # All entries at once: add_revoked_certificate copies its list, O(n^2) in all.
+        builder = (
+            x509.CertificateRevocationListBuilder(revoked_certificates=entries)
+            .issuer_name(self.issuing_cert.subject)
+            .last_update(now)
+            .next_update(now + CRL_VALIDITY)
+            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+            .add_extension(_aki(self.issuing_cert), critical=False)
+        )
         return builder.sign(self._issuing_key, hashes.SHA256())
 
     # --- renewal ------------------------------------------------------------------------
@@ -503,7 +538,25 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 
 def _write_pem(path: Path, certs: list[x509.Certificate]) -> None:
-    """Write atomically: a crash leaves the old certificate or the new one."""
+    """Write atomically and durably: a crash leaves the old certificate or the new one,
+    and once this returns the new one survives a power cut (file and directory are
+    fsynced, as the database is)."""
+    write_durably(path, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+
+
+def write_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``path`` so that a crash leaves the old file or the new one, never half, and
+    the new one is on disk (file, then directory, fsynced) when this returns."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    tmp.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

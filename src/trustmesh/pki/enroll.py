@@ -28,7 +28,13 @@ from trustmesh.pki.ca import (
     parse_serial,
     token_hash,
 )
-from trustmesh.pki.errors import NotAuthenticated, PkiError, PolicyDenied, TokenRejected
+from trustmesh.pki.errors import (
+    CertificateRevoked,
+    NotAuthenticated,
+    PolicyDenied,
+    SerialMismatch,
+    TokenRejected,
+)
 from trustmesh.pki.store import IssuedCertificate
 
 DEFAULT_GOSSIP_FANOUT = 3
@@ -70,6 +76,19 @@ class Issued:
     certificate: x509.Certificate
     record: IssuedCertificate
     attestation: AttestationResult | None
+    retried: bool = False  # the certificate was issued before, to an earlier request
+
+
+def _issued(
+    signed: x509.Certificate,
+    stored: IssuedCertificate,
+    verdict: AttestationResult | None,
+) -> Issued:
+    """What the store committed: the certificate just signed, or (for a retry) the one it
+    already held for the same key."""
+    if stored.serial == signed.serial_number:
+        return Issued(signed, stored, verdict)
+    return Issued(x509.load_pem_x509_certificate(stored.pem.encode()), stored, verdict, True)
 
 
 class Registrar:
@@ -94,7 +113,12 @@ class Registrar:
         now: datetime | None = None,
     ) -> Issued:
         """Spend ``token`` on a certificate for the CSR's key. The certificate is in the
-        store (with its audit entry) before this returns."""
+        store (with its audit entry) before this returns.
+
+        Idempotent: a token already spent on a live certificate for the same node and
+        the same public key gets that certificate again (``Issued.retried``), so a node
+        whose answer was lost (the CA crashed after committing) can finish. Anything else
+        with a spent token is :class:`TokenRejected`."""
         now = now or datetime.now(UTC)
         known = self.ca.store.token(token_hash(token))
         if known is None:
@@ -103,9 +127,8 @@ class Registrar:
             raise TokenRejected(f"the enrollment token is for another node_id, not {node_id!r}")
         node_id = known.node_id
         # Cheap refusals first, so a request that cannot succeed does not spend the token.
-        if known.used_at is not None:
-            raise TokenRejected("the enrollment token was already used")
-        if known.expires_at <= now:
+        # A spent token goes on: it may be a retry, which the store recognises by the key.
+        if known.used_at is None and known.expires_at <= now:
             raise TokenRejected("the enrollment token has expired")
         csr = load_csr(csr_text)
         self.policy.check_allowed(node_id)
@@ -114,10 +137,10 @@ class Registrar:
         cert, record = self.ca.sign(csr, node_id, validity=self.policy.validity, now=now)
         # Spends the token, applies the node cap and commits the record atomically:
         # of racing requests with one token exactly one gets here.
-        self.ca.store.enroll(
+        stored = self.ca.store.enroll(
             token_hash(token), record, now=now, max_nodes=self.policy.max_nodes, actor=actor
         )
-        return Issued(cert, record, verdict)
+        return _issued(cert, stored, verdict)
 
     def authenticate(
         self, chain: Sequence[x509.Certificate], *, now: datetime | None = None
@@ -138,7 +161,7 @@ class Registrar:
         if record is None:
             raise NotAuthenticated("the client certificate is not one this CA issued")
         if record.revoked_at is not None:
-            raise PolicyDenied(
+            raise CertificateRevoked(
                 f"certificate {record.serial_hex} of {record.node_id!r} is revoked"
                 f" ({record.reason})"
             )
@@ -155,18 +178,24 @@ class Registrar:
         now: datetime | None = None,
     ) -> Issued:
         """A new certificate for the node that holds ``current`` (already authenticated).
-        The old one stays valid until its own expiry: the two overlap."""
+        The old one stays valid until its own expiry: the two overlap.
+
+        The store checks again, in the transaction that records the new certificate,
+        that ``current`` is not revoked (by serial or with its node_id), not expired and
+        not superseded: a revocation that lands between the TLS handshake and this call
+        is never outrun. A retry with the key already certified as ``current``'s
+        successor gets that certificate again (``Issued.retried``)."""
         now = now or datetime.now(UTC)
         if current.role != "node":
             raise PolicyDenied(f"only node certificates rotate here, not {current.role} ones")
-        if (
-            current_serial is not None
-            and parse_serial(current_serial, "current_cert_serial") != current.serial
-        ):
-            raise PkiError(
-                f"current_cert_serial {current_serial} is not the client certificate's serial"
-                f" {current.serial_hex}"
-            )
+        claimed = None
+        if current_serial is not None:
+            claimed = parse_serial(current_serial, "current_cert_serial")
+            if claimed != current.serial:
+                raise SerialMismatch(
+                    f"current_cert_serial {current_serial} is not the client certificate's"
+                    f" serial {current.serial_hex}"
+                )
         csr = load_csr(csr_text)
         self.policy.check_allowed(current.node_id)
         key = csr.public_key()
@@ -174,5 +203,7 @@ class Registrar:
             attestation, rotation_nonce(current.serial, key), key
         )
         cert, record = self.ca.sign(csr, current.node_id, validity=self.policy.validity, now=now)
-        self.ca.store.add(record, event="rotate", actor=actor, now=now)
-        return Issued(cert, record, verdict)
+        stored = self.ca.store.rotate(
+            current.serial, record, now=now, actor=actor, claimed_serial=claimed
+        )
+        return _issued(cert, stored, verdict)

@@ -32,3 +32,25 @@ class AttestationFailed(PkiError):
 class NotAuthenticated(PkiError):
     """A request needs a credential (a mesh client certificate, an admin token) that it
     did not present, or presented invalid."""
+
+
+class CertificateExpired(NotAuthenticated):
+    """The certificate a request is authenticated with has expired."""
+
+
+class CertificateRevoked(PolicyDenied):
+    """The certificate a request is authenticated with is revoked (by its serial, or
+    with every certificate of its node_id)."""
+
+
+class Superseded(PkiError):
+    """The certificate asked to rotate already has a successor (or its node holds a
+    newer live certificate): only the node's newest live certificate may rotate."""
+
+
+class SerialMismatch(PkiError):
+    """``current_cert_serial`` names another certificate than the client certificate."""
+
+
+class UnknownAdminToken(PkiError):
+    """No admin token has that id."""

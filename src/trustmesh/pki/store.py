@@ -5,19 +5,42 @@ an audit log.
 SQLite (WAL, ``synchronous=FULL``: a certificate is committed, with its audit entry,
 before anyone sees it, so a crash at any point loses no issued record). Each method is
 one transaction, so another database (PostgreSQL for several CA replicas) can stand in.
+
+Every decision that depends on the database is taken inside the transaction that acts
+on it: spending a token, the node cap, the currency of the certificate a rotation is
+authenticated with (not revoked, not expired, not superseded), revoking every
+certificate of a node. A revocation that commits first is therefore always seen by a
+rotation that commits after it, and a rotation that commits first is revoked with the
+rest of the node.
+
+A database made before a column existed is brought up to date when it is opened
+(:meth:`SqliteStore._migrate`), in one transaction.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from trustmesh.pki.errors import PolicyDenied, TokenRejected
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+from trustmesh.pki.errors import (
+    CertificateExpired,
+    CertificateRevoked,
+    NotAuthenticated,
+    PolicyDenied,
+    Superseded,
+    TokenRejected,
+    UnknownAdminToken,
+)
 from trustmesh.sqlitedb import open_database, transaction
 
 SCHEMA = """
@@ -29,7 +52,9 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_after   INTEGER NOT NULL,
     pem         TEXT NOT NULL,
     revoked_at  INTEGER,                   -- NULL while valid
-    reason      TEXT
+    reason      TEXT,
+    replaces    TEXT,                      -- the serial this one replaced (a rotation)
+    spki_sha256 TEXT                       -- SHA-256 of its SubjectPublicKeyInfo, hex
 );
 CREATE INDEX IF NOT EXISTS certificates_node ON certificates (node_id);
 CREATE TABLE IF NOT EXISTS tokens (        -- enrollment tokens, by SHA-256 only
@@ -43,7 +68,10 @@ CREATE TABLE IF NOT EXISTS tokens (        -- enrollment tokens, by SHA-256 only
 CREATE TABLE IF NOT EXISTS admin_tokens (  -- bearer tokens for the admin API, by SHA-256
     hash        TEXT PRIMARY KEY,
     label       TEXT NOT NULL,
-    created_at  INTEGER NOT NULL
+    created_at  INTEGER NOT NULL,
+    id          TEXT,                      -- public name: the hash's first 16 hex digits
+    expires_at  INTEGER,
+    revoked_at  INTEGER
 );
 CREATE TABLE IF NOT EXISTS audit (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -61,7 +89,40 @@ CREATE TABLE IF NOT EXISTS meta (
 INSERT OR IGNORE INTO meta (key, value) VALUES ('revocation_epoch', 0);
 """
 
-COLUMNS = "serial, node_id, role, not_before, not_after, pem, revoked_at, reason"
+COLUMNS = (
+    "serial, node_id, role, not_before, not_after, pem, revoked_at, reason, replaces, spki_sha256"
+)
+# Columns added after the first release: (table, column, type). _migrate adds them.
+ADDED_COLUMNS = (
+    ("certificates", "replaces", "TEXT"),
+    ("certificates", "spki_sha256", "TEXT"),
+    ("admin_tokens", "id", "TEXT"),
+    ("admin_tokens", "expires_at", "INTEGER"),
+    ("admin_tokens", "revoked_at", "INTEGER"),
+)
+INDEXES = """
+CREATE INDEX IF NOT EXISTS certificates_replaces ON certificates (replaces);
+CREATE UNIQUE INDEX IF NOT EXISTS admin_tokens_id ON admin_tokens (id);
+CREATE INDEX IF NOT EXISTS certificates_crl
+    ON certificates (not_after, serial, revoked_at, reason) WHERE revoked_at IS NOT NULL;
+"""
+# What an admin token made before tokens expired is given: a day from its creation.
+LEGACY_ADMIN_TOKEN_TTL = 24 * 3600
+ADMIN_TOKEN_ID_LENGTH = 16
+
+
+def spki_sha256(key: CertificatePublicKeyTypes) -> str:
+    """How the store names a public key: SHA-256 of its DER SubjectPublicKeyInfo, hex.
+    An idempotent retry (enrollment or rotation) is recognised by it."""
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def admin_token_id(token_hash: str) -> str:
+    """The public id of an admin token (``ca admin-token list`` and ``revoke``)."""
+    return token_hash[:ADMIN_TOKEN_ID_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -74,10 +135,29 @@ class IssuedCertificate:
     pem: str
     revoked_at: datetime | None
     reason: str | None
+    replaces: int | None = None  # the serial this certificate replaced (rotation)
+    spki_sha256: str | None = None  # its public key (see :func:`spki_sha256`)
 
     @property
     def serial_hex(self) -> str:
         return format(self.serial, "x")
+
+    @property
+    def replaces_hex(self) -> str | None:
+        return None if self.replaces is None else format(self.replaces, "x")
+
+    def is_live(self, now: datetime) -> bool:
+        """Not revoked and not expired at ``now``."""
+        return self.revoked_at is None and self.not_after > now
+
+
+@dataclass(frozen=True, slots=True)
+class CrlEntry:
+    """One revoked certificate as the CRL lists it."""
+
+    serial: int
+    revoked_at: datetime
+    reason: str | None
 
 
 @dataclass(frozen=True)
@@ -86,6 +166,21 @@ class Token:
     created_at: datetime
     expires_at: datetime
     used_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    id: str
+    label: str
+    created_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None
+
+    def state(self, now: datetime) -> str:
+        """``revoked``, ``expired`` or ``valid`` at ``now``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.expires_at <= now else "valid"
 
 
 @dataclass(frozen=True)
@@ -114,19 +209,47 @@ class CaStore(Protocol):
         now: datetime,
         max_nodes: int | None,
         actor: str | None,
-    ) -> None:
+    ) -> IssuedCertificate:
         """Spend the token (it must be unused, unexpired and for ``cert.node_id``), check
-        the node cap, and record ``cert`` with its audit entry: all or nothing."""
+        the node cap, and record ``cert`` with its audit entry: all or nothing; return
+        ``cert``. A token already spent on a live certificate for the same public key
+        (a client retrying after a lost answer) returns that certificate instead."""
+
+    def rotate(
+        self,
+        current: int,
+        cert: IssuedCertificate,
+        *,
+        now: datetime,
+        actor: str | None,
+        claimed_serial: int | None = None,
+    ) -> IssuedCertificate:
+        """Record ``cert`` as the successor of certificate ``current``, which must be a
+        node certificate that is, in this same transaction, not revoked, not expired and
+        the node's newest live certificate; return ``cert``. If ``current`` already has a
+        live successor for the same public key (a retry), return that one instead;
+        :class:`Superseded` when it has any other."""
 
     def get(self, serial: int) -> IssuedCertificate | None: ...
     def by_node(self, node_id: str) -> list[IssuedCertificate]: ...
     def all(self) -> list[IssuedCertificate]: ...
     def revoked(self) -> list[IssuedCertificate]: ...
 
+    def crl_entries(self, expired_before: datetime) -> list[CrlEntry]:
+        """What the CRL lists: every revoked certificate whose notAfter is not before
+        ``expired_before``, oldest revocation first (no PEM is read)."""
+
     def revoke(
         self, serials: list[int], when: datetime, reason: str, *, actor: str | None
     ) -> list[int]:
         """Mark ``serials`` revoked (those not revoked already); return the ones marked."""
+
+    def revoke_node(
+        self, node_id: str, when: datetime, reason: str, *, actor: str | None
+    ) -> list[int] | None:
+        """Revoke every node certificate of ``node_id`` in one transaction (so none
+        issued meanwhile escapes); the serials newly revoked, or None when the node
+        never had a certificate."""
 
     def revocation_epoch(self) -> int:
         """A number that grows with every revocation (so CRL caches know when to renew)."""
@@ -138,11 +261,20 @@ class CaStore(Protocol):
 
     def token(self, token_hash: str) -> Token | None: ...
 
-    def add_admin_token(self, token_hash: str, label: str, created: datetime) -> None:
-        """Record an admin bearer token."""
+    def add_admin_token(
+        self, token_hash: str, label: str, created: datetime, expires: datetime
+    ) -> str:
+        """Record an admin bearer token; return its public id."""
 
-    def admin_token_label(self, token_hash: str) -> str | None:
-        """The label of a known admin token, else None."""
+    def admin_token(self, token_hash: str) -> AdminToken | None:
+        """A known admin token (whatever its state), else None."""
+
+    def admin_tokens(self) -> list[AdminToken]:
+        """Every admin token, oldest first."""
+
+    def revoke_admin_token(self, token_id: str, when: datetime, *, actor: str | None) -> bool:
+        """Revoke the admin token with this id; False when it was revoked already.
+        :class:`UnknownCertificate` when no token has that id."""
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
         """The latest entries, newest first."""
@@ -168,9 +300,41 @@ class SqliteStore:
         self.path = path
         # Waits for another process's write transaction instead of failing at once.
         self._db = open_database(path, SCHEMA, synchronous="FULL", busy_timeout=30)
+        self._migrate()
 
     def close(self) -> None:
         self._db.close()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older trustmesh up to this schema: add the
+        columns it lacks, fill them from what it holds, and add their indexes. One
+        transaction, so a crash (or a second process opening the database) never sees
+        half of it."""
+        with transaction(self._db) as db:
+            for table, column, kind in ADDED_COLUMNS:
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            for serial, pem in db.execute(
+                "SELECT serial, pem FROM certificates WHERE spki_sha256 IS NULL"
+            ).fetchall():
+                key = x509.load_pem_x509_certificate(pem.encode()).public_key()
+                db.execute(
+                    "UPDATE certificates SET spki_sha256 = ? WHERE serial = ?",
+                    (spki_sha256(key), serial),
+                )
+            db.execute(
+                "UPDATE admin_tokens SET id = substr(hash, 1, ?) WHERE id IS NULL",
+                (ADMIN_TOKEN_ID_LENGTH,),
+            )
+            # Tokens made before admin tokens expired: a day from their creation.
+            db.execute(
+                "UPDATE admin_tokens SET expires_at = created_at + ? WHERE expires_at IS NULL",
+                (LEGACY_ADMIN_TOKEN_TTL,),
+            )
+            for statement in INDEXES.strip().split(";"):
+                if statement.strip():
+                    db.execute(statement)
 
     # --- certificates -------------------------------------------------------------------
 
@@ -186,7 +350,7 @@ class SqliteStore:
         now: datetime,
         max_nodes: int | None,
         actor: str | None,
-    ) -> None:
+    ) -> IssuedCertificate:
         with transaction(self._db) as db:
             # Spending the token is the first write: of any number of racing requests,
             # exactly one finds it unused.
@@ -196,46 +360,138 @@ class SqliteStore:
                 (_seconds(now), cert.serial_hex, token_hash, _seconds(now), cert.node_id),
             ).rowcount
             if not spent:
+                earlier = self._earlier_enrollment(db, token_hash, cert, now)
+                if earlier is not None:
+                    self._audit(
+                        db,
+                        now,
+                        "enroll-retry",
+                        earlier.node_id,
+                        earlier.serial_hex,
+                        actor,
+                        {"spki_sha256": earlier.spki_sha256},
+                    )
+                    return earlier
                 raise TokenRejected(self._why_unusable(db, token_hash, cert.node_id, now))
             if max_nodes is not None and not self._is_active(db, cert.node_id, now):
                 active = self._active_nodes(db, now)
                 if active >= max_nodes:
                     raise PolicyDenied(f"the mesh is full: {active} of {max_nodes} nodes enrolled")
             self._insert(db, cert, "enroll", actor, now)
+        return cert
+
+    def rotate(
+        self,
+        current: int,
+        cert: IssuedCertificate,
+        *,
+        now: datetime,
+        actor: str | None,
+        claimed_serial: int | None = None,
+    ) -> IssuedCertificate:
+        with transaction(self._db) as db:
+            found = self._select_in(db, "WHERE serial = ?", (format(current, "x"),))
+            if not found:
+                raise NotAuthenticated("the client certificate is not one this CA issued")
+            old = found[0]
+            if old.role != "node":
+                raise PolicyDenied(f"only node certificates rotate here, not {old.role} ones")
+            if old.node_id != cert.node_id:
+                raise PolicyDenied(f"certificate {old.serial_hex} is not {cert.node_id!r}'s")
+            # The currency check, in the transaction that issues: a revocation (by serial
+            # or by node_id) that committed after the TLS handshake is seen here.
+            if old.revoked_at is not None:
+                raise CertificateRevoked(
+                    f"certificate {old.serial_hex} of {old.node_id!r} is revoked ({old.reason})"
+                )
+            if old.not_after <= now:
+                raise CertificateExpired(
+                    f"certificate {old.serial_hex} of {old.node_id!r} expired at"
+                    f" {old.not_after.isoformat()}"
+                )
+            successors = self._select_in(db, "WHERE replaces = ? ORDER BY rowid", (old.serial_hex,))
+            for successor in successors:
+                if successor.spki_sha256 == cert.spki_sha256 and successor.is_live(now):
+                    # A retry for the key already certified: the same answer again.
+                    self._audit(
+                        db,
+                        now,
+                        "rotate-retry",
+                        successor.node_id,
+                        successor.serial_hex,
+                        actor,
+                        self._rotation_detail(old, claimed_serial),
+                    )
+                    return successor
+            if successors:
+                raise Superseded(
+                    f"certificate {old.serial_hex} was already replaced by"
+                    f" {successors[-1].serial_hex}; rotate with the newest certificate"
+                )
+            newer = db.execute(
+                "SELECT serial FROM certificates WHERE node_id = ? AND role = 'node'"
+                " AND revoked_at IS NULL AND not_after > ? AND rowid >"
+                " (SELECT rowid FROM certificates WHERE serial = ?)"
+                " ORDER BY rowid DESC LIMIT 1",
+                (old.node_id, _seconds(now), old.serial_hex),
+            ).fetchone()
+            if newer is not None:
+                raise Superseded(
+                    f"{old.node_id!r} holds a newer certificate ({newer[0]}) than"
+                    f" {old.serial_hex}; rotate with the newest certificate"
+                )
+            record = replace(cert, replaces=old.serial)
+            self._insert(
+                db, record, "rotate", actor, now, self._rotation_detail(old, claimed_serial)
+            )
+        return record
 
     def get(self, serial: int) -> IssuedCertificate | None:
         rows = self._select("WHERE serial = ?", (format(serial, "x"),))
         return rows[0] if rows else None
 
     def by_node(self, node_id: str) -> list[IssuedCertificate]:
-        return self._select("WHERE node_id = ? ORDER BY not_before", (node_id,))
+        return self._select("WHERE node_id = ? ORDER BY not_before, rowid", (node_id,))
 
     def all(self) -> list[IssuedCertificate]:
-        return self._select("ORDER BY not_before", ())
+        return self._select("ORDER BY not_before, rowid", ())
 
     def revoked(self) -> list[IssuedCertificate]:
         return self._select("WHERE revoked_at IS NOT NULL ORDER BY revoked_at", ())
 
+    def crl_entries(self, expired_before: datetime) -> list[CrlEntry]:
+        rows = self._db.execute(
+            "SELECT serial, revoked_at, reason FROM certificates"
+            " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY revoked_at, serial",
+            (_seconds(expired_before),),
+        ).fetchall()
+        return [
+            CrlEntry(int(serial, 16), datetime.fromtimestamp(at, UTC), reason)
+            for serial, at, reason in rows
+        ]
+
     def revoke(
         self, serials: list[int], when: datetime, reason: str, *, actor: str | None
     ) -> list[int]:
-        marked = []
         with transaction(self._db) as db:
-            for serial in serials:
-                hexed = format(serial, "x")
-                row = db.execute(
-                    "UPDATE certificates SET revoked_at = ?, reason = ?"
-                    " WHERE serial = ? AND revoked_at IS NULL RETURNING node_id",
-                    (_seconds(when), reason, hexed),
-                ).fetchone()
-                if row is not None:
-                    marked.append(serial)
-                    self._audit(db, when, "revoke", row[0], hexed, actor, {"reason": reason})
-            if marked:
-                db.execute(
-                    "UPDATE meta SET value = value + 1 WHERE key = 'revocation_epoch'",
+            return self._revoke(db, [format(s, "x") for s in serials], when, reason, actor)
+
+    def revoke_node(
+        self, node_id: str, when: datetime, reason: str, *, actor: str | None
+    ) -> list[int] | None:
+        with transaction(self._db) as db:
+            # Only node certificates: an admin or the API server may share the name.
+            serials = [
+                row[0]
+                for row in db.execute(
+                    "SELECT serial FROM certificates WHERE node_id = ? AND role = 'node'"
+                    " ORDER BY rowid",
+                    (node_id,),
                 )
-        return marked
+            ]
+            if not serials:
+                return None
+            return self._revoke(db, serials, when, reason, actor)
 
     def revocation_epoch(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'revocation_epoch'").fetchone()
@@ -269,19 +525,42 @@ class SqliteStore:
             used_at=_time(used),
         )
 
-    def add_admin_token(self, token_hash: str, label: str, created: datetime) -> None:
+    def add_admin_token(
+        self, token_hash: str, label: str, created: datetime, expires: datetime
+    ) -> str:
+        token_id = admin_token_id(token_hash)
         with transaction(self._db) as db:
             db.execute(
-                "INSERT INTO admin_tokens (hash, label, created_at) VALUES (?, ?, ?)",
-                (token_hash, label, _seconds(created)),
+                "INSERT INTO admin_tokens (hash, label, created_at, id, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (token_hash, label, _seconds(created), token_id, _seconds(expires)),
             )
-            self._audit(db, created, "admin-token", None, None, "cli", {"label": label})
+            detail = {"label": label, "id": token_id, "expires_at": expires.isoformat()}
+            self._audit(db, created, "admin-token", None, None, "cli", detail)
+        return token_id
 
-    def admin_token_label(self, token_hash: str) -> str | None:
-        row = self._db.execute(
-            "SELECT label FROM admin_tokens WHERE hash = ?", (token_hash,)
-        ).fetchone()
-        return None if row is None else str(row[0])
+    def admin_token(self, token_hash: str) -> AdminToken | None:
+        rows = self._admin_tokens("WHERE hash = ?", (token_hash,))
+        return rows[0] if rows else None
+
+    def admin_tokens(self) -> list[AdminToken]:
+        return self._admin_tokens("ORDER BY created_at, rowid", ())
+
+    def revoke_admin_token(self, token_id: str, when: datetime, *, actor: str | None) -> bool:
+        with transaction(self._db) as db:
+            row = db.execute(
+                "SELECT label, revoked_at FROM admin_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            if row is None:
+                raise UnknownAdminToken(f"no admin token has the id {token_id!r}")
+            if row[1] is not None:
+                return False
+            db.execute(
+                "UPDATE admin_tokens SET revoked_at = ? WHERE id = ?", (_seconds(when), token_id)
+            )
+            detail = {"label": row[0], "id": token_id}
+            self._audit(db, when, "admin-token-revoke", None, None, actor, detail)
+        return True
 
     # --- audit --------------------------------------------------------------------------
 
@@ -317,9 +596,11 @@ class SqliteStore:
         event: str,
         actor: str | None,
         now: datetime,
+        extra: Mapping[str, object] | None = None,
     ) -> None:
         db.execute(
-            f"INSERT INTO certificates ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",  # noqa: S608
+            f"INSERT INTO certificates ({COLUMNS})"  # noqa: S608
+            " VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
             (
                 cert.serial_hex,
                 cert.node_id,
@@ -327,10 +608,60 @@ class SqliteStore:
                 _seconds(cert.not_before),
                 _seconds(cert.not_after),
                 cert.pem,
+                cert.replaces_hex,
+                cert.spki_sha256,
             ),
         )
-        detail = {"role": cert.role, "not_after": cert.not_after.isoformat()}
+        detail = {"role": cert.role, "not_after": cert.not_after.isoformat(), **(extra or {})}
         self._audit(db, now, event, cert.node_id, cert.serial_hex, actor, detail)
+
+    @staticmethod
+    def _rotation_detail(old: IssuedCertificate, claimed: int | None) -> dict[str, object]:
+        return {
+            "replaces": old.serial_hex,
+            "current_cert_serial": None if claimed is None else format(claimed, "x"),
+        }
+
+    def _revoke(
+        self,
+        db: sqlite3.Connection,
+        serials: list[str],
+        when: datetime,
+        reason: str,
+        actor: str | None,
+    ) -> list[int]:
+        marked = []
+        for hexed in serials:
+            row = db.execute(
+                "UPDATE certificates SET revoked_at = ?, reason = ?"
+                " WHERE serial = ? AND revoked_at IS NULL RETURNING node_id",
+                (_seconds(when), reason, hexed),
+            ).fetchone()
+            if row is not None:
+                marked.append(int(hexed, 16))
+                self._audit(db, when, "revoke", row[0], hexed, actor, {"reason": reason})
+        if marked:
+            db.execute("UPDATE meta SET value = value + 1 WHERE key = 'revocation_epoch'")
+        return marked
+
+    def _earlier_enrollment(
+        self, db: sqlite3.Connection, token_hash: str, cert: IssuedCertificate, now: datetime
+    ) -> IssuedCertificate | None:
+        """The live certificate this token already bought for the same node and public
+        key (the client lost the answer and asks again), else None."""
+        row = db.execute(
+            "SELECT used_serial FROM tokens WHERE hash = ? AND node_id = ? AND used_at IS NOT NULL",
+            (token_hash, cert.node_id),
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        found = self._select_in(db, "WHERE serial = ?", (row[0],))
+        if not found:
+            return None
+        earlier = found[0]
+        if earlier.spki_sha256 != cert.spki_sha256 or not earlier.is_live(now):
+            return None
+        return earlier
 
     @staticmethod
     def _audit(
@@ -382,9 +713,15 @@ class SqliteStore:
         return int(row[0])
 
     def _select(self, where: str, args: tuple[object, ...]) -> list[IssuedCertificate]:
+        return self._select_in(self._db, where, args)
+
+    @staticmethod
+    def _select_in(
+        db: sqlite3.Connection, where: str, args: tuple[object, ...]
+    ) -> list[IssuedCertificate]:
         # ``where`` is always one of this class's constant clauses, never input.
         query = f"SELECT {COLUMNS} FROM certificates {where}"  # noqa: S608
-        rows = self._db.execute(query, args).fetchall()
+        rows = db.execute(query, args).fetchall()
         return [
             IssuedCertificate(
                 serial=int(serial, 16),
@@ -395,6 +732,24 @@ class SqliteStore:
                 pem=pem,
                 revoked_at=_time(revoked_at),
                 reason=reason,
+                replaces=None if replaces is None else int(replaces, 16),
+                spki_sha256=spki,
             )
-            for serial, node_id, role, nb, na, pem, revoked_at, reason in rows
+            for (serial, node_id, role, nb, na, pem, revoked_at, reason, replaces, spki) in rows
+        ]
+
+    def _admin_tokens(self, where: str, args: tuple[object, ...]) -> list[AdminToken]:
+        query = (
+            "SELECT id, label, created_at, expires_at, revoked_at"  # noqa: S608
+            f" FROM admin_tokens {where}"
+        )
+        return [
+            AdminToken(
+                id=token_id,
+                label=label,
+                created_at=datetime.fromtimestamp(created, UTC),
+                expires_at=datetime.fromtimestamp(expires, UTC),
+                revoked_at=_time(revoked),
+            )
+            for token_id, label, created, expires, revoked in self._db.execute(query, args)
         ]
