@@ -53,6 +53,7 @@ from trustmesh.brc103.peer import (
     Peer,
     PeerConfig,
 )
+from trustmesh.brc103.revocation import LocalRevocationRegistry
 from trustmesh.brc103.sessions import Session
 from trustmesh.brc103.wallet import Wallet
 
@@ -68,7 +69,12 @@ def dave() -> Wallet:
 
 
 def make_peer(owner: Wallet, config: PeerConfig | None = None, seed: str = "") -> Peer:
-    return Peer(owner, config, random=seeded_random(owner.identity_key + seed))
+    return Peer(
+        owner,
+        config,
+        revocation=LocalRevocationRegistry(),
+        random=seeded_random(owner.identity_key + seed),
+    )
 
 
 def silent(owner: Wallet) -> Peer:

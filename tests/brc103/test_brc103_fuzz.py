@@ -42,6 +42,7 @@ from trustmesh.brc103.encoding import js_stringify, read_varint, write_varint
 from trustmesh.brc103.errors import Brc103Error, CertificateFormatError
 from trustmesh.brc103.messages import AuthMessage, RequestedCertificates, parse_message_bytes
 from trustmesh.brc103.peer import Peer, PeerConfig
+from trustmesh.brc103.revocation import LocalRevocationRegistry
 from trustmesh.errors import DecodeError, TruncatedError
 
 FUZZ = settings(
@@ -67,10 +68,16 @@ def world() -> tuple[Peer, list[AuthMessage]]:
 
     Alice has handshaken with bob (who wants her certificate); bob has started a
     handshake with carol; carol starts one with bob."""
-    a = Peer(alice(), PeerConfig(certificates=[ALICE_CERT]), random=seeded_random("fuzz-a"))
+    a = Peer(
+        alice(),
+        PeerConfig(certificates=[ALICE_CERT]),
+        revocation=LocalRevocationRegistry(),
+        random=seeded_random("fuzz-a"),
+    )
     b = Peer(
         bob(),
         PeerConfig(requested_certificates=REQUEST, certificates=[BOB_CERT]),
+        revocation=LocalRevocationRegistry(),
         random=seeded_random("fuzz-b"),
     )
     c = Peer(carol(), random=seeded_random("fuzz-c"))

@@ -78,7 +78,12 @@ REQUEST = RequestedCertificates((certifier().identity_key,), {CERT_TYPE: ("name"
 
 
 def make_peer(wallet: Wallet, config: PeerConfig | None = None) -> Peer:
-    return Peer(wallet, config, random=seeded_random(wallet.identity_key))
+    return Peer(
+        wallet,
+        config,
+        revocation=LocalRevocationRegistry(),
+        random=seeded_random(wallet.identity_key),
+    )
 
 
 def established(
@@ -620,7 +625,7 @@ def cert_world(
     b = Peer(
         bob(),
         PeerConfig(requested_certificates=REQUEST),
-        revocation=revocation,
+        revocation=revocation if revocation is not None else LocalRevocationRegistry(),
         random=seeded_random("bob-cert-world"),
     )
     a_events, _, _ = handshake(a, b)

@@ -21,9 +21,12 @@ from trustmesh.catalyst.session import (
     State,
 )
 from trustmesh.sansio import Event
+from trustmesh.tls import TlsEstablished
 
 
 class FakeTls:
+    established: TlsEstablished | None = None  # no certificate expiry
+
     def __init__(self, names: frozenset[str], secret: bytes) -> None:
         self.names = names
         self.secret = secret
@@ -72,11 +75,17 @@ def notes(events: list[Event]) -> list[tuple[int, int, str]]:
     return [(e.code, e.subcode, e.direction) for e in events if isinstance(e, NotificationEvent)]
 
 
-@pytest.mark.parametrize(("low", "high"), [("node-a", "node-b"), ("10.0.0.9", "10.0.0.10")])
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [
+        ("node-a", "node-b"),
+        ("10.0.0.9", "10.0.0.10"),  # IPv4: as 32-bit integers (bytewise, 9 would win)
+        ("10.0.0.9", "node-a"),  # one IPv4, one name: bytewise
+        ("2001:db8::10", "2001:db8::9"),  # IPv6 is not RFC 4271's case: bytewise
+    ],
+)
 def test_simultaneous_dials_keep_the_higher_identifiers_connection(low: str, high: str) -> None:
     a, b = Node(low, 65001), Node(high, 65002)
-    if low.encode() > high.encode():  # bytewise order, not numeric: "10.0.0.9" > "10.0.0.10"
-        a, b = b, a
     a_out, b_in = connection(a, b)  # a dialled b
     b_out, a_in = connection(b, a)  # b dialled a, at the same time
     # Both OPENs cross on both connections before either side sees a KEEPALIVE.

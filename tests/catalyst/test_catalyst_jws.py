@@ -21,10 +21,13 @@ from trustmesh.catalyst.session import (
     SessionEstablished,
 )
 from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.tls import TlsEstablished
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 
 
 class FakeTls:
+    established: TlsEstablished | None = None  # no certificate expiry
+
     def __init__(self, names: frozenset[str], secret: bytes = b"session-1") -> None:
         self.names = names
         self.secret = secret
@@ -125,7 +128,12 @@ def test_key_swapped_under_the_same_kid_is_refused() -> None:
     impostor = ec_signer().jwks()["keys"][0]
     impostor["kid"] = sent.jwks["keys"][0]["kid"]
     forged = encode_frame(m.encode(dataclasses.replace(sent, jwks={"keys": [impostor]})))
-    assert refusal(deliver(forged)) == (2, m.JWS_BAD_SIGNATURE)
+    # A kid is the key's RFC 7638 thumbprint: another key cannot carry it (2/245) ...
+    assert refusal(deliver(forged)) == (2, m.JWKS_MALFORMED)
+    # ... and without a kid the impostor key is known by its own thumbprint only (2/244).
+    del impostor["kid"]
+    forged = encode_frame(m.encode(dataclasses.replace(sent, jwks={"keys": [impostor]})))
+    assert refusal(deliver(forged)) == (2, m.JWS_UNKNOWN_KID)
 
 
 @pytest.mark.parametrize(

@@ -23,11 +23,14 @@ from trustmesh.catalyst.session import (
     State,
 )
 from trustmesh.sansio import ConnectionClosed, Event
+from trustmesh.tls import TlsEstablished
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 
 
 class FakeTls:
     """Both ends of one TLS session: shared exporter secret, each side's peer names."""
+
+    established: TlsEstablished | None = None  # no certificate expiry
 
     def __init__(self, names: frozenset[str], session_secret: bytes = b"session-1") -> None:
         self.names = names

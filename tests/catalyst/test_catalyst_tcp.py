@@ -182,8 +182,15 @@ async def test_asn_not_permitted(
 
 async def test_permitted_peer_is_accepted(certs: Certs, serve: Callable[..., Any]) -> None:
     b = await serve(replace(B, permitted=(Peer(65009), Peer(65001, "node-a"))))
-    session = await CatalystNode(A, certs.tls("node-a")).connect("127.0.0.1", b.port)
-    await session.close()
+    async with asyncio.timeout(WAIT):
+        session = await CatalystNode(A, certs.tls("node-a")).connect("127.0.0.1", b.port)
+        assert session.established == SessionEstablished("node-b", 65002, 90)
+        # node-b, whose list it is, let node-a in (its second entry) and refused nothing.
+        await b.recorder.until(lambda: bool(b.recorder.of(SessionEstablished)))
+        assert b.recorder.of(SessionEstablished) == [SessionEstablished("node-a", 65001, 90)]
+        assert b.recorder.of(NotificationEvent) == []
+        closed = await session.close("done")
+    assert closed.reason == "sent NOTIFICATION 6/2: done" and not closed.error
 
 
 PSK_B = replace(B, psk_secrets={"k1": SECRET}, require_psk=True)  # requires, proves none
@@ -229,12 +236,19 @@ class WrongPayloadSigner(JwsSigner):
 
 
 class ForeignKidSigner(JwsSigner):
-    """Publishes its key under one kid and signs under another."""
+    """Publishes its key under a kid that is not the key's thumbprint."""
 
     def jwks(self) -> dict[str, Any]:
         keys = super().jwks()
         keys["keys"][0]["kid"] = "published-kid"
         return keys
+
+
+class OtherKeySigner(JwsSigner):
+    """Publishes another key than the one it signs with."""
+
+    def jwks(self) -> dict[str, Any]:
+        return _ed25519_signer().jwks()
 
 
 @pytest.mark.parametrize(
@@ -243,9 +257,10 @@ class ForeignKidSigner(JwsSigner):
         (_ed25519_signer, None),
         (lambda: None, m.JWS_BAD_SIGNATURE),
         (lambda: WrongPayloadSigner(_ed25519_signer().key), m.JWS_BAD_SIGNATURE),
-        (lambda: ForeignKidSigner(_ed25519_signer().key), m.JWS_UNKNOWN_KID),
+        (lambda: ForeignKidSigner(_ed25519_signer().key), m.JWKS_MALFORMED),
+        (lambda: OtherKeySigner(_ed25519_signer().key), m.JWS_UNKNOWN_KID),
     ],
-    ids=["good", "missing", "wrong-signature", "unknown-kid"],
+    ids=["good", "missing", "wrong-signature", "kid-not-thumbprint", "unknown-kid"],
 )
 async def test_jws(
     certs: Certs,

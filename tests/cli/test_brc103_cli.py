@@ -505,11 +505,19 @@ def test_fetch_header_sets_the_content_type(
     assert re.search(rb"(?im)^content-type: text/csv\r$", head), head
 
 
-@pytest.mark.parametrize("header", ["Accept: */*", "x-bsv-auth-nonce: forged"])
+@pytest.mark.parametrize(
+    ("header", "says"),
+    [
+        ("Accept: */*", "header 'Accept' cannot be signed"),
+        ("x-bsv-auth-nonce: forged", "No BSV auth headers allowed here!"),
+    ],
+    ids=["unsignable", "auth-header"],
+)
 def test_fetch_refuses_headers_it_cannot_sign(
-    server: Served, capsysbinary: pytest.CaptureFixture[bytes], header: str
+    server: Served, capsysbinary: pytest.CaptureFixture[bytes], header: str, says: str
 ) -> None:
-    fails(["brc103", "fetch", server.url + "/hello", "-H", header], capsysbinary)
+    line = fails(["brc103", "fetch", server.url + "/hello", "-H", header], capsysbinary)
+    assert says in line, line
 
 
 def test_fetch_header_without_a_colon_is_a_usage_error(
@@ -790,15 +798,27 @@ def test_the_verifier_key_must_match(
     assert "decrypt" in line
 
 
+SIGNATURE_FAILS = "the certifier's signature does not verify"
+
+
 @pytest.mark.parametrize(
-    "tamper",
-    ["field ciphertext", "serial number", "subject", "certifier", "signature", "keyring"],
+    ("tamper", "says"),
+    [
+        ("field ciphertext", SIGNATURE_FAILS),  # the signature covers the fields
+        ("serial number", SIGNATURE_FAILS),
+        ("subject", SIGNATURE_FAILS),
+        ("certifier", SIGNATURE_FAILS),  # checked under the stranger's key
+        ("signature", SIGNATURE_FAILS),
+        # The keyring is not signed: its forged entry fails to decrypt.
+        ("keyring", "cannot decrypt the key of field 'role'"),
+    ],
 )
 def test_verify_of_a_tampered_certificate_exits_1(
     identities: dict[str, Identity],
     tmp_path: Path,
     capsysbinary: pytest.CaptureFixture[bytes],
     tamper: str,
+    says: str,
 ) -> None:
     ids = identities
     shown = reveal(ids, issue(ids, tmp_path, capsysbinary), tmp_path, capsysbinary, "role")
@@ -818,7 +838,8 @@ def test_verify_of_a_tampered_certificate_exits_1(
     else:
         data["keyring"]["role"] = data["fields"]["role"]
     shown.write_text(json.dumps(data))
-    fails(verify(shown, "--key", str(ids["verifier"].key_file)), capsysbinary)
+    line = fails(verify(shown, "--key", str(ids["verifier"].key_file)), capsysbinary)
+    assert line == f"trustmesh: error: {says}"
 
 
 @pytest.mark.parametrize(
@@ -864,8 +885,15 @@ def test_revoked_certificates_fail_verify(
     line = fails(verify(shown, "--revocations", str(db)), capsysbinary)
     assert "revoked" in line
     assert OUTPOINT in line
-    # Without the registry the signature alone still verifies.
-    assert json.loads(succeeds(verify(shown), capsysbinary))["valid"] is True
+    # Without the registry a revocable certificate is refused (issue 16, item 18) ...
+    line = fails(verify(shown), capsysbinary)
+    assert "no revocation source" in line and OUTPOINT in line
+    # ... unless the operator says not to check, which is logged.
+    code, out, err = run(verify(shown, "--no-revocation-check"), capsysbinary)
+    assert code == 0, err
+    assert json.loads(out)["revocation"] == "unchecked"
+    assert err.startswith("trustmesh: warning: --no-revocation-check: ")
+    assert len(err.splitlines()) == 1
 
 
 def test_revoke_refuses_a_malformed_outpoint(

@@ -287,6 +287,7 @@ def test_verbose_prints_the_servers_certificate_fields_on_stderr(
             served, files, "client",
             "--certificate", files.master("client"),
             "--request-certificates", ASK_NAME,
+            "--revocations", files.revocations,
             "-v",
         ),
         capsysbinary,

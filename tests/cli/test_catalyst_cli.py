@@ -8,6 +8,9 @@ connect is checked from both ends.
 
 from __future__ import annotations
 
+import datetime
+import functools
+import http.server
 import json
 import os
 import queue
@@ -24,6 +27,9 @@ from typing import Any
 
 import pytest
 from clitools import LEAF_EXTENSIONS, OPENSSL_CONFIG, P256, TRUSTMESH, clean_env
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 # Fails, never skips, without openssl. The module-scoped pki fixture repeats the check, so
 # that a missing openssl is the same plain failure whichever fixture is set up first.
@@ -677,6 +683,11 @@ def test_help_names_the_events() -> None:
         assert helped.returncode == 0
         for option in ("--cert", "--key", "--ca", "--asn", "--id", "--allow", "--psk"):
             assert option in helped.stdout
+        text = " ".join(helped.stdout.split())  # click wraps the help
+        for option in ("--crl-url", "--crl-interval"):
+            assert option in text
+        assert "read again whenever it changes" in text
+        assert "6/241" in text
     group = run("catalyst", "--help")
     for event in ("listening", "established", "notification", "closed"):
         assert event in group.stdout
@@ -693,3 +704,123 @@ def test_reconnect_backs_off_from_one_second_until_interrupted(
     assert 1.0 <= retry["delay_s"] <= 1.2
     assert retry["reason"].startswith(f"cannot connect to {address}")
     assert connector.interrupt() == 0
+
+
+# --- revocation during a session (issue 16 item 7) ----------------------------------------
+
+
+def write_crl(pki: Pki, path: Path, *revoked: Identity, minutes_ago: int) -> None:
+    """A CRL from the test CA (its key beside its certificate), issued ``minutes_ago``,
+    revoking ``revoked``; the file replaced atomically, as a CRL publisher should."""
+    ca_cert = x509.load_pem_x509_certificate(pki.a.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        pki.a.ca.with_suffix(".key").read_bytes(), password=None
+    )
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    issued = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=minutes_ago)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(issued)
+        .next_update(issued + datetime.timedelta(days=1))
+    )
+    for identity in revoked:
+        serial = x509.load_pem_x509_certificate(identity.cert.read_bytes()).serial_number
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(issued).build()
+        )
+    fresh = path.with_suffix(".new")
+    fresh.write_bytes(
+        builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    )
+    fresh.replace(path)
+
+
+def test_a_changed_crl_file_ends_the_revoked_session_and_refuses_its_next_handshake(
+    processes: Processes, pki: Pki, tmp_path: Path
+) -> None:
+    crl = tmp_path / "ca.crl"
+    write_crl(pki, crl, minutes_ago=60)  # nothing revoked yet
+    listener = processes.new_listener("--crl", str(crl), "--crl-interval", "0.05")
+    connector = processes.connector(listener.address, pki.a)
+    assert connector.next_event()["event"] == "established"
+    assert listener.next_event()["event"] == "established"
+
+    write_crl(pki, crl, pki.a, minutes_ago=30)
+    [update] = [e for e in listener.until(lambda e: e["event"] == "crl") if e["event"] == "crl"]
+    assert update["source"] == str(crl)
+    assert update["revoked"] == 1
+    assert update["sessions_ended"] == ["node-a"]
+    ours = connector.until(lambda e: e["event"] == "closed")
+    assert notifications(ours) == [(6, 241, "received")]
+    assert ours[-1]["error"] is True and "certificate revoked" in ours[-1]["reason"]
+    assert connector.proc.wait(timeout=WAIT) == 1
+    theirs = listener.session()
+    assert notifications(theirs) == [(6, 241, "sent")]
+
+    refused = connect_once(listener, pki.a)  # a new process: a full handshake
+    assert refused.returncode == 1, refused
+    assert kinds(refused.events) == ["closed"], refused.events
+    assert refused.events[0]["reason"] == "TLS failed: tls alert certificate revoked"
+    assert kinds(refused.listener) == ["closed"]
+    assert "certificate revoked" in refused.listener[0]["reason"]
+    assert listener.interrupt() == 0
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder (with Last-Modified, to 1 s, and 304 to If-Modified-Since), quietly."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+def test_connect_fetches_the_crl_from_a_url_and_ends_a_revoked_listener_session(
+    processes: Processes, pki: Pki, tmp_path: Path
+) -> None:
+    crl = tmp_path / "ca.crl"
+    write_crl(pki, crl, minutes_ago=60)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0),
+        functools.partial(QuietFiles, directory=str(tmp_path)),
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/ca.crl"
+        listener = processes.new_listener()
+        connector = processes.connector(
+            listener.address, pki.a, "--crl-url", url, "--crl-interval", "0.05"
+        )
+        assert connector.next_event()["event"] == "established"
+        write_crl(pki, crl, pki.b, minutes_ago=30)
+        ours = connector.until(lambda e: e["event"] == "closed")
+        [update] = [e for e in ours if e["event"] == "crl"]
+        assert update == {
+            "event": "crl",
+            "source": url,
+            "revoked": 1,
+            "last_update": update["last_update"],
+            "sessions_ended": ["node-b"],
+        }
+        assert notifications(ours) == [(6, 241, "sent")]
+        assert connector.proc.wait(timeout=WAIT) == 1
+        assert notifications(listener.session()) == [(6, 241, "received")]
+        assert listener.interrupt() == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_crl_option_errors(pki: Pki, tmp_path: Path) -> None:
+    crl = tmp_path / "ca.crl"
+    write_crl(pki, crl, minutes_ago=60)
+    cases = [
+        (["--crl", str(crl), "--crl-url", "http://127.0.0.1:9/x"], 2, "exclude each other"),
+        (["--crl-interval", "5"], 2, "--crl-interval needs --crl or --crl-url"),
+        (["--crl-url", "ftp://example/x"], 2, "http:// or https://"),
+        (["--crl-url", "http://127.0.0.1:9/ca.crl"], 1, "cannot load the CRL from"),
+    ]
+    for extra, code, message in cases:
+        result = run("catalyst", "connect", "127.0.0.1:9", *pki.a.options(), "--once", *extra)
+        assert result.returncode == code, (extra, result)
+        assert message in result.stderr, (extra, result.stderr)
+        assert "Traceback" not in result.stderr

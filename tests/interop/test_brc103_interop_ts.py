@@ -52,6 +52,7 @@ from trustmesh.brc103.encoding import b64decode
 from trustmesh.brc103.errors import CertificateError
 from trustmesh.brc103.messages import RequestedCertificates
 from trustmesh.brc103.peer import SIGNATURE_PROTOCOL, PeerConfig
+from trustmesh.brc103.revocation import LocalRevocationRegistry
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import InvalidSignatureError
 
@@ -584,7 +585,8 @@ async def test_ts_client_and_our_server_exchange_certificates(certs: TsCerts) ->
         ts_issue(certs, SERVER_ID, {"role": "server", "secret": "s"})
     )
     config = PeerConfig(requested_certificates=requested("name"), certificates=[server_master])
-    server = Brc104Server(wallet(SERVER_KEY), config)
+    # The client's certificate has a revocable outpoint: a server needs a source to check it.
+    server = Brc104Server(wallet(SERVER_KEY), config, revocation=LocalRevocationRegistry())
     async with serving(server) as url:
         first, second = await ts_fetch_session_async(
             [ts_request(url + "/hello"), ts_request(url + "/hello")],

@@ -9,6 +9,12 @@ is not (a plain HTTP server, a wrong key, a bad signature) raises
 Compatible with the reference express middleware and our own server: an empty response
 body verifies whether the server signed it as ``varint(0)`` or ``varint(-1)``, and the
 client does not wait for an answer to its certificateResponse (express never sends one).
+
+A server may ask for certificates in the ``x-bsv-auth-requested-certificates`` response
+header. Nothing signs that header, so whoever sits on the path can write it: the client
+never reveals certificate fields because of it. The request is handed to the caller
+(``AuthResponse.requested_certificates``), who may answer it with
+:meth:`AuthFetch.send_certificates`.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class AuthResponse:
     identity_key: str  # the server's verified identity
     # The server's certificates validated on this session (fields decrypted).
     certificates: list[VerifiableCertificate] = field(default_factory=list)
+    # What the unsigned x-bsv-auth-requested-certificates header asked for, unanswered;
+    # the caller decides (AuthFetch.send_certificates). None: no such header.
+    requested_certificates: RequestedCertificates | None = None
 
     def text(self) -> str:
         return self.body.decode("utf-8", "replace")
@@ -178,9 +187,7 @@ class AuthFetch:
         """Send what the peer queued (a certificateResponse) without waiting for an answer:
         the reference server never sends one."""
         for message in self.peer.messages_to_send():
-            task = asyncio.get_running_loop().create_task(self._post_quietly(origin, message))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._post_in_background(origin, message)
 
     async def _post_quietly(self, origin: str, message: AuthMessage) -> None:
         try:
@@ -288,10 +295,9 @@ class AuthFetch:
         if headers.get(brc104.REQUEST_ID) not in (None, b64encode(request_id)):
             raise UnauthenticatedResponseError("the response answers another request id")
         self._verify_response(request_id, status, headers, body)
-        if headers.get(brc104.REQUESTED_CERTIFICATES):
-            self._answer_certificate_request(url, headers)
+        requested = _requested_in_header(url, headers)
         session = self.peer.session(identity_key=identity)
-        return AuthResponse(status, headers, body, identity, list(session.certificates))
+        return AuthResponse(status, headers, body, identity, list(session.certificates), requested)
 
     def _verify_response(
         self, request_id: bytes, status: int, headers: CIMultiDictProxy[str], body: bytes
@@ -312,19 +318,45 @@ class AuthFetch:
         except (Brc103Error, DecodeError) as exc:
             raise UnauthenticatedResponseError(f"the response does not verify: {exc}") from None
 
-    def _answer_certificate_request(self, url: yarl.URL, headers: CIMultiDictProxy[str]) -> None:
-        """The server asked for certificates in a response header: send ours."""
+    async def send_certificates(self, url: str, requested: RequestedCertificates) -> int:
+        """Reveal to the server of ``url``'s origin the fields of our certificates that
+        ``requested`` names (in a signed certificateResponse, not waited for), and return
+        how many certificates went. Only the caller decides this: a request that came in
+        the unsigned ``x-bsv-auth-requested-certificates`` header is never answered by
+        itself, so check it against what you mean to disclose first."""
         origin = str(yarl.URL(url).origin())
-        identity = self._servers.get(origin)
-        if identity is None:
-            return
-        try:
-            requested = RequestedCertificates.from_text(headers[brc104.REQUESTED_CERTIFICATES])
-        except DecodeError as exc:
-            log.warning("ignored a malformed certificate request from %s: %s", origin, exc)
-            return
-        self.peer.answer_certificate_request(requested, identity_key=identity)
-        self._send_queued(origin)
+        identity = await self.server_identity(origin)
+        certificates = self.peer.prove(requested, identity)
+        if certificates:
+            session = self.peer.session(identity_key=identity)
+            message = self.peer.create_certificate_response(certificates, session=session)
+            self._post_in_background(origin, message)
+        return len(certificates)
+
+    def _post_in_background(self, origin: str, message: AuthMessage) -> None:
+        task = asyncio.get_running_loop().create_task(self._post_quietly(origin, message))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _requested_in_header(
+    url: yarl.URL, headers: CIMultiDictProxy[str]
+) -> RequestedCertificates | None:
+    """What the unsigned certificate request header asks for; None if absent or malformed."""
+    text = headers.get(brc104.REQUESTED_CERTIFICATES)
+    if not text:
+        return None
+    try:
+        requested = RequestedCertificates.from_text(text)
+    except DecodeError as exc:
+        log.warning("ignored a malformed certificate request from %s: %s", url.origin(), exc)
+        return None
+    log.info(
+        "%s asks for certificates in an unsigned header; not answered by itself "
+        "(AuthFetch.send_certificates answers it)",
+        url.origin(),
+    )
+    return requested
 
 
 def _lost_session(body: bytes) -> bool:

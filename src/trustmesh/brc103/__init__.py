@@ -8,7 +8,11 @@ Transports live elsewhere: :mod:`trustmesh.io.brc103` (asyncio, in memory),
 from trustmesh.brc103.certificates import Certificate, MasterCertificate, VerifiableCertificate
 from trustmesh.brc103.messages import AuthMessage, MessageType, RequestedCertificates
 from trustmesh.brc103.peer import Peer, PeerConfig
-from trustmesh.brc103.revocation import LocalRevocationRegistry, RevocationChecker
+from trustmesh.brc103.revocation import (
+    LocalRevocationRegistry,
+    NoRevocationCheck,
+    RevocationChecker,
+)
 from trustmesh.brc103.wallet import Wallet
 
 __all__ = [
@@ -17,6 +21,7 @@ __all__ = [
     "LocalRevocationRegistry",
     "MasterCertificate",
     "MessageType",
+    "NoRevocationCheck",
     "Peer",
     "PeerConfig",
     "RequestedCertificates",

@@ -57,8 +57,13 @@ def parse_outpoint(text: str) -> tuple[bytes, int | None]:
 
 
 def is_revocable(outpoint: str) -> bool:
-    """False for the all-zero txid, which marks a certificate that cannot be revoked."""
-    return not outpoint.startswith("0" * 64)
+    """False only for the 36 zero bytes (all-zero txid, output index 0), which nothing can
+    spend, and for the reference's index-less all-zero txid (its "no outpoint" default).
+    Any other outpoint, ``"00"*32 + ".1"`` included, names an output that may be spent:
+    the certificate is revocable and must be checked. Raises CertificateFormatError for
+    text that is not an outpoint."""
+    txid, index = parse_outpoint(outpoint)
+    return any(txid) or index not in (0, None)
 
 
 @dataclass(frozen=True, slots=True)

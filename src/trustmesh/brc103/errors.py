@@ -98,6 +98,13 @@ class CertificateRevokedError(CertificateError):
     code = "ERR_CERTIFICATE_REVOKED"
 
 
+class RevocationUncheckedError(CertificateError):
+    """The certificate can be revoked (its outpoint is not the 36 zero bytes) and no
+    revocation source is configured that could say whether it is."""
+
+    code = "ERR_REVOCATION_UNCHECKED"
+
+
 class UnrequestedCertificateError(CertificateError):
     """A certificate from a certifier, of a type, or revealing a field that was not requested."""
 

@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from trustmesh.brc103.certificates import (
     MasterCertificate,
     VerifiableCertificate,
-    is_revocable,
 )
 from trustmesh.brc103.encoding import b64decode, b64encode
 from trustmesh.brc103.errors import (
     Brc103Error,
     CertificateError,
-    CertificateRevokedError,
     CertificatesTimeoutError,
     HandshakeTimeoutError,
     IdentityMismatchError,
@@ -51,7 +49,7 @@ from trustmesh.brc103.messages import (
     RequestedCertificates,
 )
 from trustmesh.brc103.nonces import create_nonce, verify_nonce
-from trustmesh.brc103.revocation import LocalRevocationRegistry, RevocationChecker
+from trustmesh.brc103.revocation import RevocationChecker, check_revocation
 from trustmesh.brc103.sessions import Session, SessionTable
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import InvalidKeyError, InvalidSignatureError
@@ -160,9 +158,8 @@ class Peer:
         for master in self.config.certificates:
             if master.certificate.subject != wallet.identity_key:
                 raise ValueError("a certificate to show must be issued to this wallet's key")
-        self.revocation: RevocationChecker = (
-            revocation if revocation is not None else LocalRevocationRegistry()
-        )
+        # None: no revocation source; revocable certificates are refused.
+        self.revocation: RevocationChecker | None = revocation
         self._random = random
         self.sessions = SessionTable(
             self.config.max_sessions,
@@ -488,12 +485,7 @@ class Peer:
             if why is not None:
                 raise UnrequestedCertificateError(why)
             cert.verify()
-            if is_revocable(cert.revocation_outpoint) and self.revocation.is_revoked(
-                cert.revocation_outpoint
-            ):
-                raise CertificateRevokedError(
-                    f"certificate {cert.serial_number} is revoked ({cert.revocation_outpoint})"
-                )
+            check_revocation(cert, self.revocation)
             fields = certificate.decrypt_fields(self.wallet)
             out.append(VerifiableCertificate(cert, certificate.keyring, fields))
         return out

@@ -1,9 +1,13 @@
 """Certificate revocation by outpoint, behind a pluggable checker.
 
 BRC-52 revokes a certificate by spending its revocation outpoint on chain. trustmesh
-needs no blockchain: the default checker is a local registry of revoked outpoints (in
-memory, or a SQLite file shared by the CLI and a server). Deployments that watch a chain
-plug in their own :class:`RevocationChecker`.
+needs no blockchain: :class:`LocalRevocationRegistry` is a registry of revoked outpoints
+(in memory, or a SQLite file shared by the CLI and a server). Deployments that watch a
+chain plug in their own :class:`RevocationChecker`.
+
+Revocation must be able to fail: a peer with no checker refuses every revocable
+certificate (``RevocationUncheckedError``). Accepting them unchecked takes an explicit
+:class:`NoRevocationCheck` (``--no-revocation-check`` on the command line).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import threading
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from trustmesh.brc103.certificates import parse_outpoint
+from trustmesh.brc103.certificates import Certificate, is_revocable, parse_outpoint
+from trustmesh.brc103.errors import CertificateRevokedError, RevocationUncheckedError
 from trustmesh.sqlitedb import open_database, transaction
 
 _SCHEMA = """
@@ -29,6 +34,31 @@ CREATE TABLE IF NOT EXISTS revoked (
 class RevocationChecker(Protocol):
     def is_revoked(self, outpoint: str) -> bool:
         """True when the outpoint ``"<txid>.<index>"`` is spent, i.e. revoked."""
+
+
+def check_revocation(certificate: Certificate, checker: RevocationChecker | None) -> None:
+    """Refuse ``certificate`` if it is revoked, or if it is revocable and there is no
+    ``checker`` to ask. A certificate whose outpoint is the 36 zero bytes passes."""
+    outpoint = certificate.revocation_outpoint
+    if not is_revocable(outpoint):
+        return
+    if checker is None:
+        raise RevocationUncheckedError(
+            f"certificate {certificate.serial_number} can be revoked ({outpoint}) and no "
+            "revocation source is configured (configure one, or disable the check)"
+        )
+    if checker.is_revoked(outpoint):
+        raise CertificateRevokedError(
+            f"certificate {certificate.serial_number} is revoked ({outpoint})"
+        )
+
+
+class NoRevocationCheck:
+    """The operator's explicit choice not to check revocation: every outpoint counts as
+    unspent. Whoever configures it should say so in its log (the CLI does)."""
+
+    def is_revoked(self, outpoint: str) -> bool:
+        return False
 
 
 class LocalRevocationRegistry:

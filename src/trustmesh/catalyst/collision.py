@@ -5,7 +5,9 @@ peer. Every session that has accepted its peer's OPEN claims the peer's BGP iden
 here; when another live session already holds it, exactly one of the two survives:
 
 - dialled in opposite directions: the connection that the node with the higher BGP
-  identifier initiated survives (identifiers compared as UTF-8 bytes). Both nodes reach
+  identifier initiated survives. Two IPv4 identifiers compare as 32-bit unsigned
+  integers, as RFC 4271 compares them (10.0.0.10 is above 10.0.0.9); any other pair
+  compares as UTF-8 bytes. Both nodes reach
   the same verdict, whatever state each connection is in on either side, because the
   rule depends on nothing but the two identifiers. That is RFC 4271's rule with its
   optional "CollisionDetectEstablishedState" on: without it, a connection that one side
@@ -18,6 +20,7 @@ The loser is closed with NOTIFICATION 6/7 (Cease, connection collision resolutio
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -67,7 +70,22 @@ def survives(new: CatalystSession, old: CatalystSession, peer_identifier: str) -
     """Whether ``new`` wins over ``old``, both sessions of one node to the same peer."""
     if new.initiator == old.initiator:
         return True  # a redial in the same direction replaces the older connection
-    local = new.config.bgp_identifier.encode()
-    higher_is_local = local > peer_identifier.encode()
+    higher_is_local = is_higher(new.config.bgp_identifier, peer_identifier)
     # The survivor is the connection the higher identifier initiated.
     return new.initiator == higher_is_local
+
+
+def is_higher(ours: str, theirs: str) -> bool:
+    """Whether BGP identifier ``ours`` is above ``theirs``: as unsigned 32-bit integers
+    when both are IPv4 addresses (RFC 4271 section 6.8), else as UTF-8 bytes."""
+    a, b = _ipv4(ours), _ipv4(theirs)
+    if a is not None and b is not None:
+        return a > b
+    return ours.encode() > theirs.encode()
+
+
+def _ipv4(identifier: str) -> int | None:
+    try:
+        return int(ipaddress.IPv4Address(identifier))
+    except ValueError:
+        return None

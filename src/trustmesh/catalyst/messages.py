@@ -8,6 +8,7 @@ refused with the NOTIFICATION code and subcode that RFC 4271 gives for them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,9 @@ JWKS_MALFORMED = 245
 POLICY_REFUSED = 246
 CEASE_ADMIN_SHUTDOWN = 2
 CEASE_COLLISION = 7
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +226,17 @@ def _open(data: dict[str, Any]) -> Open:
         )
     psk = _optional_str(data, "psk", MAX_KEY_ID, PSK_UNKNOWN_KEY)
     proof = _optional_str(data, "pskProof", 128, PSK_BAD_PROOF)
+    if proof is not None and not _BASE64URL.fullmatch(proof):
+        raise MessageError(
+            "pskProof must be base64url", code=OPEN_MESSAGE_ERROR, subcode=PSK_BAD_PROOF
+        )
     jws = _optional_str(data, "jws", 4096, JWS_BAD_SIGNATURE)
+    if jws is not None and not _COMPACT_JWS.fullmatch(jws):
+        raise MessageError(
+            "jws must be base64url segments joined by dots",
+            code=OPEN_MESSAGE_ERROR,
+            subcode=JWS_BAD_SIGNATURE,
+        )
     jwks = data.get("jwks")
     if jwks is not None and (not isinstance(jwks, dict) or not isinstance(jwks.get("keys"), list)):
         raise MessageError(

@@ -1,10 +1,11 @@
 """Who may peer: a hook the session asks once the peer's OPEN has passed every check.
 
 A policy sees the peer's proven identity (certificate names, BGP identifier, ASN, the
-PSK key id and JWS kid it proved) and returns None to allow, or a reason to refuse; a
-refusal is NOTIFICATION 2/246. :class:`CedarPolicy` evaluates Cedar policies
-(https://www.cedarpolicy.com) against :data:`CEDAR_SCHEMA`, which they are validated
-against when loaded, so a misspelt attribute is an error at start, not a silent deny.
+PSK key id it proved and the RFC 7638 thumbprint of its JWS key) and returns None to
+allow, or a reason to refuse; a refusal is NOTIFICATION 2/246. :class:`CedarPolicy`
+evaluates Cedar policies (https://www.cedarpolicy.com) against :data:`CEDAR_SCHEMA`,
+which they are validated against when loaded, so a misspelt attribute is an error at
+start, not a silent deny.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class PeeringRequest:
     peer_identifier: str
     certificate_names: frozenset[str]
     psk_key_id: str | None  # the key id whose proof verified, if any
-    jws_kid: str | None  # the kid whose signature verified, if any
+    jws_kid: str | None  # RFC 7638 thumbprint of the key whose signature verified, if any
     capabilities: tuple[str, ...]
     initiator: bool  # we dialled the peer
 

@@ -4,6 +4,10 @@ States: Idle -> OpenSent (our OPEN is out) -> OpenConfirm (their OPEN checked, o
 KEEPALIVE out) -> Established (their KEEPALIVE in). "Connect" is the TLS layer's job:
 this core starts only once the peer has accepted our certificate. Every check failure
 sends a NOTIFICATION with its code and subcode, then closes (docs/protocols/catalyst.md).
+
+A session lives no longer than its certificates: it reads when the earlier of the two
+expires from its TLS binding at start and ceases then (6/240); the application ends it
+when a newer CRL revokes the peer's certificate (:meth:`CatalystSession.revoke`, 6/241).
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import dataclasses
 import enum
 import hashlib
 import hmac
+import ipaddress
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from cryptography import x509
 
 from trustmesh.catalyst import messages as m
 from trustmesh.catalyst.collision import CollisionRegistry
@@ -27,21 +34,33 @@ from trustmesh.errors import DecodeError
 from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 
+if TYPE_CHECKING:
+    from trustmesh.tls.stream import TlsEstablished
+
 OPEN_HOLD_TIME = 240.0  # RFC 4271's "large" hold time; we wait open_timeout instead
 DEFAULT_OPEN_TIMEOUT = 10.0  # for the peer's OPEN, and then for its KEEPALIVE
 DEFAULT_MIN_HOLD_TIME = 9  # keepalives from a peer at most every 3 s
 PSK_EXPORTER_LABEL = b"EXPORTER-catalyst-psk"
 EXPORTER_LENGTH = 32
+# Cease subcodes private to trustmesh (RFC 4271 leaves 240 and up unassigned): a session
+# ends when a certificate it runs on stops being valid (docs/protocols/catalyst.md 8).
+CEASE_CERTIFICATE_EXPIRED = 240  # the peer's certificate or ours expired
+CEASE_CERTIFICATE_REVOKED = 241  # a newer CRL revokes the peer's certificate
 
 
 class TlsBinding(Protocol):
     """What the session needs from its TLS connection."""
 
     def peer_names(self) -> frozenset[str]:
-        """The peer certificate's CN and SAN names (DNS and URI)."""
+        """The peer certificate's CN and SAN names (DNS, URI, and IP in canonical form)."""
 
     def exporter(self, label: bytes, context: bytes) -> bytes:
         """RFC 8446 exporter output, EXPORTER_LENGTH bytes."""
+
+    @property
+    def established(self) -> TlsEstablished | None:
+        """The handshake's outcome once connected: the peer's chain, and ``expires_at``,
+        when the earlier of the two certificates expires (on the session's clock)."""
 
 
 @dataclass(frozen=True)
@@ -166,10 +185,24 @@ class CatalystSession:
         self._out: list[bytes] = []
         self._hold_deadline: float | None = None
         self._keepalive_due: float | None = None
+        # When the earlier of the two certificates expires (from TLS, at start).
+        self._expires_at: float | None = None
 
     @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
+
+    @property
+    def expires_at(self) -> float | None:
+        """When this session ceases because a certificate expires (None: never, or not
+        started)."""
+        return self._expires_at
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's certificate, once TLS is connected."""
+        tls = self.binding.established if self.binding is not None else None
+        return tls.peer_chain[0] if tls is not None and tls.peer_chain else None
 
     def bind(self, binding: TlsBinding) -> None:
         self.binding = binding
@@ -179,6 +212,8 @@ class CatalystSession:
     def start(self, now: float) -> list[Event]:
         if self.state is not State.IDLE:
             return []
+        tls = self.binding.established if self.binding is not None else None
+        self._expires_at = tls.expires_at if tls is not None else None
         self._send(self._our_open())
         self.state = State.OPEN_SENT
         self._hold_deadline = now + self.config.open_timeout
@@ -212,6 +247,8 @@ class CatalystSession:
     def handle_timer(self, now: float) -> list[Event]:
         if self.state is State.CLOSED:
             return []
+        if self._expires_at is not None and now >= self._expires_at:
+            return self._notify(m.CEASE, CEASE_CERTIFICATE_EXPIRED, "certificate expired")
         if self._hold_deadline is not None and now >= self._hold_deadline:
             self.counters.hold_timer_expiries += 1
             return self._notify(m.HOLD_TIMER_EXPIRED, 0, "hold timer expired")
@@ -223,7 +260,9 @@ class CatalystSession:
     def get_timer(self) -> float | None:
         if self.state is State.CLOSED:
             return None
-        deadlines = [d for d in (self._hold_deadline, self._keepalive_due) if d is not None]
+        deadlines = [
+            d for d in (self._hold_deadline, self._keepalive_due, self._expires_at) if d is not None
+        ]
         return min(deadlines) if deadlines else None
 
     def data_to_send(self) -> bytes:
@@ -242,6 +281,13 @@ class CatalystSession:
             return []
         return self._notify(m.CEASE, m.CEASE_COLLISION, "connection collision resolution")
 
+    def revoke(self, now: float) -> list[Event]:
+        """Close because the peer's certificate is revoked (a CRL that arrived while the
+        session lived, 6/241). The application decides; the core only ends the session."""
+        if self.state is State.CLOSED:
+            return []
+        return self._notify(m.CEASE, CEASE_CERTIFICATE_REVOKED, "certificate revoked")
+
     # --- the FSM ----------------------------------------------------------------------
 
     def _on_message(self, message: m.Message, now: float, events: list[Event]) -> None:
@@ -252,7 +298,9 @@ class CatalystSession:
             )
             events += self._finish(
                 f"peer sent NOTIFICATION {message.code}/{message.subcode}: {message.message}",
-                error=message.code != m.CEASE,
+                # A Cease is an orderly end, unless it says a certificate failed.
+                error=message.code != m.CEASE
+                or message.subcode in (CEASE_CERTIFICATE_EXPIRED, CEASE_CERTIFICATE_REVOKED),
                 by_peer=True,
             )
             return
@@ -305,7 +353,7 @@ class CatalystSession:
                 code=m.OPEN_MESSAGE_ERROR,
                 subcode=m.BAD_BGP_IDENTIFIER,
             )
-        if peer.bgp_identifier not in names:
+        if not identifier_in(peer.bgp_identifier, names):
             raise CatalystError(
                 f"bgpIdentifier {peer.bgp_identifier!r} is not in the peer certificate "
                 f"(CN/SAN: {', '.join(sorted(names)) or 'none'})",
@@ -404,7 +452,9 @@ class CatalystSession:
                 subcode=m.PSK_UNKNOWN_KEY,
             )
         expected = psk_proof(secret, binding, sender_is_initiator=not self.initiator)
-        if peer.psk_proof is None or not hmac.compare_digest(peer.psk_proof, expected):
+        if peer.psk_proof is None or not hmac.compare_digest(
+            peer.psk_proof.encode(), expected.encode()
+        ):
             raise CatalystError(
                 "PSK proof does not match this session",
                 code=m.OPEN_MESSAGE_ERROR,
@@ -481,3 +531,15 @@ def psk_proof(secret: bytes, binding: TlsBinding, *, sender_is_initiator: bool) 
 def _role(sender_is_initiator: bool) -> bytes:
     """The exporter context of a proof: the role of the OPEN's sender."""
     return b"initiator" if sender_is_initiator else b"responder"
+
+
+def identifier_in(identifier: str, names: frozenset[str]) -> bool:
+    """Whether a BGP identifier is among a certificate's names; an identifier that is an
+    IPv4 or IPv6 address also matches an IP SAN (names hold those in canonical form, so
+    ``2001:DB8::1`` matches ``2001:db8::1``)."""
+    if identifier in names:
+        return True
+    try:
+        return str(ipaddress.ip_address(identifier)) in names
+    except ValueError:
+        return False

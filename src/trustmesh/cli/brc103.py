@@ -27,14 +27,15 @@ from trustmesh.brc103.certificates import (
     VerifiableCertificate,
     is_revocable,
 )
-from trustmesh.brc103.errors import (
-    CertificateError,
-    CertificateFormatError,
-    CertificateRevokedError,
-)
+from trustmesh.brc103.errors import CertificateError, CertificateFormatError
 from trustmesh.brc103.messages import NO_REQUEST, RequestedCertificates
 from trustmesh.brc103.peer import PeerConfig
-from trustmesh.brc103.revocation import LocalRevocationRegistry
+from trustmesh.brc103.revocation import (
+    LocalRevocationRegistry,
+    NoRevocationCheck,
+    RevocationChecker,
+    check_revocation,
+)
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit
@@ -137,17 +138,52 @@ def _peer_config(
     )
 
 
+def _revocations_option(whose: str) -> Callable[[FC], FC]:
+    return click.option(
+        "--revocations",
+        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help=f"A local revocation registry (SQLite, made by `cert revoke`) that {whose} "
+        "must pass. Without it (or --no-revocation-check) a certificate whose revocation "
+        "outpoint is not the 36 zero bytes is refused.",
+    )
+
+
+NO_REVOCATION_CHECK_OPTION = click.option(
+    "--no-revocation-check",
+    is_flag=True,
+    help="Accept revocable certificates without checking whether they are revoked "
+    "(logged on stderr). Use only where no revocation source exists.",
+)
+
+
+def _revocation_source(
+    revocations: Path | None, no_check: bool
+) -> tuple[RevocationChecker | None, LocalRevocationRegistry | None]:
+    """The checker the options ask for, and the registry to close afterwards. Neither
+    option: None, so that a revocable certificate is refused."""
+    if revocations is not None and no_check:
+        raise click.UsageError("--revocations and --no-revocation-check exclude each other")
+    if no_check:
+        click.echo(
+            "trustmesh: warning: --no-revocation-check: certificates that can be revoked "
+            "are accepted without checking whether they are",
+            err=True,
+        )
+        return NoRevocationCheck(), None
+    if revocations is None:
+        return None, None
+    registry = LocalRevocationRegistry(revocations)
+    return registry, registry
+
+
 @brc103.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8103, show_default=True, type=click.IntRange(0, 65535))
 @KEY_OPTION
 @REQUEST_OPTION
 @CERTIFICATE_OPTION
-@click.option(
-    "--revocations",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="A local revocation registry (`cert revoke`) that client certificates must pass.",
-)
+@_revocations_option("client certificates")
+@NO_REVOCATION_CHECK_OPTION
 @limit_options
 def serve(
     host: str,
@@ -156,6 +192,7 @@ def serve(
     requested_json: str | None,
     certificate_files: tuple[Path, ...],
     revocations: Path | None,
+    no_revocation_check: bool,
     **limits: Any,
 ) -> None:
     """Serve a demo app behind BRC-104 until interrupted (SIGINT or SIGTERM).
@@ -174,14 +211,16 @@ def serve(
       GET  /status/<code>      that status
 
     With --request-certificates every client must show a matching certificate before
-    its requests are answered (GET /hello then lists the fields it revealed).
+    its requests are answered (GET /hello then lists the fields it revealed). A
+    certificate that can be revoked is checked against --revocations, or refused
+    (unless --no-revocation-check).
     """
     policy = pop_policy(limits)
     wallet = load_wallet(key_file)
     config = _peer_config(requested_json, certificate_files, server=True)
-    registry = LocalRevocationRegistry(revocations) if revocations else None
+    checker, registry = _revocation_source(revocations, no_revocation_check)
     try:
-        server = Brc104Server(wallet, config, revocation=registry, policy=policy)
+        server = Brc104Server(wallet, config, revocation=checker, policy=policy)
         asyncio.run(_serve(host, port, server, policy))
     finally:
         if registry is not None:
@@ -244,6 +283,8 @@ def _header(value: str) -> tuple[str, str]:
     "-f", "--fail", is_flag=True, help="Exit 1 when the (authenticated) status is >= 400."
 )
 @click.option("-v", "--verbose", is_flag=True, help="Say who answered on stderr.")
+@_revocations_option("the server's certificates")
+@NO_REVOCATION_CHECK_OPTION
 def fetch(
     url: str,
     method: str | None,
@@ -255,6 +296,8 @@ def fetch(
     include: bool,
     fail: bool,
     verbose: bool,
+    revocations: Path | None,
+    no_revocation_check: bool,
 ) -> None:
     """Send one mutually authenticated request to URL and print the response body.
 
@@ -272,7 +315,12 @@ def fetch(
             header_list.append(("Content-Type", _guess_type(body)))
     verb = (method or ("POST" if body is not None else "GET")).upper()
     config = _peer_config(requested_json, certificate_files, server=False)
-    response = asyncio.run(_fetch(wallet, config, url, verb, header_list, body))
+    checker, registry = _revocation_source(revocations, no_revocation_check)
+    try:
+        response = asyncio.run(_fetch(wallet, config, checker, url, verb, header_list, body))
+    finally:
+        if registry is not None:
+            registry.close()
     if verbose:
         click.echo(f"authenticated: HTTP {response.status} from {response.identity_key}", err=True)
         for shown in response.certificates:
@@ -296,12 +344,13 @@ def fetch(
 async def _fetch(
     wallet: Wallet,
     config: PeerConfig,
+    revocation: RevocationChecker | None,
     url: str,
     method: str,
     headers: list[tuple[str, str]],
     body: bytes | None,
 ) -> Any:
-    async with AuthFetch(wallet, config) as client:
+    async with AuthFetch(wallet, config, revocation=revocation) as client:
         return await client.fetch(url, method=method, headers=headers, body=body)
 
 
@@ -471,31 +520,31 @@ def reveal(
     multiple=True,
     help="Accept only this certifier (66 hex digits); repeatable.",
 )
-@click.option(
-    "--revocations",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="A local revocation registry (SQLite, made by `cert revoke`) to check against.",
-)
+@_revocations_option("the certificate")
+@NO_REVOCATION_CHECK_OPTION
 def verify(
     certificate: Path,
     key_file: Path | None,
     certifiers: tuple[str, ...],
     revocations: Path | None,
+    no_revocation_check: bool,
 ) -> None:
     """Check a verifiable certificate: the certifier's signature, the revocation outpoint
-    and, with --key, decrypt every revealed field. Prints JSON; exits 1 when invalid."""
+    and, with --key, decrypt every revealed field. Prints JSON; exits 1 when invalid.
+
+    A certificate whose revocation outpoint is not the 36 zero bytes can be revoked: it
+    is checked against --revocations, or refused unless --no-revocation-check."""
     shown = VerifiableCertificate.from_json(_read_json(certificate))
     cert_ = shown.certificate
     allowed = {_public_key_hex(c, "--certifier") for c in certifiers}
     if allowed and cert_.certifier not in allowed:
         raise CertificateError(f"certifier {cert_.certifier} is not one of --certifier")
     cert_.verify()
-    if revocations is not None and is_revocable(cert_.revocation_outpoint):
-        registry = LocalRevocationRegistry(revocations)
-        try:
-            if registry.is_revoked(cert_.revocation_outpoint):
-                raise CertificateRevokedError(f"revoked: {cert_.revocation_outpoint}")
-        finally:
+    checker, registry = _revocation_source(revocations, no_revocation_check)
+    try:
+        check_revocation(cert_, checker)
+    finally:
+        if registry is not None:
             registry.close()
     result: dict[str, Any] = {
         "valid": True,
@@ -504,6 +553,15 @@ def verify(
         "subject": cert_.subject,
         "certifier": cert_.certifier,
         "revocationOutpoint": cert_.revocation_outpoint,
+        # "checked" against --revocations; "unchecked" with --no-revocation-check;
+        # "irrevocable" for the 36 zero bytes.
+        "revocation": (
+            "irrevocable"
+            if not is_revocable(cert_.revocation_outpoint)
+            else "unchecked"
+            if no_revocation_check
+            else "checked"
+        ),
     }
     if key_file is not None:
         result["fields"] = shown.decrypt_fields(load_wallet(key_file))

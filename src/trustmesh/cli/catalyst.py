@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import click
 from cryptography import x509
 
@@ -24,20 +25,31 @@ from trustmesh.catalyst.session import (
     NotificationEvent,
     Peer,
     SessionEstablished,
+    identifier_in,
 )
 from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import HostPort
 from trustmesh.cli.signals import stop_on_signals
-from trustmesh.io.catalyst import DEFAULT_PORT, Backoff, CatalystNode, Session
+from trustmesh.io.catalyst import (
+    DEFAULT_PORT,
+    Backoff,
+    CatalystNode,
+    CrlFile,
+    CrlSource,
+    CrlUrl,
+    Session,
+)
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.keystore.filestore import passphrase_from_env_or_tty
 from trustmesh.sansio import ConnectionClosed, Event
-from trustmesh.tls import TlsConfig
+from trustmesh.tls import TlsConfig, TlsConfigError
 from trustmesh.tls.context import key_is_encrypted
 from trustmesh.tls.stream import certificate_names
 
 MIN_PSK_BYTES = 16
+CRL_FILE_INTERVAL = 5.0  # seconds between checks of a --crl file for changes
+CRL_URL_INTERVAL = 60.0  # seconds between fetches from --crl-url
 
 
 class PeerSpec(click.ParamType):  # type: ignore[type-arg]
@@ -112,7 +124,25 @@ def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--crl",
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help="A CRL (PEM or DER) that peer certificates are checked against.",
+            help="A CRL (PEM or DER) that peer certificates are checked against. It is "
+            "read again whenever it changes (checked every --crl-interval seconds, default "
+            f"{CRL_FILE_INTERVAL:g}): new handshakes refuse a peer it revokes, and a live "
+            "session with one ends with NOTIFICATION 6/241.",
+        ),
+        click.option(
+            "--crl-url",
+            metavar="URL",
+            help="Fetch the CRL (PEM or DER) from this http(s) URL at start (the command "
+            "fails if it cannot) and every --crl-interval seconds (default "
+            f"{CRL_URL_INTERVAL:g}); each new one acts as a changed --crl file does. A CRL "
+            "must be signed by a CA of --ca and no older than the one in use.",
+        ),
+        click.option(
+            "--crl-interval",
+            type=click.FloatRange(min=0, min_open=True),
+            metavar="S",
+            help=f"Seconds between CRL checks: default {CRL_URL_INTERVAL:g} for --crl-url, "
+            f"{CRL_FILE_INTERVAL:g} for --crl.",
         ),
         click.option(
             "--asn", type=click.IntRange(1, m.MAX_ASN), required=True, help="Our AS number."
@@ -231,12 +261,74 @@ def _build_node(options: dict[str, Any], *, dialer: bool) -> CatalystNode:
     return node
 
 
+def _crl_source(options: dict[str, Any]) -> tuple[CrlSource, float] | None:
+    """Where new CRLs come from (--crl or --crl-url) and how often to look."""
+    crl_file: Path | None = options["crl"]
+    url: str | None = options["crl_url"]
+    interval: float | None = options["crl_interval"]
+    if crl_file is not None and url is not None:
+        raise click.UsageError("--crl and --crl-url exclude each other")
+    if url is not None:
+        if not url.startswith(("http://", "https://")):
+            raise click.BadParameter("must be an http:// or https:// URL", param_hint="'--crl-url'")
+        return CrlUrl(url), interval if interval is not None else CRL_URL_INTERVAL
+    if crl_file is not None:
+        return CrlFile(crl_file), interval if interval is not None else CRL_FILE_INTERVAL
+    if interval is not None:
+        raise click.UsageError("--crl-interval needs --crl or --crl-url")
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _crl_kept_current(
+    node: CatalystNode, crl: tuple[CrlSource, float] | None
+) -> AsyncIterator[None]:
+    """Load the CRL now (failing the command if it cannot), then keep it current in the
+    background: each new CRL prints a "crl" event, each failure a "crl-error" one."""
+    if crl is None:
+        yield
+        return
+    source, interval = crl
+    try:
+        first = await source.poll()
+        if first is not None:
+            node.apply_crl(first)
+    except (OSError, ValueError, TlsConfigError, aiohttp.ClientError) as exc:
+        await source.aclose()
+        raise click.ClickException(f"cannot load the CRL from {source.name}: {exc}") from None
+
+    def updated(new: x509.CertificateRevocationList, ended: list[Session]) -> None:
+        emit(
+            {
+                "event": "crl",
+                "source": source.name,
+                "revoked": len(new),
+                "last_update": new.last_update_utc.isoformat(),
+                "sessions_ended": [s.peer_id or s.claimed_id for s in ended],
+            },
+            as_json=True,
+        )
+
+    def failed(exc: BaseException) -> None:
+        emit({"event": "crl-error", "source": source.name, "reason": str(exc)}, as_json=True)
+
+    keeper = asyncio.ensure_future(
+        node.keep_crl_current(source, interval, on_update=updated, on_error=failed)
+    )
+    try:
+        yield
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+
+
 def _warn_if_not_ours(cert_file: Path, identifier: str) -> None:
     try:
-        names = certificate_names(x509.load_pem_x509_certificate(cert_file.read_bytes()))
+        names = certificate_names(x509.load_pem_x509_certificate(cert_file.read_bytes()), ips=True)
     except ValueError:
         return  # TlsContext loaded it, so this is a format corner we need not second-guess
-    if identifier not in names:
+    if not identifier_in(identifier, names):
         click.echo(
             f"trustmesh: warning: --id {identifier!r} is not in {cert_file} (CN/SAN: "
             f"{', '.join(sorted(names)) or 'none'}); peers will refuse us with NOTIFICATION 2/3",
@@ -313,7 +405,10 @@ def catalyst() -> None:
 
     Every command prints one JSON object per line on stdout, each with an "event" field:
     established {peer_id, peer_asn, hold_time}, notification {code, subcode, direction},
-    keepalive, closed {reason}; listen first prints listening {host, port}.
+    keepalive, closed {reason}; listen first prints listening {host, port}. With --crl or
+    --crl-url, each new CRL prints crl {revoked, sessions_ended} (the sessions it revoked
+    end with NOTIFICATION 6/241), and a CRL that cannot be used prints crl-error {reason}.
+    A session also ends (6/240) when its peer's certificate or ours expires.
 
     \b
     Try it (certificates from any CA, openssl included):
@@ -348,12 +443,27 @@ def listen(host: str, port: int, psk_optional: bool, **options: Any) -> None:
     if psk_optional and not options["psk"]:
         raise click.UsageError("--psk-optional needs at least one --psk")
     policy = pop_policy(options)
+    crl = _crl_source(options)
     node = _build_node({**options, "psk_optional": psk_optional}, dialer=False)
-    asyncio.run(_listen(node, host, port, policy))
+    asyncio.run(_listen(node, host, port, policy, crl))
 
 
-async def _listen(node: CatalystNode, host: str, port: int, policy: ResourcePolicy) -> None:
+async def _listen(
+    node: CatalystNode,
+    host: str,
+    port: int,
+    policy: ResourcePolicy,
+    crl: tuple[CrlSource, float] | None = None,
+) -> None:
     stop = stop_on_signals()
+    async with _crl_kept_current(node, crl):
+        await _serve_until_stopped(node, host, port, policy, stop)
+    emit({"event": "stopped", **counters_json(node.counters)}, as_json=True)
+
+
+async def _serve_until_stopped(
+    node: CatalystNode, host: str, port: int, policy: ResourcePolicy, stop: asyncio.Event
+) -> None:
     server = await node.serve(host=host, port=port, listener=_print_event, policy=policy)
     async with server:
         emit(
@@ -366,7 +476,6 @@ async def _listen(node: CatalystNode, host: str, port: int, policy: ResourcePoli
             as_json=True,
         )
         await stop.wait()
-    emit({"event": "stopped", **counters_json(node.counters)}, as_json=True)
 
 
 def counters_json(counters: Counters) -> dict[str, Any]:
@@ -413,10 +522,16 @@ def connect(
     """
     if once and reconnect:
         raise click.UsageError("--once and --reconnect exclude each other")
+    crl = _crl_source(options)
     node = _build_node(options, dialer=True)
-    if reconnect:
-        return asyncio.run(_maintain(node, address))
-    return asyncio.run(_connect(node, address, once, timeout))
+
+    async def run() -> int:
+        async with _crl_kept_current(node, crl):
+            if reconnect:
+                return await _maintain(node, address)
+            return await _connect(node, address, once, timeout)
+
+    return asyncio.run(run())
 
 
 async def _connect(node: CatalystNode, address: tuple[str, int], once: bool, within: float) -> int:

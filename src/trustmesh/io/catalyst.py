@@ -6,20 +6,34 @@
     session = await node.connect("127.0.0.1", 9179)     # returns once Established
     server = await node.serve(handler, "127.0.0.1", 9179)
     await node.maintain("10.0.0.2", 9179)                # redial with backoff, forever
+    await node.keep_crl_current(CrlFile(path), 5.0)     # reload a CRL file when it changes
 
 One node holds what its sessions share: the TLS contexts (built once), the counters,
 the collision registry and the resumption tickets. The protocol lives in
 :mod:`trustmesh.catalyst` and :mod:`trustmesh.tls`; this module only moves bytes.
+
+Revocation holds for the life of a session: :meth:`CatalystNode.apply_crl` puts a newer
+CRL into both TLS contexts (new handshakes refuse a revoked peer with the
+``certificate_revoked`` alert) and ends every live session whose peer it revokes with
+NOTIFICATION 6/241. :meth:`CatalystNode.keep_crl_current` polls a :class:`CrlFile` or a
+:class:`CrlUrl` for new CRLs. Expiry needs nothing here: each session ceases by itself
+when a certificate it runs on expires (6/240).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
+import aiohttp
+from cryptography import x509
 from OpenSSL import SSL
 
 from trustmesh.catalyst import messages as m
@@ -37,14 +51,19 @@ from trustmesh.catalyst.session import (
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.stream import ServerHandle, StreamDriver, serve_stream
 from trustmesh.sansio import ConnectionClosed, Event
-from trustmesh.tls import TlsConfig, TlsContext, TlsEstablished, TlsStream
+from trustmesh.tls import TlsConfig, TlsConfigError, TlsContext, TlsEstablished, TlsStream
+from trustmesh.tls.context import parse_crl
 from trustmesh.tls.stream import DEFAULT_HANDSHAKE_TIMEOUT
+from trustmesh.tls.tickets import TicketCache
 
 __all__ = [
     "DEFAULT_PORT",
     "Backoff",
     "CatalystNode",
     "CatalystServer",
+    "CrlFile",
+    "CrlSource",
+    "CrlUrl",
     "Session",
 ]
 
@@ -53,6 +72,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 9179  # BGP's 179, in the unprivileged range
 DEFAULT_CONNECT_TIMEOUT = 30.0
 COLLISION = (m.CEASE, m.CEASE_COLLISION)
+MAX_CRL_BYTES = 64 * 1024 * 1024  # a CRL with a million revoked serials fits
+CRL_FETCH_TIMEOUT = 30.0
 
 EventListener = Callable[["Session", Event], None]
 
@@ -165,6 +186,13 @@ class Session:
             now = asyncio.get_running_loop().time()
             self._driver.act(lambda tls: tls.inner_action(lambda _: self.core.evict(now)))
 
+    def revoke(self) -> None:
+        """Close with NOTIFICATION 6/241: a CRL now revokes the peer's certificate
+        (no-op once closed, or before TLS is connected)."""
+        if not self._driver.closed:
+            now = asyncio.get_running_loop().time()
+            self._driver.act(lambda tls: tls.inner_action(lambda _: self.core.revoke(now)))
+
     async def __aenter__(self) -> Session:
         return self
 
@@ -210,6 +238,88 @@ class Session:
         self._established.exception()  # retrieved: nobody may be waiting
 
 
+class CrlSource(Protocol):
+    """Where new CRLs come from, for :meth:`CatalystNode.keep_crl_current`."""
+
+    name: str
+
+    async def poll(self) -> x509.CertificateRevocationList | None:
+        """The CRL if it changed since the last poll (the first poll always reads it),
+        else None. Raises ``OSError``, ``ValueError`` (not a CRL) or
+        ``aiohttp.ClientError``."""
+
+    async def aclose(self) -> None:
+        """Release what the source holds."""
+
+
+class CrlFile:
+    """A CRL file (PEM or DER), read again whenever its modification time, size or inode
+    changes (an atomic rename counts too)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+        self._seen: tuple[int, int, int] | None = None
+
+    async def poll(self) -> x509.CertificateRevocationList | None:
+        stat = os.stat(self.path)
+        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if key == self._seen:
+            return None
+        self._seen = key  # a file that does not parse is not read again until it changes
+        return parse_crl(self.path.read_bytes())
+
+    async def aclose(self) -> None:
+        return None
+
+
+class CrlUrl:
+    """A CRL fetched over HTTP(S) (PEM or DER, at most 64 MiB); an unchanged answer (304
+    to a GET conditional on the last ETag, or the same bytes) is no news."""
+
+    def __init__(self, url: str, *, timeout: float = CRL_FETCH_TIMEOUT) -> None:
+        self.url = url
+        self.name = url
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._client: aiohttp.ClientSession | None = None
+        self._last: bytes | None = None
+        self._validators: dict[str, str] = {}
+
+    async def poll(self) -> x509.CertificateRevocationList | None:
+        if self._client is None:
+            self._client = aiohttp.ClientSession(timeout=self._timeout)
+        async with self._client.get(self.url, headers=self._validators) as response:
+            if response.status == 304 and self._last is not None:
+                return None
+            if response.status != 200:
+                raise aiohttp.ClientResponseError(
+                    response.request_info,
+                    response.history,
+                    status=response.status,
+                    message=f"fetching the CRL from {self.url} got HTTP {response.status}",
+                )
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > MAX_CRL_BYTES:
+                    raise ValueError(f"the CRL at {self.url} is over {MAX_CRL_BYTES} bytes")
+            # Only an ETag makes the next GET conditional: Last-Modified has one-second
+            # resolution, so a CRL replaced within the second of a fetch would be missed.
+            etag = response.headers.get("ETag")
+            validators = {"If-None-Match": etag} if etag else {}
+        data = bytes(body)
+        if data == self._last:
+            return None
+        crl = parse_crl(data)
+        self._last, self._validators = data, validators
+        return crl
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
 class CatalystServer(ServerHandle[TlsStream]):
     """A listening node: each connection runs ``handler(session)`` from the moment TLS
     is up; the session closes when the handler returns."""
@@ -226,7 +336,10 @@ class CatalystNode:
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         resume: bool = True,
         counters: Counters | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: Unix time in seconds (injected for tests); it dates certificate
+        checks on resumption, ticket lifetimes and when a session's certificates expire."""
         self.config = config
         self.server_context = TlsContext(tls, server=True)
         self.client_context = TlsContext(tls, server=False)
@@ -235,7 +348,8 @@ class CatalystNode:
         self.handshake_timeout = handshake_timeout
         self.resume = resume
         self._sessions: dict[CatalystSession, Session] = {}
-        self._tickets: dict[tuple[str, int], SSL.Session] = {}
+        self.clock = clock
+        self._tickets = TicketCache()
         self._released: dict[str, asyncio.Event] = {}
 
     @property
@@ -243,9 +357,57 @@ class CatalystNode:
         """Every live session, in both directions."""
         return list(self._sessions.values())
 
+    def apply_crl(self, crl: x509.CertificateRevocationList) -> list[Session]:
+        """Check peers against ``crl`` from now on: both TLS contexts take it (a revoked
+        peer's next handshake or resumption is refused, with the ``certificate_revoked``
+        alert), and every live session whose peer certificate it revokes ends with
+        NOTIFICATION 6/241. Returns those sessions.
+
+        Raises :class:`TlsConfigError`, and changes nothing, when the CRL is not signed
+        by a CA of the bundle or is older than the one in use."""
+        self.client_context.replace_crl(crl)
+        self.server_context.replace_crl(crl)
+        ended = [s for s in self.sessions if self._revoked(s)]
+        for session in ended:
+            log.warning(
+                "a new CRL revokes the certificate of %s (%s); ending the session",
+                session.peer_id or session.claimed_id or "a peer",
+                _address(session.remote_address),
+            )
+            session.revoke()
+        return ended
+
+    async def keep_crl_current(
+        self,
+        source: CrlSource,
+        interval: float,
+        *,
+        on_update: Callable[[x509.CertificateRevocationList, list[Session]], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """Poll ``source`` every ``interval`` seconds until cancelled, and apply each new
+        CRL (:meth:`apply_crl`). ``on_update(crl, ended_sessions)`` hears about each one;
+        ``on_error(exc)`` about a source that fails or a CRL that is refused (the CRL in
+        use stays)."""
+        try:
+            while True:
+                try:
+                    crl = await source.poll()
+                    if crl is not None:
+                        ended = self.apply_crl(crl)
+                        if on_update is not None:
+                            on_update(crl, ended)
+                except (OSError, ValueError, TlsConfigError, aiohttp.ClientError) as exc:
+                    log.warning("CRL from %s not applied: %s", source.name, exc)
+                    if on_error is not None:
+                        on_error(exc)
+                await asyncio.sleep(interval)
+        finally:
+            await source.aclose()
+
     def forget_tickets(self) -> None:
-        """Drop resumption tickets, so the next sessions verify certificates afresh
-        (after a CRL update, for example)."""
+        """Drop resumption tickets, so the next sessions make full handshakes (a resumed
+        session's certificate is checked again anyway, against the CRL and the clock)."""
         self._tickets.clear()
 
     async def connect(
@@ -263,7 +425,7 @@ class CatalystNode:
         ``OSError`` when the TCP connection fails.
         """
         loop = asyncio.get_running_loop()
-        ticket = self._tickets.get((host, port)) if self.resume else None
+        ticket = self._tickets.get((host, port), self.clock()) if self.resume else None
         stream, core = self._new_stream(initiator=True, ticket=ticket)
         holder: list[Session] = []
 
@@ -278,6 +440,7 @@ class CatalystNode:
                 await holder[0].wait_established()
         except BaseException as exc:
             reason = f"no session with {host}:{port} within {connect_timeout:g} s"
+            self._tickets.forget((host, port))  # the next dial is a full handshake
             if holder:  # a session that has not ended yet ends now
                 holder[0].abort(reason if isinstance(exc, TimeoutError) else "cancelled")
                 await holder[0].wait_closed()
@@ -286,7 +449,7 @@ class CatalystNode:
             raise
         session = holder[0]
         if self.resume and (fresh := stream.session()) is not None:
-            self._tickets[(host, port)] = fresh
+            self._tickets.put((host, port), fresh, stream.ticket_expiry(self.clock()))
         return session
 
     async def serve(
@@ -379,7 +542,14 @@ class CatalystNode:
             self.config, initiator=initiator, counters=self.counters, registry=self.registry
         )
         context = self.client_context if initiator else self.server_context
-        stream = TlsStream(context, core, session=ticket, handshake_timeout=self.handshake_timeout)
+        loop = asyncio.get_running_loop()
+        stream = TlsStream(
+            context,
+            core,
+            session=ticket,
+            handshake_timeout=self.handshake_timeout,
+            unix_offset=self.clock() - loop.time(),
+        )
         core.bind(stream)
         return stream, core
 
@@ -389,9 +559,24 @@ class CatalystNode:
         core: CatalystSession,
         listener: EventListener | None,
     ) -> Session:
-        session = Session(driver, core, (listener,) if listener else (), self._untrack)
+        listeners = (self._on_event, listener) if listener else (self._on_event,)
+        session = Session(driver, core, listeners, self._untrack)
         self._sessions[core] = session
         return session
+
+    def _on_event(self, session: Session, event: Event) -> None:
+        # A client's handshake verified the server before the server accepted us: a CRL
+        # applied in between did not see this session. Check it once it is connected.
+        if isinstance(event, TlsEstablished) and self._revoked(session):
+            log.warning(
+                "the CRL revokes the certificate of the peer at %s; ending the session",
+                _address(session.remote_address),
+            )
+            session.revoke()
+
+    def _revoked(self, session: Session) -> bool:
+        leaf = session.core.peer_certificate
+        return leaf is not None and self.server_context.crl_revokes(leaf)
 
     def _untrack(self, session: Session) -> None:
         self._sessions.pop(session.core, None)
@@ -412,3 +597,9 @@ class CatalystNode:
             return
         released = self._released.setdefault(peer_id, asyncio.Event())
         await released.wait()
+
+
+def _address(value: object) -> str | None:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return f"{value[0]}:{value[1]}"
+    return None

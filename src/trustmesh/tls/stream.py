@@ -44,6 +44,10 @@ class TlsEstablished(Event):
     group: str | None
     resumed: bool
     verified: bool = True
+    # When the session stops being valid, on the stream's clock (the ``now`` of its
+    # calls): the earlier expiry of the peer's certificate and ours. None when the
+    # stream was not told how its clock maps to Unix time (``unix_offset``).
+    expires_at: float | None = None
 
 
 class TlsStream:
@@ -57,9 +61,14 @@ class TlsStream:
         session: SSL.Session | None = None,
         server_name: str | None = None,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        unix_offset: float | None = None,
     ) -> None:
+        """``unix_offset``: Unix time minus the clock the driver passes as ``now``; it
+        dates certificate checks on resumption, ticket lifetimes and ``expires_at``.
+        Without it OpenSSL's clock dates the checks, and no expiry is reported."""
         self.context = context
         self.inner = inner
+        self.unix_offset = unix_offset
         conn = SSL.Connection(context.ssl, None)  # no socket: memory BIOs
         if context.server:
             conn.set_accept_state()
@@ -98,13 +107,22 @@ class TlsStream:
         return self.export_keying_material(label, 32, context)
 
     def peer_names(self) -> frozenset[str]:
-        """The peer certificate's subject CN and its DNS and URI SANs."""
+        """The peer certificate's subject CN and its DNS, URI and IP SANs (canonical)."""
         leaf = self._conn.get_peer_certificate(as_cryptography=True)
-        return frozenset() if leaf is None else certificate_names(leaf)
+        return frozenset() if leaf is None else certificate_names(leaf, ips=True)
 
     def session(self) -> SSL.Session | None:
         """The session to resume with later (client side), once a ticket arrived."""
         return self._conn.get_session()
+
+    def ticket_expiry(self, unix_now: float) -> float:
+        """Unix time after which the session of :meth:`session` must not be offered: a
+        ticket lives less than both certificates (zero-trust-mesh.md section 2.3)."""
+        limit = unix_now + self.context.ticket_lifetime(unix_now)
+        established = self.established
+        if established is not None and established.peer_chain:
+            limit = min(limit, established.peer_chain[0].not_valid_after_utc.timestamp() - 1)
+        return limit
 
     def inner_action(self, action: Callable[[StreamCore], list[Event]]) -> list[Event]:
         """Run an application action on the inner core (a driver's ``act``); its output
@@ -117,6 +135,10 @@ class TlsStream:
 
     def start(self, now: float) -> list[Event]:
         self._deadline = now + self._handshake_timeout
+        if self.context.server and self.unix_offset is not None:
+            # The tickets this connection gets live less than our certificate; the
+            # client's is checked again whenever it resumes.
+            self.context.set_ticket_lifetime(now + self.unix_offset)
         if not self.context.server:
             return self._guard(lambda events: self._advance_handshake())
         return []
@@ -173,12 +195,16 @@ class TlsStream:
                 return
             if self.context.server:
                 events += self._connect(now)
+                if self._closed:
+                    return
             data = b""  # this input ended the handshake: none of it is a later record
         plaintext = self._read()
         if not self._connected and (plaintext or self._whole_record_after_handshake(data)):
             # A complete record from the server after the handshake, processed without
             # an alert: the server accepted our certificate.
             events += self._connect(now)
+            if self._closed:
+                return
         if plaintext:
             events += self._from_inner(self.inner.receive_data(plaintext, now))
         if self._peer_closed and not self._closed:
@@ -211,17 +237,18 @@ class TlsStream:
         return b"".join(chunks)
 
     def _connect(self, now: float) -> list[Event]:
-        if self._connected:
+        if self._connected or self._closed:
             return []
+        resumed = bool(_lib.SSL_session_reused(self._conn._ssl))
+        verified = self.context.config.client_auth == "require" or not self.context.server
+        if resumed and verified:
+            refusal = self._refuse_resumed(now)
+            if refusal is not None:
+                return refusal
         self._connected = True
         # The verified chain starts with the peer's certificate on both sides (the raw
         # peer chain leaves it out on a server).
-        verified = self.context.config.client_auth == "require" or not self.context.server
-        chain = self._conn.get_verified_chain(as_cryptography=True) if verified else None
-        if not chain:  # a resumed session verifies nothing again; the session keeps the leaf
-            leaf = self._conn.get_peer_certificate(as_cryptography=True)
-            rest = self._conn.get_peer_cert_chain(as_cryptography=True) or []
-            chain = ([leaf] if leaf is not None else []) + [c for c in rest if c != leaf]
+        chain = self._peer_chain(verified)
         alpn = self._conn.get_alpn_proto_negotiated()
         group = self._conn.get_group_name()
         # OpenSSL reports "x25519"; name it as the configuration does.
@@ -230,11 +257,43 @@ class TlsStream:
             peer_chain=tuple(chain),
             alpn=alpn.decode() if alpn else None,
             group=named.get(group.lower(), group) if group else None,
-            resumed=bool(_lib.SSL_session_reused(self._conn._ssl)),
+            resumed=resumed,
             verified=verified,
+            expires_at=self._expires_at(chain),
         )
         self.established = established
         return [established, *self._from_inner(self.inner.start(now))]
+
+    def _peer_chain(self, verified: bool) -> list[x509.Certificate]:
+        """The peer's chain, its own certificate first (the raw peer chain leaves it out
+        on a server; a resumed session has no verified chain, the session keeps the leaf)."""
+        chain = self._conn.get_verified_chain(as_cryptography=True) if verified else None
+        if not chain:
+            leaf = self._conn.get_peer_certificate(as_cryptography=True)
+            rest = self._conn.get_peer_cert_chain(as_cryptography=True) or []
+            chain = ([leaf] if leaf is not None else []) + [c for c in rest if c != leaf]
+        return list(chain)
+
+    def _refuse_resumed(self, now: float) -> list[Event] | None:
+        """A resumed session skipped certificate verification: check the peer's
+        certificate now as a full handshake would, against today's revocation view and
+        clock. A refused session sends nothing more (a server drops the tickets it has
+        queued, so the client never counts itself connected) and closes."""
+        unix_now = now + self.unix_offset if self.unix_offset is not None else None
+        reason = self.context.refuse_resumed(self._peer_chain(False), unix_now)
+        if reason is None:
+            return None
+        self._failed = True
+        self._drain()  # a server's tickets, not sent: this session must not be resumed
+        return self._finish(ConnectionClosed(f"TLS failed: resumed session: {reason}", error=True))
+
+    def _expires_at(self, chain: list[x509.Certificate]) -> float | None:
+        if self.unix_offset is None:
+            return None
+        ends = [self.context.certificate.not_valid_after_utc.timestamp()]
+        if chain:
+            ends.append(chain[0].not_valid_after_utc.timestamp())
+        return min(ends) - self.unix_offset
 
     def _from_inner(self, events: list[Event]) -> list[Event]:
         if any(isinstance(e, ConnectionClosed) for e in events):
@@ -245,6 +304,17 @@ class TlsStream:
     def _on_eof(self, now: float) -> list[Event]:
         if self._connected:
             return self._from_inner(self.inner.receive_data(b"", now))
+        if self._handshake_done and not self.context.server:
+            # Our handshake was done, but the server closed instead of accepting us: it
+            # refused our certificate without an alert (a resumed session it refused).
+            resumed = " (resumed session)" if _lib.SSL_session_reused(self._conn._ssl) else ""
+            return self._finish(
+                ConnectionClosed(
+                    f"TLS failed: the peer closed after the handshake{resumed}",
+                    error=True,
+                    by_peer=True,
+                )
+            )
         return self._finish(
             ConnectionClosed("peer closed during the TLS handshake", error=True, by_peer=True)
         )
@@ -280,10 +350,13 @@ class TlsStream:
 
 
 def certificate_names(
-    cert: x509.Certificate | x509.CertificateSigningRequest, *, uris: bool = True
+    cert: x509.Certificate | x509.CertificateSigningRequest,
+    *,
+    uris: bool = True,
+    ips: bool = False,
 ) -> frozenset[str]:
-    """A certificate's (or CSR's) subject common names plus its DNS-name SANs, and its URI
-    SANs unless ``uris`` is false."""
+    """A certificate's (or CSR's) subject common names plus its DNS-name SANs, its URI
+    SANs unless ``uris`` is false, and its IP SANs (canonical text) if ``ips``."""
     names = {str(attr.value) for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)}
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -292,6 +365,8 @@ def certificate_names(
     names.update(san.get_values_for_type(x509.DNSName))
     if uris:
         names.update(san.get_values_for_type(x509.UniformResourceIdentifier))
+    if ips:
+        names.update(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
     return frozenset(names)
 
 
