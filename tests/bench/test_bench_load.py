@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import resource
 import subprocess
 import sys
@@ -112,12 +113,13 @@ def test_p99_of_a_hundred_samples_sits_near_the_top() -> None:
 
 def test_rss_grows_with_what_the_process_holds() -> None:
     before = load.rss_kib()
-    # Written, not just allocated: a zero-filled block may be mapped lazily, untouched.
-    block = b"\x01" * (16 * 1024 * 1024)
+    # Fresh pages, written: heap memory freed by earlier tests may already be resident.
+    block = mmap.mmap(-1, 16 * 1024 * 1024)
+    block.write(b"\x01" * len(block))
     after = load.rss_kib()
     assert before > 0
     assert after - before > 8 * 1024
-    del block
+    block.close()
 
 
 def test_raise_nofile_lifts_the_soft_limit_and_refuses_too_much() -> None:

@@ -10,6 +10,8 @@ Every time is fixed: the CA and its certificates are made at ``NOW`` and the tes
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -154,3 +156,46 @@ class MeshPki:
                 x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]), critical=False
             )
         return builder.sign(self.issuing_key(), hashes.SHA256())
+
+
+def signed_crl(
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    serials: Iterable[int],
+    *,
+    number: int,
+    at: datetime = T0,
+) -> bytes:
+    """A CRL in DER listing ``serials``, signed by ``key`` for ``issuer`` as the CA signs
+    its CRLs, built in one go (not through the CA's store)."""
+    entries = [
+        x509.RevokedCertificateBuilder().serial_number(s).revocation_date(NOW).build()
+        for s in serials
+    ]
+    crl = (
+        x509.CertificateRevocationListBuilder(revoked_certificates=entries)
+        .issuer_name(issuer)
+        .last_update(at)
+        .next_update(at + timedelta(days=1))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return crl.public_bytes(DER)
+
+
+def big_crl(
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Name,
+    count: int,
+    *,
+    number: int,
+    at: datetime = T0,
+    seed: int = 14,
+) -> bytes:
+    """:func:`signed_crl` of ``count`` random, distinct, positive 127-bit serials (as the
+    CA makes them): 100,000 take under a second, and 3.5 MB of DER."""
+    rng = random.Random(seed)
+    serials: set[int] = set()
+    while len(serials) < count:
+        serials.add(rng.getrandbits(127) | 1)
+    return signed_crl(key, issuer, serials, number=number, at=at)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from meshtools import T0_MS, MeshPki, Node, anomaly, ms
 
+from trustmesh.errors import ProtocolError
 from trustmesh.mesh.engine import (
     CLOCK_SKEW_MS,
     MAX_DIGEST,
@@ -21,6 +22,7 @@ from trustmesh.mesh.engine import (
     SeenCache,
 )
 from trustmesh.mesh.errors import (
+    BadMessageId,
     BadSignature,
     ExpiredMessage,
     GossipRejected,
@@ -29,7 +31,7 @@ from trustmesh.mesh.errors import (
     RevokedOrigin,
     UntrustedOrigin,
 )
-from trustmesh.mesh.gossip import GossipMessage, crl_payload
+from trustmesh.mesh.gossip import GossipMessage, crl_payload, derive_message_id
 from trustmesh.mesh.trust import CrlRejected
 
 PEERS = ("peer-a", "peer-b", "peer-c", "peer-d", "peer-e")
@@ -54,6 +56,18 @@ def engine_pki(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MeshP
     mesh = MeshPki(tmp_path_factory.mktemp("engine") / "ca")
     yield mesh, mesh.node("origin-1").sign(anomaly(3))
     mesh.close()
+
+
+def forge(message: GossipMessage, **changes: object) -> GossipMessage:
+    """``message`` with ``changes`` and the id derived from its new content (so that its
+    signature, not its id, is what gives it away)."""
+    changed = dataclasses.replace(message, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(
+        changed,
+        message_id=derive_message_id(
+            changed.origin, changed.payload, changed.timestamp, changed.expiry
+        ),
+    )
 
 
 def engine_for(pki: MeshPki, **kwargs: object) -> GossipEngine:
@@ -150,7 +164,7 @@ def test_publish_is_checked_and_forwarded_like_any_message(pki: MeshPki) -> None
     message = me.sign()
     got = engine.publish(message, message.encode(), ["me", "peer-a", "peer-b", "peer-c"], T0_MS)
     assert got.new and len(got.forward_to) == 2 and "me" not in got.forward_to
-    forged = dataclasses.replace(me.sign(anomaly(2)), payload=anomaly(3))
+    forged = forge(me.sign(anomaly(2)), payload=anomaly(3))
     with pytest.raises(BadSignature):
         engine.publish(forged, forged.encode(), ["peer-a"], T0_MS)
 
@@ -212,7 +226,7 @@ def test_a_bad_signature_is_refused(pki: MeshPki, origin: Node) -> None:
     engine = engine_for(pki)
     message = origin.sign(anomaly(1))
     for forged in (
-        dataclasses.replace(message, payload=anomaly(2)),
+        forge(message, payload=anomaly(2)),
         dataclasses.replace(message, signature=origin.sign(anomaly(2)).signature),
         # Signed by another node's key while carrying origin-1's real chain.
         dataclasses.replace(pki.node("evil").sign(origin="origin-1"), chain=origin.chain_der),
@@ -439,7 +453,7 @@ def test_a_stale_crl_message_is_taken_but_not_forwarded(pki: MeshPki, origin: No
     engine = engine_for(pki)
     crl = pki.crl()
     take(engine, origin.sign(crl_payload(crl)))
-    again = take(engine, origin.sign(crl_payload(crl)))  # a new message, the same CRL
+    again = take(engine, origin.sign(crl_payload(crl), now_ms=T0_MS + 1))  # the same CRL
     assert again.new and again.crl is None and again.forward_to == ()
 
 
@@ -473,7 +487,7 @@ def test_an_id_a_peer_announced_is_not_announced_back(pki: MeshPki, origin: Node
     engine = engine_for(pki)
     message = origin.sign()
     take(engine, message, sender=None, peers=())
-    assert engine.on_ihave("peer-b", [message.message_id]) == []
+    assert engine.on_ihave("peer-b", [message.message_id], T0_MS) == []
     assert engine.ihave_for("peer-b", T0_MS) == []
 
 
@@ -481,9 +495,9 @@ def test_on_ihave_asks_only_for_unseen_ids(pki: MeshPki, origin: Node) -> None:
     engine = engine_for(pki)
     message = origin.sign()
     take(engine, message)
-    assert engine.on_ihave("peer-b", [message.message_id, "x:1", "x:2"]) == ["x:1", "x:2"]
+    assert engine.on_ihave("peer-b", [message.message_id, "x:1", "x:2"], T0_MS) == ["x:1", "x:2"]
     many = [f"x:{i}" for i in range(MAX_DIGEST + 10)]
-    assert engine.on_ihave("peer-c", many) == many[:MAX_DIGEST]
+    assert engine.on_ihave("peer-c", many, T0_MS) == many[:MAX_DIGEST]
 
 
 def test_on_iwant_returns_the_messages_still_held(pki: MeshPki, origin: Node) -> None:
@@ -586,7 +600,7 @@ def test_a_batch_gives_each_frame_its_own_outcome_in_order(pki: MeshPki, origin:
     engine = engine_for(pki)
     good = origin.sign(anomaly(1))
     bare = origin.sign(anomaly(2), with_chain=False)  # verifiable once `good` proved the cert
-    forged = dataclasses.replace(origin.sign(anomaly(3)), payload=anomaly(4))
+    forged = forge(origin.sign(anomaly(3)), payload=anomaly(4))
     expired = origin.sign(anomaly(5), now_ms=T0_MS - 10_000, ttl_ms=5_000)
     raws = [good.encode(), bare.encode(), b"{not json", forged.encode(), expired.encode()]
     raws.append(good.encode())  # the same message again, in the same read
@@ -609,3 +623,71 @@ def test_a_batch_gives_each_frame_its_own_outcome_in_order(pki: MeshPki, origin:
     single = engine_for(pki)
     assert take(single, good).new
     assert take(single, bare).new
+
+
+# --- message ids belong to their origin (issue 16 item 9) ------------------------------------
+
+MESH = ("node-1", "node-2", "node-3", "node-4", "node-5")
+
+
+def spread(engines: dict[str, GossipEngine], first: str, message: GossipMessage) -> None:
+    """``first`` publishes ``message``; every push is delivered, one by one, until none is
+    left (fanout covers every peer, so a message reaches each engine that accepts it)."""
+    queue: list[tuple[str | None, str, bytes]] = [(None, first, message.encode())]
+    while queue:
+        sender, to, raw = queue.pop(0)
+        peers = [p for p in engines if p != to]
+        try:
+            got = engines[to].receive_raw(raw, sender=sender, peers=peers, now_ms=T0_MS)
+        except ProtocolError:
+            continue
+        queue += [(to, peer, engines[to].wire_for(peer, got)) for peer in got.forward_to]
+
+
+def test_an_id_taken_first_by_another_node_does_not_stop_the_origins_message(
+    pki: MeshPki,
+) -> None:
+    node1, node2 = pki.node("node-1"), pki.node("node-2")
+    engines = {
+        name: GossipEngine(name, pki.trust(), fanout=len(MESH), rng=random.Random(i))
+        for i, name in enumerate(MESH)
+    }
+    real = node1.sign(anomaly(1))
+    # node-2 saw node-1's id (in an IHAVE, say) and races it with a message of its own.
+    squatter = node2.sign(anomaly(2), message_id=real.message_id)
+    spread(engines, "node-2", squatter)
+    spread(engines, "node-1", real)
+    for name, engine in engines.items():
+        (held,) = engine.on_iwant("probe", [real.message_id], T0_MS)
+        assert held.message == real, name
+        assert engine.stats.accepted == 1, name
+    assert engines["node-2"].stats.rejected == {"bad-message-id": 1}
+
+
+def test_a_message_under_an_id_not_derived_from_it_is_refused_from_a_link(
+    pki: MeshPki, origin: Node
+) -> None:
+    engine = engine_for(pki)
+    real = origin.sign(anomaly(1))
+    squatter = pki.node("node-2").sign(anomaly(2), message_id=real.message_id)
+    chosen = origin.sign(anomaly(3), message_id="origin-1:1")  # its own node, a chosen id
+    results = engine.receive_batch(
+        [squatter.encode(), chosen.encode(), real.encode()],
+        sender="peer-a",
+        peers=PEERS,
+        now_ms=T0_MS,
+    )
+    first, second, third = results
+    assert isinstance(first, BadMessageId) and isinstance(first, MalformedMessage)
+    assert isinstance(second, BadMessageId)
+    assert isinstance(third, Received) and third.new and third.message == real
+    assert engine.stats.rejected == {"bad-message-id": 2}
+    assert "origin-1:1" not in engine.seen
+    with pytest.raises(BadMessageId):
+        take(engine, chosen, sender=None)  # the API and publish check it too
+    # Ids are checked after the seen-cache: a bogus copy under an id already seen is a
+    # plain duplicate that changes nothing (and duplicates cost no hashing).
+    late = pki.node("node-3").sign(anomaly(4), message_id=real.message_id, with_chain=False)
+    assert take(engine, late) == Received(real.message_id, new=False)
+    (held,) = engine.on_iwant("probe", [real.message_id], T0_MS)
+    assert held.message == real

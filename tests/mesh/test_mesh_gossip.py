@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import copy
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -18,8 +19,9 @@ from meshtools import T0, T0_MS, MeshPki, Node, anomaly
 
 from trustmesh.crypto.keys import KeyKind
 from trustmesh.errors import DecodeError, OversizeError
-from trustmesh.mesh.errors import BadSignature, MalformedMessage
+from trustmesh.mesh.errors import BadMessageId, BadSignature, MalformedMessage
 from trustmesh.mesh.gossip import (
+    ID_LABEL,
     MAX_CERT,
     MAX_CHAIN,
     MAX_MESSAGE,
@@ -35,6 +37,7 @@ from trustmesh.mesh.gossip import (
     crl_from_payload,
     crl_payload,
     decode_message,
+    derive_message_id,
     message_from_json,
     sign_message,
     signing_input,
@@ -114,32 +117,67 @@ def test_signing_input_is_the_label_then_canonical_json(message: GossipMessage) 
     )
 
 
-def test_sign_message_sets_times_and_a_default_id(node: Node) -> None:
+def test_sign_message_sets_times_and_an_id_derived_from_the_content(node: Node) -> None:
     message = sign_message(node.key, "node-1", anomaly(), now_ms=1000, ttl_ms=500)
     assert (message.timestamp, message.expiry) == (1000, 1500)
-    assert message.message_id.startswith("node-1:")
+    content = canonical_json(["node-1", anomaly(), 1000, 1500])
+    assert message.message_id == hashlib.sha256(ID_LABEL + content).hexdigest()
+    assert message.message_id == derive_message_id("node-1", anomaly(), 1000, 1500)
     assert message.chain == ()
     assert message.kind == "anomaly"
-    another = sign_message(node.key, "node-1", anomaly(), now_ms=1000, ttl_ms=500)
-    assert another.message_id != message.message_id
+    # The same content is the same message; any change to it is another.
+    again = sign_message(node.key, "node-1", anomaly(), now_ms=1000, ttl_ms=500)
+    assert again.message_id == message.message_id
+    for other in (
+        sign_message(node.key, "node-2", anomaly(), now_ms=1000, ttl_ms=500),
+        sign_message(node.key, "node-1", anomaly(1), now_ms=1000, ttl_ms=500),
+        sign_message(node.key, "node-1", anomaly(), now_ms=1001, ttl_ms=499),
+        sign_message(node.key, "node-1", anomaly(), now_ms=1000, ttl_ms=501),
+    ):
+        assert other.message_id != message.message_id
 
 
-@pytest.mark.parametrize(
-    ("origin_length", "prefixed"), [(1, True), (95, True), (96, False), (253, False)]
-)
-def test_the_default_id_names_the_origin_only_while_it_fits(
-    node: Node, origin_length: int, prefixed: bool
-) -> None:
-    # "origin:" and 32 hex digits fit the 128 characters of an id up to a 95 character origin.
-    origin = "n" * origin_length
-    message = sign_message(node.key, origin, anomaly(), now_ms=T0_MS)
-    if prefixed:
-        assert message.message_id.startswith(f"{origin}:")
-        unique = message.message_id[origin_length + 1 :]
-    else:
-        unique = message.message_id
-    assert re.fullmatch("[0-9a-f]{32}", unique), message.message_id
+@pytest.mark.parametrize("origin_length", [1, 95, 96, 253])
+def test_the_derived_id_fits_any_origin(node: Node, origin_length: int) -> None:
+    message = sign_message(node.key, "n" * origin_length, anomaly(), now_ms=T0_MS)
+    assert re.fullmatch("[0-9a-f]{64}", message.message_id), message.message_id
     assert decode_message(message.encode()) == message
+    assert message.checked_signed_bytes() == message.signed_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    origin=st.from_regex(r"[a-z0-9](?:[a-z0-9.-]{0,20}[a-z0-9])?", fullmatch=True),
+    text=st.text(max_size=40),
+    risk=st.floats(0, 1),
+    timestamp=st.integers(0, 1 << 52),
+)
+def test_one_encoding_gives_the_id_and_the_signing_input(
+    origin: str, text: str, risk: float, timestamp: int
+) -> None:
+    """The receiver derives the id and the signing input from one canonical encoding of
+    the content: it must be the signing input the signer made, byte for byte."""
+    payload = {"type": "anomaly", "hash": "ab" * 8, "kind": "k", "risk": risk, "meta": {"t": text}}
+    message = GossipMessage(
+        derive_message_id(origin, payload, timestamp, timestamp + 1),
+        origin,
+        payload,
+        timestamp,
+        timestamp + 1,
+        b"sig",
+    )
+    try:
+        expected = message.signed_bytes()
+    except UnicodeEncodeError:  # a lone surrogate: never valid JSON text
+        return
+    assert message.checked_signed_bytes() == expected
+
+
+def test_an_id_not_derived_from_the_content_is_refused(message: GossipMessage) -> None:
+    assert message.message_id == "node-1:m7"  # chosen, not derived
+    with pytest.raises(BadMessageId, match="not derived"):
+        message.checked_signed_bytes()
+    assert isinstance(BadMessageId("x"), MalformedMessage)  # a link closes: protocol-error
 
 
 @pytest.mark.parametrize("ttl", [0, -1, MAX_TTL_MS + 1])

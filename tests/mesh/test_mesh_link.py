@@ -196,6 +196,7 @@ def test_hello_exchange_brings_the_link_up_on_both_sides(
         "node_id": "node-a",
         "hold_time": 30,
         "crl_number": 11,
+        "crl_parts": 1,
         "listen": "127.0.0.1:7001",
     }
     got_b = pair.b.receive_data(frame(Frame.HELLO, hello_a[0][1]), 0.0)
@@ -864,7 +865,7 @@ def test_every_announced_id_can_be_asked_for(pki: MeshPki, nodes: tuple[Node, No
     (ihave,) = pair.b.receive_data(frame(Frame.IHAVE, {"ids": ids}), 1.0)
     assert ihave == IHaveFrame(tuple(ids))
     engine = GossipEngine("node-b", pki.trust())
-    pair.b.send_iwant(engine.on_ihave("node-a", ihave.ids))
+    pair.b.send_iwant(engine.on_ihave("node-a", ihave.ids, now_ms=0))
     got_a, _ = pair.pump()
     assert got_a == [IWantFrame(tuple(ids))]
 

@@ -3,6 +3,7 @@ peers, in SQLite, across reopening."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from meshtools import T0_MS, MeshPki, anomaly
 
 from trustmesh.mesh.engine import SeenCache
+from trustmesh.mesh.peers import PeerRecord
 from trustmesh.mesh.store import Indicator, MeshStore
 
 
@@ -153,16 +155,38 @@ def test_the_store_keeps_the_newest_crl_only(store: MeshStore) -> None:
 # --- peers --------------------------------------------------------------------------------
 
 
-def test_known_peers_most_recent_first(store: MeshStore) -> None:
-    store.remember_peer("node-1", "10.0.0.1:7000", 100)
-    store.remember_peer("node-2", "10.0.0.2:7000", 300)
-    store.remember_peer("node-3", "10.0.0.3:7000", 200)
-    assert [n for n, _ in store.known_peers()] == ["node-2", "node-3", "node-1"]
-    store.remember_peer("node-1", "10.0.0.9:7001", 400)  # moved, seen again
-    assert store.known_peers()[0] == ("node-1", "10.0.0.9:7001")
+def record(node_id: str, address: str, seq: int, expires: int = 10_000) -> PeerRecord:
+    """A record as the store sees it: kept as its bytes, never checked (mesh/peers.py)."""
+    return PeerRecord(node_id, (address,), seq, expires, b"sig", (b"cert",))
+
+
+def test_peer_records_newest_first_and_never_older(store: MeshStore) -> None:
+    one, two, three = (
+        record(f"node-{i}", f"10.0.0.{i}:7000", s) for i, s in ((1, 100), (2, 300), (3, 200))
+    )
+    store.save_peer_records([one, two, three], capacity=10, now_ms=0)
+    assert store.peer_records() == [two.encode(), three.encode(), one.encode()]
+    moved = record("node-1", "10.0.0.9:7001", 400)
+    store.save_peer_records([moved, record("node-2", "10.0.0.7:1", 250)], capacity=10, now_ms=0)
+    assert store.peer_records() == [moved.encode(), two.encode(), three.encode()]
     store.forget_peer("node-2")
-    store.forget_peer("node-unknown")
-    assert store.known_peers() == [("node-1", "10.0.0.9:7001"), ("node-3", "10.0.0.3:7000")]
+    store.forget_peers(["node-unknown"])
+    assert store.peer_records() == [moved.encode(), three.encode()]
+
+
+def test_peer_records_are_pruned_by_expiry_and_capacity(store: MeshStore) -> None:
+    store.save_peer_records(
+        [record(f"node-{i}", "10.0.0.1:7000", 100, expires=1000 + i) for i in range(6)],
+        capacity=3,
+        now_ms=0,
+    )
+    assert [decode(r) for r in store.peer_records()] == ["node-3", "node-4", "node-5"]
+    store.save_peer_records([], capacity=3, now_ms=1004)
+    assert [decode(r) for r in store.peer_records()] == ["node-5"]
+
+
+def decode(raw: bytes) -> str:
+    return str(json.loads(raw)["node_id"])
 
 
 # --- restarts -----------------------------------------------------------------------------
@@ -173,14 +197,14 @@ def test_everything_survives_reopening_the_file(tmp_path: Path) -> None:
     first = MeshStore(path)
     first.save([("m1", 500), ("m2", 600)], [indicator(1, 100, k="v")], capacity=10, now_ms=0)
     first.save_crl(9, b"crl nine")
-    first.remember_peer("node-2", "10.0.0.2:7000", 100)
+    first.save_peer_records([record("node-2", "10.0.0.2:7000", 100)], capacity=10, now_ms=0)
     first.close()
     second = MeshStore(path)
     try:
         assert second.seen() == [("m1", 500), ("m2", 600)]
         assert second.indicators() == [indicator(1, 100, k="v")]
         assert second.crl() == b"crl nine"
-        assert second.known_peers() == [("node-2", "10.0.0.2:7000")]
+        assert second.peer_records() == [record("node-2", "10.0.0.2:7000", 100).encode()]
         second.save_crl(8, b"older")  # the number survived too
         assert second.crl() == b"crl nine"
     finally:

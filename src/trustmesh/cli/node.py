@@ -269,16 +269,24 @@ def publish(directory: Path, kind: str, payload_json: str, ttl: float, as_json: 
 @_dir_option
 @_json_option
 def peers(directory: Path, as_json: bool) -> None:
-    """The node's peer table: node_id, status, last_seen, address."""
+    """The node's peer table: node_id, status, score, last_seen, address. A peer whose
+    score fell below the threshold shows "graylisted" after its address."""
     answer = _get(directory, "/v1/mesh/peers")
     if as_json:
         emit(answer, as_json=True)
         return
     rows = [
-        f"{p['node_id']:<24} {p['status']:<13} {p['last_seen']}  {p.get('address') or '-'}"
+        f"{p['node_id']:<24} {p['status']:<13} {_score(p):>8}  {p['last_seen']}"
+        f"  {p.get('address') or '-'}{'  graylisted' if p.get('graylisted_until') else ''}"
         for p in answer.get("peers", [])
     ]
     emit({}, as_json=False, human="\n".join(rows) or "no peers")
+
+
+def _score(peer: dict[str, Any]) -> str:
+    """A peer's gossip score for the table ("-" from a node that does not report one)."""
+    score = peer.get("score")
+    return f"{score:.1f}" if isinstance(score, int | float) else "-"
 
 
 @node.command()

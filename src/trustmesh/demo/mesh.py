@@ -174,17 +174,21 @@ class MeshDemo:
             raise DemoFailure(f"{others[-1].node_id} accepted gossip from {self.victim}")
         except NodeApiError as exc:
             check(exc.status == 403, f"its gossip got {exc.status}, not 403")
-        # ...and so is a new link: the TLS handshake fails on its certificate.
+        # ...and so is a new link: the TLS handshake fails on its certificate, with the
+        # certificate_revoked alert (not a refusal after TLS, at link start).
+        refusal = await _link_refusal(victim, mesh.nodes[0].listen_address)
+        check(refusal is not None, f"{self.victim} could still open a link")
         check(
-            not await _can_link(victim, mesh.nodes[0].listen_address),
-            f"{self.victim} could still open a link",
+            refusal is not None and "alert certificate revoked" in refusal,
+            f"{self.victim}'s new link failed, but not at the TLS handshake: {refusal}",
         )
         check(all(forged.message_id not in n.seen for n in others), "the decoy spread")
         return (
             f"{self.victim} revoked through the CA API; all {len(others)} other nodes closed "
             f"its links and dropped it from their peer tables within {elapsed * 1000:.0f} ms "
-            "(CRL fetch and push); its gossip got 403 and its new link failed the TLS handshake",
-            {"revoked": self.victim, "cut_off_ms": round(elapsed * 1000, 1)},
+            "(CRL fetch and push); its gossip got 403 and its new link failed the TLS handshake "
+            "(certificate_revoked alert)",
+            {"revoked": self.victim, "cut_off_ms": round(elapsed * 1000, 1), "refusal": refusal},
         )
 
     async def _shutdown(self) -> tuple[str, dict[str, Any]]:
@@ -241,10 +245,11 @@ async def _timed(
     return step
 
 
-async def _can_link(node: MeshNode, address: str) -> bool:
+async def _link_refusal(node: MeshNode, address: str) -> str | None:
+    """Why ``node`` cannot open a link to ``address`` (None: it can)."""
     try:
         link = await node.dial(address)
-    except (LinkFailed, OSError):
-        return False
+    except (LinkFailed, OSError) as exc:
+        return str(exc)
     link.close()
-    return True
+    return None

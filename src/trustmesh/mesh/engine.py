@@ -1,7 +1,11 @@
 """The gossip engine: what a node does with a message (zero-trust-mesh.md section 6.3).
 
 Sans-IO. For each message it checks, in this order (cheapest first): lifetime, the
-seen-cache, the sender's rate, the origin's certificate and revocation, the signature.
+seen-cache, the sender's rate, that the id is derived from the origin and content, the
+origin's certificate and revocation, the signature. A duplicate is recognised by its id
+before the id is checked: a copy under an id already seen changes nothing, and only a
+message under a correctly derived id is ever marked seen, so no node can take another's
+id first.
 A new valid message is marked seen, kept for peers that ask for it, and forwarded to
 ``fanout`` peers chosen at random, never the sender or the origin.
 
@@ -10,11 +14,19 @@ any connected mesh, nodes also trade digests (``ihave``) of the messages they ho
 the peers not known to hold them, and pull what they lack (``iwant``), as gossipsub does.
 A peer "knows" a message once it sent it to us, we sent it to them, or either side
 announced it.
+
+Costly junk is penalised, in the manner of gossipsub v1.1's P4 (invalid messages) and P7
+(behaviour) (:class:`ScoreParams`): each peer has a score, 0 until it misbehaves, lowered
+by invalid signatures, undecodable frames, ids not derived from their message, and
+duplicates beyond an allowance, and decaying back towards 0 with time. A peer whose score
+falls below the threshold is graylisted: its gossip frames, IHAVEs and IWANTs are dropped
+unread until a cooldown ends. Scores outlive the peer's link (a bounded table), so a
+reconnect does not clear them. A duplicate that carries a chain the engine would check
+(its origin unknown) takes a token from the sender's rate first, as a new message does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 from collections import OrderedDict
@@ -24,6 +36,7 @@ from typing import TypeVar
 
 from trustmesh.errors import DecodeError, ProtocolError
 from trustmesh.mesh.errors import (
+    BadMessageId,
     BadSignature,
     ExpiredMessage,
     GossipRejected,
@@ -44,6 +57,51 @@ DEFAULT_BURST = 400
 CLOCK_SKEW_MS = 60_000  # how far in the future a timestamp may be
 MAX_DIGEST = 512  # ids per ihave or iwant
 KEPT_CERTIFICATES = 3  # per origin: the latest proven and the two before it (rotations)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreParams:
+    """How peers are scored (docs/protocols/mesh-link.md section 6.2). Scores only go
+    down, and decay back towards 0 with a half-life."""
+
+    invalid: float = -10.0  # an invalid signature, an undecodable frame, a bad message id
+    duplicate: float = -1.0  # each duplicate beyond the allowance below
+    duplicate_rate: float = 400.0  # duplicates a second allowed per peer, on average
+    duplicate_burst: int = 800
+    threshold: float = -50.0  # below it, the peer is graylisted
+    cooldown_ms: int = 300_000  # how long a graylisting lasts
+    half_life_ms: int = 300_000  # a score halves in this time
+    forget_above: float = -0.5  # a score decayed above this is forgotten (it is 0 again)
+    capacity: int = 4096  # peers scored, linked or not; the least recently penalised go
+
+    def __post_init__(self) -> None:
+        if not (self.invalid < 0 and self.duplicate <= 0 and self.threshold < 0):
+            raise ValueError("penalties and the threshold must be negative")
+        if self.cooldown_ms < 0 or self.half_life_ms < 1 or self.capacity < 1:
+            raise ValueError("bad cooldown, half-life or capacity")
+
+
+class Graylisted(GossipRejected):
+    """The sending peer is graylisted: its frames are dropped unread until its cooldown ends."""
+
+    code = "graylisted"
+
+
+class PeerScore:
+    """A peer's score as of ``updated_ms``; :meth:`at` decays it to a later time."""
+
+    __slots__ = ("graylisted_until", "updated_ms", "value")
+
+    def __init__(self, now_ms: int) -> None:
+        self.value = 0.0
+        self.updated_ms = now_ms
+        self.graylisted_until = 0  # Unix ms; 0 when never graylisted
+
+    def at(self, now_ms: int, half_life_ms: int) -> float:
+        elapsed = now_ms - self.updated_ms
+        if elapsed <= 0 or self.value == 0.0:
+            return self.value
+        return float(self.value * 0.5 ** (elapsed / half_life_ms))
 
 
 @dataclass(slots=True)
@@ -129,6 +187,7 @@ class GossipEngine:
         burst: int = DEFAULT_BURST,
         max_ttl_ms: int = MAX_TTL_MS,
         rng: random.Random | None = None,
+        scoring: ScoreParams | None = None,
     ) -> None:
         if fanout < 1:
             raise ValueError("fanout must be at least 1")
@@ -151,6 +210,11 @@ class GossipEngine:
         # messages without the chain.
         self._certs_known: dict[str, set[tuple[str, int]]] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self.scoring = scoring if scoring is not None else ScoreParams()
+        # Peers that misbehaved, least recently penalised first; kept after their link
+        # goes (bounded by scoring.capacity), so a reconnect does not clear a score.
+        self._scores: OrderedDict[str, PeerScore] = OrderedDict()
+        self._duplicate_buckets: dict[str, TokenBucket] = {}
 
     # --- receiving ------------------------------------------------------------------------
 
@@ -175,10 +239,19 @@ class GossipEngine:
         """Take one message from ``sender`` (a peer's node_id, or None for the local API);
         ``peers`` are the node_ids of the live links. Raises a
         :class:`~trustmesh.mesh.errors.GossipRejected` subclass for a message to drop."""
+        if sender is not None and self._scores and self.is_graylisted(sender, now_ms):
+            error = self._drop_unread(sender, 1)[0]
+            assert isinstance(error, Graylisted)
+            raise error
         try:
             return self._receive(message, raw, sender, peers, now_ms)
         except GossipRejected as exc:
             self.stats.reject(exc.code)
+            if isinstance(exc, BadSignature):
+                self._penalise(sender, self.scoring.invalid, now_ms)
+            raise
+        except BadMessageId:
+            self._penalise(sender, self.scoring.invalid, now_ms)
             raise
 
     def receive_batch(
@@ -190,32 +263,52 @@ class GossipEngine:
         cache, which makes each check markedly cheaper than one between other work
         (docs/performance.md). Each frame's outcome is a :class:`Received` or the error
         that refused it, in order."""
+        if sender is not None and self._scores and self.is_graylisted(sender, now_ms):
+            return self._drop_unread(sender, len(raws))
         results: list[Received | ProtocolError | None] = [None] * len(raws)
         screened: list[tuple[int, GossipMessage, bytes, bytes]] = []
+        graylisted = False  # set when the sender is graylisted by this batch's frames
         for index, raw in enumerate(raws):
+            if graylisted:  # the rest of its frames go unread
+                results[index] = self._drop_unread(sender, 1)[0]
+                continue
             try:
                 message = decode_message(raw)
             except DecodeError as exc:
                 self.stats.reject("malformed")
                 results[index] = exc
+                graylisted = self._penalise(sender, self.scoring.invalid, now_ms)
                 continue
             try:
                 duplicate = self._screen(message, sender, now_ms)
             except GossipRejected as exc:
                 self.stats.reject(exc.code)
                 results[index] = exc
+                graylisted = isinstance(exc, Graylisted)
                 continue
             if duplicate is not None:
                 results[index] = duplicate
-            else:
-                screened.append((index, message, raw, message.signed_bytes()))
+                continue
+            try:
+                signed = message.checked_signed_bytes()
+            except BadMessageId as exc:
+                self.stats.reject(exc.code)
+                results[index] = exc
+                graylisted = self._penalise(sender, self.scoring.invalid, now_ms)
+                continue
+            screened.append((index, message, raw, signed))
         proven: list[tuple[int, GossipMessage, bytes, Identity, tuple[bytes, ...]]] = []
         for index, message, raw, signed in screened:
+            if graylisted:
+                results[index] = self._drop_unread(sender, 1)[0]
+                continue
             try:
                 origin, chain = self._verify(message, now_ms, signed)
             except GossipRejected as exc:
                 self.stats.reject(exc.code)
                 results[index] = exc
+                if isinstance(exc, BadSignature):
+                    graylisted = self._penalise(sender, self.scoring.invalid, now_ms)
                 continue
             proven.append((index, message, raw, origin, chain))
         for index, message, raw, origin, chain in proven:
@@ -237,7 +330,12 @@ class GossipEngine:
         duplicate = self._screen(message, sender, now_ms)
         if duplicate is not None:
             return duplicate
-        origin, chain = self._verify(message, now_ms, message.signed_bytes())
+        try:
+            signed = message.checked_signed_bytes()
+        except BadMessageId as exc:
+            self.stats.reject(exc.code)
+            raise
+        origin, chain = self._verify(message, now_ms, signed)
         return self._record(message, raw, origin, chain, sender, peers, now_ms)
 
     def _screen(self, message: GossipMessage, sender: str | None, now_ms: int) -> Received | None:
@@ -248,7 +346,7 @@ class GossipEngine:
         if sender is not None:
             self._known_by(sender).add(message_id)
         if message_id in self.seen:
-            return self._duplicate(message, now_ms)
+            return self._duplicate(message, sender, now_ms)
         if sender is not None:
             now = now_ms / 1e3
             bucket = self._buckets.get(sender)
@@ -258,13 +356,38 @@ class GossipEngine:
                 raise RateLimited(f"{sender} is over {self.rate:g} gossip messages a second")
         return None
 
-    def _duplicate(self, message: GossipMessage, now_ms: int) -> Received:
+    def _duplicate(self, message: GossipMessage, sender: str | None, now_ms: int) -> Received:
+        check_chain = bool(message.chain) and message.origin not in self._origins
+        if sender is not None:
+            now = now_ms / 1e3
+            bucket = self._duplicate_buckets.get(sender)
+            if bucket is None:
+                scoring = self.scoring
+                bucket = TokenBucket(scoring.duplicate_rate, scoring.duplicate_burst, now)
+                self._duplicate_buckets[sender] = bucket
+            if bucket.take(now) is not None and self._penalise(
+                sender, self.scoring.duplicate, now_ms
+            ):
+                raise Graylisted(f"{sender} floods duplicates: graylisted")
+            if check_chain:
+                # Checking the chain costs as much as a new message: it takes a token
+                # from the same rate, before the check.
+                rate = self._buckets.get(sender)
+                if rate is None:
+                    rate = self._buckets[sender] = TokenBucket(self.rate, self.burst, now)
+                if rate.take(now) is not None:
+                    raise RateLimited(f"{sender} is over {self.rate:g} gossip messages a second")
         self.stats.duplicates += 1
-        if message.chain and message.origin not in self._origins:
+        if check_chain:
             # A restarted node remembers ids but not certificates: learn this one
             # (after its signature checks out), as later copies may come without it.
-            with contextlib.suppress(GossipRejected):
-                self._verify(message, now_ms, message.signed_bytes())
+            try:
+                self._verify(message, now_ms, message.checked_signed_bytes())
+            except BadSignature as exc:  # a forgery under the chain it carries
+                if self._penalise(sender, self.scoring.invalid, now_ms):
+                    raise Graylisted(f"{sender} sent a forged duplicate: graylisted") from exc
+            except (GossipRejected, BadMessageId):
+                pass
         return Received(message.message_id, new=False)
 
     def _record(
@@ -280,7 +403,7 @@ class GossipEngine:
         """A verified message: mark it seen, keep it, pick the peers to push it to."""
         message_id = message.message_id
         if message_id in self.seen:  # an earlier copy in the same batch
-            return self._duplicate(message, now_ms)
+            return self._duplicate(message, sender, now_ms)
         if message.kind == "crl":
             received_crl = self.trust.apply_crl(crl_from_payload(message.payload))
         else:
@@ -390,8 +513,12 @@ class GossipEngine:
         known.update(ids)
         return ids
 
-    def on_ihave(self, peer: str, ids: Iterable[str]) -> list[str]:
-        """The ids a peer announced that we lack: ask for them."""
+    def on_ihave(self, peer: str, ids: Iterable[str], now_ms: int) -> list[str]:
+        """The ids a peer announced that we lack: ask for them (none from a graylisted
+        peer, whose ids are not read)."""
+        if self._scores and self.is_graylisted(peer, now_ms):
+            self._drop_unread(peer, 1)
+            return []
         known = self._known_by(peer)
         wanted = []
         for message_id in ids:
@@ -401,7 +528,11 @@ class GossipEngine:
         return wanted[:MAX_DIGEST]
 
     def on_iwant(self, peer: str, ids: Iterable[str], now_ms: int) -> list[Received]:
-        """The messages a peer asked for that we still hold."""
+        """The messages a peer asked for that we still hold (none for a graylisted peer,
+        whose ids are not read)."""
+        if self._scores and self.is_graylisted(peer, now_ms):
+            self._drop_unread(peer, 1)
+            return []
         self._expire(now_ms)
         known = self._known_by(peer)
         found = []
@@ -413,9 +544,78 @@ class GossipEngine:
         return found
 
     def forget_peer(self, peer: str) -> None:
+        """The peer's link is gone: forget what it knows and its buckets. Its score stays
+        (until it decays, or the table of scores is full)."""
         self._known.pop(peer, None)
         self._certs_known.pop(peer, None)
         self._buckets.pop(peer, None)
+        self._duplicate_buckets.pop(peer, None)
+
+    # --- peer scores ----------------------------------------------------------------------------
+
+    def penalise(self, peer: str, amount: float, now_ms: int) -> bool:
+        """Lower ``peer``'s score by ``-amount`` (``amount`` is negative); True when this
+        graylists the peer (its score fell below the threshold and it was not already)."""
+        return self._penalise(peer, amount, now_ms)
+
+    def _penalise(self, peer: str | None, amount: float, now_ms: int) -> bool:
+        if peer is None or amount == 0.0:
+            return False
+        scoring = self.scoring
+        entry = self._scores.pop(peer, None)
+        if entry is None:
+            entry = PeerScore(now_ms)
+            while len(self._scores) >= scoring.capacity:
+                self._scores.popitem(last=False)  # the least recently penalised
+        entry.value = entry.at(now_ms, scoring.half_life_ms) + amount
+        entry.updated_ms = max(entry.updated_ms, now_ms)
+        self._scores[peer] = entry  # now the most recently penalised
+        if entry.value < scoring.threshold and entry.graylisted_until <= now_ms:
+            entry.graylisted_until = now_ms + scoring.cooldown_ms
+            return True
+        return False
+
+    def score(self, peer: str, now_ms: int) -> float:
+        """``peer``'s score at ``now_ms``: 0 for a peer that never misbehaved (or whose
+        penalties have decayed away), negative otherwise."""
+        entry = self._live_score(peer, now_ms)
+        return entry.at(now_ms, self.scoring.half_life_ms) if entry is not None else 0.0
+
+    def graylisted_until(self, peer: str, now_ms: int) -> int | None:
+        """Until when (Unix ms) ``peer``'s frames are dropped unread; None if they are not."""
+        entry = self._scores.get(peer)
+        if entry is None or entry.graylisted_until <= now_ms:
+            return None
+        return entry.graylisted_until
+
+    def is_graylisted(self, peer: str, now_ms: int) -> bool:
+        entry = self._scores.get(peer)
+        return entry is not None and entry.graylisted_until > now_ms
+
+    def _live_score(self, peer: str, now_ms: int) -> PeerScore | None:
+        """The peer's entry, forgotten once decayed to about 0 and not graylisted."""
+        entry = self._scores.get(peer)
+        if entry is None:
+            return None
+        if (
+            entry.graylisted_until <= now_ms
+            and entry.at(now_ms, self.scoring.half_life_ms) > self.scoring.forget_above
+        ):
+            del self._scores[peer]
+            return None
+        return entry
+
+    def scored_peers(self) -> list[str]:
+        """The peers with a score entry (linked or not), least recently penalised first."""
+        return list(self._scores)
+
+    def _drop_unread(self, peer: str | None, count: int) -> list[Received | ProtocolError]:
+        """``count`` frames from a graylisted peer, refused without being read."""
+        rejected = self.stats.rejected
+        rejected[Graylisted.code] = rejected.get(Graylisted.code, 0) + count
+        entry = self._scores.get(peer) if peer is not None else None
+        until = entry.graylisted_until if entry is not None else None
+        return [Graylisted(f"{peer} is graylisted until {until} (Unix ms): dropped unread")] * count
 
     # --- what goes on the wire ---------------------------------------------------------------
 

@@ -17,6 +17,14 @@ class MalformedMessage(DecodeError, MeshError):
     """A link frame or gossip message does not parse, or breaks a field rule."""
 
 
+class BadMessageId(MalformedMessage):
+    """A gossip message whose id is not derived from its origin and content
+    (docs/protocols/mesh-link.md section 5): no node but the origin could have made it
+    under that id, and an honest relay never forwards it."""
+
+    code = "bad-message-id"
+
+
 class GossipRejected(MeshError):
     """A well-formed gossip message that this node will not accept or forward."""
 

@@ -10,6 +10,12 @@ Times are Unix milliseconds. The signature covers ``SIGNING_LABEL`` followed by 
 canonical JSON of ``[message_id, origin, payload, timestamp, expiry]``; ``chain`` (the
 origin's certificate, then its issuing CA) rides outside the signature, as a
 certificate does in TLS, and may be left out when the receiver already knows the origin.
+
+The message id belongs to its origin: it is the SHA-256, in lowercase hex, of
+``ID_LABEL`` followed by the canonical JSON of ``[origin, payload, timestamp, expiry]``
+(:func:`derive_message_id`). Only the origin can sign a message with that content, so
+no other node can take an id first and have the origin's message dropped as a
+duplicate (receivers refuse an id that is not derived this way, :func:`check_message_id`).
 """
 
 from __future__ import annotations
@@ -17,17 +23,18 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import math
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from trustmesh.keystore.signer import Signer
-from trustmesh.mesh.errors import MalformedMessage
+from trustmesh.mesh.errors import BadMessageId, MalformedMessage
 from trustmesh.wire.jsonwire import canonical_json, compact_json, strict_loads
 
 SIGNING_LABEL = b"trustmesh-gossip/1\n"
+ID_LABEL = b"trustmesh-gossip-id/1\n"
 MAX_MESSAGE = 512 * 1024  # a CRL of thousands of serials fits
 MAX_META_FIELDS = 16  # an anomaly is a hash and a few words, never a log
 MAX_META_KEY = 64
@@ -68,6 +75,16 @@ class GossipMessage:
             self.message_id, self.origin, self.payload, self.timestamp, self.expiry
         )
 
+    def checked_signed_bytes(self) -> bytes:
+        """:meth:`signed_bytes`, once the id is shown to be derived from the content
+        (raises :class:`BadMessageId`); one canonical encoding serves both."""
+        content = _content(self.origin, self.payload, self.timestamp, self.expiry)
+        if _id_of(content) != self.message_id:
+            raise BadMessageId(
+                f"message_id {self.message_id!r} is not derived from the origin and content"
+            )
+        return _signed(self.message_id, content)
+
     def to_json(self, *, with_chain: bool = True) -> dict[str, Any]:
         data: dict[str, Any] = {
             "message_id": self.message_id,
@@ -91,6 +108,27 @@ def signing_input(
     return SIGNING_LABEL + canonical_json([message_id, origin, payload, timestamp, expiry])
 
 
+def derive_message_id(origin: str, payload: dict[str, Any], timestamp: int, expiry: int) -> str:
+    """The id of the message with this content: SHA-256 (hex) of ``ID_LABEL`` and the
+    canonical JSON of ``[origin, payload, timestamp, expiry]``."""
+    return _id_of(_content(origin, payload, timestamp, expiry))
+
+
+def _content(origin: str, payload: dict[str, Any], timestamp: int, expiry: int) -> bytes:
+    return canonical_json([origin, payload, timestamp, expiry])
+
+
+def _id_of(content: bytes) -> str:
+    return hashlib.sha256(ID_LABEL + content).hexdigest()
+
+
+def _signed(message_id: str, content: bytes) -> bytes:
+    """``signing_input`` from the content's encoding: an id is ``[A-Za-z0-9._:-]``, which
+    JSON never escapes, so ``["id",`` and the content after its ``[`` are the canonical
+    JSON of ``[message_id, origin, payload, timestamp, expiry]`` byte for byte."""
+    return b"".join((SIGNING_LABEL, b'["', message_id.encode(), b'",', content[1:]))
+
+
 def sign_message(
     signer: Signer,
     origin: str,
@@ -102,20 +140,21 @@ def sign_message(
     message_id: str | None = None,
 ) -> GossipMessage:
     """Sign a new message from ``origin``; ``payload`` is checked first, so a node never
-    signs what its peers would refuse."""
+    signs what its peers would refuse. Its id is derived from its content; ``message_id``
+    overrides that only to build a message receivers refuse (tests)."""
     if not 0 < ttl_ms <= MAX_TTL_MS:
         raise ValueError(f"ttl must be in 1..{MAX_TTL_MS} ms")
     check_payload(payload)
-    if message_id is None:
-        unique = uuid.uuid4().hex
-        message_id = f"{origin}:{unique}" if len(origin) <= 95 else unique
-    if not MESSAGE_ID.fullmatch(message_id):
+    if message_id is not None and not MESSAGE_ID.fullmatch(message_id):
         raise ValueError(f"message_id {message_id!r} is not 1-128 of [A-Za-z0-9._:-]")
     expiry = now_ms + ttl_ms
     try:
-        signed = signing_input(message_id, origin, payload, now_ms, expiry)
+        content = _content(origin, payload, now_ms, expiry)
     except (ValueError, UnicodeEncodeError) as exc:  # NaN, Infinity, a lone surrogate
         raise MalformedMessage(f"the payload is not valid JSON text: {exc}") from None
+    if message_id is None:
+        message_id = _id_of(content)
+    signed = _signed(message_id, content)
     if len(signed) > MAX_MESSAGE - MAX_MESSAGE_OVERHEAD:
         raise MalformedMessage(f"the payload is too large for a {MAX_MESSAGE}-byte message")
     signature = signer.sign(signed)

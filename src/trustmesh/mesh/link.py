@@ -18,8 +18,10 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from trustmesh.errors import DecodeError
+from trustmesh.mesh.crlparts import CRL_PARTS_VERSION, DEFAULT_CRL_TIMEOUT, CrlParts
 from trustmesh.mesh.errors import MalformedMessage, MeshError, RevokedOrigin
 from trustmesh.mesh.gossip import NODE_ID
+from trustmesh.mesh.trust import MAX_CRL, CrlRejected, crl_number_of
 from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 from trustmesh.tls import TlsEstablished
 from trustmesh.wire.frames import FrameDecoder, encode_frame
@@ -47,6 +49,8 @@ class Frame(enum.IntEnum):
     IHAVE = 6
     IWANT = 7
     CLOSE = 8
+    CRL_PART = 9  # a piece of a CRL over one frame, to peers whose HELLO has crl_parts
+    CRL_ACK = 10  # the bytes of that CRL received so far
 
 
 class CloseCode(enum.StrEnum):
@@ -58,6 +62,7 @@ class CloseCode(enum.StrEnum):
     BAD_SIGNATURE = "bad-signature"
     DUPLICATE = "duplicate-link"
     LINK_CAP = "link-cap"
+    EXPIRED = "certificate-expired"  # the peer's certificate or ours expired on a live link
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +104,8 @@ class CrlFrame(Event):
 
 @dataclass(frozen=True, slots=True)
 class PeersFrame(Event):
-    peers: tuple[PeerAddress, ...]
+    peers: tuple[PeerAddress, ...]  # unsigned hints: never dialled (mesh-link.md 8.1)
+    records: tuple[dict[str, Any], ...] = ()  # signed peer records, checked by mesh.peers
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +155,7 @@ class LinkConfig:
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT
     min_hold_time: int = DEFAULT_MIN_HOLD_TIME
     allow_zero_hold: bool = False
+    crl_timeout: float = DEFAULT_CRL_TIMEOUT  # a CRL in pieces must be whole by then
 
     def __post_init__(self) -> None:
         if self.hold_time in (1, 2) or not 0 <= self.hold_time <= MAX_HOLD_TIME:
@@ -157,6 +164,8 @@ class LinkConfig:
             raise ValueError(f"min_hold_time must be 3..{MAX_HOLD_TIME} seconds")
         if not 0 < self.hello_timeout <= MAX_HOLD_TIME:
             raise ValueError(f"hello_timeout must be in (0, {MAX_HOLD_TIME}] seconds")
+        if not 0 < self.crl_timeout <= MAX_HOLD_TIME:
+            raise ValueError(f"crl_timeout must be in (0, {MAX_HOLD_TIME}] seconds")
 
 
 class State(enum.Enum):
@@ -191,6 +200,10 @@ class MeshLink:
         self._out = bytearray()
         self._hold_deadline: float | None = None
         self._keepalive_at: float | None = None
+        # When the earlier of the two certificates expires (TLS tells, at link start).
+        self._expires_at: float | None = None
+        self.crl = CrlParts(timeout=config.crl_timeout)  # CRLs over one frame, in pieces
+        self.peer_crl_parts = False  # the peer's HELLO says it takes CRL_PART
 
     def bind(self, binding: TlsBinding) -> None:
         self._binding = binding
@@ -214,11 +227,13 @@ class MeshLink:
             return self._close(code, str(exc), error=True)
         if self.peer_id == self.config.node_id:
             return self._close(CloseCode.REFUSED, "a link to ourselves", error=True)
+        self._expires_at = tls.expires_at
         hello: dict[str, Any] = {
             "version": VERSION,
             "node_id": self.config.node_id,
             "hold_time": self.config.hold_time,
             "crl_number": self._crl_number(),
+            "crl_parts": CRL_PARTS_VERSION,
         }
         if self.config.listen:
             hello["listen"] = self.config.listen
@@ -244,6 +259,8 @@ class MeshLink:
     def handle_timer(self, now: float) -> list[Event]:
         if self.state is State.CLOSED:
             return []
+        if self._expires_at is not None and now >= self._expires_at:
+            return self._close(CloseCode.EXPIRED, "a certificate of this link expired", error=True)
         if self._hold_deadline is not None and now >= self._hold_deadline:
             if self.state is State.AWAIT_HELLO:
                 reason = f"no HELLO within {self.config.hello_timeout:g} s"
@@ -252,12 +269,15 @@ class MeshLink:
         if self._keepalive_at is not None and now >= self._keepalive_at:
             self._send(Frame.KEEPALIVE, b"")
             self._keepalive_at = now + self.hold_time / 3
+        for body in self.crl.on_timer(now):  # a CRL not whole in time: dropped, declined
+            self._send(Frame.CRL_ACK, body)
         return []
 
     def get_timer(self) -> float | None:
         if self.state is State.CLOSED:
             return None
-        times = [t for t in (self._hold_deadline, self._keepalive_at) if t is not None]
+        deadlines = (self._hold_deadline, self._keepalive_at, self.crl.deadline)
+        times = [t for t in (*deadlines, self._expires_at) if t is not None]
         return min(times) if times else None
 
     def data_to_send(self) -> bytes:
@@ -279,11 +299,43 @@ class MeshLink:
         return self._send_established(Frame.GOSSIP, raw)
 
     def send_crl(self, der: bytes) -> list[Event]:
-        return self._send_established(Frame.CRL, der)
+        """Send our CRL: one CRL frame when it fits in one, else CRL_PART pieces if the
+        peer takes them. Nothing goes to a peer known to hold that CRL or a newer one,
+        nor, when it does not fit in a frame, to a peer without ``crl_parts`` (an older
+        node: it gets the CRL from the CA). Bytes that are not a CRL go as a frame."""
+        if self.state is not State.ESTABLISHED:
+            return []
+        try:
+            number: int | None = crl_number_of(der)
+        except CrlRejected:
+            number = None
+        if number is not None and (number <= self.crl.peer_number or number == self.crl.sending):
+            return []
+        if 1 + len(der) <= MAX_FRAME:
+            self._send(Frame.CRL, der)
+            if number is not None:
+                self.crl.peer_number = number
+        elif number is not None and self.peer_crl_parts and len(der) <= MAX_CRL:
+            for body in self.crl.send(der, number):
+                self._send(Frame.CRL_PART, body)
+        return []
 
-    def send_peers(self, peers: Sequence[PeerAddress]) -> list[Event]:
+    def send_peers(
+        self, peers: Sequence[PeerAddress], records: Sequence[bytes] = ()
+    ) -> list[Event]:
+        """PEERS: ``peers`` (for version-1 nodes without records), then as many of the
+        encoded signed ``records`` as fit in the body limit, in their order."""
         body = [{"node_id": p.node_id, "address": p.address} for p in peers[:MAX_PEERS]]
-        return self._send_established(Frame.PEERS, compact_json({"peers": body}))
+        data = compact_json({"peers": body})
+        if records:
+            room = MAX_CONTROL - len(data) - len(b',"records":[]')
+            kept: list[bytes] = []
+            for record in records[:MAX_PEERS]:
+                if len(record) + 1 <= room:
+                    kept.append(record)
+                    room -= len(record) + 1
+            data = data[:-1] + b',"records":[' + b",".join(kept) + b"]}"
+        return self._send_established(Frame.PEERS, data)
 
     def send_ihave(self, ids: Sequence[str]) -> list[Event]:
         return self._send_established(Frame.IHAVE, compact_json({"ids": list(ids[:MAX_IDS])}))
@@ -333,8 +385,18 @@ class MeshLink:
             return [GossipFrame(body)]
         if kind == Frame.CRL:
             return [CrlFrame(body)]
+        if kind == Frame.CRL_PART:
+            acks, whole = self.crl.on_part(body, now, self._crl_number())
+            for ack in acks:
+                self._send(Frame.CRL_ACK, ack)
+            return [CrlFrame(whole)] if whole is not None else []
+        if kind == Frame.CRL_ACK:
+            for part in self.crl.on_ack(body):
+                self._send(Frame.CRL_PART, part)
+            return []
         if kind == Frame.PEERS:
-            return [PeersFrame(_peers(_control(body)))]
+            data = _control(body)
+            return [PeersFrame(_peers(data), _records(data))]
         if kind in (Frame.IHAVE, Frame.IWANT):
             ids = _ids(_control(body))
             return [IHaveFrame(ids) if kind == Frame.IHAVE else IWantFrame(ids)]
@@ -364,6 +426,10 @@ class MeshLink:
         listen = hello.get("listen")
         if listen is not None and not _is_address(listen):
             raise MalformedMessage("listen must be host:port")
+        # Any other value (a later version) or none: the peer gets CRLs in one frame only.
+        crl_parts = hello.get("crl_parts")
+        self.peer_crl_parts = type(crl_parts) is int and crl_parts == CRL_PARTS_VERSION
+        self.crl.peer_number = crl_number
         refusal = self._refuse_hold_time(hold)  # well-formed, but not what we accept
         if refusal is not None:
             return self._close(CloseCode.REFUSED, refusal, error=True)
@@ -434,6 +500,16 @@ def _peers(data: dict[str, Any]) -> tuple[PeerAddress, ...]:
         assert isinstance(address, str)
         peers.append(PeerAddress(node_id, address))
     return tuple(peers)
+
+
+def _records(data: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """PEERS ``records``: objects, checked field by field by ``mesh.peers``."""
+    records = data.get("records", [])
+    if not isinstance(records, list) or len(records) > MAX_PEERS:
+        raise MalformedMessage(f"PEERS records is a list of at most {MAX_PEERS}")
+    if not all(isinstance(r, dict) for r in records):
+        raise MalformedMessage("a peer record is an object")
+    return tuple(records)
 
 
 def _ids(data: dict[str, Any]) -> tuple[str, ...]:

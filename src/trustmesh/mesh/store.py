@@ -1,10 +1,18 @@
 """What a mesh node keeps across restarts, in SQLite: the gossip seen-cache, the anomaly
-indicators it received, the newest CRL, and the peers it has heard of.
+indicators it received, the newest CRL, and the signed peer records it holds.
 
 WAL with ``synchronous=NORMAL``: a committed batch survives the process being killed
-(only a power cut can lose the last one, and a lost seen-id costs one duplicate, which
-the seen-cache of the next hop absorbs). The node writes in batches, so a burst of
-gossip costs one commit, not one per message.
+(only a power cut can lose the last one). The node API answers 202 to a gossip message
+only once the batch that holds it has committed (node/api.py, group commit), so a 202
+survives a kill -9. The node writes in batches, so a burst of gossip costs one commit,
+not one per message.
+
+The disk is bounded: seen ids go when their message expires and beyond ``capacity`` (the
+seen-cache's); indicators go once older than ``indicator_max_age_ms`` (7 days) and beyond
+``indicator_capacity`` rows (100,000), the oldest received first. Both tables' row counts
+are counted at open and then kept up to date in memory, so a commit under the limits
+deletes nothing and walks no index; one over them deletes just the excess, through the
+index. (The counts assume the store is the file's only writer, as the node's is.)
 """
 
 from __future__ import annotations
@@ -16,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh.mesh.gossip import GossipMessage
+from trustmesh.mesh.peers import PeerRecord
 from trustmesh.sqlitedb import open_database, transaction
+
+DAY_MS = 24 * 3600 * 1000
+DEFAULT_INDICATOR_MAX_AGE_MS = 7 * DAY_MS  # indicators older than this (received_at) go
+DEFAULT_INDICATOR_CAPACITY = 100_000  # indicators kept at most, the newest received
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
@@ -40,11 +53,14 @@ CREATE TABLE IF NOT EXISTS crl (
     number INTEGER NOT NULL,
     der BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS peers (
+DROP TABLE IF EXISTS peers;
+CREATE TABLE IF NOT EXISTS peer_records (
     node_id TEXT PRIMARY KEY,
-    address TEXT NOT NULL,
-    last_seen INTEGER NOT NULL
+    seq INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    record BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS peer_records_expires ON peer_records (expires);
 """
 
 
@@ -89,9 +105,28 @@ class Indicator:
 
 
 class MeshStore:
-    def __init__(self, path: Path) -> None:
+    """The node's ``mesh.db``. Indicators are kept at most ``indicator_max_age_ms`` after
+    they were received, and at most ``indicator_capacity`` of them (the newest)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        indicator_max_age_ms: int = DEFAULT_INDICATOR_MAX_AGE_MS,
+        indicator_capacity: int = DEFAULT_INDICATOR_CAPACITY,
+    ) -> None:
+        if indicator_max_age_ms < 1 or indicator_capacity < 1:
+            raise ValueError("indicators need a positive age limit and capacity")
         self.path = path
+        self.indicator_max_age_ms = indicator_max_age_ms
+        self.indicator_capacity = indicator_capacity
         self._db = open_database(path, SCHEMA, synchronous="NORMAL", busy_timeout=5)
+        # Running row counts (one count at open), so that pruning by count needs no scan.
+        self._seen_rows = self._count("seen")
+        self._indicator_rows = self._count("indicators")
+
+    def _count(self, table: str) -> int:
+        return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
 
     def close(self) -> None:
         self._db.close()
@@ -104,11 +139,14 @@ class MeshStore:
         capacity: int,
         now_ms: int,
     ) -> None:
-        """One batch: new seen ids and indicators; expired ids go, and beyond
-        ``capacity`` ids the soonest to expire go too (the cache is bounded)."""
+        """One batch: new seen ids and indicators, then the pruning. Seen ids go once
+        expired, and beyond ``capacity`` ids the soonest to expire go too (the cache is
+        bounded); indicators go once older than the age limit, and beyond the capacity the
+        oldest received go. Called with nothing new, it only prunes."""
+        seen_rows, indicator_rows = self._seen_rows, self._indicator_rows
         with transaction(self._db) as db:
-            db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", seen)
-            db.executemany(
+            seen_rows += db.executemany("INSERT OR IGNORE INTO seen VALUES (?, ?)", seen).rowcount
+            indicator_rows += db.executemany(
                 "INSERT OR IGNORE INTO indicators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
@@ -123,13 +161,27 @@ class MeshStore:
                     )
                     for i in indicators
                 ),
-            )
-            db.execute("DELETE FROM seen WHERE expiry <= ?", (now_ms,))
-            db.execute(
-                "DELETE FROM seen WHERE message_id IN (SELECT message_id FROM seen"
-                " ORDER BY expiry DESC LIMIT -1 OFFSET ?)",
-                (capacity,),
-            )
+            ).rowcount
+            # Each DELETE below is an index range: it reads only the rows it removes.
+            seen_rows -= db.execute("DELETE FROM seen WHERE expiry <= ?", (now_ms,)).rowcount
+            if seen_rows > capacity:  # the soonest to expire go
+                seen_rows -= db.execute(
+                    "DELETE FROM seen WHERE message_id IN (SELECT message_id FROM seen"
+                    " ORDER BY expiry LIMIT ?)",
+                    (seen_rows - capacity,),
+                ).rowcount
+            indicator_rows -= db.execute(
+                "DELETE FROM indicators WHERE received_at < ?",
+                (now_ms - self.indicator_max_age_ms,),
+            ).rowcount
+            if indicator_rows > self.indicator_capacity:  # the oldest received go
+                indicator_rows -= db.execute(
+                    "DELETE FROM indicators WHERE rowid IN (SELECT rowid FROM indicators"
+                    " ORDER BY received_at, rowid LIMIT ?)",
+                    (indicator_rows - self.indicator_capacity,),
+                ).rowcount
+        # Only once committed: a batch rolled back changes no count.
+        self._seen_rows, self._indicator_rows = seen_rows, indicator_rows
 
     def seen(self) -> list[tuple[str, int]]:
         """Persisted seen ids, soonest to expire first."""
@@ -163,18 +215,37 @@ class MeshStore:
         row = self._db.execute("SELECT der FROM crl WHERE id = 1").fetchone()
         return bytes(row[0]) if row else None
 
-    def remember_peer(self, node_id: str, address: str, last_seen: int) -> None:
+    # --- the peer table: signed peer records (mesh/peers.py) -----------------------------
+
+    def save_peer_records(
+        self, records: Iterable[PeerRecord], *, capacity: int, now_ms: int
+    ) -> None:
+        """Keep ``records`` (an upsert that never lowers a node's ``seq``); expired rows
+        go, and beyond ``capacity`` rows the soonest to expire go too."""
         with transaction(self._db) as db:
+            db.executemany(
+                "INSERT INTO peer_records VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE"
+                " SET seq = excluded.seq, expires = excluded.expires, record = excluded.record"
+                " WHERE excluded.seq > seq",
+                ((r.node_id, r.seq, r.expires, r.encode()) for r in records),
+            )
+            db.execute("DELETE FROM peer_records WHERE expires <= ?", (now_ms,))
             db.execute(
-                "INSERT INTO peers VALUES (?, ?, ?) ON CONFLICT (node_id) DO UPDATE"
-                " SET address = excluded.address, last_seen = excluded.last_seen",
-                (node_id, address, last_seen),
+                "DELETE FROM peer_records WHERE node_id IN (SELECT node_id FROM peer_records"
+                " ORDER BY expires DESC LIMIT -1 OFFSET ?)",
+                (capacity,),
             )
 
-    def forget_peer(self, node_id: str) -> None:
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM peers WHERE node_id = ?", (node_id,))
+    def forget_peers(self, node_ids: Iterable[str]) -> None:
+        rows = [(n,) for n in node_ids]
+        if rows:
+            with transaction(self._db) as db:
+                db.executemany("DELETE FROM peer_records WHERE node_id = ?", rows)
 
-    def known_peers(self) -> list[tuple[str, str]]:
-        rows = self._db.execute("SELECT node_id, address FROM peers ORDER BY last_seen DESC")
-        return [(str(n), str(a)) for n, a in rows]
+    def forget_peer(self, node_id: str) -> None:
+        self.forget_peers([node_id])
+
+    def peer_records(self) -> list[bytes]:
+        """The records kept (encoded JSON, unchecked), the most recently signed first."""
+        rows = self._db.execute("SELECT record FROM peer_records ORDER BY seq DESC, node_id")
+        return [bytes(r[0]) for r in rows]

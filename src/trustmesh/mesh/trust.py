@@ -8,6 +8,7 @@ of an identity asks :meth:`TrustView.is_revoked` afresh, so a CRL takes effect a
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,12 @@ from trustmesh.mesh.errors import BadSignature, GossipRejected, RevokedOrigin, U
 _DER = serialization.Encoding.DER
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 MAX_IDENTITIES = 4096  # verified chains kept; the least recently used go first
+# The largest CRL a node takes or sends (DER): about 480,000 revoked serials. Over one link
+# frame it travels in CRL_PART pieces (docs/protocols/mesh-link.md section 3.1).
+MAX_CRL = 16 * 1024 * 1024
+# The largest CRL a node gossips (section 9.1): a bigger one is only pushed over links and
+# fetched from the CA, since gossip would carry it again to every fanout peer.
+MAX_GOSSIP_CRL = 64 * 1024
 
 
 class CrlRejected(GossipRejected):
@@ -97,16 +104,13 @@ class TrustView:
     def is_newer_crl(self, der: bytes) -> bool:
         """Whether ``der`` has a higher CRL number than the CRL held (signature unchecked:
         :meth:`apply_crl` checks it)."""
-        try:
-            crl = x509.load_der_x509_crl(der)
-            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-        except (ValueError, x509.ExtensionNotFound) as exc:
-            raise CrlRejected(f"not a CRL with a CRL number: {exc}") from None
-        return bool(number > self.crl_number)
+        return crl_number_of(der) > self.crl_number
 
     def apply_crl(self, der: bytes) -> CrlUpdate | None:
         """Take a CRL if it is signed by a known issuing CA and newer than the one held
         (by CRL number); return what it changed, or None for one we already have."""
+        if len(der) > MAX_CRL:
+            raise CrlRejected(f"a CRL of {len(der)} bytes is over the limit of {MAX_CRL}")
         try:
             crl = x509.load_der_x509_crl(der)
             number_ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
@@ -120,10 +124,13 @@ class TrustView:
         number = number_ext.value.crl_number
         if number <= self.crl_number:
             return None
-        serials = frozenset(entry.serial_number for entry in crl)
-        added = serials - self.revoked
-        # A CRL lists every revocation that is still relevant; a serial never comes off.
-        self.revoked |= serials
+        serials = {entry.serial_number for entry in crl}
+        added = frozenset(serials - self.revoked)
+        # A full CRL lists every revocation that still matters: the CA drops a serial
+        # only once its certificate has expired (pki.md section 3), and an expired
+        # certificate is refused anyway. So the newest CRL replaces the set, which then
+        # stays as small as the CRL.
+        self.revoked = serials
         self.crl_der = der
         self.crl_number = number
         self.crl_next_update = crl.next_update_utc
@@ -198,6 +205,18 @@ class TrustView:
             int(not_after.timestamp() * 1000),
             ecdsa=isinstance(key, ec.EllipticCurvePublicKey),
         )
+
+
+@functools.lru_cache(maxsize=2)
+def crl_number_of(der: bytes) -> int:
+    """The CRL number of a DER CRL (signature unchecked), or :class:`CrlRejected`. Cached
+    for the last few CRLs: one CRL is sent on every link, and ``bytes`` keep their hash."""
+    try:
+        crl = x509.load_der_x509_crl(der)
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        raise CrlRejected(f"not a CRL with a CRL number: {exc}") from None
+    return int(number)
 
 
 def node_id_of(cert: x509.Certificate) -> str:

@@ -1,8 +1,10 @@
 """The node's HTTPS API (zero-trust-mesh.md section 7.4), for holders of a mesh
 certificate (mTLS):
 
-- ``GET /v1/mesh/peers``: the peer table (node_id, status, last_seen, ...).
-- ``POST /v1/mesh/gossip``: a signed gossip message; 202 once verified and queued.
+- ``GET /v1/mesh/peers``: the peer table (node_id, status, last_seen, ..., and each
+  peer's gossip ``score`` and ``graylisted_until``).
+- ``POST /v1/mesh/gossip``: a signed gossip message; 202 once verified and committed to
+  the node's store (group commit: the answer waits for the batch that holds it).
 - ``GET /v1/mesh/anomalies``: the indicators received (``?limit=`` and ``?since=`` ms).
 - ``GET /v1/mesh/health``: links, certificate, CRL and gossip counters.
 
@@ -15,6 +17,7 @@ policy's ``request_rate`` a second (bursts of ``request_burst``): beyond either,
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -72,8 +75,47 @@ class GossipLimits:
             )
 
 
+class GroupCommit:
+    """202 means durable: a gossip answer waits until the store batch that holds its
+    message has committed. Every answer that waits in one turn of the event loop shares
+    one commit, made as soon as that turn's callbacks have run (not at the next periodic
+    flush), so a burst of requests costs one commit, not one each."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self._flush = flush
+        self._waiting: list[asyncio.Future[None]] = []
+        self._scheduled = False
+        self.commits = 0
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future that the next commit resolves (or fails with the commit's error)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append(future)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._commit)
+        return future
+
+    def _commit(self) -> None:
+        self._scheduled = False
+        waiting, self._waiting = self._waiting, []
+        try:
+            self._flush()
+        except Exception as exc:  # each waiter answers 500, none 202
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self.commits += 1
+        for future in waiting:
+            if not future.done():  # a waiter whose client went away is cancelled
+                future.set_result(None)
+
+
 NODE_KEY: web.AppKey[MeshNode] = web.AppKey("node")
 LIMITS_KEY: web.AppKey[GossipLimits] = web.AppKey("gossip_limits", GossipLimits)
+COMMIT_KEY: web.AppKey[GroupCommit] = web.AppKey("group_commit", GroupCommit)
 
 ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     MalformedMessage: (400, "malformed"),
@@ -100,6 +142,7 @@ def node_app(
     )
     app[NODE_KEY] = node
     app[LIMITS_KEY] = GossipLimits(policy or _policy_of(node), clock)
+    app[COMMIT_KEY] = GroupCommit(lambda: node.flush())
     app.router.add_get("/v1/mesh/peers", _peers)
     app.router.add_post("/v1/mesh/gossip", _gossip)
     app.router.add_get("/v1/mesh/anomalies", _anomalies)
@@ -123,9 +166,17 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 async def _peers(request: web.Request) -> web.Response:
+    """The peer table, each row with the peer's gossip ``score`` (0 until it misbehaves,
+    mesh-link.md section 6.2) and ``graylisted_until`` (Unix ms, or null)."""
     node = request.app[NODE_KEY]
-    peers = sorted(node.peers.values(), key=lambda p: p.node_id)
-    return web.json_response({"node_id": node.node_id, "peers": [p.to_json() for p in peers]})
+    now = now_ms()
+    rows = []
+    for peer in sorted(node.peers.values(), key=lambda p: p.node_id):
+        row = peer.to_json()
+        row["score"] = round(node.engine.score(peer.node_id, now), 3)
+        row["graylisted_until"] = node.engine.graylisted_until(peer.node_id, now)
+        rows.append(row)
+    return web.json_response({"node_id": node.node_id, "peers": rows})
 
 
 def _policy_of(node: MeshNode) -> ResourcePolicy:
@@ -140,6 +191,9 @@ async def _gossip(request: web.Request) -> web.Response:
     if not raw:
         raise ApiError(400, "the body must be a signed gossip message (JSON)")
     received = node.accept_raw(raw)
+    # Its seen id and indicator (or, for a duplicate, the copy seen before) are in the
+    # store's pending batch, or already committed: answer once that batch is.
+    await request.app[COMMIT_KEY].wait()
     return web.json_response(
         {
             "message_id": received.message_id,

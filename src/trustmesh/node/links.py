@@ -81,8 +81,8 @@ class Link:
     def send_crl(self, der: bytes) -> None:
         self._act(lambda core: core.send_crl(der))
 
-    def send_peers(self, peers: list[PeerAddress]) -> None:
-        self._act(lambda core: core.send_peers(peers))
+    def send_peers(self, peers: list[PeerAddress], records: list[bytes] | None = None) -> None:
+        self._act(lambda core: core.send_peers(peers, records or ()))
 
     def send_ihave(self, ids: list[str]) -> None:
         self._act(lambda core: core.send_ihave(ids))

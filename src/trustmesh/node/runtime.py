@@ -26,8 +26,14 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
 
-from trustmesh.api.ca_client import CaClient, finish_interrupted_rotation, rotate_node
+from trustmesh.api.ca_client import (
+    CaClient,
+    finish_interrupted_rotation,
+    forget_previous_key,
+    rotate_node,
+)
 from trustmesh.crypto.keys import PrivateKey
 from trustmesh.errors import ProtocolError
 from trustmesh.io.catalyst import Backoff
@@ -59,18 +65,20 @@ from trustmesh.mesh.link import (
     join_address,
     split_address,
 )
+from trustmesh.mesh.peers import PeerBook, PeerRecord, own_record, own_record_due, records_from_json
 from trustmesh.mesh.store import Indicator, MeshStore
-from trustmesh.mesh.trust import CrlRejected, CrlUpdate, TrustView
+from trustmesh.mesh.trust import MAX_GOSSIP_CRL, CrlRejected, CrlUpdate, TrustView
 from trustmesh.node.config import NodeConfig, load_config
 from trustmesh.node.links import Link, LinkFailed
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsConfig, TlsContext, TlsStream
+from trustmesh.tls.tickets import TicketCache
 
 log = logging.getLogger("trustmesh.node")
 
 DIAL_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0  # for the links' goodbyes at shutdown
-MAX_ADDRESSES = 4096  # the address book's bound
+MAX_ADDRESSES = 1024  # signed peer records kept, one per node_id (mesh/peers.py)
 FLUSH_INTERVAL = 0.2  # seconds between store commits
 RENEW_AT = 2 / 3  # of a certificate's lifetime
 RENEW_RETRY = (5.0, 300.0)  # bounds of the wait after a failed renewal
@@ -142,7 +150,10 @@ class MeshNode:
         self.identity = self._load_identity()
         self.links: dict[str, Link] = {}  # established, by peer node_id
         self.peers: dict[str, PeerInfo] = {}
-        self.addresses: dict[str, str] = {}  # node_id -> advertised address (address book)
+        # The address book: signed peer records, the only addresses dialled besides the
+        # bootstrap list (mesh-link.md section 8.1); ours is signed at start.
+        self.book = PeerBook(self.trust, self.node_id, capacity=MAX_ADDRESSES)
+        self._record: PeerRecord | None = None
         self.revoked_nodes: set[str] = set()
         self.listeners: list[Callable[[str, Any], None]] = []  # (event name, detail)
         self._pending: set[Link] = set()  # links whose HELLO exchange is not done
@@ -158,6 +169,8 @@ class MeshNode:
         self.api_site: HttpsSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Resumption tickets of our outgoing links, by address (mesh-link.md 2.4).
+        self._tickets = TicketCache(MAX_ADDRESSES)
 
     @classmethod
     def from_directory(cls, directory: Path, passphrase: bytes | None = None) -> MeshNode:
@@ -168,11 +181,12 @@ class MeshNode:
 
     async def start(self) -> None:
         self.seen.load(self.store.seen(), now_ms())
-        # The address book of the last run: peers to dial if the bootstrap list is down.
-        self.addresses.update((n, a) for n, a in self.store.known_peers() if n != self.node_id)
         stored = self.store.crl()
         if stored is not None:
             self._apply_crl(stored, source="store")
+        # The peer records of the last run, checked again (that CRL included): peers to
+        # dial if the bootstrap list is down.
+        self.store.forget_peers(self.book.load(self.store.peer_records(), now_ms()))
         await self.refresh_crl()
         host, port = split_address(self.config.listen, any_port=True)
         self._server = await serve_stream(
@@ -185,6 +199,7 @@ class MeshNode:
             name="mesh links",
         )
         await self._start_api()
+        self._refresh_record()  # now that the listen port is known
         self._tasks = [
             asyncio.create_task(self._maintain(address)) for address in self.config.bootstrap
         ]
@@ -193,6 +208,8 @@ class MeshNode:
             asyncio.create_task(self._digest_loop()),
             asyncio.create_task(self._flush_loop()),
             asyncio.create_task(self._renewal_loop()),
+            # node.prev.key goes when the rotation's overlap ends (its certificate expires).
+            asyncio.create_task(forget_previous_key(self.directory)),
         ]
         self._write_run_file()
         self._emit("node.started", listen=self.listen_address, api=self.api_url)
@@ -302,7 +319,7 @@ class MeshNode:
 
     # --- links ------------------------------------------------------------------------------
 
-    def _new_stream(self, *, initiator: bool) -> TlsStream:
+    def _new_stream(self, *, initiator: bool, session: SSL.Session | None = None) -> TlsStream:
         core = MeshLink(
             LinkConfig(
                 self.node_id,
@@ -317,7 +334,13 @@ class MeshNode:
             crl_number=lambda: self.trust.crl_number,
         )
         context = self.identity.client if initiator else self.identity.server
-        stream = TlsStream(context, core, handshake_timeout=DIAL_TIMEOUT)
+        stream = TlsStream(
+            context,
+            core,
+            session=session,
+            handshake_timeout=DIAL_TIMEOUT,
+            unix_offset=now_ms() / 1000 - asyncio.get_running_loop().time(),
+        )
         core.bind(stream)
         return stream
 
@@ -338,9 +361,20 @@ class MeshNode:
 
     async def dial(self, address: str) -> Link:
         """Open a link to ``address`` and return it once both HELLOs are exchanged
-        (raises :class:`LinkFailed` or ``OSError``)."""
+        (raises :class:`LinkFailed` or ``OSError``). The last link's ticket to the
+        address is offered; if the peer refuses that resumption, one full handshake
+        follows at once, so the failure says what the peer's checks say."""
+        ticket = self._tickets.get(address, now_ms() / 1000)
+        try:
+            return await self._dial(address, ticket)
+        except LinkFailed as exc:
+            if ticket is None or "(resumed session)" not in str(exc):
+                raise
+        return await self._dial(address, None)
+
+    async def _dial(self, address: str, ticket: SSL.Session | None) -> Link:
         host, port = split_address(address)
-        stream = self._new_stream(initiator=True)
+        stream = self._new_stream(initiator=True, session=ticket)
         core = stream.inner
         assert isinstance(core, MeshLink)
         loop = asyncio.get_running_loop()
@@ -366,9 +400,14 @@ class MeshNode:
                 holder[0].abort("dial cancelled")
             raise
         finally:
+            if not (holder and holder[0].up):
+                self._tickets.forget(address)  # the next dial is a full handshake
             if holder and holder[0].closed_event is not None:
                 # Its socket is closed before we go on (bounded: this may run on cancel).
                 await _within(CLOSE_TIMEOUT, asyncio.shield(holder[0].wait_closed()))
+        fresh = stream.session()
+        if fresh is not None:  # resume the next link to this address
+            self._tickets.put(address, fresh, stream.ticket_expiry(now_ms() / 1000))
         return holder[0]
 
     async def _maintain(self, address: str) -> None:
@@ -397,6 +436,11 @@ class MeshNode:
             await asyncio.sleep(backoff.next_delay())
 
     @property
+    def addresses(self) -> dict[str, str]:
+        """node_id -> the address it would be dialled at, for each valid signed record."""
+        return dict(self.book.dialable(now_ms()))
+
+    @property
     def dial_target(self) -> int:
         """Links the node dials out for: half its cap, so that there is always room for
         newcomers to link in."""
@@ -414,15 +458,17 @@ class MeshNode:
             return
         room = self.dial_target - len(self.links) - len(self._dialing)
         clock = time.monotonic()
-        for node_id, address in list(self.addresses.items()):
+
+        def usable(address: str) -> bool:
+            if address in self._dialing or address == self.advertised:
+                return False
+            return self._cooldown.get(address, (0.0, None))[0] <= clock
+
+        # Only addresses from valid signed records (unexpired, certificate unrevoked).
+        for node_id, address in list(self.book.dialable(now_ms(), usable)):
             if room <= 0:
                 break
             if node_id in self.links or node_id in self.revoked_nodes:
-                continue
-            if address in self._dialing or address == self.advertised:
-                continue
-            until, _ = self._cooldown.get(address, (0.0, None))
-            if until > clock:
                 continue
             room -= 1
             self._dialing.add(address)
@@ -455,7 +501,7 @@ class MeshNode:
                 self._on_gossip(link, event.raw)
             elif isinstance(event, IHaveFrame):
                 assert peer is not None
-                wanted = self.engine.on_ihave(peer, event.ids)
+                wanted = self.engine.on_ihave(peer, event.ids, now_ms())
                 if wanted:
                     link.send_iwant(wanted)
             elif isinstance(event, IWantFrame):
@@ -465,7 +511,7 @@ class MeshNode:
             elif isinstance(event, CrlFrame):
                 self._on_crl_frame(link, event.der)
             elif isinstance(event, PeersFrame):
-                self._learn(event.peers)
+                self._learn(link, event)
             elif isinstance(event, ConnectionClosed):
                 self._on_closed(link, event)
         except ProtocolError as exc:  # a peer's frame this node cannot use: refuse the link
@@ -481,21 +527,18 @@ class MeshNode:
             if keep is current:
                 return
         elif len(self.links) >= self.config.max_links:
-            link.send_peers(self._peer_addresses(exclude=peer))
+            self._send_peers(link, exclude=peer)
             link.close(CloseCode.LINK_CAP, f"at the cap of {self.config.max_links} links")
             return
         self.links[peer] = link
         if link.address is not None:
             self._cooldown.pop(link.address, None)
         self.revoked_nodes.discard(peer)  # re-enrolled: this certificate just checked out
-        address = event.listen or link.address
-        if event.listen:
-            self.addresses[peer] = event.listen
-            self.store.remember_peer(peer, event.listen, now_ms())
+        address = event.listen or link.address  # HELLO listen is shown, never dialled
         self.peers[peer] = PeerInfo(
             peer, address, "connected", now_ms(), link.direction, link.serial
         )
-        link.send_peers(self._peer_addresses(exclude=peer))
+        self._send_peers(link, exclude=peer)
         ids = self.engine.ihave_for(peer, now_ms())
         if ids:
             link.send_ihave(ids)
@@ -509,6 +552,16 @@ class MeshNode:
         refused = isinstance(event, LinkClosed) and event.code != CloseCode.SHUTDOWN
         if link.address is not None and refused and link.was_up:
             self._cool_down(link.address)  # at its cap, a duplicate, or worse: not at once
+        if not link.was_up and event.reason.startswith("TLS failed"):
+            # Refused at the handshake, by us or by the peer: say which check and why
+            # (a revoked certificate: "certificate revoked" on both sides).
+            self._emit(
+                "link.tls_failed",
+                direction=link.direction,
+                address=link.address,
+                reason=event.reason,
+                level=logging.INFO,
+            )
         peer = link.peer_id
         if peer is None or self.links.get(peer) is not link:
             return
@@ -576,20 +629,44 @@ class MeshNode:
         if received.crl is not None:
             self._after_crl(received.crl, source=f"gossip from {message.origin}")
 
-    def _learn(self, peers: tuple[PeerAddress, ...]) -> None:
-        for peer in peers:
-            if len(self.addresses) >= MAX_ADDRESSES:
-                break  # enough to find a way in; a flood of addresses is not kept
-            if peer.node_id != self.node_id and peer.node_id not in self.revoked_nodes:
-                self.addresses.setdefault(peer.node_id, peer.address)
+    def _learn(self, link: Link, frame: PeersFrame) -> None:
+        """Keep the PEERS frame's signed records that check out (mesh/peers.py). Its
+        unsigned ``peers`` entries are never dialled."""
+        now = now_ms()
+        learned = self.book.receive(records_from_json(frame.records), now)
+        if learned.accepted:
+            self.store.save_peer_records(learned.accepted, capacity=self.book.capacity, now_ms=now)
+        if learned.rejected:
+            log.debug("peer records from %s refused: %s", link.peer_id, dict(learned.rejected))
         self._topup()
 
-    def _peer_addresses(self, *, exclude: str) -> list[PeerAddress]:
-        return [
-            PeerAddress(node_id, address)
-            for node_id, address in self.addresses.items()
-            if node_id != exclude and node_id in self.links
-        ]
+    def _send_peers(self, link: Link, *, exclude: str) -> None:
+        """PEERS: our own record, then the valid records of our other linked peers (and
+        their addresses, unsigned, for version-1 nodes that do not read records)."""
+        linked = self.book.valid([n for n in self.links if n != exclude], now_ms())
+        records = [self._record, *linked] if self._record is not None else linked
+        peers = [PeerAddress(r.node_id, r.addresses[0]) for r in linked]
+        link.send_peers(peers, [r.encode() for r in records])
+
+    def _refresh_record(self, *, force: bool = False) -> None:
+        """Sign a new record of our own when half the last one's life has passed (or our
+        certificate changed), and give it to every link."""
+        now = now_ms()
+        if not force and not own_record_due(self._record, now):
+            return
+        cert = self.identity.certificate
+        self._record = own_record(
+            self.identity.key,
+            self.node_id,
+            [self.advertised],
+            previous=self._record,
+            now_ms=now,
+            not_after_ms=int(cert.not_valid_after_utc.timestamp() * 1000),
+            chain=self.identity.chain_der,
+        )
+        if self._record is not None:
+            for link in self.links.values():
+                link.send_peers([], [self._record.encode()])
 
     # --- revocation -------------------------------------------------------------------------
 
@@ -621,6 +698,7 @@ class MeshNode:
                 self._forget_node(peer)
         for link in self.links.values():
             link.send_crl(self.trust.crl_der)
+        self.store.forget_peers(self.book.prune(now_ms()))  # records of revoked nodes
         self._emit("crl.updated", number=update.number, revoked=len(update.revoked), source=source)
 
     def _forget_node(self, node_id: str) -> None:
@@ -629,7 +707,7 @@ class MeshNode:
         if self.links.pop(node_id, None) is not None and len(self.links) < self.dial_target:
             self._links_low.set()  # the bootstrap redial and top-up find a replacement
             self._topup()
-        if self.addresses.pop(node_id, None) is not None:
+        if self.book.remove(node_id):
             self.store.forget_peer(node_id)
         self.engine.forget_peer(node_id)
         self._emit("peer.revoked", peer=node_id)
@@ -642,10 +720,11 @@ class MeshNode:
             der = crl.public_bytes(serialization.Encoding.DER)
             if not self.trust.is_newer_crl(der):
                 return False
-            if self.links:
+            if self.links and len(der) <= MAX_GOSSIP_CRL:
                 # Gossip it, signed by us: the engine applies it as it would a peer's,
                 # and the mesh learns it faster than by everyone's own fetch. (If we are
-                # the one revoked, or it is too big to gossip, it is applied below.)
+                # the one revoked, or it is too big to gossip, it is applied below and
+                # only pushed over links: mesh-link.md section 9.1.)
                 with contextlib.suppress(ProtocolError):
                     received = self.publish(crl_payload(der))
                     if received.crl is not None:
@@ -670,6 +749,8 @@ class MeshNode:
                 ids = self.engine.ihave_for(peer, now)
                 if ids:
                     link.send_ihave(ids)
+            self.store.forget_peers(self.book.prune(now))  # expired records
+            self._refresh_record()
             self._topup()
 
     async def _flush_loop(self) -> None:
@@ -680,6 +761,8 @@ class MeshNode:
             ticks += 1
             if ticks % 300 == 0:
                 self.seen.prune(now_ms())
+                # Age limits pass even with no traffic (mesh/store.py; nothing new: prune only).
+                self.store.save([], [], capacity=self.seen.capacity, now_ms=now_ms())
 
     def flush(self) -> None:
         seen = self.seen.take_pending()
@@ -716,8 +799,10 @@ class MeshNode:
             rotate_node, self.directory, passphrase=self._passphrase, ca_url=self.config.ca_url
         )
         self.identity = self._load_identity()
+        self._tickets.clear()  # a resumed link would present the old certificate
         if self.api_site is not None:
             self.api_site.context = self.identity.api
+        self._refresh_record(force=True)  # signed with the new key, the new chain
         cert = self.identity.certificate
         self._emit(
             "cert.renewed",
