@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import socket
 import ssl
 import urllib.error
@@ -33,6 +32,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import fsync_directory, load_key_file, save_key_file
+from trustmesh.pki.ca import write_durably
 from trustmesh.pki.errors import PkiError
 
 log = logging.getLogger("trustmesh.api.ca_client")
@@ -240,8 +240,8 @@ def enroll_node(
                 out.rmdir()
         raise
     leaf, chain = _check_answer(answer, key, node_id, roots)
-    _write_atomic(out / "node.crt", _pem_chain(leaf, *chain))
-    _write_atomic(
+    write_durably(out / "node.crt", _pem_chain(leaf, *chain))
+    write_durably(
         out / "ca.crt", b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots)
     )
     record = {
@@ -251,7 +251,7 @@ def enroll_node(
         "not_after": leaf.not_valid_after_utc.isoformat(),
         "config": answer.get("config", {}),
     }
-    _write_atomic(out / ENROLLMENT_FILE, json.dumps(record, indent=2).encode() + b"\n")
+    write_durably(out / ENROLLMENT_FILE, json.dumps(record, indent=2).encode() + b"\n")
     os.replace(out / PENDING_KEY, out / "node.key")  # last: the directory is enrolled
     fsync_directory(out)
     return NodeCertificate(out, node_id, record["serial"], leaf.not_valid_after_utc)
@@ -306,11 +306,11 @@ def rotate_node(
         key = old_key
     elif pending.exists():
         key = load_key_file(pending, passphrase)  # resume: the CA may have certified it
-        _write_atomic(directory / NEXT_PUB, _public_pem(key))
+        write_durably(directory / NEXT_PUB, _public_pem(key))
     else:
         key = PrivateKey.generate(old_key.kind)
         save_key_file(key, pending, passphrase, overwrite=True)
-        _write_atomic(directory / NEXT_PUB, _public_pem(key))
+        write_durably(directory / NEXT_PUB, _public_pem(key))
     client = CaClient(
         url,
         directory / "ca.crt",
@@ -333,14 +333,14 @@ def rotate_node(
     roots = _load_roots(directory / "ca.crt")
     leaf, chain = _check_answer(answer, key, node_id, roots)
     _keep_previous(directory)
-    _write_atomic(directory / NEXT_CERT, _pem_chain(leaf, *chain))
+    write_durably(directory / NEXT_CERT, _pem_chain(leaf, *chain))
     finish_interrupted_rotation(directory)
     info.update(
         serial=format(leaf.serial_number, "x"),
         not_after=leaf.not_valid_after_utc.isoformat(),
         ca_url=url,
     )
-    _write_atomic(directory / ENROLLMENT_FILE, json.dumps(info, indent=2).encode() + b"\n")
+    write_durably(directory / ENROLLMENT_FILE, json.dumps(info, indent=2).encode() + b"\n")
     return NodeCertificate(directory, node_id, str(info["serial"]), leaf.not_valid_after_utc)
 
 
@@ -482,7 +482,7 @@ def _pem_chain(*certs: x509.Certificate) -> bytes:
 def _keep_previous(directory: Path) -> None:
     for name, previous in (("node.crt", PREV_CERT), ("node.key", PREV_KEY)):
         source = directory / name
-        _write_atomic(directory / previous, source.read_bytes(), mode=source.stat().st_mode & 0o777)
+        write_durably(directory / previous, source.read_bytes(), mode=source.stat().st_mode & 0o777)
 
 
 def _prune_with_crl(
@@ -522,20 +522,3 @@ def _public_pem(key: PrivateKey) -> bytes:
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``path`` so that a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()

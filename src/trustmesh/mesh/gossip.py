@@ -184,11 +184,11 @@ def message_from_json(data: Any) -> GossipMessage:
     check_payload(payload)
     timestamp = _millis(data, "timestamp")
     expiry = _millis(data, "expiry")
-    signature = _base64(data.get("signature"), "signature", 512)
+    signature = decode_base64(data.get("signature"), "signature", 512)
     chain_field = data.get("chain", [])
     if not isinstance(chain_field, list) or len(chain_field) > MAX_CHAIN:
         raise MalformedMessage(f"chain must be a list of at most {MAX_CHAIN} certificates")
-    chain = tuple(_base64(c, "chain entry", MAX_CERT) for c in chain_field)
+    chain = tuple(decode_base64(c, "chain entry", MAX_CERT) for c in chain_field)
     return GossipMessage(message_id, origin, payload, timestamp, expiry, signature, chain)
 
 
@@ -200,7 +200,7 @@ def check_payload(payload: dict[str, Any]) -> None:
     elif kind == "crl":
         if payload.keys() != {"type", "crl"} or not isinstance(payload["crl"], str):
             raise MalformedMessage('a crl payload is {"type": "crl", "crl": base64 DER}')
-        _base64(payload["crl"], "crl", MAX_MESSAGE)
+        decode_base64(payload["crl"], "crl", MAX_MESSAGE)
     else:
         raise MalformedMessage(f"payload type must be one of {list(PAYLOAD_TYPES)}")
 
@@ -218,7 +218,7 @@ def crl_payload(der: bytes) -> dict[str, Any]:
 
 
 def crl_from_payload(payload: dict[str, Any]) -> bytes:
-    return _base64(payload["crl"], "crl", MAX_MESSAGE)
+    return decode_base64(payload["crl"], "crl", MAX_MESSAGE)
 
 
 _ANOMALY_FIELDS = frozenset({"type", "hash", "kind", "risk", "meta"})
@@ -279,7 +279,9 @@ def _millis(data: dict[str, Any], key: str) -> int:
     return value
 
 
-def _base64(text: Any, what: str, limit: int) -> bytes:
+def decode_base64(text: Any, what: str, limit: int) -> bytes:
+    """A base64 member of 1 to ``limit`` bytes, strictly decoded (``what`` names it in
+    the error)."""
     if not isinstance(text, str) or len(text) > (limit + 2) // 3 * 4:
         raise MalformedMessage(f"{what} must be base64 of at most {limit} bytes")
     try:

@@ -21,7 +21,6 @@ Sans-IO: nothing here reads a clock; every call takes ``now_ms`` (Unix milliseco
 from __future__ import annotations
 
 import base64
-import binascii
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from trustmesh.mesh.errors import (
     MalformedMessage,
     UntrustedOrigin,
 )
-from trustmesh.mesh.gossip import MAX_CERT, MAX_CHAIN, NODE_ID
+from trustmesh.mesh.gossip import MAX_CERT, MAX_CHAIN, NODE_ID, decode_base64
 from trustmesh.mesh.link import split_address
 from trustmesh.mesh.trust import TrustView
 from trustmesh.wire.jsonwire import canonical_json, compact_json, strict_loads
@@ -139,11 +138,11 @@ def record_from_json(data: Any) -> PeerRecord:
     for name, value in (("seq", seq), ("expires", expires)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
             raise MalformedMessage(f"a record's {name} is Unix milliseconds (an integer)")
-    signature = _base64(data["signature"], "signature", MAX_SIGNATURE)
+    signature = decode_base64(data["signature"], "a record's signature", MAX_SIGNATURE)
     chain_field = data["chain"]
     if not isinstance(chain_field, list) or not 0 < len(chain_field) <= MAX_CHAIN:
         raise MalformedMessage(f"a record's chain holds 1 to {MAX_CHAIN} certificates")
-    chain = tuple(_base64(c, "chain entry", MAX_CERT) for c in chain_field)
+    chain = tuple(decode_base64(c, "a record's chain entry", MAX_CERT) for c in chain_field)
     return PeerRecord(node_id, tuple(addresses), seq, expires, signature, chain)
 
 
@@ -352,15 +351,3 @@ def _is_address(value: object) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _base64(text: Any, what: str, limit: int) -> bytes:
-    if not isinstance(text, str) or len(text) > (limit + 2) // 3 * 4:
-        raise MalformedMessage(f"a record's {what} must be base64 of at most {limit} bytes")
-    try:
-        raw = binascii.a2b_base64(text, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise MalformedMessage(f"a record's {what} is not base64") from None
-    if not 0 < len(raw) <= limit:
-        raise MalformedMessage(f"a record's {what} must be 1 to {limit} bytes")
-    return raw
