@@ -328,9 +328,10 @@ async def test_the_session_ceases_when_a_certificate_expires(
     pki: Pki, serve: Callable[[CatalystNode], Any]
 ) -> None:
     b = await serve(CatalystNode(B, pki.tls("node-b")))
-    # node-a's clock says its certificates expire in half a second.
+    # node-a's clock says its certificates expire in two seconds: ample for a loopback
+    # handshake (a few ms) even on a loaded machine, then the expiry ends the session.
     ends = min(pki.cert(n).not_valid_after_utc.timestamp() for n in ("node-a", "node-b"))
-    a = CatalystNode(A, pki.tls("node-a"), clock=lambda: ends - 0.5)
+    a = CatalystNode(A, pki.tls("node-a"), clock=lambda: ends - 2.0)
     async with asyncio.timeout(WAIT):
         session = await a.connect("127.0.0.1", b.port)
         assert session.tls is not None and session.tls.expires_at is not None
