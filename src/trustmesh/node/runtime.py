@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -161,6 +162,7 @@ class MeshNode:
         self._dialing: set[str] = set()
         self._links_low = asyncio.Event()  # set when the links fall below the dial target
         self._cooldown: dict[str, tuple[float, Backoff]] = {}
+        self._rng = random.Random()  # dial order  # noqa: S311 (not a secret)
         self._indicators: list[Indicator] = []
         self._inbox: dict[Link, list[bytes]] = {}  # gossip frames waiting for their batch
         self._inbox_scheduled = False
@@ -464,8 +466,11 @@ class MeshNode:
                 return False
             return self._cooldown.get(address, (0.0, None))[0] <= clock
 
-        # Only addresses from valid signed records (unexpired, certificate unrevoked).
-        for node_id, address in list(self.book.dialable(now_ms(), usable)):
+        # Only addresses from valid signed records (unexpired, certificate unrevoked), in
+        # random order: in book order every newcomer would dial the oldest, fullest nodes.
+        candidates = list(self.book.dialable(now_ms(), usable))
+        self._rng.shuffle(candidates)
+        for node_id, address in candidates:
             if room <= 0:
                 break
             if node_id in self.links or node_id in self.revoked_nodes:
@@ -531,8 +536,6 @@ class MeshNode:
             link.close(CloseCode.LINK_CAP, f"at the cap of {self.config.max_links} links")
             return
         self.links[peer] = link
-        if link.address is not None:
-            self._cooldown.pop(link.address, None)
         self.revoked_nodes.discard(peer)  # re-enrolled: this certificate just checked out
         address = event.listen or link.address  # HELLO listen is shown, never dialled
         self.peers[peer] = PeerInfo(
@@ -550,8 +553,14 @@ class MeshNode:
         self._pending.discard(link)
         self._live.discard(link)
         refused = isinstance(event, LinkClosed) and event.code != CloseCode.SHUTDOWN
-        if link.address is not None and refused and link.was_up:
-            self._cool_down(link.address)  # at its cap, a duplicate, or worse: not at once
+        if link.address is not None and link.was_up:
+            if refused:
+                # At its cap, a duplicate, or worse: not at once, and each refusal in a
+                # row waits longer (the peer's HELLO came before its refusal, so HELLO
+                # must not reset the backoff).
+                self._cool_down(link.address)
+            else:
+                self._cooldown.pop(link.address, None)  # a link that ran its course
         if not link.was_up and event.reason.startswith("TLS failed"):
             # Refused at the handshake, by us or by the peer: say which check and why
             # (a revoked certificate: "certificate revoked" on both sides).
