@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Container
@@ -38,6 +39,8 @@ from trustmesh.pki.errors import PkiError
 log = logging.getLogger("trustmesh.api.ca_client")
 
 DEFAULT_TIMEOUT = 30.0
+RETRY_429 = 5  # a 429 is retried this many times
+MAX_RETRY_AFTER = 30.0  # seconds; a CA asking for a longer wait gets its error reported
 ENROLLMENT_FILE = "enrollment.json"
 PENDING_KEY = "node.pending.key"  # an enrollment's key until its certificate is in
 NEXT_KEY, NEXT_CERT = "node.next.key", "node.next.crt"  # a rotation's new pair, in flight
@@ -59,6 +62,7 @@ class CaRequestFailed(PkiError):
         self.status = status
         self.code = code
         self.unsent = unsent
+        self.retry_after: float | None = None  # a 429's Retry-After, in seconds
 
     @property
     def definite(self) -> bool:
@@ -68,7 +72,12 @@ class CaRequestFailed(PkiError):
 
 class CaClient:
     """HTTPS calls to the CA at ``url``, trusting only the mesh root in ``ca_file``;
-    with ``cert_file`` and ``key_file`` it authenticates with that certificate."""
+    with ``cert_file`` and ``key_file`` it authenticates with that certificate.
+
+    A 429 is retried after the CA's ``Retry-After`` (at most ``RETRY_429`` times, each
+    wait at most ``MAX_RETRY_AFTER`` seconds): a fleet behind one address enrolls at the
+    pace the CA allows instead of failing. Every call is safe to repeat (enrollment and
+    rotation retries with the same key get the same certificate)."""
 
     def __init__(
         self,
@@ -79,9 +88,11 @@ class CaClient:
         key_file: Path | None = None,
         passphrase: bytes | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._sleep = sleep
         try:
             self._ssl = ssl.create_default_context(cafile=str(ca_file))
             self._ssl.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -149,6 +160,20 @@ class CaClient:
     def _request(
         self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str]
     ) -> tuple[int, bytes]:
+        for _ in range(RETRY_429):
+            try:
+                return self._request_once(method, path, body, headers)
+            except CaRequestFailed as exc:
+                if exc.status != 429 or exc.retry_after is None:
+                    raise
+                if exc.retry_after > MAX_RETRY_AFTER:
+                    raise
+                self._sleep(exc.retry_after)
+        return self._request_once(method, path, body, headers)
+
+    def _request_once(
+        self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(  # noqa: S310 (an https URL the operator gave)
             self.url + path, data=data, method=method, headers=headers
@@ -176,7 +201,11 @@ def _failure(path: str, exc: urllib.error.HTTPError) -> CaRequestFailed:
         message, code = str(body["message"]), str(body["error"])
     except (ValueError, KeyError, TypeError, OSError):
         message, code = exc.reason or "error", None
-    return CaRequestFailed(f"{path}: {exc.code} {message}", status=exc.code, code=code)
+    failure = CaRequestFailed(f"{path}: {exc.code} {message}", status=exc.code, code=code)
+    retry_after = exc.headers.get("Retry-After") if exc.headers is not None else None
+    if retry_after is not None and retry_after.strip().isdigit():
+        failure.retry_after = float(retry_after)
+    return failure
 
 
 # --- the node directory -----------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 from trustmesh.api.ca_client import enroll_node
 from trustmesh.api.ca_server import CaServer
+from trustmesh.io.limits import ResourcePolicy
 from trustmesh.node.config import NodeConfig, write_config
 from trustmesh.node.runtime import MeshNode
 from trustmesh.pki.ca import CertificateAuthority
@@ -51,7 +52,11 @@ class LocalMesh:
         ca = CertificateAuthority.init(self.ca_dir, self.passphrase, name="trustmesh demo")
         self.ca = ca
         registrar = Registrar(ca, EnrollmentPolicy(), MeshSettings())
-        self.ca_server = CaServer(registrar, self.passphrase, HOST, 0)
+        # Every node of a local mesh reaches the CA from 127.0.0.1, where a real fleet
+        # comes from as many addresses: lift the listener's per-address limits.
+        self.ca_server = CaServer(
+            registrar, self.passphrase, HOST, 0, policy=ResourcePolicy.for_load(4096)
+        )
         await self.ca_server.start()
         return self.ca_server
 
