@@ -25,10 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -48,6 +46,7 @@ from trustmesh.catalyst.session import (
     SessionEstablished,
     State,
 )
+from trustmesh.io.backoff import Backoff
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.stream import ServerHandle, StreamDriver, serve_stream
 from trustmesh.sansio import ConnectionClosed, Event
@@ -76,26 +75,6 @@ MAX_CRL_BYTES = 64 * 1024 * 1024  # a CRL with a million revoked serials fits
 CRL_FETCH_TIMEOUT = 30.0
 
 EventListener = Callable[["Session", Event], None]
-
-
-@dataclass
-class Backoff:
-    """Exponential redial delays: ``initial``, doubling up to ``maximum``, each with up
-    to ``jitter`` (a fraction) added so that a fleet does not redial in lockstep."""
-
-    initial: float = 1.0
-    maximum: float = 60.0
-    jitter: float = 0.2
-    rng: Callable[[], float] = field(default=random.random, repr=False)
-    _failures: int = field(default=0, repr=False)
-
-    def next_delay(self) -> float:
-        base = self.initial * 2.0 ** min(self._failures, 62)
-        self._failures += 1
-        return min(self.maximum, base * (1 + self.jitter * self.rng()))
-
-    def reset(self) -> None:
-        self._failures = 0
 
 
 class Session:

@@ -37,7 +37,7 @@ from trustmesh.api.ca_client import (
 )
 from trustmesh.crypto.keys import PrivateKey
 from trustmesh.errors import ProtocolError
-from trustmesh.io.catalyst import Backoff
+from trustmesh.io.backoff import Backoff
 from trustmesh.io.https import HttpServer, HttpsSite, serve_app
 from trustmesh.io.stream import StreamDriver, StreamServer, serve_stream
 from trustmesh.keystore.filestore import load_key_file
