@@ -32,8 +32,12 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.keystore.filestore import fsync_directory, load_key_file, save_key_file
-from trustmesh.pki.ca import write_durably
+from trustmesh.keystore.filestore import (
+    fsync_directory,
+    load_key_file,
+    save_key_file,
+    write_durably,
+)
 from trustmesh.pki.errors import PkiError
 
 log = logging.getLogger("trustmesh.api.ca_client")

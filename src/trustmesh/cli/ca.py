@@ -18,7 +18,7 @@ from trustmesh.cli.output import emit
 from trustmesh.cli.params import Duration
 from trustmesh.cli.signals import stop_on_signals
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.keystore.filestore import passphrase_from_env_or_tty, save_key_file
+from trustmesh.keystore.filestore import passphrase_from_env_or_tty, save_key_file, write_durably
 from trustmesh.pki.attestation import AttestationPolicy, installed_verifiers
 from trustmesh.pki.ca import (
     MAX_ADMIN_TOKEN_TTL,
@@ -34,7 +34,6 @@ from trustmesh.pki.ca import (
     check_node_id,
     parse_serial,
     token_hash,
-    write_durably,
 )
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.pki.errors import PkiError

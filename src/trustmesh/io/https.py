@@ -497,7 +497,7 @@ class _ListenerServer(asyncio.AbstractServer):
         return None  # a Listener serves from the moment it listens
 
     async def serve_forever(self) -> None:
-        raise NotImplementedError("await the site's runner instead")
+        await self._listener.wait_stopped()
 
 
 RequestHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]

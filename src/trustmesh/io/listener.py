@@ -50,6 +50,7 @@ class Listener:
         self._reading = False  # the socket is registered for accept
         self._resume: asyncio.TimerHandle | None = None  # accepting again after a pause
         self._starting: set[asyncio.Task[None]] = set()  # transports being set up
+        self._stopped = asyncio.Event()  # set by close()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
@@ -98,11 +99,16 @@ class Listener:
             self._resume = None
         self._socket.close()
         self._socket = None
+        self._stopped.set()
 
     async def wait_closed(self) -> None:
         """Wait until the connections accepted before :meth:`close` have started."""
         if self._starting:
             await asyncio.gather(*self._starting, return_exceptions=True)
+
+    async def wait_stopped(self) -> None:
+        """Wait until :meth:`close` (what an asyncio server's ``serve_forever`` does)."""
+        await self._stopped.wait()
 
     def is_serving(self) -> bool:
         return self._socket is not None

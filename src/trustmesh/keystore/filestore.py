@@ -142,3 +142,21 @@ class FileKeyStore:
 
     def load(self, path: str | os.PathLike[str]) -> PrivateKey:
         return load_key_file(path, self._passphrase)
+
+
+def write_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write ``path`` so that a crash leaves the old file or the new one, never half, and
+    the new one is on disk (file, then directory, fsynced) when this returns."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

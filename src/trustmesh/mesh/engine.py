@@ -387,7 +387,9 @@ class GossipEngine:
                 if self._penalise(sender, self.scoring.invalid, now_ms):
                     raise Graylisted(f"{sender} sent a forged duplicate: graylisted") from exc
             except (GossipRejected, BadMessageId):
-                pass
+                # Expired, revoked, unknown CA, a bad id: nothing to learn, and a
+                # duplicate all the same (no penalty beyond the rate token it took).
+                return Received(message.message_id, new=False)
         return Received(message.message_id, new=False)
 
     def _record(

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import ipaddress
-import os
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
@@ -31,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
-from trustmesh.keystore.filestore import fsync_directory, load_key_file, save_key_file
+from trustmesh.keystore.filestore import load_key_file, save_key_file, write_durably
 from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
 from trustmesh.pki.store import CaStore, IssuedCertificate, SqliteStore, spki_sha256
 from trustmesh.tls.stream import certificate_names
@@ -542,21 +540,3 @@ def _write_pem(path: Path, certs: list[x509.Certificate]) -> None:
     and once this returns the new one survives a power cut (file and directory are
     fsynced, as the database is)."""
     write_durably(path, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
-
-
-def write_durably(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``path`` so that a crash leaves the old file or the new one, never half, and
-    the new one is on disk (file, then directory, fsynced) when this returns."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
