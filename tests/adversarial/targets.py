@@ -349,8 +349,8 @@ class MeshTarget(StreamTarget):
     def __init__(
         self, mesh: LocalMesh, node: MeshNode, clients: dict[bool, tuple[str, TlsContext]]
     ) -> None:
-        assert node._server is not None
-        super().__init__(node._server, node.config.policy)
+        assert node.link_server is not None
+        super().__init__(node.link_server, node.config.policy)
         self.mesh = mesh
         self.node = node
         self.clients = clients
@@ -550,8 +550,8 @@ class NodeApiTarget(HttpTarget):
     max_body = MAX_GOSSIP + 1024
 
     def __init__(self, mesh: MeshTarget) -> None:
-        assert mesh.node._api is not None
-        super().__init__(mesh.node._api, mesh.policy)
+        assert mesh.node.api_server is not None
+        super().__init__(mesh.node.api_server, mesh.policy)
         self.mesh = mesh
 
     @classmethod

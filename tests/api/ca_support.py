@@ -6,7 +6,6 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from trustmesh.api.ca_client import make_csr as node_csr
 from trustmesh.api.ca_server import CaServer
 from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.clock import Clock
 from trustmesh.crypto.keys import PrivateKey
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.pki.ca import CertificateAuthority
@@ -87,7 +87,8 @@ class RunningCa:
 
 @pytest.fixture
 async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """``await factory(policy=..., limiter=..., settings=...)``: start a CA API."""
+    """``await factory(policy=..., limiter=..., settings=..., clock=..., resources=...)``:
+    start a CA API (``resources``: its listener's ResourcePolicy)."""
     running: list[RunningCa] = []
 
     async def start(
@@ -95,7 +96,8 @@ async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         policy: EnrollmentPolicy | None = None,
         limiter: RateLimiter | None = None,
         settings: MeshSettings | None = None,
-        clock: Callable[[], datetime] | None = None,
+        clock: Clock | None = None,
+        resources: ResourcePolicy | None = None,
     ) -> RunningCa:
         directory = tmp_path / f"ca{len(running)}"
         ca = CertificateAuthority.init(directory, PASSPHRASE)
@@ -106,9 +108,9 @@ async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             "127.0.0.1",
             0,
             limiter=limiter or RateLimiter(1000.0, 1000),
-            clock=clock or (lambda: datetime.now(UTC)),
+            clock=clock,  # None: the CA's (the system clock)
             # Every test client connects from 127.0.0.1: lift the per-address caps too.
-            policy=ResourcePolicy.for_load(1024),
+            policy=resources or ResourcePolicy.for_load(1024),
         )
         await server.start()
         handle = RunningCa(ca, server, directory)

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from trustmesh.api.ca import ca_app
 from trustmesh.api.ca_server import CaServer
 from trustmesh.api.ratelimit import RateLimiter
-from trustmesh.pki.ca import CertificateAuthority
+from trustmesh.clock import FakeClock
+from trustmesh.pki.ca import CRL_VALIDITY, CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 
 Factory = Callable[..., Any]
@@ -288,46 +289,44 @@ async def test_crl_etag_cache_control_and_pem(ca_api: RunningCa, tmp_path: Path)
 @pytest.fixture
 async def clocked(
     tmp_path: Path,
-) -> AsyncIterator[tuple[TestClient[Any, Any], list[datetime], CertificateAuthority]]:
-    now = [datetime(2026, 11, 22, 12, 0, tzinfo=UTC)]
-    ca = CertificateAuthority.init(tmp_path / "ca", b"pw", now=now[0])
+) -> AsyncIterator[tuple[TestClient[Any, Any], FakeClock, CertificateAuthority]]:
+    clock = FakeClock(datetime(2026, 11, 22, 12, 0, tzinfo=UTC))
+    ca = CertificateAuthority.init(tmp_path / "ca", b"pw", clock=clock)
     registrar = Registrar(ca, EnrollmentPolicy(), MeshSettings())
-    app = ca_app(registrar, limiter=RateLimiter(100.0, 100), clock=lambda: now[0])
+    app = ca_app(registrar, limiter=RateLimiter(100.0, 100))  # the CA's clock
     client = TestClient(TestServer(app, host="127.0.0.1"))
     await client.start_server()
-    yield client, now, ca
+    yield client, clock, ca
     await client.close()
     ca.close()
 
 
 async def test_crl_is_signed_again_before_next_update(
-    clocked: tuple[TestClient[Any, Any], list[datetime], CertificateAuthority],
+    clocked: tuple[TestClient[Any, Any], FakeClock, CertificateAuthority],
 ) -> None:
-    client, now, _ = clocked
+    client, clock, _ = clocked
     first = x509.load_der_x509_crl(await (await client.get("/v1/crl")).read())
-    now[0] += timedelta(hours=11)
+    clock.advance(timedelta(hours=11))
     same = x509.load_der_x509_crl(await (await client.get("/v1/crl")).read())
     assert same.last_update_utc == first.last_update_utc
-    now[0] += timedelta(hours=2)  # past half of its 24 hours
+    clock.advance(timedelta(hours=2))  # past half of its 24 hours
     fresh = x509.load_der_x509_crl(await (await client.get("/v1/crl")).read())
-    assert fresh.last_update_utc == now[0].replace(microsecond=0)
-    assert fresh.next_update_utc is not None and fresh.next_update_utc > now[0] + timedelta(
-        hours=23
-    )
+    assert fresh.last_update_utc == clock.now().replace(microsecond=0)
+    assert fresh.next_update_utc == clock.now().replace(microsecond=0) + CRL_VALIDITY
 
 
 async def test_ca_expiry_warnings_show_in_the_api(
-    clocked: tuple[TestClient[Any, Any], list[datetime], CertificateAuthority],
+    clocked: tuple[TestClient[Any, Any], FakeClock, CertificateAuthority],
 ) -> None:
-    client, now, ca = clocked
+    client, clock, ca = clocked
     healthy = await (await client.get("/v1/health")).json()
     assert healthy["status"] == "ok" and healthy["warnings"] == []
-    now[0] = ca.issuing_cert.not_valid_after_utc - timedelta(days=10)
+    clock.set(ca.issuing_cert.not_valid_after_utc - timedelta(days=10))
     health = await (await client.get("/v1/health")).json()
     assert health["status"] == "warning"
     assert "issuing CA certificate expires in 10 days" in health["warnings"][0]
-    now[0] = ca.issuing_cert.not_valid_after_utc - timedelta(days=2)
-    token = ca.create_token("node-1", now=now[0])
+    clock.set(ca.issuing_cert.not_valid_after_utc - timedelta(days=2))
+    token = ca.create_token("node-1")  # at the fake now, as the API's enroll below
     pem, _ = make_csr("node-1")
     response = await client.post("/v1/enroll", json={"token": token, "csr": pem})
     assert response.status == 200

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from trustmesh.api.ca import ca_app
 from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.clock import FakeClock
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 
@@ -45,7 +46,7 @@ async def client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Test
     app = ca_app(
         Registrar(ca, EnrollmentPolicy(), MeshSettings()),
         limiter=RateLimiter(1e9, 10**9),
-        clock=lambda: NOW,
+        clock=FakeClock(NOW),
     )
     test_client = TestClient(TestServer(app, host="127.0.0.1"))
     await test_client.start_server()

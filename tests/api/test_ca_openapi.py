@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -43,6 +43,7 @@ from werkzeug.datastructures import Headers, ImmutableMultiDict
 
 from trustmesh.api.ca import ca_app, openapi_document
 from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.clock import SystemClock
 from trustmesh.pki.enroll import EnrollmentPolicy
 
 Factory = Callable[..., Any]
@@ -484,16 +485,16 @@ async def test_unknown_path_and_wrong_method_conform(ca_api: RunningCa) -> None:
     conforms_to_component(received, "MethodNotAllowed")
 
 
-class FailingClock:
+class FailingClock(SystemClock):
     """The CA's clock; once ``broken``, it raises, so a handler fails unexpectedly."""
 
     def __init__(self) -> None:
         self.broken = False
 
-    def __call__(self) -> datetime:
+    def now(self) -> datetime:
         if self.broken:
             raise RuntimeError("the clock broke")
-        return datetime.now(UTC)
+        return super().now()
 
 
 async def test_internal_error_conforms(ca_api_factory: Factory) -> None:

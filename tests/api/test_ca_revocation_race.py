@@ -21,20 +21,21 @@ from cryptography.hazmat.primitives import serialization
 
 import trustmesh.api.ca as ca_api_module
 from trustmesh.api.errors import json_body
+from trustmesh.clock import SystemClock
 from trustmesh.pki.ca import token_hash
 from trustmesh.pki.store import admin_token_id
 
 Factory = Callable[..., Any]
 
 
-class Clock:
+class Clock(SystemClock):
     """The CA API's clock: real time (so the TLS certificates verify) plus an offset."""
 
     def __init__(self) -> None:
         self.offset = timedelta(0)
 
-    def __call__(self) -> datetime:
-        return datetime.now(UTC) + self.offset
+    def now(self) -> datetime:
+        return super().now() + self.offset
 
 
 async def _held_back_rotation(

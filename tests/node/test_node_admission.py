@@ -32,8 +32,9 @@ async def test_each_refusal_at_the_cap_in_a_row_waits_longer(tmp_path: Path) -> 
             closed = await link.wait_closed()
             assert isinstance(closed, LinkClosed)
             assert closed.code == CloseCode.LINK_CAP
-            _, backoff = newcomer._cooldown[address]
-            assert backoff._failures == refusals  # 1 s, 2 s, 4 s ...: not 1 s each time
+            cooldown = newcomer.core.cooldown_of(address)
+            assert cooldown is not None
+            assert cooldown[1] == refusals  # 1 s, 2 s, 4 s ...: not 1 s each time
         assert set(full.links) == {"node-2"}  # the cap held throughout
     finally:
         for node in mesh.nodes:

@@ -21,7 +21,7 @@ from aiohttp import web
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.mesh.engine import Received
 from trustmesh.node import api
-from trustmesh.node.runtime import MeshNode
+from trustmesh.node.api import NodeView
 
 WAIT = 10.0
 OPEN = ResourcePolicy(request_rate=1000.0, request_burst=1000)
@@ -65,7 +65,7 @@ class CommittingNode:
 async def serving(node: CommittingNode, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     monkeypatch.setattr(api, "peer_chain", lambda request: ("a certificate",))
     monkeypatch.setattr(api.GossipLimits, "check", lambda self, request, certificate: None)
-    app = api.node_app(cast(MeshNode, node))
+    app = api.node_app(cast(NodeView, node))
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:

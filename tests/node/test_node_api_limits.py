@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from trustmesh.clock import FakeClock
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.mesh.engine import Received
 from trustmesh.mesh.gossip import decode_message
 from trustmesh.node import api
-from trustmesh.node.runtime import MeshNode
+from trustmesh.node.api import NodeView
 
 WAIT = 10.0
 CERT = "x-test-certificate"  # which test certificate the request comes with
@@ -97,7 +98,7 @@ async def serving(
         return (CERTIFICATES[name],) if name else ()
 
     monkeypatch.setattr(api, "peer_chain", chain_of)
-    app = api.node_app(cast(MeshNode, node), **kwargs)
+    app = api.node_app(cast(NodeView, node), **kwargs)
     app.middlewares.insert(0, from_test_headers)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
@@ -141,9 +142,9 @@ PASSED = 400  # past the limits: the stand-in node refuses the empty object
 async def test_gossip_is_limited_per_client_certificate(
     http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = [0.0]
+    clock = FakeClock()
     node = FakeNode(FakeConfig(SMALL))
-    async with serving(node, monkeypatch, clock=lambda: now[0]) as origin:
+    async with serving(node, monkeypatch, clock=clock) as origin:
         post = Poster(http, origin)
         for index in range(3):
             assert await post.status("a", f"10.0.0.{index}") == PASSED
@@ -155,7 +156,7 @@ async def test_gossip_is_limited_per_client_certificate(
         assert json.loads(body)["error"] == "rate_limited"
         assert "certificate" in json.loads(body)["message"]
         assert await post.status("b", "10.0.0.9") == PASSED
-        now[0] += 1.0
+        clock.advance(1.0)
         assert await post.status("a", "10.0.0.9") == PASSED
         assert await post.status("a", "10.0.0.9") == 429
 
@@ -163,9 +164,9 @@ async def test_gossip_is_limited_per_client_certificate(
 async def test_gossip_is_limited_per_client_address(
     http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = [0.0]
+    clock = FakeClock()
     node = FakeNode(FakeConfig(SMALL))
-    async with serving(node, monkeypatch, clock=lambda: now[0]) as origin:
+    async with serving(node, monkeypatch, clock=clock) as origin:
         post = Poster(http, origin)
         for cert in ("a", "b", "c"):
             assert await post.status(cert, "2001:db8::1") == PASSED
@@ -179,7 +180,7 @@ async def test_gossip_is_limited_per_client_address(
         headers = {CERT: "d", REMOTE: "2001:db8::2"}
         async with http.get(origin + "/v1/mesh/peers", headers=headers) as response:
             assert response.status == 200
-        now[0] += 1.0
+        clock.advance(1.0)
         assert await post.status("d", "2001:db8::3") == PASSED
 
 
@@ -188,7 +189,7 @@ async def test_an_explicit_policy_wins_over_the_nodes(
 ) -> None:
     node = FakeNode(FakeConfig(ResourcePolicy()))
     one = ResourcePolicy(request_rate=1.0, request_burst=1)
-    async with serving(node, monkeypatch, policy=one, clock=lambda: 0.0) as origin:
+    async with serving(node, monkeypatch, policy=one, clock=FakeClock()) as origin:
         post = Poster(http, origin)
         assert await post.status("a", "10.0.0.1") == PASSED
         assert await post.status("a", "10.0.0.1") == 429

@@ -63,6 +63,7 @@ def full_mesh(mesh: LocalMesh) -> Any:
 
 
 def stored_ids(node: MeshNode) -> set[str]:
+    node.flush()  # records are written with the node's next batch
     return {json.loads(raw)["node_id"] for raw in node.store.peer_records()}
 
 
@@ -75,7 +76,7 @@ async def handled_after(mesh: LocalMesh, sender: MeshNode, link: Link, receiver:
 
 
 def not_dialled(victim: MeshNode, trap: Trap) -> None:
-    assert trap.address not in victim._dialing
+    assert not victim.core.dialling(trap.address)
     assert trap.address not in victim.addresses.values()
     assert trap.connections == 0
 

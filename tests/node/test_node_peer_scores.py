@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,11 +19,14 @@ from aiohttp import web
 from click.testing import CliRunner
 from meshtools import T0_MS, MeshPki
 
+from trustmesh.cli import main as cli_main
 from trustmesh.cli import node as node_cli
+from trustmesh.clock import FakeClock
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.mesh.engine import GossipEngine
+from trustmesh.mesh.node import PeerInfo
 from trustmesh.node import api
-from trustmesh.node.runtime import MeshNode, PeerInfo
+from trustmesh.node.api import NodeView
 
 WAIT = 10.0
 
@@ -59,8 +63,8 @@ def pki(tmp_path: Path) -> Iterator[MeshPki]:
 @asynccontextmanager
 async def serving(node: FakeNode, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     monkeypatch.setattr(api, "peer_chain", lambda request: ("a client certificate",))
-    monkeypatch.setattr(api, "now_ms", lambda: T0_MS + 1000)
-    runner = web.AppRunner(api.node_app(cast(MeshNode, node)), access_log=None)
+    clock = FakeClock(datetime.fromtimestamp((T0_MS + 1000) / 1000, UTC))
+    runner = web.AppRunner(api.node_app(cast(NodeView, node), clock=clock), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -128,7 +132,7 @@ def test_node_peers_prints_a_score_column_and_json_keeps_the_fields(
 ) -> None:
     monkeypatch.setattr(node_cli, "_get", lambda directory, path, **params: ANSWER)
     runner = CliRunner()
-    table = runner.invoke(node_cli.node, ["peers", "--dir", str(tmp_path)])
+    table = runner.invoke(cli_main.cli, ["node", "peers", "--dir", str(tmp_path)])
     assert table.exit_code == 0, table.output
     two, three = table.output.splitlines()
     assert two.split() == [
@@ -146,7 +150,7 @@ def test_node_peers_prints_a_score_column_and_json_keeps_the_fields(
         "-",
         "graylisted",
     ]
-    as_json = runner.invoke(node_cli.node, ["peers", "--dir", str(tmp_path), "--json"])
+    as_json = runner.invoke(cli_main.cli, ["node", "peers", "--dir", str(tmp_path), "--json"])
     assert as_json.exit_code == 0, as_json.output
     rows = json.loads(as_json.output)["peers"]
     assert [(r["score"], r["graylisted_until"]) for r in rows] == [

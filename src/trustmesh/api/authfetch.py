@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -96,8 +97,10 @@ class AuthFetch:
         revocation: RevocationChecker | None = None,
         request_timeout: float = 30.0,
         max_response: int = 64 * 1024 * 1024,
+        clock: Callable[[], int] = monotonic_ms,
     ) -> None:
         self.max_response = max_response
+        self._clock = clock  # the peer core's time, in milliseconds (as BRC104Server's)
         self.peer = Peer(wallet, config, revocation=revocation)
         self._session = session
         self._own_session = session is None
@@ -139,7 +142,7 @@ class AuthFetch:
             return identity
 
     async def _handshake(self, origin: str) -> str:
-        request = self.peer.initiate(monotonic_ms(), peer_identity_key=self._servers.get(origin))
+        request = self.peer.initiate(self._clock(), peer_identity_key=self._servers.get(origin))
         assert request.initial_nonce is not None
         try:
             reply = await self._post_auth(origin, request)
@@ -147,7 +150,7 @@ class AuthFetch:
                 raise UnauthenticatedResponseError(
                     f"{origin} did not answer with an initialResponse"
                 )
-            self.peer.receive(reply, monotonic_ms())
+            self.peer.receive(reply, self._clock())
         except BaseException:
             self.peer.forget(request.initial_nonce)  # no half-made session stays behind
             raise
@@ -314,7 +317,7 @@ class AuthFetch:
                 )
                 for minus_one in encodings
             ]
-            self.peer.receive_any(candidates, monotonic_ms())
+            self.peer.receive_any(candidates, self._clock())
         except (Brc103Error, DecodeError) as exc:
             raise UnauthenticatedResponseError(f"the response does not verify: {exc}") from None
 

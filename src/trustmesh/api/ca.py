@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from trustmesh.api.errors import ApiError, field, json_body, json_errors
 from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.clock import Clock
 from trustmesh.errors import ProtocolError
 from trustmesh.io.https import peer_chain
 from trustmesh.pki.attestation import Attestation
@@ -128,7 +128,6 @@ class CrlCache:
 
 
 CRLS = web.AppKey("crls", CrlCache)
-Clock = Callable[[], datetime]
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 
 
@@ -136,13 +135,15 @@ def ca_app(
     registrar: Registrar,
     *,
     limiter: RateLimiter,
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    clock: Clock | None = None,
 ) -> web.Application:
+    """The CA API for ``registrar``; every handler reads the time from ``clock`` (by
+    default the registrar's, which is the CA's unless it was given another)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors(ERRORS)])
     app[REGISTRAR] = registrar
     app[LIMITER] = limiter
     app[CRLS] = CrlCache(registrar.ca)
-    app[CLOCK] = clock
+    app[CLOCK] = registrar.clock if clock is None else clock
     app.router.add_post("/v1/enroll", enroll)
     app.router.add_post("/v1/rotate", rotate)
     app.router.add_get("/v1/crl", crl)
@@ -166,7 +167,7 @@ async def enroll(request: web.Request) -> web.Response:
         node_id=field(body, "node_id", required=False),
         attestation=_attestation(body),
         actor=_client(request),
-        now=request.app[CLOCK](),
+        now=request.app[CLOCK].now(),
     )
     log.info(
         "enrolled %s (serial %s%s)",
@@ -187,7 +188,7 @@ async def rotate(request: web.Request) -> web.Response:
     pem = _wants_pem(request, ("pem", "json"))
     registrar = request.app[REGISTRAR]
     # Cheap refusal first: a client without a current certificate is not read further.
-    current = registrar.authenticate(peer_chain(request), now=request.app[CLOCK]())
+    current = registrar.authenticate(peer_chain(request), now=request.app[CLOCK].now())
     body = await json_body(request)
     # The body may have taken a while: the store checks the certificate again (revoked,
     # expired, superseded) at this time, in the transaction that issues.
@@ -197,7 +198,7 @@ async def rotate(request: web.Request) -> web.Response:
         current_serial=field(body, "current_cert_serial", required=False),
         attestation=_attestation(body),
         actor=_client(request),
-        now=request.app[CLOCK](),
+        now=request.app[CLOCK].now(),
     )
     log.info(
         "rotated %s: serial %s replaces %s%s",
@@ -220,11 +221,16 @@ async def rotate(request: web.Request) -> web.Response:
 
 
 async def crl(request: web.Request) -> web.Response:
-    snapshot = request.app[CRLS].current(request.app[CLOCK]())
+    """The CRL, cheap to poll: it is signed once per revocation (or half-validity), not
+    per request, and a client that sends back its ETag in ``If-None-Match`` gets a 304
+    with no body while the CRL is the same. The ETag is strong: a hash of the DER (which
+    includes the CRL number), and the encoding."""
+    snapshot = request.app[CRLS].current(request.app[CLOCK].now())
     pem = _wants_pem(request, ("pem", "der"))
     etag = f'"{snapshot.digest}-{"pem" if pem else "der"}"'
     headers = {"ETag": etag, **snapshot.headers}
-    if etag in _etags(request.headers.get("If-None-Match", "")):
+    wanted = _etags(request.headers.get("If-None-Match", ""))
+    if etag in wanted or "*" in wanted:
         return web.Response(status=304, headers=headers)
     body, content_type = (snapshot.pem, PEM_CRL) if pem else (snapshot.der, DER_CRL)
     return web.Response(body=body, content_type=content_type, headers=headers)
@@ -242,7 +248,7 @@ async def revoke(request: web.Request) -> web.Response:
     if serial_text is None and node_id is None:
         raise ApiError(400, "give serial or node_id")
     ca = request.app[REGISTRAR].ca
-    now = request.app[CLOCK]()
+    now = request.app[CLOCK].now()
     if serial_text is not None:
         serial = parse_serial(serial_text)
         record = ca.store.get(serial)
@@ -260,7 +266,7 @@ async def revoke(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     ca = request.app[REGISTRAR].ca
-    now = request.app[CLOCK]()
+    now = request.app[CLOCK].now()
     warnings = ca.expiry_warnings(now=now)
     snapshot = request.app[CRLS].current(now)
     return web.json_response(
@@ -344,7 +350,7 @@ def _admin(request: web.Request) -> str:
     """Who the admin is: a known, unexpired, unrevoked bearer token's label, or a valid,
     unrevoked admin certificate's name. Any other credential is a 401."""
     registrar = request.app[REGISTRAR]
-    now = request.app[CLOCK]()
+    now = request.app[CLOCK].now()
     auth = request.headers.get("Authorization")
     if auth is not None:
         scheme, _, token = auth.partition(" ")

@@ -12,25 +12,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import logging
 import os
 import socket
 import ssl
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
+from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from trustmesh.clock import SYSTEM_CLOCK, Clock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import (
     fsync_directory,
@@ -52,6 +57,20 @@ NEXT_PUB = "node.next.pub"  # the public half of node.next.key (read without a p
 PREV_KEY, PREV_CERT = "node.prev.key", "node.prev.crt"  # the pair before the last rotation
 PREVIOUS_RECHECK = 3600.0  # seconds between looks for a new node.prev.crt (runtime)
 DROP_PENDING_ON = (400, 401, 403, 409)  # CA answers after which a pending key is useless
+DER_CRL = "application/pkix-crl"
+# What a kept-alive connection the server has closed meanwhile raises on its next use:
+# the request is sent again, once, on a new connection.
+CLOSED_BY_SERVER: tuple[type[Exception], ...] = (
+    http.client.RemoteDisconnected,
+    http.client.BadStatusLine,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    BrokenPipeError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
+
+T = TypeVar("T")
 
 
 class CaRequestFailed(PkiError):
@@ -81,7 +100,13 @@ class CaClient:
     A 429 is retried after the CA's ``Retry-After`` (at most ``RETRY_429`` times, each
     wait at most ``MAX_RETRY_AFTER`` seconds): a fleet behind one address enrolls at the
     pace the CA allows instead of failing. Every call is safe to repeat (enrollment and
-    rotation retries with the same key get the same certificate)."""
+    rotation retries with the same key get the same certificate).
+
+    :meth:`crl_if_changed` is for polling: it keeps one HTTPS connection open across
+    calls (the TLS context is built once, here) and asks with ``If-None-Match``, so an
+    unchanged CRL costs one small request and a 304, not a handshake and a download.
+    A client may live long and be called from threads (``asyncio.to_thread``), one call
+    at a time or not: a lock guards the connection. :meth:`close` closes it."""
 
     def __init__(
         self,
@@ -97,6 +122,10 @@ class CaClient:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._sleep = sleep
+        self._address = urllib.parse.urlsplit(self.url)
+        self._lock = threading.Lock()  # guards the kept-alive connection
+        self._connection: http.client.HTTPSConnection | None = None
+        self.connects = 0  # connections (TLS handshakes) the kept-alive path has opened
         try:
             self._ssl = ssl.create_default_context(cafile=str(ca_file))
             self._ssl.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -135,6 +164,35 @@ class CaClient:
         except ValueError as exc:
             raise CaRequestFailed(f"the CA sent a CRL that does not parse: {exc}") from None
 
+    def crl_if_changed(self, etag: str | None) -> tuple[bytes | None, str | None]:
+        """Poll the CRL: ``(der, new_etag)`` when it differs from the one ``etag`` names
+        (or ``etag`` is None), ``(None, etag)`` when the CA answers 304 Not Modified.
+
+        The DER is as the CA sent it, not parsed or verified: check its signature before
+        trusting it, and keep the old ETag if it fails. Reuses one kept-alive connection;
+        one the server closed meanwhile is replaced transparently (the GET is sent again,
+        once). Errors are :class:`CaRequestFailed`, as for the other calls."""
+        headers = {"Accept": DER_CRL}
+        if etag is not None:
+            headers["If-None-Match"] = etag
+        status, data, reply = self._retrying(lambda: self._kept_alive("GET", "/v1/crl", headers))
+        new_etag = reply.get("ETag")
+        if status == 304:
+            return None, new_etag or etag
+        return data, new_etag
+
+    def close(self) -> None:
+        """Close the kept-alive connection (the client stays usable: the next poll opens
+        a new one)."""
+        with self._lock:
+            self._drop_connection()
+
+    def __enter__(self) -> CaClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def revoke(
         self,
         *,
@@ -164,16 +222,86 @@ class CaClient:
     def _request(
         self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str]
     ) -> tuple[int, bytes]:
+        return self._retrying(lambda: self._request_once(method, path, body, headers))
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """``call()``, again after each 429's Retry-After (see the class)."""
         for _ in range(RETRY_429):
             try:
-                return self._request_once(method, path, body, headers)
+                return call()
             except CaRequestFailed as exc:
                 if exc.status != 429 or exc.retry_after is None:
                     raise
                 if exc.retry_after > MAX_RETRY_AFTER:
                     raise
                 self._sleep(exc.retry_after)
-        return self._request_once(method, path, body, headers)
+        return call()
+
+    def _kept_alive(
+        self, method: str, path: str, headers: dict[str, str]
+    ) -> tuple[int, bytes, Message]:
+        """One bodiless request on the kept-alive connection: status, body and headers
+        of a 2xx or 304; an error status raises :class:`CaRequestFailed`."""
+        with self._lock:
+            for attempt in (1, 2):
+                reused = self._connection is not None
+                connection = self._connect()
+                try:
+                    connection.request(method, self._address.path + path, headers=headers)
+                    response = connection.getresponse()
+                    data = response.read()
+                except CLOSED_BY_SERVER as exc:
+                    self._drop_connection()
+                    if reused and attempt == 1:
+                        log.debug("the CA closed the kept-alive connection (%s): reconnecting", exc)
+                        continue
+                    raise CaRequestFailed(f"cannot reach the CA at {self.url}: {exc}") from None
+                except (OSError, http.client.HTTPException) as exc:
+                    self._drop_connection()
+                    raise CaRequestFailed(f"cannot reach the CA at {self.url}: {exc}") from None
+                if response.will_close:
+                    self._drop_connection()
+                status = response.status
+                if status >= 400:
+                    raise _failure_from(path, status, response.reason, data, response.headers)
+                if not (200 <= status < 300 or status == 304):
+                    raise CaRequestFailed(f"{path}: unexpected {status} {response.reason}")
+                return status, data, response.headers
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connect(self) -> http.client.HTTPSConnection:
+        """The kept-alive connection, opened (TCP and TLS) if there is none; a failure
+        to open is :class:`CaRequestFailed`, ``unsent`` when the CA surely saw nothing."""
+        if self._connection is not None:
+            return self._connection
+        address = self._address
+        if address.scheme != "https" or not address.hostname:
+            raise CaRequestFailed(
+                f"the CA URL must be https://host[:port], not {self.url!r}", unsent=True
+            )
+        connection: http.client.HTTPSConnection | None = None
+        try:
+            connection = http.client.HTTPSConnection(
+                address.hostname, address.port, timeout=self.timeout, context=self._ssl
+            )
+            connection.connect()
+        except (OSError, ValueError) as exc:  # ValueError: a bad port in the URL
+            if connection is not None:
+                connection.close()
+            unsent = isinstance(
+                exc, ssl.SSLError | ConnectionRefusedError | socket.gaierror | ValueError
+            )
+            raise CaRequestFailed(
+                f"cannot reach the CA at {self.url}: {exc}", unsent=unsent
+            ) from None
+        self.connects += 1
+        self._connection = connection
+        return connection
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
 
     def _request_once(
         self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str]
@@ -201,12 +329,24 @@ class CaClient:
 
 def _failure(path: str, exc: urllib.error.HTTPError) -> CaRequestFailed:
     try:
-        body = json.loads(exc.read())
+        data = exc.read()
+    except OSError:
+        data = b""
+    return _failure_from(path, exc.code, exc.reason, data, exc.headers)
+
+
+def _failure_from(
+    path: str, status: int, reason: str | None, data: bytes, headers: Message | None
+) -> CaRequestFailed:
+    """The error for a CA answer with ``status`` >= 400: its JSON ``message`` and
+    ``error`` code when it has them, and a 429's Retry-After."""
+    try:
+        body = json.loads(data)
         message, code = str(body["message"]), str(body["error"])
-    except (ValueError, KeyError, TypeError, OSError):
-        message, code = exc.reason or "error", None
-    failure = CaRequestFailed(f"{path}: {exc.code} {message}", status=exc.code, code=code)
-    retry_after = exc.headers.get("Retry-After") if exc.headers is not None else None
+    except (ValueError, KeyError, TypeError):
+        message, code = reason or "error", None
+    failure = CaRequestFailed(f"{path}: {status} {message}", status=status, code=code)
+    retry_after = headers.get("Retry-After") if headers is not None else None
     if retry_after is not None and retry_after.strip().isdigit():
         failure.retry_after = float(retry_after)
     return failure
@@ -245,6 +385,7 @@ def enroll_node(
     passphrase: bytes | None,
     key_kind: KeyKind = KeyKind.P256,
     attestation: dict[str, str] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> NodeCertificate:
     """Make a key, enroll it, check what came back against ``ca_file``, and write the
     node directory. Refuses a directory that already holds a node key.
@@ -272,7 +413,7 @@ def enroll_node(
             if created and not any(out.iterdir()):
                 out.rmdir()
         raise
-    leaf, chain = _check_answer(answer, key, node_id, roots)
+    leaf, chain = _check_answer(answer, key, node_id, roots, clock.now())
     write_durably(out / "node.crt", _pem_chain(leaf, *chain))
     write_durably(
         out / "ca.crt", b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots)
@@ -308,7 +449,7 @@ def rotate_node(
     ca_url: str | None = None,
     keep_key: bool = False,
     attestation: dict[str, str] | None = None,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    now: Callable[[], datetime] = SYSTEM_CLOCK.now,
 ) -> NodeCertificate:
     """Get a new certificate (for a new key unless ``keep_key``) over mTLS with the
     current one, then swap the files in. The previous pair is kept as node.prev.crt
@@ -364,7 +505,7 @@ def rotate_node(
             _remove(directory, NEXT_KEY, NEXT_PUB)  # refused: nothing was certified for it
         raise
     roots = _load_roots(directory / "ca.crt")
-    leaf, chain = _check_answer(answer, key, node_id, roots)
+    leaf, chain = _check_answer(answer, key, node_id, roots, now())
     _keep_previous(directory)
     write_durably(directory / NEXT_CERT, _pem_chain(leaf, *chain))
     finish_interrupted_rotation(directory)
@@ -435,7 +576,7 @@ def prune_previous(directory: Path, *, now: datetime, revoked: Container[int] = 
 async def forget_previous_key(
     directory: Path,
     *,
-    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    now: Callable[[], datetime] = SYSTEM_CLOCK.now,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     recheck: float = PREVIOUS_RECHECK,
 ) -> None:
@@ -458,10 +599,14 @@ async def forget_previous_key(
 
 
 def _check_answer(
-    answer: dict[str, Any], key: PrivateKey, node_id: str, roots: list[x509.Certificate]
+    answer: dict[str, Any],
+    key: PrivateKey,
+    node_id: str,
+    roots: list[x509.Certificate],
+    now: datetime,
 ) -> tuple[x509.Certificate, list[x509.Certificate]]:
     """The leaf and the CA chain from a CA answer, after checking that the leaf is for
-    our key and node_id and chains to our root."""
+    our key and node_id and chains to our root at ``now``."""
     try:
         leaf = x509.load_pem_x509_certificate(str(answer["certificate"]).encode())
         chain = x509.load_pem_x509_certificates(str(answer["ca_cert"]).encode())
@@ -477,7 +622,7 @@ def _check_answer(
     )
     if ours != theirs:
         raise CaRequestFailed("the CA certified another key than ours")
-    verifier = PolicyBuilder().store(Store(roots)).time(datetime.now(UTC)).build_client_verifier()
+    verifier = PolicyBuilder().store(Store(roots)).time(now).build_client_verifier()
     try:
         verified = verifier.verify(leaf, chain)
     except VerificationError as exc:

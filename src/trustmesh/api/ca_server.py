@@ -17,17 +17,17 @@ import asyncio
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.api.ca import ca_app
 from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
+from trustmesh.clock import Clock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.https import HttpServer, HttpsSite, serve_app
 from trustmesh.io.limits import ResourcePolicy
+from trustmesh.io.listener import Listener
 from trustmesh.keystore.filestore import save_key_file
 from trustmesh.pki.ca import SERVER_VALIDITY
 from trustmesh.pki.enroll import Registrar
@@ -41,7 +41,9 @@ WARN_EVERY = 24 * 3600.0  # seconds between repeated CA-expiry warnings in the l
 
 
 class CaServer:
-    """The CA API on ``host:port`` until :meth:`stop`."""
+    """The CA API on ``host:port`` until :meth:`stop`. It reads the time from ``clock``
+    (by default the registrar's, which is the CA's): the API's handlers, its default
+    rate limit and its own TLS certificate."""
 
     def __init__(
         self,
@@ -51,7 +53,7 @@ class CaServer:
         port: int = DEFAULT_PORT,
         *,
         limiter: RateLimiter | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock | None = None,
         names: tuple[str, ...] = (),
         policy: ResourcePolicy | None = None,
     ) -> None:
@@ -64,8 +66,12 @@ class CaServer:
         self.names = names or (host,)
         self._port = port
         self._passphrase = passphrase
-        self._clock = clock
-        self._limiter = limiter or RateLimiter(DEFAULT_RATE, DEFAULT_BURST)
+        # One clock for the API, its rate limit and the certificates it issues itself:
+        # the registrar's (the CA's) unless given another.
+        self.clock = registrar.clock if clock is None else clock
+        self._limiter = limiter or RateLimiter(
+            DEFAULT_RATE, DEFAULT_BURST, clock=self.clock.monotonic
+        )
         self.policy = policy or ResourcePolicy()
         self._http: HttpServer | None = None
         self._site: HttpsSite | None = None
@@ -75,6 +81,13 @@ class CaServer:
     @property
     def port(self) -> int:
         return self._site.port if self._site else self._port
+
+    @property
+    def listener(self) -> Listener:
+        """The listening socket, its connection table and its limit counters."""
+        if self._site is None:
+            raise RuntimeError("the CA server is not started")
+        return self._site.listener
 
     @property
     def tls_context(self) -> TlsContext:
@@ -91,9 +104,9 @@ class CaServer:
         return f"https://{host}:{self.port}"
 
     async def start(self) -> None:
-        for warning in self.registrar.ca.expiry_warnings(now=self._clock()):
+        for warning in self.registrar.ca.expiry_warnings(now=self.clock.now()):
             log.warning("CA EXPIRY: %s", warning)
-        app = ca_app(self.registrar, limiter=self._limiter, clock=self._clock)
+        app = ca_app(self.registrar, limiter=self._limiter, clock=self.clock)
         self._http = await serve_app(
             app,
             self.host,
@@ -132,7 +145,7 @@ class CaServer:
         ca = self.registrar.ca
         key = PrivateKey.generate(KeyKind.P256)
         public = key.to_cryptography().public_key()
-        cert = ca.issue_server(list(self.names), public, now=self._clock())
+        cert = ca.issue_server(list(self.names), public, now=self.clock.now())
         if self._files is None:
             self._files = tempfile.TemporaryDirectory(prefix="trustmesh-ca-api-")
         directory = Path(self._files.name)
@@ -160,5 +173,5 @@ class CaServer:
     async def _warn_expiry(self) -> None:
         while True:
             await asyncio.sleep(WARN_EVERY)
-            for warning in self.registrar.ca.expiry_warnings(now=self._clock()):
+            for warning in self.registrar.ca.expiry_warnings(now=self.clock.now()):
                 log.warning("CA EXPIRY: %s", warning)

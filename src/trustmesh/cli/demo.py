@@ -14,6 +14,7 @@ import click
 
 from trustmesh.cli.output import emit
 from trustmesh.demo import Step, run_mesh_demo, run_tour
+from trustmesh.demo.mesh import MAX_NODES
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -22,10 +23,11 @@ if TYPE_CHECKING:
 @click.command()
 @click.option(
     "--nodes",
-    type=click.IntRange(3, 50),
+    type=click.IntRange(3, MAX_NODES),
     default=5,
     show_default=True,
-    help="How many mesh nodes to run.",
+    help="How many mesh nodes to run (each with its own CA enrollment, TLS identity, "
+    "link listener and HTTPS API, in one process).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option(

@@ -33,6 +33,7 @@ COMMANDS = {
     "node": "trustmesh.cli.node:node",
     "brc103": "trustmesh.cli.brc103:brc103",
     "demo": "trustmesh.cli.demo:demo",
+    "sim": "trustmesh.cli.sim:sim",
 }
 
 

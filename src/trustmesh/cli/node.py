@@ -91,7 +91,17 @@ def node() -> None:
     help="Seconds between CRL fetches from the CA (also 30s, 5m ...).",
 )
 @click.option(
-    "--max-links", type=click.IntRange(1, 1024), default=DEFAULT_MAX_LINKS, show_default=True
+    "--max-links",
+    type=click.IntRange(1, 1024),
+    default=DEFAULT_MAX_LINKS,
+    show_default=True,
+    help="Links held at most; a node at its cap refuses new ones, naming peers with room.",
+)
+@click.option(
+    "--dial-target",
+    type=click.IntRange(1, 341),
+    help="Links the node dials out for (default: max-links / 3). At most max-links / 3, "
+    "so that the mesh keeps room for newcomers.",
 )
 @click.option(
     "--gossip-fanout",
@@ -113,6 +123,7 @@ def init(
     bootstrap: tuple[str, ...],
     crl_interval: float,
     max_links: int,
+    dial_target: int | None,
     gossip_fanout: int | None,
     advertise: str | None,
     key_type: str,
@@ -133,6 +144,7 @@ def init(
         bootstrap=bootstrap,
         crl_interval=crl_interval,
         max_links=max_links,
+        dial_target=dial_target,
         advertise=advertise,
         key_encrypted=not no_encrypt,
     )

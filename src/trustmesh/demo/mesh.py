@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from trustmesh.node.links import LinkFailed
 from trustmesh.node.local import LocalMesh, is_connected
 from trustmesh.node.runtime import RUN_FILE, STORE_FILE, MeshNode, now_ms
 
-FORM_TIMEOUT = 20.0
+MAX_NODES = 200
+FORM_TIMEOUT = 30.0
 SPREAD_TIMEOUT = 10.0
 REVOKE_TIMEOUT = 10.0
 NODE_SETTINGS = {"crl_interval": 1.0, "digest_interval": 0.25}
@@ -41,8 +43,8 @@ Progress = Callable[[str, Step | None], None]  # (step name, None when it starts
 
 class MeshDemo:
     def __init__(self, workdir: Path, nodes: int) -> None:
-        if not 3 <= nodes <= 50:
-            raise ValueError("the demo runs 3 to 50 nodes")
+        if not 3 <= nodes <= MAX_NODES:
+            raise ValueError(f"the demo runs 3 to {MAX_NODES} nodes")
         self.mesh = LocalMesh(workdir, nodes, node_settings=dict(NODE_SETTINGS))
         self.count = nodes
         self.clients: dict[str, NodeClient] = {}
@@ -71,11 +73,11 @@ class MeshDemo:
         mesh = self.mesh
         server = await mesh.start_ca()
         assert mesh.ca is not None
-        first_token = ""
-        for index in range(1, self.count + 1):
-            token = mesh.ca.create_token(f"node-{index}")
-            first_token = first_token or token
-            node = await mesh.start_node(await mesh.enroll(index, token=token))
+        tokens = {i: mesh.ca.create_token(f"node-{i}") for i in range(1, self.count + 1)}
+        first_token = tokens[1]
+        await mesh.start_node(await mesh.enroll(1, token=tokens[1]))  # everyone's bootstrap
+        await mesh.start_many(range(2, self.count + 1), tokens=tokens)
+        for node in mesh.nodes:
             self.clients[node.node_id] = NodeClient(node.directory)
         # A spent token buys nothing more.
         client = CaClient(server.url, mesh.ca_dir / "ca.crt")
@@ -97,20 +99,39 @@ class MeshDemo:
 
     async def _form(self) -> tuple[str, dict[str, Any]]:
         mesh = self.mesh
-        await mesh.wait_for(mesh.connected, FORM_TIMEOUT, what="a connected mesh")
+        try:
+            await mesh.wait_for(mesh.connected, FORM_TIMEOUT, what="a connected mesh")
+        except TimeoutError as exc:
+            raise DemoFailure(f"{exc}; not joined to node-1: {mesh.unconnected()}") from None
         graph: dict[str, set[str]] = {}
         for node_id, client in self.clients.items():
             answer = await client.get("/v1/mesh/peers")
             graph[node_id] = {p["node_id"] for p in answer["peers"] if p["status"] == "connected"}
-        check(all(graph.values()), f"a node reports no connected peer: {graph}")
+        lonely = sorted(n for n, peers in graph.items() if not peers)
+        check(not lonely, f"nodes report no connected peer: {lonely}")
         check(is_connected(graph), f"the peer tables do not join into one mesh: {graph}")
         links = sum(len(peers) for peers in graph.values()) // 2
         alpn = {link.driver.core.established.alpn for n in mesh.nodes for link in n.links.values()}  # type: ignore[union-attr]
         check(alpn == {"dadm-mesh/1"}, f"links negotiated {alpn}")
+        stats = [n.core.stats for n in mesh.nodes]
+        refused = sum(s.refusals_received for s in stats)
+        evicted = sum(s.evicted for s in stats)
+        dials = sum(s.dials for s in stats)
+        degrees = Counter(len(peers) for peers in graph.values())
+        spread = ", ".join(f"{d}:{degrees[d]}" for d in sorted(degrees))
         return (
             f"{self.count} nodes joined by {links} TLS 1.3 mTLS links (ALPN dadm-mesh/1) from "
-            "one bootstrap peer and peer exchange; checked through every node's peers API",
-            {"links": links, "peers": {k: sorted(v) for k, v in graph.items()}},
+            f"one bootstrap peer and peer exchange; {dials} dials, {refused} refused at a "
+            f"peer's cap, {evicted} spare links given up for newcomers; degree:nodes {spread}; "
+            "checked through every node's peers API",
+            {
+                "links": links,
+                "dials": dials,
+                "dials_refused": refused,
+                "evicted": evicted,
+                "degrees": {str(d): degrees[d] for d in sorted(degrees)},
+                "peers": {k: sorted(v) for k, v in graph.items()},
+            },
         )
 
     async def _spread(self) -> tuple[str, dict[str, Any]]:

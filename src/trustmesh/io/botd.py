@@ -31,9 +31,11 @@ from trustmesh.botd.errors import HandshakeFailed
 from trustmesh.botd.replay import ReplayCache
 from trustmesh.crypto.keys import PublicKey
 from trustmesh.errors import ConnectionClosedError
-from trustmesh.io.stream import ServerHandle, StreamDriver, open_stream, serve_stream
+from trustmesh.io.dial import dial
+from trustmesh.io.handle import Handle
+from trustmesh.io.stream import ServerHandle, StreamDriver, serve_stream
 from trustmesh.keystore.signer import Signer
-from trustmesh.sansio import ConnectionClosed
+from trustmesh.sansio import ConnectionClosed, Event
 
 __all__ = [
     "DEFAULT_PORT",
@@ -46,7 +48,7 @@ __all__ = [
 DEFAULT_INBOX = 64  # messages held for the application before reading from the socket stops
 
 
-class Channel:
+class Channel(Handle[BotdConnection, HandshakeComplete]):
     """One BOTD #2 connection, seen from the application.
 
     A reader task takes the core's events: messages queue for :meth:`recv`, pongs
@@ -76,17 +78,22 @@ class Channel:
         self._inbox_bytes = 0
         self._message_ready = asyncio.Event()
         self._space = asyncio.Event()
-        self._established: asyncio.Future[PublicKey] = self._loop.create_future()
         self._pong: asyncio.Future[float] | None = None
-        self._closed: ConnectionClosed | None = None
         self._peer_done: str | None = None  # the peer's Close: no more messages will come
-        self._reader = self._loop.create_task(self._read())
+        super().__init__(
+            driver,
+            up=HandshakeComplete,
+            failure=lambda closed: HandshakeFailed(closed.reason, by_peer=closed.by_peer),
+            on_event=self._on_event,
+            on_done=self._on_done,
+            name="channel",
+        )
 
     @property
     def peer_key(self) -> PublicKey:
         """The peer's identity key, proven by the handshake."""
         key = self._driver.core.peer_key
-        if key is None or not self._established.done():
+        if key is None or not self._up.done():
             raise ConnectionClosedError("the handshake has not completed")
         return key
 
@@ -102,7 +109,7 @@ class Channel:
     @property
     def closed(self) -> ConnectionClosed | None:
         """Why the channel closed, once it has."""
-        return self._closed
+        return self.closed_event
 
     @property
     def buffered(self) -> int:
@@ -111,7 +118,7 @@ class Channel:
 
     async def wait_established(self) -> PublicKey:
         """Wait for the handshake; raise :class:`HandshakeFailed` if it does not finish."""
-        return await asyncio.shield(self._established)
+        return (await self.wait_up()).peer_key
 
     async def send(self, data: bytes) -> None:
         """Send one message; waits while the socket's send buffer is full."""
@@ -123,8 +130,8 @@ class Channel:
         closed (or the channel has) and every message that arrived before has been
         taken. After the peer's Close, :meth:`send` still works until :meth:`close`."""
         while not self._inbox:
-            if self._closed is not None:
-                raise ConnectionClosedError(self._closed.reason)
+            if self.closed_event is not None:
+                raise ConnectionClosedError(self.closed_event.reason)
             if self._peer_done is not None:
                 raise ConnectionClosedError(self._peer_done)
             self._message_ready.clear()
@@ -162,10 +169,9 @@ class Channel:
         return await self.wait_closed()
 
     async def wait_closed(self) -> ConnectionClosed:
-        event = await self._driver.wait_closed()
+        await self._driver.wait_closed()
         self._space.set()  # the reader stops holding back: the rest is bounded and final
-        await asyncio.shield(self._reader)
-        return event
+        return await super().wait_closed()
 
     async def __aenter__(self) -> Channel:
         return self
@@ -173,42 +179,35 @@ class Channel:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _read(self) -> None:
-        try:
-            async for event in self._driver:
-                if isinstance(event, MessageReceived):
-                    self._inbox.append(event.data)
-                    self._inbox_bytes += len(event.data)
-                    self._message_ready.set()
-                    # Full: take nothing more (no message waits in our hands meanwhile),
-                    # so that the driver's queue fills and it stops reading the socket.
-                    while self._inbox_full() and not self._driver.closed:
-                        self._space.clear()
-                        await self._space.wait()
-                elif isinstance(event, PongReceived):
-                    if self._pong is not None and not self._pong.done():
-                        self._pong.set_result(event.rtt)
-                elif isinstance(event, PeerClosed):
-                    self._peer_done = f"peer closed: {event.reason}"
-                    self._message_ready.set()
-                elif isinstance(event, HandshakeComplete):
-                    self._established.set_result(event.peer_key)
-                elif isinstance(event, ConnectionClosed):
-                    self._on_closed(event)
-        finally:
-            if self._closed is None:  # cancelled: the driver is going away
-                self._on_closed(ConnectionClosed("channel reader stopped", error=True))
+    def _on_event(self, event: Event) -> Awaitable[None] | None:
+        if isinstance(event, MessageReceived):
+            self._inbox.append(event.data)
+            self._inbox_bytes += len(event.data)
+            self._message_ready.set()
+            if self._inbox_full():
+                return self._wait_for_space()
+        elif isinstance(event, PongReceived):
+            if self._pong is not None and not self._pong.done():
+                self._pong.set_result(event.rtt)
+        elif isinstance(event, PeerClosed):
+            self._peer_done = f"peer closed: {event.reason}"
+            self._message_ready.set()
+        return None
+
+    async def _wait_for_space(self) -> None:
+        # Full: take nothing more (no message waits in our hands meanwhile), so that the
+        # driver's queue fills and it stops reading the socket.
+        while self._inbox_full() and not self._driver.closed:
+            self._space.clear()
+            await self._space.wait()
 
     def _inbox_full(self) -> bool:
         return len(self._inbox) >= self._inbox_limit or self._inbox_bytes >= self._inbox_byte_limit
 
-    def _on_closed(self, event: ConnectionClosed) -> None:
-        self._closed = event
-        if not self._established.done():
-            self._established.set_exception(HandshakeFailed(event.reason, by_peer=event.by_peer))
-            self._established.exception()  # retrieved: nobody may be waiting
+    def _on_done(self) -> None:
+        assert self.closed_event is not None
         if self._pong is not None and not self._pong.done():
-            self._pong.set_exception(ConnectionClosedError(event.reason))
+            self._pong.set_exception(ConnectionClosedError(self.closed_event.reason))
         self._message_ready.set()
 
 
@@ -238,27 +237,27 @@ def connect(
     peer_key: PublicKey,
     *,
     config: BotdConfig | None = None,
+    local_addr: tuple[str, int] | None = None,
     **driver_options: Any,
 ) -> _Connecting:
     """Open a channel to the node whose identity key is ``peer_key``.
 
     Returns once the handshake is complete; raises :class:`HandshakeFailed` with the
     reason when it is not (within ``config.handshake_timeout``), and ``OSError`` when
-    the TCP connection fails. ``driver_options`` go to :func:`open_stream`
-    (``local_addr=(address, 0)`` picks the source address).
+    the TCP connection fails. ``local_addr=(address, 0)`` picks the source address;
+    ``driver_options`` go to the :class:`StreamDriver`.
     """
 
     async def open_channel() -> Channel:
         core = BotdConnection(key, peer_key=peer_key, config=config)
-        driver = await open_stream(core, host, port, **driver_options)
-        channel = Channel(driver)
-        try:
-            await channel.wait_established()
-        except BaseException:
-            driver.abort("handshake failed")
-            await channel.wait_closed()
-            raise
-        return channel
+        return await dial(
+            lambda: Channel(StreamDriver(core, **driver_options)),
+            host,
+            port,
+            local_addr=local_addr,
+            timeout=None,  # the core's handshake timer bounds the wait
+            cancel_reason="handshake failed",
+        )
 
     return _Connecting(open_channel)
 

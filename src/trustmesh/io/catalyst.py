@@ -46,7 +46,9 @@ from trustmesh.catalyst.session import (
     SessionEstablished,
     State,
 )
-from trustmesh.io.backoff import Backoff
+from trustmesh.io.backoff import Backoff, redial
+from trustmesh.io.dial import dial
+from trustmesh.io.handle import Handle
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.stream import ServerHandle, StreamDriver, serve_stream
 from trustmesh.sansio import ConnectionClosed, Event
@@ -77,7 +79,7 @@ CRL_FETCH_TIMEOUT = 30.0
 EventListener = Callable[["Session", Event], None]
 
 
-class Session:
+class Session(Handle[TlsStream, SessionEstablished]):
     """One Catalyst session, seen from the application.
 
     A reader task takes every event from the connection (so keepalives are answered
@@ -92,17 +94,19 @@ class Session:
         listeners: tuple[EventListener, ...] = (),
         on_done: Callable[[Session], None] | None = None,
     ) -> None:
-        self._driver = driver
         self.core = core
         self.tls: TlsEstablished | None = None
         self.notifications: list[NotificationEvent] = []
         self.keepalives_received = 0
         self._listeners = list(listeners)
-        self._on_done = on_done
-        loop = asyncio.get_running_loop()
-        self._established: asyncio.Future[SessionEstablished] = loop.create_future()
-        self._closed: ConnectionClosed | None = None
-        self._reader = loop.create_task(self._read())
+        super().__init__(
+            driver,
+            up=SessionEstablished,
+            failure=self._failure_for,
+            on_event=self._on_event,
+            on_done=(lambda: on_done(self)) if on_done is not None else None,
+            name="session",
+        )
 
     @property
     def initiator(self) -> bool:
@@ -114,8 +118,7 @@ class Session:
 
     @property
     def established(self) -> SessionEstablished | None:
-        done = self._established
-        return done.result() if done.done() and not done.exception() else None
+        return self.up_event
 
     @property
     def peer_id(self) -> str | None:
@@ -129,23 +132,18 @@ class Session:
 
     @property
     def remote_address(self) -> object:
-        return self._driver.get_extra_info("peername")
+        return self.driver.get_extra_info("peername")
 
     @property
     def closed(self) -> ConnectionClosed | None:
-        return self._closed
+        return self.closed_event
 
     def add_listener(self, listener: EventListener) -> None:
         self._listeners.append(listener)
 
     async def wait_established(self) -> SessionEstablished:
         """Wait for Established; raise :class:`PeeringFailed` if the session ends first."""
-        return await asyncio.shield(self._established)
-
-    async def wait_closed(self) -> ConnectionClosed:
-        event = await self._driver.wait_closed()
-        await asyncio.shield(self._reader)
-        return event
+        return await self.wait_up()
 
     async def close(self, reason: str = "closed by application") -> ConnectionClosed:
         """Cease (NOTIFICATION 6/2) and wait until the connection is gone."""
@@ -154,23 +152,20 @@ class Session:
 
     def cease(self, reason: str) -> None:
         """Send NOTIFICATION 6/2 and close, without waiting (no-op once closed)."""
-        self._driver.close(reason)
-
-    def abort(self, reason: str) -> None:
-        self._driver.abort(reason)
+        self.driver.close(reason)
 
     def evict(self) -> None:
         """Close with NOTIFICATION 6/7: another session to the peer won the collision."""
-        if not self._driver.closed:
+        if not self.driver.closed:
             now = asyncio.get_running_loop().time()
-            self._driver.act(lambda tls: tls.inner_action(lambda _: self.core.evict(now)))
+            self.driver.act(lambda tls: tls.inner_action(lambda _: self.core.evict(now)))
 
     def revoke(self) -> None:
         """Close with NOTIFICATION 6/241: a CRL now revokes the peer's certificate
         (no-op once closed, or before TLS is connected)."""
-        if not self._driver.closed:
+        if not self.driver.closed:
             now = asyncio.get_running_loop().time()
-            self._driver.act(lambda tls: tls.inner_action(lambda _: self.core.revoke(now)))
+            self.driver.act(lambda tls: tls.inner_action(lambda _: self.core.revoke(now)))
 
     async def __aenter__(self) -> Session:
         return self
@@ -178,43 +173,26 @@ class Session:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _read(self) -> None:
-        try:
-            async for event in self._driver:
-                if isinstance(event, TlsEstablished):
-                    self.tls = event
-                elif isinstance(event, SessionEstablished):
-                    self._established.set_result(event)
-                elif isinstance(event, NotificationEvent):
-                    self.notifications.append(event)
-                elif isinstance(event, KeepaliveReceived):
-                    self.keepalives_received += 1
-                elif isinstance(event, ConnectionClosed):
-                    self._on_closed(event)
-                for listener in self._listeners:
-                    listener(self, event)
-        finally:
-            if self._closed is None:  # cancelled: the driver is going away
-                self._on_closed(ConnectionClosed("session reader stopped", error=True))
-            if self._on_done is not None:
-                self._on_done(self)
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, TlsEstablished):
+            self.tls = event
+        elif isinstance(event, NotificationEvent):
+            self.notifications.append(event)
+        elif isinstance(event, KeepaliveReceived):
+            self.keepalives_received += 1
+        for listener in self._listeners:
+            listener(self, event)
 
-    def _on_closed(self, event: ConnectionClosed) -> None:
-        self._closed = event
-        if self._established.done():
-            return
+    def _failure_for(self, event: ConnectionClosed) -> PeeringFailed:
         last = self.notifications[-1] if self.notifications else None
-        self._established.set_exception(
-            PeeringFailed(
-                f"{last.direction} NOTIFICATION {last.code}/{last.subcode}: {last.message}"
-                if last
-                else event.reason,
-                notification=(last.code, last.subcode) if last else None,
-                direction=last.direction if last else None,
-                peer_id=self.peer_id,
-            )
+        return PeeringFailed(
+            f"{last.direction} NOTIFICATION {last.code}/{last.subcode}: {last.message}"
+            if last
+            else event.reason,
+            notification=(last.code, last.subcode) if last else None,
+            direction=last.direction if last else None,
+            peer_id=self.peer_id,
         )
-        self._established.exception()  # retrieved: nobody may be waiting
 
 
 class CrlSource(Protocol):
@@ -403,30 +381,23 @@ class CatalystNode:
         session ends first or does not reach Established within ``connect_timeout``, and
         ``OSError`` when the TCP connection fails.
         """
-        loop = asyncio.get_running_loop()
         ticket = self._tickets.get((host, port), self.clock()) if self.resume else None
         stream, core = self._new_stream(initiator=True, ticket=ticket)
-        holder: list[Session] = []
-
-        def new_driver() -> StreamDriver[TlsStream]:
-            driver = StreamDriver(stream)
-            holder.append(self._track(driver, core, listener))
-            return driver
-
+        reason = f"no session with {host}:{port} within {connect_timeout:g} s"
         try:
-            async with asyncio.timeout(connect_timeout):
-                await loop.create_connection(new_driver, host, port)
-                await holder[0].wait_established()
+            session = await dial(
+                lambda: self._track(StreamDriver(stream), core, listener),
+                host,
+                port,
+                timeout=connect_timeout,
+                timeout_reason=reason,
+                cancel_reason="cancelled",
+            )
         except BaseException as exc:
-            reason = f"no session with {host}:{port} within {connect_timeout:g} s"
             self._tickets.forget((host, port))  # the next dial is a full handshake
-            if holder:  # a session that has not ended yet ends now
-                holder[0].abort(reason if isinstance(exc, TimeoutError) else "cancelled")
-                await holder[0].wait_closed()
             if isinstance(exc, TimeoutError):
                 raise PeeringFailed(reason) from None
             raise
-        session = holder[0]
         if self.resume and (fresh := stream.session()) is not None:
             self._tickets.put((host, port), fresh, stream.ticket_expiry(self.clock()))
         return session
@@ -487,19 +458,16 @@ class CatalystNode:
         that won to end: the peer's own connection already serves. ``on_failure(error,
         delay)`` hears about each failed attempt before the wait.
         """
-        delays = backoff if backoff is not None else Backoff()
-        while True:
+
+        async def attempt() -> Session:
             try:
-                session = await self.connect(host, port, listener=listener)
-            except (PeeringFailed, OSError) as exc:
-                if isinstance(exc, PeeringFailed) and exc.notification == COLLISION:
+                return await self.connect(host, port, listener=listener)
+            except PeeringFailed as exc:
+                if exc.notification == COLLISION:
                     await self._wait_released(exc.peer_id)
-                delay = delays.next_delay()
-                if on_failure is not None:
-                    on_failure(exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            delays.reset()
+                raise
+
+        async def use(session: Session) -> bool:
             try:
                 if handler is not None:
                     await handler(session)
@@ -510,7 +478,15 @@ class CatalystNode:
             if any((n.code, n.subcode) == COLLISION for n in session.notifications):
                 await self._wait_released(session.peer_id)
             log.info("session to %s:%s ended (%s); redialling", host, port, closed.reason)
-            await asyncio.sleep(delays.next_delay())
+            return True  # it reached Established: the delays start afresh
+
+        await redial(
+            attempt,
+            use,
+            backoff=backoff if backoff is not None else Backoff(),
+            retry_on=(PeeringFailed, OSError),
+            on_failure=on_failure,
+        )
 
     # --- internals ----------------------------------------------------------------------
 

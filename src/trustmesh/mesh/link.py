@@ -38,6 +38,7 @@ DEFAULT_HELLO_TIMEOUT = 10.0  # from TLS up to the peer's HELLO
 MAX_HOLD_TIME = 3600
 MAX_PEERS = 64
 MAX_IDS = 512
+MAX_ROOM = 1024  # free link slots a PEERS frame may claim (max_links is at most 1024)
 
 
 class Frame(enum.IntEnum):
@@ -106,6 +107,9 @@ class CrlFrame(Event):
 class PeersFrame(Event):
     peers: tuple[PeerAddress, ...]  # unsigned hints: never dialled (mesh-link.md 8.1)
     records: tuple[dict[str, Any], ...] = ()  # signed peer records, checked by mesh.peers
+    room: int | None = None  # the sender's free link slots, when it says
+    spare: int | None = None  # links the sender holds beyond its dial target, when it says
+    open: tuple[str, ...] = ()  # node_ids of records whose nodes had free slots lately
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,12 +325,27 @@ class MeshLink:
         return []
 
     def send_peers(
-        self, peers: Sequence[PeerAddress], records: Sequence[bytes] = ()
+        self,
+        peers: Sequence[PeerAddress],
+        records: Sequence[bytes] = (),
+        *,
+        room: int | None = None,
+        spare: int | None = None,
+        open_ids: Sequence[str] = (),
     ) -> list[Event]:
-        """PEERS: ``peers`` (for version-1 nodes without records), then as many of the
-        encoded signed ``records`` as fit in the body limit, in their order."""
+        """PEERS: ``peers`` (for version-1 nodes without records), our free link slots
+        (``room``), the links we hold beyond our dial target (``spare``) and the node_ids
+        known to have room (``open``), then as many of the encoded signed ``records`` as
+        fit in the body limit, in their order."""
         body = [{"node_id": p.node_id, "address": p.address} for p in peers[:MAX_PEERS]]
-        data = compact_json({"peers": body})
+        hints: dict[str, Any] = {}
+        if room is not None:
+            hints["room"] = max(0, min(room, MAX_ROOM))
+        if spare is not None:
+            hints["spare"] = max(0, min(spare, MAX_ROOM))
+        if open_ids:
+            hints["open"] = list(open_ids[:MAX_PEERS])
+        data = compact_json({"peers": body, **hints})
         if records:
             room = MAX_CONTROL - len(data) - len(b',"records":[]')
             kept: list[bytes] = []
@@ -396,7 +415,8 @@ class MeshLink:
             return []
         if kind == Frame.PEERS:
             data = _control(body)
-            return [PeersFrame(_peers(data), _records(data))]
+            hints = _count(data, "room"), _count(data, "spare")
+            return [PeersFrame(_peers(data), _records(data), *hints, _open(data))]
         if kind in (Frame.IHAVE, Frame.IWANT):
             ids = _ids(_control(body))
             return [IHaveFrame(ids) if kind == Frame.IHAVE else IWantFrame(ids)]
@@ -510,6 +530,25 @@ def _records(data: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     if not all(isinstance(r, dict) for r in records):
         raise MalformedMessage("a peer record is an object")
     return tuple(records)
+
+
+def _count(data: dict[str, Any], name: str) -> int | None:
+    """PEERS ``room`` or ``spare``: absent, or a count of links."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROOM:
+        raise MalformedMessage(f"PEERS {name} is an integer in 0..{MAX_ROOM}")
+    return value
+
+
+def _open(data: dict[str, Any]) -> tuple[str, ...]:
+    ids = data.get("open", [])
+    if not isinstance(ids, list) or len(ids) > MAX_PEERS:
+        raise MalformedMessage(f"PEERS open is a list of at most {MAX_PEERS} node_ids")
+    if not all(isinstance(i, str) and NODE_ID.fullmatch(i) for i in ids):
+        raise MalformedMessage("PEERS open holds node_ids")
+    return tuple(ids)
 
 
 def _ids(data: dict[str, Any]) -> tuple[str, ...]:

@@ -21,13 +21,14 @@ import asyncio
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from trustmesh.api.errors import ApiError, Handler, json_errors
+from trustmesh.clock import SYSTEM_CLOCK, Clock
 from trustmesh.errors import OversizeError, ProtocolError
 from trustmesh.io.https import peer_chain
 from trustmesh.io.limits import ResourcePolicy, source_of
@@ -41,11 +42,33 @@ from trustmesh.mesh.errors import (
 )
 from trustmesh.mesh.gossip import MAX_MESSAGE
 from trustmesh.mesh.trust import CrlRejected
-from trustmesh.node.runtime import now_ms
 from trustmesh.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
-    from trustmesh.node.runtime import MeshNode
+    from trustmesh.mesh.engine import GossipEngine, Received
+    from trustmesh.mesh.node import PeerInfo
+    from trustmesh.mesh.store import MeshStore
+    from trustmesh.mesh.trust import TrustView
+
+
+class NodeView(Protocol):
+    """What the API reads of a node (``trustmesh.node.runtime.MeshNode``)."""
+
+    node_id: str
+    config: Any
+    trust: TrustView
+    engine: GossipEngine
+    store: MeshStore
+
+    @property
+    def peers(self) -> dict[str, PeerInfo]: ...
+
+    def accept_raw(self, raw: bytes) -> Received: ...
+
+    def flush(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
 
 MAX_LIMIT = 10_000
 
@@ -113,7 +136,8 @@ class GroupCommit:
                 future.set_result(None)
 
 
-NODE_KEY: web.AppKey[MeshNode] = web.AppKey("node")
+NODE_KEY: web.AppKey[NodeView] = web.AppKey("node")
+CLOCK_KEY: web.AppKey[Clock] = web.AppKey("clock")
 LIMITS_KEY: web.AppKey[GossipLimits] = web.AppKey("gossip_limits", GossipLimits)
 COMMIT_KEY: web.AppKey[GroupCommit] = web.AppKey("group_commit", GroupCommit)
 
@@ -130,18 +154,19 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
 
 
 def node_app(
-    node: MeshNode,
+    node: NodeView,
     *,
     policy: ResourcePolicy | None = None,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> web.Application:
     """The API of ``node``; its rate limits come from ``policy`` (default: the node's
-    own, ``node.config.policy``) and run on ``clock`` (monotonic seconds)."""
+    own, ``node.config.policy``); certificates are checked and limits run on ``clock``."""
     app = web.Application(
         middlewares=[json_errors(ERRORS), _authenticate], client_max_size=MAX_MESSAGE + 1024
     )
     app[NODE_KEY] = node
-    app[LIMITS_KEY] = GossipLimits(policy or _policy_of(node), clock)
+    app[CLOCK_KEY] = clock
+    app[LIMITS_KEY] = GossipLimits(policy or _policy_of(node), clock.monotonic)
     app[COMMIT_KEY] = GroupCommit(lambda: node.flush())
     app.router.add_get("/v1/mesh/peers", _peers)
     app.router.add_post("/v1/mesh/gossip", _gossip)
@@ -157,7 +182,7 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     if not chain:
         raise ApiError(401, "this API needs a client certificate from the mesh CA")
     try:
-        node.trust.identity_of(chain, now_ms=now_ms())
+        node.trust.identity_of(chain, now_ms=request.app[CLOCK_KEY].time_ms())
     except RevokedOrigin as exc:
         raise ApiError(403, str(exc), code="revoked") from None
     except UntrustedOrigin as exc:
@@ -169,7 +194,7 @@ async def _peers(request: web.Request) -> web.Response:
     """The peer table, each row with the peer's gossip ``score`` (0 until it misbehaves,
     mesh-link.md section 6.2) and ``graylisted_until`` (Unix ms, or null)."""
     node = request.app[NODE_KEY]
-    now = now_ms()
+    now = request.app[CLOCK_KEY].time_ms()
     rows = []
     for peer in sorted(node.peers.values(), key=lambda p: p.node_id):
         row = peer.to_json()
@@ -179,7 +204,7 @@ async def _peers(request: web.Request) -> web.Response:
     return web.json_response({"node_id": node.node_id, "peers": rows})
 
 
-def _policy_of(node: MeshNode) -> ResourcePolicy:
+def _policy_of(node: NodeView) -> ResourcePolicy:
     policy = getattr(node.config, "policy", None)
     return policy if isinstance(policy, ResourcePolicy) else ResourcePolicy()
 

@@ -20,7 +20,7 @@ from trustmesh.keystore.pkcs8 import is_encrypted
 from trustmesh.mesh.errors import MeshError
 from trustmesh.mesh.link import join_address, split_address
 from trustmesh.node.config import NodeConfig, load_config
-from trustmesh.node.runtime import RUN_FILE
+from trustmesh.node.runfile import RUN_FILE
 
 DEFAULT_TIMEOUT = 10.0
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104

@@ -7,7 +7,8 @@ api = "127.0.0.1:7401"           # the node's HTTPS API (mTLS)
 bootstrap = ["127.0.0.1:7500"]   # peers to dial first, redialled with backoff
 crl_interval = 60                # seconds between CRL fetches from the CA
 gossip_fanout = 3
-max_links = 8
+max_links = 12                   # links held at most (the high mark)
+dial_target = 4                  # links dialled for (the low mark; at most max_links / 3)
 hold_time = 30
 min_hold_time = 9                # a peer's HELLO offering less (or 0) is refused
 allow_zero_hold = false
@@ -42,7 +43,7 @@ from trustmesh.mesh.link import (
 
 CONFIG_FILE = "node.toml"
 DEFAULT_CRL_INTERVAL = 60.0
-DEFAULT_MAX_LINKS = 8
+DEFAULT_MAX_LINKS = 12
 DEFAULT_DIGEST_INTERVAL = 1.0
 
 
@@ -60,6 +61,7 @@ class NodeConfig:
     crl_interval: float = DEFAULT_CRL_INTERVAL
     gossip_fanout: int = DEFAULT_FANOUT
     max_links: int = DEFAULT_MAX_LINKS
+    dial_target: int | None = None  # default max(1, max_links // 3)
     hold_time: int = DEFAULT_HOLD_TIME
     min_hold_time: int = DEFAULT_MIN_HOLD_TIME
     allow_zero_hold: bool = False
@@ -92,6 +94,11 @@ class NodeConfig:
             raise ConfigError("gossip_fanout must be in 1..64")
         if not 1 <= self.max_links <= 1024:
             raise ConfigError("max_links must be in 1..1024")
+        most = max(1, self.max_links // 3)
+        if self.dial_target is not None and not 1 <= self.dial_target <= most:
+            # Dialling for more than a third of the cap leaves no room for newcomers: at
+            # N nodes the links tend to the cap and every new dial is refused.
+            raise ConfigError(f"dial_target must be in 1..{most} (max_links / 3)")
         if self.hold_time in (1, 2) or not 0 <= self.hold_time <= MAX_HOLD_TIME:
             raise ConfigError(f"hold_time must be 0 or 3..{MAX_HOLD_TIME}")
         if not 3 <= self.min_hold_time <= MAX_HOLD_TIME:

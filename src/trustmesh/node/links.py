@@ -1,20 +1,30 @@
 """One mesh link as the node sees it: a TLS connection running a :class:`MeshLink`, and
-a reader task that hands every event to the node."""
+a reader task (a :class:`~trustmesh.io.handle.Handle`) that hands every event to the
+node."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+from trustmesh.io.handle import Handle
 from trustmesh.io.stream import StreamDriver
+from trustmesh.mesh import node as node_core
 from trustmesh.mesh.link import CloseCode, LinkClosed, LinkUp, MeshLink, PeerAddress
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsStream
 
 EventHandler = Callable[["Link", Event], None]
+LinkAction = (
+    node_core.SendGossip["Link"]
+    | node_core.SendIHave["Link"]
+    | node_core.SendIWant["Link"]
+    | node_core.SendPeers["Link"]
+    | node_core.SendCrl["Link"]
+    | node_core.CloseLink["Link"]
+)
 
 
-class Link:
+class Link(Handle[TlsStream, LinkUp]):
     def __init__(
         self,
         driver: StreamDriver[TlsStream],
@@ -23,15 +33,11 @@ class Link:
         address: str | None,
         on_event: EventHandler,
     ) -> None:
-        self.driver = driver
         self.core = core
         self.address = address  # what we dialled (None for an inbound link)
         self.listen: str | None = None  # the peer's advertised address, from its HELLO
-        self.closed_event: ConnectionClosed | None = None
         self._on_event = on_event
-        loop = asyncio.get_running_loop()
-        self._up: asyncio.Future[LinkUp] = loop.create_future()
-        self._reader = loop.create_task(self._read())
+        super().__init__(driver, up=LinkUp, failure=_failure, on_event=self._event, name="link")
 
     @property
     def initiator(self) -> bool:
@@ -44,11 +50,11 @@ class Link:
     @property
     def was_up(self) -> bool:
         """Both HELLOs were exchanged at some point (the link may be closed since)."""
-        return self._up.done() and not self._up.exception()
+        return self.up_event is not None
 
     @property
     def up(self) -> bool:
-        return self._up.done() and not self._up.exception() and self.closed_event is None
+        return self.up_event is not None and self.closed_event is None
 
     @property
     def serial(self) -> int | None:
@@ -67,22 +73,26 @@ class Link:
     def direction(self) -> str:
         return "outbound" if self.initiator else "inbound"
 
-    async def wait_up(self) -> LinkUp:
-        return await asyncio.shield(self._up)
-
-    async def wait_closed(self) -> ConnectionClosed:
-        event = await self.driver.wait_closed()
-        await asyncio.shield(self._reader)
-        return event
-
     def send_gossip(self, raw: bytes) -> None:
         self._act(lambda core: core.send_gossip(raw))
 
     def send_crl(self, der: bytes) -> None:
         self._act(lambda core: core.send_crl(der))
 
-    def send_peers(self, peers: list[PeerAddress], records: list[bytes] | None = None) -> None:
-        self._act(lambda core: core.send_peers(peers, records or ()))
+    def send_peers(
+        self,
+        peers: list[PeerAddress],
+        records: list[bytes] | None = None,
+        *,
+        room: int | None = None,
+        spare: int | None = None,
+        open_ids: Sequence[str] = (),
+    ) -> None:
+        self._act(
+            lambda core: core.send_peers(
+                peers, records or (), room=room, spare=spare, open_ids=open_ids
+            )
+        )
 
     def send_ihave(self, ids: list[str]) -> None:
         self._act(lambda core: core.send_ihave(ids))
@@ -94,34 +104,33 @@ class Link:
         error = code != CloseCode.SHUTDOWN
         self._act(lambda core: core.close_with(code, reason, error=error))
 
-    def abort(self, reason: str) -> None:
-        self.driver.abort(reason)
+    def carry(self, action: LinkAction) -> None:
+        """Carry out a node core's action on this link (a frame to send, or CLOSE)."""
+        match action:
+            case node_core.SendGossip(_, raw):
+                self.send_gossip(raw)
+            case node_core.SendIHave(_, ids):
+                self.send_ihave(list(ids))
+            case node_core.SendIWant(_, ids):
+                self.send_iwant(list(ids))
+            case node_core.SendPeers(_, peers, records, room, spare, open_ids):
+                self.send_peers(
+                    list(peers), list(records), room=room, spare=spare, open_ids=open_ids
+                )
+            case node_core.SendCrl(_, der):
+                self.send_crl(der)
+            case node_core.CloseLink(_, code, reason):
+                self.close(code, reason)
 
     def _act(self, action: Callable[[MeshLink], list[Event]]) -> None:
         if self.driver.closed:
             return
         self.driver.act(lambda tls: tls.inner_action(lambda _: action(self.core)))
 
-    async def _read(self) -> None:
-        try:
-            async for event in self.driver:
-                if isinstance(event, LinkUp):
-                    self.listen = event.listen
-                    self._up.set_result(event)
-                elif isinstance(event, ConnectionClosed):
-                    self._finish(event)
-                self._on_event(self, event)
-        finally:
-            if self.closed_event is None:
-                self._finish(ConnectionClosed("link reader stopped", error=True))
-
-    def _finish(self, event: ConnectionClosed) -> None:
-        self.closed_event = event
-        if not self._up.done():
-            reason = event.reason
-            code = event.code if isinstance(event, LinkClosed) else None
-            self._up.set_exception(LinkFailed(reason, code=code))
-            self._up.exception()  # retrieved: nobody may be waiting
+    def _event(self, event: Event) -> None:
+        if isinstance(event, LinkUp):
+            self.listen = event.listen
+        self._on_event(self, event)
 
 
 class LinkFailed(Exception):
@@ -130,3 +139,7 @@ class LinkFailed(Exception):
     def __init__(self, reason: str, *, code: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
+
+
+def _failure(event: ConnectionClosed) -> LinkFailed:
+    return LinkFailed(event.reason, code=event.code if isinstance(event, LinkClosed) else None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ from trustmesh.node.config import NodeConfig, write_config
 from trustmesh.node.runtime import MeshNode
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
+from trustmesh.ratelimit import RateLimiter
 
 HOST = "127.0.0.1"
+LOCAL_RATE = 1000.0  # CA requests per second from 127.0.0.1, where a fleet has many addresses
 
 
 class LocalMesh:
@@ -55,7 +57,12 @@ class LocalMesh:
         # Every node of a local mesh reaches the CA from 127.0.0.1, where a real fleet
         # comes from as many addresses: lift the listener's per-address limits.
         self.ca_server = CaServer(
-            registrar, self.passphrase, HOST, 0, policy=ResourcePolicy.for_load(4096)
+            registrar,
+            self.passphrase,
+            HOST,
+            0,
+            policy=ResourcePolicy.for_load(4096),
+            limiter=RateLimiter(LOCAL_RATE, int(LOCAL_RATE)),
         )
         await self.ca_server.start()
         return self.ca_server
@@ -104,6 +111,27 @@ class LocalMesh:
         for index in range(1, self.count + 1):
             await self.start_node(await self.enroll(index))
 
+    async def start_many(
+        self, indices: Sequence[int], *, tokens: dict[int, str] | None = None, at_once: int = 8
+    ) -> None:
+        """Enroll and start node-``i`` for each of ``indices``, ``at_once`` at a time (as
+        a fleet's nodes come up: together, each with its own token). The first node must
+        be running already: it is their bootstrap peer."""
+        gate = asyncio.Semaphore(at_once)
+        started: list[MeshNode] = []
+
+        async def one(index: int) -> None:
+            async with gate:
+                token = (tokens or {}).get(index)
+                directory = await self.enroll(index, token=token)
+                # Opening the store and reading the keys block: not on the shared loop.
+                node = await asyncio.to_thread(MeshNode.from_directory, directory)
+                await node.start()
+                started.append(node)
+
+        await asyncio.gather(*(one(i) for i in indices))
+        self.nodes.extend(sorted(started, key=lambda n: int(n.node_id.rsplit("-", 1)[1])))
+
     async def wait_for(
         self, condition: Callable[[], bool], within: float, *, what: str = "condition"
     ) -> float:
@@ -131,17 +159,20 @@ class LocalMesh:
 
     def connected(self) -> bool:
         """The links, counted only where both ends hold them, join all nodes into one mesh."""
+        return bool(self.nodes) and not self.unconnected()
+
+    def unconnected(self) -> list[str]:
+        """The nodes that node-1 does not reach over links both ends hold."""
         live = {n.node_id: n for n in self.nodes}
-        reached, frontier = set(), [self.nodes[0].node_id]
+        reached, frontier = set(), [self.nodes[0].node_id] if self.nodes else []
         while frontier:
             current = frontier.pop()
-            if current in reached:
-                continue
-            reached.add(current)
-            frontier.extend(
-                p for p in live[current].links if p in live and current in live[p].links
-            )
-        return reached == set(live)
+            if current not in reached:
+                reached.add(current)
+                frontier.extend(
+                    p for p in live[current].links if p in live and current in live[p].links
+                )
+        return sorted(set(live) - reached, key=lambda n: int(n.rsplit("-", 1)[1]))
 
     async def stop(self) -> None:
         for node in self.nodes:

@@ -19,7 +19,7 @@ import hashlib
 import ipaddress
 import re
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from trustmesh.clock import SYSTEM_CLOCK, Clock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import load_key_file, save_key_file, write_durably
 from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
@@ -102,8 +103,11 @@ def random_serial() -> int:
 class CertificateAuthority:
     """The CA in ``directory``, with its keys unlocked by ``passphrase``."""
 
-    def __init__(self, directory: Path, passphrase: bytes | None) -> None:
+    def __init__(
+        self, directory: Path, passphrase: bytes | None, *, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.directory = directory
+        self.clock = clock  # every method's time, unless its ``now=`` overrides it
         try:
             self.root_cert = _load_cert(directory / "ca.crt")
             self.issuing_cert = _load_cert(directory / "issuing.crt")
@@ -120,9 +124,11 @@ class CertificateAuthority:
         *,
         name: str = "trustmesh mesh CA",
         now: datetime | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> CertificateAuthority:
-        """Create a root and an issuing CA (P-256) in ``directory``, which must hold no CA."""
-        now = now or datetime.now(UTC)
+        """Create a root and an issuing CA (P-256) in ``directory``, which must hold no CA;
+        the CA returned reads ``clock``."""
+        now = now or clock.now()
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / "ca.crt").exists() or (directory / "root.key").exists():
             raise PkiError(f"{directory} already holds a CA; refusing to overwrite it")
@@ -143,7 +149,7 @@ class CertificateAuthority:
         _write_pem(directory / "ca.crt", [root])
         _write_pem(directory / "issuing.crt", [issuing])
         _write_pem(directory / "chain.pem", [issuing, root])
-        return cls(directory, passphrase)
+        return cls(directory, passphrase, clock=clock)
 
     def close(self) -> None:
         self.store.close()
@@ -172,7 +178,7 @@ class CertificateAuthority:
         """A node certificate for the key in ``csr``, which must name ``node_id``, and the
         record to store. Nothing is stored: the caller commits the record (with whatever
         else must happen in the same transaction) before handing the certificate out."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         check_node_id(node_id)
         check_csr(csr, node_id)
         if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
@@ -191,7 +197,7 @@ class CertificateAuthority:
         actor: str | None = "cli",
     ) -> x509.Certificate:
         """Sign (as :meth:`sign`) and record a node certificate."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         cert, record = self.sign(csr, node_id, validity=validity, now=now)
         self.store.add(record, event="issue", actor=actor, now=now)
         return cert
@@ -205,7 +211,7 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """A TLS server certificate for the CA's own API, naming each of ``hosts`` (an
         IP SAN for an address, else a DNS SAN), valid for 7 days; role ``server``."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         names: list[x509.GeneralName] = []
         for host in hosts:
             try:
@@ -230,7 +236,7 @@ class CertificateAuthority:
         a node; the API knows it as an admin by its serial's role in the store. It expires
         (``validity``, 1 second to 365 days) and can be revoked by serial like any other
         certificate; the API then refuses it with 401."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         check_node_id(name)
         if not MIN_ADMIN_VALIDITY <= validity <= MAX_ADMIN_VALIDITY:
             raise PkiError("an admin certificate is valid for 1 second to 365 days")
@@ -294,7 +300,7 @@ class CertificateAuthority:
         self, node_id: str, *, ttl: timedelta = DEFAULT_TOKEN_TTL, now: datetime | None = None
     ) -> str:
         """A single-use enrollment token for ``node_id``; only its hash is stored."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         check_node_id(node_id)
         if not MIN_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL:
             raise PkiError("an enrollment token lives from 1 minute to 30 days")
@@ -314,7 +320,7 @@ class CertificateAuthority:
         ``ca admin-token list`` and ``revoke``) is :func:`admin_token_id` of the hash."""
         if not MIN_ADMIN_TOKEN_TTL <= ttl <= MAX_ADMIN_TOKEN_TTL:
             raise PkiError("an admin token lives from 1 second to 90 days")
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         token = ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
         self.store.add_admin_token(token_hash(token), label, now, now + ttl)
         return token
@@ -323,7 +329,7 @@ class CertificateAuthority:
         self, token_id: str, *, now: datetime | None = None, actor: str | None = "cli"
     ) -> bool:
         """Revoke an admin token by its id; False when it was revoked already."""
-        return self.store.revoke_admin_token(token_id, now or datetime.now(UTC), actor=actor)
+        return self.store.revoke_admin_token(token_id, now or self.clock.now(), actor=actor)
 
     # --- revocation ---------------------------------------------------------------------
 
@@ -342,7 +348,7 @@ class CertificateAuthority:
             raise PkiError("revoke by serial or by node_id (one of them)")
         if reason not in REASONS:
             raise PkiError(f"unknown revocation reason {reason!r}; one of {', '.join(REASONS)}")
-        when = now or datetime.now(UTC)
+        when = now or self.clock.now()
         if serial is not None:
             found = self.store.get(serial)
             if found is None:
@@ -364,7 +370,7 @@ class CertificateAuthority:
         CRL after its notAfter does (RFC 5280 section 3.3), and a node whose clock runs
         behind the CA's still refuses it. An expired certificate is refused anyway, so
         the CRL holds only what can still be used, whatever the mesh's history."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         entries = []
         for entry in self.store.crl_entries(now - CRL_VALIDITY):
             revoked = (
@@ -399,7 +405,7 @@ class CertificateAuthority:
         Same key and name means everything issued so far still chains: nodes may keep the
         old ca.crt until it expires. A running ``ca serve`` picks the change up on restart.
         """
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         renewed = []
         root_key = load_key_file(self.directory / "root.key", passphrase).to_cryptography()
         root, issuing = self.root_cert, self.issuing_cert
@@ -426,7 +432,7 @@ class CertificateAuthority:
 
     def expiry_warnings(self, *, now: datetime | None = None) -> list[str]:
         """A line for each CA certificate with less than 30 days left (or expired)."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         warnings = []
         for label, cert in (("root", self.root_cert), ("issuing", self.issuing_cert)):
             end = cert.not_valid_after_utc

@@ -9,11 +9,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from trustmesh.clock import Clock
 from trustmesh.pki.attestation import (
     Attestation,
     AttestationPolicy,
@@ -95,9 +96,15 @@ class Registrar:
     """Enrolls nodes with tokens and rotates certificates for authenticated nodes."""
 
     def __init__(
-        self, ca: CertificateAuthority, policy: EnrollmentPolicy, settings: MeshSettings
+        self,
+        ca: CertificateAuthority,
+        policy: EnrollmentPolicy,
+        settings: MeshSettings,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.ca = ca
+        self.clock = ca.clock if clock is None else clock  # the CA's clock unless told otherwise
         self.policy = policy
         self.settings = settings
         self._trust = Store([ca.root_cert])
@@ -119,7 +126,7 @@ class Registrar:
         the same public key gets that certificate again (``Issued.retried``), so a node
         whose answer was lost (the CA crashed after committing) can finish. Anything else
         with a spent token is :class:`TokenRejected`."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         known = self.ca.store.token(token_hash(token))
         if known is None:
             raise TokenRejected("unknown enrollment token")
@@ -148,7 +155,7 @@ class Registrar:
         """The store's record of the client certificate ``chain`` (leaf first) presented:
         :class:`NotAuthenticated` when there is none or it does not verify to this CA,
         :class:`PolicyDenied` when it is revoked."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         if not chain:
             raise NotAuthenticated("this request needs a client certificate from this mesh CA")
         leaf, *intermediates = chain
@@ -185,7 +192,7 @@ class Registrar:
         not superseded: a revocation that lands between the TLS handshake and this call
         is never outrun. A retry with the key already certified as ``current``'s
         successor gets that certificate again (``Issued.retried``)."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock.now()
         if current.role != "node":
             raise PolicyDenied(f"only node certificates rotate here, not {current.role} ones")
         claimed = None

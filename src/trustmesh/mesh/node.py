@@ -1,0 +1,925 @@
+"""A mesh node's policy, sans-IO: who to link with, what to forward, whom to cut off.
+
+zero-trust-mesh.md sections 1.1 (overlay), 5.3 (enforcement) and 6.3 (propagation);
+docs/protocols/mesh-link.md sections 5 (admission), 8 (peer records) and 9 (CRLs).
+
+:class:`NodeCore` holds the peer table, the address book of signed peer records, the
+links by peer, dial cooldowns, the CRL schedule and the renewal schedule. Its driver
+tells it what happened (a link came up, a frame arrived, a dial failed, a CRL was
+fetched, the time is now ``now_ms``) and carries out the actions it returns: dial, send
+a frame, close a link, persist, fetch the CRL, renew. It reads no clock and touches no
+socket, so the asyncio node (``trustmesh.node.runtime``) and the simulator
+(``trustmesh.sim``) run the same policy.
+
+Links are the driver's own handles (any hashable object that tells its certificate's
+serial and the dialler's TCP port, :class:`LinkFacts`); the core keeps them as keys.
+
+Admission is a connection manager with two marks. A node dials out only while it holds
+fewer than ``dial_target`` links (the low mark) and accepts links up to ``max_links``
+(the high mark, at least three times the low one), so that the average node keeps room
+for newcomers. A node at its cap answers a new link with PEERS (its peers' records,
+those that lately had free slots named in ``open``) and CLOSE ``link-cap``; the dialler
+waits before it dials that node again (1 s, doubling per refusal, up to a minute) and
+dials the open ones first. Candidates are dialled in random order.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Generic, Protocol, TypeVar
+
+from trustmesh.errors import ProtocolError
+from trustmesh.keystore.signer import Signer
+from trustmesh.mesh.engine import GossipEngine, Received
+from trustmesh.mesh.errors import BadSignature, GossipRejected
+from trustmesh.mesh.gossip import GossipMessage
+from trustmesh.mesh.link import (
+    CloseCode,
+    CrlFrame,
+    GossipFrame,
+    IHaveFrame,
+    IWantFrame,
+    LinkClosed,
+    LinkUp,
+    PeerAddress,
+    PeersFrame,
+)
+from trustmesh.mesh.peers import PeerBook, PeerRecord, own_record, own_record_due, records_from_json
+from trustmesh.mesh.renewal import RenewalSchedule
+from trustmesh.mesh.trust import CrlRejected, CrlUpdate, TrustView
+from trustmesh.sansio import ConnectionClosed, Event
+
+log = logging.getLogger("trustmesh.node")
+
+BOOTSTRAP_BACKOFF_MS = (500, 30_000)  # first and longest wait before a bootstrap redial
+PEER_BACKOFF_MS = (1_000, 60_000)  # the same for a learned address, or after a refusal
+BACKOFF_JITTER = 0.2
+SEEN_PRUNE_MS = 60_000
+
+
+class LinkFacts(Hashable, Protocol):
+    """What the core reads from a driver's link handle (both ends of a link agree on
+    ``dialler_port``, which settles collisions)."""
+
+    @property
+    def serial(self) -> int | None: ...
+
+    @property
+    def dialler_port(self) -> int: ...
+
+
+L = TypeVar("L", bound=LinkFacts)
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dial:
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseLink(Generic[L]):
+    link: L
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendGossip(Generic[L]):
+    link: L
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendCrl(Generic[L]):
+    link: L
+    der: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendPeers(Generic[L]):
+    link: L
+    peers: tuple[PeerAddress, ...]
+    records: tuple[bytes, ...]
+    room: int
+    spare: int
+    open_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SendIHave(Generic[L]):
+    link: L
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SendIWant(Generic[L]):
+    link: L
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCrl:
+    number: int
+    der: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SavePeerRecords:
+    records: tuple[PeerRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetPeers:
+    node_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAnomaly:
+    """A new anomaly to keep (the driver stores it with the time it arrived)."""
+
+    message: GossipMessage
+
+
+@dataclass(frozen=True, slots=True)
+class FetchCrl:
+    """Fetch the CRL from the CA, then call :meth:`NodeCore.crl_fetched` (or
+    ``crl_fetch_failed``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Renew:
+    """Renew the certificate, then call :meth:`NodeCore.renewed` (or ``renew_failed``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """Something an operator may want to know: logged, and given to event listeners."""
+
+    event: str
+    fields: dict[str, Any]
+    level: int = logging.INFO
+
+
+Action = (
+    Dial
+    | CloseLink[L]
+    | SendGossip[L]
+    | SendCrl[L]
+    | SendPeers[L]
+    | SendIHave[L]
+    | SendIWant[L]
+    | SaveCrl
+    | SavePeerRecords
+    | ForgetPeers
+    | KeepAnomaly
+    | FetchCrl
+    | Renew
+    | Notify
+)
+
+
+# --- settings and state ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    node_id: str
+    advertise: str  # the address peers dial us on (never dialled by us)
+    bootstrap: tuple[str, ...] = ()
+    max_links: int = 12  # the high mark: links held at most
+    dial_target: int | None = None  # the low mark; default max(1, max_links // 3)
+    digest_interval_ms: int = 1_000
+    crl_interval_ms: int = 60_000
+    record_capacity: int = 1024
+
+    @property
+    def low_mark(self) -> int:
+        return self.dial_target if self.dial_target is not None else max(1, self.max_links // 3)
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What the node signs with: its key, its chain (DER, leaf first), its validity."""
+
+    key: Signer
+    chain_der: tuple[bytes, ...]
+    not_before_ms: int
+    not_after_ms: int
+    serial: int
+
+
+@dataclass
+class PeerInfo:
+    """A row of the peer table (``GET /v1/mesh/peers``)."""
+
+    node_id: str
+    address: str | None
+    status: str  # "connected" or "disconnected"
+    last_seen: int  # Unix ms of the last frame (keepalives included)
+    direction: str | None = None
+    serial: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "status": self.status,
+            "last_seen": datetime.fromtimestamp(self.last_seen / 1e3, UTC).isoformat(),
+            "last_seen_ms": self.last_seen,
+            "address": self.address,
+            "direction": self.direction,
+            "serial": format(self.serial, "x") if self.serial is not None else None,
+        }
+
+
+@dataclass(slots=True)
+class _LinkState:
+    initiator: bool
+    address: str | None  # what we dialled (None inbound)
+    peer_id: str | None = None
+    listen: str | None = None  # the peer's HELLO ``listen``
+    was_up: bool = False
+
+    @property
+    def direction(self) -> str:
+        return "outbound" if self.initiator else "inbound"
+
+
+@dataclass(slots=True)
+class _Cooldown:
+    until_ms: int
+    failures: int
+
+
+@dataclass(slots=True)
+class FormationStats:
+    """How the mesh formed, from this node's side."""
+
+    dials: int = 0
+    dials_failed: int = 0
+    refused_at_cap: int = 0  # links we refused, at our cap
+    evicted: int = 0  # inbound links we closed to make room for a newcomer
+    refusals_received: int = 0  # our dials a peer refused (link-cap, duplicate ...)
+    links_made: int = 0
+
+
+@dataclass
+class _Inbox(Generic[L]):
+    frames: dict[L, list[bytes]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.frames)
+
+
+class NodeCore(Generic[L]):
+    """One node's mesh policy; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: NodeSettings,
+        identity: NodeIdentity,
+        trust: TrustView,
+        engine: GossipEngine,
+        book: PeerBook,
+        *,
+        rng: random.Random,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.identity = identity
+        self.trust = trust
+        self.engine = engine
+        self.book = book
+        self.rng = rng
+        self.links: dict[str, L] = {}  # established, by peer node_id
+        self.peers: dict[str, PeerInfo] = {}
+        self.revoked_nodes: set[str] = set()
+        self.stats = FormationStats()
+        self.record: PeerRecord | None = None
+        self.renewal = RenewalSchedule(identity.not_before_ms, identity.not_after_ms)
+        self._states: dict[L, _LinkState] = {}  # every open link, up or not
+        self._dialing: set[str] = set()  # addresses with a dial in flight
+        self._cooldown: dict[str, _Cooldown] = {}
+        self._room: dict[str, int] = {}  # linked peer -> the free slots it last told us
+        self._spare: dict[str, int] = {}  # linked peer -> the spare links it last told us
+        self._open: set[str] = set()  # node_ids a refusing peer said have room
+        self._inbox: _Inbox[L] = _Inbox()
+        self._next_digest = 0
+        self._next_crl: int | None = None  # None while a fetch runs
+        self._next_prune = 0
+        self._retry_at: int | None = None  # the earliest cooldown a top-up waits for
+        self._announced = (True, False)  # what peers last heard: (room, spare links)
+        self._stopping = False
+
+    # --- properties -------------------------------------------------------------------------
+
+    @property
+    def dial_target(self) -> int:
+        return self.settings.low_mark
+
+    @property
+    def room(self) -> int:
+        """Free link slots."""
+        return max(0, self.settings.max_links - len(self.links))
+
+    @property
+    def spare(self) -> int:
+        """Links held beyond the dial target: we could lose that many and not dial."""
+        return max(0, len(self.links) - self.dial_target)
+
+    def direction_of(self, link: L) -> str | None:
+        state = self._states.get(link)
+        return state.direction if state is not None else None
+
+    def dialling(self, address: str) -> bool:
+        return address in self._dialing
+
+    def dialable(self, now_ms: int) -> dict[str, str]:
+        """node_id -> the address it would be dialled at, for each valid signed record."""
+        return dict(self.book.dialable(now_ms))
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self, now_ms: int) -> list[Action[L]]:
+        """The first actions: sign our record, dial, schedule the CRL polls (the
+        driver fetched the CRL once already before it listened)."""
+        self._next_digest = now_ms + self.settings.digest_interval_ms
+        self._next_crl = now_ms + self._crl_wait()
+        self._next_prune = now_ms + SEEN_PRUNE_MS
+        actions: list[Action[L]] = []
+        self._refresh_record(now_ms, actions, force=True)
+        self._topup(now_ms, actions)
+        return actions
+
+    def stop(self) -> None:
+        """Dial nothing more (links stay up until the driver closes them)."""
+        self._stopping = True
+
+    def next_deadline(self) -> int | None:
+        """When :meth:`handle_timer` has work next (Unix ms)."""
+        if self._stopping:
+            return None
+        times = [self._next_digest, self._next_prune]
+        for value in (self._next_crl, self.renewal.next_ms(), self._retry_at):
+            if value is not None:
+                times.append(value)
+        return min(times)
+
+    def handle_timer(self, now_ms: int) -> list[Action[L]]:
+        actions: list[Action[L]] = []
+        if self._stopping:
+            return actions
+        if now_ms >= self._next_digest:
+            self._next_digest = now_ms + self.settings.digest_interval_ms
+            self._digests(now_ms, actions)
+            self._refresh_record(now_ms, actions)
+            gone = self.book.prune(now_ms)  # expired records
+            if gone:
+                actions.append(ForgetPeers(tuple(gone)))
+        if self._next_crl is not None and now_ms >= self._next_crl:
+            self._next_crl = None
+            actions.append(FetchCrl())
+        if self.renewal.start_if_due(now_ms):
+            actions.append(Renew())
+        if now_ms >= self._next_prune:
+            self._next_prune = now_ms + SEEN_PRUNE_MS
+            self.engine.seen.prune(now_ms)
+        if self._retry_at is not None and now_ms >= self._retry_at:
+            self._retry_at = None
+        self._topup(now_ms, actions)
+        return actions
+
+    # --- links ------------------------------------------------------------------------------
+
+    def authorize_chain(self, chain: Sequence[Any], now_ms: int) -> str:
+        """The node_id of a TLS peer chain (raises a MeshError: untrusted, revoked)."""
+        return self.trust.identity_of(chain, now_ms=now_ms).node_id
+
+    def link_opened(self, link: L, *, initiator: bool, address: str | None) -> None:
+        """A connection exists (its HELLO exchange is not done)."""
+        self._states[link] = _LinkState(initiator, address)
+
+    def link_event(self, link: L, event: Event, now_ms: int) -> list[Action[L]]:
+        """An event of the link's core (LinkUp, a frame, ConnectionClosed)."""
+        actions: list[Action[L]] = []
+        state = self._states.get(link)
+        if state is None:
+            return actions
+        peer = state.peer_id
+        if peer is not None and peer in self.peers and self.links.get(peer) is link:
+            self.peers[peer].last_seen = now_ms
+        try:
+            if isinstance(event, LinkUp):
+                self._on_up(link, state, event, now_ms, actions)
+            elif isinstance(event, ConnectionClosed):
+                self._on_closed(link, state, event, now_ms, actions)
+            elif peer is None or self.links.get(peer) is not link:
+                pass  # a frame of a link refused or replaced: moot
+            elif isinstance(event, GossipFrame):
+                self._inbox.frames.setdefault(link, []).append(event.raw)
+            elif isinstance(event, IHaveFrame):
+                wanted = self.engine.on_ihave(peer, event.ids, now_ms)
+                if wanted:
+                    actions.append(SendIWant(link, tuple(wanted)))
+            elif isinstance(event, IWantFrame):
+                for held in self.engine.on_iwant(peer, event.ids, now_ms):
+                    actions.append(SendGossip(link, self.engine.wire_for(peer, held)))
+            elif isinstance(event, CrlFrame):
+                self._on_crl_frame(link, event.der, now_ms, actions)
+            elif isinstance(event, PeersFrame):
+                self._learn(link, peer, event, now_ms, actions)
+        except ProtocolError as exc:  # a peer's frame this node cannot use: refuse the link
+            actions.append(CloseLink(link, CloseCode.PROTOCOL, str(exc)))
+        return actions
+
+    @property
+    def gossip_pending(self) -> bool:
+        """Gossip frames wait for :meth:`drain_gossip` (call it once the events of one
+        read are all handed in: the engine checks a batch faster per message)."""
+        return bool(self._inbox)
+
+    def dial_failed(self, address: str, reason: str, now_ms: int) -> list[Action[L]]:
+        """A dial to ``address`` ended before both HELLOs (the link, if any, was
+        reported closed already)."""
+        self._dialing.discard(address)
+        self._forget_hint(address)
+        self.stats.dials_failed += 1
+        delay = self._cool_down(address, now_ms)
+        actions: list[Action[L]] = []
+        if address in self.settings.bootstrap:
+            actions.append(
+                Notify(
+                    "link.dial_failed",
+                    {"address": address, "error": reason, "retry_in": delay / 1000},
+                )
+            )
+        else:
+            log.debug("dial %s failed: %s", address, reason)
+        self._topup(now_ms, actions)  # another candidate now, or a retry when one cools
+        return actions
+
+    def dial_done(self, address: str) -> None:
+        """A dial to ``address`` reached link up (or failed: see :meth:`dial_failed`)."""
+        self._dialing.discard(address)
+
+    def _on_up(
+        self, link: L, state: _LinkState, event: LinkUp, now_ms: int, actions: list[Action[L]]
+    ) -> None:
+        peer = event.peer_id
+        state.peer_id, state.listen, state.was_up = peer, event.listen, True
+        if state.address is not None:
+            self._dialing.discard(state.address)
+        current = self.links.get(peer)
+        if current is not None:
+            keep, drop = self._collision(current, link)
+            actions.append(CloseLink(drop, CloseCode.DUPLICATE, "a link to this peer exists"))
+            if keep is current:
+                return
+        elif len(self.links) >= self.settings.max_links and not self._evict_for(peer, actions):
+            self.stats.refused_at_cap += 1
+            actions.append(self._peers_for(link, exclude=peer, now_ms=now_ms, refusal=True))
+            actions.append(
+                CloseLink(
+                    link, CloseCode.LINK_CAP, f"at the cap of {self.settings.max_links} links"
+                )
+            )
+            return
+        self.links[peer] = link
+        self.stats.links_made += 1
+        self.revoked_nodes.discard(peer)  # re-enrolled: this certificate just checked out
+        self._open.discard(peer)
+        address = event.listen or state.address  # HELLO listen is shown, never dialled
+        self.peers[peer] = PeerInfo(
+            peer, address, "connected", now_ms, state.direction, link.serial
+        )
+        actions.append(self._peers_for(link, exclude=peer, now_ms=now_ms))
+        ids = self.engine.ihave_for(peer, now_ms)
+        if ids:
+            actions.append(SendIHave(link, tuple(ids)))
+        if self.trust.crl_der is not None and event.crl_number < self.trust.crl_number:
+            actions.append(SendCrl(link, self.trust.crl_der))
+        actions.append(
+            Notify("link.up", {"peer": peer, "direction": state.direction, "address": address})
+        )
+        self._announce_room(actions)
+
+    def _evict_for(self, newcomer: str, actions: list[Action[L]]) -> bool:
+        """At the cap: close one inbound link whose peer holds spare links (it stays at
+        or above its dial target, so nobody redials) to take ``newcomer``. Links we
+        dialled are never evicted: peers that flood us with links cannot push out the
+        ones we chose. True when a link was closed."""
+        rich = [
+            (spare, peer)
+            for peer, link in self.links.items()
+            if (spare := self._spare.get(peer, 0)) > 0 and not self._states[link].initiator
+        ]
+        if not rich:
+            return False
+        most = max(spare for spare, _ in rich)
+        victim = self.rng.choice(sorted(peer for spare, peer in rich if spare == most))
+        link = self.links.pop(victim)
+        self._room.pop(victim, None)
+        self._spare.pop(victim, None)
+        self.engine.forget_peer(victim)
+        info = self.peers.get(victim)
+        if info is not None:
+            info.status = "disconnected"
+        self.stats.evicted += 1
+        actions.append(CloseLink(link, CloseCode.SHUTDOWN, f"making room for {newcomer}"))
+        actions.append(Notify("link.evicted", {"peer": victim, "for": newcomer}))
+        return True
+
+    def _collision(self, first: L, second: L) -> tuple[L, L]:
+        """Two links to one peer: keep the one dialled by the smaller node_id, or if one
+        side dialled both, the one from the dialler's lower TCP port. Both ends see the
+        same facts, so both keep the same link."""
+
+        def rank(link: L) -> tuple[str, int]:
+            state = self._states[link]
+            return (self.node_id if state.initiator else str(state.peer_id), link.dialler_port)
+
+        return (first, second) if rank(first) <= rank(second) else (second, first)
+
+    def _on_closed(
+        self,
+        link: L,
+        state: _LinkState,
+        event: ConnectionClosed,
+        now_ms: int,
+        actions: list[Action[L]],
+    ) -> None:
+        del self._states[link]
+        self._inbox.frames.pop(link, None)
+        refused = isinstance(event, LinkClosed) and event.code != CloseCode.SHUTDOWN
+        if state.address is not None and state.was_up:
+            self._forget_hint(state.address)
+            if refused:
+                # At its cap, a duplicate, or worse: not at once, and each refusal in a
+                # row waits longer (the peer's HELLO came before its refusal, so HELLO
+                # must not reset the backoff).
+                self.stats.refusals_received += 1
+                self._cool_down(state.address, now_ms)
+            else:
+                self._cooldown.pop(state.address, None)  # a link that ran its course
+        if not state.was_up and event.reason.startswith("TLS failed"):
+            # Refused at the handshake, by us or by the peer: say which check and why.
+            fields = {"direction": state.direction, "address": state.address}
+            actions.append(Notify("link.tls_failed", {**fields, "reason": event.reason}))
+        peer = state.peer_id
+        if peer is None or self.links.get(peer) is not link:
+            return
+        del self.links[peer]
+        self._room.pop(peer, None)
+        self._spare.pop(peer, None)
+        self.engine.forget_peer(peer)
+        info = self.peers.get(peer)
+        if info is not None:
+            info.status = "disconnected"
+        actions.append(Notify("link.down", {"peer": peer, "reason": event.reason}))
+        self._announce_room(actions)
+        self._topup(now_ms, actions)
+
+    # --- dialling ---------------------------------------------------------------------------
+
+    def _cool_down(self, address: str, now_ms: int) -> int:
+        """Wait before dialling ``address`` again, longer after each failure in a row."""
+        first, longest = (
+            BOOTSTRAP_BACKOFF_MS if address in self.settings.bootstrap else PEER_BACKOFF_MS
+        )
+        held = self._cooldown.get(address)
+        failures = held.failures if held is not None else 0
+        delay = min(longest, first * 2 ** min(failures, 30))
+        delay = int(delay * (1 + BACKOFF_JITTER * self.rng.random()))
+        self._cooldown[address] = _Cooldown(now_ms + delay, failures + 1)
+        return delay
+
+    def _forget_hint(self, address: str) -> None:
+        """A dial to ``address`` ended: whatever room its node had is used or gone."""
+        for node_id in [n for n in self._open if address in self._addresses_of(n)]:
+            self._open.discard(node_id)
+
+    def _addresses_of(self, node_id: str) -> tuple[str, ...]:
+        record = self.book.get(node_id)
+        return record.addresses if record is not None else ()
+
+    def _announce_room(self, actions: list[Action[L]]) -> None:
+        """Tell every linked peer when we fill up or have room again, and when we come
+        to hold spare links or no longer do (only then: a refusing peer's ``open`` list
+        and its choice of whom to evict are only as good as what it was told)."""
+        state = (self.room > 0, self.spare > 0)
+        if state == self._announced:
+            return
+        self._announced = state
+        for link in self.links.values():
+            actions.append(SendPeers(link, (), (), self.room, self.spare))
+
+    def cooldown_of(self, address: str) -> tuple[int, int] | None:
+        """(until when, failures in a row) of an address in cooldown."""
+        held = self._cooldown.get(address)
+        return (held.until_ms, held.failures) if held is not None else None
+
+    def _linked_addresses(self) -> set[str]:
+        found: set[str] = set()
+        for state in self._states.values():
+            if state.address is not None:
+                found.add(state.address)
+            if state.listen is not None:
+                found.add(state.listen)
+        return found
+
+    def _topup(self, now_ms: int, actions: list[Action[L]]) -> None:
+        """Dial until the links and the dials in flight reach the low mark: first the
+        nodes a refusing peer named as open, then known nodes and bootstrap addresses
+        in random order (in a fixed order every newcomer would dial the same nodes)."""
+        if self._stopping:
+            return
+        room = self.dial_target - len(self.links) - len(self._dialing)
+        if room <= 0:
+            return
+        busy = self._linked_addresses() | self._dialing
+        busy.add(self.settings.advertise)
+        waits: list[int] = []
+
+        def usable(address: str) -> bool:
+            if address in busy:
+                return False
+            held = self._cooldown.get(address)
+            if held is not None and held.until_ms > now_ms:
+                waits.append(held.until_ms)
+                return False
+            return True
+
+        known = [
+            (node_id, address)
+            for node_id, address in self.book.dialable(now_ms, usable)
+            if node_id not in self.links and node_id not in self.revoked_nodes
+        ]
+        self.rng.shuffle(known)
+        hinted = [address for node_id, address in known if node_id in self._open]
+        if hinted:
+            # Nodes said to have room: dial only those now; the rest are likely full,
+            # and each refusal costs both sides a TLS handshake.
+            candidates = hinted
+        else:
+            candidates = [address for _, address in known]
+            boot = [a for a in self.settings.bootstrap if usable(a)]
+            self.rng.shuffle(boot)
+            candidates += boot
+        for address in dict.fromkeys(candidates):
+            if room <= 0:
+                break
+            room -= 1
+            self._dialing.add(address)
+            self.stats.dials += 1
+            actions.append(Dial(address))
+        if room > 0 and waits:
+            soonest = min(waits)
+            self._retry_at = soonest if self._retry_at is None else min(self._retry_at, soonest)
+
+    # --- peer records -----------------------------------------------------------------------
+
+    def _learn(
+        self, link: L, peer: str, frame: PeersFrame, now_ms: int, actions: list[Action[L]]
+    ) -> None:
+        """Keep the PEERS frame's signed records that check out. Its unsigned ``peers``
+        entries are never dialled; its ``room`` and ``open`` only order our dials."""
+        if frame.room is not None:
+            self._room[peer] = frame.room
+        if frame.spare is not None:
+            self._spare[peer] = frame.spare
+        for node_id in frame.open[: self.settings.max_links]:
+            if node_id != self.node_id and node_id not in self.links:
+                self._open.add(node_id)
+        while len(self._open) > self.settings.record_capacity:
+            self._open.pop()
+        learned = self.book.receive(records_from_json(frame.records), now_ms)
+        if learned.accepted:
+            actions.append(SavePeerRecords(tuple(learned.accepted)))
+        if learned.rejected:
+            log.debug("peer records from %s refused: %s", peer, dict(learned.rejected))
+        self._topup(now_ms, actions)
+
+    def _peers_for(
+        self, link: L, *, exclude: str, now_ms: int, refusal: bool = False
+    ) -> SendPeers[L]:
+        """PEERS: our own record, then the valid records of our other linked peers (and
+        their addresses, unsigned, for version-1 nodes that do not read records). A
+        refusal puts the peers that lately had room first and names them in ``open``."""
+        others = [n for n in self.links if n != exclude]
+        if refusal:
+            self.rng.shuffle(others)
+            others.sort(key=lambda n: -self._room.get(n, 0))
+        linked = self.book.valid(others, now_ms)
+        records = [self.record, *linked] if self.record is not None else linked
+        peers = tuple(PeerAddress(r.node_id, r.addresses[0]) for r in linked)
+        open_ids = tuple(r.node_id for r in linked if self._room.get(r.node_id, 0) > 0)
+        return SendPeers(
+            link,
+            peers,
+            tuple(r.encode() for r in records),
+            self.room,
+            self.spare,
+            open_ids if refusal else (),
+        )
+
+    def _refresh_record(
+        self, now_ms: int, actions: list[Action[L]], *, force: bool = False
+    ) -> None:
+        """Sign a new record of our own when half the last one's life has passed (or our
+        certificate changed), and give it to every link."""
+        if not force and not own_record_due(self.record, now_ms):
+            return
+        self.record = own_record(
+            self.identity.key,
+            self.node_id,
+            [self.settings.advertise],
+            previous=self.record,
+            now_ms=now_ms,
+            not_after_ms=self.identity.not_after_ms,
+            chain=self.identity.chain_der,
+        )
+        if self.record is not None:
+            encoded = (self.record.encode(),)
+            for link in self.links.values():
+                actions.append(SendPeers(link, (), encoded, self.room, self.spare))
+
+    def load_records(self, raws: Iterable[bytes], now_ms: int) -> list[str]:
+        """The peer records of the last run, checked again: the node_ids to forget."""
+        return self.book.load(raws, now_ms)
+
+    # --- gossip -----------------------------------------------------------------------------
+
+    def publish(
+        self, message: GossipMessage, raw: bytes, now_ms: int
+    ) -> tuple[Received, list[Action[L]]]:
+        """A message from the local API or our own (raises GossipRejected)."""
+        received = self.engine.receive(
+            message, raw, sender=None, peers=list(self.links), now_ms=now_ms
+        )
+        actions: list[Action[L]] = []
+        self._deliver(received, now_ms, actions)
+        return received, actions
+
+    def drain_gossip(self, now_ms: int) -> list[Action[L]]:
+        actions: list[Action[L]] = []
+        inbox, self._inbox = self._inbox, _Inbox()
+        for link, raws in inbox.frames.items():
+            state = self._states.get(link)
+            if state is None or state.peer_id is None:
+                continue  # closed meanwhile
+            results = self.engine.receive_batch(
+                raws, sender=state.peer_id, peers=list(self.links), now_ms=now_ms
+            )
+            for result in results:
+                if isinstance(result, Received):
+                    self._deliver(result, now_ms, actions)
+                elif self._refuse(link, state.peer_id, result, actions):
+                    break  # the link is closed: the rest of its frames are moot
+        return actions
+
+    def _refuse(self, link: L, peer: str, error: ProtocolError, actions: list[Action[L]]) -> bool:
+        """Answer a gossip frame the engine refused; True when that ends the link."""
+        if isinstance(error, BadSignature):
+            actions.append(CloseLink(link, CloseCode.BAD_SIGNATURE, str(error)))
+            actions.append(Notify("gossip.bad_signature", {"peer": peer, "error": str(error)}))
+            return True
+        if isinstance(error, CrlRejected):
+            actions.append(CloseLink(link, CloseCode.REFUSED, str(error)))
+            return True
+        if not isinstance(error, GossipRejected):  # malformed
+            actions.append(CloseLink(link, CloseCode.PROTOCOL, f"malformed gossip: {error}"))
+            return True
+        log.debug("gossip from %s dropped: %s", peer, error)  # expired, revoked, rate
+        return False
+
+    def _deliver(self, received: Received, now_ms: int, actions: list[Action[L]]) -> None:
+        message = received.message
+        if not received.new or message is None:
+            actions.append(
+                Notify("gossip.duplicate", {"message_id": received.message_id}, logging.DEBUG)
+            )
+            return
+        for peer in received.forward_to:
+            target = self.links.get(peer)
+            if target is not None:
+                actions.append(SendGossip(target, self.engine.wire_for(peer, received)))
+        if message.kind == "anomaly":
+            actions.append(KeepAnomaly(message))
+            fields = {"message_id": message.message_id, "origin": message.origin}
+            actions.append(Notify("gossip.anomaly", fields))
+        if received.crl is not None:
+            self._after_crl(received.crl, f"gossip from {message.origin}", now_ms, actions)
+
+    def _digests(self, now_ms: int, actions: list[Action[L]]) -> None:
+        for peer, link in self.links.items():
+            ids = self.engine.ihave_for(peer, now_ms)
+            if ids:
+                actions.append(SendIHave(link, tuple(ids)))
+
+    # --- revocation (spec section 5.3) --------------------------------------------------------
+
+    def _crl_wait(self) -> int:
+        """The next CRL poll, jittered so that a fleet's polls spread out."""
+        return int(self.settings.crl_interval_ms * self.rng.uniform(0.75, 1.25))
+
+    def crl_fetched(
+        self, der: bytes | None, now_ms: int, *, sign: Callable[[bytes], GossipMessage] | None
+    ) -> list[Action[L]]:
+        """The CA's CRL (None: unchanged since the last fetch). A newer one is gossiped
+        when ``sign`` can sign it for us (the mesh learns it faster than by everyone's
+        own fetch), else applied and pushed over links (mesh-link.md section 9.1)."""
+        self._next_crl = now_ms + self._crl_wait()
+        actions: list[Action[L]] = []
+        if der is None or not self.trust.is_newer_crl(der):
+            return actions
+        if sign is not None and self.links:
+            message = sign(der)
+            try:
+                received, actions = self.publish(message, message.encode(), now_ms)
+            except ProtocolError:
+                received = None  # if we are the one revoked: applied below
+            if received is not None and received.crl is not None:
+                return actions
+        self.apply_crl(der, "CA", now_ms, actions)
+        return actions
+
+    def crl_fetch_failed(self, error: str, now_ms: int) -> list[Action[L]]:
+        self._next_crl = now_ms + self._crl_wait()
+        return [Notify("crl.fetch_failed", {"error": error}, logging.WARNING)]
+
+    def apply_crl(
+        self, der: bytes, source: str, now_ms: int, actions: list[Action[L]]
+    ) -> CrlUpdate | None:
+        """Take a CRL (raises CrlRejected); the actions cut off every revoked peer."""
+        update = self.trust.apply_crl(der)
+        if update is not None:
+            self._after_crl(update, source, now_ms, actions)
+        return update
+
+    def _on_crl_frame(self, link: L, der: bytes, now_ms: int, actions: list[Action[L]]) -> None:
+        state = self._states[link]
+        try:
+            self.apply_crl(der, f"link from {state.peer_id}", now_ms, actions)
+        except CrlRejected as exc:
+            actions.append(CloseLink(link, CloseCode.REFUSED, str(exc)))
+
+    def _after_crl(
+        self, update: CrlUpdate, source: str, now_ms: int, actions: list[Action[L]]
+    ) -> None:
+        """A newer CRL: keep it, cut off every revoked peer (links up or coming up, and
+        its rows), pass it on."""
+        der = self.trust.crl_der
+        assert der is not None
+        actions.append(SaveCrl(update.number, der))
+        revoked = self.trust.is_revoked
+        for link, state in list(self._states.items()):
+            serial = link.serial
+            if serial is None or not revoked(serial):
+                continue
+            actions.append(CloseLink(link, CloseCode.REVOKED, "your certificate is revoked"))
+            if state.peer_id is not None and self.links.get(state.peer_id) is link:
+                self._forget_node(state.peer_id, now_ms, actions)
+        for peer, info in list(self.peers.items()):
+            if info.serial is not None and revoked(info.serial):
+                self._forget_node(peer, now_ms, actions)
+        for link in self.links.values():
+            actions.append(SendCrl(link, der))
+        gone = self.book.prune(now_ms)  # records of revoked nodes
+        if gone:
+            actions.append(ForgetPeers(tuple(gone)))
+        fields = {"number": update.number, "revoked": len(update.revoked), "source": source}
+        actions.append(Notify("crl.updated", fields))
+
+    def _forget_node(self, node_id: str, now_ms: int, actions: list[Action[L]]) -> None:
+        self.revoked_nodes.add(node_id)
+        self.peers.pop(node_id, None)
+        self._room.pop(node_id, None)
+        self._spare.pop(node_id, None)
+        self._open.discard(node_id)
+        if self.links.pop(node_id, None) is not None:
+            self._topup(now_ms, actions)  # find a replacement
+        if self.book.remove(node_id):
+            actions.append(ForgetPeers((node_id,)))
+        self.engine.forget_peer(node_id)
+        actions.append(Notify("peer.revoked", {"peer": node_id}))
+
+    # --- renewal ------------------------------------------------------------------------------
+
+    def renewed(self, identity: NodeIdentity, now_ms: int) -> list[Action[L]]:
+        """A new certificate: new links use it, and peers get a record signed with it."""
+        self.identity = identity
+        self.renewal.renewed(identity.not_before_ms, identity.not_after_ms)
+        actions: list[Action[L]] = []
+        self._refresh_record(now_ms, actions, force=True)
+        return actions
+
+    def renew_failed(self, error: str, now_ms: int) -> list[Action[L]]:
+        retry = self.renewal.failed(now_ms)
+        fields = {"error": error, "retry_in": retry / 1000}
+        return [Notify("cert.renew_failed", fields, logging.WARNING)]
