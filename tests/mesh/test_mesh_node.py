@@ -251,11 +251,15 @@ def test_a_crl_cuts_off_revoked_links_up_or_coming_up_and_is_passed_on(pki: Mesh
 def test_crl_polls_are_jittered_and_one_at_a_time(pki: MeshPki) -> None:
     core = make_core(pki, pki.node("node-a"), crl_interval_ms=60_000, bootstrap=())
     core.start(T0_MS)
+    first = core.next_crl_poll
+    assert first is not None and T0_MS <= first < T0_MS + 60_000  # anywhere in one interval
+    core.handle_timer(first)
+    core.crl_fetched(None, first, sign=None)
     polls = []
-    now = T0_MS
+    now = first
     for _ in range(20):
-        due = min(t for t in [core._next_crl] if t is not None)
-        assert 45_000 <= due - now <= 75_000
+        due = core.next_crl_poll
+        assert due is not None and 45_000 <= due - now <= 75_000
         polls.append(due - now)
         actions = core.handle_timer(due)
         assert of(FetchCrl, actions) == [FetchCrl()]

@@ -56,6 +56,8 @@ DEFAULT_RATE = 200.0  # gossip messages per second per peer, on average
 DEFAULT_BURST = 400
 CLOCK_SKEW_MS = 60_000  # how far in the future a timestamp may be
 MAX_DIGEST = 512  # ids per ihave or iwant
+REPEAT_MS = 2_000  # an id pushed or announced to a peer is announced again after this ...
+REPEATS = 4  # ... then after twice as long, this many times at most (2, 4, 8, 16 s)
 KEPT_CERTIFICATES = 3  # per origin: the latest proven and the two before it (rotations)
 
 
@@ -206,6 +208,9 @@ class GossipEngine:
         self._origins: dict[str, list[tuple[Identity, tuple[bytes, ...]]]] = {}
         self._recent: OrderedDict[str, Received] = OrderedDict()  # to answer iwant
         self._known: dict[str, set[str]] = {}  # peer -> ids it is known to hold
+        # peer -> id -> (when to announce it again, announcements so far): ids pushed or
+        # announced to a peer not known to hold them.
+        self._told: dict[str, dict[str, tuple[int, int]]] = {}
         # peer -> (origin, serial) of the certificates it has seen: it gets those origins'
         # messages without the chain.
         self._certs_known: dict[str, set[tuple[str, int]]] = {}
@@ -418,8 +423,8 @@ class GossipEngine:
         self.stats.accepted += 1
         stale_crl = message.kind == "crl" and received_crl is None
         forward = () if stale_crl else self._pick(peers, exclude=(sender, message.origin))
-        for peer in forward:
-            self._known_by(peer).add(message_id)
+        for peer in forward:  # a push counts as the first announcement
+            _dict_of(self._told, peer)[message_id] = (now_ms + REPEAT_MS, 0)
         self.stats.forwarded += len(forward)
         received.forward_to = forward
         received.crl = received_crl
@@ -507,13 +512,23 @@ class GossipEngine:
     # --- digests (lazy pull) -------------------------------------------------------------------
 
     def ihave_for(self, peer: str, now_ms: int) -> list[str]:
-        """Ids of unexpired messages we hold that ``peer`` is not known to hold; they
-        count as known from now on (an ihave is sent once per message and peer)."""
+        """Ids of unexpired messages we hold that ``peer`` is not known to hold (it sent
+        or announced them to us), each due again: a push or an announcement that was
+        lost (a link that broke under it) is repeated ``REPEAT_MS`` later, then after
+        twice that, up to ``REPEATS`` times (mesh-link.md section 7)."""
         self._expire(now_ms)
         known = self._known_by(peer)
-        ids = [mid for mid in self._recent if mid not in known][-MAX_DIGEST:]
-        known.update(ids)
-        return ids
+        told = _dict_of(self._told, peer)
+        ids = []
+        for message_id in self._recent:
+            if message_id in known:
+                continue
+            due = told.get(message_id)
+            if due is None or (due[1] < REPEATS and due[0] <= now_ms):
+                tries = 0 if due is None else due[1] + 1
+                told[message_id] = (now_ms + REPEAT_MS * 2**tries, tries)
+                ids.append(message_id)
+        return ids[-MAX_DIGEST:]
 
     def on_ihave(self, peer: str, ids: Iterable[str], now_ms: int) -> list[str]:
         """The ids a peer announced that we lack: ask for them (none from a graylisted
@@ -536,12 +551,14 @@ class GossipEngine:
             self._drop_unread(peer, 1)
             return []
         self._expire(now_ms)
-        known = self._known_by(peer)
+        told = _dict_of(self._told, peer)
         found = []
         for message_id in list(ids)[:MAX_DIGEST]:
             entry = self._recent.get(message_id)
             if entry is not None:
-                known.add(message_id)
+                # Sent, not yet proven held: announced again if this copy is lost.
+                tries = told.get(message_id, (0, 0))[1]
+                told[message_id] = (now_ms + REPEAT_MS * 2**tries, tries)
                 found.append(entry)
         return found
 
@@ -549,6 +566,7 @@ class GossipEngine:
         """The peer's link is gone: forget what it knows and its buckets. Its score stays
         (until it decays, or the table of scores is full)."""
         self._known.pop(peer, None)
+        self._told.pop(peer, None)
         self._certs_known.pop(peer, None)
         self._buckets.pop(peer, None)
         self._duplicate_buckets.pop(peer, None)
@@ -621,17 +639,18 @@ class GossipEngine:
 
     # --- what goes on the wire ---------------------------------------------------------------
 
-    def wire_for(self, peer: str, received: Received) -> bytes:
+    def wire_for(self, peer: str, received: Received, *, with_chain: bool = False) -> bytes:
         """The bytes to send ``peer`` for an accepted message: with the origin's chain if
         the peer has not seen that certificate from us or sent it to us (it has from then
-        on), else without it (smaller, and cheaper to check). Each form is encoded at most
-        once per message."""
+        on) or if ``with_chain`` (an answer to IWANT: the copy with the chain may have
+        been lost), else without it (smaller, and cheaper to check). Each form is encoded
+        at most once per message."""
         message, origin = received.message, received.origin
         assert message is not None
         assert origin is not None
         key = (message.origin, origin.serial)
         known = self._certs_known_by(peer)
-        if key in known:
+        if key in known and not with_chain:
             if received.light is None:
                 received.light = message.encode(with_chain=False) if message.chain else received.raw
             return received.light
@@ -661,6 +680,8 @@ class GossipEngine:
             gone, _ = self._recent.popitem(last=False)
             for known in self._known.values():
                 known.discard(gone)
+            for told in self._told.values():
+                told.pop(gone, None)
 
     def _expire(self, now_ms: int) -> None:
         expired = [mid for mid, held in self._recent.items() if _expiry(held) <= now_ms]
@@ -668,6 +689,8 @@ class GossipEngine:
             del self._recent[message_id]
             for known in self._known.values():
                 known.discard(message_id)
+            for told in self._told.values():
+                told.pop(message_id, None)
         # Ids a peer announced but we never held must not pile up.
         for known in self._known.values():
             if len(known) > 4 * self.recent_capacity:
@@ -677,6 +700,13 @@ class GossipEngine:
 def _expiry(held: Received) -> int:
     assert held.message is not None
     return held.message.expiry
+
+
+def _dict_of(table: dict[str, dict[str, T]], peer: str) -> dict[str, T]:
+    entry = table.get(peer)
+    if entry is None:
+        entry = table[peer] = {}
+    return entry
 
 
 def _set_of(table: dict[str, set[T]], peer: str) -> set[T]:

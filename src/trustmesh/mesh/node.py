@@ -45,10 +45,11 @@ from trustmesh.mesh.link import (
     IWantFrame,
     LinkClosed,
     LinkUp,
+    MeshLink,
     PeerAddress,
     PeersFrame,
 )
-from trustmesh.mesh.peers import PeerBook, PeerRecord, own_record, own_record_due, records_from_json
+from trustmesh.mesh.peers import PeerBook, PeerRecord, own_record, own_record_due
 from trustmesh.mesh.renewal import RenewalSchedule
 from trustmesh.mesh.trust import CrlRejected, CrlUpdate, TrustView
 from trustmesh.sansio import ConnectionClosed, Event
@@ -185,6 +186,29 @@ Action = (
 )
 
 
+LinkAction = SendGossip[L] | SendIHave[L] | SendIWant[L] | SendPeers[L] | SendCrl[L] | CloseLink[L]
+LINK_ACTIONS = (SendGossip, SendIHave, SendIWant, SendPeers, SendCrl, CloseLink)
+
+
+def send_on(link: MeshLink, action: LinkAction[Any]) -> list[Event]:
+    """Carry out a link action on the link's protocol core: the frame it sends, or its
+    CLOSE (an error unless the code is ``shutdown``)."""
+    match action:
+        case SendGossip(_, raw):
+            return link.send_gossip(raw)
+        case SendIHave(_, ids):
+            return link.send_ihave(ids)
+        case SendIWant(_, ids):
+            return link.send_iwant(ids)
+        case SendPeers(_, peers, records, room, spare, open_ids):
+            return link.send_peers(peers, records, room=room, spare=spare, open_ids=open_ids)
+        case SendCrl(_, der):
+            return link.send_crl(der)
+        case CloseLink(_, code, reason):
+            return link.close_with(code, reason, error=code != CloseCode.SHUTDOWN)
+    raise TypeError(f"not a link action: {action!r}")
+
+
 # --- settings and state ----------------------------------------------------------------------
 
 
@@ -308,7 +332,9 @@ class NodeCore(Generic[L]):
         self._cooldown: dict[str, _Cooldown] = {}
         self._room: dict[str, int] = {}  # linked peer -> the free slots it last told us
         self._spare: dict[str, int] = {}  # linked peer -> the spare links it last told us
-        self._open: set[str] = set()  # node_ids a refusing peer said have room
+        # node_ids a refusing peer said have room, oldest first (a dict: its order, unlike
+        # a set's, does not depend on the hash seed, so the simulator stays reproducible)
+        self._open: dict[str, None] = {}
         self._inbox: _Inbox[L] = _Inbox()
         self._next_digest = 0
         self._next_crl: int | None = None  # None while a fetch runs
@@ -337,6 +363,11 @@ class NodeCore(Generic[L]):
         state = self._states.get(link)
         return state.direction if state is not None else None
 
+    @property
+    def next_crl_poll(self) -> int | None:
+        """When the next CRL poll is due (None while one runs)."""
+        return self._next_crl
+
     def dialling(self, address: str) -> bool:
         return address in self._dialing
 
@@ -350,7 +381,10 @@ class NodeCore(Generic[L]):
         """The first actions: sign our record, dial, schedule the CRL polls (the
         driver fetched the CRL once already before it listened)."""
         self._next_digest = now_ms + self.settings.digest_interval_ms
-        self._next_crl = now_ms + self._crl_wait()
+        # The first poll anywhere in one interval: nodes that start together (a fleet
+        # after an outage) spread their polls at once, and a revocation reaches the first
+        # of N pollers within about interval / N.
+        self._next_crl = now_ms + int(self.settings.crl_interval_ms * self.rng.random())
         self._next_prune = now_ms + SEEN_PRUNE_MS
         actions: list[Action[L]] = []
         self._refresh_record(now_ms, actions, force=True)
@@ -429,7 +463,8 @@ class NodeCore(Generic[L]):
                     actions.append(SendIWant(link, tuple(wanted)))
             elif isinstance(event, IWantFrame):
                 for held in self.engine.on_iwant(peer, event.ids, now_ms):
-                    actions.append(SendGossip(link, self.engine.wire_for(peer, held)))
+                    raw = self.engine.wire_for(peer, held, with_chain=True)
+                    actions.append(SendGossip(link, raw))
             elif isinstance(event, CrlFrame):
                 self._on_crl_frame(link, event.der, now_ms, actions)
             elif isinstance(event, PeersFrame):
@@ -493,7 +528,7 @@ class NodeCore(Generic[L]):
         self.links[peer] = link
         self.stats.links_made += 1
         self.revoked_nodes.discard(peer)  # re-enrolled: this certificate just checked out
-        self._open.discard(peer)
+        self._open.pop(peer, None)
         address = event.listen or state.address  # HELLO listen is shown, never dialled
         self.peers[peer] = PeerInfo(
             peer, address, "connected", now_ms, state.direction, link.serial
@@ -602,7 +637,7 @@ class NodeCore(Generic[L]):
     def _forget_hint(self, address: str) -> None:
         """A dial to ``address`` ended: whatever room its node had is used or gone."""
         for node_id in [n for n in self._open if address in self._addresses_of(n)]:
-            self._open.discard(node_id)
+            self._open.pop(node_id, None)
 
     def _addresses_of(self, node_id: str) -> tuple[str, ...]:
         record = self.book.get(node_id)
@@ -695,10 +730,10 @@ class NodeCore(Generic[L]):
             self._spare[peer] = frame.spare
         for node_id in frame.open[: self.settings.max_links]:
             if node_id != self.node_id and node_id not in self.links:
-                self._open.add(node_id)
+                self._open[node_id] = None
         while len(self._open) > self.settings.record_capacity:
-            self._open.pop()
-        learned = self.book.receive(records_from_json(frame.records), now_ms)
+            del self._open[next(iter(self._open))]
+        learned = self.book.receive_json(frame.records, now_ms)
         if learned.accepted:
             actions.append(SavePeerRecords(tuple(learned.accepted)))
         if learned.rejected:
@@ -901,7 +936,7 @@ class NodeCore(Generic[L]):
         self.peers.pop(node_id, None)
         self._room.pop(node_id, None)
         self._spare.pop(node_id, None)
-        self._open.discard(node_id)
+        self._open.pop(node_id, None)
         if self.links.pop(node_id, None) is not None:
             self._topup(now_ms, actions)  # find a replacement
         if self.book.remove(node_id):

@@ -246,6 +246,24 @@ class PeerBook:
                 learned.rejected[exc.code] += 1
         return learned
 
+    def receive_json(self, items: Iterable[Any], now_ms: int) -> Learned:
+        """As :meth:`receive`, for records as parsed JSON (a PEERS frame's): one no
+        newer than the record held is counted stale before it is decoded, base64 chain
+        and all; any other that breaks a rule raises :class:`MalformedMessage`."""
+        fresh = []
+        stale = 0
+        for item in items:
+            node_id = item.get("node_id") if isinstance(item, dict) else None
+            held = self._entries.get(node_id) if isinstance(node_id, str) else None
+            seq = item.get("seq") if held is not None else None
+            if isinstance(seq, int) and held is not None and seq <= held.record.seq:
+                stale += 1
+                continue
+            fresh.append(record_from_json(item))
+        learned = self.receive(fresh, now_ms)
+        learned.stale += stale
+        return learned
+
     def load(self, raws: Iterable[bytes], now_ms: int) -> list[str]:
         """Records kept from an earlier run, checked again as if they had just arrived
         (the CRL may have revoked their nodes meanwhile); return the node_ids of those

@@ -116,14 +116,14 @@ class TrustView:
             number_ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
         except (ValueError, x509.ExtensionNotFound) as exc:
             raise CrlRejected(f"not a CRL with a CRL number: {exc}") from None
+        number = number_ext.value.crl_number
+        if number <= self.crl_number:
+            return None  # nothing to take, so nothing to verify (peers resend CRLs often)
         if not any(
             issuer.subject == crl.issuer and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
             for issuer in self._issuers.values()
         ):
             raise CrlRejected("the CRL is not signed by the mesh's issuing CA")
-        number = number_ext.value.crl_number
-        if number <= self.crl_number:
-            return None
         serials = {entry.serial_number for entry in crl}
         added = frozenset(serials - self.revoked)
         # A full CRL lists every revocation that still matters: the CA drops a serial

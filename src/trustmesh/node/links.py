@@ -14,14 +14,6 @@ from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsStream
 
 EventHandler = Callable[["Link", Event], None]
-LinkAction = (
-    node_core.SendGossip["Link"]
-    | node_core.SendIHave["Link"]
-    | node_core.SendIWant["Link"]
-    | node_core.SendPeers["Link"]
-    | node_core.SendCrl["Link"]
-    | node_core.CloseLink["Link"]
-)
 
 
 class Link(Handle[TlsStream, LinkUp]):
@@ -104,23 +96,9 @@ class Link(Handle[TlsStream, LinkUp]):
         error = code != CloseCode.SHUTDOWN
         self._act(lambda core: core.close_with(code, reason, error=error))
 
-    def carry(self, action: LinkAction) -> None:
+    def carry(self, action: node_core.LinkAction[Link]) -> None:
         """Carry out a node core's action on this link (a frame to send, or CLOSE)."""
-        match action:
-            case node_core.SendGossip(_, raw):
-                self.send_gossip(raw)
-            case node_core.SendIHave(_, ids):
-                self.send_ihave(list(ids))
-            case node_core.SendIWant(_, ids):
-                self.send_iwant(list(ids))
-            case node_core.SendPeers(_, peers, records, room, spare, open_ids):
-                self.send_peers(
-                    list(peers), list(records), room=room, spare=spare, open_ids=open_ids
-                )
-            case node_core.SendCrl(_, der):
-                self.send_crl(der)
-            case node_core.CloseLink(_, code, reason):
-                self.close(code, reason)
+        self._act(lambda core: node_core.send_on(core, action))
 
     def _act(self, action: Callable[[MeshLink], list[Event]]) -> None:
         if self.driver.closed:

@@ -23,8 +23,8 @@ from trustmesh.mesh.engine import GossipEngine, SeenCache
 from trustmesh.mesh.gossip import GossipMessage, anomaly_payload, crl_payload, sign_message
 from trustmesh.mesh.link import ALPN, LinkConfig, LinkUp, MeshLink, State
 from trustmesh.mesh.node import (
+    LINK_ACTIONS,
     Action,
-    CloseLink,
     Dial,
     FetchCrl,
     KeepAnomaly,
@@ -33,11 +33,9 @@ from trustmesh.mesh.node import (
     NodeSettings,
     Renew,
     SaveCrl,
-    SendCrl,
     SendGossip,
-    SendIHave,
-    SendIWant,
     SendPeers,
+    send_on,
 )
 from trustmesh.mesh.peers import PeerBook
 from trustmesh.sansio import ConnectionClosed, Event
@@ -433,55 +431,24 @@ class Simulation:
     def _act(self, node: SimNode, actions: list[Action[End]]) -> None:
         for action in actions:
             kind = type(action)
-            if kind is SendGossip:
-                assert isinstance(action, SendGossip)
+            if isinstance(action, LINK_ACTIONS):
                 end = action.link
-                if not end.closed:
-                    end.core.send_gossip(action.raw)
-                    self._touch(end)
-                    if action.raw[ID_AT] in self.anomaly_ids:
-                        self.anomaly_frames += 1
-            elif kind is SendIHave:
-                assert isinstance(action, SendIHave)
-                end = action.link
-                if not end.closed:
-                    end.core.send_ihave(action.ids)
-                    self._touch(end)
-            elif kind is SendIWant:
-                assert isinstance(action, SendIWant)
-                end = action.link
-                if not end.closed:
-                    end.core.send_iwant(action.ids)
-                    self._touch(end)
+                if end.closed:
+                    continue
+                if isinstance(action, SendPeers) and self.config.admission == "legacy":
+                    events = end.core.send_peers(action.peers, action.records)  # no hints
+                else:
+                    events = send_on(end.core, action)
+                if isinstance(action, SendGossip) and action.raw[ID_AT] in self.anomaly_ids:
+                    self.anomaly_frames += 1
+                self._touch(end)
+                if events:
+                    self._link_events(end, events)
             elif kind is KeepAnomaly:
                 assert isinstance(action, KeepAnomaly)
                 index = self.anomaly_ids.get(action.message.message_id.encode())
                 if index is not None and self.arrivals[index][node.index] < 0:
                     self.arrivals[index][node.index] = self.now
-            elif kind is SendPeers:
-                assert isinstance(action, SendPeers)
-                end = action.link
-                if not end.closed:
-                    if self.config.admission == "legacy":  # older nodes send no hints
-                        end.core.send_peers(action.peers, action.records)
-                    else:
-                        end.core.send_peers(
-                            action.peers, action.records, room=action.room, open_ids=action.open_ids
-                        )
-                    self._touch(end)
-            elif kind is SendCrl:
-                assert isinstance(action, SendCrl)
-                end = action.link
-                if not end.closed:
-                    end.core.send_crl(action.der)
-                    self._touch(end)
-            elif kind is CloseLink:
-                assert isinstance(action, CloseLink)
-                end = action.link
-                if not end.closed:
-                    events = end.core.close_with(action.code, action.reason)
-                    self._touch(end)
-                    self._link_events(end, events)
             elif kind is Dial:
                 assert isinstance(action, Dial)
                 self._dial(node, action.address)

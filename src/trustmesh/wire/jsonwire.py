@@ -137,10 +137,18 @@ _DECODER = json.JSONDecoder(
 _SCAN: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]
 
 
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
 def _nesting(raw: bytes) -> int:
     """How deep brackets outside strings nest (checked before :mod:`json` recurses)."""
     if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return 0  # the common case: too few brackets to matter
+    if b"\\" not in raw:
+        # No escapes: every quote opens or closes a string, so the even pieces between
+        # quotes are what lies outside strings. Only their brackets are walked.
+        outside = b"".join(raw.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+        return _depth(outside)
     depth = deepest = 0
     in_string = escaped = False
     for byte in raw:
@@ -157,5 +165,16 @@ def _nesting(raw: bytes) -> int:
             depth += 1
             deepest = max(deepest, depth)
         elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _depth(brackets: bytes) -> int:
+    depth = deepest = 0
+    for byte in brackets:
+        if byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
             depth -= 1
     return deepest
