@@ -22,30 +22,45 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from trustmesh.catalyst.session import CatalystSession
+from typing import Generic, Protocol, TypeVar
 
 
-class CollisionRegistry:
+class _Identified(Protocol):
+    @property
+    def bgp_identifier(self) -> str: ...
+
+
+class Contender(Protocol):
+    """What a collision compares of a session (a ``CatalystSession``)."""
+
+    @property
+    def initiator(self) -> bool: ...
+
+    @property
+    def config(self) -> _Identified: ...
+
+
+S = TypeVar("S", bound=Contender)
+
+
+class CollisionRegistry(Generic[S]):
     """The live sessions of one node, by peer BGP identifier.
 
     ``evict(session)`` is called when a session that already held the identifier loses
     to a newer claim; whoever runs that session closes it with ``session.evict(now)``.
     """
 
-    def __init__(self, evict: Callable[[CatalystSession], None] | None = None) -> None:
+    def __init__(self, evict: Callable[[S], None] | None = None) -> None:
         self._evict = evict
-        self._holders: dict[str, CatalystSession] = {}
+        self._holders: dict[str, S] = {}
 
     def __len__(self) -> int:
         return len(self._holders)
 
-    def holder(self, peer_identifier: str) -> CatalystSession | None:
+    def holder(self, peer_identifier: str) -> S | None:
         return self._holders.get(peer_identifier)
 
-    def claim(self, session: CatalystSession, peer_identifier: str) -> bool:
+    def claim(self, session: S, peer_identifier: str) -> bool:
         """Register ``session`` as the one to ``peer_identifier``. False: it lost the
         collision and must close; True: it holds the identifier (an older holder that
         lost has been handed to ``evict``)."""
@@ -59,14 +74,14 @@ class CollisionRegistry:
         self._holders[peer_identifier] = session
         return True
 
-    def release(self, session: CatalystSession) -> None:
+    def release(self, session: S) -> None:
         """Forget ``session`` (it closed); a no-op if it holds nothing."""
         for ident, holder in list(self._holders.items()):
             if holder is session:
                 del self._holders[ident]
 
 
-def survives(new: CatalystSession, old: CatalystSession, peer_identifier: str) -> bool:
+def survives(new: Contender, old: Contender, peer_identifier: str) -> bool:
     """Whether ``new`` wins over ``old``, both sessions of one node to the same peer."""
     if new.initiator == old.initiator:
         return True  # a redial in the same direction replaces the older connection

@@ -170,7 +170,7 @@ class CatalystSession:
         initiator: bool,
         binding: TlsBinding | None = None,
         counters: Counters | None = None,
-        registry: CollisionRegistry | None = None,
+        registry: CollisionRegistry[CatalystSession] | None = None,
     ) -> None:
         self.config = config
         self.initiator = initiator

@@ -1,5 +1,7 @@
-"""Redialling with backoff, shared by every driver that keeps a connection up
-(Catalyst's ``maintain``, the mesh node's bootstrap and top-up dials)."""
+"""Redialling with backoff for a driver that keeps one connection up (Catalyst's
+``maintain``). The mesh node decides its redials in its sans-IO core instead
+(``trustmesh.mesh.node``: one cooldown per address, the same doubling), because there
+the choice of whom to dial is policy, not plumbing."""
 
 from __future__ import annotations
 
@@ -53,34 +55,8 @@ async def redial(
     starts the delays afresh (it ran its course), False keeps them growing. Either way
     the next round waits the backoff's next delay. ``sleep`` is injected for tests.
 
-    The mesh node keeps a link to a bootstrap address while it has fewer links than
-    its target, and only a link that ended with a clean shutdown resets the backoff::
-
-        async def until_wanted() -> None:
-            while True:
-                if len(self.links) >= self.dial_target:
-                    self._links_low.clear()
-                    await self._links_low.wait()
-                elif (existing := self._link_at(address)) is not None:
-                    await existing.wait_closed()
-                else:
-                    return
-
-        async def use(link: Link) -> bool:
-            closed = await link.wait_closed()
-            return isinstance(closed, LinkClosed) and closed.code == CloseCode.SHUTDOWN
-
-        def failed(exc: Exception, delay: float) -> None:
-            self._emit("link.dial_failed", address=address, error=str(exc), retry_in=delay)
-
-        await redial(
-            lambda: self.dial(address),
-            use,
-            backoff=Backoff(initial=0.5, maximum=30.0),
-            retry_on=(LinkFailed, OSError),
-            on_failure=failed,
-            until_wanted=until_wanted,
-        )
+    Catalyst's ``CatalystNode.maintain`` is the caller: ``use`` waits for the session
+    to end and says whether it ended cleanly.
     """
     while True:
         if until_wanted is not None:

@@ -211,6 +211,7 @@ class GossipEngine:
         # peer -> id -> (when to announce it again, announcements so far): ids pushed or
         # announced to a peer not known to hold them.
         self._told: dict[str, dict[str, tuple[int, int]]] = {}
+        self._soonest_expiry = 1 << 62  # no message in _recent expires before this
         # peer -> (origin, serial) of the certificates it has seen: it gets those origins'
         # messages without the chain.
         self._certs_known: dict[str, set[tuple[str, int]]] = {}
@@ -349,7 +350,9 @@ class GossipEngine:
         message_id = message.message_id
         self._check_lifetime(message, now_ms)
         if sender is not None:
-            self._known_by(sender).add(message_id)
+            known = self._known_by(sender)
+            known.add(message_id)
+            self._bound_known(known)
         if message_id in self.seen:
             return self._duplicate(message, sender, now_ms)
         if sender is not None:
@@ -542,6 +545,7 @@ class GossipEngine:
             known.add(message_id)
             if message_id not in self.seen:
                 wanted.append(message_id)
+        self._bound_known(known)
         return wanted[:MAX_DIGEST]
 
     def on_iwant(self, peer: str, ids: Iterable[str], now_ms: int) -> list[Received]:
@@ -674,8 +678,14 @@ class GossipEngine:
     def _known_by(self, peer: str) -> set[str]:
         return _set_of(self._known, peer)
 
+    def _bound_known(self, known: set[str]) -> None:
+        """Ids a peer announced or sent that we do not hold must not pile up."""
+        if len(known) > 4 * self.recent_capacity:
+            known.intersection_update(self._recent)
+
     def _remember(self, message_id: str, held: Received) -> None:
         self._recent[message_id] = held
+        self._soonest_expiry = min(self._soonest_expiry, _expiry(held))
         while len(self._recent) > self.recent_capacity:
             gone, _ = self._recent.popitem(last=False)
             for known in self._known.values():
@@ -684,6 +694,8 @@ class GossipEngine:
                 told.pop(gone, None)
 
     def _expire(self, now_ms: int) -> None:
+        if now_ms < self._soonest_expiry:
+            return  # called per peer each digest interval: nothing to walk until then
         expired = [mid for mid, held in self._recent.items() if _expiry(held) <= now_ms]
         for message_id in expired:
             del self._recent[message_id]
@@ -691,10 +703,7 @@ class GossipEngine:
                 known.discard(message_id)
             for told in self._told.values():
                 told.pop(message_id, None)
-        # Ids a peer announced but we never held must not pile up.
-        for known in self._known.values():
-            if len(known) > 4 * self.recent_capacity:
-                known.intersection_update(self._recent)
+        self._soonest_expiry = min(map(_expiry, self._recent.values()), default=1 << 62)
 
 
 def _expiry(held: Received) -> int:

@@ -11,6 +11,7 @@ a code and a reason, then close_notify.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -560,6 +561,9 @@ def _ids(data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(ids)
 
 
+_SPACE = re.compile(r"\s")  # what str.isspace() calls whitespace
+
+
 def split_address(address: str, *, any_port: bool = False) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) into its parts; ValueError if it is not.
     Port 0 (any free port) is allowed only to listen, with ``any_port``."""
@@ -569,7 +573,7 @@ def split_address(address: str, *, any_port: bool = False) -> tuple[str, int]:
         raise ValueError(f"{address!r} is not host:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    if len(host) > 253 or any(c.isspace() for c in host):
+    if len(host) > 253 or _SPACE.search(host):
         raise ValueError(f"{address!r} has a bad host")
     return host, int(port_text)
 

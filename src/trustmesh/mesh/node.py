@@ -222,6 +222,10 @@ class NodeSettings:
     digest_interval_ms: int = 1_000
     crl_interval_ms: int = 60_000
     record_capacity: int = 1024
+    # False: candidates in the address book's order, most recently signed first, as
+    # nodes dialled before version 2026-12 (kept so that `trustmesh sim --admission
+    # legacy` can show what that order did to a growing mesh).
+    random_order: bool = True
 
     @property
     def low_mark(self) -> int:
@@ -413,7 +417,7 @@ class NodeCore(Generic[L]):
             self._next_digest = now_ms + self.settings.digest_interval_ms
             self._digests(now_ms, actions)
             self._refresh_record(now_ms, actions)
-            gone = self.book.prune(now_ms)  # expired records
+            gone = self.book.prune(now_ms, revoked=False)  # expired records
             if gone:
                 actions.append(ForgetPeers(tuple(gone)))
         if self._next_crl is not None and now_ms >= self._next_crl:
@@ -692,10 +696,13 @@ class NodeCore(Generic[L]):
 
         known = [
             (node_id, address)
-            for node_id, address in self.book.dialable(now_ms, usable)
+            for node_id, address in self.book.dialable(
+                now_ms, usable, newest_first=not self.settings.random_order
+            )
             if node_id not in self.links and node_id not in self.revoked_nodes
         ]
-        self.rng.shuffle(known)
+        if self.settings.random_order:
+            self.rng.shuffle(known)
         hinted = [address for node_id, address in known if node_id in self._open]
         if hinted:
             # Nodes said to have room: dial only those now; the rest are likely full,
@@ -704,7 +711,8 @@ class NodeCore(Generic[L]):
         else:
             candidates = [address for _, address in known]
             boot = [a for a in self.settings.bootstrap if usable(a)]
-            self.rng.shuffle(boot)
+            if self.settings.random_order:
+                self.rng.shuffle(boot)
             candidates += boot
         for address in dict.fromkeys(candidates):
             if room <= 0:

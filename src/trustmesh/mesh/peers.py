@@ -24,6 +24,7 @@ import base64
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from trustmesh.errors import ProtocolError
@@ -59,7 +60,7 @@ class RecordRejected(GossipRejected):
     code = "book-full"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class PeerRecord:
     """A node's signed statement of where it accepts links, until ``expires``."""
 
@@ -84,6 +85,11 @@ class PeerRecord:
         }
 
     def encode(self) -> bytes:
+        return self._encoded
+
+    @cached_property
+    def _encoded(self) -> bytes:
+        # Sent in every PEERS frame a node sends: encoded (chain in base64) once.
         return compact_json(self.to_json())
 
 
@@ -215,6 +221,7 @@ class PeerBook:
         self.capacity = capacity
         self.max_ttl_ms = max_ttl_ms
         self._entries: dict[str, _Entry] = {}
+        self._soonest = _MAX_INT  # no record expires before this (Unix ms)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -299,6 +306,7 @@ class PeerBook:
                     raise RecordRejected(f"the peer book is full ({self.capacity} records)")
                 del self._entries[soonest.record.node_id]
         self._entries[record.node_id] = entry
+        self._soonest = min(self._soonest, record.expires, entry.not_after_ms)
         return True
 
     def verify(self, record: PeerRecord, now_ms: int) -> _Entry:
@@ -328,17 +336,24 @@ class PeerBook:
         )
 
     def dialable(
-        self, now_ms: int, usable: Callable[[str], bool] = lambda _: True
+        self,
+        now_ms: int,
+        usable: Callable[[str], bool] = lambda _: True,
+        *,
+        newest_first: bool = True,
     ) -> Iterator[tuple[str, str]]:
-        """(node_id, address) for each node whose record is valid now, the most recently
-        signed first, with the first of its addresses that ``usable`` allows."""
-        for record in self.records():
-            entry = self._entries.get(record.node_id)
-            if entry is None or not self._valid(entry, now_ms):
+        """(node_id, address) for each node whose record is valid now (the most
+        recently signed first, unless the caller shuffles them anyway), with the first
+        of its addresses that ``usable`` allows."""
+        entries: Iterable[_Entry] = self._entries.values()
+        if newest_first:
+            entries = sorted(entries, key=lambda e: -e.record.seq)
+        for entry in entries:
+            if not self._valid(entry, now_ms):
                 continue
-            address = next((a for a in record.addresses if usable(a)), None)
+            address = next((a for a in entry.record.addresses if usable(a)), None)
             if address is not None:
-                yield record.node_id, address
+                yield entry.record.node_id, address
 
     def valid(self, node_ids: Iterable[str], now_ms: int) -> list[PeerRecord]:
         """The valid records of ``node_ids`` (those held), in the order given."""
@@ -352,12 +367,20 @@ class PeerBook:
     def remove(self, node_id: str) -> bool:
         return self._entries.pop(node_id, None) is not None
 
-    def prune(self, now_ms: int) -> list[str]:
-        """Drop the records that expired, whose certificate expired, or whose
-        certificate is revoked; return their node_ids."""
+    def prune(self, now_ms: int, *, revoked: bool = True) -> list[str]:
+        """Drop the records that expired, whose certificate expired, or (unless not
+        ``revoked``: the CRL did not change) whose certificate is revoked; return their
+        node_ids. Without revocations to look for, nothing is walked before the soonest
+        expiry (a node prunes each digest interval, and its book may be full)."""
+        if not revoked and now_ms < self._soonest:
+            return []
         gone = [n for n, e in self._entries.items() if not self._valid(e, now_ms)]
         for node_id in gone:
             del self._entries[node_id]
+        self._soonest = min(
+            (min(e.record.expires, e.not_after_ms) for e in self._entries.values()),
+            default=_MAX_INT,
+        )
         return gone
 
 

@@ -40,6 +40,7 @@ from trustmesh.mesh.link import (
     MAX_HOLD_TIME,
     split_address,
 )
+from trustmesh.mesh.node import NodeSettings
 
 CONFIG_FILE = "node.toml"
 DEFAULT_CRL_INTERVAL = 60.0
@@ -111,6 +112,19 @@ class NodeConfig:
             policy_from(self.limits)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"[limits]: {exc}") from None
+
+    def core_settings(self, advertise: str, record_capacity: int) -> NodeSettings:
+        """What the node's sans-IO core needs of this config (trustmesh.mesh.node)."""
+        return NodeSettings(
+            self.node_id,
+            advertise,
+            self.bootstrap,
+            max_links=self.max_links,
+            dial_target=self.dial_target,
+            digest_interval_ms=int(self.digest_interval * 1000),
+            crl_interval_ms=int(self.crl_interval * 1000),
+            record_capacity=record_capacity,
+        )
 
     def check_operator_values(self) -> None:
         """The floors an operator's settings must respect (tests may go lower)."""

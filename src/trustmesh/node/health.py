@@ -4,24 +4,52 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from trustmesh.node.runtime import MeshNode
+from trustmesh.io.listener import Listener
+from trustmesh.mesh.engine import GossipEngine, SeenCache
+from trustmesh.mesh.node import NodeCore
+from trustmesh.mesh.trust import TrustView
+from trustmesh.node.identity import Identity
+
+
+class _Listening(Protocol):
+    @property
+    def listener(self) -> Listener: ...
+
+
+class NodeState(Protocol):
+    """What a node's health reads (``trustmesh.node.runtime.MeshNode``)."""
+
+    node_id: str
+    identity: Identity
+    engine: GossipEngine
+    trust: TrustView
+    seen: SeenCache
+    core: NodeCore[Any]
+
+    @property
+    def listen_address(self) -> str: ...
+
+    @property
+    def link_server(self) -> _Listening | None: ...
+
+    @property
+    def api_site(self) -> _Listening | None: ...
 
 
 def renewal_due(due_ms: int) -> datetime:
     return datetime.fromtimestamp(due_ms / 1000, UTC)
 
 
-def health_of(node: MeshNode) -> dict[str, Any]:
+def health_of(node: NodeState) -> dict[str, Any]:
     cert = node.identity.certificate
     stats = node.engine.stats
     return {
         "node_id": node.node_id,
         "status": "ok",
-        "links": len(node.links),
-        "peers": len(node.peers),
+        "links": len(node.core.links),
+        "peers": len(node.core.peers),
         "listen": node.listen_address,
         "serial": format(cert.serial_number, "x"),
         "not_after": cert.not_valid_after_utc.isoformat(),
@@ -40,7 +68,7 @@ def health_of(node: MeshNode) -> dict[str, Any]:
     }
 
 
-def limit_counts(node: MeshNode) -> dict[str, dict[str, int]]:
+def limit_counts(node: NodeState) -> dict[str, dict[str, int]]:
     """How often each resource limit was hit, per listener (docs/limits.md)."""
     counts: dict[str, dict[str, int]] = {}
     if node.link_server is not None:

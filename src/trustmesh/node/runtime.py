@@ -24,7 +24,6 @@ from typing import Any
 from cryptography import x509
 
 from trustmesh.api.ca_client import (
-    CaClient,
     finish_interrupted_rotation,
     forget_previous_key,
 )
@@ -43,13 +42,14 @@ from trustmesh.mesh.gossip import (
     sign_message,
 )
 from trustmesh.mesh.link import CloseCode, MeshLink, join_address, split_address
-from trustmesh.mesh.node import Action, NodeCore, NodeSettings, PeerInfo
+from trustmesh.mesh.node import Action, NodeCore, PeerInfo
 from trustmesh.mesh.peers import PeerBook
 from trustmesh.mesh.store import MeshStore
 from trustmesh.mesh.trust import MAX_GOSSIP_CRL, CrlUpdate, TrustView
 from trustmesh.node.api import node_app
 from trustmesh.node.batch import StoreBatch
 from trustmesh.node.config import NodeConfig, load_config
+from trustmesh.node.crl import CrlSource
 from trustmesh.node.dialer import Dialer
 from trustmesh.node.health import health_of, renewal_due
 from trustmesh.node.identity import Identity, load_identity, rotate_identity
@@ -96,7 +96,7 @@ class MeshNode:
         # bootstrap list (mesh-link.md section 8.1).
         self.book = PeerBook(self.trust, self.node_id, capacity=MAX_ADDRESSES)
         self.core: NodeCore[Link] = NodeCore(
-            self._settings(config.advertise or config.listen),
+            config.core_settings(config.advertise or config.listen, MAX_ADDRESSES),
             self.identity.for_core(),
             self.trust,
             self.engine,
@@ -108,8 +108,7 @@ class MeshNode:
         self.batch = StoreBatch(self.store, self.seen, record_capacity=MAX_ADDRESSES, clock=clock)
         self._drain_scheduled = False
         self._wake = asyncio.Event()  # the core's next deadline may have moved
-        self._ca = CaClient(config.ca_url, directory / "ca.crt", timeout=10.0)
-        self._crl_etag: str | None = None
+        self.crl_source = CrlSource(config.ca_url, directory / "ca.crt")
         self.link_server: StreamServer[TlsStream] | None = None
         self.api_server: HttpServer | None = None
         self.api_site: HttpsSite | None = None
@@ -128,19 +127,6 @@ class MeshNode:
     def from_directory(cls, directory: Path, passphrase: bytes | None = None) -> MeshNode:
         finish_interrupted_rotation(directory)  # before the key is read
         return cls(directory, load_config(directory), passphrase)
-
-    def _settings(self, advertise: str) -> NodeSettings:
-        c = self.config
-        return NodeSettings(
-            c.node_id,
-            advertise,
-            c.bootstrap,
-            max_links=c.max_links,
-            dial_target=c.dial_target,
-            digest_interval_ms=int(c.digest_interval * 1000),
-            crl_interval_ms=int(c.crl_interval * 1000),
-            record_capacity=MAX_ADDRESSES,
-        )
 
     # --- what the core holds ------------------------------------------------------------
 
@@ -197,7 +183,8 @@ class MeshNode:
             shutdown_timeout=2.0,
         )
         self.api_site = self.api_server.site
-        self.core.settings = self._settings(self.advertised)  # the listen port is known now
+        # The listen port is known now: peers are told it.
+        self.core.settings = self.config.core_settings(self.advertised, MAX_ADDRESSES)
         self._run(self.core.start(self.clock.time_ms()))
         self._tasks.spawn(self._timer_loop())
         self._tasks.spawn(self.batch.run())
@@ -229,7 +216,7 @@ class MeshNode:
             await within(CLOSE_TIMEOUT, self.link_server.wait_closed(), what="the link listener")
         if self.api_server is not None:
             await within(CLOSE_TIMEOUT, self.api_server.stop(), what="the API")
-        await asyncio.to_thread(self._ca.close)
+        await self.crl_source.close()
         self.flush()
         self.store.close()
         (self.directory / RUN_FILE).unlink(missing_ok=True)
@@ -389,18 +376,13 @@ class MeshNode:
     async def refresh_crl(self) -> bool:
         """Fetch the CRL from the CA (a 304 when it did not change); True when it was
         newer than ours."""
-        try:
-            der, self._crl_etag = await asyncio.to_thread(self._ca.crl_if_changed, self._crl_etag)
-        except ProtocolError as exc:
-            self._run(self.core.crl_fetch_failed(str(exc), self.clock.time_ms()))
-            return False
         number = self.trust.crl_number
-        sign = self._sign_crl if der is not None and len(der) <= MAX_GOSSIP_CRL else None
         try:
+            der = await self.crl_source.fetch()
+            sign = self._sign_crl if der is not None and len(der) <= MAX_GOSSIP_CRL else None
             self._run(self.core.crl_fetched(der, self.clock.time_ms(), sign=sign))
         except ProtocolError as exc:
             self._run(self.core.crl_fetch_failed(str(exc), self.clock.time_ms()))
-            return False
         return self.trust.crl_number > number
 
     def _sign_crl(self, der: bytes) -> GossipMessage:

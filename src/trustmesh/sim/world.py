@@ -355,6 +355,7 @@ class Simulation:
             dial_target=config.low_mark,
             digest_interval_ms=config.digest_interval_ms,
             crl_interval_ms=config.crl_interval_ms,
+            random_order=config.admission != "legacy",
         )
         identity = NodeIdentity(
             cert.key, cert.chain_der, cert.not_before_ms, cert.not_after_ms, cert.serial
