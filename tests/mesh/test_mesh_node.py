@@ -384,3 +384,20 @@ def test_peers_hear_when_we_fill_up_or_have_room_again(pki: MeshPki) -> None:
 def hints_in(actions: list[Action[FakeLink]]) -> list[tuple[int, int]]:
     """(room, spare) of each PEERS frame that carries only those two."""
     return [(a.room, a.spare) for a in of(SendPeers, actions) if not a.records]
+
+
+def test_with_nobody_known_one_bootstrap_address_is_dialled_at_a_time(pki: MeshPki) -> None:
+    boots = ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
+    core = make_core(pki, pki.node("node-a"), bootstrap=boots, max_links=12)
+    (first,) = of(Dial, core.start(T0_MS))  # not all three: they are ways in
+    assert first.address in boots
+    assert of(Dial, core.handle_timer(T0_MS + 1_000)) == []  # one in flight
+    (second,) = of(Dial, core.dial_failed(first.address, "refused", T0_MS + 1_000))
+    assert second.address in boots and second.address != first.address
+    # Once the book knows peers, they fill the dial target; the bootstrap waits.
+    boot_link, _ = link_up(core, pki.node("node-boot"), address=second.address)
+    others = tuple(peer_record(pki, pki.node(f"node-{i}")) for i in range(6))
+    actions = core.link_event(boot_link, PeersFrame((), others), T0_MS + 2_000)
+    dials = of(Dial, actions)
+    assert len(dials) == core.dial_target - 1
+    assert not {d.address for d in dials} & set(boots)

@@ -60,6 +60,7 @@ BOOTSTRAP_BACKOFF_MS = (500, 30_000)  # first and longest wait before a bootstra
 PEER_BACKOFF_MS = (1_000, 60_000)  # the same for a learned address, or after a refusal
 BACKOFF_JITTER = 0.2
 SEEN_PRUNE_MS = 60_000
+REFUSAL_PEERS = 4  # records a refusal carries at most
 
 
 class LinkFacts(Hashable, Protocol):
@@ -708,12 +709,16 @@ class NodeCore(Generic[L]):
             # Nodes said to have room: dial only those now; the rest are likely full,
             # and each refusal costs both sides a TLS handshake.
             candidates = hinted
-        else:
+        elif known or not self.settings.random_order:
             candidates = [address for _, address in known]
+            candidates += [a for a in self.settings.bootstrap if usable(a)]
+        else:
+            # Nobody known to dial: one bootstrap address at a time. It is a way in,
+            # not a peer to fill our links with; every newcomer dialling every one of
+            # them at once would only get refusals from the busiest nodes of the mesh.
             boot = [a for a in self.settings.bootstrap if usable(a)]
-            if self.settings.random_order:
-                self.rng.shuffle(boot)
-            candidates += boot
+            in_flight = any(a in self._dialing for a in self.settings.bootstrap)
+            candidates = [] if in_flight or not boot else [self.rng.choice(boot)]
         for address in dict.fromkeys(candidates):
             if room <= 0:
                 break
@@ -753,11 +758,18 @@ class NodeCore(Generic[L]):
     ) -> SendPeers[L]:
         """PEERS: our own record, then the valid records of our other linked peers (and
         their addresses, unsigned, for version-1 nodes that do not read records). A
-        refusal puts the peers that lately had room first and names them in ``open``."""
+        refusal carries only the peers that lately had room, named in ``open`` (or, if
+        none had, ``REFUSAL_PEERS`` others at random): a refused node needs somewhere to
+        go, not our whole neighbourhood to parse."""
         others = [n for n in self.links if n != exclude]
         if refusal:
             self.rng.shuffle(others)
-            others.sort(key=lambda n: -self._room.get(n, 0))
+            roomy = [n for n in others if self._room.get(n, 0) > 0][:REFUSAL_PEERS]
+            for node_id in roomy:
+                # We send a newcomer there: count the slot as taken, so that the next
+                # refused node is sent elsewhere rather than all of them to one peer.
+                self._room[node_id] -= 1
+            others = roomy or others[:REFUSAL_PEERS]
         linked = self.book.valid(others, now_ms)
         records = [self.record, *linked] if self.record is not None else linked
         peers = tuple(PeerAddress(r.node_id, r.addresses[0]) for r in linked)
