@@ -358,11 +358,11 @@ def test_at_the_cap_an_inbound_peer_with_spare_links_makes_room(pki: MeshPki) ->
     newcomer = pki.node("node-e")
     link, actions = link_up(core, newcomer)
     closes = of(CloseLink, actions)
-    assert [(c.link, c.code) for c in closes] == [(rich_link, CloseCode.SHUTDOWN)]
+    assert [(c.link, c.code) for c in closes] == [(rich_link, CloseCode.REPLACED)]
     assert core.links[newcomer.node_id] is link and rich.node_id not in core.links
     assert core.stats.evicted == 1 and core.stats.refused_at_cap == 0
     # The evicted link's own close changes nothing more.
-    core.link_event(rich_link, LinkClosed("bye", code=CloseCode.SHUTDOWN), T0_MS)
+    core.link_event(rich_link, LinkClosed("replaced", code=CloseCode.REPLACED), T0_MS)
     assert set(core.links) == {dialled.node_id, poor.node_id, newcomer.node_id}
     # No inbound peer has spare links now: the next newcomer is refused.
     _, actions = link_up(core, pki.node("node-f"))
@@ -401,3 +401,54 @@ def test_with_nobody_known_one_bootstrap_address_is_dialled_at_a_time(pki: MeshP
     dials = of(Dial, actions)
     assert len(dials) == core.dial_target - 1
     assert not {d.address for d in dials} & set(boots)
+
+
+def test_a_slot_given_to_another_is_replaced_without_a_cooldown(pki: MeshPki) -> None:
+    core = make_core(pki, pki.node("node-a"), max_links=6, bootstrap=())
+    core.start(T0_MS)
+    known = [pki.node(f"node-{i}") for i in range(4)]
+    first, _ = link_up(core, known[0], address="127.0.0.1:7101")
+    link_up(core, known[1], address="127.0.0.1:7102")  # at the dial target of 2
+    records = tuple(peer_record(pki, n) for n in known[2:])
+    assert of(Dial, core.link_event(first, PeersFrame((), records), T0_MS)) == []
+    link_up(core, known[2], address="127.0.0.1:7103")  # one spare link
+    replaced = LinkClosed("replaced: making room", by_peer=True, code=CloseCode.REPLACED)
+    actions = core.link_event(first, replaced, T0_MS + 1)
+    # Still at the dial target, yet one dial: back to the three links it held. The
+    # peer that gave our slot away is not held against its address.
+    assert [d.address for d in of(Dial, actions)] == [address_of(core, known[3])]
+    assert core.cooldown_of("127.0.0.1:7101") is None
+    assert of(Dial, core.handle_timer(T0_MS + 2_000)) == []  # one replacement only
+
+
+def test_rotation_dials_one_more_then_gives_up_the_oldest_outbound_link(
+    pki: MeshPki,
+) -> None:
+    core = make_core(pki, pki.node("node-a"), max_links=6, bootstrap=(), rotate_interval_ms=60_000)
+    core.start(T0_MS)
+    peers = [pki.node(f"node-{i}") for i in range(4)]
+    oldest, _ = link_up(core, peers[0], address="127.0.0.1:7201", now=T0_MS)
+    link_up(core, peers[1], address="127.0.0.1:7202", now=T0_MS + 10)
+    records = tuple(peer_record(pki, n) for n in peers[2:])
+    core.link_event(oldest, PeersFrame((), records), T0_MS + 20)
+    dials: list[Dial] = []
+    now = T0_MS + 20
+    while not dials:  # digest ticks until the rotation comes due (30 to 90 s)
+        due = core.next_deadline()
+        assert due is not None and due <= T0_MS + 91_000
+        now = due
+        dials = of(Dial, core.handle_timer(now))
+    (dial,) = dials
+    (chosen,) = [n for n in peers[2:] if address_of(core, n) == dial.address]
+    newest = FakeLink(chosen)
+    core.link_opened(newest, initiator=True, address=dial.address)
+    actions = core.link_event(newest, LinkUp(chosen.node_id, dial.address, -1, 30), now + 5)
+    closes = of(CloseLink, actions)
+    assert [(c.link, c.code) for c in closes] == [(oldest, CloseCode.REPLACED)]
+    assert core.stats.rotated == 1
+
+
+def address_of(core: NodeCore[FakeLink], node: Node) -> str:
+    record = core.book.get(node.node_id)
+    assert record is not None
+    return record.addresses[0]

@@ -65,6 +65,12 @@ class CloseCode(enum.StrEnum):
     DUPLICATE = "duplicate-link"
     LINK_CAP = "link-cap"
     EXPIRED = "certificate-expired"  # the peer's certificate or ours expired on a live link
+    # The link's slot went to another peer (admission or rotation, mesh-link.md 8.2):
+    # not an error; the node that lost it dials a replacement.
+    REPLACED = "replaced"
+
+
+CLEAN_CLOSES = frozenset({CloseCode.SHUTDOWN, CloseCode.REPLACED})  # no error, no cooldown
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,7 +394,7 @@ class MeshLink:
             return self._finish(
                 LinkClosed(
                     f"{code_text}: {text}",
-                    error=code_text != CloseCode.SHUTDOWN,
+                    error=code_text not in CLEAN_CLOSES,
                     by_peer=True,
                     code=code_text,
                 )

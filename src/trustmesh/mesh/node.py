@@ -38,6 +38,7 @@ from trustmesh.mesh.engine import GossipEngine, Received
 from trustmesh.mesh.errors import BadSignature, GossipRejected
 from trustmesh.mesh.gossip import GossipMessage
 from trustmesh.mesh.link import (
+    CLEAN_CLOSES,
     CloseCode,
     CrlFrame,
     GossipFrame,
@@ -206,7 +207,7 @@ def send_on(link: MeshLink, action: LinkAction[Any]) -> list[Event]:
         case SendCrl(_, der):
             return link.send_crl(der)
         case CloseLink(_, code, reason):
-            return link.close_with(code, reason, error=code != CloseCode.SHUTDOWN)
+            return link.close_with(code, reason, error=code not in CLEAN_CLOSES)
     raise TypeError(f"not a link action: {action!r}")
 
 
@@ -227,6 +228,10 @@ class NodeSettings:
     # nodes dialled before version 2026-12 (kept so that `trustmesh sim --admission
     # legacy` can show what that order did to a growing mesh).
     random_order: bool = True
+    # Every this often (jittered) a node at its dial target dials one more known node
+    # and gives up its oldest outbound link: the graph keeps mixing, so islands that
+    # formed (or a healed partition's halves) join up. 0: never.
+    rotate_interval_ms: int = 60_000
 
     @property
     def low_mark(self) -> int:
@@ -274,6 +279,7 @@ class _LinkState:
     peer_id: str | None = None
     listen: str | None = None  # the peer's HELLO ``listen``
     was_up: bool = False
+    up_at: int = 0  # Unix ms of its HELLO exchange
 
     @property
     def direction(self) -> str:
@@ -294,6 +300,7 @@ class FormationStats:
     dials_failed: int = 0
     refused_at_cap: int = 0  # links we refused, at our cap
     evicted: int = 0  # inbound links we closed to make room for a newcomer
+    rotated: int = 0  # outbound links we gave up for a new one (rotate_interval_ms)
     refusals_received: int = 0  # our dials a peer refused (link-cap, duplicate ...)
     links_made: int = 0
 
@@ -345,7 +352,11 @@ class NodeCore(Generic[L]):
         self._next_crl: int | None = None  # None while a fetch runs
         self._next_prune = 0
         self._retry_at: int | None = None  # the earliest cooldown a top-up waits for
+        self._busy: set[str] = set()  # addresses of open links, during a top-up
         self._announced = (True, False)  # what peers last heard: (room, spare links)
+        self._extra = 0  # dials wanted beyond the dial target (a lost link to replace)
+        self._next_rotate = 0
+        self._rotating: str | None = None  # the address of a rotation's dial in flight
         self._stopping = False
 
     # --- properties -------------------------------------------------------------------------
@@ -391,6 +402,7 @@ class NodeCore(Generic[L]):
         # of N pollers within about interval / N.
         self._next_crl = now_ms + int(self.settings.crl_interval_ms * self.rng.random())
         self._next_prune = now_ms + SEEN_PRUNE_MS
+        self._next_rotate = now_ms + self._rotate_wait()
         actions: list[Action[L]] = []
         self._refresh_record(now_ms, actions, force=True)
         self._topup(now_ms, actions)
@@ -405,6 +417,8 @@ class NodeCore(Generic[L]):
         if self._stopping:
             return None
         times = [self._next_digest, self._next_prune]
+        if self.settings.rotate_interval_ms:
+            times.append(self._next_rotate)
         for value in (self._next_crl, self.renewal.next_ms(), self._retry_at):
             if value is not None:
                 times.append(value)
@@ -431,8 +445,27 @@ class NodeCore(Generic[L]):
             self.engine.seen.prune(now_ms)
         if self._retry_at is not None and now_ms >= self._retry_at:
             self._retry_at = None
+        if self.settings.rotate_interval_ms and now_ms >= self._next_rotate:
+            self._next_rotate = now_ms + self._rotate_wait()
+            self._rotate(now_ms, actions)
         self._topup(now_ms, actions)
         return actions
+
+    def _rotate_wait(self) -> int:
+        return int(self.settings.rotate_interval_ms * self.rng.uniform(0.5, 1.5))
+
+    def _rotate(self, now_ms: int, actions: list[Action[L]]) -> None:
+        """Dial one more known node; once it is up, the oldest outbound link goes
+        (CLOSE ``replaced``: its peer dials a replacement). Degrees stay as they were,
+        and the graph keeps mixing."""
+        if self._rotating is not None or len(self.links) < self.dial_target:
+            return
+        if len(self.links) + len(self._dialing) >= self.settings.max_links:
+            return
+        known = self._candidates(now_ms, [])
+        if known:
+            self._rotating = self.rng.choice(known)[1]
+            self._dial(self._rotating, actions)
 
     # --- links ------------------------------------------------------------------------------
 
@@ -489,6 +522,8 @@ class NodeCore(Generic[L]):
         reported closed already)."""
         self._dialing.discard(address)
         self._forget_hint(address)
+        if address == self._rotating:
+            self._rotating = None
         self.stats.dials_failed += 1
         delay = self._cool_down(address, now_ms)
         actions: list[Action[L]] = []
@@ -512,7 +547,7 @@ class NodeCore(Generic[L]):
         self, link: L, state: _LinkState, event: LinkUp, now_ms: int, actions: list[Action[L]]
     ) -> None:
         peer = event.peer_id
-        state.peer_id, state.listen, state.was_up = peer, event.listen, True
+        state.peer_id, state.listen, state.was_up, state.up_at = peer, event.listen, True, now_ms
         if state.address is not None:
             self._dialing.discard(state.address)
         current = self.links.get(peer)
@@ -547,7 +582,26 @@ class NodeCore(Generic[L]):
         actions.append(
             Notify("link.up", {"peer": peer, "direction": state.direction, "address": address})
         )
+        if state.address is not None and state.address == self._rotating:
+            self._rotating = None
+            self._drop_oldest_outbound(link, actions)
         self._announce_room(actions)
+
+    def _drop_oldest_outbound(self, keep: L, actions: list[Action[L]]) -> None:
+        """A rotation's new link is up: the oldest link we dialled goes, if we hold
+        more than the dial target."""
+        if len(self.links) <= self.dial_target:
+            return
+        ours = [
+            (state.up_at, link)
+            for link in self.links.values()
+            if link is not keep and (state := self._states[link]).initiator
+        ]
+        if not ours:
+            return
+        _, link = min(ours, key=lambda entry: entry[0])
+        self.stats.rotated += 1
+        actions.append(CloseLink(link, CloseCode.REPLACED, "rotating links"))
 
     def _evict_for(self, newcomer: str, actions: list[Action[L]]) -> bool:
         """At the cap: close one inbound link whose peer holds spare links (it stays at
@@ -571,7 +625,7 @@ class NodeCore(Generic[L]):
         if info is not None:
             info.status = "disconnected"
         self.stats.evicted += 1
-        actions.append(CloseLink(link, CloseCode.SHUTDOWN, f"making room for {newcomer}"))
+        actions.append(CloseLink(link, CloseCode.REPLACED, f"making room for {newcomer}"))
         actions.append(Notify("link.evicted", {"peer": victim, "for": newcomer}))
         return True
 
@@ -596,7 +650,7 @@ class NodeCore(Generic[L]):
     ) -> None:
         del self._states[link]
         self._inbox.frames.pop(link, None)
-        refused = isinstance(event, LinkClosed) and event.code != CloseCode.SHUTDOWN
+        refused = isinstance(event, LinkClosed) and event.code not in CLEAN_CLOSES
         if state.address is not None and state.was_up:
             self._forget_hint(state.address)
             if refused:
@@ -621,6 +675,10 @@ class NodeCore(Generic[L]):
         info = self.peers.get(peer)
         if info is not None:
             info.status = "disconnected"
+        if isinstance(event, LinkClosed) and event.code == CloseCode.REPLACED and event.by_peer:
+            # The peer gave our slot to another: link with someone else, back to as
+            # many links as we held (the graph keeps its edges, and keeps mixing).
+            self._extra = max(0, len(self.links) + 1 - self.dial_target)
         actions.append(Notify("link.down", {"peer": peer, "reason": event.reason}))
         self._announce_room(actions)
         self._topup(now_ms, actions)
@@ -674,36 +732,18 @@ class NodeCore(Generic[L]):
         return found
 
     def _topup(self, now_ms: int, actions: list[Action[L]]) -> None:
-        """Dial until the links and the dials in flight reach the low mark: first the
-        nodes a refusing peer named as open, then known nodes and bootstrap addresses
-        in random order (in a fixed order every newcomer would dial the same nodes)."""
+        """Dial until the links and the dials in flight reach the low mark (plus one to
+        replace a link the peer gave to another, CLOSE ``replaced``): first the nodes a
+        refusing peer named as open, then known nodes and bootstrap addresses in random
+        order (in a fixed order every newcomer would dial the same nodes)."""
         if self._stopping:
             return
-        room = self.dial_target - len(self.links) - len(self._dialing)
+        held = len(self.links) + len(self._dialing)
+        room = min(self.dial_target + self._extra, self.settings.max_links) - held
         if room <= 0:
             return
-        busy = self._linked_addresses() | self._dialing
-        busy.add(self.settings.advertise)
         waits: list[int] = []
-
-        def usable(address: str) -> bool:
-            if address in busy:
-                return False
-            held = self._cooldown.get(address)
-            if held is not None and held.until_ms > now_ms:
-                waits.append(held.until_ms)
-                return False
-            return True
-
-        known = [
-            (node_id, address)
-            for node_id, address in self.book.dialable(
-                now_ms, usable, newest_first=not self.settings.random_order
-            )
-            if node_id not in self.links and node_id not in self.revoked_nodes
-        ]
-        if self.settings.random_order:
-            self.rng.shuffle(known)
+        known = self._candidates(now_ms, waits)
         hinted = [address for node_id, address in known if node_id in self._open]
         if hinted:
             # Nodes said to have room: dial only those now; the rest are likely full,
@@ -711,24 +751,58 @@ class NodeCore(Generic[L]):
             candidates = hinted
         elif known or not self.settings.random_order:
             candidates = [address for _, address in known]
-            candidates += [a for a in self.settings.bootstrap if usable(a)]
+            candidates += [a for a in self.settings.bootstrap if self._usable(a, now_ms, [])]
         else:
             # Nobody known to dial: one bootstrap address at a time. It is a way in,
             # not a peer to fill our links with; every newcomer dialling every one of
             # them at once would only get refusals from the busiest nodes of the mesh.
-            boot = [a for a in self.settings.bootstrap if usable(a)]
+            boot = [a for a in self.settings.bootstrap if self._usable(a, now_ms, waits)]
             in_flight = any(a in self._dialing for a in self.settings.bootstrap)
             candidates = [] if in_flight or not boot else [self.rng.choice(boot)]
         for address in dict.fromkeys(candidates):
             if room <= 0:
                 break
             room -= 1
-            self._dialing.add(address)
-            self.stats.dials += 1
-            actions.append(Dial(address))
+            self._dial(address, actions)
+        if len(self.links) + len(self._dialing) > self.dial_target:
+            self._extra = 0  # the replacement is on its way
         if room > 0 and waits:
             soonest = min(waits)
             self._retry_at = soonest if self._retry_at is None else min(self._retry_at, soonest)
+
+    def _dial(self, address: str, actions: list[Action[L]]) -> None:
+        self._dialing.add(address)
+        self.stats.dials += 1
+        actions.append(Dial(address))
+
+    def _usable(self, address: str, now_ms: int, waits: list[int]) -> bool:
+        """Whether ``address`` may be dialled now; one in cooldown adds its end to
+        ``waits``."""
+        if address in self._dialing or address == self.settings.advertise:
+            return False
+        if address in self._busy:
+            return False
+        held = self._cooldown.get(address)
+        if held is not None and held.until_ms > now_ms:
+            waits.append(held.until_ms)
+            return False
+        return True
+
+    def _candidates(self, now_ms: int, waits: list[int]) -> list[tuple[str, str]]:
+        """(node_id, address) of the known nodes we may dial now, in dialling order."""
+        self._busy = self._linked_addresses()
+        known = [
+            (node_id, address)
+            for node_id, address in self.book.dialable(
+                now_ms,
+                lambda a: self._usable(a, now_ms, waits),
+                newest_first=not self.settings.random_order,
+            )
+            if node_id not in self.links and node_id not in self.revoked_nodes
+        ]
+        if self.settings.random_order:
+            self.rng.shuffle(known)
+        return known
 
     # --- peer records -----------------------------------------------------------------------
 

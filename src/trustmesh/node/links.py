@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from trustmesh.io.handle import Handle
 from trustmesh.io.stream import StreamDriver
 from trustmesh.mesh import node as node_core
-from trustmesh.mesh.link import CloseCode, LinkClosed, LinkUp, MeshLink, PeerAddress
+from trustmesh.mesh.link import CLEAN_CLOSES, CloseCode, LinkClosed, LinkUp, MeshLink, PeerAddress
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsStream
 
@@ -93,7 +93,7 @@ class Link(Handle[TlsStream, LinkUp]):
         self._act(lambda core: core.send_iwant(ids))
 
     def close(self, code: str = CloseCode.SHUTDOWN, reason: str = "closed") -> None:
-        error = code != CloseCode.SHUTDOWN
+        error = code not in CLEAN_CLOSES
         self._act(lambda core: core.close_with(code, reason, error=error))
 
     def carry(self, action: node_core.LinkAction[Link]) -> None:

@@ -356,6 +356,7 @@ class Simulation:
             digest_interval_ms=config.digest_interval_ms,
             crl_interval_ms=config.crl_interval_ms,
             random_order=config.admission != "legacy",
+            rotate_interval_ms=0 if config.admission == "legacy" else 60_000,
         )
         identity = NodeIdentity(
             cert.key, cert.chain_der, cert.not_before_ms, cert.not_after_ms, cert.serial
