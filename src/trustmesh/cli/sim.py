@@ -67,7 +67,7 @@ class _Range(click.ParamType):  # type: ignore[type-arg]
     type=click.IntRange(1),
     default=3,
     show_default=True,
-    help="The first nodes, which every node dials first (never revoked or churned).",
+    help="The first nodes: every node's bootstrap list (never revoked or churned).",
 )
 @click.option(
     "--max-links",
@@ -86,7 +86,8 @@ class _Range(click.ParamType):  # type: ignore[type-arg]
     type=click.Choice(ADMISSIONS),
     default="managed",
     show_default=True,
-    help="legacy: dial target max_links // 2 and PEERS without room/open hints.",
+    help="legacy: the policy before issue 17 (dial target max_links // 2, address-book "
+    "order, no room/spare/open hints, no eviction, no rotation), to compare.",
 )
 @click.option(
     "--anomalies",
