@@ -11,6 +11,7 @@ a code and a reason, then close_notify.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ DEFAULT_HELLO_TIMEOUT = 10.0  # from TLS up to the peer's HELLO
 MAX_HOLD_TIME = 3600
 MAX_PEERS = 64
 MAX_IDS = 512
+MAX_ADDRESS = 300  # characters of a host:port a peer sends
 MAX_ROOM = 1024  # free link slots a PEERS frame may claim (max_links is at most 1024)
 
 
@@ -451,7 +453,7 @@ class MeshLink:
         if isinstance(crl_number, bool) or not isinstance(crl_number, int):
             raise MalformedMessage("crl_number must be an integer")
         listen = hello.get("listen")
-        if listen is not None and not _is_address(listen):
+        if listen is not None and not is_address(listen):
             raise MalformedMessage("listen must be host:port")
         # Any other value (a later version) or none: the peer gets CRLs in one frame only.
         crl_parts = hello.get("crl_parts")
@@ -522,7 +524,7 @@ def _peers(data: dict[str, Any]) -> tuple[PeerAddress, ...]:
         node_id, address = entry.get("node_id"), entry.get("address")
         if not isinstance(node_id, str) or not NODE_ID.fullmatch(node_id):
             raise MalformedMessage("a peer's node_id must be a DNS name")
-        if not _is_address(address):
+        if not is_address(address):
             raise MalformedMessage("a peer's address must be host:port")
         assert isinstance(address, str)
         peers.append(PeerAddress(node_id, address))
@@ -589,9 +591,15 @@ def join_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _is_address(value: object) -> bool:
-    if not isinstance(value, str) or len(value) > 300:
-        return False
+def is_address(value: object) -> bool:
+    """Whether ``value`` is a ``host:port`` a peer may send (HELLO ``listen``, PEERS,
+    peer records): at most 300 characters."""
+    return isinstance(value, str) and len(value) <= MAX_ADDRESS and _is_address_text(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_address_text(value: str) -> bool:
+    # Cached: the same few addresses arrive in every PEERS frame and record.
     try:
         split_address(value)
     except ValueError:

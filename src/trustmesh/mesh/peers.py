@@ -36,14 +36,13 @@ from trustmesh.mesh.errors import (
     UntrustedOrigin,
 )
 from trustmesh.mesh.gossip import MAX_CERT, MAX_CHAIN, NODE_ID, decode_base64
-from trustmesh.mesh.link import split_address
+from trustmesh.mesh.link import is_address
 from trustmesh.mesh.trust import TrustView
 from trustmesh.wire.jsonwire import canonical_json, compact_json, strict_loads
 
 RECORD_LABEL = b"trustmesh-peer-record/1\n"
 RECORD_FIELDS = frozenset({"node_id", "addresses", "seq", "expires", "signature", "chain"})
 MAX_RECORD_ADDRESSES = 4  # one per interface a node listens on; each is dialled in turn
-MAX_ADDRESS = 300  # characters, as HELLO ``listen`` and PEERS ``address``
 MAX_RECORD = 48 * 1024  # encoded; a chain of 4 certificates of 8 KiB fits
 MAX_SIGNATURE = 512
 DEFAULT_RECORD_TTL_MS = 3600 * 1000  # a node signs its record for an hour ...
@@ -134,7 +133,7 @@ def record_from_json(data: Any) -> PeerRecord:
     if (
         not isinstance(addresses, list)
         or not 0 < len(addresses) <= MAX_RECORD_ADDRESSES
-        or not all(_is_address(a) for a in addresses)
+        or not all(is_address(a) for a in addresses)
         or len(set(addresses)) != len(addresses)
     ):
         raise MalformedMessage(
@@ -382,13 +381,3 @@ class PeerBook:
             default=_MAX_INT,
         )
         return gone
-
-
-def _is_address(value: object) -> bool:
-    if not isinstance(value, str) or len(value) > MAX_ADDRESS:
-        return False
-    try:
-        split_address(value)
-    except ValueError:
-        return False
-    return True

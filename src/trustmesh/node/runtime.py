@@ -173,10 +173,11 @@ class MeshNode:
             policy=self.config.policy,
             name="mesh links",
         )
+        api_host, api_port = split_address(self.config.api, any_port=True)
         self.api_server = await serve_app(
             node_app(self, clock=self.clock),
-            split_address(self.config.api, any_port=True)[0],
-            split_address(self.config.api, any_port=True)[1],
+            api_host,
+            api_port,
             context=self.identity.api,
             policy=self.config.policy,
             name="node API",

@@ -8,11 +8,13 @@ The model (network, loss, TLS, churn, partitions) is described in docs/sim.md.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -242,6 +244,10 @@ class Simulation:
     # --- the run ----------------------------------------------------------------------------
 
     def run(self) -> SimResult:
+        with _fewer_collections():
+            return self._run()
+
+    def _run(self) -> SimResult:
         wall = time.perf_counter()
         self._schedule()
         heap = self.heap
@@ -959,6 +965,22 @@ def _tls(peer: NodeCert, expires_at: float) -> TlsEstablished:
     return TlsEstablished(
         peer_chain=peer.chain, alpn=ALPN, group=None, resumed=False, expires_at=expires_at
     )
+
+
+@contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """A run allocates millions of small objects that live long (frames in flight,
+    records, messages): the collector's default thresholds walk them over and over. The
+    setup's objects are frozen out of its reach and it runs less often (about 13 % of a
+    3,000-node run); both are restored afterwards."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def simulate(config: SimConfig, *, progress: Callable[[str], None] | None = None) -> SimResult:
