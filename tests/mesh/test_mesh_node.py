@@ -452,3 +452,14 @@ def address_of(core: NodeCore[FakeLink], node: Node) -> str:
     record = core.book.get(node.node_id)
     assert record is not None
     return record.addresses[0]
+
+
+def test_open_hints_count_only_from_a_node_we_dialled(pki: MeshPki) -> None:
+    core = make_core(pki, pki.node("node-a"), max_links=12, bootstrap=())
+    core.start(T0_MS)
+    others = [pki.node(f"node-{i}") for i in range(8)]
+    inbound, _ = link_up(core, pki.node("node-in"))  # it linked to us
+    frame = PeersFrame((), tuple(peer_record(pki, n) for n in others), open=("node-5",))
+    dials = of(Dial, core.link_event(inbound, frame, T0_MS))
+    # Its records are taken, but its hint steers nothing: random dials fill the target.
+    assert len(dials) == core.dial_target - 1

@@ -810,12 +810,16 @@ class NodeCore(Generic[L]):
         self, link: L, peer: str, frame: PeersFrame, now_ms: int, actions: list[Action[L]]
     ) -> None:
         """Keep the PEERS frame's signed records that check out. Its unsigned ``peers``
-        entries are never dialled; its ``room`` and ``open`` only order our dials."""
+        entries are never dialled; its ``room`` and ``open`` only order our dials, and
+        ``open`` counts only from a node we dialled ourselves (a refusal): a peer that
+        links to us cannot steer whom we dial next."""
         if frame.room is not None:
             self._room[peer] = frame.room
         if frame.spare is not None:
             self._spare[peer] = frame.spare
-        for node_id in frame.open[: self.settings.max_links]:
+        state = self._states.get(link)
+        hints = frame.open[:REFUSAL_PEERS] if state is not None and state.initiator else ()
+        for node_id in hints:
             if node_id != self.node_id and node_id not in self.links:
                 self._open[node_id] = None
         while len(self._open) > self.settings.record_capacity:

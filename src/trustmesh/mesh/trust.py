@@ -78,8 +78,14 @@ class TrustView:
     """The mesh CA's roots, its issuing CAs (for CRL signatures), the revoked serials."""
 
     def __init__(
-        self, roots: Sequence[x509.Certificate], issuers: Iterable[x509.Certificate] = ()
+        self,
+        roots: Sequence[x509.Certificate],
+        issuers: Iterable[x509.Certificate] = (),
+        *,
+        identities: OrderedDict[bytes, Identity] | None = None,
     ) -> None:
+        """``identities``: the cache of verified chains, by leaf DER (a simulation shares
+        one among its nodes; revocation is never cached, each view checks its own CRL)."""
         if not roots:
             raise ValueError("a trust view needs the mesh root certificate")
         self._store = Store(list(roots))
@@ -90,7 +96,7 @@ class TrustView:
         self.crl_der: bytes | None = None
         self.crl_number = -1
         self.crl_next_update: datetime | None = None
-        self._identities: OrderedDict[bytes, Identity] = OrderedDict()
+        self._identities = identities if identities is not None else OrderedDict()
 
     def add_issuer(self, cert: x509.Certificate) -> None:
         """An issuing CA whose key may sign CRLs (from our own chain, usually)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,6 +201,11 @@ class CaStore(Protocol):
     def add(self, cert: IssuedCertificate, *, event: str, actor: str | None, now: datetime) -> None:
         """Record an issued certificate, and an audit entry for it at ``now``."""
 
+    def add_many(
+        self, certs: Iterable[IssuedCertificate], *, event: str, actor: str | None, now: datetime
+    ) -> None:
+        """As :meth:`add` for each of ``certs``, all or none."""
+
     def enroll(
         self,
         token_hash: str,
@@ -339,8 +344,15 @@ class SqliteStore:
     # --- certificates -------------------------------------------------------------------
 
     def add(self, cert: IssuedCertificate, *, event: str, actor: str | None, now: datetime) -> None:
+        self.add_many([cert], event=event, actor=actor, now=now)
+
+    def add_many(
+        self, certs: Iterable[IssuedCertificate], *, event: str, actor: str | None, now: datetime
+    ) -> None:
+        """Record certificates in one transaction (one commit for a batch)."""
         with transaction(self._db) as db:
-            self._insert(db, cert, event, actor, now)
+            for cert in certs:
+                self._insert(db, cert, event, actor, now)
 
     def enroll(
         self,

@@ -35,8 +35,7 @@ from trustmesh.clock import FakeClock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.mesh.trust import Identity, TrustView
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.pki.store import IssuedCertificate, SqliteStore
-from trustmesh.sqlitedb import transaction
+from trustmesh.pki.store import IssuedCertificate
 
 _DER = serialization.Encoding.DER
 PARALLEL_FROM = 2000  # nodes; below this, worker processes cost more than they save
@@ -115,11 +114,8 @@ class SimPki:
                 key = PrivateKey.generate(KeyKind.P256)
                 cert, record = self.ca.sign(_csr(key, node_id), node_id, now=now)
                 made.append((key, cert, record))
-        store = self.ca.store
-        assert isinstance(store, SqliteStore)
-        with transaction(store._db) as db:  # one commit for them all (docs/sim.md)
-            for _, _, record in made:
-                store._insert(db, record, "issue", "sim", now)
+        # One commit for them all (docs/sim.md).
+        self.ca.store.add_many([r for _, _, r in made], event="issue", actor="sim", now=now)
         certs = []
         for node_id, (key, cert, _) in zip(node_ids, made, strict=True):
             chain = (cert, self.issuing)
@@ -175,10 +171,7 @@ class SimPki:
     def trust_view(self, shared: SharedIdentities | None) -> TrustView:
         """A node's trust view: the mesh root, the issuing CA (for CRL signatures), and
         the shared chain cache when the nodes share one."""
-        view = TrustView([self.root], [self.issuing])
-        if shared is not None:
-            view._identities = shared  # see SharedIdentities; docs/sim.md
-        return view
+        return TrustView([self.root], [self.issuing], identities=shared)
 
 
 class _MemoKey:
@@ -203,8 +196,8 @@ class _MemoKey:
 
 
 class SharedIdentities(OrderedDict[bytes, Identity]):
-    """One chain cache for every node's :class:`TrustView` (installed as its private
-    ``_identities``: TrustView has no hook for it yet, docs/sim.md). It never evicts (it
+    """One chain cache for every node's :class:`TrustView` (its ``identities``,
+    docs/sim.md). It never evicts (it
     holds one entry per certificate of the simulation), and it gives each identity a
     key that remembers the signatures it checked."""
 
