@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from meshtools import T0_MS, MeshPki, anomaly
 
-from trustmesh.mesh.engine import REPEAT_MS, REPEATS, GossipEngine
+from trustmesh.mesh.engine import MAX_DIGEST, REPEAT_MS, REPEATS, GossipEngine
 
 
 @pytest.fixture
@@ -77,3 +77,17 @@ def test_an_iwant_answer_carries_the_chain_even_to_a_peer_sent_it_before(
     assert b'"chain"' in engine.wire_for("b", held[0])  # the first copy: with the chain
     assert b'"chain"' not in engine.wire_for("b", held[1])  # b has seen the certificate
     assert b'"chain"' in engine.wire_for("b", held[1], with_chain=True)
+
+
+def test_a_backlog_beyond_one_digest_drains_over_the_next_ones(pki: MeshPki) -> None:
+    origin = pki.node("node-o")
+    engine = GossipEngine("node-a", pki.trust(), fanout=1, rng=random.Random(1))
+    held = []
+    for n in range(MAX_DIGEST + 88):
+        message = origin.sign(anomaly(1000 + n))
+        engine.receive(message, message.encode(), sender=None, peers=[], now_ms=T0_MS)
+        held.append(message.message_id)
+    first = engine.ihave_for("new", T0_MS)
+    second = engine.ihave_for("new", T0_MS + 1)
+    assert len(first) == MAX_DIGEST and len(second) == 88
+    assert set(first) | set(second) == set(held)  # none told without being sent

@@ -165,20 +165,20 @@ def peer_record(pki: MeshPki, node: Node) -> dict[str, Any]:
 
 def test_a_refusal_hint_is_dialled_first(pki: MeshPki) -> None:
     me = pki.node("node-a")
-    core = make_core(pki, me, max_links=12, bootstrap=())
+    core = make_core(pki, me, max_links=12, dial_target=1, bootstrap=())
     core.start(T0_MS)
     boot = pki.node("node-boot")
     others = [pki.node(f"node-{i}") for i in range(8)]
     link, _ = link_up(core, boot, address=BOOT)
     frame = PeersFrame((), tuple(peer_record(pki, n) for n in others), open=("node-5",))
-    actions = core.link_event(link, frame, T0_MS)
-    wanted = core.book.get("node-5")
-    assert wanted is not None
+    assert of(Dial, core.link_event(link, frame, T0_MS)) == []  # at its dial target
+    refusal = LinkClosed("link-cap: full", error=True, by_peer=True, code=CloseCode.LINK_CAP)
+    actions = core.link_event(link, refusal, T0_MS)
     # Only the node said to have room: the others are likely full.
-    assert of(Dial, actions) == [Dial(wanted.addresses[0])]
-    # The hint is used up, and the rest are dialled.
-    dials = of(Dial, core.dial_failed(wanted.addresses[0], "refused", T0_MS))
-    assert len(dials) == core.dial_target - 1 and Dial(wanted.addresses[0]) not in dials
+    assert of(Dial, actions) == [Dial(address_of(core, others[5]))]
+    # The hint is used up, and another is dialled.
+    dials = of(Dial, core.dial_failed(address_of(core, others[5]), "refused", T0_MS))
+    assert len(dials) == 1 and dials != [Dial(address_of(core, others[5]))]
 
 
 def test_each_refusal_in_a_row_waits_longer_and_a_clean_end_resets(pki: MeshPki) -> None:
@@ -200,8 +200,8 @@ def test_each_refusal_in_a_row_waits_longer_and_a_clean_end_resets(pki: MeshPki)
         now = cooldown[0]
     assert waits[0] < waits[1] < waits[2]
     link, _ = link_up(core, peer, address=BOOT, now=now)
-    core.link_event(link, LinkClosed("bye", code=CloseCode.SHUTDOWN), now)
-    assert core.cooldown_of(BOOT) is None
+    core.link_event(link, LinkClosed("bye", code=CloseCode.SHUTDOWN), now + 10_000)
+    assert core.cooldown_of(BOOT) is None  # a link that ran its course
 
 
 def test_a_failed_dial_backs_off_and_says_so_for_a_bootstrap(pki: MeshPki) -> None:
@@ -413,12 +413,12 @@ def test_a_slot_given_to_another_is_replaced_without_a_cooldown(pki: MeshPki) ->
     assert of(Dial, core.link_event(first, PeersFrame((), records), T0_MS)) == []
     link_up(core, known[2], address="127.0.0.1:7103")  # one spare link
     replaced = LinkClosed("replaced: making room", by_peer=True, code=CloseCode.REPLACED)
-    actions = core.link_event(first, replaced, T0_MS + 1)
+    actions = core.link_event(first, replaced, T0_MS + 10_000)  # after a link's course
     # Still at the dial target, yet one dial: back to the three links it held. The
     # peer that gave our slot away is not held against its address.
     assert [d.address for d in of(Dial, actions)] == [address_of(core, known[3])]
     assert core.cooldown_of("127.0.0.1:7101") is None
-    assert of(Dial, core.handle_timer(T0_MS + 2_000)) == []  # one replacement only
+    assert of(Dial, core.handle_timer(T0_MS + 11_000)) == []  # one replacement only
 
 
 def test_rotation_dials_one_more_then_gives_up_the_oldest_outbound_link(
@@ -443,7 +443,8 @@ def test_rotation_dials_one_more_then_gives_up_the_oldest_outbound_link(
     newest = FakeLink(chosen)
     core.link_opened(newest, initiator=True, address=dial.address)
     actions = core.link_event(newest, LinkUp(chosen.node_id, dial.address, -1, 30), now + 5)
-    closes = of(CloseLink, actions)
+    assert of(CloseLink, actions) == []  # not before the new link has lasted
+    closes = of(CloseLink, core.handle_timer(now + 1_005))
     assert [(c.link, c.code) for c in closes] == [(oldest, CloseCode.REPLACED)]
     assert core.stats.rotated == 1
 
@@ -463,3 +464,50 @@ def test_open_hints_count_only_from_a_node_we_dialled(pki: MeshPki) -> None:
     dials = of(Dial, core.link_event(inbound, frame, T0_MS))
     # Its records are taken, but its hint steers nothing: random dials fill the target.
     assert len(dials) == core.dial_target - 1
+
+
+def test_replaced_soon_after_hello_clears_no_cooldown_and_dials_nothing_more(
+    pki: MeshPki,
+) -> None:
+    """Members that link and at once give the slot away ('replaced') must not keep a
+    node redialling them without a pause, nor push it past its dial target."""
+    core = make_core(pki, pki.node("node-a"), max_links=12, bootstrap=())
+    core.start(T0_MS)
+    for i in range(4):
+        link_up(core, pki.node(f"node-{i}"), address=f"127.0.0.1:{7300 + i}")
+    trap = "127.0.0.1:7399"
+    core.dial_failed(trap, "refused", T0_MS)  # one failure on record
+    link, _ = link_up(core, pki.node("node-x"), address=trap, now=T0_MS + 2_000)
+    replaced = LinkClosed("replaced", by_peer=True, code=CloseCode.REPLACED)
+    actions = core.link_event(link, replaced, T0_MS + 2_050)
+    assert of(Dial, actions) == []  # at its target: no replacement for a short link
+    cooldown = core.cooldown_of(trap)
+    assert cooldown is not None and cooldown[1] == 1  # the record of failures stays
+
+
+def test_a_link_that_links_to_us_and_gives_its_slot_away_gets_no_replacement(
+    pki: MeshPki,
+) -> None:
+    core = make_core(pki, pki.node("node-a"), max_links=12, bootstrap=())
+    core.start(T0_MS)
+    for i in range(4):
+        link_up(core, pki.node(f"node-{i}"), address=f"127.0.0.1:{7400 + i}")
+    inbound, _ = link_up(core, pki.node("node-x"))
+    replaced = LinkClosed("replaced", by_peer=True, code=CloseCode.REPLACED)
+    assert of(Dial, core.link_event(inbound, replaced, T0_MS + 60_000)) == []
+
+
+def test_queued_gossip_of_an_evicted_peer_is_dropped(pki: MeshPki) -> None:
+    me, origin = pki.node("node-a"), pki.node("node-o")
+    core = make_core(pki, me, max_links=2)
+    core.start(T0_MS)
+    link_up(core, pki.node("node-b"), address=BOOT)  # ours: never evicted
+    rich = pki.node("node-c")
+    rich_link, _ = link_up(core, rich)
+    core.link_event(rich_link, PeersFrame((), room=0, spare=3), T0_MS)
+    message = origin.sign(anomaly(7))
+    core.link_event(rich_link, GossipFrame(message.encode()), T0_MS)  # queued ...
+    link_up(core, pki.node("node-d"))  # ... then its slot goes to a newcomer
+    assert rich.node_id not in core.links
+    assert core.drain_gossip(T0_MS) == []
+    assert message.message_id not in core.engine.seen

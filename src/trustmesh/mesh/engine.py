@@ -518,7 +518,8 @@ class GossipEngine:
         """Ids of unexpired messages we hold that ``peer`` is not known to hold (it sent
         or announced them to us), each due again: a push or an announcement that was
         lost (a link that broke under it) is repeated ``REPEAT_MS`` later, then after
-        twice that, up to ``REPEATS`` times (mesh-link.md section 7)."""
+        twice that, up to ``REPEATS`` times (mesh-link.md section 7). At most
+        ``MAX_DIGEST`` ids, the oldest due first: a backlog drains, nothing starves."""
         self._expire(now_ms)
         known = self._known_by(peer)
         told = _dict_of(self._told, peer)
@@ -531,7 +532,9 @@ class GossipEngine:
                 tries = 0 if due is None else due[1] + 1
                 told[message_id] = (now_ms + REPEAT_MS * 2**tries, tries)
                 ids.append(message_id)
-        return ids[-MAX_DIGEST:]
+                if len(ids) == MAX_DIGEST:
+                    break  # the rest are told next time: only what is sent counts
+        return ids
 
     def on_ihave(self, peer: str, ids: Iterable[str], now_ms: int) -> list[str]:
         """The ids a peer announced that we lack: ask for them (none from a graylisted

@@ -62,6 +62,7 @@ PEER_BACKOFF_MS = (1_000, 60_000)  # the same for a learned address, or after a 
 BACKOFF_JITTER = 0.2
 SEEN_PRUNE_MS = 60_000
 REFUSAL_PEERS = 4  # records a refusal carries at most
+MIN_LINK_AGE_MS = 10_000  # a link closed sooner never counts as having run its course
 
 
 class LinkFacts(Hashable, Protocol):
@@ -280,6 +281,7 @@ class _LinkState:
     listen: str | None = None  # the peer's HELLO ``listen``
     was_up: bool = False
     up_at: int = 0  # Unix ms of its HELLO exchange
+    hints: tuple[str, ...] = ()  # PEERS ``open`` of a node we dialled, until it refuses
 
     @property
     def direction(self) -> str:
@@ -357,6 +359,7 @@ class NodeCore(Generic[L]):
         self._extra = 0  # dials wanted beyond the dial target (a lost link to replace)
         self._next_rotate = 0
         self._rotating: str | None = None  # the address of a rotation's dial in flight
+        self._rotated_in: L | None = None  # a rotation's new link, kept at the next tick
         self._stopping = False
 
     # --- properties -------------------------------------------------------------------------
@@ -443,13 +446,38 @@ class NodeCore(Generic[L]):
         if now_ms >= self._next_prune:
             self._next_prune = now_ms + SEEN_PRUNE_MS
             self.engine.seen.prune(now_ms)
+            self._forget_old(now_ms)
         if self._retry_at is not None and now_ms >= self._retry_at:
             self._retry_at = None
+        if self._rotated_in is not None:
+            state = self._states.get(self._rotated_in)
+            if state is None:
+                self._rotated_in = None  # it did not last
+            elif now_ms - state.up_at >= self.settings.digest_interval_ms:
+                self._drop_oldest_outbound(self._rotated_in, actions)
+                self._rotated_in = None
         if self.settings.rotate_interval_ms and now_ms >= self._next_rotate:
             self._next_rotate = now_ms + self._rotate_wait()
             self._rotate(now_ms, actions)
         self._topup(now_ms, actions)
         return actions
+
+    def _forget_old(self, now_ms: int) -> None:
+        """Cooldowns long over (their doubling is forgotten), and the rows of peers
+        long disconnected beyond ``record_capacity`` rows: neither table may grow with
+        every address or node a long-running node ever met."""
+        stale = now_ms - PEER_BACKOFF_MS[1]
+        for address in [a for a, c in self._cooldown.items() if c.until_ms < stale]:
+            del self._cooldown[address]
+        excess = len(self.peers) - self.settings.record_capacity
+        if excess > 0:
+            gone = sorted(
+                (info.last_seen, node_id)
+                for node_id, info in self.peers.items()
+                if node_id not in self.links
+            )[:excess]
+            for _, node_id in gone:
+                del self.peers[node_id]
 
     def _rotate_wait(self) -> int:
         return int(self.settings.rotate_interval_ms * self.rng.uniform(0.5, 1.5))
@@ -540,16 +568,20 @@ class NodeCore(Generic[L]):
         return actions
 
     def dial_done(self, address: str) -> None:
-        """A dial to ``address`` reached link up (or failed: see :meth:`dial_failed`)."""
-        self._dialing.discard(address)
+        """A dial to ``address`` reached link up (its LinkUp came first and ended the
+        dial's bookkeeping; see :meth:`dial_failed` for the other outcome). Nothing to
+        do: a late call must not untrack a newer dial to the same address."""
 
     def _on_up(
         self, link: L, state: _LinkState, event: LinkUp, now_ms: int, actions: list[Action[L]]
     ) -> None:
         peer = event.peer_id
         state.peer_id, state.listen, state.was_up, state.up_at = peer, event.listen, True, now_ms
+        rotation = state.address is not None and state.address == self._rotating
         if state.address is not None:
             self._dialing.discard(state.address)
+        if rotation:
+            self._rotating = None  # whatever comes of this link, the rotation's dial is done
         current = self.links.get(peer)
         if current is not None:
             keep, drop = self._collision(current, link)
@@ -582,14 +614,18 @@ class NodeCore(Generic[L]):
         actions.append(
             Notify("link.up", {"peer": peer, "direction": state.direction, "address": address})
         )
-        if state.address is not None and state.address == self._rotating:
-            self._rotating = None
-            self._drop_oldest_outbound(link, actions)
+        if rotation:
+            # Kept once it has lasted a digest interval (a peer at its cap says HELLO
+            # before it refuses): only then does the oldest outbound link go.
+            self._rotated_in = link
         self._announce_room(actions)
 
     def _drop_oldest_outbound(self, keep: L, actions: list[Action[L]]) -> None:
-        """A rotation's new link is up: the oldest link we dialled goes, if we hold
-        more than the dial target."""
+        """A rotation's new link has lasted: the oldest link we dialled goes, if we hold
+        more than the dial target and the new one is still up."""
+        state = self._states.get(keep)
+        if state is None or state.peer_id is None or self.links.get(state.peer_id) is not keep:
+            return
         if len(self.links) <= self.dial_target:
             return
         ours = [
@@ -618,6 +654,7 @@ class NodeCore(Generic[L]):
         most = max(spare for spare, _ in rich)
         victim = self.rng.choice(sorted(peer for spare, peer in rich if spare == most))
         link = self.links.pop(victim)
+        self._inbox.frames.pop(link, None)
         self._room.pop(victim, None)
         self._spare.pop(victim, None)
         self.engine.forget_peer(victim)
@@ -650,16 +687,29 @@ class NodeCore(Generic[L]):
     ) -> None:
         del self._states[link]
         self._inbox.frames.pop(link, None)
-        refused = isinstance(event, LinkClosed) and event.code not in CLEAN_CLOSES
+        code = event.code if isinstance(event, LinkClosed) else None
+        # Only a link that ran its course (a clean close after MIN_LINK_AGE_MS) clears
+        # its address's cooldown, and only such a link of ours given away ('replaced')
+        # is replaced: a member that links and at once gives the slot away can neither
+        # keep a node redialling it without a pause, nor push it past its dial target.
+        lasted = now_ms - state.up_at >= MIN_LINK_AGE_MS
+        clean = code is None or code in CLEAN_CLOSES
+        replaced = code == CloseCode.REPLACED and lasted and state.initiator and event.by_peer
+        if code == CloseCode.LINK_CAP and state.hints:
+            for node_id in state.hints:  # the refusal named peers with room: try them first
+                if node_id != self.node_id and node_id not in self.links:
+                    self._open[node_id] = None
+            while len(self._open) > self.settings.record_capacity:
+                del self._open[next(iter(self._open))]
         if state.address is not None and state.was_up:
             self._forget_hint(state.address)
-            if refused:
+            if not clean:
                 # At its cap, a duplicate, or worse: not at once, and each refusal in a
                 # row waits longer (the peer's HELLO came before its refusal, so HELLO
                 # must not reset the backoff).
                 self.stats.refusals_received += 1
                 self._cool_down(state.address, now_ms)
-            else:
+            elif lasted:
                 self._cooldown.pop(state.address, None)  # a link that ran its course
         if not state.was_up and event.reason.startswith("TLS failed"):
             # Refused at the handshake, by us or by the peer: say which check and why.
@@ -675,10 +725,11 @@ class NodeCore(Generic[L]):
         info = self.peers.get(peer)
         if info is not None:
             info.status = "disconnected"
-        if isinstance(event, LinkClosed) and event.code == CloseCode.REPLACED and event.by_peer:
-            # The peer gave our slot to another: link with someone else, back to as
-            # many links as we held (the graph keeps its edges, and keeps mixing).
-            self._extra = max(0, len(self.links) + 1 - self.dial_target)
+        if replaced:
+            # The peer gave the slot of a link we dialled to another: link with someone
+            # else, back to as many links as we held (the graph keeps its edges, and
+            # keeps mixing). Never more than one dial beyond the target.
+            self._extra = min(1, max(0, len(self.links) + 1 - self.dial_target))
         actions.append(Notify("link.down", {"peer": peer, "reason": event.reason}))
         self._announce_room(actions)
         self._topup(now_ms, actions)
@@ -811,19 +862,15 @@ class NodeCore(Generic[L]):
     ) -> None:
         """Keep the PEERS frame's signed records that check out. Its unsigned ``peers``
         entries are never dialled; its ``room`` and ``open`` only order our dials, and
-        ``open`` counts only from a node we dialled ourselves (a refusal): a peer that
-        links to us cannot steer whom we dial next."""
+        ``open`` counts only from a node we dialled that then refused us (CLOSE
+        ``link-cap``): a peer cannot steer whom we dial next otherwise."""
         if frame.room is not None:
             self._room[peer] = frame.room
         if frame.spare is not None:
             self._spare[peer] = frame.spare
         state = self._states.get(link)
-        hints = frame.open[:REFUSAL_PEERS] if state is not None and state.initiator else ()
-        for node_id in hints:
-            if node_id != self.node_id and node_id not in self.links:
-                self._open[node_id] = None
-        while len(self._open) > self.settings.record_capacity:
-            del self._open[next(iter(self._open))]
+        if state is not None and state.initiator and frame.open:
+            state.hints = frame.open[:REFUSAL_PEERS]  # taken if a link-cap CLOSE follows
         learned = self.book.receive_json(frame.records, now_ms)
         if learned.accepted:
             actions.append(SavePeerRecords(tuple(learned.accepted)))
@@ -904,8 +951,8 @@ class NodeCore(Generic[L]):
         inbox, self._inbox = self._inbox, _Inbox()
         for link, raws in inbox.frames.items():
             state = self._states.get(link)
-            if state is None or state.peer_id is None:
-                continue  # closed meanwhile
+            if state is None or state.peer_id is None or self.links.get(state.peer_id) is not link:
+                continue  # closed, evicted or revoked meanwhile: its frames are moot
             results = self.engine.receive_batch(
                 raws, sender=state.peer_id, peers=list(self.links), now_ms=now_ms
             )
@@ -1035,7 +1082,9 @@ class NodeCore(Generic[L]):
         self._room.pop(node_id, None)
         self._spare.pop(node_id, None)
         self._open.pop(node_id, None)
-        if self.links.pop(node_id, None) is not None:
+        gone = self.links.pop(node_id, None)
+        if gone is not None:
+            self._inbox.frames.pop(gone, None)
             self._topup(now_ms, actions)  # find a replacement
         if self.book.remove(node_id):
             actions.append(ForgetPeers((node_id,)))

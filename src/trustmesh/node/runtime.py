@@ -382,8 +382,8 @@ class MeshNode:
             der = await self.crl_source.fetch()
             sign = self._sign_crl if der is not None and len(der) <= MAX_GOSSIP_CRL else None
             self._run(self.core.crl_fetched(der, self.clock.time_ms(), sign=sign))
-        except ProtocolError as exc:
-            self._run(self.core.crl_fetch_failed(str(exc), self.clock.time_ms()))
+        except Exception as exc:  # any failure: the next poll is scheduled all the same
+            self._run(self.core.crl_fetch_failed(_why(exc), self.clock.time_ms()))
         return self.trust.crl_number > number
 
     def _sign_crl(self, der: bytes) -> GossipMessage:
@@ -401,8 +401,8 @@ class MeshNode:
     async def _renew_for_core(self) -> None:
         try:
             await self.renew()
-        except ProtocolError as exc:
-            self._run(self.core.renew_failed(str(exc), self.clock.time_ms()))
+        except Exception as exc:  # a disk error too: the retry is scheduled all the same
+            self._run(self.core.renew_failed(_why(exc), self.clock.time_ms()))
 
     async def renew(self) -> None:
         """Rotate through the CA; live links keep the old certificate, new links (and
@@ -434,3 +434,8 @@ class MeshNode:
         log.log(level, event, extra={"node": self.node_id, "fields": fields})
         for listener in self.listeners:
             listener(event, fields)
+
+
+def _why(exc: Exception) -> str:
+    """A failure's text: a protocol error says it all; anything else is named."""
+    return str(exc) if isinstance(exc, ProtocolError) else f"{type(exc).__name__}: {exc}"
