@@ -326,11 +326,7 @@ class TlsStream:
             step(events)
         except SSL.Error as exc:
             self._failed = True
-            reason = _reason(exc)
-            verify = _lib.SSL_get_verify_result(self._conn._ssl)
-            if verify != 0:  # say which check refused the peer's certificate
-                text = _ffi.string(_lib.X509_verify_cert_error_string(verify)).decode()
-                reason = f"{reason} ({text})"
+            reason = failure_reason(self._conn, exc)
             events += self._finish(ConnectionClosed(f"TLS failed: {reason}", error=True))
         return events
 
@@ -368,6 +364,17 @@ def certificate_names(
     if ips:
         names.update(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
     return frozenset(names)
+
+
+def failure_reason(conn: SSL.Connection, exc: SSL.Error) -> str:
+    """Why a handshake failed: OpenSSL's error queue, and which check refused the peer's
+    certificate when one did (``certificate revoked``, ``unable to get local issuer``)."""
+    reason = _reason(exc)
+    verify = _lib.SSL_get_verify_result(conn._ssl)
+    if verify != 0:
+        text = _ffi.string(_lib.X509_verify_cert_error_string(verify)).decode()
+        reason = f"{reason} ({text})"
+    return reason
 
 
 def _reason(exc: SSL.Error) -> str:
