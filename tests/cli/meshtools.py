@@ -28,6 +28,7 @@ from trustmesh.keystore.filestore import load_key_file
 from trustmesh.mesh.gossip import DEFAULT_TTL_MS, GossipMessage, anomaly_payload, sign_message
 from trustmesh.mesh.trust import TrustView
 from trustmesh.pki.ca import CertificateAuthority
+from trustmesh.tls import TlsConfig
 
 DER = serialization.Encoding.DER
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)  # when the CA and every certificate are made
@@ -199,3 +200,30 @@ def big_crl(
     while len(serials) < count:
         serials.add(rng.getrandbits(127) | 1)
     return signed_crl(key, issuer, serials, number=number, at=at)
+
+
+@dataclass
+class LivePki:
+    """A mesh CA issuing at the real time (the handshake checks validity now)."""
+
+    ca: CertificateAuthority
+
+    def config(self, node_id: str, directory: Path, *, trust: LivePki | None = None) -> TlsConfig:
+        key = PrivateKey.generate(KeyKind.P256)
+        csr = x509.load_pem_x509_csr(make_csr(key, node_id).encode())
+        cert = self.ca.issue(csr, node_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "node.key").write_bytes(
+            key.to_cryptography().private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        chain = (cert, self.ca.issuing_cert)
+        (directory / "node.crt").write_bytes(
+            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+        )
+        root = (trust or self).ca.root_cert
+        (directory / "ca.crt").write_bytes(root.public_bytes(serialization.Encoding.PEM))
+        return TlsConfig(directory / "node.crt", directory / "node.key", directory / "ca.crt")

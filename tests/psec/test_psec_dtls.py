@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from meshtools import LivePki
 
-from trustmesh.api.ca_client import make_csr
-from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.psec.dtls import (
     DtlsContext,
@@ -25,38 +21,12 @@ from trustmesh.psec.dtls import (
     SchemeUp,
 )
 from trustmesh.sansio import Event
-from trustmesh.tls import TlsConfig
-
-PEM = serialization.Encoding.PEM
-
-
-@dataclass
-class Pki:
-    """A mesh CA issuing at the real time (the handshake checks validity now)."""
-
-    ca: CertificateAuthority
-
-    def config(self, node_id: str, directory: Path, *, trust: Pki | None = None) -> TlsConfig:
-        key = PrivateKey.generate(KeyKind.P256)
-        csr = x509.load_pem_x509_csr(make_csr(key, node_id).encode())
-        cert = self.ca.issue(csr, node_id)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "node.key").write_bytes(
-            key.to_cryptography().private_bytes(
-                PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        chain = (cert, self.ca.issuing_cert)
-        (directory / "node.crt").write_bytes(b"".join(c.public_bytes(PEM) for c in chain))
-        root = (trust or self).ca.root_cert
-        (directory / "ca.crt").write_bytes(root.public_bytes(PEM))
-        return TlsConfig(directory / "node.crt", directory / "node.key", directory / "ca.crt")
 
 
 @pytest.fixture
-def pki(tmp_path: Path) -> Iterator[Pki]:
+def pki(tmp_path: Path) -> Iterator[LivePki]:
     ca = CertificateAuthority.init(tmp_path / "ca", None, name="psec test CA")
-    yield Pki(ca)
+    yield LivePki(ca)
     ca.close()
 
 
@@ -77,7 +47,7 @@ def pump(
 
 
 def pair(
-    pki: Pki, tmp_path: Path, *, server_pki: Pki | None = None
+    pki: LivePki, tmp_path: Path, *, server_pki: LivePki | None = None
 ) -> tuple[DtlsScheme, DtlsScheme]:
     client = DtlsContext(pki.config("node-a", tmp_path / "a"), server=False)
     issuer = server_pki or pki
@@ -86,7 +56,7 @@ def pair(
 
 
 def test_a_mutually_authenticated_channel_carries_datagrams_and_exports_one_secret(
-    pki: Pki, tmp_path: Path
+    pki: LivePki, tmp_path: Path
 ) -> None:
     client, server = pair(pki, tmp_path)
     client.start(0.0)
@@ -107,7 +77,7 @@ def test_a_mutually_authenticated_channel_carries_datagrams_and_exports_one_secr
 
 
 def test_the_handshake_arms_a_retransmission_timer_until_it_is_done(
-    pki: Pki, tmp_path: Path
+    pki: LivePki, tmp_path: Path
 ) -> None:
     client, server = pair(pki, tmp_path)
     client.start(10.0)
@@ -118,8 +88,8 @@ def test_the_handshake_arms_a_retransmission_timer_until_it_is_done(
     assert client.up and client.get_timer() is None
 
 
-def test_a_certificate_from_another_ca_is_refused(pki: Pki, tmp_path: Path) -> None:
-    other = Pki(CertificateAuthority.init(tmp_path / "other-ca", None, name="another CA"))
+def test_a_certificate_from_another_ca_is_refused(pki: LivePki, tmp_path: Path) -> None:
+    other = LivePki(CertificateAuthority.init(tmp_path / "other-ca", None, name="another CA"))
     try:
         client, server = pair(pki, tmp_path, server_pki=other)
         client.start(0.0)
@@ -132,7 +102,7 @@ def test_a_certificate_from_another_ca_is_refused(pki: Pki, tmp_path: Path) -> N
 
 
 def test_a_revoked_client_is_refused_with_the_certificate_revoked_alert(
-    pki: Pki, tmp_path: Path
+    pki: LivePki, tmp_path: Path
 ) -> None:
     client = DtlsContext(pki.config("node-a", tmp_path / "a"), server=False)
     revoked = dataclasses.replace(pki.config("node-b", tmp_path / "b"), is_revoked=lambda _: True)

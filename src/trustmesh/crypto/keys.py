@@ -107,6 +107,22 @@ class PublicKey(ABC):
         """Parse public key bytes of ``kind``; raise :class:`InvalidKeyError` if malformed."""
         return _PUBLIC_CLASSES[KeyKind(kind)]._parse(bytes(data))
 
+    @staticmethod
+    def from_cryptography(key: object) -> PublicKey:
+        """Wrap a public key of the ``cryptography`` package (a certificate's, say)."""
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            return Ed25519PublicKey(key)
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            point = key.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+            )
+            if isinstance(key.curve, ec.SECP256K1):
+                return PublicKey.from_bytes(KeyKind.SECP256K1, point)
+            if isinstance(key.curve, ec.SECP256R1):
+                return P256PublicKey(key)
+            raise InvalidKeyError(f"unsupported elliptic curve {key.curve.name}")
+        raise InvalidKeyError(f"unsupported public key type {type(key).__name__}")
+
 
 class PrivateKey(ABC):
     """A private key; it satisfies :class:`trustmesh.keystore.Signer`."""
