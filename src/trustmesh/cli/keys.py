@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from cryptography import x509
 
 from trustmesh.cli.output import emit
-from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
+from trustmesh.errors import InvalidKeyError
 from trustmesh.keystore.filestore import PASSPHRASE_ENV, FileKeyStore
 
 
@@ -65,15 +67,49 @@ def generate(key_type: str, out: Path, no_encrypt: bool, as_json: bool) -> None:
 
 
 @keys.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Show the key of this certificate (PEM, the first one) instead of a key file: "
+    "the peer ID a node has in PSEC.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def show(file: Path, as_json: bool) -> None:
-    """Show the type, public key and libp2p peer ID of a key file.
+def show(file: Path | None, cert: Path | None, as_json: bool) -> None:
+    """Show the type, public key and libp2p peer ID of a key file or a certificate.
 
     The public key is hex (compressed SEC1 for secp256k1 and P-256). An encrypted file
     needs its passphrase, from $TRUSTMESH_PASSPHRASE or the terminal.
+
+    \b
+    trustmesh keys show node.key
+    trustmesh keys show --cert node.crt --json
     """
+    if file is None and cert is None:
+        raise click.UsageError("Missing argument 'FILE' (or give --cert with a certificate)")
+    if file is not None and cert is not None:
+        raise click.UsageError("give a key FILE or --cert, not both")
+    if cert is not None:
+        emit(describe_certificate(cert), as_json=as_json)
+        return
+    assert file is not None
     emit(describe(FileKeyStore().load(file), file), as_json=as_json)
+
+
+def describe_certificate(path: Path) -> dict[str, object]:
+    try:
+        certificate = x509.load_pem_x509_certificates(path.read_bytes())[0]
+    except ValueError as exc:
+        raise InvalidKeyError(f"{path} holds no PEM certificate: {exc}") from None
+    public = PublicKey.from_cryptography(certificate.public_key())
+    return {
+        "type": str(public.kind),
+        "public_key": public.hex(),
+        "peer_id": str(public.peer_id()),
+        "subject": certificate.subject.rfc4514_string(),
+        "serial": format(certificate.serial_number, "x"),
+        "path": str(path),
+    }
 
 
 __all__ = ["PASSPHRASE_ENV", "describe", "keys"]
