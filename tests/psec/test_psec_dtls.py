@@ -115,3 +115,37 @@ def test_a_revoked_client_is_refused_with_the_certificate_revoked_alert(
     assert refused and "certificate revoked" in refused[0].reason
     assert told and "revoked" in told[0].reason
     assert not a.up and not b.up
+
+
+def test_the_server_validates_the_address_with_a_cookie_before_its_big_flight(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    client = DtlsContext(pki.config("node-a", tmp_path / "a"), server=False)
+    server = DtlsContext(pki.config("node-b", tmp_path / "b"), server=True)
+    a = DtlsScheme(client, initiator=True, peer_address=b"127.0.0.1:5000")
+    b = DtlsScheme(server, initiator=False, peer_address=b"127.0.0.2:4000")
+    a.start(0.0)
+    (hello,) = a.datagrams_to_send()
+    assert b.receive(hello, 0.0) == []
+    (verify,) = b.datagrams_to_send()
+    assert verify[0] == 22 and verify[13] == 3  # handshake: hello_verify_request
+    assert len(verify) < 3 * len(hello)  # within the anti-amplification bound
+    assert a.receive(verify, 0.0) == []  # the ClientHello again, with the cookie
+    pump(a, b)
+    assert a.up and b.up
+
+
+def test_a_cookie_from_another_address_is_not_accepted(pki: LivePki, tmp_path: Path) -> None:
+    client = DtlsContext(pki.config("node-a", tmp_path / "a"), server=False)
+    server = DtlsContext(pki.config("node-b", tmp_path / "b"), server=True)
+    a = DtlsScheme(client, initiator=True)
+    b = DtlsScheme(server, initiator=False, peer_address=b"10.0.0.1:1")
+    a.start(0.0)
+    b.receive(a.datagrams_to_send()[0], 0.0)
+    a.receive(b.datagrams_to_send()[0], 0.0)  # the cookie for 10.0.0.1:1
+    (hello_with_cookie,) = a.datagrams_to_send()
+    other = DtlsScheme(server, initiator=False, peer_address=b"10.0.0.2:2")
+    assert other.receive(hello_with_cookie, 0.0) == []
+    # No certificate flight to an address the cookie was not made for.
+    sent = other.datagrams_to_send()
+    assert all(len(d) < 3 * len(hello_with_cookie) for d in sent) and not other.up

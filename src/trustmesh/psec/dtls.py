@@ -18,6 +18,8 @@ chain (``SSL_MODE_NO_AUTO_CHAIN``).
 from __future__ import annotations
 
 import contextlib
+import hmac
+import os
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -35,6 +37,7 @@ DTLS1_2_VERSION = 0xFEFD
 MODE_NO_AUTO_CHAIN = 0x00000008  # SSL_MODE_NO_AUTO_CHAIN
 RECORD_HEADER = 13  # type, version (2), epoch (2), sequence (6), length (2)
 EXPORTER_LABEL = b"EXPORTER-trustmesh-psec-confirm"
+COOKIE_SIZE = 16
 
 
 class DtlsError(ProtocolError):
@@ -89,7 +92,23 @@ class DtlsContext(TlsContext):
             self._load_crl(ctx, self.config.crl_file)
         ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
         ctx.set_mode(MODE_NO_AUTO_CHAIN)
+        if self.server:
+            # A ClientHello is answered with a HelloVerifyRequest (a cookie, about 60
+            # bytes) until it comes back with the cookie: the address is validated
+            # before the certificate flight (over 1 KiB) goes to it (RFC 6347 4.2.1).
+            self._cookie_secret = os.urandom(32)
+            assert SSL.OP_COOKIE_EXCHANGE is not None  # set in every OpenSSL with DTLS
+            ctx.set_options(SSL.OP_COOKIE_EXCHANGE)
+            ctx.set_cookie_generate_callback(self._cookie)
+            ctx.set_cookie_verify_callback(
+                lambda conn, cookie: hmac.compare_digest(self._cookie(conn), cookie)
+            )
         return ctx
+
+    def _cookie(self, conn: SSL.Connection) -> bytes:
+        address = conn.get_app_data()
+        peer = address if isinstance(address, bytes) else b""
+        return hmac.new(self._cookie_secret, peer, "sha256").digest()[:COOKIE_SIZE]
 
 
 def dtls_contexts(config: TlsConfig) -> tuple[DtlsContext, DtlsContext]:
@@ -106,10 +125,14 @@ class DtlsScheme:
         *,
         initiator: bool,
         max_datagram: int = DEFAULT_MAX_FRAME,
+        peer_address: bytes = b"",
     ) -> None:
+        """``peer_address``: the peer's address as bytes, which a server's cookie
+        binds (a cookie made for one address does not validate another)."""
         self.initiator = initiator
         self.max_datagram = max_datagram
         self.conn = SSL.Connection(context.ssl, None)
+        self.conn.set_app_data(peer_address)
         self.conn.set_ciphertext_mtu(max_datagram)
         if initiator:
             self.conn.set_connect_state()
