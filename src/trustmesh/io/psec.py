@@ -1,0 +1,243 @@
+"""PSEC over UDP: one asyncio datagram socket, many peers (docs/protocols/psec.md §9).
+
+    endpoint = await open_psec(my_peer_id, factories, "127.0.0.1", 9000, on_event=print)
+    endpoint.connect(("127.0.0.1", 9001))      # or wait for a peer's proposal
+    endpoint.send(("127.0.0.1", 9001), b"hi")  # once ChannelUp came
+    endpoint.close()
+
+Each datagram goes to the channel of its source address. Only a PSEC proposal makes a
+new one, within the resource policy: ``max_connections`` channels in all and
+``max_unauthenticated_per_source`` not yet up per source address (an IPv6 /64 counts
+as one), each gone if not up within ``handshake_timeout``. Until an address has proved
+it receives what we send (its channel is up, which needs our confirm, or we dialled
+it), we send it at most 3 times the bytes it sent us (RFC 9000 §8.1); the rest waits,
+at most ``max_queued_bytes``, for more bytes from it. A spoofed source can make us
+hold a small table entry and answer with a cookie, never with a certificate flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+from trustmesh.errors import ProtocolError
+from trustmesh.io.limits import LimitStats, ResourcePolicy, source_of
+from trustmesh.psec.channel import ChannelClosed, ChannelUp, PsecChannel, SchemeFactory
+from trustmesh.psec.frames import FrameType
+from trustmesh.sansio import Event
+from trustmesh.wire.peerid import PeerId
+
+log = logging.getLogger("trustmesh.io.psec")
+
+AMPLIFICATION = 3  # bytes sent per byte received, to an address not yet validated
+MAX_DATAGRAM = 65535
+
+Address = tuple[str, int]
+FactoriesFor = Callable[[bytes], Mapping[str, SchemeFactory]]  # peer address -> schemes
+EventHandler = Callable[[Address, Event], None]
+
+
+@dataclass
+class _Peer:
+    channel: PsecChannel
+    validated: bool
+    received: int = 0
+    sent: int = 0
+    held: deque[bytes] = field(default_factory=deque)
+    held_bytes: int = 0
+    timer: asyncio.TimerHandle | None = None
+    deadline: asyncio.TimerHandle | None = None
+
+
+class PsecEndpoint(asyncio.DatagramProtocol):
+    def __init__(
+        self,
+        local: PeerId,
+        factories_for: FactoriesFor,
+        *,
+        on_event: EventHandler,
+        policy: ResourcePolicy | None = None,
+    ) -> None:
+        self.local = local
+        self.factories_for = factories_for
+        self.on_event = on_event
+        self.policy = policy or ResourcePolicy()
+        self.stats = LimitStats("psec")
+        self.peers: dict[Address, _Peer] = {}
+        self._unproven: Counter[str] = Counter()
+        self._transport: asyncio.DatagramTransport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._closed = asyncio.Event()
+
+    # --- asyncio ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed.set()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        address = (str(addr[0]), int(str(addr[1])))
+        peer = self.peers.get(address)
+        if peer is None:
+            if not data or data[0] != FrameType.PROPOSE:
+                return  # only a proposal opens a channel: nothing else costs us state
+            peer = self._admit(address)
+            if peer is None:
+                return
+        peer.received += len(data)
+        self._run(address, peer, peer.channel.receive(data, self._loop.time()))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("psec socket error: %s", exc)
+
+    # --- the application's side ------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        assert self._transport is not None
+        return int(self._transport.get_extra_info("sockname")[1])
+
+    def connect(self, address: Address, *, expected_peer: PeerId | None = None) -> None:
+        """Propose to ``address`` (we chose to send to it: it counts as validated)."""
+        if address in self.peers:
+            raise ProtocolError(f"a channel with {address} exists already")
+        channel = PsecChannel(
+            self.local, self.factories_for(_key(address)), expected_peer=expected_peer
+        )
+        peer = _Peer(channel, validated=True)
+        self.peers[address] = peer
+        self._arm_deadline(address, peer)
+        self._run(address, peer, channel.connect(self._loop.time()))
+
+    def send(self, address: Address, data: bytes) -> None:
+        peer = self.peers.get(address)
+        if peer is None or peer.channel.up is None:
+            raise ProtocolError(f"no channel up with {address}")
+        peer.channel.send(data)
+        self._flush(address, peer)
+
+    def close(self) -> None:
+        for address in list(self.peers):
+            self._forget(address)
+        if self._transport is not None:
+            self._transport.close()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _admit(self, address: Address) -> _Peer | None:
+        source = source_of(address)
+        if len(self.peers) >= self.policy.max_connections:
+            self.stats.hit("max_connections", source)
+            return None
+        if self._unproven[source] >= self.policy.max_unauthenticated_per_source:
+            self.stats.hit("max_unauthenticated_per_source", source)
+            return None
+        channel = PsecChannel(self.local, self.factories_for(_key(address)))
+        peer = _Peer(channel, validated=False)
+        self.peers[address] = peer
+        self._unproven[source] += 1
+        self._arm_deadline(address, peer)
+        return peer
+
+    def _arm_deadline(self, address: Address, peer: _Peer) -> None:
+        peer.deadline = self._loop.call_later(
+            self.policy.handshake_timeout, self._expire, address, peer
+        )
+
+    def _expire(self, address: Address, peer: _Peer) -> None:
+        if self.peers.get(address) is peer and peer.channel.up is None:
+            self.stats.hit("handshake_timeout", source_of(address))
+            self.on_event(address, ChannelClosed("no channel within the handshake deadline"))
+            self._forget(address)
+
+    def _run(self, address: Address, peer: _Peer, events: list[Event]) -> None:
+        self._flush(address, peer)
+        for event in events:
+            if isinstance(event, ChannelUp):
+                self._proven(address, peer)
+            self.on_event(address, event)
+            if isinstance(event, ChannelClosed):
+                self._forget(address)
+                return
+        self._arm(address, peer)
+
+    def _proven(self, address: Address, peer: _Peer) -> None:
+        if peer.deadline is not None:
+            peer.deadline.cancel()
+            peer.deadline = None
+        if not peer.validated:
+            peer.validated = True
+            self._unproven[source_of(address)] -= 1
+        self._flush(address, peer)
+
+    def _flush(self, address: Address, peer: _Peer) -> None:
+        for datagram in peer.channel.datagrams_to_send():
+            if peer.held_bytes + len(datagram) > self.policy.max_queued_bytes:
+                self.stats.hit("max_queued_bytes", source_of(address))
+                continue  # UDP: the sender's retransmission covers it
+            peer.held.append(datagram)
+            peer.held_bytes += len(datagram)
+        while peer.held:
+            datagram = peer.held[0]
+            budget = AMPLIFICATION * peer.received - peer.sent
+            if not peer.validated and len(datagram) > budget:
+                break  # more bytes from the address raise the budget
+            peer.held.popleft()
+            peer.held_bytes -= len(datagram)
+            peer.sent += len(datagram)
+            if self._transport is not None:
+                self._transport.sendto(datagram, address)
+
+    def _arm(self, address: Address, peer: _Peer) -> None:
+        if peer.timer is not None:
+            peer.timer.cancel()
+            peer.timer = None
+        when = peer.channel.get_timer()
+        if when is not None:
+            peer.timer = self._loop.call_at(when, self._tick, address, peer)
+
+    def _tick(self, address: Address, peer: _Peer) -> None:
+        peer.timer = None
+        if self.peers.get(address) is peer:
+            self._run(address, peer, peer.channel.handle_timer(self._loop.time()))
+
+    def _forget(self, address: Address) -> None:
+        peer = self.peers.pop(address, None)
+        if peer is None:
+            return
+        for handle in (peer.timer, peer.deadline):
+            if handle is not None:
+                handle.cancel()
+        if not peer.validated:
+            self._unproven[source_of(address)] -= 1
+
+
+async def open_psec(
+    local: PeerId,
+    factories_for: FactoriesFor,
+    host: str,
+    port: int,
+    *,
+    on_event: EventHandler,
+    policy: ResourcePolicy | None = None,
+) -> PsecEndpoint:
+    """Bind a UDP socket at ``host:port`` (0: any free port) for PSEC."""
+    loop = asyncio.get_running_loop()
+    _, endpoint = await loop.create_datagram_endpoint(
+        lambda: PsecEndpoint(local, factories_for, on_event=on_event, policy=policy),
+        local_addr=(host, port),
+    )
+    return endpoint
+
+
+def _key(address: Address) -> bytes:
+    return f"{address[0]}:{address[1]}".encode()
