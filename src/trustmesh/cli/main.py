@@ -26,6 +26,7 @@ EXIT_USAGE = 2
 COMMANDS = {
     "keys": "trustmesh.cli.keys:keys",
     "botd": "trustmesh.cli.botd:botd",
+    "psec": "trustmesh.cli.psec:psec",
     "catalyst": "trustmesh.cli.catalyst:catalyst",
     "ca": "trustmesh.cli.ca:ca",
     "enroll": "trustmesh.cli.enroll:enroll",
