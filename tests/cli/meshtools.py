@@ -227,3 +227,8 @@ class LivePki:
         root = (trust or self).ca.root_cert
         (directory / "ca.crt").write_bytes(root.public_bytes(serialization.Encoding.PEM))
         return TlsConfig(directory / "node.crt", directory / "node.key", directory / "ca.crt")
+
+    @staticmethod
+    def tls(directory: Path) -> TlsConfig:
+        """The TLS settings of a directory that :meth:`config` wrote."""
+        return TlsConfig(directory / "node.crt", directory / "node.key", directory / "ca.crt")
