@@ -38,6 +38,7 @@ MODE_NO_AUTO_CHAIN = 0x00000008  # SSL_MODE_NO_AUTO_CHAIN
 RECORD_HEADER = 13  # type, version (2), epoch (2), sequence (6), length (2)
 EXPORTER_LABEL = b"EXPORTER-trustmesh-psec-confirm"
 COOKIE_SIZE = 16
+BIO_CHUNK = 65536
 
 
 class DtlsError(ProtocolError):
@@ -259,12 +260,16 @@ class DtlsScheme:
         pending = b""
         while True:
             try:
-                chunk = self.conn.bio_read(65536)
+                chunk = self.conn.bio_read(BIO_CHUNK)
             except SSL.WantReadError:
                 break
-            if not chunk:
-                break
             pending += chunk
+            if len(chunk) < BIO_CHUNK:
+                break  # the BIO is empty: spare the exception another read would raise
+        if len(pending) <= self.max_datagram:
+            if pending:
+                self._out.append(pending)  # the common case: what fits goes as it is
+            return
         current = b""
         pos = 0
         while pos + RECORD_HEADER <= len(pending):
