@@ -18,12 +18,10 @@ import tempfile
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
 from bench.harness import Result, compare
-from trustmesh.api.ca_client import make_csr
-from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.node.local import issue_node_files
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.psec.channel import PsecChannel, peer_id_of
 from trustmesh.psec.dtls import DtlsContext, DtlsScheme
@@ -34,19 +32,7 @@ SIZE = 1200
 
 
 def _identity(ca: CertificateAuthority, node_id: str, directory: Path) -> TlsConfig:
-    key = PrivateKey.generate(KeyKind.P256)
-    cert = ca.issue(x509.load_pem_x509_csr(make_csr(key, node_id).encode()), node_id)
-    directory.mkdir(parents=True)
-    pem = serialization.Encoding.PEM
-    (directory / "node.key").write_bytes(
-        key.to_cryptography().private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    chain = (cert, ca.issuing_cert)
-    (directory / "node.crt").write_bytes(b"".join(c.public_bytes(pem) for c in chain))
-    (directory / "ca.crt").write_bytes(ca.root_cert.public_bytes(pem))
-    return TlsConfig(directory / "node.crt", directory / "node.key", directory / "ca.crt")
+    return issue_node_files(ca, node_id, directory)
 
 
 class _Node:

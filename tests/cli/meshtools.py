@@ -27,6 +27,7 @@ from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import load_key_file
 from trustmesh.mesh.gossip import DEFAULT_TTL_MS, GossipMessage, anomaly_payload, sign_message
 from trustmesh.mesh.trust import TrustView
+from trustmesh.node.local import issue_node_files
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.tls import TlsConfig
 
@@ -209,24 +210,8 @@ class LivePki:
     ca: CertificateAuthority
 
     def config(self, node_id: str, directory: Path, *, trust: LivePki | None = None) -> TlsConfig:
-        key = PrivateKey.generate(KeyKind.P256)
-        csr = x509.load_pem_x509_csr(make_csr(key, node_id).encode())
-        cert = self.ca.issue(csr, node_id)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "node.key").write_bytes(
-            key.to_cryptography().private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        chain = (cert, self.ca.issuing_cert)
-        (directory / "node.crt").write_bytes(
-            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
-        )
         root = (trust or self).ca.root_cert
-        (directory / "ca.crt").write_bytes(root.public_bytes(serialization.Encoding.PEM))
-        return TlsConfig(directory / "node.crt", directory / "node.key", directory / "ca.crt")
+        return issue_node_files(self.ca, node_id, directory, root=root)
 
     @staticmethod
     def tls(directory: Path) -> TlsConfig:

@@ -12,14 +12,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trustmesh.api.ca_client import enroll_node
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.api.ca_client import enroll_node, make_csr
 from trustmesh.api.ca_server import CaServer
+from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.node.config import NodeConfig, write_config
 from trustmesh.node.runtime import MeshNode
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.ratelimit import RateLimiter
+from trustmesh.tls import TlsConfig
 
 HOST = "127.0.0.1"
 LOCAL_RATE = 1000.0  # CA requests per second from 127.0.0.1, where a fleet has many addresses
@@ -204,3 +209,27 @@ def is_connected(graph: dict[str, set[str]]) -> bool:
             reached.add(current)
             frontier.extend(graph.get(current, ()))
     return reached == set(graph)
+
+
+_PEM = serialization.Encoding.PEM
+
+
+def issue_node_files(
+    ca: CertificateAuthority, node_id: str, directory: Path, *, root: x509.Certificate | None = None
+) -> TlsConfig:
+    """Write ``node.key`` (unencrypted, 0600), ``node.crt`` (its certificate, then the
+    issuing CA) and ``ca.crt`` (``root``, by default the CA's own) into ``directory``."""
+    key = PrivateKey.generate(KeyKind.P256)
+    cert = ca.issue(x509.load_pem_x509_csr(make_csr(key, node_id).encode()), node_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    key_file = directory / "node.key"
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(
+        key.to_cryptography().private_bytes(
+            _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    chain = (cert, ca.issuing_cert)
+    (directory / "node.crt").write_bytes(b"".join(c.public_bytes(_PEM) for c in chain))
+    (directory / "ca.crt").write_bytes((root or ca.root_cert).public_bytes(_PEM))
+    return TlsConfig(directory / "node.crt", key_file, directory / "ca.crt")
