@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,7 @@ from trustmesh.cli.output import emit
 from trustmesh.cli.params import HostPort
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.psec import Address, FactoriesFor, PsecEndpoint, open_psec
+from trustmesh.keystore.filestore import PASSPHRASE_ENV
 from trustmesh.psec.channel import (
     ChannelClosed,
     ChannelData,
@@ -53,7 +55,14 @@ def _schemes(value: str) -> tuple[str, ...]:
 def _identity(
     cert: Path, key: Path, ca: Path, crl: Path | None, names: tuple[str, ...]
 ) -> tuple[PeerId, FactoriesFor]:
-    config = TlsConfig(cert_file=cert, key_file=key, ca_file=ca, crl_file=crl)
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    config = TlsConfig(
+        cert_file=cert,
+        key_file=key,
+        ca_file=ca,
+        crl_file=crl,
+        key_passphrase=passphrase.encode() if passphrase else None,
+    )
     client, server = DtlsContext(config, server=False), DtlsContext(config, server=True)
 
     def factories(address: bytes) -> Mapping[str, SchemeFactory]:
