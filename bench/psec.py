@@ -17,14 +17,14 @@ import socket
 import tempfile
 from pathlib import Path
 
-from cryptography import x509
 from OpenSSL import SSL
 
 from bench.harness import Result, compare
 from trustmesh.node.local import issue_node_files
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.psec.channel import PsecChannel, peer_id_of
+from trustmesh.psec.channel import PsecChannel
 from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.psec.identity import dtls_identity
 from trustmesh.tls import TlsConfig
 
 DTLS = "/dtls/1.2"
@@ -37,16 +37,12 @@ def _identity(ca: CertificateAuthority, node_id: str, directory: Path) -> TlsCon
 
 class _Node:
     def __init__(self, config: TlsConfig) -> None:
+        self.identity = dtls_identity(config)
         self.client = DtlsContext(config, server=False)
         self.server = DtlsContext(config, server=True)
-        cert = x509.load_pem_x509_certificates(config.cert_file.read_bytes())[0]
-        self.peer_id = peer_id_of(cert)
 
     def channel(self) -> PsecChannel:
-        def dtls(initiator: bool) -> DtlsScheme:
-            return DtlsScheme(self.client if initiator else self.server, initiator=initiator)
-
-        return PsecChannel(self.peer_id, {DTLS: dtls})
+        return PsecChannel(self.identity.peer_id, self.identity.factories_for(b""))
 
 
 def _psec_handshake(a: _Node, b: _Node) -> None:
@@ -61,9 +57,9 @@ def _psec_handshake(a: _Node, b: _Node) -> None:
     raise AssertionError("no PSEC channel")
 
 
-def _bare_handshake(a: _Node, b: _Node) -> None:
+def _bare_handshake(a: _Node, bare_server: SSL.Context) -> None:
     client = SSL.Connection(a.client.ssl, None)
-    server = SSL.Connection(_BARE_SERVER[0], None)
+    server = SSL.Connection(bare_server, None)
     for conn in (client, server):
         conn.set_ciphertext_mtu(SIZE)  # without it a memory BIO gives "unexpected EOF"
     client.set_connect_state()
@@ -83,9 +79,6 @@ def _bare_handshake(a: _Node, b: _Node) -> None:
         if not moved:
             return
     raise AssertionError("no bare handshake")
-
-
-_BARE_SERVER: list[SSL.Context] = []
 
 
 def _bare_server_context(config: TlsConfig) -> SSL.Context:
@@ -116,11 +109,11 @@ def run(*, quick: bool = False) -> list[Result]:
             a = _Node(_identity(ca, "node-a", root / "a"))
             b_config = _identity(ca, "node-b", root / "b")
             b = _Node(b_config)
-            _BARE_SERVER[:] = [_bare_server_context(b_config)]
+            bare_server = _bare_server_context(b_config)
             rounds = 3 if quick else 7
             ours, bare = compare(
                 lambda: _psec_handshake(a, b),
-                lambda: _bare_handshake(a, b),
+                lambda: _bare_handshake(a, bare_server),
                 work=1,
                 rounds=rounds,
                 min_time=0.3,

@@ -27,15 +27,12 @@ class Clock(Protocol):
 
     def now(self) -> datetime:
         """The wall-clock time, aware, in UTC."""
-        ...
 
     def time_ms(self) -> int:
         """The wall-clock time in milliseconds since the Unix epoch."""
-        ...
 
     def monotonic(self) -> float:
         """Seconds from an arbitrary origin that never go backwards."""
-        ...
 
 
 class SystemClock:

@@ -5,7 +5,6 @@ certificates from the mesh CA: `openssl s_server -dtls1_2 -Verify 1` and
 from __future__ import annotations
 
 import selectors
-import shutil
 import socket
 import subprocess
 import time
@@ -20,7 +19,6 @@ from trustmesh.psec.dtls import DtlsContext, DtlsScheme, SchemeData, SchemeUp
 from trustmesh.sansio import Event
 
 WAIT = 15.0
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")
 
 
 @pytest.fixture

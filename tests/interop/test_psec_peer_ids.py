@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from trustmesh.psec.channel import peer_id_of
+from trustmesh.psec.identity import peer_id_of
 
 KEY_TYPES = {"ecdsa": 3, "secp256k1": 2, "ed25519": 1}
 

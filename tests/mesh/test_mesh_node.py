@@ -196,7 +196,6 @@ def test_each_refusal_in_a_row_waits_longer_and_a_clean_end_resets(pki: MeshPki)
         waits.append(cooldown[0] - now)
         assert of(Dial, core.handle_timer(cooldown[0] - 1)) == []  # not before it ends
         assert of(Dial, core.handle_timer(cooldown[0])) == [Dial(BOOT)]
-        core.dial_done(BOOT)
         now = cooldown[0]
     assert waits[0] < waits[1] < waits[2]
     link, _ = link_up(core, peer, address=BOOT, now=now)
@@ -336,7 +335,6 @@ def test_digests_go_out_each_interval_to_peers_that_lack_a_message(pki: MeshPki)
 def test_a_closed_link_makes_room_and_tops_up(pki: MeshPki) -> None:
     core = make_core(pki, pki.node("node-a"), bootstrap=(BOOT,))
     core.start(T0_MS)
-    core.dial_done(BOOT)
     peer = pki.node("node-b")
     link, _ = link_up(core, peer, address=BOOT)
     actions = core.link_event(link, ConnectionClosed("reset", error=True), T0_MS + 5)

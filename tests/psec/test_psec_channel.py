@@ -7,13 +7,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from meshtools import LivePki
 
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp, PsecChannel, peer_id_of
-from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp, PsecChannel
 from trustmesh.psec.frames import Propose, decode_frame, is_psec
+from trustmesh.psec.identity import dtls_identity
 from trustmesh.sansio import Event
 from trustmesh.tls import TlsConfig
 from trustmesh.wire.peerid import PeerId
@@ -29,15 +28,14 @@ def pki(tmp_path: Path) -> Iterator[LivePki]:
     ca.close()
 
 
-def node(config: TlsConfig, names: tuple[str, ...]) -> tuple[PeerId, PsecChannel]:
-    client, server = DtlsContext(config, server=False), DtlsContext(config, server=True)
-
-    def factory(initiator: bool) -> DtlsScheme:
-        return DtlsScheme(client if initiator else server, initiator=initiator)
-
-    cert = x509.load_pem_x509_certificates(config.cert_file.read_bytes())[0]
-    me = peer_id_of(cert)
-    return me, PsecChannel(me, dict.fromkeys(names, factory))
+def node(
+    config: TlsConfig, names: tuple[str, ...], *, expected_peer: PeerId | None = None
+) -> tuple[PeerId, PsecChannel]:
+    identity = dtls_identity(config, names)
+    channel = PsecChannel(
+        identity.peer_id, identity.factories_for(b""), expected_peer=expected_peer
+    )
+    return identity.peer_id, channel
 
 
 class Wire:
@@ -119,15 +117,9 @@ def test_a_downgraded_proposal_is_caught_by_the_confirm(pki: LivePki, tmp_path: 
 def test_a_certificate_that_is_not_the_expected_peer_is_refused(
     pki: LivePki, tmp_path: Path
 ) -> None:
-    a_config = pki.config("node-a", tmp_path / "a")
     impostor_id, _ = node(pki.config("node-x", tmp_path / "x"), (DTLS,))
-    client, server = DtlsContext(a_config, server=False), DtlsContext(a_config, server=True)
-    me = peer_id_of(x509.load_pem_x509_certificates(a_config.cert_file.read_bytes())[0])
-
-    def factory(initiator: bool) -> DtlsScheme:
-        return DtlsScheme(client if initiator else server, initiator=initiator)
-
-    a = PsecChannel(me, {DTLS: factory}, expected_peer=impostor_id)  # we meant to reach x
+    # We meant to reach x; b answers.
+    _, a = node(pki.config("node-a", tmp_path / "a"), (DTLS,), expected_peer=impostor_id)
     _, b = node(pki.config("node-b", tmp_path / "b"), (DTLS,))
     a.connect(0.0)
     wire = Wire(a, b)

@@ -9,18 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
 from meshtools import LivePki
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.psec import Address, PsecEndpoint, open_psec
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.psec.channel import ChannelData, ChannelUp, SchemeFactory, peer_id_of
-from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.psec.channel import ChannelData, ChannelUp
 from trustmesh.psec.frames import Propose
+from trustmesh.psec.identity import PsecIdentity, dtls_identity
 from trustmesh.sansio import Event
-from trustmesh.tls import TlsConfig
 from trustmesh.wire.peerid import PeerId
 
 DTLS = "/dtls/1.2"
@@ -32,20 +30,6 @@ def pki(tmp_path: Path) -> Iterator[LivePki]:
     ca = CertificateAuthority.init(tmp_path / "ca", None, name="psec test CA")
     yield LivePki(ca)
     ca.close()
-
-
-def identity(config: TlsConfig) -> tuple[PeerId, Any]:
-    client, server = DtlsContext(config, server=False), DtlsContext(config, server=True)
-
-    def factories(address: bytes) -> dict[str, SchemeFactory]:
-        def make(initiator: bool) -> DtlsScheme:
-            context = client if initiator else server
-            return DtlsScheme(context, initiator=initiator, peer_address=address)
-
-        return {DTLS: make}
-
-    cert = x509.load_pem_x509_certificates(config.cert_file.read_bytes())[0]
-    return peer_id_of(cert), factories
 
 
 class Recorder:
@@ -68,11 +52,12 @@ class Recorder:
 
 
 async def test_a_dtls_channel_over_udp_carries_an_echo(pki: LivePki, tmp_path: Path) -> None:
-    a_id, a_factories = identity(pki.config("node-a", tmp_path / "a"))
-    b_id, b_factories = identity(pki.config("node-b", tmp_path / "b"))
+    a_identity = dtls_identity(pki.config("node-a", tmp_path / "a"))
+    b_identity = dtls_identity(pki.config("node-b", tmp_path / "b"))
+    a_id, b_id = a_identity.peer_id, b_identity.peer_id
     a_events, b_events = Recorder(), Recorder()
-    a = await open_psec(a_id, a_factories, "127.0.0.1", 0, on_event=a_events)
-    b = await open_psec(b_id, b_factories, "127.0.0.1", 0, on_event=b_events)
+    a = await open_psec(a_identity, "127.0.0.1", 0, on_event=a_events)
+    b = await open_psec(b_identity, "127.0.0.1", 0, on_event=b_events)
     try:
         a.connect(("127.0.0.1", b.port), expected_peer=b_id)
         _, up = await a_events.wait_for(ChannelUp)
@@ -108,17 +93,17 @@ class FakeTransport(asyncio.DatagramTransport):
 async def test_spoofed_proposals_get_bounded_state_and_at_most_3x_the_bytes(
     pki: LivePki, tmp_path: Path
 ) -> None:
-    b_id, b_factories = identity(pki.config("node-b", tmp_path / "b"))
-    a_id, a_factories = identity(pki.config("node-a", tmp_path / "a"))
+    b_identity = dtls_identity(pki.config("node-b", tmp_path / "b"))
+    a_identity = dtls_identity(pki.config("node-a", tmp_path / "a"))
     policy = ResourcePolicy(max_unauthenticated_per_source=4)
-    endpoint = PsecEndpoint(b_id, b_factories, on_event=lambda *_: None, policy=policy)
+    endpoint = PsecEndpoint(b_identity, on_event=lambda *_: None, policy=policy)
     transport = FakeTransport()
     endpoint.connection_made(transport)
     # A real first flight, sent as if from many spoofed ports of one address: each gets
     # a cookie at most, never the certificate flight; and only 4 get state at all.
-    client = a_factories(b"x")[DTLS](True)
+    client = a_identity.factories_for(b"x")[DTLS](True)
     client.start(0.0)
-    proposal = Propose(a_id, (DTLS,), client.first_flight()).encode()
+    proposal = Propose(a_identity.peer_id, (DTLS,), client.first_flight()).encode()
     for port in range(1000, 1100):
         endpoint.datagram_received(proposal, ("127.0.0.9", port))
     assert len(endpoint.peers) == 4
@@ -176,7 +161,8 @@ class LoudScheme:
 
 async def test_an_unvalidated_address_gets_at_most_3x_what_it_sent() -> None:
     me = PeerId.from_public_key(*_key())
-    endpoint = PsecEndpoint(me, lambda _: {DTLS: lambda _i: LoudScheme()}, on_event=lambda *_: None)
+    loud = PsecIdentity(me, lambda _: {DTLS: lambda _i: LoudScheme()})
+    endpoint = PsecEndpoint(loud, on_event=lambda *_: None)
     transport = FakeTransport()
     endpoint.connection_made(transport)
     them = PeerId.from_public_key(*_key())

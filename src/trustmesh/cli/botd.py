@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ import click
 
 from trustmesh.botd import DEFAULT_PORT, BotdConfig, HandshakeFailed
 from trustmesh.cli.limits import limit_options, pop_policy
-from trustmesh.cli.output import emit
+from trustmesh.cli.output import emit, stdin_lines
 from trustmesh.cli.params import HostPort
 from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
 from trustmesh.errors import ConnectionClosedError, InvalidKeyError
@@ -219,19 +217,6 @@ def connect(address: tuple[str, int], key_file: Path, peer_key: PublicKey) -> in
     return asyncio.run(_connect(address, key, peer_key))
 
 
-def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[bytes | None]:
-    """Lines of stdin, read by a daemon thread (a blocked read must not hold up exit)."""
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-
-    def pump() -> None:
-        for line in sys.stdin.buffer:
-            loop.call_soon_threadsafe(queue.put_nowait, line.rstrip(b"\r\n"))
-        loop.call_soon_threadsafe(queue.put_nowait, None)
-
-    threading.Thread(target=pump, name="stdin", daemon=True).start()
-    return queue
-
-
 async def _connect(address: tuple[str, int], key: PrivateKey, peer_key: PublicKey) -> int:
     host, port = address
     channel = await _open(host, port, key, peer_key)
@@ -242,7 +227,7 @@ async def _connect(address: tuple[str, int], key: PrivateKey, peer_key: PublicKe
             emit(_message(peer_key, data), as_json=True)
 
     printer = asyncio.create_task(print_messages())
-    lines = _stdin_lines(asyncio.get_running_loop())
+    lines = stdin_lines(asyncio.get_running_loop())
     while True:
         next_line = asyncio.ensure_future(lines.get())
         await asyncio.wait({next_line, printer}, return_when=asyncio.FIRST_COMPLETED)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import threading
 from typing import Any
 
 
@@ -18,3 +20,16 @@ def emit(data: dict[str, Any], *, as_json: bool, human: str | None = None) -> No
         for key, value in data.items():
             sys.stdout.write(f"{key.ljust(width)}  {value}\n")
     sys.stdout.flush()
+
+
+def stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[bytes | None]:
+    """Lines of stdin, read by a daemon thread (a blocked read must not hold up exit)."""
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def pump() -> None:
+        for line in sys.stdin.buffer:
+            loop.call_soon_threadsafe(queue.put_nowait, line.rstrip(b"\r\n"))
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+    return queue

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +12,19 @@ import click
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from trustmesh.cli.botd import _stdin_lines
 from trustmesh.cli.limits import limit_options, pop_policy
-from trustmesh.cli.output import emit
+from trustmesh.cli.output import emit, stdin_lines
 from trustmesh.cli.params import HostPort
 from trustmesh.io.limits import ResourcePolicy
-from trustmesh.io.psec import Address, FactoriesFor, PsecEndpoint, open_psec
+from trustmesh.io.psec import Address, PsecEndpoint, open_psec
 from trustmesh.keystore.filestore import PASSPHRASE_ENV
-from trustmesh.psec.channel import (
-    ChannelClosed,
-    ChannelData,
-    ChannelUp,
-    SchemeFactory,
-    peer_id_of,
-)
-from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp
 from trustmesh.psec.frames import check_schemes
+from trustmesh.psec.identity import AVAILABLE, PsecIdentity, dtls_identity
 from trustmesh.sansio import Event
 from trustmesh.tls import TlsConfig
-from trustmesh.wire.peerid import PeerId
 
 DEFAULT_PORT = 9443
-AVAILABLE = ("/dtls/1.2",)  # /quic-datagram/1: not built yet (docs/protocols/psec.md §8)
 
 
 def _schemes(value: str) -> tuple[str, ...]:
@@ -54,7 +44,7 @@ def _schemes(value: str) -> tuple[str, ...]:
 
 def _identity(
     cert: Path, key: Path, ca: Path, crl: Path | None, names: tuple[str, ...]
-) -> tuple[PeerId, FactoriesFor]:
+) -> PsecIdentity:
     passphrase = os.environ.get(PASSPHRASE_ENV)
     config = TlsConfig(
         cert_file=cert,
@@ -63,17 +53,7 @@ def _identity(
         crl_file=crl,
         key_passphrase=passphrase.encode() if passphrase else None,
     )
-    client, server = DtlsContext(config, server=False), DtlsContext(config, server=True)
-
-    def factories(address: bytes) -> Mapping[str, SchemeFactory]:
-        def dtls(initiator: bool) -> DtlsScheme:
-            context = client if initiator else server
-            return DtlsScheme(context, initiator=initiator, peer_address=address)
-
-        return {name: dtls for name in names}
-
-    own = x509.load_pem_x509_certificates(cert.read_bytes())[0]
-    return peer_id_of(own), factories
+    return dtls_identity(config, names)
 
 
 def _node_id(chain: tuple[x509.Certificate, ...]) -> str | None:
@@ -187,12 +167,12 @@ def listen(
       closed      {reason, remote}
     """
     policy = pop_policy(limits)
-    me, factories = _identity(cert, key, ca, crl, _schemes(schemes))
-    asyncio.run(_listen(me, factories, host, port, echo, policy))
+    identity = _identity(cert, key, ca, crl, _schemes(schemes))
+    asyncio.run(_listen(identity, host, port, echo, policy))
 
 
 async def _listen(
-    me: PeerId, factories: FactoriesFor, host: str, port: int, echo: bool, policy: ResourcePolicy
+    identity: PsecIdentity, host: str, port: int, echo: bool, policy: ResourcePolicy
 ) -> None:
     endpoint: PsecEndpoint | None = None
 
@@ -205,9 +185,14 @@ async def _listen(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    endpoint = await open_psec(me, factories, host, port, on_event=on_event, policy=policy)
+    endpoint = await open_psec(identity, host, port, on_event=on_event, policy=policy)
     emit(
-        {"event": "listening", "host": host, "port": endpoint.port, "peer_id": me.to_base58()},
+        {
+            "event": "listening",
+            "host": host,
+            "port": endpoint.port,
+            "peer_id": identity.peer_id.to_base58(),
+        },
         as_json=True,
     )
     try:
@@ -246,13 +231,11 @@ def connect(
     \b
     Events: negotiated, datagram, rejected, closed (as for listen).
     """
-    me, factories = _identity(cert, key, ca, None, _schemes(schemes))
-    return asyncio.run(_connect(me, factories, address, timeout, once))
+    identity = _identity(cert, key, ca, None, _schemes(schemes))
+    return asyncio.run(_connect(identity, address, timeout, once))
 
 
-async def _connect(
-    me: PeerId, factories: FactoriesFor, address: Address, wait_s: float, once: bool
-) -> int:
+async def _connect(identity: PsecIdentity, address: Address, wait_s: float, once: bool) -> int:
     up, ended, echoed = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     def on_event(remote: Address, event: Event) -> None:
@@ -267,14 +250,14 @@ async def _connect(
     host = "::" if ":" in address[0] else "0.0.0.0"  # noqa: S104 (the reply's way back)
     if address[0].startswith("127."):
         host = "127.0.0.1"
-    endpoint = await open_psec(me, factories, host, 0, on_event=on_event)
+    endpoint = await open_psec(identity, host, 0, on_event=on_event)
     try:
         endpoint.connect(address)
         if not await _first(up, ended, wait_s) or ended.is_set():
             if not ended.is_set():
                 emit({"event": "closed", "reason": f"no channel within {wait_s:g} s"}, as_json=True)
             return 1
-        lines = _stdin_lines(asyncio.get_running_loop())
+        lines = stdin_lines(asyncio.get_running_loop())
         if once:
             line = await asyncio.wait_for(lines.get(), wait_s)
             endpoint.send(address, line or b"ping")

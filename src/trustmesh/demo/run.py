@@ -14,8 +14,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-
 from trustmesh.botd import BotdConfig, BotdConnection, HandshakeFailed
 from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
 from trustmesh.demo.steps import DemoFailure, Step, check
@@ -25,8 +23,8 @@ from trustmesh.io.psec import PsecEndpoint, open_psec
 from trustmesh.keystore.filestore import load_key_file, save_key_file
 from trustmesh.node.local import issue_node_files
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp, SchemeFactory, peer_id_of
-from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp
+from trustmesh.psec.identity import dtls_identity
 from trustmesh.sansio import Event
 from trustmesh.wire.frames import decode_frame, encode_frame
 from trustmesh.wire.pb.botd_pb2 import Frame
@@ -177,7 +175,9 @@ async def _psec_step(workdir: Path) -> tuple[str, dict[str, Any]]:
     home = Path(tempfile.mkdtemp(prefix="psec-", dir=workdir))  # a run never reuses files
     ca = CertificateAuthority.init(home / "ca", None, name="tour CA")
     try:
-        identities = [_psec_identity(ca, name, home / name) for name in ("node-a", "node-b")]
+        identities = [
+            dtls_identity(issue_node_files(ca, name, home / name)) for name in ("node-a", "node-b")
+        ]
     finally:
         ca.close()
     ups: dict[int, ChannelUp] = {}
@@ -203,13 +203,13 @@ async def _psec_step(workdir: Path) -> tuple[str, dict[str, Any]]:
 
         return handle
 
-    for side, (peer_id, factories) in enumerate(identities):
-        endpoint = await open_psec(peer_id, factories, "127.0.0.1", 0, on_event=on_event(side))
+    for side, identity in enumerate(identities):
+        endpoint = await open_psec(identity, "127.0.0.1", 0, on_event=on_event(side))
         endpoints.append(endpoint)
     try:
         started = time.perf_counter()
         target = ("127.0.0.1", endpoints[1].port)
-        endpoints[0].connect(target, expected_peer=identities[1][0])
+        endpoints[0].connect(target, expected_peer=identities[1].peer_id)
         while len(ups) < 2 and not closed:
             changed.clear()
             await changed.wait()
@@ -221,31 +221,14 @@ async def _psec_step(workdir: Path) -> tuple[str, dict[str, Any]]:
         for endpoint in endpoints:
             endpoint.close()
     check(data == b"hello over psec", "the echoed datagram differs")
-    check(ups[0].peer_id == identities[1][0], "node-a reached another peer ID than it dialled")
-    check(ups[1].peer_id == identities[0][0], "node-b saw another peer ID than node-a's")
+    check(ups[0].peer_id == identities[1].peer_id, "node-a reached another peer ID than it dialled")
+    check(ups[1].peer_id == identities[0].peer_id, "node-b saw another peer ID than node-a's")
     return (
         f"PSEC over UDP loopback: {ups[0].scheme} negotiated, DTLS 1.2 with both mesh "
         "certificates (address validated by a cookie), the transcript confirmed both ways, "
         f"peer IDs checked against the certificates, a datagram echoed, in {elapsed_ms:.1f} ms",
         {"scheme": ups[0].scheme, "elapsed_ms": round(elapsed_ms, 2)},
     )
-
-
-def _psec_identity(
-    ca: CertificateAuthority, node_id: str, directory: Path
-) -> tuple[PeerId, Callable[[bytes], dict[str, SchemeFactory]]]:
-    config = issue_node_files(ca, node_id, directory)
-    client, server = DtlsContext(config, server=False), DtlsContext(config, server=True)
-
-    def factories(address: bytes) -> dict[str, SchemeFactory]:
-        def dtls(initiator: bool) -> DtlsScheme:
-            context = client if initiator else server
-            return DtlsScheme(context, initiator=initiator, peer_address=address)
-
-        return {"/dtls/1.2": dtls}
-
-    own = x509.load_pem_x509_certificates(config.cert_file.read_bytes())[0]
-    return peer_id_of(own), factories
 
 
 async def _handshake_refused(port: int, key: PrivateKey, peer: PublicKey) -> bool:

@@ -1,18 +1,19 @@
 """PSEC over UDP: one asyncio datagram socket, many peers (docs/protocols/psec.md §9).
 
-    endpoint = await open_psec(my_peer_id, factories, "127.0.0.1", 9000, on_event=print)
+    endpoint = await open_psec(dtls_identity(tls_config), "127.0.0.1", 9000, on_event=print)
     endpoint.connect(("127.0.0.1", 9001))      # or wait for a peer's proposal
     endpoint.send(("127.0.0.1", 9001), b"hi")  # once ChannelUp came
     endpoint.close()
 
 Each datagram goes to the channel of its source address. Only a PSEC proposal makes a
-new one, within the resource policy: ``max_connections`` channels in all and
-``max_unauthenticated_per_source`` not yet up per source address (an IPv6 /64 counts
-as one), each gone if not up within ``handshake_timeout``. Until an address has proved
-it receives what we send (its channel is up, which needs our confirm, or we dialled
-it), we send it at most 3 times the bytes it sent us (RFC 9000 §8.1); the rest waits,
-at most ``max_queued_bytes``, for more bytes from it. A spoofed source can make us
-hold a small table entry and answer with a cookie, never with a certificate flight.
+new one, within the resource policy: ``max_connections`` channels in all,
+``max_per_source`` per source address (an IPv6 /64 counts as one), of which
+``max_unauthenticated_per_source`` not yet up; a channel not up within
+``handshake_timeout`` goes. Until an address has proved it receives what we send (its
+channel is up, which needs our confirm, or we dialled it), we send it at most 3 times
+the bytes it sent us (RFC 9000 §8.1); the rest waits, at most ``max_queued_bytes``, for
+more bytes from it. A spoofed source can make us hold a small table entry and answer
+with a cookie, never with a certificate flight.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
 from trustmesh.errors import ProtocolError
 from trustmesh.io.limits import LimitStats, ResourcePolicy, source_of
-from trustmesh.psec.channel import ChannelClosed, ChannelUp, PsecChannel, SchemeFactory
+from trustmesh.psec.channel import ChannelClosed, ChannelUp, PsecChannel
 from trustmesh.psec.frames import FrameType
+from trustmesh.psec.identity import PsecIdentity
 from trustmesh.sansio import Event
 from trustmesh.wire.peerid import PeerId
 
@@ -37,7 +39,6 @@ AMPLIFICATION = 3  # bytes sent per byte received, to an address not yet validat
 MAX_DATAGRAM = 65535
 
 Address = tuple[str, int]
-FactoriesFor = Callable[[bytes], Mapping[str, SchemeFactory]]  # peer address -> schemes
 EventHandler = Callable[[Address, Event], None]
 
 
@@ -56,19 +57,19 @@ class _Peer:
 class PsecEndpoint(asyncio.DatagramProtocol):
     def __init__(
         self,
-        local: PeerId,
-        factories_for: FactoriesFor,
+        identity: PsecIdentity,
         *,
         on_event: EventHandler,
         policy: ResourcePolicy | None = None,
     ) -> None:
-        self.local = local
-        self.factories_for = factories_for
+        self.local = identity.peer_id
+        self.factories_for = identity.factories_for
         self.on_event = on_event
         self.policy = policy or ResourcePolicy()
         self.stats = LimitStats("psec")
         self.peers: dict[Address, _Peer] = {}
-        self._unproven: Counter[str] = Counter()
+        self._unproven: Counter[str] = Counter()  # channels not yet up, per source
+        self._per_source: Counter[str] = Counter()  # all channels, per source
         self._transport: asyncio.DatagramTransport | None = None
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
@@ -112,6 +113,7 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         )
         peer = _Peer(channel, validated=True)
         self.peers[address] = peer
+        self._per_source[source_of(address)] += 1
         self._arm_deadline(address, peer)
         self._run(address, peer, channel.connect(self._loop.time()))
 
@@ -138,12 +140,16 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         if len(self.peers) >= self.policy.max_connections:
             self.stats.hit("max_connections", source)
             return None
+        if self._per_source[source] >= self.policy.max_per_source:
+            self.stats.hit("max_per_source", source)  # up channels count too
+            return None
         if self._unproven[source] >= self.policy.max_unauthenticated_per_source:
             self.stats.hit("max_unauthenticated_per_source", source)
             return None
         channel = PsecChannel(self.local, self.factories_for(_key(address)))
         peer = _Peer(channel, validated=False)
         self.peers[address] = peer
+        self._per_source[source] += 1
         self._unproven[source] += 1
         self._arm_deadline(address, peer)
         return peer
@@ -217,13 +223,14 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         for handle in (peer.timer, peer.deadline):
             if handle is not None:
                 handle.cancel()
+        source = source_of(address)
+        self._per_source[source] -= 1
         if not peer.validated:
-            self._unproven[source_of(address)] -= 1
+            self._unproven[source] -= 1
 
 
 async def open_psec(
-    local: PeerId,
-    factories_for: FactoriesFor,
+    identity: PsecIdentity,
     host: str,
     port: int,
     *,
@@ -233,7 +240,7 @@ async def open_psec(
     """Bind a UDP socket at ``host:port`` (0: any free port) for PSEC."""
     loop = asyncio.get_running_loop()
     _, endpoint = await loop.create_datagram_endpoint(
-        lambda: PsecEndpoint(local, factories_for, on_event=on_event, policy=policy),
+        lambda: PsecEndpoint(identity, on_event=on_event, policy=policy),
         local_addr=(host, port),
     )
     return endpoint

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -54,8 +54,6 @@ from trustmesh.mesh.peers import PeerBook, PeerRecord, own_record, own_record_du
 from trustmesh.mesh.renewal import RenewalSchedule
 from trustmesh.mesh.trust import CrlRejected, CrlUpdate, TrustView
 from trustmesh.sansio import ConnectionClosed, Event
-
-log = logging.getLogger("trustmesh.node")
 
 BOOTSTRAP_BACKOFF_MS = (500, 30_000)  # first and longest wait before a bootstrap redial
 PEER_BACKOFF_MS = (1_000, 60_000)  # the same for a learned address, or after a refusal
@@ -307,14 +305,6 @@ class FormationStats:
     links_made: int = 0
 
 
-@dataclass
-class _Inbox(Generic[L]):
-    frames: dict[L, list[bytes]] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.frames)
-
-
 class NodeCore(Generic[L]):
     """One node's mesh policy; see the module docstring."""
 
@@ -349,7 +339,7 @@ class NodeCore(Generic[L]):
         # node_ids a refusing peer said have room, oldest first (a dict: its order, unlike
         # a set's, does not depend on the hash seed, so the simulator stays reproducible)
         self._open: dict[str, None] = {}
-        self._inbox: _Inbox[L] = _Inbox()
+        self._inbox: dict[L, list[bytes]] = {}  # gossip frames, until drain_gossip
         self._next_digest = 0
         self._next_crl: int | None = None  # None while a fetch runs
         self._next_prune = 0
@@ -519,25 +509,31 @@ class NodeCore(Generic[L]):
                 self._on_up(link, state, event, now_ms, actions)
             elif isinstance(event, ConnectionClosed):
                 self._on_closed(link, state, event, now_ms, actions)
-            elif peer is None or self.links.get(peer) is not link:
-                pass  # a frame of a link refused or replaced: moot
-            elif isinstance(event, GossipFrame):
-                self._inbox.frames.setdefault(link, []).append(event.raw)
-            elif isinstance(event, IHaveFrame):
-                wanted = self.engine.on_ihave(peer, event.ids, now_ms)
-                if wanted:
-                    actions.append(SendIWant(link, tuple(wanted)))
-            elif isinstance(event, IWantFrame):
-                for held in self.engine.on_iwant(peer, event.ids, now_ms):
-                    raw = self.engine.wire_for(peer, held, with_chain=True)
-                    actions.append(SendGossip(link, raw))
-            elif isinstance(event, CrlFrame):
-                self._on_crl_frame(link, event.der, now_ms, actions)
-            elif isinstance(event, PeersFrame):
-                self._learn(link, peer, event, now_ms, actions)
+            elif peer is not None and self.links.get(peer) is link:
+                self._on_frame(link, peer, event, now_ms, actions)
+            # else: a frame of a link refused or replaced, which is moot
         except ProtocolError as exc:  # a peer's frame this node cannot use: refuse the link
             actions.append(CloseLink(link, CloseCode.PROTOCOL, str(exc)))
         return actions
+
+    def _on_frame(
+        self, link: L, peer: str, event: Event, now_ms: int, actions: list[Action[L]]
+    ) -> None:
+        """A frame of an established link that we hold."""
+        if isinstance(event, GossipFrame):
+            self._inbox.setdefault(link, []).append(event.raw)
+        elif isinstance(event, IHaveFrame):
+            wanted = self.engine.on_ihave(peer, event.ids, now_ms)
+            if wanted:
+                actions.append(SendIWant(link, tuple(wanted)))
+        elif isinstance(event, IWantFrame):
+            for held in self.engine.on_iwant(peer, event.ids, now_ms):
+                raw = self.engine.wire_for(peer, held, with_chain=True)
+                actions.append(SendGossip(link, raw))
+        elif isinstance(event, CrlFrame):
+            self._on_crl_frame(link, event.der, now_ms, actions)
+        elif isinstance(event, PeersFrame):
+            self._learn(link, peer, event, now_ms, actions)
 
     @property
     def gossip_pending(self) -> bool:
@@ -555,22 +551,12 @@ class NodeCore(Generic[L]):
         self.stats.dials_failed += 1
         delay = self._cool_down(address, now_ms)
         actions: list[Action[L]] = []
-        if address in self.settings.bootstrap:
-            actions.append(
-                Notify(
-                    "link.dial_failed",
-                    {"address": address, "error": reason, "retry_in": delay / 1000},
-                )
-            )
-        else:
-            log.debug("dial %s failed: %s", address, reason)
+        # An operator watches its bootstrap list; other addresses come and go.
+        level = logging.INFO if address in self.settings.bootstrap else logging.DEBUG
+        fields = {"address": address, "error": reason, "retry_in": delay / 1000}
+        actions.append(Notify("link.dial_failed", fields, level))
         self._topup(now_ms, actions)  # another candidate now, or a retry when one cools
         return actions
-
-    def dial_done(self, address: str) -> None:
-        """A dial to ``address`` reached link up (its LinkUp came first and ended the
-        dial's bookkeeping; see :meth:`dial_failed` for the other outcome). Nothing to
-        do: a late call must not untrack a newer dial to the same address."""
 
     def _on_up(
         self, link: L, state: _LinkState, event: LinkUp, now_ms: int, actions: list[Action[L]]
@@ -654,7 +640,7 @@ class NodeCore(Generic[L]):
         most = max(spare for spare, _ in rich)
         victim = self.rng.choice(sorted(peer for spare, peer in rich if spare == most))
         link = self.links.pop(victim)
-        self._inbox.frames.pop(link, None)
+        self._inbox.pop(link, None)
         self._room.pop(victim, None)
         self._spare.pop(victim, None)
         self.engine.forget_peer(victim)
@@ -686,7 +672,7 @@ class NodeCore(Generic[L]):
         actions: list[Action[L]],
     ) -> None:
         del self._states[link]
-        self._inbox.frames.pop(link, None)
+        self._inbox.pop(link, None)
         code = event.code if isinstance(event, LinkClosed) else None
         # Only a link that ran its course (a clean close after MIN_LINK_AGE_MS) clears
         # its address's cooldown, and only such a link of ours given away ('replaced')
@@ -875,7 +861,8 @@ class NodeCore(Generic[L]):
         if learned.accepted:
             actions.append(SavePeerRecords(tuple(learned.accepted)))
         if learned.rejected:
-            log.debug("peer records from %s refused: %s", peer, dict(learned.rejected))
+            refused = {"peer": peer, "rejected": dict(learned.rejected)}
+            actions.append(Notify("peer.records_refused", refused, logging.DEBUG))
         self._topup(now_ms, actions)
 
     def _peers_for(
@@ -948,8 +935,8 @@ class NodeCore(Generic[L]):
 
     def drain_gossip(self, now_ms: int) -> list[Action[L]]:
         actions: list[Action[L]] = []
-        inbox, self._inbox = self._inbox, _Inbox()
-        for link, raws in inbox.frames.items():
+        inbox, self._inbox = self._inbox, {}
+        for link, raws in inbox.items():
             state = self._states.get(link)
             if state is None or state.peer_id is None or self.links.get(state.peer_id) is not link:
                 continue  # closed, evicted or revoked meanwhile: its frames are moot
@@ -975,7 +962,9 @@ class NodeCore(Generic[L]):
         if not isinstance(error, GossipRejected):  # malformed
             actions.append(CloseLink(link, CloseCode.PROTOCOL, f"malformed gossip: {error}"))
             return True
-        log.debug("gossip from %s dropped: %s", peer, error)  # expired, revoked, rate
+        # Expired, revoked, over the rate: dropped, the link kept.
+        fields = {"peer": peer, "error": str(error)}
+        actions.append(Notify("gossip.dropped", fields, logging.DEBUG))
         return False
 
     def _deliver(self, received: Received, now_ms: int, actions: list[Action[L]]) -> None:
@@ -1084,7 +1073,7 @@ class NodeCore(Generic[L]):
         self._open.pop(node_id, None)
         gone = self.links.pop(node_id, None)
         if gone is not None:
-            self._inbox.frames.pop(gone, None)
+            self._inbox.pop(gone, None)
             self._topup(now_ms, actions)  # find a replacement
         if self.book.remove(node_id):
             actions.append(ForgetPeers((node_id,)))

@@ -27,6 +27,7 @@ from trustmesh.ratelimit import RateLimiter
 from trustmesh.tls import TlsConfig
 
 HOST = "127.0.0.1"
+_PEM = serialization.Encoding.PEM
 LOCAL_RATE = 1000.0  # CA requests per second from 127.0.0.1, where a fleet has many addresses
 
 
@@ -209,9 +210,6 @@ def is_connected(graph: dict[str, set[str]]) -> bool:
             reached.add(current)
             frontier.extend(graph.get(current, ()))
     return reached == set(graph)
-
-
-_PEM = serialization.Encoding.PEM
 
 
 def issue_node_files(

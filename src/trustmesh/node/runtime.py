@@ -358,12 +358,11 @@ class MeshNode:
         return await self.dialer.dial(address, self._open)
 
     async def _dial_for_core(self, address: str) -> None:
+        """A core's Dial: its LinkUp ends the dial's bookkeeping; a failure is told."""
         try:
             await self.dial(address)
         except (LinkFailed, OSError) as exc:
             self._run(self.core.dial_failed(address, str(exc), self.clock.time_ms()))
-        else:
-            self.core.dial_done(address)
 
     # --- revocation -------------------------------------------------------------------------
 

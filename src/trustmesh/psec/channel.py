@@ -17,15 +17,14 @@ confirm again; with no valid confirm within ``CONFIRM_DEADLINE`` the channel clo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from cryptography import x509
 
-from trustmesh.crypto.keys import PublicKey
 from trustmesh.errors import ProtocolError
 from trustmesh.psec.dtls import SchemeClosed, SchemeData, SchemeUp
+from trustmesh.psec.identity import Scheme, SchemeFactory, peer_id_of
 from trustmesh.psec.negotiation import Negotiated, Negotiation, Refused, SchemePacket
 from trustmesh.sansio import Event
 from trustmesh.wire.peerid import PeerId
@@ -35,29 +34,6 @@ DATA = b"D"
 TAG_SIZE = 32
 CONFIRM_RETRY = (0.5, 4.0)
 CONFIRM_DEADLINE = 30.0
-
-
-class Scheme(Protocol):
-    """What a scheme adapter offers the channel (``psec.dtls.DtlsScheme`` is one)."""
-
-    @property
-    def up(self) -> bool: ...
-
-    @property
-    def payload_limit(self) -> int: ...
-
-    def start(self, now: float) -> list[Event]: ...
-    def first_flight(self) -> bytes | None: ...
-    def receive(self, datagram: bytes, now: float) -> list[Event]: ...
-    def send(self, payload: bytes) -> None: ...
-    def datagrams_to_send(self) -> list[bytes]: ...
-    def get_timer(self) -> float | None: ...
-    def handle_timer(self, now: float) -> list[Event]: ...
-    def export(self) -> bytes: ...
-    def close(self) -> list[Event]: ...
-
-
-SchemeFactory = Callable[[bool], Scheme]  # initiator -> a new adapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +55,6 @@ class ChannelData(Event):
 @dataclass(frozen=True, slots=True)
 class ChannelClosed(Event):
     reason: str
-
-
-def peer_id_of(cert: x509.Certificate) -> PeerId:
-    """The libp2p peer ID of a certificate's public key (a node's PSEC identity)."""
-    return PublicKey.from_cryptography(cert.public_key()).peer_id()
 
 
 class PsecChannel:

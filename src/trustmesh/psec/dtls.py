@@ -28,7 +28,7 @@ from OpenSSL import SSL
 from trustmesh.errors import ProtocolError
 from trustmesh.psec.frames import DEFAULT_MAX_FRAME
 from trustmesh.sansio import Event
-from trustmesh.tls.context import TlsConfig, TlsContext
+from trustmesh.tls.context import TlsContext
 from trustmesh.tls.errors import TlsConfigError
 from trustmesh.tls.stream import failure_reason
 
@@ -110,11 +110,6 @@ class DtlsContext(TlsContext):
         address = conn.get_app_data()
         peer = address if isinstance(address, bytes) else b""
         return hmac.new(self._cookie_secret, peer, "sha256").digest()[:COOKIE_SIZE]
-
-
-def dtls_contexts(config: TlsConfig) -> tuple[DtlsContext, DtlsContext]:
-    """(client, server) DTLS contexts for one identity."""
-    return DtlsContext(config, server=False), DtlsContext(config, server=True)
 
 
 class DtlsScheme:

@@ -1,0 +1,70 @@
+"""A node's PSEC identity: its peer ID (the libp2p peer ID of its certificate's key)
+and the scheme adapters it offers, built on contexts made once per identity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography import x509
+
+from trustmesh.crypto.keys import PublicKey
+from trustmesh.psec.dtls import NAME as DTLS
+from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.sansio import Event
+from trustmesh.tls import TlsConfig
+from trustmesh.wire.peerid import PeerId
+
+
+class Scheme(Protocol):
+    """What a scheme adapter offers the channel (``psec.dtls.DtlsScheme`` is one)."""
+
+    @property
+    def up(self) -> bool: ...
+
+    @property
+    def payload_limit(self) -> int: ...
+
+    def start(self, now: float) -> list[Event]: ...
+    def first_flight(self) -> bytes | None: ...
+    def receive(self, datagram: bytes, now: float) -> list[Event]: ...
+    def send(self, payload: bytes) -> None: ...
+    def datagrams_to_send(self) -> list[bytes]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> list[Event]: ...
+    def export(self) -> bytes: ...
+    def close(self) -> list[Event]: ...
+
+
+SchemeFactory = Callable[[bool], Scheme]  # initiator -> a new adapter
+FactoriesFor = Callable[[bytes], Mapping[str, SchemeFactory]]  # peer address -> schemes
+AVAILABLE = (DTLS,)  # /quic-datagram/1: not built yet (docs/protocols/psec.md §10)
+
+
+def peer_id_of(cert: x509.Certificate) -> PeerId:
+    """The libp2p peer ID of a certificate's public key (a node's PSEC identity)."""
+    return PublicKey.from_cryptography(cert.public_key()).peer_id()
+
+
+@dataclass(frozen=True)
+class PsecIdentity:
+    peer_id: PeerId
+    factories_for: FactoriesFor
+
+
+def dtls_identity(config: TlsConfig, schemes: Sequence[str] = AVAILABLE) -> PsecIdentity:
+    """The identity of ``config``'s certificate, offering ``schemes`` (each served by
+    the DTLS adapter; its two contexts are built once here). A server's cookie binds
+    the peer address each factory is made for."""
+    client, server = DtlsContext(config, server=False), DtlsContext(config, server=True)
+
+    def factories_for(address: bytes) -> Mapping[str, SchemeFactory]:
+        def dtls(initiator: bool) -> DtlsScheme:
+            context = client if initiator else server
+            return DtlsScheme(context, initiator=initiator, peer_address=address)
+
+        return dict.fromkeys(schemes, dtls)
+
+    own = x509.load_pem_x509_certificates(config.cert_file.read_bytes())[0]
+    return PsecIdentity(peer_id_of(own), factories_for)
