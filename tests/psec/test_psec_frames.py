@@ -88,6 +88,7 @@ def test_a_frame_over_the_path_limit_is_refused() -> None:
 def test_psec_frames_are_told_apart_from_dtls_and_quic_by_their_first_byte() -> None:
     assert all(is_psec(bytes([b])) for b in (0, 1, 2, 3, 255))
     assert not any(is_psec(bytes([b])) for b in (*range(20, 64), *range(64, 128), 192))
+    assert not is_psec(b"\xff" + bytes(40))  # a QUIC long header (Retry), not a Reject
 
 
 @given(st.binary(max_size=300))

@@ -72,6 +72,7 @@ class PsecChannel:
         self.up: ChannelUp | None = None
         self.closed: ChannelClosed | None = None
         self._early: Scheme | None = None  # our first choice, started to carry its flight
+        self._early_out: list[bytes] = []  # its datagrams, if the proposal could not carry them
         self._peer: tuple[PeerId, tuple[x509.Certificate, ...]] | None = None
         self._heard_from_peer = False  # its confirm or data: it holds our confirm
         self._confirm_at: float | None = None
@@ -82,12 +83,13 @@ class PsecChannel:
     # --- the sans-IO surface ------------------------------------------------------------
 
     def connect(self, now: float) -> list[Event]:
-        """Propose, carrying our first choice's first flight when it has one."""
+        """Propose, carrying our first choice's first flight when it has one (and it
+        fits); otherwise its datagrams go once the peer takes that scheme."""
         first = next(iter(self.factories))
         self._early = self.factories[first](True)
         self._early.start(now)
         flight = self._early.first_flight()
-        self._early.datagrams_to_send()  # carried by the proposal instead
+        self._early_out = self._early.datagrams_to_send()
         self.negotiation.propose(now, flight)
         self._drain()
         return []
@@ -145,8 +147,12 @@ class PsecChannel:
     def _start_scheme(self, agreed: Negotiated, now: float) -> list[Event]:
         self.agreed = agreed
         self._deadline = now + CONFIRM_DEADLINE
-        if agreed.initiator and agreed.flight_sent and self._early is not None:
-            self.scheme = self._early  # the peer holds its first flight already
+        early, self._early = self._early, None
+        if agreed.initiator and early is not None and agreed.scheme == next(iter(self.factories)):
+            self.scheme = early
+            if not agreed.flight_sent:
+                self._out += self._early_out  # not in the proposal: it goes now
+            self._early_out = []
             return []
         self.scheme = self.factories[agreed.scheme](agreed.initiator)
         events = self.scheme.start(now)

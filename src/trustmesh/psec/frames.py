@@ -89,8 +89,13 @@ Frame = Propose | Accept | Reject
 
 def is_psec(datagram: bytes | bytearray | memoryview) -> bool:
     """Whether a datagram is a PSEC frame by its first byte (PSEC 0-3 and 255; DTLS
-    records start at 20-63, QUIC packets at 64-127 and 192-255)."""
-    return len(datagram) > 0 and datagram[0] in PSEC_TYPES
+    records start at 20-63, QUIC packets at 64-127 and 192-255). A Reject is the one
+    byte 255 alone: a longer datagram starting with 255 is a QUIC long-header packet
+    (a Retry or a Version Negotiation may start so)."""
+    if not datagram:
+        return False
+    first = datagram[0]
+    return first in PSEC_TYPES and (first != FrameType.REJECT or len(datagram) == 1)
 
 
 def decode_frame(

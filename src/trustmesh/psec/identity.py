@@ -12,6 +12,8 @@ from cryptography import x509
 from trustmesh.crypto.keys import PublicKey
 from trustmesh.psec.dtls import NAME as DTLS
 from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.psec.quic import NAME as QUIC
+from trustmesh.psec.quic import QuicContext, QuicScheme
 from trustmesh.sansio import Event
 from trustmesh.tls import TlsConfig
 from trustmesh.wire.peerid import PeerId
@@ -39,7 +41,7 @@ class Scheme(Protocol):
 
 SchemeFactory = Callable[[bool], Scheme]  # initiator -> a new adapter
 FactoriesFor = Callable[[bytes], Mapping[str, SchemeFactory]]  # peer address -> schemes
-AVAILABLE = (DTLS,)  # /quic-datagram/1: not built yet (docs/protocols/psec.md §10)
+AVAILABLE = (DTLS, QUIC)
 
 
 def peer_id_of(cert: x509.Certificate) -> PeerId:
@@ -53,18 +55,51 @@ class PsecIdentity:
     factories_for: FactoriesFor
 
 
-def dtls_identity(config: TlsConfig, schemes: Sequence[str] = AVAILABLE) -> PsecIdentity:
-    """The identity of ``config``'s certificate, offering ``schemes`` (each served by
-    the DTLS adapter; its two contexts are built once here). A server's cookie binds
-    the peer address each factory is made for."""
+def psec_identity(config: TlsConfig, schemes: Sequence[str] = AVAILABLE) -> PsecIdentity:
+    """The identity of ``config``'s certificate, offering ``schemes`` in that order.
+    Each scheme's contexts are built once here."""
+    unknown = [s for s in schemes if s not in AVAILABLE]
+    if unknown:
+        raise ValueError(f"unknown schemes: {', '.join(unknown)}")
+    makers: dict[str, Callable[[bytes], SchemeFactory]] = {}
+    if DTLS in schemes:
+        makers[DTLS] = _dtls_maker(config)
+    if QUIC in schemes:
+        context = QuicContext(config)
+
+        def quic(initiator: bool) -> QuicScheme:
+            return QuicScheme(context, initiator=initiator)
+
+        makers[QUIC] = lambda address: quic
+    return _identity(config, {name: makers[name] for name in schemes})
+
+
+def dtls_identity(config: TlsConfig, schemes: Sequence[str] = (DTLS,)) -> PsecIdentity:
+    """An identity whose every scheme name is served by the DTLS adapter (tests name
+    extra schemes so to exercise the negotiation)."""
+    maker = _dtls_maker(config)
+    return _identity(config, dict.fromkeys(schemes, maker))
+
+
+def _dtls_maker(config: TlsConfig) -> Callable[[bytes], SchemeFactory]:
+    """DTLS factories per peer address: a server's cookie binds the address."""
     client, server = DtlsContext(config, server=False), DtlsContext(config, server=True)
 
-    def factories_for(address: bytes) -> Mapping[str, SchemeFactory]:
+    def dtls_for(address: bytes) -> SchemeFactory:
         def dtls(initiator: bool) -> DtlsScheme:
             context = client if initiator else server
             return DtlsScheme(context, initiator=initiator, peer_address=address)
 
-        return dict.fromkeys(schemes, dtls)
+        return dtls
+
+    return dtls_for
+
+
+def _identity(
+    config: TlsConfig, makers: Mapping[str, Callable[[bytes], SchemeFactory]]
+) -> PsecIdentity:
+    def factories_for(address: bytes) -> Mapping[str, SchemeFactory]:
+        return {name: make(address) for name, make in makers.items()}
 
     own = x509.load_pem_x509_certificates(config.cert_file.read_bytes())[0]
     return PsecIdentity(peer_id_of(own), factories_for)

@@ -80,7 +80,7 @@ class TlsContext:
         ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
         try:
             ctx.use_certificate_chain_file(str(self.config.cert_file))
-            ctx.use_privatekey(self._private_key())
+            ctx.use_privatekey(self.private_key())
             ctx.check_privatekey()
             ctx.load_verify_locations(str(self.config.ca_file))
         except (SSL.Error, OSError) as exc:
@@ -109,6 +109,10 @@ class TlsContext:
         return ctx
 
     def _private_key(self) -> Any:
+        return self.private_key()
+
+    def private_key(self) -> Any:
+        """The configuration's private key (a ``cryptography`` key object)."""
         # Loaded here rather than by OpenSSL, which would prompt on the terminal for an
         # encrypted key's passphrase.
         path = self.config.key_file

@@ -1,0 +1,339 @@
+"""The ``/quic-datagram/1`` scheme: QUIC v1 with RFC 9221 DATAGRAM frames and mutual
+certificate authentication, sans-IO (aioquic; docs/protocols/psec.md §7).
+
+    scheme = QuicScheme(context, initiator=True)
+    scheme.start(now)                        # the client's Initial is ready
+    events = scheme.receive(datagram, now)   # SchemeUp, SchemeData, SchemeClosed
+    for datagram in scheme.datagrams_to_send(): ...
+    scheme.handle_timer(now) when scheme.get_timer() is due
+
+aioquic falls short of what PSEC needs in three places, each closed here:
+
+- A server never asks for a client certificate, and accepts an empty one. The server
+  here asks (``_Connection._initialize``) and checks the client's chain itself, against
+  the mesh root, the CRL and the live revocation view, once the handshake is done and
+  before anything of the application goes out; a refusal closes with the TLS alert
+  as a QUIC CRYPTO_ERROR. So the client reports the channel up only once the server
+  confirmed the handshake (HANDSHAKE_DONE), which it sends only after that check.
+- No keying material exporter: ``_Connection`` keeps the exporter master secret
+  (RFC 8446 §7.1, derived when the 1-RTT keys are, over the transcript up to the
+  server's Finished) and :func:`tls_exporter` derives per RFC 8446 §7.5.
+- A DATAGRAM frame too big for a packet stays queued forever and jams every later one:
+  ``send`` refuses a payload over ``payload_limit`` with ``PayloadTooLarge``, and never
+  queues more than ``MAX_PENDING`` datagrams (a datagram is unreliable; the excess is
+  dropped and counted in ``dropped``).
+
+The hooks reach into aioquic's private API; pyproject pins aioquic to the tested release
+and tests/psec/test_psec_quic.py checks each hook.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections import deque
+from dataclasses import replace
+from typing import Any
+
+from aioquic._buffer import Buffer
+from aioquic.quic import events as quic_events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+from aioquic.tls import AlertDescription, Epoch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from trustmesh.errors import ProtocolError
+from trustmesh.psec.dtls import EXPORTER_LABEL, PayloadTooLarge, SchemeClosed, SchemeData, SchemeUp
+from trustmesh.psec.frames import DEFAULT_MAX_FRAME
+from trustmesh.sansio import Event
+from trustmesh.tls.context import TlsConfig, TlsContext
+
+NAME = "/quic-datagram/1"
+ALPN = "psec-quic-datagram/1"
+PEER = ("psec-peer", 0)  # aioquic wants an address; the UDP driver routes by address
+MAX_PENDING = 64  # DATAGRAM frames waiting for congestion room, at most
+IDLE_TIMEOUT = 60.0  # seconds without a packet before the connection closes (RFC 9000 §10.1)
+# A 1-RTT packet around one DATAGRAM frame: the first byte, the peer's connection ID,
+# the packet number (at most 4 bytes), the AEAD tag (16), the frame type and a 2-byte
+# length: what is left of the datagram is the payload limit.
+SHORT_HEADER = 1
+PACKET_NUMBER_MAX = 4
+AEAD_TAG = 16
+FRAME_HEADER = 1 + 2
+
+
+class QuicSchemeError(ProtocolError):
+    """The QUIC handshake or connection failed (the reason says which check)."""
+
+
+class QuicContext:
+    """One identity's QUIC configurations (client and server), built once; the peer
+    chain is checked by the mesh's TLS rules (``TlsContext.refuse_resumed``: the mesh
+    root, the CRL file, the live revocation view)."""
+
+    def __init__(self, config: TlsConfig, *, max_datagram: int = DEFAULT_MAX_FRAME) -> None:
+        self.checks = TlsContext(config, server=True)
+        self.max_datagram = max_datagram
+        chain = x509.load_pem_x509_certificates(config.cert_file.read_bytes())
+        self.client = QuicConfiguration(
+            is_client=True,
+            alpn_protocols=[ALPN],
+            certificate=chain[0],
+            certificate_chain=[c for c in chain[1:] if c.issuer != c.subject],
+            private_key=self.checks.private_key(),
+            cafile=str(config.ca_file),
+            verify_mode=ssl.CERT_REQUIRED,
+            max_datagram_size=max_datagram,
+            max_datagram_frame_size=max_datagram,
+            idle_timeout=IDLE_TIMEOUT,
+            # No streams: a peer's stream data would only fill buffers.
+            max_data=0,
+            max_stream_data=0,
+        )
+        self.server = replace(self.client, is_client=False)
+
+    def refusal(self, chain: tuple[x509.Certificate, ...]) -> tuple[int, str] | None:
+        """Why a peer chain is refused, as (TLS alert, reason); None if it passes."""
+        if not chain:
+            return AlertDescription.certificate_required, "the peer presented no certificate"
+        reason = self.checks.refuse_resumed(chain, None)
+        if reason is None:
+            return None
+        alert = (
+            AlertDescription.certificate_revoked
+            if "revoked" in reason
+            else AlertDescription.bad_certificate
+        )
+        return alert, reason
+
+
+class _Connection(QuicConnection):
+    """aioquic's connection with the hooks PSEC needs (see the module's docstring)."""
+
+    exporter: tuple[hashes.HashAlgorithm, bytes] | None = None
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._request_client_certificate = True
+
+    def _update_traffic_key(self, direction: Any, epoch: Epoch, *args: Any) -> None:
+        super()._update_traffic_key(direction, epoch, *args)
+        if epoch == Epoch.ONE_RTT and self.exporter is None:
+            # The first 1-RTT key comes right after the server's Finished: the
+            # transcript is the one RFC 8446 §7.1 derives the exporter secret over.
+            schedule = self.tls.key_schedule
+            assert schedule is not None
+            self.exporter = (schedule.algorithm, schedule.derive_secret(b"exp master"))
+
+    @property
+    def confirmed(self) -> bool:
+        """The server confirmed the handshake (HANDSHAKE_DONE; at once for a server)."""
+        return bool(self._handshake_confirmed)
+
+    @property
+    def pending_datagrams(self) -> int:
+        return len(self._datagrams_pending)
+
+    def peer_chain(self) -> tuple[x509.Certificate, ...]:
+        leaf = self.tls._peer_certificate
+        return () if leaf is None else (leaf, *self.tls._peer_certificate_chain)
+
+
+class QuicScheme:
+    name = NAME
+
+    def __init__(self, context: QuicContext, *, initiator: bool) -> None:
+        self.context = context
+        self.initiator = initiator
+        self.up = False
+        self.closed: SchemeClosed | None = None
+        self.dropped = 0  # datagrams refused for want of congestion room
+        self._conn: _Connection | None = None
+        if initiator:
+            self._conn = _Connection(configuration=context.client)
+        self._now = 0.0
+        self._out: list[bytes] = []
+        self._early: deque[bytes] = deque()  # data before the handshake is confirmed
+        self._checked = False
+
+    @property
+    def payload_limit(self) -> int:
+        """The largest datagram ``send`` takes: what fits in one 1-RTT packet, and in
+        the peer's ``max_datagram_frame_size``."""
+        if not self.up or self._conn is None:
+            return 0
+        cid = len(self._conn._peer_cid.cid)
+        room = self.context.max_datagram - SHORT_HEADER - cid - PACKET_NUMBER_MAX - AEAD_TAG
+        peer_max = self._conn._remote_max_datagram_frame_size or 0
+        return max(0, min(room, peer_max) - FRAME_HEADER)
+
+    # --- the sans-IO surface ------------------------------------------------------------
+
+    def start(self, now: float) -> list[Event]:
+        """The client builds its Initial; the server waits for the client's."""
+        self._now = now
+        if self._conn is not None and self.initiator:
+            self._conn.connect(PEER, now)
+            self._collect()
+        return []
+
+    def first_flight(self) -> bytes | None:
+        """None: a QUIC Initial is padded to 1,200 bytes (RFC 9000 §14.1), so it never
+        fits in a PSEC proposal; it goes once the negotiation settles."""
+        return None
+
+    def receive(self, datagram: bytes, now: float) -> list[Event]:
+        self._now = now
+        if self.closed is not None:
+            return []
+        if self._conn is None and not self._accept_initial(datagram):
+            return []
+        assert self._conn is not None
+        self._conn.receive_datagram(datagram, PEER, now)
+        return self._process()
+
+    def send(self, payload: bytes) -> None:
+        if not self.up or self.closed is not None or self._conn is None:
+            raise QuicSchemeError("the channel is not up")
+        if len(payload) > self.payload_limit:
+            raise PayloadTooLarge(
+                f"a datagram of {len(payload)} bytes is over the limit of {self.payload_limit}"
+            )
+        if self._conn.pending_datagrams >= MAX_PENDING:
+            self.dropped += 1  # unreliable by contract: never an unbounded queue
+            return
+        self._conn.send_datagram_frame(payload)
+        self._collect()
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> float | None:
+        if self._conn is None or self.closed is not None:
+            return None
+        return self._conn.get_timer()
+
+    def handle_timer(self, now: float) -> list[Event]:
+        self._now = now
+        if self._conn is None or self.closed is not None:
+            return []
+        self._conn.handle_timer(now)
+        return self._process()
+
+    def export(self, label: bytes = EXPORTER_LABEL, length: int = 32) -> bytes:
+        """Keying material per RFC 8446 §7.5 (empty context), for the PSEC confirm."""
+        if self._conn is None or self._conn.exporter is None or not self.up:
+            raise QuicSchemeError("no keys before the handshake is done")
+        algorithm, secret = self._conn.exporter
+        return tls_exporter(algorithm, secret, label, b"", length)
+
+    def close(self) -> list[Event]:
+        if self.closed is not None:
+            return []
+        if self._conn is not None:
+            self._conn.close(reason_phrase="closed")
+            self._collect()
+        return self._finish(SchemeClosed("closed", error=False))
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _accept_initial(self, datagram: bytes) -> bool:
+        """A server's connection starts with the client's Initial (a full 1,200-byte
+        datagram of a version we speak); anything else is dropped without state."""
+        if len(datagram) < DEFAULT_MAX_FRAME:
+            return False
+        try:
+            header = pull_quic_header(
+                Buffer(data=datagram), host_cid_length=self.context.server.connection_id_length
+            )
+        except ValueError:
+            return False
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or header.version not in self.context.server.supported_versions
+        ):
+            return False
+        self._conn = _Connection(
+            configuration=self.context.server,
+            original_destination_connection_id=header.destination_cid,
+        )
+        return True
+
+    def _process(self) -> list[Event]:
+        assert self._conn is not None
+        events: list[Event] = []
+        while (event := self._conn.next_event()) is not None:
+            if isinstance(event, quic_events.HandshakeCompleted):
+                self._check_peer()
+            elif isinstance(event, quic_events.DatagramFrameReceived):
+                self._early.append(event.data)
+            elif isinstance(event, quic_events.ConnectionTerminated):
+                events += self._terminated(event)
+        if self.closed is None and not self.up and self._checked and self._conn.confirmed:
+            self.up = True
+            events.append(SchemeUp(self._conn.peer_chain()))
+        if self.up and self.closed is None:
+            while self._early:
+                events.append(SchemeData(self._early.popleft()))
+        self._collect()
+        return events
+
+    def _check_peer(self) -> None:
+        """The peer's chain, by the mesh's rules, before anything of ours goes out."""
+        assert self._conn is not None
+        refusal = self.context.refusal(self._conn.peer_chain())
+        if refusal is None:
+            self._checked = True
+            return
+        alert, reason = refusal
+        self._conn.close(error_code=QuicErrorCode.CRYPTO_ERROR + int(alert), reason_phrase=reason)
+
+    def _terminated(self, event: quic_events.ConnectionTerminated) -> list[Event]:
+        self._early.clear()
+        if event.error_code == QuicErrorCode.NO_ERROR:
+            return self._finish(SchemeClosed("peer closed the channel", error=False))
+        reason = event.reason_phrase or f"error 0x{event.error_code:x}"
+        return self._finish(SchemeClosed(f"QUIC connection closed: {reason}"))
+
+    def _collect(self) -> None:
+        assert self._conn is not None
+        self._out += [data for data, _ in self._conn.datagrams_to_send(self._now)]
+
+    def _finish(self, event: SchemeClosed) -> list[Event]:
+        if self.closed is not None:
+            return []
+        self.closed = event
+        return [event]
+
+
+def tls_exporter(
+    algorithm: hashes.HashAlgorithm,
+    exporter_secret: bytes,
+    label: bytes,
+    context: bytes,
+    length: int,
+) -> bytes:
+    """TLS-Exporter(label, context, length) of RFC 8446 §7.5 over an exporter master
+    secret: HKDF-Expand-Label(Derive-Secret(secret, label, ""), "exporter",
+    Hash(context), length)."""
+    empty = _digest(algorithm, b"")
+    derived = _expand_label(algorithm, exporter_secret, label, empty, algorithm.digest_size)
+    return _expand_label(algorithm, derived, b"exporter", _digest(algorithm, context), length)
+
+
+def _expand_label(
+    algorithm: hashes.HashAlgorithm, secret: bytes, label: bytes, context: bytes, length: int
+) -> bytes:
+    full = b"tls13 " + label
+    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + bytes([len(context)]) + context
+    return HKDFExpand(algorithm, length, info).derive(secret)
+
+
+def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
+    h = hashes.Hash(algorithm)
+    h.update(data)
+    return h.finalize()

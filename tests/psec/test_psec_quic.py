@@ -1,0 +1,368 @@
+"""The /quic-datagram/1 scheme in memory: mutual authentication with mesh certificates
+(the server checks the client's chain itself), the client up only once the server
+accepted it, an RFC 8446 exporter both ends agree on, DATAGRAM frames within the limit,
+and each aioquic hook this scheme relies on."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import aioquic
+import pytest
+from aioquic.quic.packet import QuicErrorCode
+from aioquic.tls import AlertDescription
+from meshtools import LivePki
+from OpenSSL import SSL
+
+from trustmesh.pki.ca import CertificateAuthority
+from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp, PsecChannel
+from trustmesh.psec.dtls import PayloadTooLarge, SchemeClosed, SchemeData, SchemeUp
+from trustmesh.psec.frames import Propose, decode_frame, is_psec
+from trustmesh.psec.identity import psec_identity
+from trustmesh.psec.quic import (
+    MAX_PENDING,
+    NAME,
+    QuicContext,
+    QuicScheme,
+    QuicSchemeError,
+    tls_exporter,
+)
+from trustmesh.sansio import Event
+from trustmesh.tls import TlsConfig
+
+DTLS = "/dtls/1.2"
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Iterator[LivePki]:
+    ca = CertificateAuthority.init(tmp_path / "ca", None, name="psec test CA")
+    yield LivePki(ca)
+    ca.close()
+
+
+class Ends(Protocol):
+    @property
+    def up(self) -> object: ...
+    @property
+    def closed(self) -> object: ...
+    def datagrams_to_send(self) -> list[bytes]: ...
+    def receive(self, datagram: bytes, now: float) -> list[Event]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> list[Event]: ...
+
+
+class Pump:
+    """Two schemes or channels on a fake clock: datagrams both ways (some lost, or
+    tampered with), then timers when nothing moves."""
+
+    def __init__(self, a: Ends, b: Ends, *, loss: float = 0.0) -> None:
+        self.ends = (a, b)
+        self.events: dict[int, list[Event]] = {0: [], 1: []}
+        self.now = 1.0
+        self.random = random.Random(18)
+        self.loss = loss
+        self.tamper: Callable[[bytes], bytes] = lambda datagram: datagram
+
+    def run(self, steps: int = 2000, until: Callable[[], bool] | None = None) -> None:
+        """Until ``until()`` (by default: both ends up or closed) holds when nothing
+        moves; timers run in between (QUIC always has one: the idle timeout)."""
+        done = until or (lambda: all(e.up or e.closed is not None for e in self.ends))
+        for _ in range(steps):
+            moved = False
+            for side in (0, 1):
+                for datagram in self.ends[side].datagrams_to_send():
+                    moved = True
+                    if self.random.random() < self.loss:
+                        continue
+                    datagram = self.tamper(datagram)
+                    self.events[1 - side] += self.ends[1 - side].receive(datagram, self.now)
+            if not moved:
+                timers = [t for e in self.ends if (t := e.get_timer()) is not None]
+                if done() or not timers:
+                    return
+                self.now = max(self.now, min(timers))
+                for side in (0, 1):
+                    self.events[side] += self.ends[side].handle_timer(self.now)
+
+    def of(self, side: int, kind: type) -> list[Event]:
+        return [e for e in self.events[side] if isinstance(e, kind)]
+
+
+def contexts(
+    pki: LivePki, tmp_path: Path, *, server_pki: LivePki | None = None
+) -> tuple[QuicContext, QuicContext]:
+    client = QuicContext(pki.config("node-a", tmp_path / "a"))
+    issuer = server_pki or pki
+    server = QuicContext(issuer.config("node-b", tmp_path / "b", trust=pki))
+    return client, server
+
+
+def connected(client: QuicContext, server: QuicContext) -> tuple[Pump, QuicScheme, QuicScheme]:
+    a, b = QuicScheme(client, initiator=True), QuicScheme(server, initiator=False)
+    pump = Pump(a, b)
+    a.start(pump.now)
+    pump.run()
+    return pump, a, b
+
+
+def closed_reason(pump: Pump, side: int) -> str:
+    closes = pump.of(side, SchemeClosed)
+    assert closes, f"side {side} did not close"
+    return closes[0].reason  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_mutually_authenticated_connection_carries_datagrams_and_exports_one_secret(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    pump, a, b = connected(*contexts(pki, tmp_path))
+    (up_a,), (up_b,) = pump.of(0, SchemeUp), pump.of(1, SchemeUp)
+    assert up_a.peer_chain[0].subject.rfc4514_string() == "CN=node-b"  # type: ignore[attr-defined]
+    assert up_b.peer_chain[0].subject.rfc4514_string() == "CN=node-a"  # type: ignore[attr-defined]
+    assert a.export() == b.export() and len(a.export()) == 32
+    assert a.export(b"another label") != a.export()
+    a.send(b"over quic")
+    b.send(b"and back")
+    pump.run(until=lambda: bool(pump.of(0, SchemeData) and pump.of(1, SchemeData)))
+    assert pump.of(1, SchemeData) == [SchemeData(b"over quic")]
+    assert pump.of(0, SchemeData) == [SchemeData(b"and back")]
+
+
+def test_the_payload_limit_is_exact_and_an_oversized_datagram_is_refused_not_queued(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    pump, a, _ = connected(*contexts(pki, tmp_path))
+    limit = a.payload_limit
+    assert 1100 < limit < 1200
+    a.send(bytes(limit))
+    with pytest.raises(PayloadTooLarge):
+        a.send(bytes(limit + 1))
+    a.send(b"after")
+    pump.run(until=lambda: len(pump.of(1, SchemeData)) == 2)
+    assert [len(e.data) for e in pump.of(1, SchemeData)] == [limit, 5]  # type: ignore[attr-defined]
+    assert all(len(d) <= 1200 for d in a.datagrams_to_send())
+
+
+def test_datagrams_beyond_the_congestion_window_are_dropped_not_queued_without_bound(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    _pump, a, _ = connected(*contexts(pki, tmp_path))
+    for _ in range(MAX_PENDING * 4):  # the peer never acknowledges: the window fills
+        a.send(bytes(1000))
+    assert a.dropped > 0
+    assert a._conn is not None and a._conn.pending_datagrams <= MAX_PENDING
+
+
+def test_nothing_is_sent_before_the_handshake(pki: LivePki, tmp_path: Path) -> None:
+    client, _ = contexts(pki, tmp_path)
+    scheme = QuicScheme(client, initiator=True)
+    with pytest.raises(QuicSchemeError):
+        scheme.send(b"early")
+    with pytest.raises(QuicSchemeError):
+        scheme.export()
+    assert scheme.first_flight() is None  # an Initial never fits in a proposal
+
+
+def test_the_client_is_up_only_once_the_server_accepted_it(pki: LivePki, tmp_path: Path) -> None:
+    client, server = contexts(pki, tmp_path)
+    a, b = QuicScheme(client, initiator=True), QuicScheme(server, initiator=False)
+    a.start(1.0)
+
+    def deliver(src: QuicScheme, dst: QuicScheme) -> list[Event]:
+        return [e for d in src.datagrams_to_send() for e in dst.receive(d, 1.0)]
+
+    deliver(a, b)  # the Initial
+    deliver(b, a)  # the server's flight: the client's TLS is done, its Finished is out
+    assert a._conn is not None and a._conn._handshake_complete
+    assert not a.up and a._checked  # the server's chain passed; the server has not said
+    assert any(isinstance(e, SchemeUp) for e in deliver(a, b))  # the server checks, accepts
+    assert any(isinstance(e, SchemeUp) for e in deliver(b, a))  # HANDSHAKE_DONE: up
+    assert a.up and b.up
+
+
+def test_a_client_without_a_certificate_is_refused(pki: LivePki, tmp_path: Path) -> None:
+    client, server = contexts(pki, tmp_path)
+    client.client = dataclasses.replace(client.client, certificate=None, private_key=None)
+    pump, a, b = connected(client, server)
+    assert not a.up and not b.up
+    assert "no certificate" in closed_reason(pump, 1)
+    code = QuicErrorCode.CRYPTO_ERROR + AlertDescription.certificate_required
+    assert f"0x{code:x}" in closed_reason(pump, 0) or "no certificate" in closed_reason(pump, 0)
+
+
+def test_a_client_from_another_ca_is_refused_by_the_server(pki: LivePki, tmp_path: Path) -> None:
+    other = CertificateAuthority.init(tmp_path / "other", None, name="another CA")
+    try:
+        stranger = QuicContext(LivePki(other).config("node-x", tmp_path / "x", trust=pki))
+        _, server = contexts(pki, tmp_path)
+        pump, _, _ = connected(stranger, server)
+        assert not any(end.up for end in pump.ends)
+        assert "certificate verify failed" in closed_reason(pump, 1)
+        assert pump.of(0, SchemeClosed)  # the client hears the refusal
+    finally:
+        other.close()
+
+
+def test_a_server_from_another_ca_is_refused_by_the_client(pki: LivePki, tmp_path: Path) -> None:
+    other = CertificateAuthority.init(tmp_path / "other", None, name="another CA")
+    try:
+        client, server = contexts(pki, tmp_path, server_pki=LivePki(other))
+        pump, _, _ = connected(client, server)
+        assert not any(end.up for end in pump.ends)
+        assert pump.of(0, SchemeClosed)
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("revoked_side", ["client", "server"])
+def test_a_revoked_peer_is_refused(pki: LivePki, tmp_path: Path, revoked_side: str) -> None:
+    a = pki.config("node-a", tmp_path / "a")
+    b = pki.config("node-b", tmp_path / "b")
+    doomed = (a if revoked_side == "client" else b).cert_file.read_bytes()
+    from cryptography import x509
+
+    serial = x509.load_pem_x509_certificate(doomed).serial_number
+
+    def with_view(config: TlsConfig) -> TlsConfig:
+        return dataclasses.replace(config, is_revoked=lambda s: s == serial)
+
+    pump, _, _ = connected(QuicContext(with_view(a)), QuicContext(with_view(b)))
+    assert not any(end.up for end in pump.ends)
+    checker = 1 if revoked_side == "client" else 0
+    assert "revoked" in closed_reason(pump, checker)
+    assert pump.of(1 - checker, SchemeClosed)
+
+
+def test_a_server_drops_anything_but_a_full_initial_without_state(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    _, server = contexts(pki, tmp_path)
+    scheme = QuicScheme(server, initiator=False)
+    for junk in (b"", b"\xc0" * 50, b"\x40" + bytes(1300), b"\xc0" + bytes(1300)):
+        assert scheme.receive(junk, 1.0) == []
+        assert scheme._conn is None and scheme.datagrams_to_send() == []
+
+
+def test_a_peer_may_open_no_stream(pki: LivePki, tmp_path: Path) -> None:
+    _pump, a, b = connected(*contexts(pki, tmp_path))
+    assert a._conn is not None and b._conn is not None
+    assert a._conn._remote_max_data == 0 and b._conn._remote_max_data == 0
+
+
+def test_the_hooks_hold_on_the_pinned_aioquic(pki: LivePki, tmp_path: Path) -> None:
+    """The private aioquic API the scheme uses: a server that asks for the client's
+    certificate, the exporter secret captured, the peer chain and the confirmation."""
+    assert aioquic.__version__ == "1.7.2"
+    _pump, a, b = connected(*contexts(pki, tmp_path))
+    assert a._conn is not None and b._conn is not None
+    assert b._conn.tls._request_client_certificate is True
+    assert a._conn.exporter is not None and a._conn.exporter == b._conn.exporter
+    assert a._conn.confirmed and b._conn.confirmed
+    assert len(b._conn.peer_chain()) >= 1
+
+
+def test_the_exporter_matches_openssl_on_a_tls13_session(pki: LivePki, tmp_path: Path) -> None:
+    """Our RFC 8446 §7.5 derivation, fed OpenSSL's exporter secret (its key log),
+    gives what OpenSSL's own exporter gives."""
+    from cryptography.hazmat.primitives import hashes
+
+    from trustmesh.tls import TlsContext
+
+    a = TlsContext(pki.config("node-a", tmp_path / "a"), server=False)
+    b = TlsContext(pki.config("node-b", tmp_path / "b"), server=True)
+    secrets: dict[str, bytes] = {}
+
+    def keylog(_conn: SSL.Connection, line: bytes) -> None:
+        label, _random, secret = line.split()
+        secrets[label.decode()] = bytes.fromhex(secret.decode())
+
+    a.ssl.set_keylog_callback(keylog)
+    client, server = SSL.Connection(a.ssl), SSL.Connection(b.ssl)
+    client.set_connect_state()
+    server.set_accept_state()
+    for _ in range(10):
+        for src, dst in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                src.do_handshake()
+            with contextlib.suppress(SSL.WantReadError):
+                dst.bio_write(src.bio_read(65536))
+    cipher = client.get_cipher_name() or ""
+    algorithm: hashes.HashAlgorithm = (
+        hashes.SHA384() if cipher.endswith("SHA384") else hashes.SHA256()
+    )
+    label = b"EXPORTER-trustmesh-psec-confirm"
+    ours = tls_exporter(algorithm, secrets["EXPORTER_SECRET"], label, b"", 32)
+    assert (
+        ours == client.export_keying_material(label, 32) == server.export_keying_material(label, 32)
+    )
+
+
+# --- the scheme inside a PSEC channel ----------------------------------------------------
+
+
+def channel(config: TlsConfig, schemes: tuple[str, ...]) -> PsecChannel:
+    identity = psec_identity(config, schemes)
+    return PsecChannel(identity.peer_id, identity.factories_for(b""))
+
+
+def test_a_psec_channel_negotiates_quic_and_carries_datagrams(pki: LivePki, tmp_path: Path) -> None:
+    a = channel(pki.config("node-a", tmp_path / "a"), (NAME, DTLS))
+    b = channel(pki.config("node-b", tmp_path / "b"), (NAME, DTLS))
+    a.connect(0.0)
+    pump = Pump(a, b)
+    pump.run()
+    assert a.up is not None and b.up is not None
+    assert a.up.scheme == b.up.scheme == NAME
+    assert a.up.initiator and not b.up.initiator
+    a.send(b"datagram over psec quic")
+    pump.run(until=lambda: bool(pump.of(1, ChannelData)))
+    assert pump.of(1, ChannelData) == [ChannelData(b"datagram over psec quic")]
+
+
+def test_quic_converges_through_30_percent_loss(pki: LivePki, tmp_path: Path) -> None:
+    a = channel(pki.config("node-a", tmp_path / "a"), (NAME,))
+    b = channel(pki.config("node-b", tmp_path / "b"), (NAME,))
+    a.connect(0.0)
+    pump = Pump(a, b, loss=0.3)
+    pump.run()
+    assert a.up is not None and b.up is not None
+    assert pump.now < 30.0
+
+
+def test_a_proposal_downgraded_from_quic_to_dtls_is_caught(pki: LivePki, tmp_path: Path) -> None:
+    a = channel(pki.config("node-a", tmp_path / "a"), (NAME, DTLS))
+    b = channel(pki.config("node-b", tmp_path / "b"), (NAME, DTLS))
+    a.connect(0.0)
+    pump = Pump(a, b)
+
+    def strip_quic(datagram: bytes) -> bytes:
+        if is_psec(datagram) and datagram[0] == 0:
+            proposal = decode_frame(datagram)
+            assert isinstance(proposal, Propose)
+            return Propose(proposal.peer_id, (DTLS,), None).encode()
+        return datagram
+
+    pump.tamper = strip_quic
+    pump.run()
+    assert a.up is None and b.up is None
+    closed = pump.of(0, ChannelClosed) + pump.of(1, ChannelClosed)
+    assert any("confirm does not match" in e.reason for e in closed)  # type: ignore[attr-defined]
+
+
+def test_simultaneous_proposals_settle_on_quic_on_a_tie(pki: LivePki, tmp_path: Path) -> None:
+    a = channel(pki.config("node-a", tmp_path / "a"), (NAME, DTLS))
+    b = channel(pki.config("node-b", tmp_path / "b"), (DTLS, NAME))
+    a.connect(0.0)
+    b.connect(0.0)
+    pump = Pump(a, b)
+    pump.run()
+    assert a.up is not None and b.up is not None
+    lower = a if int(a.negotiation.local) < int(b.negotiation.local) else b
+    favoured = NAME if lower is a else DTLS  # a tie at index 1: the smaller ID's choice
+    assert a.up.scheme == b.up.scheme == favoured
+    assert lower.up is not None and lower.up.initiator
+    assert isinstance(a.up, ChannelUp)
