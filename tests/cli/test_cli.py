@@ -493,9 +493,10 @@ def test_demo_fails_when_a_step_fails(tmp_path: Path, capsys: pytest.CaptureFixt
         "ecdh": True,
         "botd channel": True,
         "psec channel": True,
+        "psec quic channel": True,
     }
     assert "already exists" in result["steps"][0]["detail"]
     code, out, _ = run(["demo", "--tour", "--keep", str(keep)], capsys)
     assert code == 1
     assert "FAIL key files" in out
-    assert "3/6 steps passed" in out
+    assert "4/7 steps passed" in out

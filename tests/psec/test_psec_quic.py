@@ -16,6 +16,8 @@ import aioquic
 import pytest
 from aioquic.quic.packet import QuicErrorCode
 from aioquic.tls import AlertDescription
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from meshtools import LivePki
 from OpenSSL import SSL
 
@@ -168,27 +170,47 @@ def test_nothing_is_sent_before_the_handshake(pki: LivePki, tmp_path: Path) -> N
 
 
 def test_the_client_is_up_only_once_the_server_accepted_it(pki: LivePki, tmp_path: Path) -> None:
-    client, server = contexts(pki, tmp_path)
-    a, b = QuicScheme(client, initiator=True), QuicScheme(server, initiator=False)
-    a.start(1.0)
+    """The client's channel waits for the server's confirm, which the server sends only
+    once it accepted the client's chain (with HANDSHAKE_DONE)."""
+    a = channel(pki.config("node-a", tmp_path / "a"), (NAME,))
+    b = channel(pki.config("node-b", tmp_path / "b"), (NAME,))
+    a.connect(1.0)
 
-    def deliver(src: QuicScheme, dst: QuicScheme) -> list[Event]:
+    def deliver(src: PsecChannel, dst: PsecChannel) -> list[Event]:
         return [e for d in src.datagrams_to_send() for e in dst.receive(d, 1.0)]
 
+    deliver(a, b)  # the proposal
+    deliver(b, a)  # the Accept: the client's Initial goes
     deliver(a, b)  # the Initial
-    deliver(b, a)  # the server's flight: the client's TLS is done, its Finished is out
-    assert a._conn is not None and a._conn._handshake_complete
-    assert not a.up and a._checked  # the server's chain passed; the server has not said
-    assert any(isinstance(e, SchemeUp) for e in deliver(a, b))  # the server checks, accepts
-    assert any(isinstance(e, SchemeUp) for e in deliver(b, a))  # HANDSHAKE_DONE: up
-    assert a.up and b.up
+    deliver(b, a)  # the server's flight: the client's TLS is done, its Finished out
+    assert a.scheme is not None and a.scheme.up and a.up is None  # keys, not acceptance
+    assert isinstance(a.scheme, QuicScheme) and a.scheme._conn is not None
+    assert not a.scheme._conn._handshake_confirmed
+    assert any(isinstance(e, ChannelUp) for e in deliver(a, b))  # accepted, with its confirm
+    assert any(isinstance(e, ChannelUp) for e in deliver(b, a))  # HANDSHAKE_DONE, confirm
+    assert a.scheme._conn._handshake_confirmed
+
+
+def test_a_refused_client_never_comes_up(pki: LivePki, tmp_path: Path) -> None:
+    a_config = pki.config("node-a", tmp_path / "a")
+    serial = x509.load_pem_x509_certificate(a_config.cert_file.read_bytes()).serial_number
+    b_config = dataclasses.replace(
+        pki.config("node-b", tmp_path / "b"), is_revoked=lambda s: s == serial
+    )
+    a, b = channel(a_config, (NAME,)), channel(b_config, (NAME,))
+    a.connect(0.0)
+    pump = Pump(a, b)
+    pump.run()
+    assert a.up is None and b.up is None
+    assert a.closed is not None and "revoked" in a.closed.reason
+    assert not pump.of(0, ChannelUp)
 
 
 def test_a_client_without_a_certificate_is_refused(pki: LivePki, tmp_path: Path) -> None:
     client, server = contexts(pki, tmp_path)
     client.client = dataclasses.replace(client.client, certificate=None, private_key=None)
     pump, a, b = connected(client, server)
-    assert not a.up and not b.up
+    assert not b.up and a.closed is not None  # refused: the client hears it
     assert "no certificate" in closed_reason(pump, 1)
     code = QuicErrorCode.CRYPTO_ERROR + AlertDescription.certificate_required
     assert f"0x{code:x}" in closed_reason(pump, 0) or "no certificate" in closed_reason(pump, 0)
@@ -200,7 +222,7 @@ def test_a_client_from_another_ca_is_refused_by_the_server(pki: LivePki, tmp_pat
         stranger = QuicContext(LivePki(other).config("node-x", tmp_path / "x", trust=pki))
         _, server = contexts(pki, tmp_path)
         pump, _, _ = connected(stranger, server)
-        assert not any(end.up for end in pump.ends)
+        assert not pump.ends[1].up and pump.ends[0].closed is not None
         assert "certificate verify failed" in closed_reason(pump, 1)
         assert pump.of(0, SchemeClosed)  # the client hears the refusal
     finally:
@@ -219,19 +241,27 @@ def test_a_server_from_another_ca_is_refused_by_the_client(pki: LivePki, tmp_pat
 
 
 @pytest.mark.parametrize("revoked_side", ["client", "server"])
-def test_a_revoked_peer_is_refused(pki: LivePki, tmp_path: Path, revoked_side: str) -> None:
+@pytest.mark.parametrize("how", ["live view", "crl file"])
+def test_a_revoked_peer_is_refused(
+    pki: LivePki, tmp_path: Path, revoked_side: str, how: str
+) -> None:
     a = pki.config("node-a", tmp_path / "a")
     b = pki.config("node-b", tmp_path / "b")
     doomed = (a if revoked_side == "client" else b).cert_file.read_bytes()
-    from cryptography import x509
-
     serial = x509.load_pem_x509_certificate(doomed).serial_number
+    if how == "crl file":
+        pki.ca.revoke(serial=serial)
+        crl = tmp_path / "crl.pem"
+        crl.write_bytes(pki.ca.crl().public_bytes(serialization.Encoding.PEM))
 
-    def with_view(config: TlsConfig) -> TlsConfig:
+    def checking(config: TlsConfig) -> TlsConfig:
+        if how == "crl file":
+            return dataclasses.replace(config, crl_file=crl)
         return dataclasses.replace(config, is_revoked=lambda s: s == serial)
 
-    pump, _, _ = connected(QuicContext(with_view(a)), QuicContext(with_view(b)))
-    assert not any(end.up for end in pump.ends)
+    pump, a_scheme, b_scheme = connected(QuicContext(checking(a)), QuicContext(checking(b)))
+    refusing = b_scheme if revoked_side == "client" else a_scheme
+    assert not refusing.up and a_scheme.closed is not None and b_scheme.closed is not None
     checker = 1 if revoked_side == "client" else 0
     assert "revoked" in closed_reason(pump, checker)
     assert pump.of(1 - checker, SchemeClosed)
@@ -261,7 +291,7 @@ def test_the_hooks_hold_on_the_pinned_aioquic(pki: LivePki, tmp_path: Path) -> N
     assert a._conn is not None and b._conn is not None
     assert b._conn.tls._request_client_certificate is True
     assert a._conn.exporter is not None and a._conn.exporter == b._conn.exporter
-    assert a._conn.confirmed and b._conn.confirmed
+    assert a._conn._handshake_confirmed and b._conn._handshake_confirmed
     assert len(b._conn.peer_chain()) >= 1
 
 

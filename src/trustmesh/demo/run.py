@@ -24,7 +24,9 @@ from trustmesh.keystore.filestore import load_key_file, save_key_file
 from trustmesh.node.local import issue_node_files
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp
-from trustmesh.psec.identity import dtls_identity
+from trustmesh.psec.dtls import NAME as DTLS
+from trustmesh.psec.identity import psec_identity
+from trustmesh.psec.quic import NAME as QUIC
 from trustmesh.sansio import Event
 from trustmesh.wire.frames import decode_frame, encode_frame
 from trustmesh.wire.pb.botd_pb2 import Frame
@@ -48,7 +50,8 @@ async def run_tour(workdir: Path) -> list[Step]:
         ("signatures", lambda: _signature_step(keys)),
         ("ecdh", _ecdh_step),
         ("botd channel", _botd_step),
-        ("psec channel", lambda: _psec_step(workdir)),
+        ("psec channel", lambda: _psec_step(workdir, DTLS)),
+        ("psec quic channel", lambda: _psec_step(workdir, QUIC)),
     ]
     for name, action in plan:
         started = time.monotonic()
@@ -169,14 +172,15 @@ async def _botd_step() -> tuple[str, dict[str, Any]]:
     )
 
 
-async def _psec_step(workdir: Path) -> tuple[str, dict[str, Any]]:
-    """Two mesh identities negotiate /dtls/1.2 over UDP, confirm the transcript and
+async def _psec_step(workdir: Path, scheme: str) -> tuple[str, dict[str, Any]]:
+    """Two mesh identities negotiate ``scheme`` over UDP, confirm the transcript and
     echo a datagram."""
     home = Path(tempfile.mkdtemp(prefix="psec-", dir=workdir))  # a run never reuses files
     ca = CertificateAuthority.init(home / "ca", None, name="tour CA")
     try:
         identities = [
-            dtls_identity(issue_node_files(ca, name, home / name)) for name in ("node-a", "node-b")
+            psec_identity(issue_node_files(ca, name, home / name), (scheme,))
+            for name in ("node-a", "node-b")
         ]
     finally:
         ca.close()
@@ -223,10 +227,15 @@ async def _psec_step(workdir: Path) -> tuple[str, dict[str, Any]]:
     check(data == b"hello over psec", "the echoed datagram differs")
     check(ups[0].peer_id == identities[1].peer_id, "node-a reached another peer ID than it dialled")
     check(ups[1].peer_id == identities[0].peer_id, "node-b saw another peer ID than node-a's")
+    how = {
+        DTLS: "DTLS 1.2 with both mesh certificates (address validated by a cookie)",
+        QUIC: "QUIC with both mesh certificates (the client's checked by the server before "
+        "HANDSHAKE_DONE) carrying RFC 9221 DATAGRAM frames",
+    }[scheme]
     return (
-        f"PSEC over UDP loopback: {ups[0].scheme} negotiated, DTLS 1.2 with both mesh "
-        "certificates (address validated by a cookie), the transcript confirmed both ways, "
-        f"peer IDs checked against the certificates, a datagram echoed, in {elapsed_ms:.1f} ms",
+        f"PSEC over UDP loopback: {ups[0].scheme} negotiated, {how}, the transcript confirmed "
+        f"both ways, peer IDs checked against the certificates, a datagram echoed, in "
+        f"{elapsed_ms:.1f} ms",
         {"scheme": ups[0].scheme, "elapsed_ms": round(elapsed_ms, 2)},
     )
 

@@ -13,8 +13,9 @@ aioquic falls short of what PSEC needs in three places, each closed here:
   here asks (``_Connection._initialize``) and checks the client's chain itself, against
   the mesh root, the CRL and the live revocation view, once the handshake is done and
   before anything of the application goes out; a refusal closes with the TLS alert
-  as a QUIC CRYPTO_ERROR. So the client reports the channel up only once the server
-  confirmed the handshake (HANDSHAKE_DONE), which it sends only after that check.
+  as a QUIC CRYPTO_ERROR. The client's scheme is up once its own checks pass (its
+  PSEC confirm then rides with its Finished), but its channel comes up only with the
+  server's confirm, which the server sends, with HANDSHAKE_DONE, only after accepting.
 - No keying material exporter: ``_Connection`` keeps the exporter master secret
   (RFC 8446 §7.1, derived when the 1-RTT keys are, over the transcript up to the
   server's Finished) and :func:`tls_exporter` derives per RFC 8446 §7.5.
@@ -94,10 +95,21 @@ class QuicContext:
         )
         self.server = replace(self.client, is_client=False)
 
-    def refusal(self, chain: tuple[x509.Certificate, ...]) -> tuple[int, str] | None:
-        """Why a peer chain is refused, as (TLS alert, reason); None if it passes."""
+    def refusal(
+        self, chain: tuple[x509.Certificate, ...], *, chain_checked: bool = False
+    ) -> tuple[int, str] | None:
+        """Why a peer chain is refused, as (TLS alert, reason); None if it passes.
+        ``chain_checked``: aioquic verified it to the root already (a client does so
+        for the server's), so only revocation is left to check."""
         if not chain:
             return AlertDescription.certificate_required, "the peer presented no certificate"
+        if chain_checked:
+            is_revoked = self.checks.config.is_revoked
+            if self.checks.crl_revokes(chain[0]) or (
+                is_revoked is not None and is_revoked(chain[0].serial_number)
+            ):
+                return AlertDescription.certificate_revoked, "certificate revoked"
+            return None
         reason = self.checks.refuse_resumed(chain, None)
         if reason is None:
             return None
@@ -129,11 +141,6 @@ class _Connection(QuicConnection):
             self.exporter = (schedule.algorithm, schedule.derive_secret(b"exp master"))
 
     @property
-    def confirmed(self) -> bool:
-        """The server confirmed the handshake (HANDSHAKE_DONE; at once for a server)."""
-        return bool(self._handshake_confirmed)
-
-    @property
     def pending_datagrams(self) -> int:
         return len(self._datagrams_pending)
 
@@ -155,8 +162,7 @@ class QuicScheme:
         if initiator:
             self._conn = _Connection(configuration=context.client)
         self._now = 0.0
-        self._out: list[bytes] = []
-        self._early: deque[bytes] = deque()  # data before the handshake is confirmed
+        self._early: deque[bytes] = deque()  # data that came with the handshake's end
         self._checked = False
 
     @property
@@ -177,7 +183,6 @@ class QuicScheme:
         self._now = now
         if self._conn is not None and self.initiator:
             self._conn.connect(PEER, now)
-            self._collect()
         return []
 
     def first_flight(self) -> bytes | None:
@@ -206,11 +211,13 @@ class QuicScheme:
             self.dropped += 1  # unreliable by contract: never an unbounded queue
             return
         self._conn.send_datagram_frame(payload)
-        self._collect()
 
     def datagrams_to_send(self) -> list[bytes]:
-        out, self._out = self._out, []
-        return out
+        """What aioquic has to send now: built here, late, so that what the caller
+        queued in answer to our events (a confirm) shares their packets."""
+        if self._conn is None:
+            return []
+        return [data for data, _ in self._conn.datagrams_to_send(self._now)]
 
     def get_timer(self) -> float | None:
         if self._conn is None or self.closed is not None:
@@ -236,7 +243,6 @@ class QuicScheme:
             return []
         if self._conn is not None:
             self._conn.close(reason_phrase="closed")
-            self._collect()
         return self._finish(SchemeClosed("closed", error=False))
 
     # --- internals ----------------------------------------------------------------------
@@ -273,19 +279,18 @@ class QuicScheme:
                 self._early.append(event.data)
             elif isinstance(event, quic_events.ConnectionTerminated):
                 events += self._terminated(event)
-        if self.closed is None and not self.up and self._checked and self._conn.confirmed:
+        if self.closed is None and not self.up and self._checked:
             self.up = True
             events.append(SchemeUp(self._conn.peer_chain()))
         if self.up and self.closed is None:
             while self._early:
                 events.append(SchemeData(self._early.popleft()))
-        self._collect()
         return events
 
     def _check_peer(self) -> None:
         """The peer's chain, by the mesh's rules, before anything of ours goes out."""
         assert self._conn is not None
-        refusal = self.context.refusal(self._conn.peer_chain())
+        refusal = self.context.refusal(self._conn.peer_chain(), chain_checked=self.initiator)
         if refusal is None:
             self._checked = True
             return
@@ -298,10 +303,6 @@ class QuicScheme:
             return self._finish(SchemeClosed("peer closed the channel", error=False))
         reason = event.reason_phrase or f"error 0x{event.error_code:x}"
         return self._finish(SchemeClosed(f"QUIC connection closed: {reason}"))
-
-    def _collect(self) -> None:
-        assert self._conn is not None
-        self._out += [data for data, _ in self._conn.datagrams_to_send(self._now)]
 
     def _finish(self, event: SchemeClosed) -> list[Event]:
         if self.closed is not None:

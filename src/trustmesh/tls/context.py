@@ -63,6 +63,7 @@ class TlsContext:
         self.groups = _groups(config.post_quantum)
         self._verify_callback: Any = None  # the cffi callback, kept alive with the context
         self._crl_store: crypto.X509Store | None = None  # a store replace_crl installed
+        self._peer_store: crypto.X509Store | None = None  # refuse_resumed's, at the real time
         self.crl: x509.CertificateRevocationList | None = None  # the CRL file's, once loaded
         self.ssl = self._build()
         # Our own certificate (the chain file's first): its expiry bounds ticket lifetimes
@@ -166,6 +167,7 @@ class TlsContext:
         _lib.X509_STORE_up_ref(raw)
         _lib.SSL_CTX_set_cert_store(self.ssl._context, raw)
         self._crl_store = store
+        self._peer_store = None
         self.crl = crl
 
     def crl_revokes(self, cert: x509.Certificate) -> bool:
@@ -228,13 +230,17 @@ class TlsContext:
         clock when None), the CRL file if any, and the live revocation view."""
         if not chain:
             return "no peer certificate in the resumed session"
-        store = crypto.X509Store()
-        store.load_locations(str(self.config.ca_file))
-        if self.crl is not None:
-            store.add_crl(self.crl)
-            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
-        if unix_now is not None:
-            store.set_time(datetime.fromtimestamp(unix_now, UTC))
+        store = self._peer_store if unix_now is None else None
+        if store is None:
+            store = crypto.X509Store()
+            store.load_locations(str(self.config.ca_file))
+            if self.crl is not None:
+                store.add_crl(self.crl)
+                store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+            if unix_now is not None:
+                store.set_time(datetime.fromtimestamp(unix_now, UTC))
+            else:
+                self._peer_store = store  # built once for the real time, until the CRL changes
         known = [c for c in self._intermediates if c not in chain]
         leaf, *rest = (crypto.X509.from_cryptography(c) for c in [*chain, *known])
         try:
