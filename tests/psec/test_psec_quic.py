@@ -181,8 +181,10 @@ def test_the_client_is_up_only_once_the_server_accepted_it(pki: LivePki, tmp_pat
 
     deliver(a, b)  # the proposal
     deliver(b, a)  # the Accept: the client's Initial goes
-    deliver(a, b)  # the Initial
-    deliver(b, a)  # the server's flight: the client's TLS is done, its Finished out
+    deliver(a, b)  # the Initial: answered with a Retry, nothing kept
+    deliver(b, a)  # the Retry: the Initial again, with the token
+    deliver(a, b)  # the server validated the address: its flight
+    deliver(b, a)  # the client's TLS is done, its Finished out
     assert a.scheme is not None and a.scheme.up and a.up is None  # keys, not acceptance
     assert isinstance(a.scheme, QuicScheme) and a.scheme._conn is not None
     assert not a.scheme._conn._handshake_confirmed
@@ -275,6 +277,59 @@ def test_a_server_drops_anything_but_a_full_initial_without_state(
     for junk in (b"", b"\xc0" * 50, b"\x40" + bytes(1300), b"\xc0" + bytes(1300)):
         assert scheme.receive(junk, 1.0) == []
         assert scheme._conn is None and scheme.datagrams_to_send() == []
+
+
+def first_initial(client: QuicContext) -> bytes:
+    scheme = QuicScheme(client, initiator=True)
+    scheme.start(1.0)
+    (initial,) = scheme.datagrams_to_send()
+    return initial
+
+
+def test_a_server_answers_a_first_initial_with_a_retry_and_keeps_nothing(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    """No handshake work for an address that has not shown it receives (RFC 9000
+    §8.1.2): a spoofed Initial costs a Retry of under 100 bytes, and no connection."""
+    client, server = contexts(pki, tmp_path)
+    scheme = QuicScheme(server, initiator=False, peer_address=b"192.0.2.1:4433")
+    assert scheme.receive(first_initial(client), 1.0) == []
+    (retry,) = scheme.datagrams_to_send()
+    assert retry[0] & 0xF0 == 0xF0 and len(retry) < 100  # a Retry packet
+    assert scheme._conn is None
+
+
+def test_a_retry_token_is_bound_to_the_address_the_cid_and_its_lifetime(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    tokens = QuicContext(pki.config("node-b", tmp_path / "b")).retry
+    token = tokens.make(b"addr-1", b"odcid-12", b"scid-123", 100.0)
+    assert tokens.check(b"addr-1", token, b"scid-123", 105.0) == b"odcid-12"
+    assert tokens.check(b"addr-2", token, b"scid-123", 105.0) is None  # another address
+    assert tokens.check(b"addr-1", token, b"scid-999", 105.0) is None  # another Retry
+    assert tokens.check(b"addr-1", token, b"scid-123", 111.0) is None  # too old
+    assert tokens.check(b"addr-1", token, b"scid-123", 99.0) is None  # from the future
+    forged = token[:-1] + bytes([token[-1] ^ 1])
+    assert tokens.check(b"addr-1", forged, b"scid-123", 105.0) is None
+    for cut in range(len(token)):
+        assert tokens.check(b"addr-1", token[:cut], b"scid-123", 105.0) is None
+
+
+def test_a_token_from_another_address_starts_no_handshake(pki: LivePki, tmp_path: Path) -> None:
+    client, server = contexts(pki, tmp_path)
+    a = QuicScheme(client, initiator=True)
+    honest = QuicScheme(server, initiator=False, peer_address=b"10.0.0.1:1")
+    a.start(1.0)
+    for datagram in a.datagrams_to_send():
+        honest.receive(datagram, 1.0)
+    for datagram in honest.datagrams_to_send():
+        a.receive(datagram, 1.0)  # the Retry
+    (with_token,) = [d for d in a.datagrams_to_send() if len(d) >= 1200]
+    replayed = QuicScheme(server, initiator=False, peer_address=b"10.0.0.2:1")
+    assert replayed.receive(with_token, 1.0) == []
+    assert replayed._conn is None and replayed.datagrams_to_send() == []
+    honest.receive(with_token, 1.0)
+    assert honest._conn is not None  # the same token from its own address
 
 
 def test_a_peer_may_open_no_stream(pki: LivePki, tmp_path: Path) -> None:

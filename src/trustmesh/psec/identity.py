@@ -57,7 +57,8 @@ class PsecIdentity:
 
 def psec_identity(config: TlsConfig, schemes: Sequence[str] = AVAILABLE) -> PsecIdentity:
     """The identity of ``config``'s certificate, offering ``schemes`` in that order.
-    Each scheme's contexts are built once here."""
+    Each scheme's contexts are built once here. A server's DTLS cookie and QUIC Retry
+    token bind the peer address each factory is made for."""
     unknown = [s for s in schemes if s not in AVAILABLE]
     if unknown:
         raise ValueError(f"unknown schemes: {', '.join(unknown)}")
@@ -67,10 +68,13 @@ def psec_identity(config: TlsConfig, schemes: Sequence[str] = AVAILABLE) -> Psec
     if QUIC in schemes:
         context = QuicContext(config)
 
-        def quic(initiator: bool) -> QuicScheme:
-            return QuicScheme(context, initiator=initiator)
+        def quic_for(address: bytes) -> SchemeFactory:
+            def quic(initiator: bool) -> QuicScheme:
+                return QuicScheme(context, initiator=initiator, peer_address=address)
 
-        makers[QUIC] = lambda address: quic
+            return quic
+
+        makers[QUIC] = quic_for
     return _identity(config, {name: makers[name] for name in schemes})
 
 

@@ -30,6 +30,9 @@ and tests/psec/test_psec_quic.py checks each hook.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import ssl
 from collections import deque
 from dataclasses import replace
@@ -39,7 +42,12 @@ from aioquic._buffer import Buffer
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicPacketType,
+    encode_quic_retry,
+    pull_quic_header,
+)
 from aioquic.tls import AlertDescription, Epoch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -63,6 +71,8 @@ SHORT_HEADER = 1
 PACKET_NUMBER_MAX = 4
 AEAD_TAG = 16
 FRAME_HEADER = 1 + 2
+RETRY_TOKEN_LIFETIME = 10.0  # seconds a Retry token is good for
+RETRY_MAC = 16
 
 
 class QuicSchemeError(ProtocolError):
@@ -94,6 +104,7 @@ class QuicContext:
             max_stream_data=0,
         )
         self.server = replace(self.client, is_client=False)
+        self.retry = RetryTokens()
 
     def refusal(
         self, chain: tuple[x509.Certificate, ...], *, chain_checked: bool = False
@@ -119,6 +130,37 @@ class QuicContext:
             else AlertDescription.bad_certificate
         )
         return alert, reason
+
+
+class RetryTokens:
+    """Stateless Retry tokens (RFC 9000 §8.1.2): a server answers a client's first
+    Initial with a Retry carrying one, and starts a connection (and its handshake) only
+    for an Initial that brings it back from the same address within
+    ``RETRY_TOKEN_LIFETIME``. Token: the time in ms (8 bytes), the original destination
+    connection ID (length-prefixed), and an HMAC over those, the peer address and the
+    Retry's source connection ID."""
+
+    def __init__(self) -> None:
+        self._secret = os.urandom(32)
+
+    def make(self, address: bytes, original_dcid: bytes, retry_scid: bytes, now: float) -> bytes:
+        stamp = max(0, int(now * 1000)).to_bytes(8, "big")
+        body = stamp + bytes([len(original_dcid)]) + original_dcid
+        return body + self._mac(address, body, retry_scid)
+
+    def check(self, address: bytes, token: bytes, dcid: bytes, now: float) -> bytes | None:
+        """The original destination connection ID a valid token names, else None."""
+        if len(token) < 9 + RETRY_MAC or len(token) != 9 + token[8] + RETRY_MAC:
+            return None
+        body, mac = token[:-RETRY_MAC], token[-RETRY_MAC:]
+        if not hmac.compare_digest(mac, self._mac(address, body, dcid)):
+            return None
+        age = now - int.from_bytes(body[:8], "big") / 1000
+        return body[9:] if 0 <= age <= RETRY_TOKEN_LIFETIME else None
+
+    def _mac(self, address: bytes, body: bytes, retry_scid: bytes) -> bytes:
+        message = len(address).to_bytes(2, "big") + address + body + retry_scid
+        return hmac.new(self._secret, message, hashlib.sha256).digest()[:RETRY_MAC]
 
 
 class _Connection(QuicConnection):
@@ -152,8 +194,11 @@ class _Connection(QuicConnection):
 class QuicScheme:
     name = NAME
 
-    def __init__(self, context: QuicContext, *, initiator: bool) -> None:
+    def __init__(self, context: QuicContext, *, initiator: bool, peer_address: bytes = b"") -> None:
+        """``peer_address``: the peer's address as bytes, which a server's Retry token
+        binds (a token made for one address does not validate another)."""
         self.context = context
+        self.peer_address = peer_address
         self.initiator = initiator
         self.up = False
         self.closed: SchemeClosed | None = None
@@ -162,6 +207,7 @@ class QuicScheme:
         if initiator:
             self._conn = _Connection(configuration=context.client)
         self._now = 0.0
+        self._retry: bytes | None = None  # a Retry to send: the server holds nothing else
         self._early: deque[bytes] = deque()  # data that came with the handshake's end
         self._checked = False
 
@@ -216,7 +262,8 @@ class QuicScheme:
         """What aioquic has to send now: built here, late, so that what the caller
         queued in answer to our events (a confirm) shares their packets."""
         if self._conn is None:
-            return []
+            retry, self._retry = self._retry, None
+            return [retry] if retry is not None else []
         return [data for data, _ in self._conn.datagrams_to_send(self._now)]
 
     def get_timer(self) -> float | None:
@@ -249,7 +296,9 @@ class QuicScheme:
 
     def _accept_initial(self, datagram: bytes) -> bool:
         """A server's connection starts with the client's Initial (a full 1,200-byte
-        datagram of a version we speak); anything else is dropped without state."""
+        datagram of a version we speak) that brings back our Retry token: the address
+        is validated before any handshake work. Anything else is dropped, and an
+        Initial without a token is answered with a Retry, without state."""
         if len(datagram) < DEFAULT_MAX_FRAME:
             return False
         try:
@@ -263,9 +312,25 @@ class QuicScheme:
             or header.version not in self.context.server.supported_versions
         ):
             return False
+        tokens = self.context.retry
+        if not header.token:
+            retry_scid = os.urandom(self.context.server.connection_id_length)
+            token = tokens.make(self.peer_address, header.destination_cid, retry_scid, self._now)
+            self._retry = encode_quic_retry(
+                version=header.version,
+                source_cid=retry_scid,
+                destination_cid=header.source_cid,
+                original_destination_cid=header.destination_cid,
+                retry_token=token,
+            )
+            return False
+        original = tokens.check(self.peer_address, header.token, header.destination_cid, self._now)
+        if original is None:
+            return False  # forged, stale, or from another address
         self._conn = _Connection(
             configuration=self.context.server,
-            original_destination_connection_id=header.destination_cid,
+            original_destination_connection_id=original,
+            retry_source_connection_id=header.destination_cid,
         )
         return True
 
