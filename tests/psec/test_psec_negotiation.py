@@ -8,6 +8,7 @@ import random
 from trustmesh.psec.frames import Accept, Propose, Reject
 from trustmesh.psec.negotiation import (
     GIVE_UP,
+    SETTLED_ANSWERS,
     Negotiated,
     Negotiation,
     Refused,
@@ -212,3 +213,57 @@ def test_a_downgraded_proposal_gives_different_transcripts_and_confirms() -> Non
     tag = d.confirm_tag(exporter, from_initiator=False)
     assert c.check_confirm(exporter, tag, from_initiator=False)
     assert not c.check_confirm(exporter, tag, from_initiator=True)
+
+
+def test_two_settled_peers_do_not_trade_proposals_forever() -> None:
+    """After a simultaneous settle, a stray repeated proposal gets at most one answer:
+    not a ping-pong of proposals as fast as the network goes."""
+    a, b = Negotiation(LOW, [DTLS]), Negotiation(HIGH, [DTLS])
+    a.propose(0.0)
+    b.propose(0.0)
+    proposal_a, proposal_b = a.datagrams_to_send(), b.datagrams_to_send()
+    for datagram in proposal_b:
+        a.receive(datagram, 0.0)
+    for datagram in proposal_a:
+        b.receive(datagram, 0.0)
+    assert a.result is not None and b.result is not None
+    traded = 0
+    now = 0.0
+    for datagram in proposal_a:  # one more copy of a's proposal, late
+        b.receive(datagram, now)
+    for _ in range(100):
+        now += 0.6  # past the answer's rate limit each time
+        moved = False
+        for src, dst in ((a, b), (b, a)):
+            for datagram in src.datagrams_to_send():
+                moved = True
+                traded += 1
+                dst.receive(datagram, now)
+        if not moved:
+            break
+    assert not moved  # it ended
+    assert traded <= 2 * (SETTLED_ANSWERS + 1)  # the re-send at settling, then the answers
+
+
+def test_a_peer_proposing_too_is_not_settled_by_the_peers_first_scheme_packet() -> None:
+    """Simultaneous, and the first proposal was lost (the peer's socket was not bound
+    yet). The side that got the other's proposal settles, as initiator here, and starts
+    its scheme. Its scheme packet must not settle the peer as initiator too (it is no
+    answer to the peer's first flight); its proposal, sent again as it settles, settles
+    the peer the same way, on one transcript."""
+    low = Negotiation(LOW, [DTLS], simultaneous=True)
+    high = Negotiation(HIGH, [DTLS], simultaneous=True)
+    low.propose(0.0, first_flight=b"\x16low's ClientHello")
+    low.datagrams_to_send()  # lost: high was not listening yet
+    high.propose(0.1, first_flight=b"\x16high's ClientHello")
+    for datagram in high.datagrams_to_send():
+        low.receive(datagram, 0.1)
+    assert low.result is not None and low.result.initiator  # LOW's ID is the lower
+    resent = low.datagrams_to_send()
+    assert any(d[0] == 0 for d in resent)  # its proposal again: high may lack it
+    assert high.receive(b"\x16low's scheme packet", 0.2) == []  # arrives first
+    assert high.result is None
+    for datagram in resent:
+        high.receive(datagram, 0.2)
+    assert high.result is not None and not high.result.initiator and high.result.simultaneous
+    assert low.transcript_hash() == high.transcript_hash()

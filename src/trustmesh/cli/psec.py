@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,14 @@ from trustmesh.io.psec import Address, PsecEndpoint, open_psec
 from trustmesh.keystore.filestore import PASSPHRASE_ENV
 from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp
 from trustmesh.psec.frames import check_schemes
-from trustmesh.psec.identity import AVAILABLE, PsecIdentity, dtls_identity
+from trustmesh.psec.identity import AVAILABLE, PsecIdentity, psec_identity
 from trustmesh.sansio import Event
 from trustmesh.tls import TlsConfig
+from trustmesh.tls.context import parse_crl
+from trustmesh.tls.errors import TlsConfigError
 
 DEFAULT_PORT = 9443
+CRL_POLL = 2.0  # seconds between checks of a --crl file for changes
 
 
 def _schemes(value: str) -> tuple[str, ...]:
@@ -43,7 +48,12 @@ def _schemes(value: str) -> tuple[str, ...]:
 
 
 def _identity(
-    cert: Path, key: Path, ca: Path, crl: Path | None, names: tuple[str, ...]
+    cert: Path,
+    key: Path,
+    ca: Path,
+    crl: Path | None,
+    names: tuple[str, ...],
+    is_revoked: Callable[[int], bool] | None = None,
 ) -> PsecIdentity:
     passphrase = os.environ.get(PASSPHRASE_ENV)
     config = TlsConfig(
@@ -52,8 +62,59 @@ def _identity(
         ca_file=ca,
         crl_file=crl,
         key_passphrase=passphrase.encode() if passphrase else None,
+        is_revoked=is_revoked,
     )
-    return dtls_identity(config, names)
+    return psec_identity(config, names)
+
+
+class CrlWatch:
+    """The CRL of a ``--crl`` file, read again when its modification time, size or inode
+    changes (an atomic rename counts too). A new CRL must be signed by a CA we know (the
+    CA bundle, or the issuing CA in our own chain file) and be no older than the one in
+    use: a replayed old CRL must not lift a revocation."""
+
+    def __init__(self, path: Path, cert: Path, ca: Path) -> None:
+        self.path = path
+        self.issuers = [
+            *x509.load_pem_x509_certificates(ca.read_bytes()),
+            *x509.load_pem_x509_certificates(cert.read_bytes())[1:],
+        ]
+        self.crl: x509.CertificateRevocationList | None = None
+        self._seen: tuple[int, int, int] | None = None
+
+    def is_revoked(self, serial: int) -> bool:
+        crl = self.crl
+        return crl is not None and crl.get_revoked_certificate_by_serial_number(serial) is not None
+
+    def poll(self) -> x509.CertificateRevocationList | None:
+        """The new CRL, now in use, if the file changed; else None. Raises ``OSError``,
+        ``ValueError`` (not a CRL) or ``TlsConfigError`` (refused; the old one stays)."""
+        stat = os.stat(self.path)
+        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if key == self._seen:
+            return None
+        self._seen = key  # a file that does not parse is not read again until it changes
+        crl = parse_crl(self.path.read_bytes())  # as TlsConfig.crl_file is read
+        if not any(self._signed_by(crl, issuer) for issuer in self.issuers):
+            raise TlsConfigError(
+                f"the CRL is not signed by a CA we know ({crl.issuer.rfc4514_string()})"
+            )
+        if self.crl is not None and crl.last_update_utc < self.crl.last_update_utc:
+            raise TlsConfigError(
+                f"the CRL was issued at {crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ}, before the "
+                f"one in use ({self.crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ})"
+            )
+        self.crl = crl
+        return crl
+
+    @staticmethod
+    def _signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+        if issuer.subject != crl.issuer:
+            return False
+        try:
+            return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+        except TypeError:  # a key type that cannot sign CRLs
+            return False
 
 
 def _node_id(chain: tuple[x509.Certificate, ...]) -> str | None:
@@ -141,7 +202,11 @@ def psec() -> None:
 @click.option(
     "--crl",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A CRL (PEM or DER) whose revoked peers are refused.",
+    help=(
+        "A CRL (PEM or DER) whose revoked peers are refused. The file is checked for "
+        f"changes every {CRL_POLL:g} s; a new CRL (signed by a CA we know, and no older "
+        "than the one in use) also closes every up channel whose peer it revokes."
+    ),
 )
 @click.option("--echo", is_flag=True, help="Send every datagram back to its sender.")
 @limit_options
@@ -164,15 +229,31 @@ def listen(
       negotiated  {scheme, initiator, peer_id, peer_node_id, remote}  the channel is up
       datagram    {data, remote}
       rejected    {reason, remote}   no scheme in common, or the negotiation failed
-      closed      {reason, remote}
+      closed      {reason, remote}   "the peer's certificate was revoked" after a new CRL
+      crl         {source, revoked, last_update}   a changed --crl file is in use
+      crl-error   {source, reason}   a changed --crl file was refused; the old CRL stays
     """
     policy = pop_policy(limits)
-    identity = _identity(cert, key, ca, crl, _schemes(schemes))
-    asyncio.run(_listen(identity, host, port, echo, policy))
+    names = _schemes(schemes)
+    watch: CrlWatch | None = None
+    if crl is not None:
+        try:
+            watch = CrlWatch(crl, cert, ca)
+            watch.poll()
+        except (OSError, ValueError, TlsConfigError) as exc:
+            raise click.ClickException(f"cannot load the CRL {crl}: {exc}") from None
+    is_revoked = watch.is_revoked if watch is not None else None
+    identity = _identity(cert, key, ca, crl, names, is_revoked)
+    asyncio.run(_listen(identity, host, port, echo, policy, watch))
 
 
 async def _listen(
-    identity: PsecIdentity, host: str, port: int, echo: bool, policy: ResourcePolicy
+    identity: PsecIdentity,
+    host: str,
+    port: int,
+    echo: bool,
+    policy: ResourcePolicy,
+    watch: CrlWatch | None,
 ) -> None:
     endpoint: PsecEndpoint | None = None
 
@@ -185,7 +266,14 @@ async def _listen(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    endpoint = await open_psec(identity, host, port, on_event=on_event, policy=policy)
+    endpoint = await open_psec(
+        identity,
+        host,
+        port,
+        on_event=on_event,
+        policy=policy,
+        is_revoked=watch.is_revoked if watch is not None else None,
+    )
     emit(
         {
             "event": "listening",
@@ -195,15 +283,83 @@ async def _listen(
         },
         as_json=True,
     )
+    poller = _CrlPoller(watch, endpoint) if watch is not None else None
     try:
         await stop.wait()
     finally:
+        if poller is not None:
+            poller.cancel()
         endpoint.close()
+
+
+class _CrlPoller:
+    """Checks a --crl file every CRL_POLL seconds on a loop timer; a new CRL is put in
+    use (new handshakes ask it) and the endpoint closes the channels it revokes."""
+
+    def __init__(self, watch: CrlWatch, endpoint: PsecEndpoint) -> None:
+        self.watch = watch
+        self.endpoint = endpoint
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(CRL_POLL, self._check)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _check(self) -> None:
+        source = str(self.watch.path)
+        try:
+            crl = self.watch.poll()
+        except (OSError, ValueError, TlsConfigError) as exc:
+            emit({"event": "crl-error", "source": source, "reason": str(exc)}, as_json=True)
+        else:
+            if crl is not None:
+                emit(
+                    {
+                        "event": "crl",
+                        "source": source,
+                        "revoked": len(crl),
+                        "last_update": crl.last_update_utc.isoformat(),
+                    },
+                    as_json=True,
+                )
+                self.endpoint.revalidate()  # each channel closed prints a "closed" event
+        self._timer = self._loop.call_later(CRL_POLL, self._check)
 
 
 @psec.command()
 @click.argument("address", type=HostPort(DEFAULT_PORT))
 @_identity_options
+@click.option(
+    "--host",
+    help=(
+        "Local address to bind (default: 127.0.0.1 for a 127.x ADDRESS, :: for IPv6, else 0.0.0.0)."
+    ),
+)
+@click.option(
+    "--port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Local UDP port to bind (0: any free port).",
+)
+@click.option(
+    "--simultaneous",
+    is_flag=True,
+    help=(
+        "The peer at ADDRESS proposes to us at the same time (both run connect --port "
+        "with each other's port): its proposal joins our channel and the tie rule picks "
+        "the initiator. Needs --port."
+    ),
+)
+@click.option(
+    "--echo",
+    is_flag=True,
+    help=(
+        "Send every datagram received back to the peer. Stdin's lines still go as "
+        "datagrams, and the channel is kept after stdin ends, until it closes or SIGINT "
+        "or SIGTERM. Give it to one side only: two echoing sides echo each other forever."
+    ),
+)
 @click.option(
     "--timeout",
     default=10.0,
@@ -212,7 +368,12 @@ async def _listen(
     help="Seconds for the authenticated channel to come up (and, with --once, for the echo).",
 )
 @click.option(
-    "--once", is_flag=True, help="Exit 0 after one echoed datagram (stdin's first line, or 'ping')."
+    "--once",
+    is_flag=True,
+    help=(
+        "Exit 0 after one echoed datagram (stdin's first line, or 'ping'); with --echo, "
+        "after echoing the first datagram received (stdin is not read)."
+    ),
 )
 def connect(
     address: tuple[str, int],
@@ -220,6 +381,10 @@ def connect(
     key: Path,
     ca: Path,
     schemes: str,
+    host: str | None,
+    port: int,
+    simultaneous: bool,
+    echo: bool,
     timeout: float,
     once: bool,
 ) -> int:
@@ -227,55 +392,123 @@ def connect(
 
     Exits 0 when stdin ends after the channel came up (or, with --once, after one echoed
     datagram); 1 when no authenticated channel came up within --timeout, or it closed.
+    With --echo, exits 0 on SIGINT or SIGTERM (or, with --once, once it echoed).
+
+    \b
+    Simultaneous negotiation (two peers, each dialling the other; one echoes):
+      trustmesh psec connect 10.0.0.2:9001 --port 9002 --simultaneous --echo ...
+      echo hi | trustmesh psec connect 10.0.0.1:9002 --port 9001 --simultaneous --once ...
 
     \b
     Events: negotiated, datagram, rejected, closed (as for listen).
     """
+    if simultaneous and port == 0:
+        raise click.UsageError(
+            "--simultaneous needs --port: the peer must know where to send its proposal"
+        )
     identity = _identity(cert, key, ca, None, _schemes(schemes))
-    return asyncio.run(_connect(identity, address, timeout, once))
+    address = _resolved(address)
+    if host is None:
+        host = "::" if ":" in address[0] else "0.0.0.0"  # noqa: S104 (the reply's way back)
+        if address[0].startswith("127."):
+            host = "127.0.0.1"
+    return asyncio.run(_connect(identity, address, timeout, once, host, port, simultaneous, echo))
 
 
-async def _connect(identity: PsecIdentity, address: Address, wait_s: float, once: bool) -> int:
-    up, ended, echoed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+def _resolved(address: Address) -> Address:
+    """ADDRESS with its host name resolved: replies come from an IP address, and the
+    channel is keyed by the address it was dialled at."""
+    try:
+        infos = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot resolve {address[0]}: {exc}", param_hint="ADDRESS"
+        ) from None
+    infos.sort(key=lambda info: info[0] != socket.AF_INET)  # as listen's default host
+    sockaddr = infos[0][4]
+    return (str(sockaddr[0]), int(sockaddr[1]))
+
+
+async def _connect(
+    identity: PsecIdentity,
+    address: Address,
+    wait_s: float,
+    once: bool,
+    host: str,
+    port: int,
+    simultaneous: bool,
+    echo: bool,
+) -> int:
+    up, ended, received, stop = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+    bound: list[PsecEndpoint] = []
+
+    def dial(endpoint: PsecEndpoint) -> None:
+        # Before the socket reads anything: the peer's proposal, if it proposes too,
+        # can only find the channel this makes.
+        bound.append(endpoint)
+        endpoint.connect(address, simultaneous=simultaneous)
 
     def on_event(remote: Address, event: Event) -> None:
+        if remote != address:
+            return  # another peer that proposed to our port: not the channel we dial
         _report(remote, event)
         if isinstance(event, ChannelUp):
             up.set()
         elif isinstance(event, ChannelData):
-            echoed.set()
+            if echo:
+                bound[0].send(remote, event.data)
+            received.set()
         elif isinstance(event, ChannelClosed):
             ended.set()
 
-    host = "::" if ":" in address[0] else "0.0.0.0"  # noqa: S104 (the reply's way back)
-    if address[0].startswith("127."):
-        host = "127.0.0.1"
-    endpoint = await open_psec(identity, host, 0, on_event=on_event)
+    if echo:  # serving until interrupted: SIGINT and SIGTERM end it cleanly
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    endpoint = await open_psec(identity, host, port, on_event=on_event, on_bound=dial)
     try:
-        endpoint.connect(address)
-        if not await _first(up, ended, wait_s) or ended.is_set():
+        if not await _first(wait_s, up, ended, stop) or ended.is_set():
             if not ended.is_set():
                 emit({"event": "closed", "reason": f"no channel within {wait_s:g} s"}, as_json=True)
             return 1
+        if stop.is_set():  # interrupted: fine once up, a failure before
+            return 0 if up.is_set() else 1
+        if once and echo:
+            await _first(wait_s, received, ended, stop)
+            return 0 if received.is_set() and not ended.is_set() else 1
         lines = stdin_lines(asyncio.get_running_loop())
         if once:
             line = await asyncio.wait_for(lines.get(), wait_s)
             endpoint.send(address, line or b"ping")
-            return 0 if await _first(echoed, ended, wait_s) and not ended.is_set() else 1
-        while (line := await lines.get()) is not None:
-            if ended.is_set():
-                return 1
+            await _first(wait_s, received, ended)
+            return 0 if received.is_set() and not ended.is_set() else 1
+        while (line := await _next_line(lines, ended, stop)) is not None:
             endpoint.send(address, line)
-        return 0
+        if echo and not ended.is_set():
+            await _first(None, ended, stop)  # stdin is done; the echo goes on
+        return 1 if ended.is_set() else 0
     except TimeoutError:
         return 1
     finally:
         endpoint.close()
 
 
-async def _first(wanted: asyncio.Event, ended: asyncio.Event, wait_s: float) -> bool:
-    """Wait for ``wanted`` or ``ended``, at most ``wait_s`` seconds; True if either."""
-    waits = [asyncio.ensure_future(wanted.wait()), asyncio.ensure_future(ended.wait())]
+async def _next_line(lines: asyncio.Queue[bytes | None], *ends: asyncio.Event) -> bytes | None:
+    """The next line of stdin; None when stdin ends, or one of ``ends`` is set first."""
+    getter = asyncio.ensure_future(lines.get())
+    waits = [asyncio.ensure_future(end.wait()) for end in ends]
+    await asyncio.wait((getter, *waits), return_when=asyncio.FIRST_COMPLETED)
+    for task in (getter, *waits):
+        task.cancel()
+    if any(end.is_set() for end in ends) or not getter.done() or getter.cancelled():
+        return None
+    return getter.result()
+
+
+async def _first(wait_s: float | None, *events: asyncio.Event) -> bool:
+    """Wait until one of ``events`` is set, at most ``wait_s`` seconds (None: no limit);
+    True if one is."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
     done, pending = await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()

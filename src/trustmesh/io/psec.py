@@ -1,6 +1,7 @@
-"""PSEC over UDP: one asyncio datagram socket, many peers (docs/protocols/psec.md §9).
+"""PSEC over UDP: one asyncio datagram socket, many peers (docs/protocols/psec.md, the
+UDP driver).
 
-    endpoint = await open_psec(dtls_identity(tls_config), "127.0.0.1", 9000, on_event=print)
+    endpoint = await open_psec(psec_identity(tls_config), "127.0.0.1", 9000, on_event=print)
     endpoint.connect(("127.0.0.1", 9001))      # or wait for a peer's proposal
     endpoint.send(("127.0.0.1", 9001), b"hi")  # once ChannelUp came
     endpoint.close()
@@ -14,6 +15,17 @@ channel is up, which needs our confirm, or we dialled it), we send it at most 3 
 the bytes it sent us (RFC 9000 §8.1); the rest waits, at most ``max_queued_bytes``, for
 more bytes from it. A spoofed source can make us hold a small table entry and answer
 with a cookie, never with a certificate flight.
+
+Simultaneous negotiation (psec.md §4.2): ``connect(address, simultaneous=True)`` when the
+peer proposes to us as well. Its proposal goes to the same channel (channels are by
+address); one that came before our ``connect`` has opened a channel already, which is
+kept (we answered it: a standard negotiation). To leave no such window at all, connect
+from ``on_bound``, which runs before the socket reads anything.
+
+Revocation for the life of a channel: with ``is_revoked`` (serial number -> revoked, as
+``TlsConfig.is_revoked``), a channel whose peer certificate is revoked is closed when it
+comes up, and :meth:`PsecEndpoint.revalidate` closes every up channel whose peer has
+been revoked since; nothing from such a channel is delivered after.
 """
 
 from __future__ import annotations
@@ -37,15 +49,18 @@ log = logging.getLogger("trustmesh.io.psec")
 
 AMPLIFICATION = 3  # bytes sent per byte received, to an address not yet validated
 MAX_DATAGRAM = 65535
+REVOKED = "the peer's certificate was revoked"
 
 Address = tuple[str, int]
 EventHandler = Callable[[Address, Event], None]
+RevocationCheck = Callable[[int], bool]  # certificate serial number -> revoked
 
 
 @dataclass
 class _Peer:
     channel: PsecChannel
     validated: bool
+    dialled: bool = False  # connect() made it (else the peer's proposal did)
     received: int = 0
     sent: int = 0
     held: deque[bytes] = field(default_factory=deque)
@@ -61,11 +76,18 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         *,
         on_event: EventHandler,
         policy: ResourcePolicy | None = None,
+        is_revoked: RevocationCheck | None = None,
+        on_bound: Callable[[PsecEndpoint], None] | None = None,
     ) -> None:
+        """``is_revoked``: asked for the serial of each peer's certificate when its
+        channel comes up and at each :meth:`revalidate`. ``on_bound``: called once the
+        socket is bound, before it reads anything (connect there and no datagram from
+        the peer can come first); what it raises, :func:`open_psec` raises."""
         self.local = identity.peer_id
         self.factories_for = identity.factories_for
         self.on_event = on_event
         self.policy = policy or ResourcePolicy()
+        self.is_revoked = is_revoked
         self.stats = LimitStats("psec")
         self.peers: dict[Address, _Peer] = {}
         self._unproven: Counter[str] = Counter()  # channels not yet up, per source
@@ -73,11 +95,19 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
+        self._on_bound = on_bound
+        self._bound_error: Exception | None = None
 
     # --- asyncio ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.DatagramTransport, transport)
+        if self._on_bound is not None:
+            # asyncio starts reading only after connection_made returns
+            try:
+                self._on_bound(self)
+            except Exception as exc:  # open_psec raises it
+                self._bound_error = exc
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed.set()
@@ -104,14 +134,36 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         assert self._transport is not None
         return int(self._transport.get_extra_info("sockname")[1])
 
-    def connect(self, address: Address, *, expected_peer: PeerId | None = None) -> None:
-        """Propose to ``address`` (we chose to send to it: it counts as validated)."""
-        if address in self.peers:
-            raise ProtocolError(f"a channel with {address} exists already")
+    def connect(
+        self,
+        address: Address,
+        *,
+        expected_peer: PeerId | None = None,
+        simultaneous: bool = False,
+    ) -> None:
+        """Propose to ``address`` (we chose to send to it: it counts as validated).
+
+        ``simultaneous``: the peer proposes to us as well (psec.md §4.2). Its proposal
+        joins this channel, and if it came first (a channel it opened exists) that
+        channel stays: we answered it, and the standard negotiation goes on."""
+        held = self.peers.get(address)
+        if held is not None:
+            if not simultaneous or held.dialled:
+                raise ProtocolError(f"a channel with {address} exists already")
+            proposer = held.channel.negotiation.peer_id
+            if expected_peer is not None and proposer not in (None, expected_peer):
+                raise ProtocolError(f"{address} proposed as {proposer}, not {expected_peer}")
+            held.dialled = True
+            self._validate(address, held)
+            self._flush(address, held)
+            return
         channel = PsecChannel(
-            self.local, self.factories_for(_key(address)), expected_peer=expected_peer
+            self.local,
+            self.factories_for(_key(address)),
+            expected_peer=expected_peer,
+            simultaneous=simultaneous,
         )
-        peer = _Peer(channel, validated=True)
+        peer = _Peer(channel, validated=True, dialled=True)
         self.peers[address] = peer
         self._per_source[source_of(address)] += 1
         self._arm_deadline(address, peer)
@@ -123,6 +175,21 @@ class PsecEndpoint(asyncio.DatagramProtocol):
             raise ProtocolError(f"no channel up with {address}")
         peer.channel.send(data)
         self._flush(address, peer)
+        self._arm(address, peer)  # a scheme may hold it for a moment (QUIC paces)
+
+    def revalidate(self) -> list[Address]:
+        """Close every up channel whose peer's certificate ``is_revoked`` now says is
+        revoked: its scheme sends its close, ``ChannelClosed("the peer's certificate was
+        revoked")`` goes to ``on_event``, and the channel is forgotten (a datagram from
+        the address is then dropped unless it is a new proposal). Returns the addresses
+        of the channels closed. Call it whenever the revocation view changes."""
+        closed: list[Address] = []
+        for address, peer in list(self.peers.items()):
+            up = peer.channel.up
+            if up is not None and self._revoked(up):
+                self._shut(address, peer, REVOKED)
+                closed.append(address)
+        return closed
 
     def close(self) -> None:
         for address in list(self.peers):
@@ -170,20 +237,43 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         for event in events:
             if isinstance(event, ChannelUp):
                 self._proven(address, peer)
+                if self._revoked(event):
+                    self._shut(address, peer, REVOKED)
+                    return
             self.on_event(address, event)
             if isinstance(event, ChannelClosed):
                 self._forget(address)
                 return
         self._arm(address, peer)
 
+    def _revoked(self, up: ChannelUp) -> bool:
+        if self.is_revoked is None or not up.peer_chain:
+            return False
+        try:
+            return self.is_revoked(up.peer_chain[0].serial_number)
+        except Exception:
+            log.exception("the revocation check failed; taking the peer as revoked")
+            return True
+
+    def _shut(self, address: Address, peer: _Peer, reason: str) -> None:
+        """Close a channel from our side: the scheme sends its close (best effort, on
+        UDP), the application hears ``reason``, and the channel is forgotten."""
+        for event in peer.channel.close(reason):
+            self.on_event(address, event)
+        self._flush(address, peer)
+        self._forget(address)
+
     def _proven(self, address: Address, peer: _Peer) -> None:
         if peer.deadline is not None:
             peer.deadline.cancel()
             peer.deadline = None
+        self._validate(address, peer)
+        self._flush(address, peer)
+
+    def _validate(self, address: Address, peer: _Peer) -> None:
         if not peer.validated:
             peer.validated = True
             self._unproven[source_of(address)] -= 1
-        self._flush(address, peer)
 
     def _flush(self, address: Address, peer: _Peer) -> None:
         for datagram in peer.channel.datagrams_to_send():
@@ -236,13 +326,21 @@ async def open_psec(
     *,
     on_event: EventHandler,
     policy: ResourcePolicy | None = None,
+    is_revoked: RevocationCheck | None = None,
+    on_bound: Callable[[PsecEndpoint], None] | None = None,
 ) -> PsecEndpoint:
-    """Bind a UDP socket at ``host:port`` (0: any free port) for PSEC."""
+    """Bind a UDP socket at ``host:port`` (0: any free port) for PSEC. ``on_bound`` runs
+    once it is bound, before it reads a datagram (see :class:`PsecEndpoint`)."""
     loop = asyncio.get_running_loop()
     _, endpoint = await loop.create_datagram_endpoint(
-        lambda: PsecEndpoint(identity, on_event=on_event, policy=policy),
+        lambda: PsecEndpoint(
+            identity, on_event=on_event, policy=policy, is_revoked=is_revoked, on_bound=on_bound
+        ),
         local_addr=(host, port),
     )
+    if endpoint._bound_error is not None:
+        endpoint.close()
+        raise endpoint._bound_error
     return endpoint
 
 

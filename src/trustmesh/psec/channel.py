@@ -64,8 +64,12 @@ class PsecChannel:
         schemes: Mapping[str, SchemeFactory],
         *,
         expected_peer: PeerId | None = None,
+        simultaneous: bool = False,
     ) -> None:
-        self.negotiation = Negotiation(local, list(schemes), expected_peer=expected_peer)
+        """``simultaneous``: the peer proposes to us as well (psec.md §4.2)."""
+        self.negotiation = Negotiation(
+            local, list(schemes), expected_peer=expected_peer, simultaneous=simultaneous
+        )
         self.factories = dict(schemes)
         self.scheme: Scheme | None = None
         self.agreed: Negotiated | None = None
@@ -110,6 +114,10 @@ class PsecChannel:
     def datagrams_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
         return out
+
+    def close(self, reason: str) -> list[Event]:
+        """Close from our side (the scheme sends its close, best effort on UDP)."""
+        return self._close(reason)
 
     def get_timer(self) -> float | None:
         times = [self.negotiation.get_timer(), self._confirm_at, self._deadline]

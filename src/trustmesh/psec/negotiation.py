@@ -41,6 +41,7 @@ from trustmesh.wire.varint import encode_uvarint
 FIRST_RETRY = 0.5  # seconds before the first retransmission of a proposal ...
 MAX_RETRY = 4.0  # ... doubling up to this ...
 GIVE_UP = 30.0  # ... until this long after the first proposal (10 tries)
+SETTLED_ANSWERS = 5  # proposals we send again, at most, to a peer after settling
 TRANSCRIPT_LABEL = b"trustmesh-psec-transcript/1\n"
 CONFIRM_LABEL = b"trustmesh-psec-confirm/1\n"
 
@@ -98,15 +99,19 @@ class Negotiation:
         expected_peer: PeerId | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         give_up: float = GIVE_UP,
+        simultaneous: bool = False,
     ) -> None:
         """``expected_peer``: the peer we dial, if we know its ID; a proposal under
         another ID is then ignored. ``give_up``: seconds a proposal waits for an answer
-        before the negotiation fails."""
+        before the negotiation fails. ``simultaneous``: the peer proposes to us too, so
+        a scheme packet before we settle may be the peer starting the scheme it settled
+        on, not an answer to our first flight: only a frame settles us (psec.md §4.2)."""
         check_schemes(schemes)
         self.local = local
         self.schemes = tuple(schemes)
         self.max_frame = max_frame
         self.give_up = give_up
+        self.simultaneous = simultaneous
         self.state = State.IDLE
         self.peer_id: PeerId | None = expected_peer
         self.result: Negotiated | None = None
@@ -118,6 +123,9 @@ class Negotiation:
         self._sent_flight = False
         self._accepted: bytes | None = None  # our Accept, sent again to a repeated proposal
         self._last_proposal = b""  # sent again, after a simultaneous settle, to a repeat
+        self._last_proposal_at = float("-inf")
+        self._answers_left = SETTLED_ANSWERS
+        self._peer_settled = False  # a scheme packet came: the peer holds our proposal
         self._proposals: dict[bytes, Propose] = {}  # by sender peer ID, initiation stripped
 
     # --- the sans-IO surface ------------------------------------------------------------
@@ -147,7 +155,7 @@ class Negotiation:
         except DecodeError:
             return []  # a malformed datagram on UDP: dropped (psec.md §4.4), not fatal
         if isinstance(frame, Propose):
-            return self._on_propose(frame)
+            return self._on_propose(frame, now)
         if isinstance(frame, Accept):
             return self._on_accept(frame)
         return self._on_reject()
@@ -202,6 +210,7 @@ class Negotiation:
             self._sent_flight = True
         self._out.append(frame)
         self._last_proposal = frame
+        self._last_proposal_at = now
         self._retry_at = now + self._retry_wait
         self._retry_wait = min(self._retry_wait * 2, MAX_RETRY)
 
@@ -213,7 +222,7 @@ class Negotiation:
             raise PsecError(f"{proposal.peer_id} changed its proposal")
         self._proposals[key] = stripped
 
-    def _on_propose(self, frame: Propose) -> list[Event]:
+    def _on_propose(self, frame: Propose, now: float) -> list[Event]:
         if frame.peer_id == self.local:
             return []  # our own proposal reflected back
         if self.peer_id is not None and frame.peer_id != self.peer_id:
@@ -226,13 +235,26 @@ class Negotiation:
         if self.state is State.NEGOTIATED:
             if self._accepted is not None:
                 self._out.append(self._accepted)  # our Accept was lost: say it again
-            elif self.result is not None and self.result.simultaneous:
-                # Ours was lost: the peer, still proposing, settles on the same scheme
-                # once it has it (both sides apply the same rule to the same two lists).
-                self._out.append(self._last_proposal)
+            elif (
+                self.result is not None
+                and self.result.simultaneous
+                and not self._peer_settled
+                and self._answers_left > 0
+                and now - self._last_proposal_at >= FIRST_RETRY
+            ):
+                # Ours may have been lost: the peer, still proposing, settles on the same
+                # scheme once it has it (both sides apply the same rule to the same two
+                # lists). Not to a peer that has shown it settled, not more often than
+                # our retransmissions, and a few times only: two settled peers must not
+                # trade proposals for ever.
+                self._answers_left -= 1
+                self._send_last_proposal(now)
             return []
         if self.state is State.PROPOSED:
-            return self._simultaneous(frame)
+            events = self._simultaneous(frame)
+            if self.result is not None:
+                self._send_last_proposal(now)  # the peer may lack ours: it settles too
+            return events
         return self._standard(frame)
 
     def _standard(self, frame: Propose) -> list[Event]:
@@ -276,10 +298,15 @@ class Negotiation:
             return []
         return self._fail("the peer rejected every scheme we proposed")
 
+    def _send_last_proposal(self, now: float) -> None:
+        self._out.append(self._last_proposal)
+        self._last_proposal_at = now
+
     def _scheme_packet(self, data: bytes) -> list[Event]:
         if self.state is State.NEGOTIATED:
+            self._peer_settled = True
             return [SchemePacket(data)]
-        if self.state is State.PROPOSED and self._sent_flight:
+        if self.state is State.PROPOSED and self._sent_flight and not self.simultaneous:
             # The peer answers our first flight, so it took our first choice (its Accept
             # was lost or is late): settled, and this is the scheme's packet.
             events = self._settle(
