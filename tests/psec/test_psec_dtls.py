@@ -149,3 +149,16 @@ def test_a_cookie_from_another_address_is_not_accepted(pki: LivePki, tmp_path: P
     # No certificate flight to an address the cookie was not made for.
     sent = other.datagrams_to_send()
     assert all(len(d) < 3 * len(hello_with_cookie) for d in sent) and not other.up
+
+
+def test_a_server_knows_the_address_validated_once_its_cookie_came_back(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    client, server = pair(pki, tmp_path)
+    assert client.address_validated and not server.address_validated
+    client.start(0.0)
+    for datagram in client.datagrams_to_send():
+        server.receive(datagram, 0.0)  # a ClientHello without a cookie
+    assert not server.address_validated  # answered with a cookie only
+    pump(client, server)
+    assert server.up and server.address_validated

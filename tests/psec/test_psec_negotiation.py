@@ -267,3 +267,20 @@ def test_a_peer_proposing_too_is_not_settled_by_the_peers_first_scheme_packet() 
         high.receive(datagram, 0.2)
     assert high.result is not None and not high.result.initiator and high.result.simultaneous
     assert low.transcript_hash() == high.transcript_hash()
+
+
+def test_a_stray_proposal_after_settling_changes_nothing() -> None:
+    """A dialler learns its peer's ID only from the certificate: a proposal from anyone
+    else, after the Accept, must not enter the transcript (the confirm would then fail)
+    nor draw an answer."""
+    a, b = Negotiation(LOW, [DTLS]), Negotiation(HIGH, [DTLS])
+    a.propose(0.0)
+    for datagram in a.datagrams_to_send():
+        b.receive(datagram, 0.0)
+    for datagram in b.datagrams_to_send():
+        a.receive(datagram, 0.0)
+    assert a.result is not None and b.result is not None
+    before = a.transcript_hash()
+    assert a.receive(Propose(peer("stranger"), (DTLS,)).encode(), 0.1) == []
+    assert a.datagrams_to_send() == []
+    assert a.transcript_hash() == before == b.transcript_hash()

@@ -451,3 +451,17 @@ def test_simultaneous_proposals_settle_on_quic_on_a_tie(pki: LivePki, tmp_path: 
     assert a.up.scheme == b.up.scheme == favoured
     assert lower.up is not None and lower.up.initiator
     assert isinstance(a.up, ChannelUp)
+
+
+def test_a_server_knows_the_address_validated_once_its_retry_token_came_back(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    client, server = contexts(pki, tmp_path)
+    a, b = QuicScheme(client, initiator=True), QuicScheme(server, initiator=False)
+    assert a.address_validated and not b.address_validated
+    a.start(1.0)
+    for datagram in a.datagrams_to_send():
+        b.receive(datagram, 1.0)
+    assert not b.address_validated  # a Retry, nothing else
+    Pump(a, b).run()
+    assert b.up and b.address_validated

@@ -122,6 +122,7 @@ class LoudScheme:
 
     up = False
     payload_limit = 1200
+    address_validated = False
 
     def __init__(self) -> None:
         self.out: list[bytes] = []
@@ -175,6 +176,24 @@ async def test_an_unvalidated_address_gets_at_most_3x_what_it_sent() -> None:
     endpoint.datagram_received(b"\x16" + b"r" * 1000, victim)  # a retransmission, say
     assert transport.sent[victim] <= 3 * (len(proposal) + 1001)
     assert endpoint.peers[victim].held_bytes < held
+    endpoint.close()
+
+
+async def test_an_address_the_scheme_validated_gets_its_flight_whole() -> None:
+    """A cookie or a Retry token that came back proves the address: a retransmitted
+    certificate flight is no longer held to 3x (it would stall a handshake under loss)."""
+    me = PeerId.from_public_key(*_key())
+    validated = LoudScheme()
+    validated.address_validated = True
+    loud = PsecIdentity(me, lambda _: {DTLS: lambda _i: validated})
+    endpoint = PsecEndpoint(loud, on_event=lambda *_: None)
+    transport = FakeTransport()
+    endpoint.connection_made(transport)
+    them = PeerId.from_public_key(*_key())
+    proposal = Propose(them, (DTLS,), b"\x16hello").encode()
+    peer = ("127.0.0.9", 4444)
+    endpoint.datagram_received(proposal, peer)
+    assert transport.sent[peer] > 4 * 1200 and endpoint.peers[peer].held_bytes == 0
     endpoint.close()
 
 

@@ -285,7 +285,8 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         while peer.held:
             datagram = peer.held[0]
             budget = AMPLIFICATION * peer.received - peer.sent
-            if not peer.validated and len(datagram) > budget:
+            limited = not (peer.validated or peer.channel.address_validated)
+            if limited and len(datagram) > budget:
                 break  # more bytes from the address raise the budget
             peer.held.popleft()
             peer.held_bytes -= len(datagram)

@@ -101,7 +101,11 @@ class PsecChannel:
     def receive(self, datagram: bytes, now: float) -> list[Event]:
         if self.closed is not None:
             return []
-        events = self._negotiated(self.negotiation.receive(datagram, now), now)
+        scheme = self.scheme
+        if scheme is not None and self.negotiation.settled_packet(datagram):
+            events = self._scheme_events(scheme.receive(bytes(datagram), now), now)
+        else:
+            events = self._negotiated(self.negotiation.receive(datagram, now), now)
         self._drain()
         return events
 
@@ -114,6 +118,11 @@ class PsecChannel:
     def datagrams_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
         return out
+
+    @property
+    def address_validated(self) -> bool:
+        """The scheme proved the peer receives at its address (psec.md §9)."""
+        return self.scheme is not None and self.scheme.address_validated
 
     def close(self, reason: str) -> list[Event]:
         """Close from our side (the scheme sends its close, best effort on UDP)."""

@@ -13,17 +13,30 @@ the datagrams OpenSSL writes, so outgoing bytes are split on record headers and 
 into datagrams of at most ``max_datagram`` bytes; a write over the payload limit is
 refused here, since OpenSSL would not refuse it; and the CA is not sent along with the
 chain (``SSL_MODE_NO_AUTO_CHAIN``).
+
+The per-datagram and per-flight calls (handshake steps, record reads and writes, BIO
+reads and writes) go to OpenSSL through pyOpenSSL's binding directly: pyOpenSSL would
+raise an exception for every "nothing more to read", which here is the normal case
+(several times a handshake, once a datagram); any other outcome is raised and handled
+as pyOpenSSL raised it before. A datagram that is one record of data is read once. The
+peer's certificates come straight from OpenSSL's stack (the leaf once) and are parsed
+once per distinct certificate; the exporter is computed once a label.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+from OpenSSL._util import no_zero_allocator as _alloc
 
 from trustmesh.errors import ProtocolError
 from trustmesh.psec.frames import DEFAULT_MAX_FRAME
@@ -35,10 +48,21 @@ from trustmesh.tls.stream import failure_reason
 NAME = "/dtls/1.2"
 DTLS1_2_VERSION = 0xFEFD
 MODE_NO_AUTO_CHAIN = 0x00000008  # SSL_MODE_NO_AUTO_CHAIN
+APPLICATION_DATA = 23  # the content type of a record of application data
 RECORD_HEADER = 13  # type, version (2), epoch (2), sequence (6), length (2)
 EXPORTER_LABEL = b"EXPORTER-trustmesh-psec-confirm"
 COOKIE_SIZE = 16
-BIO_CHUNK = 65536
+BIO_CHUNK = 16384
+READ_SIZE = 16384  # SSL3_RT_MAX_PLAIN_LENGTH: one whole record, so a datagram stays one
+WANT_READ = _lib.SSL_ERROR_WANT_READ
+NULL = _ffi.NULL
+# The binding's functions on the per-datagram path, looked up once.
+_BIO_read = _lib.BIO_read
+_BIO_write = _lib.BIO_write
+_SSL_read = _lib.SSL_read
+_SSL_write = _lib.SSL_write
+_SSL_get_error = _lib.SSL_get_error
+_unpack = _ffi.unpack
 
 
 class DtlsError(ProtocolError):
@@ -101,15 +125,22 @@ class DtlsContext(TlsContext):
             assert SSL.OP_COOKIE_EXCHANGE is not None  # set in every OpenSSL with DTLS
             ctx.set_options(SSL.OP_COOKIE_EXCHANGE)
             ctx.set_cookie_generate_callback(self._cookie)
-            ctx.set_cookie_verify_callback(
-                lambda conn, cookie: hmac.compare_digest(self._cookie(conn), cookie)
-            )
+            ctx.set_cookie_verify_callback(self._cookie_came_back)
         return ctx
 
     def _cookie(self, conn: SSL.Connection) -> bytes:
-        address = conn.get_app_data()
-        peer = address if isinstance(address, bytes) else b""
+        scheme = conn.get_app_data()
+        peer = scheme.peer_address if isinstance(scheme, DtlsScheme) else b""
         return hmac.new(self._cookie_secret, peer, "sha256").digest()[:COOKIE_SIZE]
+
+    def _cookie_came_back(self, conn: SSL.Connection, cookie: bytes) -> bool:
+        """A ClientHello brought back the cookie made for its address: the address
+        receives what we send (the scheme says so: ``address_validated``)."""
+        ok = hmac.compare_digest(self._cookie(conn), cookie)
+        scheme = conn.get_app_data()
+        if ok and isinstance(scheme, DtlsScheme):
+            scheme.address_validated = True
+        return ok
 
 
 class DtlsScheme:
@@ -127,22 +158,31 @@ class DtlsScheme:
         binds (a cookie made for one address does not validate another)."""
         self.initiator = initiator
         self.max_datagram = max_datagram
-        self.conn = SSL.Connection(context.ssl, None)
-        self.conn.set_app_data(peer_address)
-        self.conn.set_ciphertext_mtu(max_datagram)
+        self.conn = conn = SSL.Connection(context.ssl, None)
+        self.peer_address = peer_address
+        # Proved by a cookie that came back (a server's); a client chose the address.
+        self.address_validated = initiator
+        conn.set_app_data(self)
+        conn.set_ciphertext_mtu(max_datagram)
         if initiator:
-            self.conn.set_connect_state()
+            conn.set_connect_state()
         else:
-            self.conn.set_accept_state()
+            conn.set_accept_state()
+        # The SSL object and its memory BIOs (kept alive by ``conn``), for direct calls.
+        self._ssl: Any = conn._ssl
+        self._into_ssl: Any = conn._into_ssl
+        self._from_ssl: Any = conn._from_ssl
         self.up = False
         self.closed: SchemeClosed | None = None
         self._out: list[bytes] = []
         self._timer: float | None = None
+        self._limit = 0  # the cleartext MTU, read once the handshake is done
+        self._exported: dict[tuple[bytes, int], bytes] = {}
 
     @property
     def payload_limit(self) -> int:
         """The largest datagram ``send`` takes (what fits in one record)."""
-        return int(self.conn.get_cleartext_mtu()) if self.up else 0
+        return self._limit
 
     # --- the sans-IO surface ------------------------------------------------------------
 
@@ -156,25 +196,39 @@ class DtlsScheme:
         return self._out[0] if self.initiator and self._out else None
 
     def receive(self, datagram: bytes, now: float) -> list[Event]:
-        if self.closed is not None:
-            return []
-        self.conn.bio_write(datagram)
+        if self.closed is not None or not datagram:
+            return []  # an empty datagram holds no record
+        if type(datagram) is not bytes:
+            datagram = bytes(datagram)
+        size = len(datagram)
+        if _BIO_write(self._into_ssl, datagram, size) != size:
+            raise DtlsError("the memory BIO did not take the datagram")
+        if self.up:
+            # One application record that fills the datagram (the common case): a read
+            # that returns data took all there was, records are read whole and none was
+            # left from before, so no second read is spent learning that nothing is left.
+            single = datagram[0] == APPLICATION_DATA and size == RECORD_HEADER + (
+                datagram[11] << 8 | datagram[12]
+            )
+            return self._read(single)
+        events = self._handshake(now)
         if not self.up:
-            events = self._handshake(now)
-            if not self.up:
-                return events
-        else:
-            events = []
-        return events + self._read()
+            return events
+        return events + self._read(False)
 
     def send(self, payload: bytes) -> None:
         if not self.up or self.closed is not None:
             raise DtlsError("the channel is not up")
-        if len(payload) > self.payload_limit:
-            raise PayloadTooLarge(
-                f"a datagram of {len(payload)} bytes is over the limit of {self.payload_limit}"
-            )
-        self.conn.send(payload)
+        size = len(payload)
+        if size > self._limit:
+            raise PayloadTooLarge(f"a datagram of {size} bytes is over the limit of {self._limit}")
+        if type(payload) is not bytes or not size:
+            self.conn.send(payload)  # pyOpenSSL takes any buffer (and an empty one) as it did
+        else:
+            ssl = self._ssl
+            result = _SSL_write(ssl, payload, size)
+            if result <= 0:
+                self.conn._raise_ssl_error(ssl, result)  # raises what conn.send raised
         self._collect()
 
     def datagrams_to_send(self) -> list[bytes]:
@@ -196,7 +250,12 @@ class DtlsScheme:
         """Keying material exported from the session (RFC 5705), for the PSEC confirm."""
         if not self.up:
             raise DtlsError("no keys before the handshake is done")
-        return bytes(self.conn.export_keying_material(label, length))
+        key = (label, length)
+        exported = self._exported.get(key)
+        if exported is None:  # one session, one value a label: computed once
+            exported = bytes(self.conn.export_keying_material(label, length))
+            self._exported[key] = exported
+        return exported
 
     def close(self) -> list[Event]:
         if self.closed is not None:
@@ -210,35 +269,71 @@ class DtlsScheme:
     # --- internals ----------------------------------------------------------------------
 
     def _handshake(self, now: float) -> list[Event]:
-        try:
-            self.conn.do_handshake()
-        except SSL.WantReadError:
-            self._collect()
-            self._arm(now)
-            return []
-        except SSL.Error as exc:
-            self._collect()  # the alert that tells the peer why
-            reason = failure_reason(self.conn, exc)
-            return self._finish(SchemeClosed(f"DTLS handshake failed: {reason}"))
+        ssl = self._ssl
+        result = _lib.SSL_do_handshake(ssl)
+        if result != 1:
+            if result < 0 and _SSL_get_error(ssl, result) == WANT_READ:
+                self._collect()  # the next flight, or nothing while a flight is partial
+                self._arm(now)
+                return []
+            try:
+                self.conn._raise_ssl_error(ssl, result)
+                raise SSL.Error([("", "", "the handshake stopped")])  # never: it raised
+            except SSL.WantReadError:
+                self._collect()
+                self._arm(now)
+                return []
+            except SSL.Error as exc:
+                self._collect()  # the alert that tells the peer why
+                reason = failure_reason(self.conn, exc)
+                return self._finish(SchemeClosed(f"DTLS handshake failed: {reason}"))
         self._collect()
         self.up = True
         self._timer = None
+        self._limit = int(self.conn.get_cleartext_mtu())
         return [SchemeUp(self._peer_chain())]
 
     def _peer_chain(self) -> tuple[x509.Certificate, ...]:
         """The peer's certificate, then the chain it sent (a server's OpenSSL leaves the
-        client's own certificate out of the chain)."""
-        leaf = self.conn.get_peer_certificate(as_cryptography=True)
-        chain = list(self.conn.get_peer_cert_chain(as_cryptography=True) or [])
-        if leaf is not None and (not chain or chain[0] != leaf):
-            chain.insert(0, leaf)
-        return tuple(chain)
-
-    def _read(self) -> list[Event]:
-        events: list[Event] = []
-        while True:
+        client's own certificate out of the chain; a client's holds it first, the same
+        X509 object, taken once)."""
+        ssl = self._ssl
+        stack = _lib.SSL_get_peer_cert_chain(ssl)
+        sent = (
+            []
+            if stack == NULL
+            else [_lib.sk_X509_value(stack, i) for i in range(_lib.sk_X509_num(stack))]
+        )
+        ders = [_der(cert) for cert in sent]
+        leaf = _lib.SSL_get_peer_certificate(ssl)  # a reference of our own
+        if leaf != NULL:
             try:
-                data = self.conn.recv(65536)
+                if not sent or sent[0] != leaf:  # not the same object: a server's view
+                    der = _der(leaf)
+                    if not ders or ders[0] != der:
+                        ders.insert(0, der)
+            finally:
+                _lib.X509_free(leaf)
+        return tuple(_certificate(der) for der in ders)
+
+    def _read(self, single: bool) -> list[Event]:
+        events: list[Event] = []
+        ssl = self._ssl
+        buf = _alloc("char[]", READ_SIZE)
+        while True:
+            result = _SSL_read(ssl, buf, READ_SIZE)
+            if result > 0:
+                events.append(SchemeData(_unpack(buf, result)))
+                if single:
+                    # Reading a record of data writes nothing (no alert, no flight):
+                    # nothing to collect.
+                    return events
+                continue
+            if _SSL_get_error(ssl, result) == WANT_READ:
+                break  # every record of the datagram is read
+            try:
+                self.conn._raise_ssl_error(ssl, result)
+                break  # never: it raised
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
@@ -246,24 +341,24 @@ class DtlsScheme:
             except SSL.Error as exc:
                 reason = failure_reason(self.conn, exc)
                 return events + self._finish(SchemeClosed(f"DTLS record failed: {reason}"))
-            events.append(SchemeData(data))
         self._collect()
         return events
 
     def _collect(self) -> None:
         """Split what OpenSSL wrote into records, and pack them into datagrams."""
-        pending = b""
-        while True:
-            try:
-                chunk = self.conn.bio_read(BIO_CHUNK)
-            except SSL.WantReadError:
+        bio = self._from_ssl
+        buf = _alloc("char[]", BIO_CHUNK)
+        size = _BIO_read(bio, buf, BIO_CHUNK)
+        if size <= 0:
+            return  # the memory BIO is empty
+        pending = _unpack(buf, size)
+        while size == BIO_CHUNK:  # more than a chunk: read on until the BIO is empty
+            size = _BIO_read(bio, buf, BIO_CHUNK)
+            if size <= 0:
                 break
-            pending += chunk
-            if len(chunk) < BIO_CHUNK:
-                break  # the BIO is empty: spare the exception another read would raise
+            pending += _unpack(buf, size)
         if len(pending) <= self.max_datagram:
-            if pending:
-                self._out.append(pending)  # the common case: what fits goes as it is
+            self._out.append(pending)  # the common case: what fits goes as it is
             return
         current = b""
         pos = 0
@@ -286,3 +381,25 @@ class DtlsScheme:
         self.closed = event
         self._timer = None
         return [event]
+
+
+def _der(cert: Any) -> bytes:
+    """The DER of an OpenSSL ``X509 *``."""
+    bio = _lib.BIO_new(_lib.BIO_s_mem())
+    if bio == NULL:
+        raise MemoryError("no memory BIO")
+    try:
+        if _lib.i2d_X509_bio(bio, cert) != 1:
+            raise DtlsError("a peer certificate does not encode")
+        data = _ffi.new("char **")
+        size = _lib.BIO_get_mem_data(bio, data)
+        return bytes(_ffi.unpack(data[0], size))
+    finally:
+        _lib.BIO_free(bio)
+
+
+@functools.lru_cache(maxsize=256)
+def _certificate(der: bytes) -> x509.Certificate:
+    """A certificate parsed from its DER: once per distinct certificate (peers come
+    back, and their CA is everyone's); a parsed certificate is immutable."""
+    return x509.load_der_x509_certificate(der)

@@ -3,11 +3,14 @@ and the scheme adapters it offers, built on contexts made once per identity."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from trustmesh.crypto.keys import PublicKey
 from trustmesh.psec.dtls import NAME as DTLS
@@ -16,7 +19,7 @@ from trustmesh.psec.quic import NAME as QUIC
 from trustmesh.psec.quic import QuicContext, QuicScheme
 from trustmesh.sansio import Event
 from trustmesh.tls import TlsConfig
-from trustmesh.wire.peerid import PeerId
+from trustmesh.wire.peerid import KeyType, PeerId
 
 
 class Scheme(Protocol):
@@ -27,6 +30,12 @@ class Scheme(Protocol):
 
     @property
     def payload_limit(self) -> int: ...
+
+    @property
+    def address_validated(self) -> bool:
+        """The peer proved it receives at its address (a DTLS cookie, a QUIC Retry
+        token came back), or we chose the address: no amplification limit applies."""
+        ...
 
     def start(self, now: float) -> list[Event]: ...
     def first_flight(self) -> bytes | None: ...
@@ -44,9 +53,18 @@ FactoriesFor = Callable[[bytes], Mapping[str, SchemeFactory]]  # peer address ->
 AVAILABLE = (DTLS, QUIC)
 
 
+@functools.lru_cache(maxsize=256)
 def peer_id_of(cert: x509.Certificate) -> PeerId:
-    """The libp2p peer ID of a certificate's public key (a node's PSEC identity)."""
-    return PublicKey.from_cryptography(cert.public_key()).peer_id()
+    """The libp2p peer ID of a certificate's public key (a node's PSEC identity).
+    Remembered for the last certificates asked about (peers come back; a certificate
+    is immutable and its peer ID a function of it alone)."""
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        # libp2p's ECDSA key data is the DER SubjectPublicKeyInfo (what P256PublicKey's
+        # libp2p_data gives, without its two compressed-point encodings on the way).
+        spki = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        return PeerId.from_public_key(KeyType.ECDSA, spki)
+    return PublicKey.from_cryptography(key).peer_id()
 
 
 @dataclass(frozen=True)

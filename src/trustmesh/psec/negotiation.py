@@ -127,6 +127,7 @@ class Negotiation:
         self._answers_left = SETTLED_ANSWERS
         self._peer_settled = False  # a scheme packet came: the peer holds our proposal
         self._proposals: dict[bytes, Propose] = {}  # by sender peer ID, initiation stripped
+        self._transcript: bytes | None = None  # its hash, fixed when a scheme is agreed
 
     # --- the sans-IO surface ------------------------------------------------------------
 
@@ -160,6 +161,15 @@ class Negotiation:
             return self._on_accept(frame)
         return self._on_reject()
 
+    def settled_packet(self, datagram: bytes) -> bool:
+        """Whether ``datagram`` is the agreed scheme's, once settled (no PSEC frame): the
+        caller hands it to the scheme itself (what :meth:`receive` would return as a
+        SchemePacket), and the peer has shown it settled."""
+        if self.state is State.NEGOTIATED and not is_psec(datagram):
+            self._peer_settled = True
+            return True
+        return False
+
     def datagrams_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
         return out
@@ -182,12 +192,9 @@ class Negotiation:
         """SHA-256 over the label, the agreed scheme and every proposal of the
         negotiation (initiation packets stripped), ordered by the sender's peer ID.
         Both ends compute the same value unless someone changed a frame in flight."""
-        if self.result is None:
+        if self.result is None or self._transcript is None:
             raise PsecError("no transcript before a scheme is agreed")
-        parts = [TRANSCRIPT_LABEL, _lp(self.result.scheme.encode("ascii"))]
-        for key in sorted(self._proposals, key=lambda b: int.from_bytes(b, "big")):
-            parts.append(_lp(self._proposals[key].encode()))
-        return hashlib.sha256(b"".join(parts)).digest()
+        return self._transcript
 
     def confirm_tag(self, exporter: bytes, *, from_initiator: bool) -> bytes:
         """The confirm one side sends over the secured channel: HMAC-SHA256 keyed by
@@ -225,6 +232,8 @@ class Negotiation:
     def _on_propose(self, frame: Propose, now: float) -> list[Event]:
         if frame.peer_id == self.local:
             return []  # our own proposal reflected back
+        if self.state is State.NEGOTIATED and frame.peer_id.to_bytes() not in self._proposals:
+            return []  # not a party to the negotiation, which is settled
         if self.peer_id is not None and frame.peer_id != self.peer_id:
             return []  # another peer at this address: not ours to answer here
         try:
@@ -324,6 +333,12 @@ class Negotiation:
         self.result = Negotiated(
             scheme, initiator, self.peer_id, simultaneous, first_flight, flight_sent
         )
+        # Every proposal of the negotiation is in by now: the transcript is fixed here,
+        # once (a stray proposal that comes later does not change it).
+        parts = [TRANSCRIPT_LABEL, _lp(scheme.encode("ascii"))]
+        for key in sorted(self._proposals, key=lambda b: int.from_bytes(b, "big")):
+            parts.append(_lp(self._proposals[key].encode()))
+        self._transcript = hashlib.sha256(b"".join(parts)).digest()
         return [self.result]
 
     def _fail(self, reason: str) -> list[Event]:

@@ -199,6 +199,8 @@ class QuicScheme:
         binds (a token made for one address does not validate another)."""
         self.context = context
         self.peer_address = peer_address
+        # Proved by a Retry token that came back (a server's); a client chose the address.
+        self.address_validated = initiator
         self.initiator = initiator
         self.up = False
         self.closed: SchemeClosed | None = None
@@ -327,6 +329,7 @@ class QuicScheme:
         original = tokens.check(self.peer_address, header.token, header.destination_cid, self._now)
         if original is None:
             return False  # forged, stale, or from another address
+        self.address_validated = True
         self._conn = _Connection(
             configuration=self.context.server,
             original_destination_connection_id=original,
