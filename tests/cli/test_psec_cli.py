@@ -181,7 +181,12 @@ def test_two_simultaneous_connects_come_up_on_the_tie_rule_and_echo(certs: Path)
     assert echoer.returncode == 0, echoed_out + echoed_err
     theirs = [json.loads(line) for line in sender.stdout.splitlines()]
     ours = [json.loads(line) for line in echoed_out.splitlines()]
-    assert [e["event"] for e in theirs] == ["negotiated", "datagram"]
+    # The echoer exits once it echoed, closing its channel: the sender may hear it.
+    assert [e["event"] for e in theirs] in (
+        ["negotiated", "datagram"],
+        ["negotiated", "datagram", "closed"],
+    )
+    assert theirs[-1]["event"] != "closed" or theirs[-1]["reason"] == "peer closed the channel"
     assert [e["event"] for e in ours] == ["negotiated", "datagram"]
     a_up, b_up = ours[0], theirs[0]
     assert a_up["scheme"] == b_up["scheme"] == "/dtls/1.2"

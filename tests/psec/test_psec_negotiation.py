@@ -180,13 +180,17 @@ def test_malformed_and_stray_frames_are_dropped_not_fatal() -> None:
     assert b.result is None and b.state.value == "idle"
 
 
-def test_a_peer_that_changes_its_proposal_is_refused() -> None:
+def test_a_changed_proposal_after_settling_is_dropped_not_obeyed() -> None:
+    """Settled stays settled: a proposal under the peer's ID with other schemes (an
+    off-path attacker spoofing the peer's address can send one) changes nothing."""
     b = Negotiation(LOW, [DTLS, QUIC])
     b.receive(Propose(HIGH, (DTLS,)).encode(), 0.0)
     assert b.result is not None
+    settled, transcript = b.result, b.transcript_hash()
     b.datagrams_to_send()
-    events = b.receive(Propose(HIGH, (QUIC, DTLS)).encode(), 0.1)
-    assert events == [Refused(f"{HIGH} changed its proposal")]
+    assert b.receive(Propose(HIGH, (QUIC, DTLS)).encode(), 0.1) == []
+    assert b.datagrams_to_send() == []
+    assert b.result == settled and b.transcript_hash() == transcript
 
 
 def test_a_downgraded_proposal_gives_different_transcripts_and_confirms() -> None:

@@ -22,7 +22,13 @@ from meshtools import LivePki
 from OpenSSL import SSL
 
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp, PsecChannel
+from trustmesh.psec.channel import (
+    IDLE_TIMEOUT,
+    ChannelClosed,
+    ChannelData,
+    ChannelUp,
+    PsecChannel,
+)
 from trustmesh.psec.dtls import PayloadTooLarge, SchemeClosed, SchemeData, SchemeUp
 from trustmesh.psec.frames import Propose, decode_frame, is_psec
 from trustmesh.psec.identity import psec_identity
@@ -465,3 +471,75 @@ def test_a_server_knows_the_address_validated_once_its_retry_token_came_back(
     assert not b.address_validated  # a Retry, nothing else
     Pump(a, b).run()
     assert b.up and b.address_validated
+
+
+class SlowPump(Pump):
+    """Every datagram takes ``latency`` seconds (the fake clock's), both ways."""
+
+    def __init__(self, a: Ends, b: Ends, latency: float) -> None:
+        super().__init__(a, b)
+        self.latency = latency
+        self.in_flight: list[tuple[float, int, bytes]] = []
+        self.carried = 0
+
+    def run_until(self, end: float) -> None:
+        while self.now < end:
+            for side in (0, 1):
+                for datagram in self.ends[side].datagrams_to_send():
+                    self.in_flight.append((self.now + self.latency, 1 - side, datagram))
+            timers = [t for e in self.ends if (t := e.get_timer()) is not None]
+            arrivals = [at for at, _, _ in self.in_flight]
+            upcoming = min([*timers, *arrivals], default=end)
+            self.now = max(self.now, min(upcoming, end))
+            due = [f for f in self.in_flight if f[0] <= self.now]
+            self.in_flight = [f for f in self.in_flight if f[0] > self.now]
+            for _, side, datagram in due:
+                self.carried += 1
+                self.events[side] += self.ends[side].receive(datagram, self.now)
+            for side in (0, 1):
+                self.events[side] += self.ends[side].handle_timer(self.now)
+
+
+def test_two_up_sides_never_trade_confirms_over_a_slow_path(pki: LivePki, tmp_path: Path) -> None:
+    """With a round trip over the first confirm retry (0.5 s), both sides resend their
+    confirm; each is answered once, and the answers are not answered: no confirm
+    ping-pong for the life of the channel."""
+    a = channel(pki.config("node-a", tmp_path / "a"), (DTLS,))
+    b = channel(pki.config("node-b", tmp_path / "b"), (DTLS,))
+    a.connect(0.0)
+    pump = SlowPump(a, b, latency=0.4)
+    pump.run_until(20.0)
+    assert a.up is not None and b.up is not None
+    carried = pump.carried
+    pump.run_until(50.0)
+    assert pump.carried - carried <= 2  # quiet once both are up
+
+
+def test_an_up_channel_that_hears_nothing_closes_after_the_idle_timeout(
+    pki: LivePki, tmp_path: Path
+) -> None:
+    a = channel(pki.config("node-a", tmp_path / "a"), (DTLS,))
+    b = channel(pki.config("node-b", tmp_path / "b"), (DTLS,))
+    a.connect(0.0)
+    pump = Pump(a, b)
+    pump.run()
+    assert a.up is not None and b.up is not None
+    pump.now += IDLE_TIMEOUT + 1
+    for end in (a, b):
+        end.handle_timer(pump.now)
+    assert a.closed is not None and b.closed is not None
+    assert a.closed.reason.startswith("idle")
+
+
+def test_a_spoofed_proposal_to_an_up_channel_changes_nothing(pki: LivePki, tmp_path: Path) -> None:
+    """An off-path attacker who knows a dialler's peer ID and address sends a proposal
+    with other schemes to the listener: the channel stays up."""
+    a = channel(pki.config("node-a", tmp_path / "a"), (NAME, DTLS))
+    b = channel(pki.config("node-b", tmp_path / "b"), (NAME, DTLS))
+    a.connect(0.0)
+    pump = Pump(a, b)
+    pump.run()
+    assert b.up is not None
+    spoofed = Propose(a.negotiation.local, ("/x/1",)).encode()
+    assert b.receive(spoofed, pump.now) == [] and b.closed is None
+    assert b.datagrams_to_send() == []

@@ -15,7 +15,7 @@ from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.psec import Address, PsecEndpoint, open_psec
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.psec.channel import ChannelData, ChannelUp
+from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp
 from trustmesh.psec.frames import Propose
 from trustmesh.psec.identity import PsecIdentity, dtls_identity
 from trustmesh.sansio import Event
@@ -70,6 +70,10 @@ async def test_a_dtls_channel_over_udp_carries_an_echo(pki: LivePki, tmp_path: P
         b.send(source, b"pong")
         _, echoed = await a_events.wait_for(ChannelData)
         assert echoed == ChannelData(b"pong")
+        b.close()  # its scheme says so to the peer: no channel left behind on a
+        _, closed = await a_events.wait_for(ChannelClosed)
+        assert closed == ChannelClosed("peer closed the channel")
+        assert not a.peers
     finally:
         a.close()
         b.close()
@@ -114,6 +118,7 @@ async def test_spoofed_proposals_get_bounded_state_and_at_most_3x_the_bytes(
     endpoint.datagram_received(b"\x16\xfe\xfd" + b"\x00" * 40, ("127.0.0.10", 1))
     assert len(endpoint.peers) == 4
     endpoint.close()
+    assert not endpoint._per_source and not endpoint._unproven  # no key left per source
 
 
 class LoudScheme:

@@ -1,5 +1,4 @@
-"""PSEC over UDP: one asyncio datagram socket, many peers (docs/protocols/psec.md, the
-UDP driver).
+"""PSEC over UDP: one asyncio datagram socket, many peers (docs/protocols/psec.md §9).
 
     endpoint = await open_psec(psec_identity(tls_config), "127.0.0.1", 9000, on_event=print)
     endpoint.connect(("127.0.0.1", 9001))      # or wait for a peer's proposal
@@ -11,10 +10,11 @@ new one, within the resource policy: ``max_connections`` channels in all,
 ``max_per_source`` per source address (an IPv6 /64 counts as one), of which
 ``max_unauthenticated_per_source`` not yet up; a channel not up within
 ``handshake_timeout`` goes. Until an address has proved it receives what we send (its
-channel is up, which needs our confirm, or we dialled it), we send it at most 3 times
-the bytes it sent us (RFC 9000 §8.1); the rest waits, at most ``max_queued_bytes``, for
-more bytes from it. A spoofed source can make us hold a small table entry and answer
-with a cookie, never with a certificate flight.
+channel is up, which needs our confirm, its scheme proved it with a cookie or a Retry
+token, or we dialled it), we send it at most 3 times the bytes it sent us (RFC 9000
+§8.1); the rest waits, at most ``max_queued_bytes``, for more bytes from it. A spoofed
+source can make us hold a small table entry and answer with a cookie or a Retry, never
+with a certificate flight or a handshake's work.
 
 Simultaneous negotiation (psec.md §4.2): ``connect(address, simultaneous=True)`` when the
 peer proposes to us as well. Its proposal goes to the same channel (channels are by
@@ -192,7 +192,11 @@ class PsecEndpoint(asyncio.DatagramProtocol):
         return closed
 
     def close(self) -> None:
-        for address in list(self.peers):
+        """Close every channel (each scheme sends its close: best effort on UDP) and
+        the socket."""
+        for address, peer in list(self.peers.items()):
+            peer.channel.close("the endpoint closed")
+            self._flush(address, peer)
             self._forget(address)
         if self._transport is not None:
             self._transport.close()
@@ -273,7 +277,7 @@ class PsecEndpoint(asyncio.DatagramProtocol):
     def _validate(self, address: Address, peer: _Peer) -> None:
         if not peer.validated:
             peer.validated = True
-            self._unproven[source_of(address)] -= 1
+            _count_down(self._unproven, source_of(address))
 
     def _flush(self, address: Address, peer: _Peer) -> None:
         for datagram in peer.channel.datagrams_to_send():
@@ -315,9 +319,9 @@ class PsecEndpoint(asyncio.DatagramProtocol):
             if handle is not None:
                 handle.cancel()
         source = source_of(address)
-        self._per_source[source] -= 1
+        _count_down(self._per_source, source)
         if not peer.validated:
-            self._unproven[source] -= 1
+            _count_down(self._unproven, source)
 
 
 async def open_psec(
@@ -343,6 +347,14 @@ async def open_psec(
         endpoint.close()
         raise endpoint._bound_error
     return endpoint
+
+
+def _count_down(counter: Counter[str], source: str) -> None:
+    """One less for ``source``; a source at 0 leaves the counter (spoofed sources must
+    not grow it without bound)."""
+    counter[source] -= 1
+    if counter[source] <= 0:
+        del counter[source]
 
 
 def _key(address: Address) -> bytes:

@@ -8,11 +8,14 @@
     channel.handle_timer(now) when channel.get_timer() is due
 
 Inside the scheme every datagram starts with a kind byte: ``C`` and a 32-byte confirm,
-or ``D`` and application data. ``ChannelUp`` comes only once the peer's confirm checks
-out and its certificate's peer ID is the one it proposed under (or the one we dialled);
-no data is delivered before. A confirm is sent again (0.5 s, doubling to 4 s) until the
-peer's confirm or data shows it got ours, and once more to a peer that sends its
-confirm again; with no valid confirm within ``CONFIRM_DEADLINE`` the channel closes.
+``A`` and the same confirm sent in answer, or ``D`` and application data. ``ChannelUp``
+comes only once the peer's confirm checks out and its certificate's peer ID is the one
+it proposed under (or the one we dialled); no data is delivered before. A confirm is
+sent again (0.5 s, doubling to 4 s) until the peer's confirm or data shows it got ours;
+a side that is up answers a repeated confirm with ``A``, which is never answered (two
+sides that are up never trade confirms). With no valid confirm within
+``CONFIRM_DEADLINE`` the channel closes, and so does an up channel that hears nothing
+authenticated from its peer for ``IDLE_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ from cryptography import x509
 
 from trustmesh.errors import ProtocolError
 from trustmesh.psec.dtls import SchemeClosed, SchemeData, SchemeUp
+from trustmesh.psec.frames import is_psec
 from trustmesh.psec.identity import Scheme, SchemeFactory, peer_id_of
 from trustmesh.psec.negotiation import Negotiated, Negotiation, Refused, SchemePacket
 from trustmesh.sansio import Event
 from trustmesh.wire.peerid import PeerId
 
 CONFIRM = b"C"
+ANSWER = b"A"  # a confirm sent in answer to a repeated one: never answered itself
 DATA = b"D"
 TAG_SIZE = 32
 CONFIRM_RETRY = (0.5, 4.0)
 CONFIRM_DEADLINE = 30.0
+IDLE_TIMEOUT = 60.0  # seconds an up channel waits for a datagram from its peer (as QUIC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +88,7 @@ class PsecChannel:
         self._confirm_at: float | None = None
         self._confirm_wait = CONFIRM_RETRY[0]
         self._deadline: float | None = None
+        self._idle_at: float | None = None
         self._out: list[bytes] = []
 
     # --- the sans-IO surface ------------------------------------------------------------
@@ -102,6 +109,8 @@ class PsecChannel:
         if self.closed is not None:
             return []
         scheme = self.scheme
+        if self.up is not None and is_psec(datagram):
+            return []  # the confirm proved the peer settled: frames now are stale or forged
         if scheme is not None and self.negotiation.settled_packet(datagram):
             events = self._scheme_events(scheme.receive(bytes(datagram), now), now)
         else:
@@ -129,7 +138,7 @@ class PsecChannel:
         return self._close(reason)
 
     def get_timer(self) -> float | None:
-        times = [self.negotiation.get_timer(), self._confirm_at, self._deadline]
+        times = [self.negotiation.get_timer(), self._confirm_at, self._deadline, self._idle_at]
         if self.scheme is not None:
             times.append(self.scheme.get_timer())
         present = [t for t in times if t is not None]
@@ -143,6 +152,8 @@ class PsecChannel:
             events += self._scheme_events(self.scheme.handle_timer(now), now)
         if self._deadline is not None and now >= self._deadline and self.up is None:
             events += self._close("no valid confirm from the peer in time")
+        elif self._idle_at is not None and now >= self._idle_at:
+            events += self._close(f"idle: nothing from the peer for {IDLE_TIMEOUT:g} s")
         elif self._confirm_at is not None and now >= self._confirm_at:
             self._send_confirm(now)
         self._drain()
@@ -200,16 +211,19 @@ class PsecChannel:
         if claimed is not None and claimed != actual:
             return self._close(f"the certificate's peer ID {actual} is not {claimed}")
         self._peer = (actual, event.peer_chain)
+        self.negotiation.peer_settled()
         self._send_confirm(now)
         return []
 
-    def _send_confirm(self, now: float) -> None:
+    def _send_confirm(self, now: float, kind: bytes = CONFIRM) -> None:
         assert self.scheme is not None
         assert self.agreed is not None
         tag = self.negotiation.confirm_tag(
             self.scheme.export(), from_initiator=self.agreed.initiator
         )
-        self.scheme.send(CONFIRM + tag)
+        self.scheme.send(kind + tag)
+        if kind == ANSWER:
+            return  # an answer is never sent again on its own, nor answered
         if self._heard_from_peer:
             self._confirm_at = None
         else:
@@ -220,7 +234,9 @@ class PsecChannel:
         assert self.scheme is not None
         assert self.agreed is not None
         kind, body = data[:1], data[1:]
-        if kind == CONFIRM:
+        if self.up is not None:
+            self._idle_at = now + IDLE_TIMEOUT  # checked below: a bad one closes anyway
+        if kind in (CONFIRM, ANSWER):
             ok = len(body) == TAG_SIZE and self.negotiation.check_confirm(
                 self.scheme.export(), body, from_initiator=not self.agreed.initiator
             )
@@ -229,9 +245,11 @@ class PsecChannel:
             first = not self._heard_from_peer
             self._heard_from_peer = True
             if self.up is not None:
-                self._send_confirm(now)  # it did not get ours: once more
+                if kind == CONFIRM:
+                    self._send_confirm(now, ANSWER)  # it did not get ours: an answer
                 return []
             self._confirm_at = None if first else self._confirm_at
+            self._idle_at = now + IDLE_TIMEOUT
             return self._come_up()
         if kind == DATA:
             if self.up is None:

@@ -125,7 +125,7 @@ class Negotiation:
         self._last_proposal = b""  # sent again, after a simultaneous settle, to a repeat
         self._last_proposal_at = float("-inf")
         self._answers_left = SETTLED_ANSWERS
-        self._peer_settled = False  # a scheme packet came: the peer holds our proposal
+        self._peer_settled = False  # its scheme came up with us: it holds our proposal
         self._proposals: dict[bytes, Propose] = {}  # by sender peer ID, initiation stripped
         self._transcript: bytes | None = None  # its hash, fixed when a scheme is agreed
 
@@ -164,11 +164,14 @@ class Negotiation:
     def settled_packet(self, datagram: bytes) -> bool:
         """Whether ``datagram`` is the agreed scheme's, once settled (no PSEC frame): the
         caller hands it to the scheme itself (what :meth:`receive` would return as a
-        SchemePacket), and the peer has shown it settled."""
-        if self.state is State.NEGOTIATED and not is_psec(datagram):
-            self._peer_settled = True
-            return True
-        return False
+        SchemePacket)."""
+        return self.state is State.NEGOTIATED and not is_psec(datagram)
+
+    def peer_settled(self) -> None:
+        """The scheme came up with the peer (authenticated), so the peer settled too:
+        its repeated proposals get no more answers. Not any datagram from its address
+        says so: a forged one would stop our answers."""
+        self._peer_settled = True
 
     def datagrams_to_send(self) -> list[bytes]:
         out, self._out = self._out, []
@@ -239,6 +242,8 @@ class Negotiation:
         try:
             self._remember(frame)
         except PsecError as exc:
+            if self.state is State.NEGOTIATED:
+                return []  # settled: a frame can no longer undo it (a spoofed one might try)
             return self._fail(str(exc))
         self.peer_id = frame.peer_id
         if self.state is State.NEGOTIATED:
@@ -313,7 +318,6 @@ class Negotiation:
 
     def _scheme_packet(self, data: bytes) -> list[Event]:
         if self.state is State.NEGOTIATED:
-            self._peer_settled = True
             return [SchemePacket(data)]
         if self.state is State.PROPOSED and self._sent_flight and not self.simultaneous:
             # The peer answers our first flight, so it took our first choice (its Accept
