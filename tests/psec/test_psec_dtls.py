@@ -162,3 +162,22 @@ def test_a_server_knows_the_address_validated_once_its_cookie_came_back(
     assert not server.address_validated  # answered with a cookie only
     pump(client, server)
     assert server.up and server.address_validated
+
+
+def test_a_cookie_is_good_for_its_period_and_the_next_only(
+    pki: LivePki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cookie seen once must not validate its address for ever (it lifts the 3x
+    limit): it holds in the minute it was made and the next."""
+    from trustmesh.psec import dtls
+
+    context = dtls.DtlsContext(pki.config("node-b", tmp_path / "b"), server=True)
+    scheme = DtlsScheme(context, initiator=False, peer_address=b"10.0.0.1:1")
+    made = context._cookie(scheme.conn, 1000)
+    monkeypatch.setattr(dtls, "_cookie_period", lambda: 1001)
+    assert context._cookie_came_back(scheme.conn, made) and scheme.address_validated
+    scheme.address_validated = False
+    monkeypatch.setattr(dtls, "_cookie_period", lambda: 1002)
+    assert not context._cookie_came_back(scheme.conn, made) and not scheme.address_validated
+    other = DtlsScheme(context, initiator=False, peer_address=b"10.0.0.2:1")
+    assert not context._cookie_came_back(other.conn, context._cookie(scheme.conn, 1002))

@@ -543,3 +543,88 @@ def test_a_spoofed_proposal_to_an_up_channel_changes_nothing(pki: LivePki, tmp_p
     spoofed = Propose(a.negotiation.local, ("/x/1",)).encode()
     assert b.receive(spoofed, pump.now) == [] and b.closed is None
     assert b.datagrams_to_send() == []
+
+
+def _role_files(pki: LivePki, directory: Path, role: str) -> TlsConfig:
+    """An admin's certificate (client use only) or the CA API's (server use only)."""
+    from trustmesh.crypto.keys import KeyKind, PrivateKey
+
+    key = PrivateKey.generate(KeyKind.P256).to_cryptography()
+    public = key.public_key()
+    ca = pki.ca
+    cert = ca.issue_admin("ops", public) if role == "admin" else ca.issue_server(["x"], public)
+    directory.mkdir(parents=True)
+    pem = serialization.Encoding.PEM
+    (directory / "node.key").write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (directory / "node.crt").write_bytes(cert.public_bytes(pem) + ca.issuing_cert.public_bytes(pem))
+    (directory / "ca.crt").write_bytes(ca.root_cert.public_bytes(pem))
+    return TlsConfig(directory / "node.crt", directory / "node.key", directory / "ca.crt")
+
+
+@pytest.mark.parametrize("wrong_side", ["server is an admin", "client is the CA's server"])
+def test_a_certificate_not_made_for_its_role_is_refused(
+    pki: LivePki, tmp_path: Path, wrong_side: str
+) -> None:
+    """As OpenSSL refuses it for DTLS: an admin's certificate (client use only) is no
+    server, and the CA API's (server use only) no client."""
+    if wrong_side == "server is an admin":
+        client = QuicContext(pki.config("node-a", tmp_path / "a"))
+        server = QuicContext(_role_files(pki, tmp_path / "admin", "admin"))
+        checker = 0
+    else:
+        client = QuicContext(_role_files(pki, tmp_path / "api", "server"))
+        server = QuicContext(pki.config("node-b", tmp_path / "b"))
+        checker = 1
+    pump, a, b = connected(client, server)
+    assert not (a if checker == 0 else b).up
+    assert "is no TLS" in closed_reason(pump, checker)
+
+
+def test_a_peer_leaving_no_room_for_datagrams_is_refused(pki: LivePki, tmp_path: Path) -> None:
+    client, server = contexts(pki, tmp_path)
+    client.client = dataclasses.replace(client.client, max_datagram_frame_size=40)
+    pump, _a, b = connected(client, server)
+    assert not b.up
+    assert "DATAGRAM frames of" in closed_reason(pump, 1)
+
+
+def test_a_revocation_view_that_fails_refuses(pki: LivePki, tmp_path: Path) -> None:
+    def broken(serial: int) -> bool:
+        raise RuntimeError("the view is gone")
+
+    a = pki.config("node-a", tmp_path / "a")
+    b = dataclasses.replace(pki.config("node-b", tmp_path / "b"), is_revoked=broken)
+    pump, _, b_scheme = connected(QuicContext(a), QuicContext(b))
+    assert not b_scheme.up
+    assert "revocation check failed" in closed_reason(pump, 1)
+
+
+@pytest.mark.parametrize("scheme", [NAME, DTLS])
+def test_a_fresh_crl_replaces_an_expired_one_for_new_handshakes(
+    pki: LivePki, tmp_path: Path, scheme: str
+) -> None:
+    """A CRL loaded at start expires (its next update), and the handshake then fails;
+    ``replace_crl`` puts a fresh one in every scheme's context."""
+    import datetime
+
+    stale = pki.ca.crl(now=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2))
+    crl_file = tmp_path / "crl.pem"
+    crl_file.write_bytes(stale.public_bytes(serialization.Encoding.PEM))
+    a_config = dataclasses.replace(pki.config("node-a", tmp_path / "a"), crl_file=crl_file)
+    b_config = dataclasses.replace(pki.config("node-b", tmp_path / "b"), crl_file=crl_file)
+    a_id, b_id = psec_identity(a_config, (scheme,)), psec_identity(b_config, (scheme,))
+
+    def attempt() -> bool:
+        a = PsecChannel(a_id.peer_id, a_id.factories_for(b"a"))
+        b = PsecChannel(b_id.peer_id, b_id.factories_for(b"b"))
+        a.connect(0.0)
+        Pump(a, b).run()
+        return a.up is not None and b.up is not None
+
+    assert not attempt()
+    fresh = pki.ca.crl()
+    for identity in (a_id, b_id):
+        identity.replace_crl(fresh)
+    assert attempt()

@@ -25,7 +25,7 @@ from trustmesh.psec.frames import check_schemes
 from trustmesh.psec.identity import AVAILABLE, PsecIdentity, psec_identity
 from trustmesh.sansio import Event
 from trustmesh.tls import TlsConfig
-from trustmesh.tls.context import parse_crl
+from trustmesh.tls.context import check_crl, parse_crl
 from trustmesh.tls.errors import TlsConfigError
 
 DEFAULT_PORT = 9443
@@ -75,10 +75,8 @@ class CrlWatch:
 
     def __init__(self, path: Path, cert: Path, ca: Path) -> None:
         self.path = path
-        self.issuers = [
-            *x509.load_pem_x509_certificates(ca.read_bytes()),
-            *x509.load_pem_x509_certificates(cert.read_bytes())[1:],
-        ]
+        self.ca = ca
+        self.own_issuers = x509.load_pem_x509_certificates(cert.read_bytes())[1:]
         self.crl: x509.CertificateRevocationList | None = None
         self._seen: tuple[int, int, int] | None = None
 
@@ -95,10 +93,7 @@ class CrlWatch:
             return None
         self._seen = key  # a file that does not parse is not read again until it changes
         crl = parse_crl(self.path.read_bytes())  # as TlsConfig.crl_file is read
-        if not any(self._signed_by(crl, issuer) for issuer in self.issuers):
-            raise TlsConfigError(
-                f"the CRL is not signed by a CA we know ({crl.issuer.rfc4514_string()})"
-            )
+        check_crl(crl, self.ca, also=self.own_issuers)
         if self.crl is not None and crl.last_update_utc < self.crl.last_update_utc:
             raise TlsConfigError(
                 f"the CRL was issued at {crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ}, before the "
@@ -106,15 +101,6 @@ class CrlWatch:
             )
         self.crl = crl
         return crl
-
-    @staticmethod
-    def _signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
-        if issuer.subject != crl.issuer:
-            return False
-        try:
-            return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-        except TypeError:  # a key type that cannot sign CRLs
-            return False
 
 
 def _node_id(chain: tuple[x509.Certificate, ...]) -> str | None:
@@ -283,7 +269,7 @@ async def _listen(
         },
         as_json=True,
     )
-    poller = _CrlPoller(watch, endpoint) if watch is not None else None
+    poller = _CrlPoller(watch, identity, endpoint) if watch is not None else None
     try:
         await stop.wait()
     finally:
@@ -296,8 +282,9 @@ class _CrlPoller:
     """Checks a --crl file every CRL_POLL seconds on a loop timer; a new CRL is put in
     use (new handshakes ask it) and the endpoint closes the channels it revokes."""
 
-    def __init__(self, watch: CrlWatch, endpoint: PsecEndpoint) -> None:
+    def __init__(self, watch: CrlWatch, identity: PsecIdentity, endpoint: PsecEndpoint) -> None:
         self.watch = watch
+        self.identity = identity
         self.endpoint = endpoint
         self._loop = asyncio.get_running_loop()
         self._timer = self._loop.call_later(CRL_POLL, self._check)
@@ -309,6 +296,10 @@ class _CrlPoller:
         source = str(self.watch.path)
         try:
             crl = self.watch.poll()
+            if crl is not None:
+                # The handshakes' own CRL too: the one loaded at start expires (its
+                # next update), and OpenSSL then refuses every peer.
+                self.identity.replace_crl(crl)
         except (OSError, ValueError, TlsConfigError) as exc:
             emit({"event": "crl-error", "source": source, "reason": str(exc)}, as_json=True)
         else:

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import hmac
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ APPLICATION_DATA = 23  # the content type of a record of application data
 RECORD_HEADER = 13  # type, version (2), epoch (2), sequence (6), length (2)
 EXPORTER_LABEL = b"EXPORTER-trustmesh-psec-confirm"
 COOKIE_SIZE = 16
+COOKIE_PERIOD = 60.0  # seconds; a cookie is good in its period and the next
 BIO_CHUNK = 16384
 READ_SIZE = 16384  # SSL3_RT_MAX_PLAIN_LENGTH: one whole record, so a datagram stays one
 WANT_READ = _lib.SSL_ERROR_WANT_READ
@@ -124,23 +126,31 @@ class DtlsContext(TlsContext):
             self._cookie_secret = os.urandom(32)
             assert SSL.OP_COOKIE_EXCHANGE is not None  # set in every OpenSSL with DTLS
             ctx.set_options(SSL.OP_COOKIE_EXCHANGE)
-            ctx.set_cookie_generate_callback(self._cookie)
+            ctx.set_cookie_generate_callback(lambda conn: self._cookie(conn, _cookie_period()))
             ctx.set_cookie_verify_callback(self._cookie_came_back)
         return ctx
 
-    def _cookie(self, conn: SSL.Connection) -> bytes:
+    def _cookie(self, conn: SSL.Connection, period: int) -> bytes:
+        """An HMAC of the peer's address and the period (a minute) it was made in."""
         scheme = conn.get_app_data()
         peer = scheme.peer_address if isinstance(scheme, DtlsScheme) else b""
-        return hmac.new(self._cookie_secret, peer, "sha256").digest()[:COOKIE_SIZE]
+        message = period.to_bytes(8, "big") + peer
+        return hmac.new(self._cookie_secret, message, "sha256").digest()[:COOKIE_SIZE]
 
     def _cookie_came_back(self, conn: SSL.Connection, cookie: bytes) -> bool:
-        """A ClientHello brought back the cookie made for its address: the address
+        """A ClientHello brought back a cookie made for its address in this period or
+        the one before (so it is good for 1 to 2 minutes, not for ever): the address
         receives what we send (the scheme says so: ``address_validated``)."""
-        ok = hmac.compare_digest(self._cookie(conn), cookie)
+        now = _cookie_period()
+        ok = any(hmac.compare_digest(self._cookie(conn, p), cookie) for p in (now, now - 1))
         scheme = conn.get_app_data()
         if ok and isinstance(scheme, DtlsScheme):
             scheme.address_validated = True
         return ok
+
+
+def _cookie_period() -> int:
+    return int(time.time() // COOKIE_PERIOD)
 
 
 class DtlsScheme:

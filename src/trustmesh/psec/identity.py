@@ -18,7 +18,7 @@ from trustmesh.psec.dtls import DtlsContext, DtlsScheme
 from trustmesh.psec.quic import NAME as QUIC
 from trustmesh.psec.quic import QuicContext, QuicScheme
 from trustmesh.sansio import Event
-from trustmesh.tls import TlsConfig
+from trustmesh.tls import TlsConfig, TlsContext
 from trustmesh.wire.peerid import KeyType, PeerId
 
 
@@ -71,6 +71,15 @@ def peer_id_of(cert: x509.Certificate) -> PeerId:
 class PsecIdentity:
     peer_id: PeerId
     factories_for: FactoriesFor
+    contexts: tuple[TlsContext, ...] = ()  # the schemes' contexts, which check peers
+
+    def replace_crl(self, crl: x509.CertificateRevocationList) -> None:
+        """Check peers against ``crl`` from the next handshake on, in every scheme (it
+        must be signed by a CA we know and be no older than the one in use, else
+        :class:`TlsConfigError` and nothing changes). A CRL loaded from
+        ``TlsConfig.crl_file`` expires: without a newer one, handshakes fail."""
+        for context in self.contexts:
+            context.replace_crl(crl)
 
 
 def psec_identity(config: TlsConfig, schemes: Sequence[str] = AVAILABLE) -> PsecIdentity:
@@ -81,10 +90,13 @@ def psec_identity(config: TlsConfig, schemes: Sequence[str] = AVAILABLE) -> Psec
     if unknown:
         raise ValueError(f"unknown schemes: {', '.join(unknown)}")
     makers: dict[str, Callable[[bytes], SchemeFactory]] = {}
+    contexts: list[TlsContext] = []
     if DTLS in schemes:
-        makers[DTLS] = _dtls_maker(config)
+        makers[DTLS], pair = _dtls_maker(config)
+        contexts += pair
     if QUIC in schemes:
         context = QuicContext(config)
+        contexts.append(context.checks)
 
         def quic_for(address: bytes) -> SchemeFactory:
             def quic(initiator: bool) -> QuicScheme:
@@ -93,18 +105,21 @@ def psec_identity(config: TlsConfig, schemes: Sequence[str] = AVAILABLE) -> Psec
             return quic
 
         makers[QUIC] = quic_for
-    return _identity(config, {name: makers[name] for name in schemes})
+    return _identity(config, {name: makers[name] for name in schemes}, tuple(contexts))
 
 
 def dtls_identity(config: TlsConfig, schemes: Sequence[str] = (DTLS,)) -> PsecIdentity:
     """An identity whose every scheme name is served by the DTLS adapter (tests name
     extra schemes so to exercise the negotiation)."""
-    maker = _dtls_maker(config)
-    return _identity(config, dict.fromkeys(schemes, maker))
+    maker, contexts = _dtls_maker(config)
+    return _identity(config, dict.fromkeys(schemes, maker), contexts)
 
 
-def _dtls_maker(config: TlsConfig) -> Callable[[bytes], SchemeFactory]:
-    """DTLS factories per peer address: a server's cookie binds the address."""
+def _dtls_maker(
+    config: TlsConfig,
+) -> tuple[Callable[[bytes], SchemeFactory], tuple[DtlsContext, DtlsContext]]:
+    """DTLS factories per peer address (a server's cookie binds the address), and the
+    two contexts they share."""
     client, server = DtlsContext(config, server=False), DtlsContext(config, server=True)
 
     def dtls_for(address: bytes) -> SchemeFactory:
@@ -114,14 +129,16 @@ def _dtls_maker(config: TlsConfig) -> Callable[[bytes], SchemeFactory]:
 
         return dtls
 
-    return dtls_for
+    return dtls_for, (client, server)
 
 
 def _identity(
-    config: TlsConfig, makers: Mapping[str, Callable[[bytes], SchemeFactory]]
+    config: TlsConfig,
+    makers: Mapping[str, Callable[[bytes], SchemeFactory]],
+    contexts: Sequence[TlsContext],
 ) -> PsecIdentity:
     def factories_for(address: bytes) -> Mapping[str, SchemeFactory]:
         return {name: make(address) for name, make in makers.items()}
 
     own = x509.load_pem_x509_certificates(config.cert_file.read_bytes())[0]
-    return PsecIdentity(peer_id_of(own), factories_for)
+    return PsecIdentity(peer_id_of(own), factories_for, tuple(contexts))

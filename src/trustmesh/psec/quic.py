@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import ssl
 from collections import deque
@@ -52,12 +53,15 @@ from aioquic.tls import AlertDescription, Epoch
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from trustmesh.errors import ProtocolError
 from trustmesh.psec.dtls import EXPORTER_LABEL, PayloadTooLarge, SchemeClosed, SchemeData, SchemeUp
 from trustmesh.psec.frames import DEFAULT_MAX_FRAME
 from trustmesh.sansio import Event
 from trustmesh.tls.context import TlsConfig, TlsContext
+
+log = logging.getLogger("trustmesh.psec.quic")
 
 NAME = "/quic-datagram/1"
 ALPN = "psec-quic-datagram/1"
@@ -71,6 +75,7 @@ SHORT_HEADER = 1
 PACKET_NUMBER_MAX = 4
 AEAD_TAG = 16
 FRAME_HEADER = 1 + 2
+MIN_PAYLOAD = 256  # the smallest payload limit a peer may leave us (a confirm takes 33)
 RETRY_TOKEN_LIFETIME = 10.0  # seconds a Retry token is good for
 RETRY_MAC = 16
 
@@ -107,21 +112,31 @@ class QuicContext:
         self.retry = RetryTokens()
 
     def refusal(
-        self, chain: tuple[x509.Certificate, ...], *, chain_checked: bool = False
+        self, chain: tuple[x509.Certificate, ...], *, of_server: bool
     ) -> tuple[int, str] | None:
         """Why a peer chain is refused, as (TLS alert, reason); None if it passes.
-        ``chain_checked``: aioquic verified it to the root already (a client does so
-        for the server's), so only revocation is left to check."""
+        ``of_server``: a client checks the server's chain, which aioquic verified to the
+        root already, so its purpose and revocation are left; a server checks the
+        client's in full. A certificate must allow its role (extended key usage), as
+        OpenSSL requires of DTLS peers: an admin's (client only) is no server."""
         if not chain:
             return AlertDescription.certificate_required, "the peer presented no certificate"
-        if chain_checked:
-            is_revoked = self.checks.config.is_revoked
-            if self.checks.crl_revokes(chain[0]) or (
-                is_revoked is not None and is_revoked(chain[0].serial_number)
-            ):
-                return AlertDescription.certificate_revoked, "certificate revoked"
-            return None
-        reason = self.checks.refuse_resumed(chain, None)
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if of_server else ExtendedKeyUsageOID.CLIENT_AUTH
+        if not _allows(chain[0], usage):
+            role = "server" if of_server else "client"
+            return AlertDescription.unsupported_certificate, f"the certificate is no TLS {role}'s"
+        try:
+            if of_server:
+                is_revoked = self.checks.config.is_revoked
+                revoked = self.checks.crl_revokes(chain[0]) or (
+                    is_revoked is not None and is_revoked(chain[0].serial_number)
+                )
+                reason = "certificate verify failed (certificate revoked)" if revoked else None
+            else:
+                reason = self.checks.refuse_resumed(chain, None)
+        except Exception:  # a revocation view that fails refuses, as for TLS links
+            log.exception("the revocation check failed; refusing the certificate")
+            reason = "certificate verify failed (the revocation check failed)"
         if reason is None:
             return None
         alert = (
@@ -130,6 +145,15 @@ class QuicContext:
             else AlertDescription.bad_certificate
         )
         return alert, reason
+
+
+def _allows(cert: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
+    """Whether ``cert`` may be used for ``usage`` (no extended key usage: any)."""
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return usage in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
 
 
 class RetryTokens:
@@ -217,7 +241,10 @@ class QuicScheme:
     def payload_limit(self) -> int:
         """The largest datagram ``send`` takes: what fits in one 1-RTT packet, and in
         the peer's ``max_datagram_frame_size``."""
-        if not self.up or self._conn is None:
+        return self._room() if self.up else 0
+
+    def _room(self) -> int:
+        if self._conn is None:
             return 0
         cid = len(self._conn._peer_cid.cid)
         room = self.context.max_datagram - SHORT_HEADER - cid - PACKET_NUMBER_MAX - AEAD_TAG
@@ -358,12 +385,18 @@ class QuicScheme:
     def _check_peer(self) -> None:
         """The peer's chain, by the mesh's rules, before anything of ours goes out."""
         assert self._conn is not None
-        refusal = self.context.refusal(self._conn.peer_chain(), chain_checked=self.initiator)
-        if refusal is None:
+        refusal = self.context.refusal(self._conn.peer_chain(), of_server=self.initiator)
+        if refusal is not None:
+            alert, reason = refusal
+            code = QuicErrorCode.CRYPTO_ERROR + int(alert)
+            self._conn.close(error_code=code, reason_phrase=reason)
+        elif self._room() < MIN_PAYLOAD:
+            self._conn.close(
+                error_code=QuicErrorCode.TRANSPORT_PARAMETER_ERROR,
+                reason_phrase=f"the peer takes DATAGRAM frames of {self._room()} bytes at most",
+            )
+        else:
             self._checked = True
-            return
-        alert, reason = refusal
-        self._conn.close(error_code=QuicErrorCode.CRYPTO_ERROR + int(alert), reason_phrase=reason)
 
     def _terminated(self, event: quic_events.ConnectionTerminated) -> list[Event]:
         self._early.clear()

@@ -147,7 +147,7 @@ class TlsContext:
         A fresh X509 store replaces the context's, so that CRLs do not pile up in it
         (OpenSSL keeps every CRL added to a store); connections in progress verify
         against the store of the moment they verify."""
-        check_crl(crl, self.config.ca_file)
+        check_crl(crl, self.config.ca_file, also=self._intermediates)
         current = self.crl
         if current is not None and crl.last_update_utc < current.last_update_utc:
             raise TlsConfigError(
@@ -286,17 +286,21 @@ def parse_crl(data: bytes) -> x509.CertificateRevocationList:
     return x509.load_der_x509_crl(data)
 
 
-def check_crl(crl: x509.CertificateRevocationList, ca_file: Path) -> None:
-    """Raise :class:`TlsConfigError` unless ``crl`` is signed by a CA of the bundle that
-    names its issuer."""
+def check_crl(
+    crl: x509.CertificateRevocationList, ca_file: Path, *, also: Sequence[x509.Certificate] = ()
+) -> None:
+    """Raise :class:`TlsConfigError` unless ``crl`` is signed by a CA that names its
+    issuer: one of the bundle, or of ``also`` (the issuing CAs of our own chain file: a
+    mesh's CRL is signed by its issuing CA, which a root-only bundle lacks)."""
     try:
         bundle = x509.load_pem_x509_certificates(ca_file.read_bytes())
     except (OSError, ValueError) as exc:
         raise TlsConfigError(f"cannot load CA bundle {ca_file}: {exc}") from None
-    issuers = [c for c in bundle if c.subject == crl.issuer]
+    issuers = [c for c in (*bundle, *also) if c.subject == crl.issuer]
     if not issuers:
         raise TlsConfigError(
-            f"the CRL's issuer ({crl.issuer.rfc4514_string()}) is not in the CA bundle"
+            f"the CRL's issuer ({crl.issuer.rfc4514_string()}) is not in the CA bundle "
+            "nor our own chain"
         )
     for issuer in issuers:
         try:
