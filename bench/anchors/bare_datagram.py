@@ -7,7 +7,6 @@ peer IDs, chain check of the client by us, or confirm: that is PSEC's own cost."
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import os
 
@@ -36,7 +35,7 @@ def dtls_server_context(config: TlsConfig, *, cookie: bool) -> SSL.Context:
         secret = os.urandom(32)
 
         def make(conn: SSL.Connection) -> bytes:
-            return hmac.new(secret, b"peer", hashlib.sha256).digest()[:16]
+            return hmac.digest(secret, b"peer", "sha256")[:16]
 
         assert SSL.OP_COOKIE_EXCHANGE is not None
         ctx.set_options(SSL.OP_COOKIE_EXCHANGE)

@@ -135,7 +135,7 @@ class DtlsContext(TlsContext):
         scheme = conn.get_app_data()
         peer = scheme.peer_address if isinstance(scheme, DtlsScheme) else b""
         message = period.to_bytes(8, "big") + peer
-        return hmac.new(self._cookie_secret, message, "sha256").digest()[:COOKIE_SIZE]
+        return hmac.digest(self._cookie_secret, message, "sha256")[:COOKIE_SIZE]
 
     def _cookie_came_back(self, conn: SSL.Connection, cookie: bytes) -> bool:
         """A ClientHello brought back a cookie made for its address in this period or

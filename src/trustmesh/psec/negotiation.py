@@ -203,7 +203,7 @@ class Negotiation:
         """The confirm one side sends over the secured channel: HMAC-SHA256 keyed by
         the scheme's exported secret, over the direction and the transcript hash."""
         role = b"I" if from_initiator else b"R"
-        return hmac.new(exporter, CONFIRM_LABEL + role + self.transcript_hash(), "sha256").digest()
+        return hmac.digest(exporter, CONFIRM_LABEL + role + self.transcript_hash(), "sha256")
 
     def check_confirm(self, exporter: bytes, tag: bytes, *, from_initiator: bool) -> bool:
         return hmac.compare_digest(self.confirm_tag(exporter, from_initiator=from_initiator), tag)

@@ -30,7 +30,7 @@ and tests/psec/test_psec_quic.py checks each hook.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import hmac
 import logging
 import os
@@ -147,6 +147,7 @@ class QuicContext:
         return alert, reason
 
 
+@functools.lru_cache(maxsize=256)
 def _allows(cert: x509.Certificate, usage: x509.ObjectIdentifier) -> bool:
     """Whether ``cert`` may be used for ``usage`` (no extended key usage: any)."""
     try:
@@ -184,7 +185,7 @@ class RetryTokens:
 
     def _mac(self, address: bytes, body: bytes, retry_scid: bytes) -> bytes:
         message = len(address).to_bytes(2, "big") + address + body + retry_scid
-        return hmac.new(self._secret, message, hashlib.sha256).digest()[:RETRY_MAC]
+        return hmac.digest(self._secret, message, "sha256")[:RETRY_MAC]
 
 
 class _Connection(QuicConnection):
@@ -236,6 +237,7 @@ class QuicScheme:
         self._retry: bytes | None = None  # a Retry to send: the server holds nothing else
         self._early: deque[bytes] = deque()  # data that came with the handshake's end
         self._checked = False
+        self._exported: dict[tuple[bytes, int], bytes] = {}
 
     @property
     def payload_limit(self) -> int:
@@ -311,8 +313,11 @@ class QuicScheme:
         """Keying material per RFC 8446 §7.5 (empty context), for the PSEC confirm."""
         if self._conn is None or self._conn.exporter is None or not self.up:
             raise QuicSchemeError("no keys before the handshake is done")
-        algorithm, secret = self._conn.exporter
-        return tls_exporter(algorithm, secret, label, b"", length)
+        key = (label, length)
+        if key not in self._exported:  # one session, one value a label: computed once
+            algorithm, secret = self._conn.exporter
+            self._exported[key] = tls_exporter(algorithm, secret, label, b"", length)
+        return self._exported[key]
 
     def close(self) -> list[Event]:
         if self.closed is not None:

@@ -242,7 +242,7 @@ class TlsContext:
             else:
                 self._peer_store = store  # built once for the real time, until the CRL changes
         known = [c for c in self._intermediates if c not in chain]
-        leaf, *rest = (crypto.X509.from_cryptography(c) for c in [*chain, *known])
+        leaf, *rest = (_as_openssl(c) for c in [*chain, *known])
         try:
             crypto.X509StoreContext(store, leaf, rest).verify_certificate()
         except crypto.X509StoreContextError as exc:
@@ -258,6 +258,13 @@ class TlsContext:
             if proto in offered:
                 return proto
         return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+@functools.lru_cache(maxsize=256)
+def _as_openssl(cert: x509.Certificate) -> crypto.X509:
+    """pyOpenSSL's copy of a certificate, made once per certificate (peers come back,
+    and the issuing CA is in every chain); only read by the verification."""
+    return crypto.X509.from_cryptography(cert)
 
 
 def _accept_any(conn: SSL.Connection, cert: crypto.X509, error: int, depth: int, ok: int) -> bool:
