@@ -41,10 +41,11 @@ from bench.harness import Result, compare
 from trustmesh.node.local import issue_node_files
 from trustmesh.pki.ca import CertificateAuthority
 from trustmesh.psec.channel import PsecChannel
-from trustmesh.psec.dtls import DtlsContext, DtlsScheme, SchemeData
+from trustmesh.psec.dtls import DtlsContext, DtlsScheme
 from trustmesh.psec.identity import psec_identity
 from trustmesh.psec.quic import NAME as QUIC
 from trustmesh.psec.quic import QuicContext, QuicScheme, RetryTokens
+from trustmesh.psec.scheme import SchemeData
 from trustmesh.tls import TlsConfig
 
 DTLS = "/dtls/1.2"

@@ -15,7 +15,8 @@ import pytest
 from meshtools import LivePki
 
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.psec.dtls import DtlsContext, DtlsScheme, SchemeData, SchemeUp
+from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.psec.scheme import SchemeData, SchemeUp
 from trustmesh.sansio import Event
 
 WAIT = 15.0

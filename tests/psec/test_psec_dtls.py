@@ -12,14 +12,8 @@ import pytest
 from meshtools import LivePki
 
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.psec.dtls import (
-    DtlsContext,
-    DtlsScheme,
-    PayloadTooLarge,
-    SchemeClosed,
-    SchemeData,
-    SchemeUp,
-)
+from trustmesh.psec.dtls import DtlsContext, DtlsScheme
+from trustmesh.psec.scheme import PayloadTooLarge, SchemeClosed, SchemeData, SchemeUp
 from trustmesh.sansio import Event
 
 

@@ -29,7 +29,6 @@ from trustmesh.psec.channel import (
     ChannelUp,
     PsecChannel,
 )
-from trustmesh.psec.dtls import PayloadTooLarge, SchemeClosed, SchemeData, SchemeUp
 from trustmesh.psec.frames import Propose, decode_frame, is_psec
 from trustmesh.psec.identity import psec_identity
 from trustmesh.psec.quic import (
@@ -40,6 +39,7 @@ from trustmesh.psec.quic import (
     QuicSchemeError,
     tls_exporter,
 )
+from trustmesh.psec.scheme import PayloadTooLarge, SchemeClosed, SchemeData, SchemeUp
 from trustmesh.sansio import Event
 from trustmesh.tls import TlsConfig
 

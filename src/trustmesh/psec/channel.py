@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from trustmesh.errors import ProtocolError
-from trustmesh.psec.dtls import SchemeClosed, SchemeData, SchemeUp
 from trustmesh.psec.frames import is_psec
-from trustmesh.psec.identity import Scheme, SchemeFactory, peer_id_of
+from trustmesh.psec.identity import peer_id_of
 from trustmesh.psec.negotiation import Negotiated, Negotiation, Refused, SchemePacket
+from trustmesh.psec.scheme import Scheme, SchemeClosed, SchemeData, SchemeFactory, SchemeUp
 from trustmesh.sansio import Event
 from trustmesh.wire.peerid import PeerId
 

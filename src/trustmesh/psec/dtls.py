@@ -30,7 +30,6 @@ import functools
 import hmac
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -41,6 +40,13 @@ from OpenSSL._util import no_zero_allocator as _alloc
 
 from trustmesh.errors import ProtocolError
 from trustmesh.psec.frames import DEFAULT_MAX_FRAME
+from trustmesh.psec.scheme import (
+    EXPORTER_LABEL,
+    PayloadTooLarge,
+    SchemeClosed,
+    SchemeData,
+    SchemeUp,
+)
 from trustmesh.sansio import Event
 from trustmesh.tls.context import TlsContext
 from trustmesh.tls.errors import TlsConfigError
@@ -51,7 +57,6 @@ DTLS1_2_VERSION = 0xFEFD
 MODE_NO_AUTO_CHAIN = 0x00000008  # SSL_MODE_NO_AUTO_CHAIN
 APPLICATION_DATA = 23  # the content type of a record of application data
 RECORD_HEADER = 13  # type, version (2), epoch (2), sequence (6), length (2)
-EXPORTER_LABEL = b"EXPORTER-trustmesh-psec-confirm"
 COOKIE_SIZE = 16
 COOKIE_PERIOD = 60.0  # seconds; a cookie is good in its period and the next
 BIO_CHUNK = 16384
@@ -69,31 +74,6 @@ _unpack = _ffi.unpack
 
 class DtlsError(ProtocolError):
     """The DTLS handshake or a record failed (the reason says which check)."""
-
-
-class PayloadTooLarge(DtlsError):
-    """A datagram over the channel's payload limit: refused, never split."""
-
-
-@dataclass(frozen=True, slots=True)
-class SchemeUp(Event):
-    """The handshake is done and the peer proved its certificate chain."""
-
-    peer_chain: tuple[x509.Certificate, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SchemeData(Event):
-    data: bytes
-
-    def payload_size(self) -> int:
-        return len(self.data)
-
-
-@dataclass(frozen=True, slots=True)
-class SchemeClosed(Event):
-    reason: str
-    error: bool = True
 
 
 class DtlsContext(TlsContext):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,38 +16,10 @@ from trustmesh.psec.dtls import NAME as DTLS
 from trustmesh.psec.dtls import DtlsContext, DtlsScheme
 from trustmesh.psec.quic import NAME as QUIC
 from trustmesh.psec.quic import QuicContext, QuicScheme
-from trustmesh.sansio import Event
+from trustmesh.psec.scheme import SchemeFactory
 from trustmesh.tls import TlsConfig, TlsContext
 from trustmesh.wire.peerid import KeyType, PeerId
 
-
-class Scheme(Protocol):
-    """What a scheme adapter offers the channel (``psec.dtls.DtlsScheme`` is one)."""
-
-    @property
-    def up(self) -> bool: ...
-
-    @property
-    def payload_limit(self) -> int: ...
-
-    @property
-    def address_validated(self) -> bool:
-        """The peer proved it receives at its address (a DTLS cookie, a QUIC Retry
-        token came back), or we chose the address: no amplification limit applies."""
-        ...
-
-    def start(self, now: float) -> list[Event]: ...
-    def first_flight(self) -> bytes | None: ...
-    def receive(self, datagram: bytes, now: float) -> list[Event]: ...
-    def send(self, payload: bytes) -> None: ...
-    def datagrams_to_send(self) -> list[bytes]: ...
-    def get_timer(self) -> float | None: ...
-    def handle_timer(self, now: float) -> list[Event]: ...
-    def export(self) -> bytes: ...
-    def close(self) -> list[Event]: ...
-
-
-SchemeFactory = Callable[[bool], Scheme]  # initiator -> a new adapter
 FactoriesFor = Callable[[bytes], Mapping[str, SchemeFactory]]  # peer address -> schemes
 AVAILABLE = (DTLS, QUIC)
 

@@ -56,8 +56,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from trustmesh.errors import ProtocolError
-from trustmesh.psec.dtls import EXPORTER_LABEL, PayloadTooLarge, SchemeClosed, SchemeData, SchemeUp
 from trustmesh.psec.frames import DEFAULT_MAX_FRAME
+from trustmesh.psec.scheme import (
+    EXPORTER_LABEL,
+    PayloadTooLarge,
+    SchemeClosed,
+    SchemeData,
+    SchemeUp,
+)
 from trustmesh.sansio import Event
 from trustmesh.tls.context import TlsConfig, TlsContext
 
