@@ -175,9 +175,14 @@ def test_nothing_is_sent_before_the_handshake(pki: LivePki, tmp_path: Path) -> N
     assert scheme.first_flight() is None  # an Initial never fits in a proposal
 
 
-def test_the_client_is_up_only_once_the_server_accepted_it(pki: LivePki, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ca_name", ["psec test CA", "x"])
+def test_the_client_is_up_only_once_the_server_accepted_it(ca_name: str, tmp_path: Path) -> None:
     """The client's channel waits for the server's confirm, which the server sends only
-    once it accepted the client's chain (with HANDSHAKE_DONE)."""
+    once it accepted the client's chain (with HANDSHAKE_DONE). With a CA named "x" the
+    client's Finished ends a few bytes short of a full datagram: aioquic then ends its
+    call before the 1-RTT packet, and the client's confirm must still go with it."""
+    ca = CertificateAuthority.init(tmp_path / "ca", None, name=ca_name)
+    pki = LivePki(ca)
     a = channel(pki.config("node-a", tmp_path / "a"), (NAME,))
     b = channel(pki.config("node-b", tmp_path / "b"), (NAME,))
     a.connect(1.0)
@@ -197,6 +202,7 @@ def test_the_client_is_up_only_once_the_server_accepted_it(pki: LivePki, tmp_pat
     assert any(isinstance(e, ChannelUp) for e in deliver(a, b))  # accepted, with its confirm
     assert any(isinstance(e, ChannelUp) for e in deliver(b, a))  # HANDSHAKE_DONE, confirm
     assert a.scheme._conn._handshake_confirmed
+    ca.close()
 
 
 def test_a_refused_client_never_comes_up(pki: LivePki, tmp_path: Path) -> None:

@@ -301,7 +301,16 @@ class QuicScheme:
         if self._conn is None:
             retry, self._retry = self._retry, None
             return [retry] if retry is not None else []
-        return [data for data, _ in self._conn.datagrams_to_send(self._now)]
+        # aioquic ends a call when a frame does not fit in the room left in the last
+        # datagram; what is left (a confirm after a full flight) would wait for the
+        # next event. Asking again starts a fresh datagram; an empty answer ends it.
+        out: list[bytes] = []
+        for _ in range(MAX_PENDING):
+            batch = self._conn.datagrams_to_send(self._now)
+            if not batch:
+                break
+            out += [data for data, _ in batch]
+        return out
 
     def get_timer(self) -> float | None:
         if self._conn is None or self.closed is not None:
