@@ -22,6 +22,10 @@ from trustmesh.mesh.link import (
     MAX_HELLO_FRAME,
     MAX_IDS,
     MAX_PEERS,
+    BundleAckFrame,
+    BundleFrame,
+    BundleOfferFrame,
+    BundleWantFrame,
     CloseCode,
     CrlFrame,
     Frame,
@@ -197,6 +201,7 @@ def test_hello_exchange_brings_the_link_up_on_both_sides(
         "hold_time": 30,
         "crl_number": 11,
         "crl_parts": 1,
+        "bundles": 1,
         "listen": "127.0.0.1:7001",
     }
     got_b = pair.b.receive_data(frame(Frame.HELLO, hello_a[0][1]), 0.0)
@@ -953,3 +958,75 @@ def test_random_well_framed_frames_after_hello_give_events_or_a_close(
     pair = linked(pki, nodes, trust=shared_trust)
     stream = b"".join(frame(kind, body) for kind, body in sent)
     _check_events(pair.b, pair.b.receive_data(stream, 1.0))
+
+
+# --- bundles --------------------------------------------------------------------------------
+
+
+def test_bundle_frames_cross_a_link_whose_peers_both_speak_them(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    pair = linked(pki, nodes)
+    assert pair.a.peer_bundles and pair.b.peer_bundles
+    pair.a.send_bundle_offer(["node-a:1:0", "node-a:2:0"])
+    pair.b.send_bundle_want(["node-a:1:0"], ["node-a:2:0"])
+    pair.a.send_bundle(4, b"\x9f\x88\xff")
+    pair.b.send_bundle_ack(["node-a:1:0"], [("node-a:3:0", "the bundle store is full " * 20)])
+    got_a, got_b = pair.pump()
+    assert got_b == [
+        BundleOfferFrame(("node-a:1:0", "node-a:2:0")),
+        BundleFrame(4, b"\x9f\x88\xff"),
+    ]
+    want, ack = got_a
+    assert want == BundleWantFrame(("node-a:1:0",), ("node-a:2:0",))
+    assert isinstance(ack, BundleAckFrame) and ack.ids == ("node-a:1:0",)
+    assert ack.refused[0][0] == "node-a:3:0" and len(ack.refused[0][1]) == 128
+
+
+def test_a_peer_without_bundles_in_its_hello_is_sent_none(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    link = lone_link(pki, nodes[0])
+    link.receive_data(hello(), 0.0)
+    assert link.established and not link.peer_bundles
+    link.send_bundle_offer(["node-a:1:0"])
+    link.send_bundle(1, b"bundle")
+    link.send_bundle_ack(["node-a:1:0"])
+    assert link.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        (Frame.BUNDLE, b""),
+        (Frame.BUNDLE, b"\x00\x9f\xff"),  # no copies
+        (Frame.BUNDLE, b"\x01"),  # copies, no bundle
+        (Frame.BUNDLE_OFFER, {"ids": "node-a:1:0"}),
+        (Frame.BUNDLE_OFFER, {"ids": ["x" * 301]}),
+        (Frame.BUNDLE_OFFER, {"ids": ["node-a:1:0"] * 257}),
+        (Frame.BUNDLE_WANT, {"want": [1], "have": []}),
+        (Frame.BUNDLE_ACK, {"ids": [], "refused": [["node-a:1:0"]]}),
+        (Frame.BUNDLE_ACK, {"ids": [], "refused": [["node-a:1:0", 5]]}),
+    ],
+)
+def test_a_malformed_bundle_frame_closes_the_link(
+    pki: MeshPki, nodes: tuple[Node, Node], kind: int, body: bytes | dict[str, Any]
+) -> None:
+    link = lone_link(pki, nodes[0])
+    link.receive_data(hello(bundles=1), 0.0)
+    events = link.receive_data(frame(kind, body), 0.0)
+    assert [type(e) for e in events] == [LinkClosed]
+    assert close_code_sent(link) == CloseCode.PROTOCOL
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=st.sampled_from(range(Frame.BUNDLE_OFFER, Frame.BUNDLE_ACK + 1)), body=st.binary())
+def test_any_bundle_frame_body_is_an_event_or_a_protocol_close(
+    pki: MeshPki, nodes: tuple[Node, Node], kind: int, body: bytes
+) -> None:
+    link = lone_link(pki, nodes[0])
+    link.receive_data(hello(bundles=1), 0.0)
+    events = link.receive_data(frame(kind, body), 0.0)
+    assert len(events) == 1
+    if isinstance(events[0], LinkClosed):
+        assert close_code_sent(link) == CloseCode.PROTOCOL

@@ -42,6 +42,10 @@ MAX_PEERS = 64
 MAX_IDS = 512
 MAX_ADDRESS = 300  # characters of a host:port a peer sends
 MAX_ROOM = 1024  # free link slots a PEERS frame may claim (max_links is at most 1024)
+BUNDLES_VERSION = 1  # HELLO "bundles": the bundle frames this node speaks
+MAX_BUNDLE_IDS = 256  # bundle ids in one OFFER, WANT or ACK frame
+MAX_BUNDLE_ID = 300  # characters of a bundle id (a node_id is up to 253)
+MAX_REASON = 128  # characters of a refusal's reason in BUNDLE_ACK
 
 
 class Frame(enum.IntEnum):
@@ -55,6 +59,11 @@ class Frame(enum.IntEnum):
     CLOSE = 8
     CRL_PART = 9  # a piece of a CRL over one frame, to peers whose HELLO has crl_parts
     CRL_ACK = 10  # the bytes of that CRL received so far
+    # Bundles (docs/protocols/bundles.md section 8), to peers whose HELLO has bundles:
+    BUNDLE_OFFER = 11  # ids of bundles we hold for the peer
+    BUNDLE_WANT = 12  # which offered ids the peer wants, and which it holds already
+    BUNDLE = 13  # u8 copies handed over, then one RFC 9171 bundle
+    BUNDLE_ACK = 14  # ids persisted (custody taken), and ids refused with a reason
 
 
 class CloseCode(enum.StrEnum):
@@ -129,6 +138,32 @@ class IHaveFrame(Event):
 @dataclass(frozen=True, slots=True)
 class IWantFrame(Event):
     ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BundleOfferFrame(Event):
+    ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BundleWantFrame(Event):
+    want: tuple[str, ...]
+    have: tuple[str, ...]  # held already (persisted, or delivered): custody is done
+
+
+@dataclass(frozen=True, slots=True)
+class BundleFrame(Event):
+    copies: int  # spray-and-wait copies the sender hands over (at least 1)
+    data: bytes  # the bundle, unchecked
+
+    def payload_size(self) -> int:
+        return len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class BundleAckFrame(Event):
+    ids: tuple[str, ...]  # persisted by the peer
+    refused: tuple[tuple[str, str], ...] = ()  # (id, reason): the peer will not take it
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +252,7 @@ class MeshLink:
         self._expires_at: float | None = None
         self.crl = CrlParts(timeout=config.crl_timeout)  # CRLs over one frame, in pieces
         self.peer_crl_parts = False  # the peer's HELLO says it takes CRL_PART
+        self.peer_bundles = False  # the peer's HELLO says it speaks the bundle frames
 
     def bind(self, binding: TlsBinding) -> None:
         self._binding = binding
@@ -247,6 +283,7 @@ class MeshLink:
             "hold_time": self.config.hold_time,
             "crl_number": self._crl_number(),
             "crl_parts": CRL_PARTS_VERSION,
+            "bundles": BUNDLES_VERSION,
         }
         if self.config.listen:
             hello["listen"] = self.config.listen
@@ -371,6 +408,36 @@ class MeshLink:
     def send_iwant(self, ids: Sequence[str]) -> list[Event]:
         return self._send_established(Frame.IWANT, compact_json({"ids": list(ids[:MAX_IDS])}))
 
+    def send_bundle_offer(self, ids: Sequence[str]) -> list[Event]:
+        return self._send_bundles(Frame.BUNDLE_OFFER, {"ids": list(ids[:MAX_BUNDLE_IDS])})
+
+    def send_bundle_want(self, want: Sequence[str], have: Sequence[str]) -> list[Event]:
+        body = {"want": list(want[:MAX_BUNDLE_IDS]), "have": list(have[:MAX_BUNDLE_IDS])}
+        return self._send_bundles(Frame.BUNDLE_WANT, body)
+
+    def send_bundle(self, copies: int, data: bytes) -> list[Event]:
+        if not 1 <= copies <= 255:
+            raise ValueError("copies must be 1..255")
+        if 2 + len(data) > MAX_FRAME:
+            raise ValueError(f"a bundle of {len(data)} bytes does not fit in a frame")
+        if self.state is State.ESTABLISHED and self.peer_bundles:
+            self._send(Frame.BUNDLE, bytes((copies,)) + data)
+        return []
+
+    def send_bundle_ack(
+        self, ids: Sequence[str], refused: Sequence[tuple[str, str]] = ()
+    ) -> list[Event]:
+        body: dict[str, Any] = {"ids": list(ids[:MAX_BUNDLE_IDS])}
+        if refused:
+            body["refused"] = [[i, r[:MAX_REASON]] for i, r in refused[:MAX_BUNDLE_IDS]]
+        return self._send_bundles(Frame.BUNDLE_ACK, body)
+
+    def _send_bundles(self, kind: Frame, body: dict[str, Any]) -> list[Event]:
+        """Bundle frames go only to a peer whose HELLO said it speaks them."""
+        if self.state is State.ESTABLISHED and self.peer_bundles:
+            self._send(kind, compact_json(body))
+        return []
+
     # --- internals ----------------------------------------------------------------------------
 
     def _handle_frames(self, frames: list[bytes], now: float, events: list[Event]) -> None:
@@ -429,6 +496,8 @@ class MeshLink:
         if kind in (Frame.IHAVE, Frame.IWANT):
             ids = _ids(_control(body))
             return [IHaveFrame(ids) if kind == Frame.IHAVE else IWantFrame(ids)]
+        if Frame.BUNDLE_OFFER <= kind <= Frame.BUNDLE_ACK:
+            return [_bundle_frame(kind, body)]
         if kind == Frame.HELLO:
             raise MalformedMessage("a second HELLO")
         raise MalformedMessage(f"unknown frame type {kind}")
@@ -458,6 +527,8 @@ class MeshLink:
         # Any other value (a later version) or none: the peer gets CRLs in one frame only.
         crl_parts = hello.get("crl_parts")
         self.peer_crl_parts = type(crl_parts) is int and crl_parts == CRL_PARTS_VERSION
+        bundles = hello.get("bundles")
+        self.peer_bundles = type(bundles) is int and bundles == BUNDLES_VERSION
         self.crl.peer_number = crl_number
         refusal = self._refuse_hold_time(hold)  # well-formed, but not what we accept
         if refusal is not None:
@@ -567,6 +638,43 @@ def _ids(data: dict[str, Any]) -> tuple[str, ...]:
     if not all(isinstance(i, str) and 0 < len(i) <= 128 for i in ids):
         raise MalformedMessage("each id is a string of 1-128 characters")
     return tuple(ids)
+
+
+def _bundle_frame(kind: int, body: bytes) -> Event:
+    if kind == Frame.BUNDLE:
+        if len(body) < 2 or body[0] == 0:
+            raise MalformedMessage("BUNDLE is a copy count of 1..255, then a bundle")
+        return BundleFrame(body[0], body[1:])
+    data = _control(body)
+    if kind == Frame.BUNDLE_OFFER:
+        return BundleOfferFrame(_bundle_ids(data, "ids"))
+    if kind == Frame.BUNDLE_WANT:
+        return BundleWantFrame(_bundle_ids(data, "want"), _bundle_ids(data, "have"))
+    refused = data.get("refused", [])
+    if not isinstance(refused, list) or len(refused) > MAX_BUNDLE_IDS:
+        raise MalformedMessage(f"refused must be a list of at most {MAX_BUNDLE_IDS}")
+    pairs: list[tuple[str, str]] = []
+    for entry in refused:
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise MalformedMessage("each refusal is [bundle id, reason]")
+        bundle_id, reason = entry
+        if not _is_bundle_id(bundle_id) or not isinstance(reason, str):
+            raise MalformedMessage("each refusal is [bundle id, reason]")
+        pairs.append((bundle_id, reason[:MAX_REASON]))
+    return BundleAckFrame(_bundle_ids(data, "ids"), tuple(pairs))
+
+
+def _bundle_ids(data: dict[str, Any], name: str) -> tuple[str, ...]:
+    ids = data.get(name, [])
+    if not isinstance(ids, list) or len(ids) > MAX_BUNDLE_IDS:
+        raise MalformedMessage(f"{name} must be a list of at most {MAX_BUNDLE_IDS} bundle ids")
+    if not all(_is_bundle_id(i) for i in ids):
+        raise MalformedMessage(f"each of {name} is a bundle id of 1-{MAX_BUNDLE_ID} characters")
+    return tuple(ids)
+
+
+def _is_bundle_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_BUNDLE_ID
 
 
 _SPACE = re.compile(r"\s")  # what str.isspace() calls whitespace

@@ -34,11 +34,23 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from trustmesh.errors import ProtocolError
 from trustmesh.keystore.signer import Signer
+from trustmesh.mesh.dtn import (
+    BundleAction,
+    BundleAgent,
+    SendBundle,
+    SendBundleAck,
+    SendBundleOffer,
+    SendBundleWant,
+)
 from trustmesh.mesh.engine import GossipEngine, Received
 from trustmesh.mesh.errors import BadSignature, GossipRejected
 from trustmesh.mesh.gossip import GossipMessage
 from trustmesh.mesh.link import (
     CLEAN_CLOSES,
+    BundleAckFrame,
+    BundleFrame,
+    BundleOfferFrame,
+    BundleWantFrame,
     CloseCode,
     CrlFrame,
     GossipFrame,
@@ -184,11 +196,34 @@ Action = (
     | FetchCrl
     | Renew
     | Notify
+    | BundleAction[L]
 )
 
 
-LinkAction = SendGossip[L] | SendIHave[L] | SendIWant[L] | SendPeers[L] | SendCrl[L] | CloseLink[L]
-LINK_ACTIONS = (SendGossip, SendIHave, SendIWant, SendPeers, SendCrl, CloseLink)
+LinkAction = (
+    SendGossip[L]
+    | SendIHave[L]
+    | SendIWant[L]
+    | SendPeers[L]
+    | SendCrl[L]
+    | CloseLink[L]
+    | SendBundleOffer[L]
+    | SendBundleWant[L]
+    | SendBundle[L]
+    | SendBundleAck[L]
+)
+LINK_ACTIONS = (
+    SendGossip,
+    SendIHave,
+    SendIWant,
+    SendPeers,
+    SendCrl,
+    CloseLink,
+    SendBundleOffer,
+    SendBundleWant,
+    SendBundle,
+    SendBundleAck,
+)
 
 
 def send_on(link: MeshLink, action: LinkAction[Any]) -> list[Event]:
@@ -207,6 +242,14 @@ def send_on(link: MeshLink, action: LinkAction[Any]) -> list[Event]:
             return link.send_crl(der)
         case CloseLink(_, code, reason):
             return link.close_with(code, reason, error=code not in CLEAN_CLOSES)
+        case SendBundleOffer(_, ids):
+            return link.send_bundle_offer(ids)
+        case SendBundleWant(_, want, have):
+            return link.send_bundle_want(want, have)
+        case SendBundle(_, copies, data):
+            return link.send_bundle(copies, data)
+        case SendBundleAck(_, ids, refused):
+            return link.send_bundle_ack(ids, refused)
     raise TypeError(f"not a link action: {action!r}")
 
 
@@ -317,8 +360,11 @@ class NodeCore(Generic[L]):
         book: PeerBook,
         *,
         rng: random.Random,
+        bundles: BundleAgent[L] | None = None,
     ) -> None:
+        """``bundles``: the node's store-and-forward agent (None: no bundles)."""
         self.settings = settings
+        self.bundles = bundles
         self.node_id = settings.node_id
         self.identity = identity
         self.trust = trust
@@ -351,6 +397,9 @@ class NodeCore(Generic[L]):
         self._rotating: str | None = None  # the address of a rotation's dial in flight
         self._rotated_in: L | None = None  # a rotation's new link, kept at the next tick
         self._stopping = False
+        # (node_id, address) found on the local network (mDNS), dialled like the address
+        # book's: the driver checks such a link against the advert (node/discovery.py)
+        self._discovered: tuple[tuple[str, str], ...] = ()
 
     # --- properties -------------------------------------------------------------------------
 
@@ -384,6 +433,15 @@ class NodeCore(Generic[L]):
         """node_id -> the address it would be dialled at, for each valid signed record."""
         return dict(self.book.dialable(now_ms))
 
+    def discovered(self, found: Iterable[tuple[str, str]], now_ms: int) -> list[Action[L]]:
+        """The (node_id, address) pairs a local discovery (mDNS) holds now, replacing
+        the last ones: candidates after the address book's (a node_id the book can dial
+        is dialled there), under the same cooldowns."""
+        self._discovered = tuple(found)
+        actions: list[Action[L]] = []
+        self._topup(now_ms, actions)
+        return actions
+
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self, now_ms: int) -> list[Action[L]]:
@@ -412,6 +470,8 @@ class NodeCore(Generic[L]):
         times = [self._next_digest, self._next_prune]
         if self.settings.rotate_interval_ms:
             times.append(self._next_rotate)
+        if self.bundles is not None:
+            times.append(self.bundles.next_deadline())
         for value in (self._next_crl, self.renewal.next_ms(), self._retry_at):
             if value is not None:
                 times.append(value)
@@ -449,6 +509,8 @@ class NodeCore(Generic[L]):
         if self.settings.rotate_interval_ms and now_ms >= self._next_rotate:
             self._next_rotate = now_ms + self._rotate_wait()
             self._rotate(now_ms, actions)
+        if self.bundles is not None and now_ms >= self.bundles.next_deadline():
+            actions += self.bundles.handle_timer(now_ms)
         self._topup(now_ms, actions)
         return actions
 
@@ -534,6 +596,21 @@ class NodeCore(Generic[L]):
             self._on_crl_frame(link, event.der, now_ms, actions)
         elif isinstance(event, PeersFrame):
             self._learn(link, peer, event, now_ms, actions)
+        elif self.bundles is not None:
+            self._on_bundle_frame(peer, event, now_ms, actions)
+
+    def _on_bundle_frame(
+        self, peer: str, event: Event, now_ms: int, actions: list[Action[L]]
+    ) -> None:
+        assert self.bundles is not None
+        if isinstance(event, BundleFrame):
+            actions += self.bundles.on_bundle(peer, event.copies, event.data, now_ms)
+        elif isinstance(event, BundleOfferFrame):
+            actions += self.bundles.on_offer(peer, event.ids, now_ms)
+        elif isinstance(event, BundleWantFrame):
+            actions += self.bundles.on_want(peer, event.want, event.have, now_ms)
+        elif isinstance(event, BundleAckFrame):
+            actions += self.bundles.on_ack(peer, event.ids, event.refused, now_ms)
 
     @property
     def gossip_pending(self) -> bool:
@@ -595,6 +672,8 @@ class NodeCore(Generic[L]):
         ids = self.engine.ihave_for(peer, now_ms)
         if ids:
             actions.append(SendIHave(link, tuple(ids)))
+        if self.bundles is not None:
+            actions += self.bundles.link_up(peer, link, now_ms)
         if self.trust.crl_der is not None and event.crl_number < self.trust.crl_number:
             actions.append(SendCrl(link, self.trust.crl_der))
         actions.append(
@@ -644,6 +723,8 @@ class NodeCore(Generic[L]):
         self._room.pop(victim, None)
         self._spare.pop(victim, None)
         self.engine.forget_peer(victim)
+        if self.bundles is not None:
+            self.bundles.link_down(victim)
         info = self.peers.get(victim)
         if info is not None:
             info.status = "disconnected"
@@ -708,6 +789,8 @@ class NodeCore(Generic[L]):
         self._room.pop(peer, None)
         self._spare.pop(peer, None)
         self.engine.forget_peer(peer)
+        if self.bundles is not None:
+            self.bundles.link_down(peer)
         info = self.peers.get(peer)
         if info is not None:
             info.status = "disconnected"
@@ -836,6 +919,15 @@ class NodeCore(Generic[L]):
                 newest_first=not self.settings.random_order,
             )
             if node_id not in self.links and node_id not in self.revoked_nodes
+        ]
+        listed = {node_id for node_id, _ in known} | {self.node_id}
+        known += [
+            (node_id, address)
+            for node_id, address in self._discovered
+            if node_id not in listed
+            and node_id not in self.links
+            and node_id not in self.revoked_nodes
+            and self._usable(address, now_ms, waits)
         ]
         if self.settings.random_order:
             self.rng.shuffle(known)
@@ -1059,6 +1151,10 @@ class NodeCore(Generic[L]):
                 self._forget_node(peer, now_ms, actions)
         for link in self.links.values():
             actions.append(SendCrl(link, der))
+        if self.bundles is not None and update.revoked:
+            dropped = self.bundles.revoked(update.revoked)
+            if dropped:
+                actions.append(Notify("bundles.revoked", {"dropped": dropped}))
         gone = self.book.prune(now_ms)  # records of revoked nodes
         if gone:
             actions.append(ForgetPeers(tuple(gone)))
@@ -1078,6 +1174,8 @@ class NodeCore(Generic[L]):
         if self.book.remove(node_id):
             actions.append(ForgetPeers((node_id,)))
         self.engine.forget_peer(node_id)
+        if self.bundles is not None:
+            self.bundles.link_down(node_id)
         actions.append(Notify("peer.revoked", {"peer": node_id}))
 
     # --- renewal ------------------------------------------------------------------------------
