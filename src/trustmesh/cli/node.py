@@ -109,6 +109,13 @@ def node() -> None:
     help="Peers each new message is pushed to (default: the CA's setting, else 3).",
 )
 @click.option("--advertise", type=Address(), help="The link address peers should dial.")
+@click.option(
+    "--mdns/--no-mdns",
+    default=False,
+    show_default=True,
+    help="Advertise the node and dial nodes found on the LAN by mDNS (docs/protocols/"
+    "discovery.md); --listen must then be an IP address (0.0.0.0: every interface).",
+)
 @click.option("--key-type", type=click.Choice(sorted(KEY_TYPES)), default="p256", show_default=True)
 @click.option("--no-encrypt", is_flag=True, help="Leave node.key unencrypted (mode 0600 still).")
 @_json_option
@@ -126,6 +133,7 @@ def init(
     dial_target: int | None,
     gossip_fanout: int | None,
     advertise: str | None,
+    mdns: bool,
     key_type: str,
     no_encrypt: bool,
     as_json: bool,
@@ -146,6 +154,7 @@ def init(
         max_links=max_links,
         dial_target=dial_target,
         advertise=advertise,
+        mdns=mdns,
         key_encrypted=not no_encrypt,
     )
     passphrase = None if no_encrypt else passphrase_from_env_or_tty(directory, confirm=True)
@@ -185,8 +194,13 @@ def init(
     default="info",
     show_default=True,
 )
+@click.option(
+    "--mdns/--no-mdns",
+    default=None,
+    help="mDNS discovery for this run (default: node.toml's mdns).",
+)
 @limit_options
-def run(directory: Path, log_level: str, **limits: Any) -> None:
+def run(directory: Path, log_level: str, mdns: bool | None, **limits: Any) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT.
 
     Logs one JSON object per line on stderr; prints {"event": "started", ...} on stdout
@@ -211,6 +225,8 @@ def run(directory: Path, log_level: str, **limits: Any) -> None:
             config = mesh_node.config
             mesh_node.config = dataclasses.replace(config, limits={**config.limits, **overrides})
             mesh_node.config.check_operator_values()
+        if mdns is not None:
+            mesh_node.config = dataclasses.replace(mesh_node.config, mdns=mdns)
         await mesh_node.start()
         emit(
             {

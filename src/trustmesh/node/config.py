@@ -14,6 +14,7 @@ min_hold_time = 9                # a peer's HELLO offering less (or 0) is refuse
 allow_zero_hold = false
 hello_timeout = 10.0             # seconds from TLS up to the peer's HELLO
 key_encrypted = true             # node.key needs TRUSTMESH_PASSPHRASE
+mdns = false                     # advertise and discover nodes on the LAN (discovery.md)
 
 [limits]                         # the resource policy of both listeners (docs/limits.md)
 max_connections = 1024
@@ -22,6 +23,7 @@ handshake_timeout = 10.0
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -41,6 +43,7 @@ from trustmesh.mesh.link import (
     split_address,
 )
 from trustmesh.mesh.node import NodeSettings
+from trustmesh.node.discovery import MAX_NODE_ID
 
 CONFIG_FILE = "node.toml"
 DEFAULT_CRL_INTERVAL = 60.0
@@ -70,6 +73,9 @@ class NodeConfig:
     digest_interval: float = DEFAULT_DIGEST_INTERVAL
     key_encrypted: bool = True
     advertise: str | None = None  # the address peers dial, when not ``listen``
+    # mDNS discovery on the LAN (docs/protocols/discovery.md). Off by default: a WAN
+    # fleet has its bootstrap list, and announcing ourselves is an operator's choice.
+    mdns: bool = False
     limits: dict[str, float] = field(default_factory=dict)  # ResourcePolicy overrides
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -89,6 +95,19 @@ class NodeConfig:
                 split_address(value, any_port=any_port)
             except (ValueError, AttributeError) as exc:
                 raise ConfigError(f"{name}: {exc}") from None
+        if not isinstance(self.mdns, bool):
+            raise ConfigError("mdns must be true or false")
+        if self.mdns:
+            if len(self.node_id) > MAX_NODE_ID:
+                raise ConfigError(f"mdns: a node_id of at most {MAX_NODE_ID} characters")
+            host, _ = split_address(self.listen, any_port=True)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(
+                    f"mdns: listen must be an IP address (0.0.0.0 for every interface), "
+                    f"not {host!r}"
+                ) from None
         if self.crl_interval < 1:
             raise ConfigError("crl_interval must be at least 1 second")
         if not 1 <= self.gossip_fanout <= 64:

@@ -5,6 +5,7 @@ identity, and resumption tickets kept per address (section 2.4)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,9 @@ DIAL_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 
 OpenLink = Callable[[StreamDriver[TlsStream], str | None], Link]
+# Run on a dialled peer's chain once it validated, with the node_id it names; raises a
+# MeshError to refuse the link (an mDNS advert's check: node/discovery.py AdvertCheck).
+PeerCheck = Callable[[str, Sequence[Any]], None]
 
 
 class Dialer:
@@ -46,8 +50,17 @@ class Dialer:
         self._crl_number = crl_number
         self.tickets = TicketCache(tickets)
 
-    def new_stream(self, *, initiator: bool, session: SSL.Session | None = None) -> TlsStream:
+    def new_stream(
+        self,
+        *,
+        initiator: bool,
+        session: SSL.Session | None = None,
+        check: PeerCheck | None = None,
+    ) -> TlsStream:
         c = self.config
+        authorize = self._authorize
+        if check is not None:
+            authorize = functools.partial(_authorize_then, self._authorize, check)
         core = MeshLink(
             LinkConfig(
                 c.node_id,
@@ -58,7 +71,7 @@ class Dialer:
                 allow_zero_hold=c.allow_zero_hold,
             ),
             initiator=initiator,
-            authorize=self._authorize,
+            authorize=authorize,
             crl_number=self._crl_number,
         )
         identity = self._identity()
@@ -72,22 +85,31 @@ class Dialer:
         core.bind(stream)
         return stream
 
-    async def dial(self, address: str, open_link: OpenLink) -> Link:
+    async def dial(
+        self, address: str, open_link: OpenLink, *, check: PeerCheck | None = None
+    ) -> Link:
         """Open a link to ``address`` and return it once both HELLOs are exchanged
         (raises :class:`LinkFailed` or ``OSError``). The last link's ticket to the
         address is offered; if the peer refuses that resumption, one full handshake
-        follows at once, so the failure says what the peer's checks say."""
+        follows at once, so the failure says what the peer's checks say. ``check``
+        also runs on the peer's chain (it may refuse the link)."""
         ticket = self.tickets.get(address, self.clock.time_ms() / 1000)
         try:
-            return await self._dial(address, ticket, open_link)
+            return await self._dial(address, ticket, open_link, check)
         except LinkFailed as exc:
             if ticket is None or "(resumed session)" not in str(exc):
                 raise
-        return await self._dial(address, None, open_link)
+        return await self._dial(address, None, open_link, check)
 
-    async def _dial(self, address: str, ticket: SSL.Session | None, open_link: OpenLink) -> Link:
+    async def _dial(
+        self,
+        address: str,
+        ticket: SSL.Session | None,
+        open_link: OpenLink,
+        check: PeerCheck | None = None,
+    ) -> Link:
         host, port = split_address(address)
-        stream = self.new_stream(initiator=True, session=ticket)
+        stream = self.new_stream(initiator=True, session=ticket, check=check)
         try:
             link = await dial(
                 lambda: open_link(StreamDriver(stream), address),
@@ -107,3 +129,11 @@ class Dialer:
         if fresh is not None:  # resume the next link to this address
             self.tickets.put(address, fresh, stream.ticket_expiry(self.clock.time_ms() / 1000))
         return link
+
+
+def _authorize_then(
+    authorize: Callable[[Sequence[Any]], str], check: PeerCheck, chain: Sequence[Any]
+) -> str:
+    node_id = authorize(chain)
+    check(node_id, chain)
+    return node_id

@@ -19,7 +19,7 @@ import random
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
@@ -51,12 +51,16 @@ from trustmesh.node.batch import StoreBatch
 from trustmesh.node.config import NodeConfig, load_config
 from trustmesh.node.crl import CrlSource
 from trustmesh.node.dialer import Dialer
+from trustmesh.node.discovery import certificate_fingerprint
 from trustmesh.node.health import health_of, renewal_due
 from trustmesh.node.identity import Identity, load_identity, rotate_identity
 from trustmesh.node.links import Link, LinkFailed
 from trustmesh.node.runfile import RUN_FILE, write_run_file
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsStream
+
+if TYPE_CHECKING:
+    from trustmesh.node.mdns import MdnsDiscovery
 
 __all__ = ["RUN_FILE", "STORE_FILE", "Identity", "MeshNode", "PeerInfo", "now_ms"]
 
@@ -113,6 +117,7 @@ class MeshNode:
         self.api_server: HttpServer | None = None
         self.api_site: HttpsSite | None = None
         self._tasks = TaskSet()
+        self.discovery: MdnsDiscovery | None = None  # with ``mdns = true``, once started
         self.dialer = Dialer(
             config,
             clock,
@@ -187,6 +192,8 @@ class MeshNode:
         # The listen port is known now: peers are told it.
         self.core.settings = self.config.core_settings(self.advertised, MAX_ADDRESSES)
         self._run(self.core.start(self.clock.time_ms()))
+        if self.config.mdns:
+            await self._start_mdns()
         self._tasks.spawn(self._timer_loop())
         self._tasks.spawn(self.batch.run())
         # node.prev.key goes when the rotation's overlap ends (its certificate expires).
@@ -199,6 +206,8 @@ class MeshNode:
         :meth:`stop`. A mesh that shuts down quiesces every node first, so no node dials
         one that is going away."""
         self.core.stop()
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self._tasks.cancel(CLOSE_TIMEOUT, "background tasks")
 
     async def stop(self) -> None:
@@ -358,11 +367,51 @@ class MeshNode:
         return await self.dialer.dial(address, self._open)
 
     async def _dial_for_core(self, address: str) -> None:
-        """A core's Dial: its LinkUp ends the dial's bookkeeping; a failure is told."""
+        """A core's Dial: its LinkUp ends the dial's bookkeeping; a failure is told. An
+        address that only mDNS vouches for is dialled at the discovery's rate, and its
+        peer must present the advertised certificate (docs/protocols/discovery.md)."""
+        check = None
+        if self.discovery is not None and not self._vouched(address):
+            check = await self.discovery.check_for(address)
         try:
-            await self.dial(address)
+            await self.dialer.dial(address, self._open, check=check)
         except (LinkFailed, OSError) as exc:
             self._run(self.core.dial_failed(address, str(exc), self.clock.time_ms()))
+        finally:
+            if check is not None and self.discovery is not None:
+                self.discovery.dialled(check)
+
+    def _vouched(self, address: str) -> bool:
+        """A bootstrap address, or one of a valid signed peer record."""
+        return address in self.config.bootstrap or address in self.addresses.values()
+
+    def discovered(self, found: list[tuple[str, str]]) -> None:
+        """The (node_id, address) candidates a local discovery holds now: the core
+        dials them as it dials the address book's."""
+        self._run(self.core.discovered(found, self.clock.time_ms()))
+
+    async def _start_mdns(self) -> None:
+        """Advertise the link listener on the LAN and hand the nodes found there to the
+        core; a node whose mDNS sockets fail runs on without."""
+        from trustmesh.node.mdns import MdnsDiscovery  # zeroconf only when asked for
+
+        host, _ = split_address(self.config.listen, any_port=True)
+        discovery = MdnsDiscovery(
+            self.node_id,
+            host,
+            split_address(self.listen_address)[1],
+            certificate_fingerprint(self.identity.certificate),
+            clock=self.clock,
+            changed=self.discovered,
+            emit=self._emit,
+        )
+        try:
+            await discovery.start()
+        except (OSError, RuntimeError) as exc:  # no socket; zeroconf finds no interface
+            self._emit("mdns.failed", level=logging.WARNING, error=str(exc))
+            await discovery.stop()
+            return
+        self.discovery = discovery
 
     # --- revocation -------------------------------------------------------------------------
 
@@ -411,6 +460,9 @@ class MeshNode:
             self.directory, self._passphrase, c.ca_url, self.trust
         )
         self.dialer.tickets.clear()  # a resumed link would present the old certificate
+        if self.discovery is not None:
+            fingerprint = certificate_fingerprint(self.identity.certificate)
+            self._tasks.spawn(self.discovery.readvertise(fingerprint))
         if self.api_site is not None:
             self.api_site.context = self.identity.api
         self._run(self.core.renewed(self.identity.for_core(), self.clock.time_ms()))
