@@ -17,6 +17,7 @@ from trustmesh.mesh.dtn import (
     BundleAction,
     BundleAgent,
     BundleDelivered,
+    BundleForwarded,
     SendBundle,
     SendBundleAck,
     SendBundleOffer,
@@ -110,6 +111,8 @@ class Net:
             if isinstance(action, BundleDelivered):
                 self.delivered[at].append(action.bundle.bundle_id)
                 continue
+            if isinstance(action, BundleForwarded):
+                continue
             peer = self.agents[action.link]
             if action.link not in self.agents or at not in peer.links:
                 continue
@@ -126,7 +129,7 @@ class Net:
             self.run(action.link, answers)
 
     def submit(self, at: str, bundle: Admitted) -> None:
-        self.run(at, self.agents[at].submit(bundle, NOW))
+        self.run(at, self.agents[at].submit([bundle], NOW))
 
     def held(self, at: str) -> list[tuple[str, int]]:
         return [(b.bundle_id, b.copies) for b in self.agents[at].store.items("forwarding")]

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from trustmesh.api.ca_client import enroll_node
+from trustmesh.cli.bundle import bundle
 from trustmesh.cli.limits import limit_options
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import Address, Seconds
@@ -51,7 +52,11 @@ def node() -> None:
         --payload-json '{"hash": "9f86d081884c7d65", "kind": "port-scan", "risk": 0.8}'
     trustmesh node peers --dir n1
     trustmesh node anomalies --dir n1 --json
+    trustmesh node bundle send --dir n1 --to node-2 --ttl 1h --data hello
     """
+
+
+node.add_command(bundle)
 
 
 @node.command()

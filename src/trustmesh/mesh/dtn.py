@@ -25,10 +25,9 @@ that took all our spare copies.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from trustmesh.bundle.store import BundleStore, Role, StoredBundle, StoreError
 from trustmesh.errors import ProtocolError
@@ -113,14 +112,22 @@ class BundleDelivered:
 
 
 @dataclass(frozen=True, slots=True)
-class BundleNotice:
-    event: str
-    fields: dict[str, Any]
-    level: int = logging.INFO
+class BundleForwarded:
+    """``peer`` took custody of a bundle (of ``copies`` of it); ``released``: we hold
+    it no more."""
+
+    bundle_id: str
+    peer: str
+    released: bool
 
 
 BundleAction = (
-    SendBundleOffer[L] | SendBundleWant[L] | SendBundle[L] | SendBundleAck[L] | BundleDelivered
+    SendBundleOffer[L]
+    | SendBundleWant[L]
+    | SendBundle[L]
+    | SendBundleAck[L]
+    | BundleDelivered
+    | BundleForwarded
 )
 
 
@@ -172,15 +179,19 @@ class BundleAgent(Generic[L]):
 
     # --- inputs -------------------------------------------------------------------------
 
-    def submit(self, admitted: Admitted, now_ms: int) -> list[BundleAction[L]]:
-        """A bundle made here (API, CLI, gossip). Stored before this returns (raises a
-        StoreError when a quota is full); then routed as any other."""
-        role: Role = "forwarding"
-        row = self._row(admitted, role, self.copies, now_ms)
-        self.store.add(row)
-        self.stats.submitted += 1
+    def submit(self, bundles: list[Admitted], now_ms: int) -> list[BundleAction[L]]:
+        """Bundles made here (API, CLI, gossip; the fragments of one payload): stored in
+        one transaction before this returns (all or none: raises a StoreError when a
+        quota is full), then routed as any other. One to this node is delivered."""
+        mine = [b for b in bundles if b.destination_node == self.node_id]
+        rows = [self._row(b, "forwarding", self.copies, now_ms) for b in bundles if b not in mine]
+        self.store.add_many(rows)
+        self.stats.submitted += len(bundles)
         actions: list[BundleAction[L]] = []
-        self._route(row, exclude=None, actions=actions)
+        for admitted in mine:
+            self._deliver_here(admitted, now_ms, actions)
+        for row in rows:
+            self._route(row, exclude=None, actions=actions)
         return actions
 
     def link_up(self, peer: str, link: L, now_ms: int) -> list[BundleAction[L]]:
@@ -219,7 +230,7 @@ class BundleAgent(Generic[L]):
             return []
         actions: list[BundleAction[L]] = []
         for bundle_id in have:
-            self._custody_taken(bundle_id, peer, 0)
+            self._custody_taken(bundle_id, peer, 0, actions)
         for bundle_id in want:
             row = self.store.get(bundle_id, "forwarding")
             if row is None or row.expires_ms <= now_ms or (bundle_id, peer) in self._handed:
@@ -259,14 +270,15 @@ class BundleAgent(Generic[L]):
     def on_ack(
         self, peer: str, ids: Iterable[str], refused: Iterable[tuple[str, str]], now_ms: int
     ) -> list[BundleAction[L]]:
+        actions: list[BundleAction[L]] = []
         for bundle_id in ids:
             handed = self._handed.pop((bundle_id, peer), None)
             if handed is not None:
-                self._custody_taken(bundle_id, peer, handed)
+                self._custody_taken(bundle_id, peer, handed, actions)
         for bundle_id, _reason in refused:
             # Kept: another peer may take it; this one is not asked again on this link.
             self._handed.pop((bundle_id, peer), None)
-        return []
+        return actions
 
     def acknowledge(self, bundle_id: str) -> bool:
         """The application took a delivered bundle (DELETE /v1/bundles/{id})."""
@@ -379,7 +391,9 @@ class BundleAgent(Generic[L]):
             return max(1, row.copies)
         return row.copies // 2
 
-    def _custody_taken(self, bundle_id: str, peer: str, handed: int) -> None:
+    def _custody_taken(
+        self, bundle_id: str, peer: str, handed: int, actions: list[BundleAction[L]]
+    ) -> None:
         """``peer`` persisted ``bundle_id`` (with ``handed`` of our copies)."""
         row = self.store.get(bundle_id, "forwarding")
         if row is None:
@@ -389,14 +403,18 @@ class BundleAgent(Generic[L]):
             return  # a broadcast is held until it expires, for nodes yet to come
         if destination == peer:
             self.store.delete(bundle_id, "forwarding")
-            self.stats.forwarded += 1
+            released = True
         elif handed:
             left = row.copies - handed
-            if left <= 0:
+            released = left <= 0
+            if released:
                 self.store.delete(bundle_id, "forwarding")
             else:
                 self.store.set_copies(bundle_id, left)
-            self.stats.forwarded += 1
+        else:
+            return
+        self.stats.forwarded += 1
+        actions.append(BundleForwarded(bundle_id, peer, released))
 
     def _spreadable(self, *, limit: int) -> list[StoredBundle]:
         return self.store.spreadable(limit=limit)

@@ -28,10 +28,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from trustmesh.api.errors import ApiError, Handler, json_errors
+from trustmesh.bundle.errors import (
+    BundleError,
+    BundleTooLargeError,
+    MalformedBundleError,
+    UnknownCriticalBlockError,
+)
+from trustmesh.bundle.store import SourceQuotaError, StoreFullError
 from trustmesh.clock import SYSTEM_CLOCK, Clock
 from trustmesh.errors import OversizeError, ProtocolError
 from trustmesh.io.https import peer_chain
 from trustmesh.io.limits import ResourcePolicy, source_of
+from trustmesh.mesh.bundle_codec import MAX_PAYLOAD
 from trustmesh.mesh.errors import (
     BadSignature,
     ExpiredMessage,
@@ -42,6 +50,7 @@ from trustmesh.mesh.errors import (
 )
 from trustmesh.mesh.gossip import MAX_MESSAGE
 from trustmesh.mesh.trust import CrlRejected
+from trustmesh.node.bundle_api import BundleService, add_bundle_routes
 from trustmesh.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -150,7 +159,15 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     UntrustedOrigin: (403, "untrusted_origin"),
     RevokedOrigin: (403, "revoked"),
     RateLimited: (429, "rate_limited"),
+    BundleError: (400, "bad_bundle"),
+    MalformedBundleError: (400, "malformed"),
+    UnknownCriticalBlockError: (400, "unknown_critical_block"),
+    BundleTooLargeError: (413, "too_large"),
+    SourceQuotaError: (429, "source_quota"),
+    StoreFullError: (507, "store_full"),
 }
+# A JSON bundle request carries its payload in base64.
+MAX_BODY = max(MAX_MESSAGE, MAX_PAYLOAD * 4 // 3) + 8192
 
 
 def node_app(
@@ -158,11 +175,13 @@ def node_app(
     *,
     policy: ResourcePolicy | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    bundles: BundleService | None = None,
 ) -> web.Application:
     """The API of ``node``; its rate limits come from ``policy`` (default: the node's
-    own, ``node.config.policy``); certificates are checked and limits run on ``clock``."""
+    own, ``node.config.policy``); certificates are checked and limits run on ``clock``.
+    With ``bundles``, the ``/v1/bundles`` routes too."""
     app = web.Application(
-        middlewares=[json_errors(ERRORS), _authenticate], client_max_size=MAX_MESSAGE + 1024
+        middlewares=[json_errors(ERRORS), _authenticate], client_max_size=MAX_BODY
     )
     app[NODE_KEY] = node
     app[CLOCK_KEY] = clock
@@ -172,6 +191,8 @@ def node_app(
     app.router.add_post("/v1/mesh/gossip", _gossip)
     app.router.add_get("/v1/mesh/anomalies", _anomalies)
     app.router.add_get("/v1/mesh/health", _health)
+    if bundles is not None:
+        add_bundle_routes(app, bundles)
     return app
 
 

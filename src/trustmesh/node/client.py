@@ -78,6 +78,9 @@ class NodeClient:
     async def post(self, path: str, body: bytes) -> dict[str, Any]:
         return await self._request("POST", path, body=body)
 
+    async def delete(self, path: str) -> dict[str, Any]:
+        return await self._request("DELETE", path)
+
     async def _request(
         self,
         method: str,

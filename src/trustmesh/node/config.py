@@ -76,6 +76,11 @@ class NodeConfig:
     # mDNS discovery on the LAN (docs/protocols/discovery.md). Off by default: a WAN
     # fleet has its bootstrap list, and announcing ourselves is an operator's choice.
     mdns: bool = False
+    # The bundle store's quotas (docs/protocols/bundles.md section 9): bytes in all, and
+    # bytes of any one source node; and the spray-and-wait copies of a new bundle.
+    bundle_quota: int = 256 * 1024 * 1024
+    bundle_source_quota: int = 32 * 1024 * 1024
+    bundle_copies: int = 8
     limits: dict[str, float] = field(default_factory=dict)  # ResourcePolicy overrides
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -125,6 +130,13 @@ class NodeConfig:
             raise ConfigError(f"min_hold_time must be 3..{MAX_HOLD_TIME}")
         if not 0 < self.hello_timeout <= MAX_HOLD_TIME:
             raise ConfigError(f"hello_timeout must be in (0, {MAX_HOLD_TIME}] seconds")
+        for name in ("bundle_quota", "bundle_source_quota"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1024:
+                raise ConfigError(f"{name} must be a number of bytes, at least 1024")
+        copies = self.bundle_copies
+        if isinstance(copies, bool) or not isinstance(copies, int) or not 1 <= copies <= 255:
+            raise ConfigError("bundle_copies must be in 1..255")
         if not 0.05 <= self.digest_interval <= 3600:
             raise ConfigError("digest_interval must be in 0.05..3600 seconds")
         try:

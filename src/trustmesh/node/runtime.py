@@ -32,7 +32,10 @@ from trustmesh.errors import ProtocolError
 from trustmesh.io.https import HttpServer, HttpsSite, serve_app
 from trustmesh.io.stream import StreamDriver, StreamServer, serve_stream
 from trustmesh.io.tasks import TaskSet, within
+from trustmesh.mesh import dtn as bundle_actions
 from trustmesh.mesh import node as core_actions
+from trustmesh.mesh.bundle_codec import MeshBundleCodec
+from trustmesh.mesh.dtn import BundleAgent
 from trustmesh.mesh.engine import GossipEngine, Received, SeenCache
 from trustmesh.mesh.gossip import (
     DEFAULT_TTL_MS,
@@ -48,6 +51,7 @@ from trustmesh.mesh.store import MeshStore
 from trustmesh.mesh.trust import MAX_GOSSIP_CRL, CrlUpdate, TrustView
 from trustmesh.node.api import node_app
 from trustmesh.node.batch import StoreBatch
+from trustmesh.node.bundles import NodeBundles
 from trustmesh.node.config import NodeConfig, load_config
 from trustmesh.node.crl import CrlSource
 from trustmesh.node.dialer import Dialer
@@ -99,6 +103,23 @@ class MeshNode:
         # The address book: signed peer records, the only addresses dialled besides the
         # bootstrap list (mesh-link.md section 8.1).
         self.book = PeerBook(self.trust, self.node_id, capacity=MAX_ADDRESSES)
+        # Bundles (docs/protocols/bundles.md): stored, carried and forwarded by the core.
+        self.bundle_store = NodeBundles.open_store(
+            directory, quota=config.bundle_quota, source_quota=config.bundle_source_quota
+        )
+        self.bundle_codec = MeshBundleCodec(
+            self.node_id,
+            self.trust,
+            lambda data: self.identity.key.sign(data),
+            lambda: self.identity.chain_der,
+        )
+        agent: BundleAgent[Link] = BundleAgent(
+            self.node_id,
+            self.bundle_store,
+            self.bundle_codec,
+            is_revoked=lambda serial: self.trust.is_revoked(int(serial, 16)),
+            copies=config.bundle_copies,
+        )
         self.core: NodeCore[Link] = NodeCore(
             config.core_settings(config.advertise or config.listen, MAX_ADDRESSES),
             self.identity.for_core(),
@@ -106,6 +127,16 @@ class MeshNode:
             self.engine,
             self.book,
             rng=random.Random(),  # noqa: S311 (dial order and jitter, not secrets)
+            bundles=agent,
+        )
+        self.bundles = NodeBundles(
+            self.node_id,
+            self.bundle_store,
+            self.bundle_codec,
+            agent,
+            clock,
+            self._run,
+            lambda: format(self.identity.certificate.serial_number, "x"),
         )
         self.listeners: list[Callable[[str, Any], None]] = []  # (event name, detail)
         self._live: set[Link] = set()  # every link whose connection is open
@@ -180,7 +211,7 @@ class MeshNode:
         )
         api_host, api_port = split_address(self.config.api, any_port=True)
         self.api_server = await serve_app(
-            node_app(self, clock=self.clock),
+            node_app(self, clock=self.clock, bundles=self.bundles),
             api_host,
             api_port,
             context=self.identity.api,
@@ -229,6 +260,7 @@ class MeshNode:
         await self.crl_source.close()
         self.flush()
         self.store.close()
+        self.bundle_store.close()
         (self.directory / RUN_FILE).unlink(missing_ok=True)
         self._emit("node.stopped")
 
@@ -270,8 +302,27 @@ class MeshNode:
                     | core_actions.SendPeers()
                     | core_actions.SendCrl()
                     | core_actions.CloseLink()
+                    | bundle_actions.SendBundleOffer()
+                    | bundle_actions.SendBundleWant()
+                    | bundle_actions.SendBundle()
+                    | bundle_actions.SendBundleAck()
                 ):
                     action.link.carry(action)
+                case bundle_actions.BundleForwarded(bundle_id, peer, released):
+                    self._emit(
+                        "bundle.forwarded",
+                        level=logging.DEBUG,
+                        bundle_id=bundle_id,
+                        peer=peer,
+                        released=released,
+                    )
+                case bundle_actions.BundleDelivered(bundle, service):
+                    self._emit(
+                        "bundle.delivered",
+                        bundle_id=bundle.bundle_id,
+                        source=bundle.source,
+                        service=service,
+                    )
                 case core_actions.Dial(address):
                     self._tasks.spawn(self._dial_for_core(address))
                 case core_actions.KeepAnomaly(message):

@@ -1,0 +1,89 @@
+"""A running node's bundles: its store, its codec and the agent in its core, as the API
+and the CLI use them (docs/protocols/bundles.md section 9)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trustmesh.bundle.codec import Bundle
+from trustmesh.bundle.store import ROLES, BundleStore, Role, StoredBundle
+from trustmesh.clock import Clock
+from trustmesh.mesh.bundle_codec import MAX_PAYLOAD, MeshBundleCodec
+from trustmesh.mesh.dtn import BundleAgent
+
+BUNDLE_STORE_FILE = "bundles.db"
+
+
+class NodeBundles:
+    """The node's side of ``/v1/bundles``. ``run`` carries out the agent's actions (the
+    driver's: frames to send, deliveries to tell)."""
+
+    max_payload = MAX_PAYLOAD
+
+    def __init__(
+        self,
+        node_id: str,
+        store: BundleStore,
+        codec: MeshBundleCodec,
+        agent: BundleAgent[Any],
+        clock: Clock,
+        run: Callable[[list[Any]], None],
+        signer: Callable[[], str],
+    ) -> None:
+        """``signer()``: the serial (hex) of the node's current certificate."""
+        self.node_id = node_id
+        self.store = store
+        self.codec = codec
+        self.agent = agent
+        self.clock = clock
+        self._run = run
+        self._signer = signer
+
+    @staticmethod
+    def open_store(directory: Path, *, quota: int, source_quota: int) -> BundleStore:
+        return BundleStore(
+            directory / BUNDLE_STORE_FILE, max_bytes=quota, max_source_bytes=source_quota
+        )
+
+    def send(self, destination: str, ttl_s: int, payload: bytes) -> tuple[str, int]:
+        """A bundle from this node: (its id, when it expires in Unix ms), once stored."""
+        now = self.clock.time_ms()
+        eid = self.codec.destination(destination)
+        return self._submit(self.codec.make(eid, payload, ttl_s * 1000, now), now)
+
+    def submit_raw(self, data: bytes) -> tuple[str, int]:
+        """An RFC 9171 bundle made by this node's application, signed here."""
+        now = self.clock.time_ms()
+        return self._submit(self.codec.adopt(data, now), now)
+
+    def _submit(self, pieces: list[Bundle], now: int) -> tuple[str, int]:
+        signer = self._signer()
+        admitted = [self.codec.admitted(p, signer, p.encode()) for p in pieces]
+        self._run(self.agent.submit(admitted, now))
+        first = admitted[0]
+        return first.whole_id, first.expires_ms
+
+    def items(self, role: str, limit: int) -> list[StoredBundle]:
+        return self.store.items(_role(role), limit=limit)
+
+    def find(self, bundle_id: str) -> StoredBundle | None:
+        for role in ("inbox", "forwarding", "fragment"):
+            found = self.store.get(bundle_id, _role(role))
+            if found is not None:
+                return found
+        return None
+
+    def payload_of(self, bundle: StoredBundle) -> bytes:
+        return self.codec.payload_of(bundle.data)
+
+    def acknowledge(self, bundle_id: str) -> bool:
+        return self.agent.acknowledge(bundle_id)
+
+
+def _role(text: str) -> Role:
+    for role in ROLES:
+        if text == role:
+            return role
+    raise ValueError(f"no role {text!r}")
