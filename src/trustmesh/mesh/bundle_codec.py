@@ -24,7 +24,7 @@ from trustmesh.bundle.codec import (
     decode_bundle,
     hop_count_block,
 )
-from trustmesh.bundle.eid import BROADCAST, Eid, Scheme, inbox, is_broadcast, node_eid
+from trustmesh.bundle.eid import BROADCAST, Eid, Scheme, inbox, node_eid
 from trustmesh.bundle.errors import BundleError
 from trustmesh.bundle.fragment import fragment, reassemble
 from trustmesh.bundle.ids import dtn_ms_to_unix_ms, unix_ms_to_dtn_ms
@@ -145,7 +145,7 @@ class MeshBundleCodec:
         primary = bundle.primary
         bundle_id = bundle.bundle_id
         destination = primary.destination
-        node = None if is_broadcast(destination) else destination.node
+        node = None if destination.node == BROADCAST.node else destination.node
         created = dtn_ms_to_unix_ms(primary.creation.time)
         return Admitted(
             bundle_id=str(bundle_id),
@@ -203,6 +203,8 @@ class MeshBundleCodec:
         destination = bundle.primary.destination
         if destination.scheme != Scheme.DTN or destination.is_null:
             raise BundleRefused(f"{destination} is not a dtn endpoint this mesh routes to")
+        if destination.node.startswith("~") and destination.node != BROADCAST.node:
+            raise BundleRefused(f"{destination}: the only group this mesh routes is ~mesh")
 
     def _check_time(self, bundle: Bundle, now_ms: int) -> None:
         primary = bundle.primary
