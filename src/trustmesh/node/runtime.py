@@ -311,7 +311,7 @@ class MeshNode:
                 case bundle_actions.BundleForwarded(bundle_id, peer, released):
                     self._emit(
                         "bundle.forwarded",
-                        level=logging.DEBUG,
+                        level=logging.INFO if released else logging.DEBUG,
                         bundle_id=bundle_id,
                         peer=peer,
                         released=released,
