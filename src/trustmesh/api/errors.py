@@ -97,7 +97,9 @@ def json_errors(mapping: Mapping[type[ProtocolError], tuple[int, str]]) -> Middl
                 if cls in mapping:
                     status, code = mapping[cls]
                     return error_response(ApiError(status, str(exc), code=code))
-            raise
+            # A protocol error this API maps to no status is our bug: a JSON 500 still.
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(ApiError(500, "internal error", code="internal"))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

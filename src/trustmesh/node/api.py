@@ -18,9 +18,11 @@ policy's ``request_rate`` a second (bursts of ``request_burst``): beyond either,
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Callable
+from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -191,6 +193,7 @@ def node_app(
     app.router.add_post("/v1/mesh/gossip", _gossip)
     app.router.add_get("/v1/mesh/anomalies", _anomalies)
     app.router.add_get("/v1/mesh/health", _health)
+    app.router.add_get("/v1/openapi.json", _openapi)
     if bundles is not None:
         add_bundle_routes(app, bundles)
     return app
@@ -263,6 +266,17 @@ async def _anomalies(request: web.Request) -> web.Response:
 
 async def _health(request: web.Request) -> web.Response:
     return web.json_response(request.app[NODE_KEY].health())
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of this API (trustmesh/api/node_openapi.json)."""
+    text = resources.files("trustmesh.api").joinpath("node_openapi.json").read_text()
+    document: dict[str, Any] = json.loads(text)
+    return document
 
 
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
