@@ -360,7 +360,14 @@ def test_generate_refuses_existing_file_encrypted(
 # --- demo ------------------------------------------------------------------------------------
 
 
-MESH_STEPS = ["ca and enrollment", "mesh forms", "anomaly gossip", "revocation", "clean shutdown"]
+MESH_STEPS = [
+    "ca and enrollment",
+    "mesh forms",
+    "anomaly gossip",
+    "store and forward",
+    "revocation",
+    "clean shutdown",
+]
 
 
 def _assert_mesh_demo(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -388,7 +395,7 @@ def test_demo_keep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keep = tmp_path / "demo"
     code, out, _ = run(["demo", "--keep", str(keep)], capsys)
     assert code == 0
-    assert "5/5 steps passed" in out
+    assert "6/6 steps passed" in out
     nodes = [f"node-{i}" for i in range(1, 6)]
     assert sorted(f.name for f in keep.iterdir()) == ["ca", *nodes]
     ca = keep / "ca"

@@ -277,3 +277,34 @@ def test_nothing_is_offered_twice_on_one_link(tmp_path: Path) -> None:
     net.run("a", net.agents["a"].link_up("b", "b", NOW)[:0])
     assert net.frames == frames
     assert asdict(net.agents["a"].stats)["submitted"] == 1
+
+
+def test_copies_on_their_way_are_not_handed_twice(tmp_path: Path) -> None:
+    """Relays asking at once share the copies not yet handed over: 8 never become 16."""
+    net = Net(tmp_path, "a", copies=8)
+    agent = net.agents["a"]
+    agent.submit([make("a", "d")], NOW)
+    for relay in ("r1", "r2", "r3", "r4"):
+        agent.link_up(relay, relay, NOW)
+    handed = []
+    for relay in ("r1", "r2", "r3", "r4"):
+        for action in agent.on_want(relay, ["a:1000000:0"], [], NOW):
+            assert isinstance(action, SendBundle)
+            handed.append(action.copies)
+    assert handed == [4, 2, 1]  # r4 gets none: a keeps its last copy
+    agent.link_down("r2")  # its two copies never arrived: they are a's again
+    agent.on_ack("r1", ["a:1000000:0"], [], NOW)
+    assert net.held("a") == [("a:1000000:0", 4)]
+    (again,) = agent.on_want("r4", ["a:1000000:0"], [], NOW)
+    assert isinstance(again, SendBundle) and again.copies == 1  # (4 - 1 in flight) // 2
+
+
+def test_a_relay_that_was_the_only_link_carries_the_bundle_across(tmp_path: Path) -> None:
+    """a and d never meet; r is the only link of each, one after the other."""
+    net = Net(tmp_path, "a", "r", "d")
+    net.link("a", "r")
+    net.submit("a", make("a", "d"))
+    net.unlink("a", "r")
+    net.link("r", "d")
+    assert net.delivered["d"] == ["a:1000000:0"]
+    assert net.held("r") == []  # r handed all its copies to the destination

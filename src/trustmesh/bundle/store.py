@@ -309,6 +309,16 @@ class BundleStore:
             )
         ]
 
+    def destinations(self, *, limit: int) -> list[str]:
+        """The singleton destinations (EID texts) of held bundles, the newest first."""
+        rows = self._db.execute(
+            "SELECT destination FROM bundles WHERE role = 'forwarding'"
+            " AND destination NOT LIKE 'dtn://~%'"
+            " GROUP BY destination ORDER BY max(received_at) DESC LIMIT ?",
+            (limit,),
+        )
+        return [str(destination) for (destination,) in rows]
+
     def forwarding(self) -> Iterator[StoredBundle]:
         """Every bundle held for forwarding, oldest received first."""
         for row in self._db.execute(

@@ -175,6 +175,7 @@ class BundleAgent(Generic[L]):
         self.links: dict[str, L] = {}  # peers that speak bundles, by node_id
         self._offered: dict[str, set[str]] = {}  # peer -> ids offered on this link
         self._handed: dict[tuple[str, str], int] = {}  # (id, peer) -> copies in flight
+        self._in_flight: dict[str, int] = {}  # id -> copies handed, not yet acknowledged
         self._next_expire = 0
 
     # --- inputs -------------------------------------------------------------------------
@@ -210,7 +211,7 @@ class BundleAgent(Generic[L]):
         self.links.pop(peer, None)
         self._offered.pop(peer, None)
         for key in [key for key in self._handed if key[1] == peer]:
-            del self._handed[key]  # never acknowledged: still ours, offered again later
+            self._settle(key)  # never acknowledged: still ours, offered again later
 
     def on_offer(self, peer: str, ids: Iterable[str], now_ms: int) -> list[BundleAction[L]]:
         link = self.links.get(peer)
@@ -238,10 +239,11 @@ class BundleAgent(Generic[L]):
             if self.is_revoked(row.signer):
                 self._drop(row, "revoked")
                 continue
-            copies = self._copies_for(row, peer)
+            copies = self._copies_for(row, peer, self._in_flight.get(bundle_id, 0))
             if copies == 0:
                 continue
             self._handed[(bundle_id, peer)] = copies
+            self._in_flight[bundle_id] = self._in_flight.get(bundle_id, 0) + copies
             actions.append(SendBundle(link, copies, row.data))
         return actions
 
@@ -272,13 +274,24 @@ class BundleAgent(Generic[L]):
     ) -> list[BundleAction[L]]:
         actions: list[BundleAction[L]] = []
         for bundle_id in ids:
-            handed = self._handed.pop((bundle_id, peer), None)
+            handed = self._settle((bundle_id, peer))
             if handed is not None:
                 self._custody_taken(bundle_id, peer, handed, actions)
         for bundle_id, _reason in refused:
             # Kept: another peer may take it; this one is not asked again on this link.
-            self._handed.pop((bundle_id, peer), None)
+            self._settle((bundle_id, peer))
         return actions
+
+    def _settle(self, key: tuple[str, str]) -> int | None:
+        """A hand-over ended (acknowledged, refused, or its link gone): its copies."""
+        handed = self._handed.pop(key, None)
+        if handed is not None:
+            left = self._in_flight.get(key[0], 0) - handed
+            if left > 0:
+                self._in_flight[key[0]] = left
+            else:
+                self._in_flight.pop(key[0], None)
+        return handed
 
     def acknowledge(self, bundle_id: str) -> bool:
         """The application took a delivered bundle (DELETE /v1/bundles/{id})."""
@@ -289,6 +302,12 @@ class BundleAgent(Generic[L]):
         same when it takes the CRL) everywhere."""
         gone = self.store.purge_signers(format(serial, "x") for serial in serials)
         return len(gone)
+
+    def wanted(self, limit: int) -> list[str]:
+        """Nodes we hold bundles for and are not linked to, the newest bundles' first:
+        the node core dials them when it knows where (store until contact)."""
+        nodes = [_node_of(d) for d in self.store.destinations(limit=limit + len(self.links))]
+        return [n for n in nodes if n is not None and n not in self.links][:limit]
 
     def next_deadline(self) -> int:
         return self._next_expire
@@ -383,13 +402,16 @@ class BundleAgent(Generic[L]):
         for start in range(0, len(fresh), OFFER_BATCH):
             actions.append(SendBundleOffer(link, tuple(fresh[start : start + OFFER_BATCH])))
 
-    def _copies_for(self, row: StoredBundle, peer: str) -> int:
-        """Copies to hand ``peer`` with the bundle: all of them to its destination, none
-        kept back for a broadcast, half to a relay (0: the relay gets none)."""
+    def _copies_for(self, row: StoredBundle, peer: str, in_flight: int) -> int:
+        """Copies to hand ``peer`` with the bundle: all of them to its destination, one
+        for a broadcast, half of those not already on their way to a relay (0: the relay
+        gets none)."""
         destination = _node_of(row.destination)
-        if destination is None or destination == peer:
+        if destination is None:
+            return 1
+        if destination == peer:
             return max(1, row.copies)
-        return row.copies // 2
+        return max(0, row.copies - in_flight) // 2
 
     def _custody_taken(
         self, bundle_id: str, peer: str, handed: int, actions: list[BundleAction[L]]

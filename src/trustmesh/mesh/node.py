@@ -62,7 +62,13 @@ from trustmesh.mesh.link import (
     PeerAddress,
     PeersFrame,
 )
-from trustmesh.mesh.peers import PeerBook, PeerRecord, own_record, own_record_due
+from trustmesh.mesh.peers import (
+    PeerBook,
+    PeerRecord,
+    decode_record,
+    own_record,
+    own_record_due,
+)
 from trustmesh.mesh.renewal import RenewalSchedule
 from trustmesh.mesh.trust import CrlRejected, CrlUpdate, TrustView
 from trustmesh.sansio import ConnectionClosed, Event
@@ -73,6 +79,8 @@ BACKOFF_JITTER = 0.2
 SEEN_PRUNE_MS = 60_000
 REFUSAL_PEERS = 4  # records a refusal carries at most
 MIN_LINK_AGE_MS = 10_000  # a link closed sooner never counts as having run its course
+CONTACT_INTERVAL_MS = 5_000  # how often a node dials the nodes it holds bundles for
+MAX_CONTACT_DIALS = 4  # such dials in flight at most
 
 
 class LinkFacts(Hashable, Protocol):
@@ -394,6 +402,8 @@ class NodeCore(Generic[L]):
         self._announced = (True, False)  # what peers last heard: (room, spare links)
         self._extra = 0  # dials wanted beyond the dial target (a lost link to replace)
         self._next_rotate = 0
+        self._next_contact = 0
+        self._contacting: set[str] = set()  # addresses of contact dials in flight
         self._rotating: str | None = None  # the address of a rotation's dial in flight
         self._rotated_in: L | None = None  # a rotation's new link, kept at the next tick
         self._stopping = False
@@ -471,7 +481,7 @@ class NodeCore(Generic[L]):
         if self.settings.rotate_interval_ms:
             times.append(self._next_rotate)
         if self.bundles is not None:
-            times.append(self.bundles.next_deadline())
+            times += (self.bundles.next_deadline(), self._next_contact)
         for value in (self._next_crl, self.renewal.next_ms(), self._retry_at):
             if value is not None:
                 times.append(value)
@@ -511,6 +521,9 @@ class NodeCore(Generic[L]):
             self._rotate(now_ms, actions)
         if self.bundles is not None and now_ms >= self.bundles.next_deadline():
             actions += self.bundles.handle_timer(now_ms)
+        if self.bundles is not None and now_ms >= self._next_contact:
+            self._next_contact = now_ms + CONTACT_INTERVAL_MS
+            self._contact(now_ms, actions)
         self._topup(now_ms, actions)
         return actions
 
@@ -890,6 +903,26 @@ class NodeCore(Generic[L]):
             soonest = min(waits)
             self._retry_at = soonest if self._retry_at is None else min(self._retry_at, soonest)
 
+    def _contact(self, now_ms: int, actions: list[Action[L]]) -> None:
+        """Store until contact, made: dial the nodes we hold bundles for, at an address
+        of their signed record, while we have room. A node that is down fails the dial,
+        and its address cools down as any other (up to a minute between tries)."""
+        assert self.bundles is not None
+        self._contacting &= self._dialing
+        for node_id in self.bundles.wanted(MAX_CONTACT_DIALS):
+            if len(self._contacting) >= MAX_CONTACT_DIALS:
+                return
+            if len(self.links) + len(self._dialing) >= self.settings.max_links:
+                return
+            if node_id in self.revoked_nodes or node_id == self.node_id:
+                continue
+            busy = self._linked_addresses()
+            for address in self._addresses_of(node_id):
+                if address not in busy and self._usable(address, now_ms, []):
+                    self._contacting.add(address)
+                    self._dial(address, actions)
+                    break
+
     def _dial(self, address: str, actions: list[Action[L]]) -> None:
         self._dialing.add(address)
         self.stats.dials += 1
@@ -1007,6 +1040,23 @@ class NodeCore(Generic[L]):
             encoded = (self.record.encode(),)
             for link in self.links.values():
                 actions.append(SendPeers(link, (), encoded, self.room, self.spare))
+
+    def contact_record(self, raw: bytes, now_ms: int) -> list[Action[L]]:
+        """A node's signed record from its contact broadcast (it came back): kept like
+        any record, and if we hold bundles for it, it is dialled now."""
+        actions: list[Action[L]] = []
+        try:
+            record = decode_record(raw)
+            taken = self.book.add(record, now_ms)
+        except ProtocolError as exc:
+            actions.append(Notify("bundle.contact_refused", {"error": str(exc)}))
+            return actions
+        if taken:
+            actions.append(SavePeerRecords((record,)))
+        if self.bundles is not None and record.node_id in self.bundles.wanted(MAX_CONTACT_DIALS):
+            self._next_contact = now_ms
+            self._contact(now_ms, actions)
+        return actions
 
     def load_records(self, raws: Iterable[bytes], now_ms: int) -> list[str]:
         """The peer records of the last run, checked again: the node_ids to forget."""

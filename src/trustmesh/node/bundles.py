@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh.bundle.codec import Bundle
+from trustmesh.bundle.eid import BROADCAST, Eid
 from trustmesh.bundle.store import ROLES, BundleStore, Role, StoredBundle
 from trustmesh.clock import Clock
 from trustmesh.mesh.bundle_codec import MAX_PAYLOAD, MeshBundleCodec
 from trustmesh.mesh.dtn import BundleAgent
 
 BUNDLE_STORE_FILE = "bundles.db"
+CONTACT_SERVICE = "contact"  # dtn://~mesh/contact: "I am back, here is my record"
+CONTACT_TTL_S = 300
 
 
 class NodeBundles:
@@ -64,6 +67,14 @@ class NodeBundles:
         self._run(self.agent.submit(admitted, now))
         first = admitted[0]
         return first.whole_id, first.expires_ms
+
+    def announce(self, record: bytes) -> str:
+        """Tell the mesh we are (back) up: our signed peer record in a broadcast to the
+        contact service. Nodes holding bundles for us then dial us (store until
+        contact), wherever in the mesh they are."""
+        now = self.clock.time_ms()
+        eid = Eid.dtn(BROADCAST.node, CONTACT_SERVICE)
+        return self._submit(self.codec.make(eid, record, CONTACT_TTL_S * 1000, now), now)[0]
 
     def items(self, role: str, limit: int) -> list[StoredBundle]:
         return self.store.items(_role(role), limit=limit)

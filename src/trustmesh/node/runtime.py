@@ -27,6 +27,7 @@ from trustmesh.api.ca_client import (
     finish_interrupted_rotation,
     forget_previous_key,
 )
+from trustmesh.bundle.store import StoreError
 from trustmesh.clock import SYSTEM_CLOCK, Clock
 from trustmesh.errors import ProtocolError
 from trustmesh.io.https import HttpServer, HttpsSite, serve_app
@@ -51,7 +52,7 @@ from trustmesh.mesh.store import MeshStore
 from trustmesh.mesh.trust import MAX_GOSSIP_CRL, CrlUpdate, TrustView
 from trustmesh.node.api import node_app
 from trustmesh.node.batch import StoreBatch
-from trustmesh.node.bundles import NodeBundles
+from trustmesh.node.bundles import BUNDLE_STORE_FILE, CONTACT_SERVICE, NodeBundles
 from trustmesh.node.config import NodeConfig, load_config
 from trustmesh.node.crl import CrlSource
 from trustmesh.node.dialer import Dialer
@@ -104,6 +105,8 @@ class MeshNode:
         # bootstrap list (mesh-link.md section 8.1).
         self.book = PeerBook(self.trust, self.node_id, capacity=MAX_ADDRESSES)
         # Bundles (docs/protocols/bundles.md): stored, carried and forwarded by the core.
+        # A node that ran before announces itself when it starts again (contact).
+        self._ran_before = (directory / BUNDLE_STORE_FILE).exists()
         self.bundle_store = NodeBundles.open_store(
             directory, quota=config.bundle_quota, source_quota=config.bundle_source_quota
         )
@@ -119,6 +122,7 @@ class MeshNode:
             self.bundle_codec,
             is_revoked=lambda serial: self.trust.is_revoked(int(serial, 16)),
             copies=config.bundle_copies,
+            mesh_services=(CONTACT_SERVICE,),
         )
         self.core: NodeCore[Link] = NodeCore(
             config.core_settings(config.advertise or config.listen, MAX_ADDRESSES),
@@ -223,6 +227,8 @@ class MeshNode:
         # The listen port is known now: peers are told it.
         self.core.settings = self.config.core_settings(self.advertised, MAX_ADDRESSES)
         self._run(self.core.start(self.clock.time_ms()))
+        if self._ran_before and self.core.record is not None:
+            self._announce(self.core.record.encode())
         if self.config.mdns:
             await self._start_mdns()
         self._tasks.spawn(self._timer_loop())
@@ -316,6 +322,9 @@ class MeshNode:
                         peer=peer,
                         released=released,
                     )
+                case bundle_actions.BundleDelivered(bundle, service) if service == CONTACT_SERVICE:
+                    record = self.bundle_codec.payload_of(bundle.data)
+                    self._run(self.core.contact_record(record, self.clock.time_ms()))
                 case bundle_actions.BundleDelivered(bundle, service):
                     self._emit(
                         "bundle.delivered",
@@ -340,6 +349,13 @@ class MeshNode:
                 case core_actions.Notify(event, fields, level):
                     self._emit(event, level=level, **fields)
         self._wake.set()
+
+    def _announce(self, record: bytes) -> None:
+        """The contact broadcast; a full store only costs us the early contact."""
+        try:
+            self.bundles.announce(record)
+        except StoreError as exc:
+            self._emit("bundle.contact_not_sent", level=logging.WARNING, error=str(exc))
 
     async def _timer_loop(self) -> None:
         while True:
