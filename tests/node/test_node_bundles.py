@@ -5,6 +5,7 @@ bad requests, and the quota."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from collections.abc import AsyncIterator
@@ -15,7 +16,9 @@ import aiohttp
 import pytest
 
 from trustmesh.bundle.codec import decode_bundle
+from trustmesh.mesh.gossip import anomaly_payload
 from trustmesh.node.client import NodeApiError, NodeClient
+from trustmesh.node.config import load_config, write_config
 from trustmesh.node.local import LocalMesh
 from trustmesh.node.runtime import MeshNode
 
@@ -191,3 +194,32 @@ async def test_the_cli_client_reports_api_errors(mesh3: LocalMesh) -> None:
     with pytest.raises(NodeApiError) as caught:
         await client.delete("/v1/bundles/node-2:1:1")
     assert caught.value.status == 404
+
+
+async def stop(mesh: LocalMesh, target: MeshNode) -> Path:
+    """Stop ``target``; it will come back on the same link port (its peers' records and
+    bootstrap lists name it)."""
+    listen = target.listen_address
+    await target.quiesce()
+    await target.stop()
+    mesh.nodes.remove(target)
+    config = load_config(target.directory)
+    write_config(target.directory, dataclasses.replace(config, listen=listen))
+    return target.directory
+
+
+async def test_an_anomaly_reaches_a_node_that_was_down_even_after_every_node_restarted(
+    mesh3: LocalMesh,
+) -> None:
+    """Gossip alone remembers recent messages in memory only: with every other node
+    restarted, node-3 gets what it missed from the bundle stores."""
+    directory3 = await stop(mesh3, node(mesh3, "node-3"))
+    received = node(mesh3, "node-1").publish(anomaly_payload("ab" * 16, "port-scan", 0.7))
+    message_id = received.message_id
+    n2 = node(mesh3, "node-2")
+    await mesh3.wait_for(lambda: message_id in n2.seen, WAIT, what="gossip to node-2")
+    directories = [await stop(mesh3, n) for n in list(mesh3.nodes)]
+    for directory in directories:
+        await mesh3.start_node(directory)
+    n3 = await mesh3.start_node(directory3)
+    await mesh3.wait_for(lambda: message_id in n3.seen, WAIT, what="the missed anomaly")

@@ -17,6 +17,7 @@ from trustmesh.mesh.dtn import BundleAgent
 BUNDLE_STORE_FILE = "bundles.db"
 CONTACT_SERVICE = "contact"  # dtn://~mesh/contact: "I am back, here is my record"
 CONTACT_TTL_S = 300
+GOSSIP_SERVICE = "gossip"  # dtn://~mesh/gossip: our anomalies, for nodes that are down
 
 
 class NodeBundles:
@@ -75,6 +76,17 @@ class NodeBundles:
         now = self.clock.time_ms()
         eid = Eid.dtn(BROADCAST.node, CONTACT_SERVICE)
         return self._submit(self.codec.make(eid, record, CONTACT_TTL_S * 1000, now), now)[0]
+
+    def carry_gossip(self, raw: bytes, expiry_ms: int) -> str | None:
+        """Our signed gossip message, also as a broadcast bundle that every node holds
+        until the message expires: a node that was down gets it when it comes back,
+        even if every node restarted meanwhile (gossip remembers only so much, and only
+        in memory). None if the message has expired."""
+        now = self.clock.time_ms()
+        if expiry_ms <= now:
+            return None
+        eid = Eid.dtn(BROADCAST.node, GOSSIP_SERVICE)
+        return self._submit(self.codec.make(eid, raw, expiry_ms - now, now), now)[0]
 
     def items(self, role: str, limit: int) -> list[StoredBundle]:
         return self.store.items(_role(role), limit=limit)

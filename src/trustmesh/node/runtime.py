@@ -52,7 +52,12 @@ from trustmesh.mesh.store import MeshStore
 from trustmesh.mesh.trust import MAX_GOSSIP_CRL, CrlUpdate, TrustView
 from trustmesh.node.api import node_app
 from trustmesh.node.batch import StoreBatch
-from trustmesh.node.bundles import BUNDLE_STORE_FILE, CONTACT_SERVICE, NodeBundles
+from trustmesh.node.bundles import (
+    BUNDLE_STORE_FILE,
+    CONTACT_SERVICE,
+    GOSSIP_SERVICE,
+    NodeBundles,
+)
 from trustmesh.node.config import NodeConfig, load_config
 from trustmesh.node.crl import CrlSource
 from trustmesh.node.dialer import Dialer
@@ -122,7 +127,7 @@ class MeshNode:
             self.bundle_codec,
             is_revoked=lambda serial: self.trust.is_revoked(int(serial, 16)),
             copies=config.bundle_copies,
-            mesh_services=(CONTACT_SERVICE,),
+            mesh_services=(CONTACT_SERVICE, GOSSIP_SERVICE),
         )
         self.core: NodeCore[Link] = NodeCore(
             config.core_settings(config.advertise or config.listen, MAX_ADDRESSES),
@@ -325,6 +330,8 @@ class MeshNode:
                 case bundle_actions.BundleDelivered(bundle, service) if service == CONTACT_SERVICE:
                     record = self.bundle_codec.payload_of(bundle.data)
                     self._run(self.core.contact_record(record, self.clock.time_ms()))
+                case bundle_actions.BundleDelivered(bundle, service) if service == GOSSIP_SERVICE:
+                    self._gossip_from_bundle(bundle.data)
                 case bundle_actions.BundleDelivered(bundle, service):
                     self._emit(
                         "bundle.delivered",
@@ -397,7 +404,20 @@ class MeshNode:
         assert sender is None, "gossip from links goes through the core's inbox"
         received, actions = self.core.publish(message, raw, self.clock.time_ms())
         self._run(actions)
+        if received.new and message.origin == self.node_id and message.kind == "anomaly":
+            try:  # the nodes that are down get it as a bundle (bundles.md section 8)
+                self.bundles.carry_gossip(message.encode(), message.expiry)
+            except (StoreError, ProtocolError) as exc:
+                self._emit("bundle.gossip_not_carried", level=logging.WARNING, error=str(exc))
         return received
+
+    def _gossip_from_bundle(self, data: bytes) -> None:
+        """An anomaly that came as a bundle: into the gossip pipeline, as from the API
+        (checked, deduplicated, stored, spread)."""
+        try:
+            self.accept_raw(self.bundle_codec.payload_of(data))
+        except ProtocolError as exc:
+            self._emit("bundle.gossip_refused", level=logging.DEBUG, error=str(exc))
 
     # --- links ------------------------------------------------------------------------------
 
