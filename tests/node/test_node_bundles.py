@@ -223,3 +223,16 @@ async def test_an_anomaly_reaches_a_node_that_was_down_even_after_every_node_res
         await mesh3.start_node(directory)
     n3 = await mesh3.start_node(directory3)
     await mesh3.wait_for(lambda: message_id in n3.seen, WAIT, what="the missed anomaly")
+
+
+async def test_a_large_payload_crosses_in_fragments_and_is_delivered_whole(
+    mesh3: LocalMesh,
+) -> None:
+    n1, n3 = node(mesh3, "node-1"), node(mesh3, "node-3")
+    payload = bytes(range(256)) * 1200  # 300 KiB: five signed fragments
+    answer = await send(n1, "node-3", payload)
+    bundle_id = answer["bundle_id"]
+    await mesh3.wait_for(lambda: bundle_id in inbox_ids(n3), WAIT, what="reassembly")
+    status, item = await request(n3, "GET", f"/v1/bundles/{bundle_id}")
+    assert status == 200 and base64.b64decode(item["payload"]) == payload
+    assert n3.bundle_store.count("fragment") == 0
