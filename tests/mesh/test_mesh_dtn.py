@@ -308,3 +308,17 @@ def test_a_relay_that_was_the_only_link_carries_the_bundle_across(tmp_path: Path
     net.link("r", "d")
     assert net.delivered["d"] == ["a:1000000:0"]
     assert net.held("r") == []  # r handed all its copies to the destination
+
+
+def test_a_peer_gets_only_what_it_was_offered_and_hands_no_more_copies_than_ours(
+    tmp_path: Path,
+) -> None:
+    net = Net(tmp_path, "a", "b", copies=4)
+    agent = net.agents["a"]
+    agent.submit([make("a", "d")], NOW)
+    agent.links["b"] = "b"  # linked, nothing offered yet
+    assert agent.on_want("b", ["a:1000000:0"], [], NOW) == []
+    bundle = make("c", "d")
+    agent.on_bundle("b", 200, bundle.data, NOW)
+    held = agent.store.get(bundle.bundle_id, "forwarding")
+    assert held is not None and held.copies == 4

@@ -230,9 +230,12 @@ class BundleAgent(Generic[L]):
         if link is None:
             return []
         actions: list[BundleAction[L]] = []
+        offered = self._offered.get(peer, set())
         for bundle_id in have:
             self._custody_taken(bundle_id, peer, 0, actions)
         for bundle_id in want:
+            if bundle_id not in offered:
+                continue  # a peer takes what we offered it, never any id it names
             row = self.store.get(bundle_id, "forwarding")
             if row is None or row.expires_ms <= now_ms or (bundle_id, peer) in self._handed:
                 continue
@@ -261,7 +264,8 @@ class BundleAgent(Generic[L]):
             return [SendBundleAck(link, (), ((_id_hint(data), str(exc)[:120]),))]
         actions: list[BundleAction[L]] = []
         try:
-            self._take(admitted, peer, copies, now_ms, actions)
+            # A peer hands at most as many copies as a bundle starts with here.
+            self._take(admitted, peer, min(copies, self.copies), now_ms, actions)
         except StoreError as exc:
             self.stats.refuse(type(exc).__name__)
             return [SendBundleAck(link, (), ((admitted.bundle_id, str(exc)[:120]),))]
