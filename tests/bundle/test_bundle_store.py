@@ -12,6 +12,7 @@ from trustmesh.bundle.store import (
     StoredBundle,
     StoreFullError,
 )
+from trustmesh.node.bundles import StoreBusyError, StoreLock
 
 
 def bundle(
@@ -103,10 +104,12 @@ def test_fragments_are_swapped_for_the_whole_bundle_in_one_step(store: BundleSto
     parts = store.fragments_of("node-a:1:0")
     assert sorted(p.bundle_id for p in parts) == ["node-a:1:0:0", "node-a:1:0:50"]
     whole = bundle("node-a:1:0", role="inbox", size=100)
-    assert store.deliver_whole(whole, [p.bundle_id for p in parts])
+    ids = [p.bundle_id for p in parts]
+    assert store.deliver_whole(whole, ids, whole_id=whole.bundle_id, expires_ms=10_000)
     assert store.count("fragment") == 1 and store.was_delivered("node-a:1:0")
     assert store.bytes_used == 110
-    assert not store.deliver_whole(whole, [])  # a second reassembly is a duplicate
+    # A second reassembly is a duplicate:
+    assert not store.deliver_whole(whole, [], whole_id=whole.bundle_id, expires_ms=10_000)
 
 
 def test_spreadable_bundles_are_broadcasts_and_bundles_with_spare_copies(
@@ -128,3 +131,11 @@ def test_a_batch_is_all_or_nothing_under_a_quota(store: BundleStore) -> None:
         store.add_many(rows)
     assert store.bytes_used == 0 and store.count("forwarding") == 0
     assert store.add_many(rows[:2]) == [True, True]
+
+
+def test_one_process_writes_a_node_s_bundle_store(tmp_path: Path) -> None:
+    lock = StoreLock(tmp_path)
+    with pytest.raises(StoreBusyError):
+        StoreLock(tmp_path)
+    lock.release()
+    StoreLock(tmp_path).release()

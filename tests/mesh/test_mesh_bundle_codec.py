@@ -5,6 +5,7 @@ raw bundle."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from trustmesh.bundle.codec import (
     decode_bundle,
 )
 from trustmesh.bundle.eid import BROADCAST, Eid, inbox, node_eid
-from trustmesh.bundle.errors import BundleError
+from trustmesh.bundle.errors import BundleError, BundleTooLargeError
 from trustmesh.bundle.ids import unix_ms_to_dtn_ms
 from trustmesh.mesh.bundle_codec import (
     MAX_WIRE_BUNDLE,
@@ -214,3 +215,32 @@ def test_any_signature_block_data_is_read_or_refused_with_a_typed_error(data: by
     )
     with contextlib.suppress(BundleError):
         read_signature(bundle)
+
+
+def test_a_refusal_names_the_bundle_and_bad_destinations_are_refused(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    a, b = nodes
+    maker, checker = codec(a, pki.trust()), codec(b, pki.trust())
+    (bundle,) = maker.make(inbox("node-b"), b"x", 1_000, T0_MS)
+    with pytest.raises(ExpiredMessage) as caught:
+        checker.admit(bundle.encode(), T0_MS + 5_000)
+    assert caught.value.bundle_id == str(bundle.bundle_id)  # type: ignore[attr-defined]
+    for bad in ("NOT A NODE", "dtn://~other/inbox"):
+        with pytest.raises(BundleRefused):
+            maker.make(maker.destination(bad), b"x", 1_000, T0_MS)
+    (ghost,) = maker.make(Eid.dtn("-ghost-", "inbox"), b"x", 60_000, T0_MS)
+    with pytest.raises(BundleRefused, match="not a node_id"):
+        checker.admit(ghost.encode(), T0_MS)
+
+
+def test_a_fragment_of_an_oversized_bundle_is_refused_before_its_signature(
+    pki: MeshPki, nodes: tuple[Node, Node]
+) -> None:
+    a, b = nodes
+    (bundle,) = codec(a, pki.trust()).make(inbox("node-b"), b"x" * 100, 60_000, T0_MS)
+    primary = dataclasses.replace(
+        bundle.primary, flags=1, fragment_offset=0, total_adu_length=1 << 40
+    )
+    with pytest.raises(BundleTooLargeError):
+        codec(b, pki.trust()).admit(Bundle(primary, bundle.blocks).encode(), T0_MS)

@@ -10,14 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from trustmesh.bundle.errors import FragmentError
 from trustmesh.bundle.store import BundleStore
 from trustmesh.errors import ProtocolError
 from trustmesh.mesh.dtn import (
+    MAX_FRAGMENTS,
+    REOFFER_INTERVAL_MS,
     Admitted,
     BundleAction,
     BundleAgent,
     BundleDelivered,
     BundleForwarded,
+    DuplicateBundleError,
     SendBundle,
     SendBundleAck,
     SendBundleOffer,
@@ -322,3 +326,89 @@ def test_a_peer_gets_only_what_it_was_offered_and_hands_no_more_copies_than_ours
     agent.on_bundle("b", 200, bundle.data, NOW)
     held = agent.store.get(bundle.bundle_id, "forwarding")
     assert held is not None and held.copies == 4
+
+
+class NoReassembly(FakeCodec):
+    def reassemble(self, fragments: list[bytes], now_ms: int) -> Admitted | None:
+        return None
+
+
+class BadFragments(FakeCodec):
+    def reassemble(self, fragments: list[bytes], now_ms: int) -> Admitted | None:
+        if len(fragments) > 1:
+            raise FragmentError("fragments disagree on the ADU's bytes")
+        return None
+
+
+def test_a_bundle_holds_at_most_max_fragments_here(tmp_path: Path) -> None:
+    agent = BundleAgent[str]("b", BundleStore(tmp_path / "b.db"), NoReassembly())
+    agent.link_up("a", "a", NOW)
+    for offset in range(MAX_FRAGMENTS):
+        (ack,) = agent.on_bundle("a", 1, make("a", "b", offset=offset).data, NOW)
+        assert isinstance(ack, SendBundleAck) and ack.ids
+    (ack,) = agent.on_bundle("a", 1, make("a", "b", offset=MAX_FRAGMENTS).data, NOW)
+    assert isinstance(ack, SendBundleAck) and not ack.ids and ack.refused
+
+
+def test_fragments_that_disagree_drop_their_bundle_and_keep_the_link(tmp_path: Path) -> None:
+    agent = BundleAgent[str]("b", BundleStore(tmp_path / "b.db"), BadFragments())
+    agent.link_up("a", "a", NOW)
+    agent.on_bundle("a", 1, make("a", "b", offset=0).data, NOW)
+    (ack,) = agent.on_bundle("a", 1, make("a", "b", offset=5).data, NOW)  # no exception
+    assert isinstance(ack, SendBundleAck) and ack.ids  # the sender may let go
+    assert agent.store.count("fragment") == 0 and agent.store.was_delivered("a:1000000:0")
+    agent.on_bundle("a", 1, make("a", "b", offset=9).data, NOW)
+    assert agent.store.count("fragment") == 0  # the rest of it is dropped on arrival
+
+
+def test_a_broadcast_over_the_quota_is_neither_kept_nor_delivered(tmp_path: Path) -> None:
+    agent = BundleAgent[str](
+        "b", BundleStore(tmp_path / "b.db"), FakeCodec(), mesh_services=("inbox",)
+    )
+    agent.link_up("a", "a", NOW)
+    agent.store.max_bytes = 10
+    bundle = make("a", None)
+    (ack,) = agent.on_bundle("a", 1, bundle.data, NOW)
+    assert (
+        isinstance(ack, SendBundleAck) and ack.refused and not agent.store.holds(bundle.bundle_id)
+    )
+    agent.store.max_bytes = 1 << 20
+    actions = agent.on_bundle("a", 1, bundle.data, NOW)
+    assert any(isinstance(a, BundleDelivered) for a in actions)  # the retry is delivered
+
+
+def test_a_mesh_service_bundle_to_one_node_goes_to_its_inbox_under_quota(tmp_path: Path) -> None:
+    agent = BundleAgent[str](
+        "b", BundleStore(tmp_path / "b.db"), FakeCodec(), mesh_services=("inbox",)
+    )
+    agent.link_up("a", "a", NOW)
+    agent.on_bundle("a", 1, make("a", "b").data, NOW)
+    assert agent.store.count("inbox") == 1
+
+
+def test_a_refused_bundle_is_offered_again_later_on_the_same_link(tmp_path: Path) -> None:
+    net = Net(tmp_path, "a", "b")
+    net.agents["b"].store.max_bytes = 10
+    net.submit("a", make("a", "b"))
+    net.link("a", "b")
+    assert net.delivered["b"] == []
+    net.agents["b"].store.max_bytes = 1 << 20
+    net.run("a", net.agents["a"].handle_timer(NOW + REOFFER_INTERVAL_MS))
+    assert net.delivered["b"] == ["a:1000000:0"] and net.held("a") == []
+
+
+def test_a_link_that_replaces_another_to_the_same_peer_starts_afresh(tmp_path: Path) -> None:
+    agent = BundleAgent[str]("a", BundleStore(tmp_path / "a.db"), FakeCodec())
+    agent.submit([make("a", "d")], NOW)
+    agent.link_up("r", "r", NOW)
+    (_first,) = agent.on_want("r", ["a:1000000:0"], [], NOW)
+    agent.link_up("r", "r-2", NOW)  # the collision's winner, without a link_down first
+    (again,) = agent.on_want("r", ["a:1000000:0"], [], NOW)
+    assert isinstance(again, SendBundle) and again.link == "r-2" and again.copies == 4
+
+
+def test_a_bundle_made_here_with_an_id_already_held_is_refused(tmp_path: Path) -> None:
+    agent = BundleAgent[str]("a", BundleStore(tmp_path / "a.db"), FakeCodec())
+    agent.submit([make("a", "d")], NOW)
+    with pytest.raises(DuplicateBundleError):
+        agent.submit([make("a", "d")], NOW)

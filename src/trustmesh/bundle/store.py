@@ -171,24 +171,30 @@ class BundleStore:
                 self._take(row.source, row.size)
         return added
 
-    def deliver_whole(self, whole: StoredBundle, fragment_ids: Iterable[str]) -> bool:
-        """Reassembled: the whole bundle goes to the inbox, its fragments go, and the id
-        is recorded as delivered, in one transaction."""
+    def deliver_whole(
+        self,
+        whole: StoredBundle | None,
+        fragment_ids: Iterable[str],
+        *,
+        whole_id: str,
+        expires_ms: int,
+    ) -> bool:
+        """Reassembled (or given up): the fragments go, ``whole_id`` is recorded as
+        delivered, and ``whole`` (if any) goes to the inbox, in one transaction. False
+        if ``whole_id`` was delivered before."""
         ids = list(fragment_ids)
         with transaction(self._db) as db:
             freed = [gone for bundle_id in ids if (gone := self._delete(db, bundle_id, "fragment"))]
             duplicate = db.execute(
-                "SELECT 1 FROM delivered WHERE bundle_id = ?", (whole.bundle_id,)
+                "SELECT 1 FROM delivered WHERE bundle_id = ?", (whole_id,)
             ).fetchone()
-            added = not duplicate and self._insert(db, whole)
-            db.execute(
-                "INSERT OR IGNORE INTO delivered VALUES (?, ?)", (whole.bundle_id, whole.expires_ms)
-            )
+            added = not duplicate and whole is not None and self._insert(db, whole)
+            db.execute("INSERT OR IGNORE INTO delivered VALUES (?, ?)", (whole_id, expires_ms))
         for source, size in freed:
             self._release(source, size)
-        if added:
+        if added and whole is not None:
             self._take(whole.source, whole.size)
-        return added
+        return not duplicate
 
     def mark_delivered(self, bundle_id: str, expires_ms: int) -> None:
         """Record a delivery that keeps no inbox row (a mesh service consumed it)."""
@@ -318,6 +324,17 @@ class BundleStore:
             (limit,),
         )
         return [str(destination) for (destination,) in rows]
+
+    def holds_for(self, node_id: str) -> bool:
+        """Whether a bundle for ``node_id`` is held for forwarding."""
+        prefix = f"dtn://{node_id}/"
+        return bool(
+            self._db.execute(
+                "SELECT 1 FROM bundles WHERE role = 'forwarding' AND destination >= ?"
+                " AND destination < ? LIMIT 1",
+                (prefix, prefix[:-1] + "0"),  # '0' sorts right after '/'
+            ).fetchone()
+        )
 
     def forwarding(self) -> Iterator[StoredBundle]:
         """Every bundle held for forwarding, oldest received first."""

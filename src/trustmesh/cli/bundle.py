@@ -143,9 +143,20 @@ def ack(directory: Path, bundle_id: str, as_json: bool) -> None:
 
 
 def _running(directory: Path) -> bool:
+    """Whether the node runs (it holds its bundle store): then its API is asked."""
+    from trustmesh.node.bundles import StoreBusyError, StoreLock
     from trustmesh.node.runfile import RUN_FILE
 
-    return (directory / RUN_FILE).exists()
+    try:
+        StoreLock(directory).release()
+    except StoreBusyError:
+        if not (directory / RUN_FILE).exists():
+            raise click.ClickException(
+                f"the node in {directory} is starting (its bundle store is in use); "
+                "try again in a moment"
+            ) from None
+        return True
+    return False
 
 
 def _client(directory: Path, method: str, path: str, body: bytes | None = None) -> Any:
@@ -167,7 +178,7 @@ def _offline(directory: Path, work: Any) -> Any:
     from trustmesh.mesh.bundle_codec import MeshBundleCodec
     from trustmesh.mesh.dtn import BundleAgent
     from trustmesh.mesh.trust import TrustView
-    from trustmesh.node.bundles import NodeBundles
+    from trustmesh.node.bundles import NodeBundles, StoreLock
     from trustmesh.node.client import node_passphrase
     from trustmesh.node.config import load_config
 
@@ -176,6 +187,7 @@ def _offline(directory: Path, work: Any) -> Any:
     chain_der = tuple(c.public_bytes(Encoding.DER) for c in chain)
     roots = x509.load_pem_x509_certificates((directory / "ca.crt").read_bytes())
     key = load_key_file(directory / "node.key", node_passphrase(directory))
+    lock = StoreLock(directory)  # the node may start meanwhile: it waits for none
     store = NodeBundles.open_store(
         directory, quota=config.bundle_quota, source_quota=config.bundle_source_quota
     )
@@ -190,6 +202,7 @@ def _offline(directory: Path, work: Any) -> Any:
         result = work(service)
     finally:
         store.close()
+        lock.release()
     if isinstance(result, tuple):
         from trustmesh.node.bundle_api import iso
 

@@ -25,12 +25,13 @@ from trustmesh.bundle.codec import (
     hop_count_block,
 )
 from trustmesh.bundle.eid import BROADCAST, Eid, Scheme, inbox, node_eid
-from trustmesh.bundle.errors import BundleError
+from trustmesh.bundle.errors import BundleError, BundleTooLargeError
 from trustmesh.bundle.fragment import fragment, reassemble
 from trustmesh.bundle.ids import dtn_ms_to_unix_ms, unix_ms_to_dtn_ms
 from trustmesh.mesh.dtn import Admitted
-from trustmesh.mesh.errors import ExpiredMessage, UntrustedOrigin
+from trustmesh.mesh.errors import ExpiredMessage, MeshError, UntrustedOrigin
 from trustmesh.mesh.trust import TrustView
+from trustmesh.pki.ca import NODE_ID
 
 MAX_WIRE_BUNDLE = 64 * 1024  # a bundle on a link: one frame, so one never holds a link long
 FRAGMENT_ROOM = 8 * 1024  # left beside each fragment's payload for the signature and chain
@@ -83,9 +84,10 @@ class MeshBundleCodec:
             return BROADCAST
         if text.startswith(("dtn:", "ipn:")):
             eid = Eid.parse(text)
-            if eid.scheme != Scheme.DTN or eid.is_null:
-                raise BundleRefused(f"{text} is not a dtn endpoint this mesh routes to")
+            _check_routable(eid)
             return eid
+        if not NODE_ID.fullmatch(text):
+            raise BundleRefused(f"{text!r} is not a node_id (or broadcast, or a dtn:// EID)")
         return inbox(text)
 
     def make(self, destination: Eid, payload: bytes, lifetime_ms: int, now_ms: int) -> list[Bundle]:
@@ -131,6 +133,21 @@ class MeshBundleCodec:
 
     def admit(self, data: bytes, now_ms: int) -> Admitted:
         bundle = decode_bundle(data, max_size=MAX_WIRE_BUNDLE)
+        try:
+            return self._admit(bundle, data, now_ms)
+        except BundleError as exc:
+            exc.bundle_id = _id_of(bundle)  # type: ignore[attr-defined]  # for the refusal
+            raise
+        except MeshError as exc:
+            exc.bundle_id = _id_of(bundle)  # type: ignore[attr-defined]
+            raise
+
+    def _admit(self, bundle: Bundle, data: bytes, now_ms: int) -> Admitted:
+        total = bundle.primary.total_adu_length
+        if total is not None and total > MAX_REASSEMBLY:
+            raise BundleTooLargeError(
+                f"a fragment of a {total}-byte bundle (at most {MAX_REASSEMBLY})"
+            )
         signer = self._verify(bundle, now_ms)
         hop = bundle.hop_count
         if hop is not None:
@@ -200,11 +217,7 @@ class MeshBundleCodec:
         return identity.serial_hex
 
     def _check_destination(self, bundle: Bundle) -> None:
-        destination = bundle.primary.destination
-        if destination.scheme != Scheme.DTN or destination.is_null:
-            raise BundleRefused(f"{destination} is not a dtn endpoint this mesh routes to")
-        if destination.node.startswith("~") and destination.node != BROADCAST.node:
-            raise BundleRefused(f"{destination}: the only group this mesh routes is ~mesh")
+        _check_routable(bundle.primary.destination)
 
     def _check_time(self, bundle: Bundle, now_ms: int) -> None:
         primary = bundle.primary
@@ -217,3 +230,21 @@ class MeshBundleCodec:
             raise ExpiredMessage("a bundle created in the future")
         if created + primary.lifetime <= now_ms:
             raise ExpiredMessage("the bundle's lifetime is over")
+
+
+def _id_of(bundle: Bundle) -> str | None:
+    try:
+        return str(bundle.bundle_id)
+    except BundleError:
+        return None
+
+
+def _check_routable(destination: Eid) -> None:
+    """A destination the mesh routes: a node's dtn endpoint, or the ~mesh group."""
+    if destination.scheme != Scheme.DTN or destination.is_null:
+        raise BundleRefused(f"{destination} is not a dtn endpoint this mesh routes to")
+    if destination.node.startswith("~"):
+        if destination.node != BROADCAST.node:
+            raise BundleRefused(f"{destination}: the only group this mesh routes is ~mesh")
+    elif not NODE_ID.fullmatch(destination.node):
+        raise BundleRefused(f"{destination}: {destination.node!r} is not a node_id")

@@ -29,12 +29,15 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from trustmesh.bundle.errors import BundleError
 from trustmesh.bundle.store import BundleStore, Role, StoredBundle, StoreError
 from trustmesh.errors import ProtocolError
 from trustmesh.mesh.link import MAX_BUNDLE_IDS
 
 DEFAULT_COPIES = 8  # spray-and-wait copies a bundle starts with
 EXPIRE_INTERVAL_MS = 10_000  # how often expired bundles are purged
+REOFFER_INTERVAL_MS = 30_000  # how often held bundles are offered again on every link
+MAX_FRAGMENTS = 64  # fragments held of one bundle (a source cuts 56 KiB pieces)
 OFFER_BATCH = MAX_BUNDLE_IDS
 MAX_OFFERED = 4096  # ids remembered as offered to one peer (then it may be offered again)
 
@@ -63,6 +66,14 @@ class Admitted:
     @property
     def broadcast(self) -> bool:
         return self.destination_node is None
+
+
+class FragmentsRefused(StoreError):
+    """More fragments of one bundle than a node holds."""
+
+
+class DuplicateBundleError(StoreError):
+    """A bundle made here reuses the id of one held or delivered (HTTP 409)."""
 
 
 class BundleCodec(Protocol):
@@ -177,6 +188,7 @@ class BundleAgent(Generic[L]):
         self._handed: dict[tuple[str, str], int] = {}  # (id, peer) -> copies in flight
         self._in_flight: dict[str, int] = {}  # id -> copies handed, not yet acknowledged
         self._next_expire = 0
+        self._next_reoffer = REOFFER_INTERVAL_MS
 
     # --- inputs -------------------------------------------------------------------------
 
@@ -184,6 +196,9 @@ class BundleAgent(Generic[L]):
         """Bundles made here (API, CLI, gossip; the fragments of one payload): stored in
         one transaction before this returns (all or none: raises a StoreError when a
         quota is full), then routed as any other. One to this node is delivered."""
+        for admitted in bundles:
+            if self.store.holds(admitted.bundle_id):
+                raise DuplicateBundleError(f"bundle {admitted.bundle_id} exists already")
         mine = [b for b in bundles if b.destination_node == self.node_id]
         rows = [self._row(b, "forwarding", self.copies, now_ms) for b in bundles if b not in mine]
         self.store.add_many(rows)
@@ -198,14 +213,21 @@ class BundleAgent(Generic[L]):
     def link_up(self, peer: str, link: L, now_ms: int) -> list[BundleAction[L]]:
         """Offer the peer what we hold for it: bundles to it, broadcasts, and bundles
         with copies to spare."""
+        if peer in self.links:
+            self.link_down(peer)  # a new link to a linked peer replaced the old one
         self.links[peer] = link
-        self._offered[peer] = set()
         actions: list[BundleAction[L]] = []
-        inbox = _inbox_of(peer)
-        held = self.store.forwarding_for([inbox], limit=OFFER_BATCH)
-        held += [row for row in self._spreadable(limit=OFFER_BATCH) if row.source != peer]
-        self._offer(peer, [row.bundle_id for row in held], actions)
+        self._offer_held(peer, actions)
         return actions
+
+    def _offer_held(self, peer: str, actions: list[BundleAction[L]]) -> None:
+        """Offer ``peer`` what we hold that it may take, afresh (at link up, and every
+        REOFFER_INTERVAL_MS: a bundle refused or offered beyond a batch gets its turn)."""
+        self._offered[peer] = set()
+        held = self.store.forwarding_for([_inbox_of(peer)], limit=OFFER_BATCH)
+        held += [row for row in self._spreadable(limit=OFFER_BATCH) if row.source != peer]
+        ids = [row.bundle_id for row in held if (row.bundle_id, peer) not in self._handed]
+        self._offer(peer, list(dict.fromkeys(ids)), actions)
 
     def link_down(self, peer: str) -> None:
         self.links.pop(peer, None)
@@ -261,7 +283,8 @@ class BundleAgent(Generic[L]):
         except ProtocolError as exc:
             code = getattr(exc, "code", type(exc).__name__)
             self.stats.refuse(str(code))
-            return [SendBundleAck(link, (), ((_id_hint(data), str(exc)[:120]),))]
+            bundle_id = getattr(exc, "bundle_id", None) or _id_hint(data)
+            return [SendBundleAck(link, (), ((bundle_id, str(exc)[:120]),))]
         actions: list[BundleAction[L]] = []
         try:
             # A peer hands at most as many copies as a bundle starts with here.
@@ -309,18 +332,28 @@ class BundleAgent(Generic[L]):
 
     def wanted(self, limit: int) -> list[str]:
         """Nodes we hold bundles for and are not linked to, the newest bundles' first:
-        the node core dials them when it knows where (store until contact)."""
+        the node core dials those it knows where (store until contact)."""
         nodes = [_node_of(d) for d in self.store.destinations(limit=limit + len(self.links))]
-        return [n for n in nodes if n is not None and n not in self.links][:limit]
+        return list(dict.fromkeys(n for n in nodes if n is not None and n not in self.links))[
+            :limit
+        ]
+
+    def holds_for(self, node_id: str) -> bool:
+        return self.store.holds_for(node_id)
 
     def next_deadline(self) -> int:
-        return self._next_expire
+        return min(self._next_expire, self._next_reoffer)
 
     def handle_timer(self, now_ms: int) -> list[BundleAction[L]]:
+        actions: list[BundleAction[L]] = []
         if now_ms >= self._next_expire:
             self._next_expire = now_ms + EXPIRE_INTERVAL_MS
             self.stats.expired += len(self.store.expire(now_ms))
-        return []
+        if now_ms >= self._next_reoffer:
+            self._next_reoffer = now_ms + REOFFER_INTERVAL_MS
+            for peer in list(self.links):
+                self._offer_held(peer, actions)
+        return actions
 
     # --- routing ------------------------------------------------------------------------
 
@@ -335,11 +368,13 @@ class BundleAgent(Generic[L]):
         if admitted.destination_node == self.node_id:
             self._deliver_here(admitted, now_ms, actions)
             return
+        # A broadcast is never sprayed (every holder offers it). Its relay copy is stored
+        # first: over a quota, nothing is delivered and the sender keeps it.
+        row = self._row(admitted, "forwarding", 1 if admitted.broadcast else copies, now_ms)
+        added = self.store.add(row)
         if admitted.broadcast:
             self._deliver_here(admitted, now_ms, actions)
-            copies = 1  # a broadcast is never sprayed: every holder offers it
-        row = self._row(admitted, "forwarding", copies, now_ms)
-        if not self.store.add(row):
+        if not added:
             self.stats.duplicates += 1
             return
         self._route(row, exclude=peer, actions=actions)
@@ -351,7 +386,7 @@ class BundleAgent(Generic[L]):
             self._take_fragment(admitted, now_ms, actions)
             return
         row = self._row(admitted, "inbox", 1, now_ms)
-        if admitted.service in self.mesh_services:
+        if self._consumed(admitted):
             # A mesh service's bundle is consumed at once, never kept in the inbox.
             if self.store.was_delivered(admitted.bundle_id):
                 self.stats.duplicates += 1
@@ -363,19 +398,39 @@ class BundleAgent(Generic[L]):
         self.stats.delivered += 1
         actions.append(BundleDelivered(row, admitted.service))
 
+    def _consumed(self, admitted: Admitted) -> bool:
+        """A mesh service's broadcast: consumed at once, never kept in the inbox. (One
+        addressed to a single node goes to its inbox, under quota, as any bundle.)"""
+        return admitted.broadcast and admitted.service in self.mesh_services
+
     def _take_fragment(
         self, admitted: Admitted, now_ms: int, actions: list[BundleAction[L]]
     ) -> None:
         if self.store.was_delivered(admitted.whole_id):
             self.stats.duplicates += 1
             return
+        fragments = self.store.fragments_of(admitted.whole_id)
+        if len(fragments) >= MAX_FRAGMENTS:
+            raise FragmentsRefused(f"{admitted.whole_id} has {MAX_FRAGMENTS} fragments here")
         self.store.add(self._row(admitted, "fragment", 1, now_ms))
         fragments = self.store.fragments_of(admitted.whole_id)
-        whole = self.codec.reassemble([f.data for f in fragments], now_ms)
+        try:
+            whole = self.codec.reassemble([f.data for f in fragments], now_ms)
+        except BundleError as exc:
+            # Its source signed fragments that disagree: the bundle is dropped here for
+            # good (its id counts as delivered until it expires), the link is kept.
+            self.stats.refuse(type(exc).__name__)
+            ids = [f.bundle_id for f in fragments]
+            self.store.deliver_whole(
+                None, ids, whole_id=admitted.whole_id, expires_ms=admitted.expires_ms
+            )
+            return
         if whole is None:
             return
         row = self._row(whole, "inbox", 1, now_ms)
-        if self.store.deliver_whole(row, [f.bundle_id for f in fragments]):
+        kept = None if self._consumed(whole) else row
+        ids = [f.bundle_id for f in fragments]
+        if self.store.deliver_whole(kept, ids, whole_id=row.bundle_id, expires_ms=row.expires_ms):
             self.stats.delivered += 1
             actions.append(BundleDelivered(row, whole.service))
 

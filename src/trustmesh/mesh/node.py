@@ -81,6 +81,7 @@ REFUSAL_PEERS = 4  # records a refusal carries at most
 MIN_LINK_AGE_MS = 10_000  # a link closed sooner never counts as having run its course
 CONTACT_INTERVAL_MS = 5_000  # how often a node dials the nodes it holds bundles for
 MAX_CONTACT_DIALS = 4  # such dials in flight at most
+MAX_CONTACT_CANDIDATES = 64  # destinations looked at for them, the newest bundles' first
 
 
 class LinkFacts(Hashable, Protocol):
@@ -909,19 +910,30 @@ class NodeCore(Generic[L]):
         and its address cools down as any other (up to a minute between tries)."""
         assert self.bundles is not None
         self._contacting &= self._dialing
-        for node_id in self.bundles.wanted(MAX_CONTACT_DIALS):
+        # Among the nodes we hold bundles for, those whose address we know, in random
+        # order: names without a record (made up, or not yet heard of) take no turn.
+        known = [n for n in self.bundles.wanted(MAX_CONTACT_CANDIDATES) if self.book.get(n)]
+        self.rng.shuffle(known)
+        for node_id in known:
             if len(self._contacting) >= MAX_CONTACT_DIALS:
                 return
             if len(self.links) + len(self._dialing) >= self.settings.max_links:
                 return
-            if node_id in self.revoked_nodes or node_id == self.node_id:
-                continue
-            busy = self._linked_addresses()
-            for address in self._addresses_of(node_id):
-                if address not in busy and self._usable(address, now_ms, []):
-                    self._contacting.add(address)
-                    self._dial(address, actions)
-                    break
+            self._contact_one(node_id, now_ms, actions)
+
+    def _contact_one(self, node_id: str, now_ms: int, actions: list[Action[L]]) -> None:
+        if node_id in self.revoked_nodes or node_id == self.node_id:
+            return
+        if len(self._contacting & self._dialing) >= MAX_CONTACT_DIALS:
+            return
+        if len(self.links) + len(self._dialing) >= self.settings.max_links:
+            return
+        busy = self._linked_addresses()
+        for address in self._addresses_of(node_id):
+            if address not in busy and self._usable(address, now_ms, []):
+                self._contacting.add(address)
+                self._dial(address, actions)
+                return
 
     def _dial(self, address: str, actions: list[Action[L]]) -> None:
         self._dialing.add(address)
@@ -1053,9 +1065,12 @@ class NodeCore(Generic[L]):
             return actions
         if taken:
             actions.append(SavePeerRecords((record,)))
-        if self.bundles is not None and record.node_id in self.bundles.wanted(MAX_CONTACT_DIALS):
-            self._next_contact = now_ms
-            self._contact(now_ms, actions)
+        if (
+            self.bundles is not None
+            and record.node_id not in self.links
+            and self.bundles.holds_for(record.node_id)
+        ):
+            self._contact_one(record.node_id, now_ms, actions)
         return actions
 
     def load_records(self, raws: Iterable[bytes], now_ms: int) -> list[str]:

@@ -42,6 +42,7 @@ from trustmesh.errors import OversizeError, ProtocolError
 from trustmesh.io.https import peer_chain
 from trustmesh.io.limits import ResourcePolicy, source_of
 from trustmesh.mesh.bundle_codec import MAX_PAYLOAD
+from trustmesh.mesh.dtn import DuplicateBundleError
 from trustmesh.mesh.errors import (
     BadSignature,
     ExpiredMessage,
@@ -167,6 +168,7 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     BundleTooLargeError: (413, "too_large"),
     SourceQuotaError: (429, "source_quota"),
     StoreFullError: (507, "store_full"),
+    DuplicateBundleError: (409, "duplicate"),
 }
 # A JSON bundle request carries its payload in base64.
 MAX_BODY = max(MAX_MESSAGE, MAX_PAYLOAD * 4 // 3) + 8192

@@ -3,6 +3,7 @@ and the CLI use them (docs/protocols/bundles.md section 9)."""
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,38 @@ from trustmesh.bundle.store import ROLES, BundleStore, Role, StoredBundle
 from trustmesh.clock import Clock
 from trustmesh.mesh.bundle_codec import MAX_PAYLOAD, MeshBundleCodec
 from trustmesh.mesh.dtn import BundleAgent
+from trustmesh.mesh.errors import MeshError
 
 BUNDLE_STORE_FILE = "bundles.db"
+BUNDLE_LOCK_FILE = "bundles.lock"  # held by the one process that writes bundles.db
 CONTACT_SERVICE = "contact"  # dtn://~mesh/contact: "I am back, here is my record"
 CONTACT_TTL_S = 300
 GOSSIP_SERVICE = "gossip"  # dtn://~mesh/gossip: our anomalies, for nodes that are down
+
+
+class StoreBusyError(MeshError):
+    """Another process (the running node) holds the node's bundle store."""
+
+
+class StoreLock:
+    """An exclusive lock on a node's bundle store, for the life of the process that
+    writes it: the store keeps its quota totals in memory, so it has one writer. The
+    kernel drops the lock when the process dies (kill -9 included)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._file = open(directory / BUNDLE_LOCK_FILE, "a+b")  # noqa: SIM115 (held)
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise StoreBusyError(
+                f"{directory / BUNDLE_STORE_FILE} is in use by another process"
+            ) from None
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
 
 
 class NodeBundles:

@@ -57,6 +57,7 @@ from trustmesh.node.bundles import (
     CONTACT_SERVICE,
     GOSSIP_SERVICE,
     NodeBundles,
+    StoreLock,
 )
 from trustmesh.node.config import NodeConfig, load_config
 from trustmesh.node.crl import CrlSource
@@ -112,6 +113,7 @@ class MeshNode:
         # Bundles (docs/protocols/bundles.md): stored, carried and forwarded by the core.
         # A node that ran before announces itself when it starts again (contact).
         self._ran_before = (directory / BUNDLE_STORE_FILE).exists()
+        self._bundle_lock = StoreLock(directory)  # one writer: this process
         self.bundle_store = NodeBundles.open_store(
             directory, quota=config.bundle_quota, source_quota=config.bundle_source_quota
         )
@@ -272,6 +274,7 @@ class MeshNode:
         self.flush()
         self.store.close()
         self.bundle_store.close()
+        self._bundle_lock.release()
         (self.directory / RUN_FILE).unlink(missing_ok=True)
         self._emit("node.stopped")
 
