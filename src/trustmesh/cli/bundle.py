@@ -105,7 +105,7 @@ def send(
 def inbox(directory: Path, role: str, as_json: bool) -> None:
     """The bundles delivered to this node (or held for others, with --role)."""
     if _running(directory):
-        answer = _client(directory, "get", f"/v1/bundles?role={role}")
+        answer = _client(directory, "get", f"/v1/bundles?role={role}&limit=1000")
     else:
         answer = _offline(directory, lambda b: _listing(b, role))
     if as_json:
@@ -212,10 +212,16 @@ def _offline(directory: Path, work: Any) -> Any:
 
 
 def _listing(service: Any, role: str) -> dict[str, Any]:
-    from trustmesh.node.bundle_api import item_json
+    from trustmesh.node.bundle_api import MAX_LIST, item_json
 
-    items = [item_json(service, b) for b in service.items(role, 1000)]
-    return {"node_id": service.node_id, "role": role, "bundles": items}
+    held = service.items(role, MAX_LIST + 1)
+    items = [item_json(service, b) for b in held[:MAX_LIST]]
+    return {
+        "node_id": service.node_id,
+        "role": role,
+        "bundles": items,
+        "more": len(held) > MAX_LIST,
+    }
 
 
 def _acknowledge(service: Any, bundle_id: str) -> dict[str, Any]:

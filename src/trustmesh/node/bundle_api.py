@@ -36,6 +36,8 @@ from trustmesh.wire.jsonwire import strict_loads
 
 CBOR = "application/cbor"
 MAX_LIST = 1000
+DEFAULT_LIST = 100
+MAX_LIST_BYTES = 8 * 1024 * 1024  # of stored bundles in one listing
 MAX_TTL_S = 30 * 24 * 3600
 
 
@@ -130,8 +132,26 @@ async def _list(request: web.Request) -> web.Response:
     role = request.query.get("role", "inbox")
     if role not in ROLES:
         raise ApiError(400, "role is inbox, forwarding or fragment", code="malformed")
-    items = [item_json(service, b) for b in service.items(role, MAX_LIST)]
-    return web.json_response({"node_id": service.node_id, "role": role, "bundles": items})
+    limit = _limit(request.query.get("limit"))
+    items: list[dict[str, Any]] = []
+    held = service.items(role, limit + 1)
+    budget = MAX_LIST_BYTES
+    for stored in held[:limit]:
+        if budget < stored.size and items:
+            break  # a listing's memory is bounded, whatever the node holds
+        budget -= stored.size
+        items.append(item_json(service, stored))
+    more = len(held) > len(items)
+    body = {"node_id": service.node_id, "role": role, "bundles": items, "more": more}
+    return web.json_response(body)
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LIST
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIST:
+        raise ApiError(400, f"limit is an integer, 1..{MAX_LIST}", code="malformed")
+    return int(text)
 
 
 async def _get(request: web.Request) -> web.StreamResponse:
