@@ -121,6 +121,54 @@ class _Range(click.ParamType):  # type: ignore[type-arg]
     help="shared: each chain and signature is checked by OpenSSL once for all nodes; "
     "full: every node checks everything itself.",
 )
+@click.option(
+    "--bundles",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Unicast bundles to send, each from a random up node to a random other node "
+    "(with --bundles or --bundle-broadcasts, every node runs a bundle agent).",
+)
+@click.option(
+    "--bundle-broadcasts",
+    type=click.IntRange(0),
+    help="Broadcast bundles (dtn://~mesh/inbox) to send [default: 2 with --bundles, else 0].",
+)
+@click.option(
+    "--bundle-ttl",
+    "bundle_ttl_ms",
+    type=click.IntRange(1),
+    default=600_000,
+    show_default=True,
+    help="Each bundle's lifetime (ms).",
+)
+@click.option(
+    "--bundle-copies",
+    type=click.IntRange(1, 255),
+    default=8,
+    show_default=True,
+    help="Spray-and-wait copies a bundle starts with.",
+)
+@click.option(
+    "--bundle-size",
+    type=click.IntRange(0, 60_000),
+    default=256,
+    show_default=True,
+    help="Payload bytes of each bundle.",
+)
+@click.option(
+    "--bundles-at",
+    type=_Range(),
+    help="Send the bundles at random times in A..B ms [default: from --formed-at over the "
+    "churn window and the longest downtime].",
+)
+@click.option(
+    "--bundle-to-down",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Share of the unicasts sent to a node that is down at the time (when one is).",
+)
 @click.option("--progress", is_flag=True, help="A line on stderr every 5 s of virtual time.")
 @click.option(
     "--workers",
@@ -142,8 +190,8 @@ def sim(
     Real certificates from a real CA, real signatures, real frames; the network, TLS,
     churn and partitions are modelled (docs/sim.md). Times are virtual milliseconds.
     The mesh forms from the bootstrap nodes, anomalies are published from random nodes,
-    the CA revokes nodes, and the run ends when every node holds everything (or at the
-    end of the scenario plus two minutes).
+    the CA revokes nodes, random nodes send bundles (--bundles), and the run ends when
+    every node holds everything (or at the end of the scenario plus two minutes).
     """
     try:
         config = SimConfig(latency_ms=latency_ms, **options)

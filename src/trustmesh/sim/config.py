@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 ADMISSIONS = ("managed", "legacy")
 CRYPTO_MODES = ("shared", "full")
+CHURN_WINDOW_MS = 20_000  # churned nodes go down in the 20 s after formation
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -53,6 +54,14 @@ class SimConfig:
     crl_interval_ms: int = 60_000
     digest_interval_ms: int = 1_000
     workers: int = 2  # processes that issue certificates for big meshes
+    # Bundles (docs/sim.md): with either count above 0, every node runs a BundleAgent.
+    bundles: int = 0  # unicast bundles, each from a random up node to a random other node
+    bundle_broadcasts: int | None = None  # to dtn://~mesh/inbox; None: 2 with --bundles
+    bundles_at: tuple[int, int] | None = None  # sent at random times in A..B (ms)
+    bundle_ttl_ms: int = 600_000
+    bundle_copies: int = 8  # spray-and-wait copies a bundle starts with
+    bundle_size: int = 256  # payload bytes of each bundle
+    bundle_to_down: float = 0.0  # the share of unicasts sent to a node that is down (if any)
 
     def __post_init__(self) -> None:
         if self.nodes < 2:
@@ -82,6 +91,36 @@ class SimConfig:
         low, high = self.latency_ms
         if not 0 <= low <= high:
             raise ValueError("latency: need 0 <= A <= B")
+        if self.bundles < 0 or (self.bundle_broadcasts or 0) < 0:
+            raise ValueError("bundles and bundle broadcasts are counts (>= 0)")
+        if self.bundle_ttl_ms < 1 or not 1 <= self.bundle_copies <= 255:
+            raise ValueError("bundle-ttl >= 1 ms, bundle-copies 1..255")
+        if not 0.0 <= self.bundle_to_down <= 1.0:
+            raise ValueError("bundle-to-down is a fraction in [0, 1]")
+        if not 0 <= self.bundle_size <= 60_000:
+            raise ValueError("bundle-size is 0..60000 bytes (one link frame)")
+        if self.bundles_at is not None and not 0 <= self.bundles_at[0] <= self.bundles_at[1]:
+            raise ValueError("bundles-at: need 0 <= A <= B")
+
+    @property
+    def broadcasts(self) -> int:
+        """Broadcast bundles the run sends."""
+        if self.bundle_broadcasts is not None:
+            return self.bundle_broadcasts
+        return 2 if self.bundles else 0
+
+    @property
+    def with_bundles(self) -> bool:
+        """Whether the nodes run bundle agents."""
+        return self.bundles > 0 or self.broadcasts > 0
+
+    @property
+    def bundle_window(self) -> tuple[int, int]:
+        """When bundles are sent (ms): by default from formation over the churn window
+        and the longest downtime after it, so that some go to nodes that are down."""
+        if self.bundles_at is not None:
+            return self.bundles_at
+        return self.formed_at, self.formed_at + CHURN_WINDOW_MS + self.churn_down_ms[1]
 
     @property
     def low_mark(self) -> int | None:

@@ -58,6 +58,23 @@ def summary(report: dict[str, Any]) -> str:
         )
     if report["churn"] is not None:
         lines.append(f"churn: {report['churn']['nodes']} nodes went down and came back")
+    bundles = report.get("bundles")
+    if bundles is not None:
+        lines.append(
+            f"bundles: {bundles['delivered']} of {bundles['sent']} delivered "
+            f"(ratio {bundles['delivery_ratio']}; {bundles['delivered_to_down']} of "
+            f"{bundles['sent_to_down']} sent to a node that was down), "
+            f"p50 {_ms(bundles['p50_ms'])}, p90 {_ms(bundles['p90_ms'])}, "
+            f"max {_ms(bundles['max_ms'])}; {bundles['expired']} expired undelivered, "
+            f"{bundles['refused']} refused, {bundles['stored_at_end']} copies held at the end"
+        )
+        broadcast = bundles["broadcast"]
+        if broadcast["sent"]:
+            lines.append(
+                f"broadcast bundles: {broadcast['sent']} sent, coverage {broadcast['coverage']}"
+                f" of the live nodes, p90 {_ms(broadcast['p90_ms'])}; "
+                f"{bundles['contacts']['announced']} contact broadcasts"
+            )
     final = report["final"]
     lines.append(
         f"at the end ({final['at_ms']} ms): {final['links']} links, "

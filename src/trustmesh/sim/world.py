@@ -3,7 +3,7 @@
 One heap of events ``(time_ms, seq, kind, x, y, z)``; ``seq`` breaks ties, so a run is a
 function of its seed. Every random choice comes from ``random.Random(seed)`` or from
 generators derived from it in a fixed order; the wall clock is read only for ``wall_s``.
-The model (network, loss, TLS, churn, partitions) is described in docs/sim.md.
+The model (network, loss, TLS, churn, partitions, bundles) is described in docs/sim.md.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import heapq
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from trustmesh.bundle.store import BundleStore
 from trustmesh.clock import FakeClock
+from trustmesh.mesh.dtn import BundleAgent, BundleDelivered, BundleStats, SendBundle
 from trustmesh.mesh.engine import GossipEngine, SeenCache
 from trustmesh.mesh.gossip import GossipMessage, anomaly_payload, crl_payload, sign_message
 from trustmesh.mesh.link import ALPN, LinkConfig, LinkUp, MeshLink, State
@@ -40,8 +42,18 @@ from trustmesh.mesh.node import (
     send_on,
 )
 from trustmesh.mesh.peers import PeerBook
+from trustmesh.mesh.trust import TrustView
 from trustmesh.sansio import ConnectionClosed, Event
-from trustmesh.sim.config import SimConfig
+from trustmesh.sim import bundles as sim_bundles
+from trustmesh.sim.bundles import (
+    CONTACT_SERVICE,
+    CONTACT_TTL_MS,
+    Broadcast,
+    BundleTally,
+    SimBundleCodec,
+    Unicast,
+)
+from trustmesh.sim.config import CHURN_WINDOW_MS, SimConfig
 from trustmesh.sim.pki import NodeCert, SharedIdentities, SimPki
 from trustmesh.tls import TlsEstablished
 
@@ -49,7 +61,6 @@ START_MS = FakeClock().time_ms()  # 2030-01-01T00:00:00Z: virtual time is Unix m
 INF = 1 << 62
 LOSSY = frozenset((3, 6, 7))  # GOSSIP, IHAVE, IWANT (mesh.link.Frame)
 PORT = 7400
-CHURN_WINDOW_MS = 20_000
 CHECK_EVERY_MS = 1_000
 PROGRESS_EVERY_MS = 5_000
 ANOMALY_SPACING_MS = 200
@@ -118,6 +129,8 @@ class End:
 class SimNode:
     __slots__ = (
         "address",
+        "bundle_stats",
+        "bundle_store",
         "cert",
         "core",
         "crl_at",
@@ -150,6 +163,10 @@ class SimNode:
         self.saved_seen: list[tuple[str, int]] = []  # what its store keeps across a restart
         self.saved_records: list[bytes] = []
         self.link_config = LinkConfig(cert.node_id, self.address)
+        # --bundles: the node's store outlives its process (a file on a real node), and
+        # the stats of each incarnation's agent are summed at the end.
+        self.bundle_store: BundleStore | None = None
+        self.bundle_stats: list[BundleStats] = []
 
 
 @dataclass
@@ -184,6 +201,8 @@ class Simulation:
         self.net_rng = random.Random(master.getrandbits(64))  # noqa: S311
         self.scenario_rng = random.Random(master.getrandbits(64))  # noqa: S311
         node_seeds = [master.getrandbits(64) for _ in range(config.nodes)]
+        # Drawn last: the other generators are the same with and without bundles.
+        self.bundle_rng = random.Random(master.getrandbits(64))  # noqa: S311
         self.clock = FakeClock()
         self.now = START_MS
         self.now_s = START_MS / 1000
@@ -223,6 +242,9 @@ class Simulation:
         self.formation: dict[str, Any] = {}
         self.connected_at: int | None = None
         self.churned: list[int] = []
+        self.to_revoke: frozenset[int] = frozenset()
+        self.tally = BundleTally()
+        self.payload = bytes(config.bundle_size)
         self.last_event = START_MS
         self.end_at = START_MS
 
@@ -312,6 +334,7 @@ class Simulation:
             revoke_at = config.revoke_at if config.revoke_at is not None else formed + 2_000
             candidates = list(range(config.bootstrap, config.nodes))
             chosen = sorted(rng.sample(candidates, config.revoke))
+            self.to_revoke = frozenset(chosen)
             self.call(revoke_at, self._revoke, chosen)
         if config.churn:
             candidates = list(range(config.bootstrap, config.nodes))
@@ -322,6 +345,8 @@ class Simulation:
                 down = formed + rng.randint(0, CHURN_WINDOW_MS)
                 self.call(down, self._node_down, self.nodes[index])
                 self.call(down + rng.randint(low, high), self._start_node, self.nodes[index])
+        if config.with_bundles:
+            self._schedule_bundles()
         if self.progress is not None:
             for at in range(0, self.last_event - START_MS + config.settle_ms, PROGRESS_EVERY_MS):
                 self.push(START_MS + at, _CALL, self._report_progress, None)
@@ -367,6 +392,7 @@ class Simulation:
         identity = NodeIdentity(
             cert.key, cert.chain_der, cert.not_before_ms, cert.not_after_ms, cert.serial
         )
+        agent = self._bundle_agent(node, trust) if config.with_bundles else None
         core: NodeCore[End] = NodeCore(
             settings,
             identity,
@@ -374,16 +400,54 @@ class Simulation:
             engine,
             book,
             rng=random.Random(node.rng.getrandbits(64)),  # noqa: S311
+            bundles=agent,
         )
         core.load_records(node.saved_records, now)
         node.core = core
         node.up = True
+        ran_before = node.incarnation > 0
         node.incarnation += 1
         node.timer_at = None
         if node.crl_at is None and trust.crl_number >= self.target_crl:
             node.crl_at = now
         self._act(node, core.start(now))
+        if agent is not None and ran_before and core.record is not None:
+            self._announce(node, agent, core.record.encode())
         self._after_step(node)
+
+    def _bundle_agent(self, node: SimNode, trust: TrustView) -> BundleAgent[End]:
+        """The node's bundle agent over its store (in memory, kept across restarts) and
+        the sim's codec (no signatures: trustmesh.sim.bundles)."""
+        if node.bundle_store is None:
+            node.bundle_store = BundleStore(":memory:", durable=False)
+        is_revoked = trust.is_revoked
+        agent: BundleAgent[End] = BundleAgent(
+            node.node_id,
+            node.bundle_store,
+            SimBundleCodec(is_revoked),
+            is_revoked=lambda serial: is_revoked(int(serial, 16)),
+            copies=self.config.bundle_copies,
+            mesh_services=(CONTACT_SERVICE,),
+        )
+        node.bundle_stats.append(agent.stats)
+        return agent
+
+    def _announce(self, node: SimNode, agent: BundleAgent[End], record: bytes) -> None:
+        """A node that ran before broadcasts its signed peer record to the contact
+        service when it starts (trustmesh.node.bundles.NodeBundles.announce): nodes that
+        hold bundles for it dial it."""
+        bundle = sim_bundles.make(
+            self.tally.next_id(node.node_id, self.now),
+            node.node_id,
+            format(node.cert.serial, "x"),
+            f"dtn://~mesh/{CONTACT_SERVICE}",
+            CONTACT_SERVICE,
+            self.now,
+            CONTACT_TTL_MS,
+            record,
+        )
+        self.tally.contacts_announced += 1
+        self._act(node, agent.submit([bundle], self.now))
 
     def _node_down(self, node: SimNode) -> None:
         """The node's process ends: its peers see their connections reset; its store
@@ -436,7 +500,7 @@ class Simulation:
             end.dirty = True
             self.dirty.append(end)
 
-    def _act(self, node: SimNode, actions: list[Action[End]]) -> None:
+    def _act(self, node: SimNode, actions: Sequence[Action[End]]) -> None:
         for action in actions:
             kind = type(action)
             if isinstance(action, LINK_ACTIONS):
@@ -449,6 +513,8 @@ class Simulation:
                     events = send_on(end.core, action)
                 if isinstance(action, SendGossip) and action.raw[ID_AT] in self.anomaly_ids:
                     self.anomaly_frames += 1
+                elif kind is SendBundle:
+                    self.tally.transmissions += 1
                 self._touch(end)
                 if events:
                     self._link_events(end, events)
@@ -469,6 +535,15 @@ class Simulation:
                 self.push(self.now + self.latency() + self.latency(), _CRL, node, node.incarnation)
             elif kind is Renew:
                 self.renewals += 1
+            elif kind is BundleDelivered:
+                assert isinstance(action, BundleDelivered)
+                if action.service == CONTACT_SERVICE:
+                    self.tally.contacts_delivered += 1
+                    assert node.core is not None
+                    record = sim_bundles.payload_of(action.bundle.data)
+                    self._act(node, node.core.contact_record(record, self.now))
+                else:
+                    self.tally.delivered(action.bundle.bundle_id, node.index, self.now)
             # Notify, SavePeerRecords, ForgetPeers: nothing to do in the simulation.
 
     def _link_events(self, end: End, events: list[Event]) -> None:
@@ -748,6 +823,65 @@ class Simulation:
         self.revoked = dict(zip(chosen, serials, strict=True))
         self.revoked_at = self.now
 
+    def _schedule_bundles(self) -> None:
+        """The bundles' send times; their sources and destinations are drawn when they
+        are sent (from the nodes up then)."""
+        rng = self.bundle_rng
+        low, high = self.config.bundle_window
+        for _ in range(self.config.bundles):
+            self.call(rng.randint(low, high), self._send_bundle, False)
+        for _ in range(self.config.broadcasts):
+            self.call(rng.randint(low, high), self._send_bundle, True)
+
+    def _send_bundle(self, broadcast: bool) -> None:
+        """A bundle from a random up node (never one the CA will revoke): to a random
+        other node (up or down), or to every node (dtn://~mesh/inbox)."""
+        rng = self.bundle_rng
+        config = self.config
+        sources = [n for n in self.nodes if n.up and n.index not in self.to_revoke]
+        if not sources:
+            return
+        node = sources[rng.randrange(len(sources))]
+        core = node.core
+        assert core is not None
+        assert core.bundles is not None
+        bundle_id = self.tally.next_id(node.node_id, self.now)
+        expires = self.now + config.bundle_ttl_ms
+        if broadcast:
+            destination, target = "dtn://~mesh/inbox", None
+        else:
+            down: list[SimNode] = []
+            if config.bundle_to_down and rng.random() < config.bundle_to_down:
+                down = [n for n in self.nodes if not n.up and n.index not in self.to_revoke]
+            if down:
+                target = down[rng.randrange(len(down))]
+            else:
+                while True:
+                    target = self.nodes[rng.randrange(len(self.nodes))]
+                    if target is not node and target.index not in self.to_revoke:
+                        break
+            destination = f"dtn://{target.node_id}/inbox"
+        bundle = sim_bundles.make(
+            bundle_id,
+            node.node_id,
+            format(node.cert.serial, "x"),
+            destination,
+            "inbox",
+            self.now,
+            config.bundle_ttl_ms,
+            self.payload,
+        )
+        entry: Unicast | Broadcast
+        if target is None:
+            entry = Broadcast(bundle_id, node.index, self.now, expires)
+            self.tally.broadcast.append(entry)
+        else:
+            entry = Unicast(bundle_id, node.index, target.index, self.now, expires, not target.up)
+            self.tally.unicast.append(entry)
+        self.tally.by_id[bundle_id] = entry
+        self._act(node, core.bundles.submit([bundle], self.now))
+        self._after_step(node)
+
     def _snapshot_formation(self, _: Any) -> None:
         self.formation = self._mesh_shape()
         self._check_connected(None)
@@ -765,10 +899,15 @@ class Simulation:
         up = sum(1 for n in self.nodes if n.up)
         links = sum(len(n.core.links) for n in self.nodes if n.up and n.core is not None) // 2
         wall = time.perf_counter() - self.wall_start
-        self.progress(
+        line = (
             f"{(self.now - START_MS) / 1000:7.1f} s virtual, {wall:7.1f} s wall: "
             f"{up} nodes up, {links} links, {len(self.heap)} events queued"
         )
+        if self.config.with_bundles:
+            unicast = self.tally.unicast
+            done = sum(1 for u in unicast if u.delivered_at is not None)
+            line += f", {done} of {len(unicast)} bundles delivered"
+        self.progress(line)
 
     def _check_done(self, _: Any) -> None:
         if self.now < self.last_event:
@@ -779,6 +918,10 @@ class Simulation:
                 return
         if self.revoked and any(self.nodes[i].crl_at is None for i in eligible):
             return
+        if self.config.with_bundles:
+            live = [i for i in eligible if self.nodes[i].up]
+            if self.tally.pending(self.now, live):
+                return
         self.stopped = True
 
     # --- measures ---------------------------------------------------------------------------
@@ -926,6 +1069,7 @@ class Simulation:
             "churn": {"nodes": len(self.churned), "down_ms": list(config.churn_down_ms)}
             if config.churn
             else None,
+            "bundles": self._bundle_report(eligible) if config.with_bundles else None,
             "network": {
                 "events": self.events,
                 "frames_lost": self.frames_lost,
@@ -937,6 +1081,93 @@ class Simulation:
         }
         curve = coverage_curve(per_anomaly, len(eligible))
         return SimResult(report, per_anomaly, crl_delays, curve)
+
+    def _bundle_report(self, eligible: list[int]) -> dict[str, Any]:
+        """The ``bundles`` section (docs/sim.md)."""
+        config = self.config
+        tally = self.tally
+        now = self.now
+        unicast = tally.unicast
+        done = [u for u in unicast if u.delivered_at is not None]
+        latency = [u.delivered_at - u.sent_at for u in done if u.delivered_at is not None]
+        to_down = [u for u in unicast if u.destination_down]
+        to_down_done = [u for u in to_down if u.delivered_at is not None]
+        live = [i for i in eligible if self.nodes[i].up]
+        coverage: list[float] = []
+        spread: list[int] = []
+        for b in tally.broadcast:
+            others = [i for i in live if i != b.source]
+            coverage.append(sum(1 for i in others if i in b.got) / len(others) if others else 1.0)
+            spread += [at - b.sent_at for at in b.got.values()]
+        rows = copies = rows_delivered = broadcast_rows = other_rows = 0
+        refused: dict[str, int] = {}
+        totals = {"received": 0, "forwarded": 0, "duplicates": 0, "expired": 0}
+        for node in self.nodes:
+            if node.bundle_store is not None:
+                for row in node.bundle_store.forwarding():
+                    entry = tally.by_id.get(row.bundle_id)
+                    if isinstance(entry, Unicast):
+                        rows += 1
+                        copies += row.copies
+                        rows_delivered += entry.delivered_at is not None
+                    elif isinstance(entry, Broadcast):
+                        broadcast_rows += 1
+                    else:
+                        other_rows += 1
+            for stats in node.bundle_stats:
+                totals["received"] += stats.received
+                totals["forwarded"] += stats.forwarded
+                totals["duplicates"] += stats.duplicates
+                totals["expired"] += stats.expired
+                for code, count in sorted((stats.refused or {}).items()):
+                    refused[code] = refused.get(code, 0) + count
+        sent = len(unicast)
+        return {
+            "ttl_ms": config.bundle_ttl_ms,
+            "copies": config.bundle_copies,
+            "size": config.bundle_size,
+            "window_ms": list(config.bundle_window),
+            "sent": sent,
+            "delivered": len(done),
+            "delivery_ratio": round(len(done) / sent, 4) if sent else None,
+            "sent_to_down": len(to_down),
+            "delivered_to_down": len(to_down_done),
+            "p50_ms": percentile(latency, 0.5),
+            "p90_ms": percentile(latency, 0.9),
+            "max_ms": max(latency) if latency else None,
+            "to_down_p50_ms": percentile(
+                [u.delivered_at - u.sent_at for u in to_down_done if u.delivered_at is not None],
+                0.5,
+            ),
+            "expired": sum(1 for u in unicast if u.delivered_at is None and u.expires_at <= now),
+            "undelivered": [u.bundle_id for u in unicast if u.delivered_at is None][:20],
+            "stored_at_end": rows,
+            "copies_at_end": copies,
+            "stored_at_end_delivered": rows_delivered,
+            "refused": sum(refused.values()),
+            "refused_by": refused,
+            "rows_expired": totals["expired"],
+            "received": totals["received"],
+            "forwarded": totals["forwarded"],
+            "duplicates": totals["duplicates"],
+            "transmissions": tally.transmissions,
+            "redelivered": tally.redelivered,
+            "misdelivered": tally.misdelivered,
+            "broadcast": {
+                "sent": len(tally.broadcast),
+                "coverage": round(min(coverage), 4) if coverage else None,
+                "coverage_mean": round(sum(coverage) / len(coverage), 4) if coverage else None,
+                "p50_ms": percentile(spread, 0.5),
+                "p90_ms": percentile(spread, 0.9),
+                "max_ms": max(spread) if spread else None,
+                "stored_at_end": broadcast_rows,
+            },
+            "contacts": {
+                "announced": tally.contacts_announced,
+                "delivered": tally.contacts_delivered,
+                "stored_at_end": other_rows,
+            },
+        }
 
     @staticmethod
     def _rel(at: int | None) -> int | None:
