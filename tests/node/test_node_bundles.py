@@ -74,6 +74,12 @@ async def send(sender: MeshNode, to: str, payload: bytes, ttl: int = 600) -> dic
     return dict(answer)
 
 
+def held_for(holder: MeshNode, node_id: str) -> list[str]:
+    """Bundles ``holder`` keeps for ``node_id`` (not its seeks and other broadcasts)."""
+    rows = holder.bundle_store.forwarding_for([f"dtn://{node_id}/inbox"], limit=100)
+    return [row.bundle_id for row in rows]
+
+
 def inbox_ids(target: MeshNode) -> list[str]:
     return [b.bundle_id for b in target.bundle_store.items("inbox")]
 
@@ -84,9 +90,7 @@ async def test_a_bundle_reaches_a_linked_node_and_the_sender_lets_go(mesh3: Loca
     bundle_id = answer["bundle_id"]
     assert bundle_id.startswith("node-2:") and answer["expires_at"].endswith("+00:00")
     await mesh3.wait_for(lambda: bundle_id in inbox_ids(n3), WAIT, what="delivery")
-    await mesh3.wait_for(
-        lambda: n2.bundle_store.count("forwarding") == 0, WAIT, what="custody handed over"
-    )
+    await mesh3.wait_for(lambda: not held_for(n2, "node-3"), WAIT, what="custody handed over")
     status, listing = await request(n3, "GET", "/v1/bundles?role=inbox")
     assert status == 200
     (item,) = listing["bundles"]
@@ -108,7 +112,7 @@ async def test_an_offline_node_gets_its_bundle_after_its_restart(mesh3: LocalMes
     await n3.stop()
     mesh3.nodes.remove(n3)
     answer = await send(n2, "node-3", b"while you were away")
-    assert n2.bundle_store.count("forwarding") == 1  # held: node-3 is down
+    assert len(held_for(n2, "node-3")) == 1  # held: node-3 is down
     n3 = await mesh3.start_node(directory)
     await mesh3.wait_for(
         lambda: answer["bundle_id"] in inbox_ids(n3), WAIT, what="delivery after the restart"
@@ -186,7 +190,7 @@ async def test_a_full_store_answers_507_and_keeps_nothing(tmp_path: Path) -> Non
         }
         status, answer = await request(n1, "POST", "/v1/bundles", body=json.dumps(body).encode())
         assert status == 507 and answer["error"] == "store_full"
-        assert n1.bundle_store.count("forwarding") == 1
+        assert len(held_for(n1, "node-9")) == 1
 
 
 async def test_the_cli_client_reports_api_errors(mesh3: LocalMesh) -> None:
@@ -236,3 +240,33 @@ async def test_a_large_payload_crosses_in_fragments_and_is_delivered_whole(
     status, item = await request(n3, "GET", f"/v1/bundles/{bundle_id}")
     assert status == 200 and base64.b64decode(item["payload"]) == payload
     assert n3.bundle_store.count("fragment") == 0
+
+
+async def test_bundles_reach_nodes_that_stayed_up_far_away_through_a_seek(
+    tmp_path: Path,
+) -> None:
+    """node-1 knows neither where its destinations are nor a path: its seek broadcast
+    makes each dial it, past node-1's link cap, and take its bundle."""
+    settings = {**SETTINGS, "max_links": 6, "dial_target": 2}
+    async with LocalMesh(tmp_path, 20, node_settings=settings) as mesh:
+        await mesh.wait_for(mesh.connected, 60, what="a connected mesh")
+        n1 = mesh.nodes[0]
+        dialled_us: set[str] = set()
+        n1.listeners.append(
+            lambda event, fields: (
+                dialled_us.add(fields["peer"])
+                if event == "link.up" and fields["direction"] == "inbound"
+                else None
+            )
+        )
+        targets = [n for n in mesh.nodes[1:] if n.node_id not in n1.links][:6]
+        sent = {n1.bundles.send(t.node_id, 600, b"far")[0]: t for t in targets}
+        await mesh.wait_for(
+            lambda: all(t.bundle_store.get(b, "inbox") for b, t in sent.items()),
+            WAIT,
+            what="every far bundle delivered",
+        )
+        # They came for them: most far nodes dialled node-1 (at its cap, whose refusals
+        # never come up as links), which spray-and-wait alone never makes them do.
+        assert len(dialled_us & {t.node_id for t in targets}) >= 4
+        assert len(n1.links) <= 6 + 4  # contact links past the cap are bounded

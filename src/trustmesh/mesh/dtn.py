@@ -373,9 +373,10 @@ class BundleAgent(Generic[L]):
         row = self._row(admitted, "forwarding", 1 if admitted.broadcast else copies, now_ms)
         added = self.store.add(row)
         if admitted.broadcast:
-            self._deliver_here(admitted, now_ms, actions)
-        if not added:
+            self._deliver_here(admitted, now_ms, actions)  # counts a duplicate itself
+        elif not added:
             self.stats.duplicates += 1
+        if not added:
             return
         self._route(row, exclude=peer, actions=actions)
 
@@ -401,7 +402,8 @@ class BundleAgent(Generic[L]):
     def _consumed(self, admitted: Admitted) -> bool:
         """A mesh service's broadcast: consumed at once, never kept in the inbox. (One
         addressed to a single node goes to its inbox, under quota, as any bundle.)"""
-        return admitted.broadcast and admitted.service in self.mesh_services
+        service = admitted.service.split("/", 1)[0]  # seek/<node_id> is the seek service
+        return admitted.broadcast and service in self.mesh_services
 
     def _take_fragment(
         self, admitted: Admitted, now_ms: int, actions: list[BundleAction[L]]

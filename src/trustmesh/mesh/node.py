@@ -82,6 +82,8 @@ MIN_LINK_AGE_MS = 10_000  # a link closed sooner never counts as having run its 
 CONTACT_INTERVAL_MS = 5_000  # how often a node dials the nodes it holds bundles for
 MAX_CONTACT_DIALS = 4  # such dials in flight at most
 MAX_CONTACT_CANDIDATES = 64  # destinations looked at for them, the newest bundles' first
+SEEK_ADMIT_MS = 60_000  # a node that sought us may link beyond our cap this long after
+MAX_SOUGHT_BY = 64  # such nodes remembered
 
 
 class LinkFacts(Hashable, Protocol):
@@ -405,6 +407,7 @@ class NodeCore(Generic[L]):
         self._next_rotate = 0
         self._next_contact = 0
         self._contacting: set[str] = set()  # addresses of contact dials in flight
+        self._sought_by: dict[str, int] = {}  # node that seeks us -> until when it may link
         self._rotating: str | None = None  # the address of a rotation's dial in flight
         self._rotated_in: L | None = None  # a rotation's new link, kept at the next tick
         self._stopping = False
@@ -625,6 +628,17 @@ class NodeCore(Generic[L]):
             actions += self.bundles.on_want(peer, event.want, event.have, now_ms)
         elif isinstance(event, BundleAckFrame):
             actions += self.bundles.on_ack(peer, event.ids, event.refused, now_ms)
+            self._release_contact_link(peer, actions)
+
+    def _release_contact_link(self, peer: str, actions: list[Action[L]]) -> None:
+        """A link beyond the cap (a bundle contact) goes once we hold nothing more for
+        its peer: the slot is for the next node that needs it."""
+        assert self.bundles is not None
+        if len(self.links) <= self.settings.max_links or self.bundles.holds_for(peer):
+            return
+        link = self.links.get(peer)
+        if link is not None:
+            actions.append(CloseLink(link, CloseCode.SHUTDOWN, "bundles handed over"))
 
     @property
     def gossip_pending(self) -> bool:
@@ -665,7 +679,11 @@ class NodeCore(Generic[L]):
             actions.append(CloseLink(drop, CloseCode.DUPLICATE, "a link to this peer exists"))
             if keep is current:
                 return
-        elif len(self.links) >= self.settings.max_links and not self._evict_for(peer, actions):
+        elif (
+            len(self.links) >= self.settings.max_links
+            and not self._bundle_contact(peer, now_ms)
+            and not self._evict_for(peer, actions)
+        ):
             self.stats.refused_at_cap += 1
             actions.append(self._peers_for(link, exclude=peer, now_ms=now_ms, refusal=True))
             actions.append(
@@ -698,6 +716,15 @@ class NodeCore(Generic[L]):
             # before it refuses): only then does the oldest outbound link go.
             self._rotated_in = link
         self._announce_room(actions)
+
+    def _bundle_contact(self, peer: str, now_ms: int) -> bool:
+        """At the cap, a link with a node we hold bundles for, or one that sought us
+        lately, is still taken, up to MAX_CONTACT_DIALS links beyond the cap: it is how
+        bundles reach their destination."""
+        if self.bundles is None or len(self.links) >= self.settings.max_links + MAX_CONTACT_DIALS:
+            return False
+        sought = self._sought_by.pop(peer, None)
+        return (sought is not None and sought > now_ms) or self.bundles.holds_for(peer)
 
     def _drop_oldest_outbound(self, keep: L, actions: list[Action[L]]) -> None:
         """A rotation's new link has lasted: the oldest link we dialled goes, if we hold
@@ -918,19 +945,35 @@ class NodeCore(Generic[L]):
             if len(self._contacting) >= MAX_CONTACT_DIALS:
                 return
             if len(self.links) + len(self._dialing) >= self.settings.max_links:
-                return
+                break
             self._contact_one(node_id, now_ms, actions)
+        # Nodes that sought us and are not linked yet (refused at their cap, say): again,
+        # until their invitation runs out.
+        for node_id, until in list(self._sought_by.items()):
+            if until <= now_ms:
+                del self._sought_by[node_id]
+            elif node_id not in self.links:
+                self._contact_one(node_id, now_ms, actions, overflow=True)
 
-    def _contact_one(self, node_id: str, now_ms: int, actions: list[Action[L]]) -> None:
+    def _contact_one(
+        self, node_id: str, now_ms: int, actions: list[Action[L]], *, overflow: bool = False
+    ) -> None:
+        """Dial ``node_id`` for bundles; ``overflow``: up to MAX_CONTACT_DIALS links
+        beyond the cap (a node that seeks us holds bundles for us)."""
         if node_id in self.revoked_nodes or node_id == self.node_id:
             return
         if len(self._contacting & self._dialing) >= MAX_CONTACT_DIALS:
             return
-        if len(self.links) + len(self._dialing) >= self.settings.max_links:
+        cap = self.settings.max_links + (MAX_CONTACT_DIALS if overflow else 0)
+        if len(self.links) + len(self._dialing) >= cap:
             return
         busy = self._linked_addresses()
         for address in self._addresses_of(node_id):
-            if address not in busy and self._usable(address, now_ms, []):
+            if address in busy or address in self._dialing:
+                continue
+            # A seek is an invitation: it is answered even while the address cools down
+            # (it may have refused us at its cap before).
+            if overflow or self._usable(address, now_ms, []):
                 self._contacting.add(address)
                 self._dial(address, actions)
                 return
@@ -1071,6 +1114,25 @@ class NodeCore(Generic[L]):
             and self.bundles.holds_for(record.node_id)
         ):
             self._contact_one(record.node_id, now_ms, actions)
+        return actions
+
+    def seeker_record(self, raw: bytes, now_ms: int) -> list[Action[L]]:
+        """A node that holds bundles for us and does not know where we are broadcast
+        its record (a seek): we dial it, and it hands them over on link up."""
+        actions: list[Action[L]] = []
+        try:
+            record = decode_record(raw)
+            taken = self.book.add(record, now_ms)
+        except ProtocolError as exc:
+            actions.append(Notify("bundle.seek_refused", {"error": str(exc)}))
+            return actions
+        if taken:
+            actions.append(SavePeerRecords((record,)))
+        if record.node_id not in self.links:
+            self._sought_by[record.node_id] = now_ms + SEEK_ADMIT_MS
+            while len(self._sought_by) > MAX_SOUGHT_BY:
+                del self._sought_by[next(iter(self._sought_by))]
+            self._contact_one(record.node_id, now_ms, actions, overflow=True)
         return actions
 
     def load_records(self, raws: Iterable[bytes], now_ms: int) -> list[str]:

@@ -3,6 +3,7 @@ and the CLI use them (docs/protocols/bundles.md section 9)."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from trustmesh.bundle.codec import Bundle
 from trustmesh.bundle.eid import BROADCAST, Eid
-from trustmesh.bundle.store import ROLES, BundleStore, Role, StoredBundle
+from trustmesh.bundle.store import ROLES, BundleStore, Role, StoredBundle, StoreError
 from trustmesh.clock import Clock
 from trustmesh.mesh.bundle_codec import MAX_PAYLOAD, MeshBundleCodec
 from trustmesh.mesh.dtn import BundleAgent
@@ -21,6 +22,10 @@ BUNDLE_LOCK_FILE = "bundles.lock"  # held by the one process that writes bundles
 CONTACT_SERVICE = "contact"  # dtn://~mesh/contact: "I am back, here is my record"
 CONTACT_TTL_S = 300
 GOSSIP_SERVICE = "gossip"  # dtn://~mesh/gossip: our anomalies, for nodes that are down
+SEEK_SERVICE = "seek"  # dtn://~mesh/seek/<node_id>: "I hold bundles for you, here I am"
+SEEK_TTL_S = 300
+SEEK_INTERVAL_MS = 300_000  # a destination is sought at most this often
+MAX_SOUGHT = 1024  # destinations remembered as sought
 
 
 class StoreBusyError(MeshError):
@@ -63,8 +68,13 @@ class NodeBundles:
         clock: Clock,
         run: Callable[[list[Any]], None],
         signer: Callable[[], str],
+        *,
+        linked: Callable[[str], bool] = lambda node_id: False,
+        own_record: Callable[[], bytes | None] = lambda: None,
     ) -> None:
-        """``signer()``: the serial (hex) of the node's current certificate."""
+        """``signer()``: the serial (hex) of the node's current certificate;
+        ``linked(node_id)``: whether a link to it is up; ``own_record()``: our signed
+        peer record, for seeks (None: no seeks, as when the node is not running)."""
         self.node_id = node_id
         self.store = store
         self.codec = codec
@@ -72,6 +82,9 @@ class NodeBundles:
         self.clock = clock
         self._run = run
         self._signer = signer
+        self._linked = linked
+        self._own_record = own_record
+        self._sought: dict[str, int] = {}  # node_id -> when we last sought it
 
     @staticmethod
     def open_store(directory: Path, *, quota: int, source_quota: int) -> BundleStore:
@@ -83,12 +96,35 @@ class NodeBundles:
         """A bundle from this node: (its id, when it expires in Unix ms), once stored."""
         now = self.clock.time_ms()
         eid = self.codec.destination(destination)
-        return self._submit(self.codec.make(eid, payload, ttl_s * 1000, now), now)
+        answer = self._submit(self.codec.make(eid, payload, ttl_s * 1000, now), now)
+        self._seek(eid, now)
+        return answer
 
     def submit_raw(self, data: bytes) -> tuple[str, int]:
         """An RFC 9171 bundle made by this node's application, signed here."""
         now = self.clock.time_ms()
-        return self._submit(self.codec.adopt(data, now), now)
+        pieces = self.codec.adopt(data, now)
+        answer = self._submit(pieces, now)
+        self._seek(pieces[0].primary.destination, now)
+        return answer
+
+    def _seek(self, destination: Eid, now: int) -> None:
+        """A bundle for a node we are not linked to: broadcast our record to the seek
+        service of that node (at most every SEEK_INTERVAL_MS), so that it dials us
+        wherever it is in the mesh. Spray-and-wait alone seldom meets a node that
+        stays up in a mesh of thousands."""
+        node = destination.node
+        if node.startswith("~") or node == self.node_id or self._linked(node):
+            return
+        record = self._own_record()
+        if record is None or now - self._sought.get(node, -SEEK_INTERVAL_MS) < SEEK_INTERVAL_MS:
+            return
+        self._sought[node] = now
+        if len(self._sought) > MAX_SOUGHT:
+            del self._sought[next(iter(self._sought))]
+        eid = Eid.dtn(BROADCAST.node, f"{SEEK_SERVICE}/{node}")
+        with contextlib.suppress(StoreError):  # the bundle waits for contact without
+            self._submit(self.codec.make(eid, record, SEEK_TTL_S * 1000, now), now)
 
     def _submit(self, pieces: list[Bundle], now: int) -> tuple[str, int]:
         signer = self._signer()

@@ -56,6 +56,7 @@ from trustmesh.node.bundles import (
     BUNDLE_STORE_FILE,
     CONTACT_SERVICE,
     GOSSIP_SERVICE,
+    SEEK_SERVICE,
     NodeBundles,
     StoreLock,
 )
@@ -129,7 +130,7 @@ class MeshNode:
             self.bundle_codec,
             is_revoked=lambda serial: self.trust.is_revoked(int(serial, 16)),
             copies=config.bundle_copies,
-            mesh_services=(CONTACT_SERVICE, GOSSIP_SERVICE),
+            mesh_services=(CONTACT_SERVICE, GOSSIP_SERVICE, SEEK_SERVICE),
         )
         self.core: NodeCore[Link] = NodeCore(
             config.core_settings(config.advertise or config.listen, MAX_ADDRESSES),
@@ -148,6 +149,8 @@ class MeshNode:
             clock,
             self._run,
             lambda: format(self.identity.certificate.serial_number, "x"),
+            linked=lambda node_id: node_id in self.core.links,
+            own_record=lambda: self.core.record.encode() if self.core.record else None,
         )
         self.listeners: list[Callable[[str, Any], None]] = []  # (event name, detail)
         self._live: set[Link] = set()  # every link whose connection is open
@@ -333,6 +336,12 @@ class MeshNode:
                 case bundle_actions.BundleDelivered(bundle, service) if service == CONTACT_SERVICE:
                     record = self.bundle_codec.payload_of(bundle.data)
                     self._run(self.core.contact_record(record, self.clock.time_ms()))
+                case bundle_actions.BundleDelivered(bundle, service) if service.startswith(
+                    SEEK_SERVICE + "/"
+                ):
+                    if service == f"{SEEK_SERVICE}/{self.node_id}":  # sought: we dial
+                        record = self.bundle_codec.payload_of(bundle.data)
+                        self._run(self.core.seeker_record(record, self.clock.time_ms()))
                 case bundle_actions.BundleDelivered(bundle, service) if service == GOSSIP_SERVICE:
                     self._gossip_from_bundle(bundle.data)
                 case bundle_actions.BundleDelivered(bundle, service):
