@@ -44,7 +44,7 @@ def test_bundles_reach_their_destinations_through_churn() -> None:
     assert bundles["expired"] == 0 and bundles["refused"] == 0
     assert bundles["redelivered"] == 0 and bundles["misdelivered"] == 0
     assert bundles["transmissions"] >= bundles["delivered"]
-    assert bundles["stored_at_end"] == bundles["copies_at_end"]  # relays keep one copy each
+    assert bundles["copies_at_end"] >= bundles["stored_at_end"]  # a row holds 1 copy or more
     broadcast = bundles["broadcast"]
     assert broadcast["sent"] == 2 and broadcast["coverage"] == 1.0
     assert 0 < broadcast["p50_ms"] <= broadcast["p90_ms"] <= broadcast["max_ms"]

@@ -28,6 +28,9 @@ FIELDS = 8
 BROADCAST_PREFIX = "dtn://~"
 CONTACT_SERVICE = "contact"  # as trustmesh.node.bundles: "I am back, here is my record"
 CONTACT_TTL_MS = 300_000  # trustmesh.node.bundles.CONTACT_TTL_S
+SEEK_SERVICE = "seek"  # as trustmesh.node.bundles: "I hold bundles for you, here I am"
+SEEK_TTL_MS = 300_000  # trustmesh.node.bundles.SEEK_TTL_S
+SEEK_INTERVAL_MS = 300_000  # trustmesh.node.bundles.SEEK_INTERVAL_MS
 
 
 def encode(
@@ -203,6 +206,7 @@ class BundleTally:
     by_id: dict[str, Unicast | Broadcast] = field(default_factory=dict)
     contacts_announced: int = 0
     contacts_delivered: int = 0
+    seeks: int = 0  # seek broadcasts sent (a unicast to a node its source is not linked to)
     redelivered: int = 0  # a bundle delivered again at a node that had it (never, if right)
     misdelivered: int = 0  # a unicast delivered to a node not its destination
     transmissions: int = 0  # BUNDLE frames sent (one bundle handed over one link)

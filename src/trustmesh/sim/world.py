@@ -48,6 +48,9 @@ from trustmesh.sim import bundles as sim_bundles
 from trustmesh.sim.bundles import (
     CONTACT_SERVICE,
     CONTACT_TTL_MS,
+    SEEK_INTERVAL_MS,
+    SEEK_SERVICE,
+    SEEK_TTL_MS,
     Broadcast,
     BundleTally,
     SimBundleCodec,
@@ -143,6 +146,7 @@ class SimNode:
         "saved_records",
         "saved_seen",
         "side",
+        "sought",
         "timer_at",
         "up",
     )
@@ -167,6 +171,7 @@ class SimNode:
         # the stats of each incarnation's agent are summed at the end.
         self.bundle_store: BundleStore | None = None
         self.bundle_stats: list[BundleStats] = []
+        self.sought: dict[str, int] = {}  # destination -> when it last sought it
 
 
 @dataclass
@@ -427,7 +432,7 @@ class Simulation:
             SimBundleCodec(is_revoked),
             is_revoked=lambda serial: is_revoked(int(serial, 16)),
             copies=self.config.bundle_copies,
-            mesh_services=(CONTACT_SERVICE,),
+            mesh_services=(CONTACT_SERVICE, SEEK_SERVICE),
         )
         node.bundle_stats.append(agent.stats)
         return agent
@@ -542,6 +547,11 @@ class Simulation:
                     assert node.core is not None
                     record = sim_bundles.payload_of(action.bundle.data)
                     self._act(node, node.core.contact_record(record, self.now))
+                elif action.service.startswith(SEEK_SERVICE + "/"):
+                    if action.service == f"{SEEK_SERVICE}/{node.node_id}":
+                        assert node.core is not None
+                        record = sim_bundles.payload_of(action.bundle.data)
+                        self._act(node, node.core.seeker_record(record, self.now))
                 else:
                     self.tally.delivered(action.bundle.bundle_id, node.index, self.now)
             # Notify, SavePeerRecords, ForgetPeers: nothing to do in the simulation.
@@ -880,7 +890,36 @@ class Simulation:
             self.tally.unicast.append(entry)
         self.tally.by_id[bundle_id] = entry
         self._act(node, core.bundles.submit([bundle], self.now))
+        if target is not None:
+            self._seek(node, target)
         self._after_step(node)
+
+    def _seek(self, node: SimNode, target: SimNode) -> None:
+        """As the running node (trustmesh.node.bundles.NodeBundles._seek): a bundle for
+        a node we are not linked to broadcasts our record to its seek service, at most
+        once per destination every SEEK_INTERVAL_MS."""
+        core = node.core
+        assert core is not None
+        assert core.bundles is not None
+        if target.node_id in core.links or core.record is None:
+            return
+        last = node.sought.get(target.node_id)
+        if last is not None and self.now - last < SEEK_INTERVAL_MS:
+            return
+        node.sought[target.node_id] = self.now
+        service = f"{SEEK_SERVICE}/{target.node_id}"
+        seek = sim_bundles.make(
+            self.tally.next_id(node.node_id, self.now),
+            node.node_id,
+            format(node.cert.serial, "x"),
+            f"dtn://~mesh/{service}",
+            service,
+            self.now,
+            SEEK_TTL_MS,
+            core.record.encode(),
+        )
+        self.tally.seeks += 1
+        self._act(node, core.bundles.submit([seek], self.now))
 
     def _snapshot_formation(self, _: Any) -> None:
         self.formation = self._mesh_shape()
@@ -1162,6 +1201,7 @@ class Simulation:
                 "max_ms": max(spread) if spread else None,
                 "stored_at_end": broadcast_rows,
             },
+            "seeks": tally.seeks,
             "contacts": {
                 "announced": tally.contacts_announced,
                 "delivered": tally.contacts_delivered,
