@@ -16,6 +16,7 @@ from trustmesh.errors import ProtocolError
 from trustmesh.mesh.dtn import (
     MAX_FRAGMENTS,
     REOFFER_INTERVAL_MS,
+    WANT_TIMEOUT_MS,
     Admitted,
     BundleAction,
     BundleAgent,
@@ -412,3 +413,19 @@ def test_a_bundle_made_here_with_an_id_already_held_is_refused(tmp_path: Path) -
     agent.submit([make("a", "d")], NOW)
     with pytest.raises(DuplicateBundleError):
         agent.submit([make("a", "d")], NOW)
+
+
+def test_a_bundle_on_its_way_from_one_peer_is_not_asked_of_another(tmp_path: Path) -> None:
+    agent = BundleAgent[str]("d", BundleStore(tmp_path / "d.db"), FakeCodec())
+    for peer in ("p", "q"):
+        agent.link_up(peer, peer, NOW)
+    bundle_id = "a:1000000:0"
+    (first,) = agent.on_offer("p", [bundle_id], NOW)
+    (second,) = agent.on_offer("q", [bundle_id], NOW)
+    assert isinstance(first, SendBundleWant) and first.want == (bundle_id,)
+    assert isinstance(second, SendBundleWant) and second.want == () and second.have == ()
+    (later,) = agent.on_offer("q", [bundle_id], NOW + WANT_TIMEOUT_MS)  # p never sent it
+    assert isinstance(later, SendBundleWant) and later.want == (bundle_id,)
+    agent.link_down("q")
+    (after,) = agent.on_offer("p", [bundle_id], NOW + WANT_TIMEOUT_MS)  # q is gone
+    assert isinstance(after, SendBundleWant) and after.want == (bundle_id,)

@@ -38,6 +38,8 @@ DEFAULT_COPIES = 8  # spray-and-wait copies a bundle starts with
 EXPIRE_INTERVAL_MS = 10_000  # how often expired bundles are purged
 REOFFER_INTERVAL_MS = 30_000  # how often held bundles are offered again on every link
 MAX_FRAGMENTS = 64  # fragments held of one bundle (a source cuts 56 KiB pieces)
+WANT_TIMEOUT_MS = 10_000  # an id wanted from one peer is not wanted from another meanwhile
+MAX_WANTING = 4096  # such ids remembered
 OFFER_BATCH = MAX_BUNDLE_IDS
 MAX_OFFERED = 4096  # ids remembered as offered to one peer (then it may be offered again)
 
@@ -187,6 +189,7 @@ class BundleAgent(Generic[L]):
         self._offered: dict[str, set[str]] = {}  # peer -> ids offered on this link
         self._handed: dict[tuple[str, str], int] = {}  # (id, peer) -> copies in flight
         self._in_flight: dict[str, int] = {}  # id -> copies handed, not yet acknowledged
+        self._wanting: dict[str, tuple[str, int]] = {}  # id -> (peer asked, until when)
         self._next_expire = 0
         self._next_reoffer = REOFFER_INTERVAL_MS
 
@@ -242,7 +245,16 @@ class BundleAgent(Generic[L]):
         want: list[str] = []
         have: list[str] = []
         for bundle_id in ids:
-            (have if self.store.holds(bundle_id) else want).append(bundle_id)
+            if self.store.holds(bundle_id):
+                have.append(bundle_id)
+                continue
+            asked = self._wanting.get(bundle_id)
+            if asked is not None and asked[1] > now_ms and asked[0] in self.links:
+                continue  # on its way from another peer (a broadcast offered by several)
+            self._wanting[bundle_id] = (peer, now_ms + WANT_TIMEOUT_MS)
+            want.append(bundle_id)
+        while len(self._wanting) > MAX_WANTING:
+            del self._wanting[next(iter(self._wanting))]
         return [SendBundleWant(link, tuple(want), tuple(have))]
 
     def on_want(
@@ -280,6 +292,7 @@ class BundleAgent(Generic[L]):
         self.stats.received += 1
         try:
             admitted = self.codec.admit(data, now_ms)
+            self._wanting.pop(admitted.bundle_id, None)
         except ProtocolError as exc:
             code = getattr(exc, "code", type(exc).__name__)
             self.stats.refuse(str(code))
