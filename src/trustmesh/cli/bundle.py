@@ -17,16 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from trustmesh.cli.output import emit
-from trustmesh.cli.params import Seconds
-
-_dir_option = click.option(
-    "--dir",
-    "directory",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    required=True,
-    help="The node directory (`trustmesh node init` wrote it).",
-)
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+from trustmesh.cli.params import Seconds, json_option, node_dir_option
 
 
 @click.group()
@@ -43,7 +34,7 @@ def bundle() -> None:
 
 
 @bundle.command()
-@_dir_option
+@node_dir_option
 @click.option(
     "--to",
     "destination",
@@ -63,7 +54,7 @@ def bundle() -> None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="The payload, from a file (up to 1 MiB).",
 )
-@_json_option
+@json_option
 def send(
     directory: Path,
     destination: str,
@@ -93,7 +84,7 @@ def send(
 
 
 @bundle.command()
-@_dir_option
+@node_dir_option
 @click.option(
     "--role",
     type=click.Choice(["inbox", "forwarding", "fragment"]),
@@ -101,7 +92,7 @@ def send(
     show_default=True,
     help="inbox: delivered here; forwarding: held for other nodes.",
 )
-@_json_option
+@json_option
 def inbox(directory: Path, role: str, as_json: bool) -> None:
     """The bundles delivered to this node (or held for others, with --role)."""
     if _running(directory):
@@ -120,9 +111,9 @@ def inbox(directory: Path, role: str, as_json: bool) -> None:
 
 
 @bundle.command()
-@_dir_option
+@node_dir_option
 @click.argument("bundle_id")
-@_json_option
+@json_option
 def ack(directory: Path, bundle_id: str, as_json: bool) -> None:
     """Acknowledge a delivered bundle: it leaves the inbox (a copy that comes again is
     still dropped until the bundle expires)."""

@@ -15,7 +15,7 @@ from trustmesh.api.ca_client import enroll_node
 from trustmesh.cli.bundle import bundle
 from trustmesh.cli.limits import limit_options
 from trustmesh.cli.output import emit
-from trustmesh.cli.params import Address, Seconds
+from trustmesh.cli.params import Address, Seconds, json_option, node_dir_option
 from trustmesh.cli.signals import stop_on_signals
 from trustmesh.crypto.keys import KeyKind
 from trustmesh.keystore.filestore import load_key_file, passphrase_from_env_or_tty
@@ -29,15 +29,6 @@ from trustmesh.node.config import (
 )
 
 KEY_TYPES = {"p256": KeyKind.P256, "ed25519": KeyKind.ED25519}
-
-_dir_option = click.option(
-    "--dir",
-    "directory",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
-    required=True,
-    help="The node directory (`trustmesh node init` wrote it).",
-)
-_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
 @click.group()
@@ -123,7 +114,7 @@ node.add_command(bundle)
 )
 @click.option("--key-type", type=click.Choice(sorted(KEY_TYPES)), default="p256", show_default=True)
 @click.option("--no-encrypt", is_flag=True, help="Leave node.key unencrypted (mode 0600 still).")
-@_json_option
+@json_option
 def init(
     directory: Path,
     ca_url: str,
@@ -192,7 +183,7 @@ def init(
 
 
 @node.command()
-@_dir_option
+@node_dir_option
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning"]),
@@ -252,7 +243,7 @@ def run(directory: Path, log_level: str, mdns: bool | None, **limits: Any) -> No
 
 
 @node.command()
-@_dir_option
+@node_dir_option
 @click.option(
     "--type", "kind", type=click.Choice(PAYLOAD_TYPES), default="anomaly", show_default=True
 )
@@ -268,7 +259,7 @@ def run(directory: Path, log_level: str, mdns: bool | None, **limits: Any) -> No
     show_default=True,
     help="How long the message lives (seconds, or 30m, 2h ...; at most 7 days).",
 )
-@_json_option
+@json_option
 def publish(directory: Path, kind: str, payload_json: str, ttl: float, as_json: bool) -> None:
     """Sign a gossip message with the node's key and hand it to the node to spread."""
     import time
@@ -299,8 +290,8 @@ def publish(directory: Path, kind: str, payload_json: str, ttl: float, as_json: 
 
 
 @node.command()
-@_dir_option
-@_json_option
+@node_dir_option
+@json_option
 def peers(directory: Path, as_json: bool) -> None:
     """The node's peer table: node_id, status, score, last_seen, address. A peer whose
     score fell below the threshold shows "graylisted" after its address."""
@@ -323,10 +314,10 @@ def _score(peer: dict[str, Any]) -> str:
 
 
 @node.command()
-@_dir_option
+@node_dir_option
 @click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True)
 @click.option("--since", type=click.IntRange(-1), help="Only those received after (Unix ms).")
-@_json_option
+@json_option
 def anomalies(directory: Path, limit: int, since: int | None, as_json: bool) -> None:
     """The anomaly signatures the node has received."""
     params = {"limit": str(limit)} | ({"since": str(since)} if since is not None else {})
@@ -342,8 +333,8 @@ def anomalies(directory: Path, limit: int, since: int | None, as_json: bool) -> 
 
 
 @node.command()
-@_dir_option
-@_json_option
+@node_dir_option
+@json_option
 def health(directory: Path, as_json: bool) -> None:
     """Links, certificate, CRL and gossip counters of the running node."""
     answer = _get(directory, "/v1/mesh/health")

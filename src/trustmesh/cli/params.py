@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 import click
@@ -88,3 +89,14 @@ class Address(click.ParamType):  # type: ignore[type-arg]
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         return str(value)
+
+
+# Options every `trustmesh node` command that works on a node directory shares.
+node_dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="The node directory (`trustmesh node init` wrote it).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -1100,16 +1100,10 @@ class NodeCore(Generic[L]):
         """A node's signed record from its contact broadcast (it came back): kept like
         any record, and if we hold bundles for it, it is dialled now."""
         actions: list[Action[L]] = []
-        try:
-            record = decode_record(raw)
-            taken = self.book.add(record, now_ms)
-        except ProtocolError as exc:
-            actions.append(Notify("bundle.contact_refused", {"error": str(exc)}))
-            return actions
-        if taken:
-            actions.append(SavePeerRecords((record,)))
+        record = self._take_record(raw, "bundle.contact_refused", now_ms, actions)
         if (
-            self.bundles is not None
+            record is not None
+            and self.bundles is not None
             and record.node_id not in self.links
             and self.bundles.holds_for(record.node_id)
         ):
@@ -1120,20 +1114,27 @@ class NodeCore(Generic[L]):
         """A node that holds bundles for us and does not know where we are broadcast
         its record (a seek): we dial it, and it hands them over on link up."""
         actions: list[Action[L]] = []
-        try:
-            record = decode_record(raw)
-            taken = self.book.add(record, now_ms)
-        except ProtocolError as exc:
-            actions.append(Notify("bundle.seek_refused", {"error": str(exc)}))
-            return actions
-        if taken:
-            actions.append(SavePeerRecords((record,)))
-        if record.node_id not in self.links:
+        record = self._take_record(raw, "bundle.seek_refused", now_ms, actions)
+        if record is not None and record.node_id not in self.links:
             self._sought_by[record.node_id] = now_ms + SEEK_ADMIT_MS
             while len(self._sought_by) > MAX_SOUGHT_BY:
                 del self._sought_by[next(iter(self._sought_by))]
             self._contact_one(record.node_id, now_ms, actions, overflow=True)
         return actions
+
+    def _take_record(
+        self, raw: bytes, refused: str, now_ms: int, actions: list[Action[L]]
+    ) -> PeerRecord | None:
+        """A signed peer record that came in a bundle, checked and kept as any other."""
+        try:
+            record = decode_record(raw)
+            taken = self.book.add(record, now_ms)
+        except ProtocolError as exc:
+            actions.append(Notify(refused, {"error": str(exc)}))
+            return None
+        if taken:
+            actions.append(SavePeerRecords((record,)))
+        return record
 
     def load_records(self, raws: Iterable[bytes], now_ms: int) -> list[str]:
         """The peer records of the last run, checked again: the node_ids to forget."""
