@@ -187,7 +187,13 @@ def test_two_simultaneous_connects_come_up_on_the_tie_rule_and_echo(certs: Path)
         ["negotiated", "datagram", "closed"],
     )
     assert theirs[-1]["event"] != "closed" or theirs[-1]["reason"] == "peer closed the channel"
-    assert [e["event"] for e in ours] == ["negotiated", "datagram"]
+    # And the sender exits once it has the echo, closing its own: the echoer may hear
+    # that before it is done (a race the two processes run, not a fault).
+    assert [e["event"] for e in ours] in (
+        ["negotiated", "datagram"],
+        ["negotiated", "datagram", "closed"],
+    )
+    assert ours[-1]["event"] != "closed" or ours[-1]["reason"] == "peer closed the channel"
     a_up, b_up = ours[0], theirs[0]
     assert a_up["scheme"] == b_up["scheme"] == "/dtls/1.2"
     assert a_up["peer_node_id"] == "node-b" and b_up["peer_node_id"] == "node-a"
