@@ -427,7 +427,11 @@ class MeshNode:
         """An anomaly that came as a bundle: into the gossip pipeline, as from the API
         (checked, deduplicated, stored, spread)."""
         try:
-            self.accept_raw(self.bundle_codec.payload_of(data))
+            raw = self.bundle_codec.payload_of(data)
+            message = decode_message(raw)
+            if message.message_id in self.seen:
+                return  # gossip brought it first (the usual case): not a gossip duplicate
+            self.accept(message, raw, sender=None)
         except ProtocolError as exc:
             self._emit("bundle.gossip_refused", level=logging.DEBUG, error=str(exc))
 
