@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pyd3tn.bundle7 as b7  # type: ignore[import-untyped]
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,8 +32,6 @@ from trustmesh.bundle.codec import (
 from trustmesh.bundle.eid import Eid, inbox, node_eid
 from trustmesh.bundle.fragment import fragment, reassemble
 from trustmesh.bundle.ids import unix_ms_to_dtn_ms
-
-b7 = pytest.importorskip("pyd3tn.bundle7")
 
 MAX = 1 << 24
 UNIX_S = 1_700_000_000  # pyd3tn takes creation times in Unix seconds

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pyd3tn.bundle7 as b7  # type: ignore[import-untyped]
 import pytest
 
 from trustmesh.bundle.bib import find_signature_block
@@ -17,8 +18,6 @@ from trustmesh.bundle.codec import decode_bundle
 from trustmesh.node.client import NodeClient
 from trustmesh.node.local import LocalMesh
 from trustmesh.node.runtime import MeshNode
-
-b7 = pytest.importorskip("pyd3tn.bundle7")
 
 WAIT = 20.0
 

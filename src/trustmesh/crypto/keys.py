@@ -32,7 +32,8 @@ from trustmesh.errors import (
 from trustmesh.wire.peerid import KeyType as Libp2pKeyType
 from trustmesh.wire.peerid import PeerId
 
-_P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _ED25519_P = 2**255 - 19
 _ED25519_D = (-121665 * pow(121666, -1, _ED25519_P)) % _ED25519_P
 
@@ -355,7 +356,7 @@ class P256PublicKey(PublicKey):
             _, s = decode_dss_signature(signature)
         except ValueError:
             raise InvalidSignatureError("P-256 signature is not valid DER") from None
-        if s > _P256_ORDER // 2:
+        if s > P256_ORDER // 2:
             raise InvalidSignatureError("P-256 signature is not low-S")
         try:
             self._key.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
@@ -387,8 +388,8 @@ class P256PrivateKey(PrivateKey):
             digest, ec.ECDSA(Prehashed(hashes.SHA256()), deterministic_signing=True)
         )
         r, s = decode_dss_signature(der)
-        if s > _P256_ORDER // 2:  # OpenSSL does not normalise; we do
-            der = encode_dss_signature(r, _P256_ORDER - s)
+        if s > P256_ORDER // 2:  # OpenSSL does not normalise; we do
+            der = encode_dss_signature(r, P256_ORDER - s)
         return der
 
     def ecdh(self, peer: PublicKey) -> bytes:

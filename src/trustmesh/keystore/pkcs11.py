@@ -23,11 +23,13 @@ from typing import Any
 from urllib.parse import unquote
 
 import pkcs11
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from trustmesh.crypto.keys import KeyKind, PublicKey
+from trustmesh.crypto.keys import P256_ORDER, SECP256K1_ORDER, KeyKind, PublicKey
 from trustmesh.errors import ProtocolError
 
 PIN_ENV = "TRUSTMESH_PKCS11_PIN"
@@ -39,10 +41,7 @@ SOFTHSM2_MODULES = (
 )
 MAX_URI = 2048
 CURVES = {KeyKind.P256: "secp256r1", KeyKind.SECP256K1: "secp256k1"}
-ORDERS = {
-    KeyKind.P256: 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
-    KeyKind.SECP256K1: 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
-}
+ORDERS = {KeyKind.P256: P256_ORDER, KeyKind.SECP256K1: SECP256K1_ORDER}
 
 
 _LOGINS: dict[tuple[str, str], bytes] = {}  # (module, token) -> SHA-256 of the PIN used
@@ -223,20 +222,11 @@ def _public_key(public: Any) -> PublicKey:
             point = bytes(public[Attribute.EC_POINT])
             if len(point) == 67 and point[:2] == b"\x04\x41":
                 point = point[2:]  # the DER wrapping SoftHSM2 keeps
-            return PublicKey.from_bytes(kind, _compressed(point))
+            return PublicKey.from_bytes(kind, point)  # uncompressed, as both curves parse
     raise Pkcs11Error("the token key is on a curve trustmesh does not use")
 
 
-def _compressed(point: bytes) -> bytes:
-    if len(point) != 65 or point[0] != 4:
-        raise Pkcs11Error("the token's public point is not an uncompressed P-256/secp256k1 point")
-    return bytes((2 + (point[64] & 1),)) + point[1:33]
-
-
 def _uncompressed(peer: PublicKey) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     curve = ec.SECP256R1() if peer.kind == KeyKind.P256 else ec.SECP256K1()
     key = ec.EllipticCurvePublicKey.from_encoded_point(curve, peer.to_bytes())
     return key.public_bytes(

@@ -228,7 +228,7 @@ class BundleAgent(Generic[L]):
         REOFFER_INTERVAL_MS: a bundle refused or offered beyond a batch gets its turn)."""
         self._offered[peer] = set()
         held = self.store.forwarding_for([_inbox_of(peer)], limit=OFFER_BATCH)
-        held += [row for row in self._spreadable(limit=OFFER_BATCH) if row.source != peer]
+        held += [row for row in self.store.spreadable(limit=OFFER_BATCH) if row.source != peer]
         ids = [row.bundle_id for row in held if (row.bundle_id, peer) not in self._handed]
         self._offer(peer, list(dict.fromkeys(ids)), actions)
 
@@ -511,9 +511,6 @@ class BundleAgent(Generic[L]):
             return
         self.stats.forwarded += 1
         actions.append(BundleForwarded(bundle_id, peer, released))
-
-    def _spreadable(self, *, limit: int) -> list[StoredBundle]:
-        return self.store.spreadable(limit=limit)
 
     def _drop(self, row: StoredBundle, code: str) -> None:
         self.store.delete(row.bundle_id, "forwarding")
