@@ -4,13 +4,11 @@ and ECDH on the token, agreeing with the software keys; and the key URI's parser
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import SOFTHSM_PIN as PIN
+from conftest import SOFTHSM_TOKEN as TOKEN
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -21,37 +19,6 @@ from pkcs11 import Attribute
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.pkcs11 import ORDERS, PIN_ENV, Pkcs11Error, Pkcs11Signer, Pkcs11Uri
 from trustmesh.keystore.signer import Signer
-
-PIN = "4321"
-TOKEN = "trustmesh-test"
-
-
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One SoftHSM2 token for the module (the library reads its config once a process)."""
-    tool = shutil.which("softhsm2-util")
-    if tool is None:
-        pytest.fail("softhsm2 is not installed; scripts/dev test installs it")
-    home = tmp_path_factory.mktemp("softhsm")
-    (home / "tokens").mkdir()
-    conf = home / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {home / 'tokens'}\nobjectstore.backend = file\n")
-    env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
-    subprocess.run(
-        [tool, "--init-token", "--free", "--label", TOKEN, "--pin", PIN, "--so-pin", "8765"],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    pin_file = home / "pin"
-    pin_file.write_text(PIN + "\n")
-    saved = os.environ.get("SOFTHSM2_CONF")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    yield f"pkcs11:token={TOKEN}?pin-source=file:{pin_file}"
-    if saved is None:
-        os.environ.pop("SOFTHSM2_CONF", None)
-    else:
-        os.environ["SOFTHSM2_CONF"] = saved
 
 
 def uri(base: str, label: str) -> str:
