@@ -3,11 +3,12 @@ CSRs, and a fresh CA served by CaServer over trustmesh TLS on loopback."""
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import pytest
@@ -21,8 +22,12 @@ from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.clock import Clock
 from trustmesh.crypto.keys import PrivateKey
 from trustmesh.io.limits import ResourcePolicy
+from trustmesh.pki.attestation import AttestationPolicy
 from trustmesh.pki.ca import CertificateAuthority
+from trustmesh.pki.challenge import Challenges
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
+from trustmesh.pki.tpm_verifier import TpmQuoteVerifier
+from trustmesh.tpm.policy import AttestationPolicyFile
 
 PASSPHRASE = b"api-test-passphrase"
 
@@ -98,10 +103,22 @@ async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         settings: MeshSettings | None = None,
         clock: Clock | None = None,
         resources: ResourcePolicy | None = None,
+        tpm_policy: AttestationPolicyFile | None = None,
+        attestation: Literal["none", "required"] = "none",
     ) -> RunningCa:
         directory = tmp_path / f"ca{len(running)}"
         ca = CertificateAuthority.init(directory, PASSPHRASE)
-        registrar = Registrar(ca, policy or EnrollmentPolicy(), settings or MeshSettings())
+        challenges = Challenges.for_directory(directory)
+        if tpm_policy is not None:
+            # As `ca serve --attestation-policy FILE [--attestation required]` sets it up.
+            verifier = TpmQuoteVerifier(tpm_policy, challenges, ca.clock)
+            policy = dataclasses.replace(
+                policy or EnrollmentPolicy(),
+                attestation=AttestationPolicy(attestation, {verifier.type: verifier}),
+            )
+        registrar = Registrar(
+            ca, policy or EnrollmentPolicy(), settings or MeshSettings(), challenges=challenges
+        )
         server = CaServer(
             registrar,
             PASSPHRASE,

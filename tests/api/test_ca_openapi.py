@@ -6,6 +6,7 @@ code unnoticed."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ from werkzeug.datastructures import Headers, ImmutableMultiDict
 from trustmesh.api.ca import ca_app, openapi_document
 from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.clock import SystemClock
+from trustmesh.pki.ca import token_hash
 from trustmesh.pki.enroll import EnrollmentPolicy
 
 Factory = Callable[..., Any]
@@ -543,3 +545,32 @@ async def test_a_drifted_crl_response_fails_validation(ca_api: RunningCa) -> Non
         API.validate_response(sent, replace(received, headers=headers))
     with pytest.raises(ResponseNotFound):  # a status the operation never answers
         API.validate_response(sent, replace(received, status_code=401))
+
+
+# --- challenges ---------------------------------------------------------------------------
+
+
+async def test_challenges_conform(ca_api: RunningCa, tmp_path: Path) -> None:
+    api = client(ca_api)
+    token = ca_api.token("node-c")
+    sent, received = await api.call("POST", "/v1/enroll/challenge", body={"token": token})
+    assert received.status_code == 200, received.data
+    conforms(sent, received)
+    assert len(base64.b64decode(received.json()["nonce"])) == 40
+    # A challenge spends nothing: the token still enrolls.
+    unspent = ca_api.ca.store.token(token_hash(token))
+    assert unspent is not None and unspent.used_at is None
+
+    sent, received = await api.call("POST", "/v1/enroll/challenge", body={"token": "tmenroll_x"})
+    assert (received.status_code, error_code(received)) == (400, "invalid_token")
+    conforms(sent, received)
+
+    sent, received = await api.call("POST", "/v1/enroll/challenge", body={})
+    assert (received.status_code, error_code(received)) == (401, "unauthenticated")
+    conforms(sent, received)
+
+    cert_file, key_file, _ = ca_api.write_node(tmp_path, "node-d")
+    mtls = client(ca_api, cert_file, key_file)
+    sent, received = await mtls.call("POST", "/v1/enroll/challenge", body={})
+    assert received.status_code == 200, received.data
+    conforms(sent, received)

@@ -227,6 +227,7 @@ class RecordingVerifier:
     """A verifier for tests: accepts a payload equal to HMAC-free ``b"ok:" + nonce``."""
 
     type: str = "test"
+    needs_challenge: bool = False
     seen: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def verify(

@@ -1,6 +1,7 @@
 """The mesh CA's HTTP API (specs/zero-trust-mesh.md section 7.1 to 7.3).
 
 - ``POST /v1/enroll``: a token and a CSR buy a node certificate.
+- ``POST /v1/enroll/challenge``: a nonce for an attested enrollment or rotation.
 - ``POST /v1/rotate``: a node authenticated by its current certificate (mTLS) gets a
   new one; the old one stays valid until it expires.
 - ``GET /v1/crl``: the signed CRL, DER or PEM, with ETag and Cache-Control.
@@ -13,6 +14,7 @@ Run it with :class:`trustmesh.api.ca_server.CaServer` (HTTPS on trustmesh TLS).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -145,6 +147,7 @@ def ca_app(
     app[CRLS] = CrlCache(registrar.ca)
     app[CLOCK] = registrar.clock if clock is None else clock
     app.router.add_post("/v1/enroll", enroll)
+    app.router.add_post("/v1/enroll/challenge", challenge)
     app.router.add_post("/v1/rotate", rotate)
     app.router.add_get("/v1/crl", crl)
     app.router.add_post("/v1/revoke", revoke)
@@ -181,6 +184,26 @@ async def enroll(request: web.Request) -> web.Response:
         issued,
         {**_certificate_fields(issued, registrar), "config": registrar.settings.to_json()},
     )
+
+
+async def challenge(request: web.Request) -> web.Response:
+    """A nonce for an attested enrollment (``token``) or rotation (mTLS)."""
+    _rate_limit(request)
+    registrar = request.app[REGISTRAR]
+    now = request.app[CLOCK].now()
+    body = await json_body(request)
+    token = field(body, "token", required=False)
+    if token:
+        nonce, expires = registrar.enrollment_challenge(token, now=now)
+    else:
+        current = registrar.authenticate(peer_chain(request), now=now)
+        nonce, expires = registrar.rotation_challenge(current, now=now)
+    answer: dict[str, object] = {
+        "nonce": base64.b64encode(nonce).decode(),
+        "expires": expires.isoformat(),
+    }
+    answer.update(registrar.policy.attestation.challenge(nonce, body, now))
+    return web.json_response(answer)
 
 
 async def rotate(request: web.Request) -> web.Response:

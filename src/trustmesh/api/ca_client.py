@@ -43,7 +43,9 @@ from trustmesh.keystore.filestore import (
     save_key_file,
     write_durably,
 )
+from trustmesh.keystore.signer import Signer
 from trustmesh.pki.errors import PkiError
+from trustmesh.pki.extensions import IdentityBinding, spki_der
 
 log = logging.getLogger("trustmesh.api.ca_client")
 
@@ -148,6 +150,11 @@ class CaClient:
         if attestation is not None:
             body["attestation"] = attestation
         return self._json("POST", "/v1/enroll", body)
+
+    def challenge(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/enroll/challenge``: a nonce for an attested enrollment (``body``
+        has the token) or rotation (this client's certificate authenticates it)."""
+        return self._json("POST", "/v1/enroll/challenge", body)
 
     def rotate(
         self, csr_pem: str, *, current_serial: str, attestation: dict[str, str] | None = None
@@ -355,16 +362,35 @@ def _failure_from(
 # --- the node directory -----------------------------------------------------------------
 
 
-def make_csr(key: PrivateKey, node_id: str) -> str:
-    """A CSR naming ``node_id`` as its CN and a DNS SAN, signed by ``key``."""
+def make_csr(key: PrivateKey, node_id: str, identity: Signer | None = None) -> str:
+    """A CSR naming ``node_id`` as its CN and a DNS SAN, signed by ``key``; with an
+    ``identity`` (a device key), it carries that key's binding of ``key``."""
     crypto_key = key.to_cryptography()
-    csr = (
+    builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
-        .sign(crypto_key, None if key.kind is KeyKind.ED25519 else hashes.SHA256())
     )
+    if identity is not None:
+        binding = IdentityBinding.make(identity, crypto_key.public_key())
+        builder = builder.add_extension(binding.extension(), critical=False)
+    csr = builder.sign(crypto_key, None if key.kind is KeyKind.ED25519 else hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+# Makes an attestation for a CSR key: given a way to ask the CA for a challenge (the
+# request body, less the token) and the CSR's DER SPKI, the ``attestation`` object.
+Attester = Callable[[Callable[[dict[str, Any]], dict[str, Any]], bytes], dict[str, str]]
+
+
+def _attest(
+    attester: Attester | None,
+    ask: Callable[[dict[str, Any]], dict[str, Any]],
+    key: PrivateKey,
+) -> dict[str, str] | None:
+    if attester is None:
+        return None
+    return attester(ask, spki_der(key.to_cryptography().public_key()))
 
 
 @dataclass(frozen=True)
@@ -385,6 +411,10 @@ def enroll_node(
     passphrase: bytes | None,
     key_kind: KeyKind = KeyKind.P256,
     attestation: dict[str, str] | None = None,
+    identity: Signer | None = None,
+    identity_uri: str | None = None,
+    attester: Attester | None = None,
+    attest: str | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> NodeCertificate:
     """Make a key, enroll it, check what came back against ``ca_file``, and write the
@@ -394,7 +424,12 @@ def enroll_node(
     ``node.key`` last. An enrollment whose answer was lost (the CA committed, then the
     connection or the CA died) is finished by running the same command again: the same
     key and token get the certificate the CA already issued, where a new key would find
-    the token spent."""
+    the token spent.
+
+    ``identity`` (opened from ``identity_uri``, which the node directory records) is a
+    device-held identity key that authorizes the software TLS key; ``attester`` makes
+    an attestation over a challenge of the CA (a TPM quote), and ``attest`` (its
+    ``tpm:<TCTI>``, recorded too) lets renewals attest again."""
     if (out / "node.key").exists():
         raise PkiError(f"{out / 'node.key'} exists: this directory is already enrolled")
     roots = _load_roots(ca_file)
@@ -402,9 +437,14 @@ def enroll_node(
     out.mkdir(parents=True, exist_ok=True)
     key = _pending_key(out / PENDING_KEY, key_kind, passphrase)
     client = CaClient(ca_url, ca_file)
+
+    def ask(body: dict[str, Any]) -> dict[str, Any]:
+        return client.challenge({**body, "token": token})
+
     try:
+        attestation = _attest(attester, ask, key) or attestation
         answer = client.enroll(
-            token, make_csr(key, node_id), node_id=node_id, attestation=attestation
+            token, make_csr(key, node_id, identity), node_id=node_id, attestation=attestation
         )
     except CaRequestFailed as exc:
         if exc.definite:
@@ -425,6 +465,10 @@ def enroll_node(
         "not_after": leaf.not_valid_after_utc.isoformat(),
         "config": answer.get("config", {}),
     }
+    if identity_uri is not None:
+        record["identity_key"] = identity_uri  # a device URI: never a PIN, only where it is
+    if attest is not None:
+        record["attest"] = attest
     write_durably(out / ENROLLMENT_FILE, json.dumps(record, indent=2).encode() + b"\n")
     os.replace(out / PENDING_KEY, out / "node.key")  # last: the directory is enrolled
     fsync_directory(out)
@@ -449,6 +493,8 @@ def rotate_node(
     ca_url: str | None = None,
     keep_key: bool = False,
     attestation: dict[str, str] | None = None,
+    identity: Signer | None = None,
+    attester: Attester | None = None,
     now: Callable[[], datetime] = SYSTEM_CLOCK.now,
 ) -> NodeCertificate:
     """Get a new certificate (for a new key unless ``keep_key``) over mTLS with the
@@ -461,7 +507,11 @@ def rotate_node(
     node.next.pub) *before* the CA is asked, so that a rotation interrupted after the
     CA answered is finished by the next one with the same key, which the CA answers
     with the certificate it already issued. The certificate then goes to node.next.crt
-    and both move into place; a key is never paired with a certificate for another."""
+    and both move into place; a key is never paired with a certificate for another.
+
+    A node whose identity is on a device passes it as ``identity``: the CA rotates a
+    bound certificate only with that key's binding of the new key. With ``attester``,
+    the rotation carries a fresh attestation over a challenge."""
     finish_interrupted_rotation(directory)
     info = _read_enrollment(directory)
     url = ca_url or str(info.get("ca_url", ""))
@@ -495,8 +545,9 @@ def rotate_node(
     # The pair kept by the last rotation goes once it has expired or is revoked.
     _prune_with_crl(directory, client, issuers, now())
     try:
+        attestation = _attest(attester, client.challenge, key) or attestation
         answer = client.rotate(
-            make_csr(key, node_id),
+            make_csr(key, node_id, identity),
             current_serial=format(current.serial_number, "x"),
             attestation=attestation,
         )
@@ -640,6 +691,17 @@ def _load_roots(path: Path) -> list[x509.Certificate]:
     except (OSError, ValueError) as exc:
         raise PkiError(f"cannot read the CA certificate {path}: {exc}") from None
     return roots
+
+
+def recorded_devices(directory: Path) -> dict[str, str]:
+    """The identity key URI and the attesting TPM a node enrolled with (enrollment.json)."""
+    try:
+        record = json.loads((directory / ENROLLMENT_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict):
+        return {}
+    return {k: str(record[k]) for k in ("identity_key", "attest") if record.get(k)}
 
 
 def _read_enrollment(directory: Path) -> dict[str, Any]:

@@ -5,20 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from pathlib import Path
 from typing import Any
 
 import click
 
 from trustmesh.botd import DEFAULT_PORT, BotdConfig, HandshakeFailed
+from trustmesh.cli.keys import KeySpec
 from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit, stdin_lines
 from trustmesh.cli.params import HostPort
-from trustmesh.crypto.keys import KeyKind, PrivateKey, PublicKey
+from trustmesh.crypto.keys import KeyKind, PublicKey
 from trustmesh.errors import ConnectionClosedError, InvalidKeyError
 from trustmesh.io import botd as botd_io
 from trustmesh.io.limits import ResourcePolicy
-from trustmesh.keystore.filestore import FileKeyStore
+from trustmesh.keystore.signer import Signer
+from trustmesh.keystore.uri import KeyKindMismatchError, open_signer
 from trustmesh.sansio import ConnectionClosed
 
 
@@ -38,10 +39,11 @@ class PublicKeyHex(click.ParamType):  # type: ignore[type-arg]
 
 KEY_OPTION = click.option(
     "--key",
-    "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    "key_spec",
+    type=KeySpec(),
     required=True,
-    help="This node's secp256k1 identity key file (see `trustmesh keys generate`).",
+    help="This node's secp256k1 identity key: a key file, or a key on a PKCS#11 token "
+    "(pkcs11:token=...;object=...). See `trustmesh keys generate`.",
 )
 PEER_KEY_OPTION = click.option(
     "--peer-key",
@@ -51,15 +53,19 @@ PEER_KEY_OPTION = click.option(
 )
 
 
-def _load_key(path: Path) -> PrivateKey:
-    key = FileKeyStore().load(path)
-    if key.kind is not KeyKind.SECP256K1:
-        raise click.BadParameter(f"BOTD needs a secp256k1 key, {path} holds {key.kind}")
-    return key
+def _load_key(spec: str) -> Signer:
+    """The identity key: it only signs (Init/Ack, Finished), so it may live on a token;
+    each connection's ECDH uses a fresh software key (botd.keyschedule.EphemeralKey)."""
+    try:
+        return open_signer(spec, kinds={KeyKind.SECP256K1})
+    except KeyKindMismatchError as exc:
+        raise click.BadParameter(
+            f"BOTD identities are secp256k1: {exc}", param_hint="'--key'"
+        ) from None
 
 
 async def _open(
-    host: str, port: int, key: PrivateKey, peer_key: PublicKey, config: BotdConfig | None = None
+    host: str, port: int, key: Signer, peer_key: PublicKey, config: BotdConfig | None = None
 ) -> botd_io.Channel:
     try:
         return await botd_io.connect(host, port, key, peer_key, config=config)
@@ -108,7 +114,8 @@ def botd() -> None:
 
     Every command prints one JSON object per line on stdout, each with an "event"
     field. Key files are read with the passphrase from $TRUSTMESH_PASSPHRASE (or the
-    terminal). The wire format is in docs/protocols/botd.md.
+    terminal); token PINs come from the URI's pin-source or $TRUSTMESH_PKCS11_PIN. The
+    wire format is in docs/protocols/botd.md.
 
     \b
     Try it:
@@ -117,6 +124,13 @@ def botd() -> None:
       trustmesh botd listen --key b.key --echo &
       B=$(trustmesh keys show b.key --json | jq -r .public_key)
       trustmesh botd ping 127.0.0.1:9945 --key a.key --peer-key "$B"
+
+    \b
+    The identity key may live on a PKCS#11 token (it signs there; each connection's
+    ECDH key is a fresh software key). A TPM has no secp256k1, so tpm: URIs are refused.
+      U='pkcs11:token=mesh;object=botd-a?pin-source=file:/run/pin'
+      trustmesh keys generate --type secp256k1 --store "$U"
+      trustmesh botd ping 127.0.0.1:9945 --key "$U" --peer-key "$B"
     """
 
 
@@ -133,7 +147,7 @@ def botd() -> None:
 @click.option("--echo", is_flag=True, help="Send every message back to its sender.")
 @limit_options
 def listen(
-    key_file: Path,
+    key_spec: str,
     host: str,
     port: int,
     allow: tuple[PublicKey, ...],
@@ -151,13 +165,13 @@ def listen(
                                               handshake failed)
     """
     policy = pop_policy(limits)
-    key = _load_key(key_file)
+    key = _load_key(key_spec)
     config = BotdConfig(allow=frozenset(allow) if allow else None)
     asyncio.run(_listen(key, host, port, config, echo, policy))
 
 
 async def _listen(
-    key: PrivateKey,
+    key: Signer,
     host: str,
     port: int,
     config: BotdConfig,
@@ -203,7 +217,7 @@ async def _listen(
 @click.argument("address", type=HostPort(DEFAULT_PORT))
 @KEY_OPTION
 @PEER_KEY_OPTION
-def connect(address: tuple[str, int], key_file: Path, peer_key: PublicKey) -> int:
+def connect(address: tuple[str, int], key_spec: str, peer_key: PublicKey) -> int:
     """Open a channel to ADDRESS, send each stdin line as a message, print replies.
 
     At the end of stdin the channel closes the protocol's way (Close, then the peer's
@@ -213,11 +227,11 @@ def connect(address: tuple[str, int], key_file: Path, peer_key: PublicKey) -> in
     \b
     Events: established {peer_key}, message {peer_key, data}, closed {reason}.
     """
-    key = _load_key(key_file)
+    key = _load_key(key_spec)
     return asyncio.run(_connect(address, key, peer_key))
 
 
-async def _connect(address: tuple[str, int], key: PrivateKey, peer_key: PublicKey) -> int:
+async def _connect(address: tuple[str, int], key: Signer, peer_key: PublicKey) -> int:
     host, port = address
     channel = await _open(host, port, key, peer_key)
     emit({"event": "established", "peer_key": peer_key.hex()}, as_json=True)
@@ -258,19 +272,17 @@ async def _connect(address: tuple[str, int], key: PrivateKey, peer_key: PublicKe
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds to wait for the handshake and then for the pong.",
 )
-def ping(address: tuple[str, int], key_file: Path, peer_key: PublicKey, timeout: float) -> None:
+def ping(address: tuple[str, int], key_spec: str, peer_key: PublicKey, timeout: float) -> None:
     """Handshake with ADDRESS, send one protocol Ping, print the round-trip time.
 
     Prints {"event": "pong", "rtt_ms": ...} and exits 0; exits 1 when the handshake
     fails or no pong comes back in time.
     """
-    key = _load_key(key_file)
+    key = _load_key(key_spec)
     asyncio.run(_ping(address, key, peer_key, timeout))
 
 
-async def _ping(
-    address: tuple[str, int], key: PrivateKey, peer_key: PublicKey, wait: float
-) -> None:
+async def _ping(address: tuple[str, int], key: Signer, peer_key: PublicKey, wait: float) -> None:
     host, port = address
     config = BotdConfig(handshake_timeout=wait, pong_timeout=wait)
     try:

@@ -37,6 +37,7 @@ from trustmesh.brc103.revocation import (
     check_revocation,
 )
 from trustmesh.brc103.wallet import Wallet
+from trustmesh.cli.keys import FileKeyPath
 from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit
 from trustmesh.cli.signals import stop_on_signals
@@ -45,6 +46,7 @@ from trustmesh.crypto.keys import Secp256k1PrivateKey
 from trustmesh.errors import DecodeError, InvalidKeyError
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.keystore.filestore import FileKeyStore, check_permissions
+from trustmesh.keystore.uri import SoftwareKeyRequiredError, store_name
 from trustmesh.wire.jsonwire import strict_loads
 
 
@@ -66,11 +68,25 @@ def load_wallet(path: Path | None) -> Wallet:
     return Wallet(key)
 
 
+def refuse_device_key(spec: str) -> None:
+    """BRC-103 identities stay in files: every signature is made by a BRC-42 child key,
+    identity private key + HMAC(ECDH shared secret, invoice) mod n. A token or TPM
+    signs only with the key it holds and never releases its scalar, so it cannot
+    make that sum; only the ECDH half could run on it."""
+    raise SoftwareKeyRequiredError(
+        f"a BRC-103 identity cannot be a {store_name(spec)} key: BRC-103 signs with "
+        "BRC-42 child keys (identity private key + HMAC(shared secret, invoice) mod n), "
+        "which a device cannot compute without releasing its private scalar; use a key "
+        "file (trustmesh keys generate --type secp256k1 --out id.key)"
+    )
+
+
 KEY_OPTION = click.option(
     "--key",
     "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Identity key file: secp256k1 PEM, or 64 hex digits. Default: a new random identity.",
+    type=FileKeyPath(refuse_device_key),
+    help="Identity key file: secp256k1 PEM, or 64 hex digits. Default: a new random "
+    "identity. Not a device URI: BRC-42 child keys need the private scalar.",
 )
 
 
@@ -91,6 +107,9 @@ def brc103() -> None:
 
     Identities are secp256k1 keys: `--key` takes a PEM key file (`trustmesh keys generate
     --type secp256k1 --out id.key`) or a file holding the private key as 64 hex digits.
+    Not a pkcs11: or tpm: URI: BRC-103 signs with BRC-42 child keys (identity key +
+    HMAC(shared secret, invoice) mod n), which a device cannot make without giving up
+    its private scalar.
     The wire format and every place we are stricter than the reference SDKs are in
     docs/protocols/brc103.md.
 
@@ -428,7 +447,7 @@ def _role_key(role: str, *, required: bool = False) -> Callable[[FC], FC]:
     return click.option(
         "--key",
         "key_file",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=FileKeyPath(refuse_device_key),
         required=required,
         help=f"The {role}'s identity key file (secp256k1 PEM, or 64 hex digits).",
     )

@@ -165,19 +165,20 @@ def _client(directory: Path, method: str, path: str, body: bytes | None = None) 
 def _offline(directory: Path, work: Any) -> Any:
     """``work(bundles)`` on the node's own store and key, the node not running."""
     from trustmesh.clock import SYSTEM_CLOCK
-    from trustmesh.keystore.filestore import load_key_file
+    from trustmesh.keystore.uri import close_signer
     from trustmesh.mesh.bundle_codec import MeshBundleCodec
     from trustmesh.mesh.dtn import BundleAgent
     from trustmesh.mesh.trust import TrustView
     from trustmesh.node.bundles import NodeBundles, StoreLock
     from trustmesh.node.client import node_passphrase
     from trustmesh.node.config import load_config
+    from trustmesh.node.identity import open_node_signer
 
     config = load_config(directory)
     chain = tuple(x509.load_pem_x509_certificates((directory / "node.crt").read_bytes()))
     chain_der = tuple(c.public_bytes(Encoding.DER) for c in chain)
     roots = x509.load_pem_x509_certificates((directory / "ca.crt").read_bytes())
-    key = load_key_file(directory / "node.key", node_passphrase(directory))
+    key = open_node_signer(directory, node_passphrase(directory))
     lock = StoreLock(directory)  # the node may start meanwhile: it waits for none
     store = NodeBundles.open_store(
         directory, quota=config.bundle_quota, source_quota=config.bundle_source_quota
@@ -194,6 +195,7 @@ def _offline(directory: Path, work: Any) -> Any:
     finally:
         store.close()
         lock.release()
+        close_signer(key)
     if isinstance(result, tuple):
         from trustmesh.node.bundle_api import iso
 

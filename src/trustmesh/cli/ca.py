@@ -35,9 +35,12 @@ from trustmesh.pki.ca import (
     parse_serial,
     token_hash,
 )
+from trustmesh.pki.challenge import Challenges
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.pki.errors import PkiError
 from trustmesh.pki.store import admin_token_id
+from trustmesh.pki.tpm_verifier import TPM_QUOTE, TpmQuoteVerifier
+from trustmesh.tpm.policy import load_policy
 
 if TYPE_CHECKING:
     from trustmesh.api.ca_server import CaServer as CaServerType
@@ -406,7 +409,14 @@ def audit(directory: Path, limit: int, as_json: bool) -> None:
     type=click.Choice(["none", "required"]),
     default="none",
     show_default=True,
-    help="Whether nodes must send an attestation that a verifier plug-in accepts.",
+    help="Whether nodes must send an attestation that a verifier accepts, at enrollment"
+    " and at every renewal.",
+)
+@click.option(
+    "--attestation-policy",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A TPM attestation policy (TOML: the PCRs to quote, the allowed values per device"
+    " class, the EK CAs; docs/protocols/attestation.md). Enables the tpm_quote verifier.",
 )
 @click.option(
     "--validity",
@@ -441,6 +451,7 @@ def serve(
     allow: tuple[str, ...],
     max_nodes: int | None,
     attestation: str,
+    attestation_policy: Path | None,
     validity: timedelta,
     bootstrap: tuple[str, ...],
     gossip_fanout: int,
@@ -454,6 +465,7 @@ def serve(
 
     \b
     POST /v1/enroll   token + CSR -> certificate, CA chain, mesh config
+    POST /v1/enroll/challenge  a nonce for a TPM-attested enroll or rotate
     POST /v1/rotate   mTLS with the current certificate + CSR -> new certificate
     GET  /v1/crl      the signed CRL (DER; ?format=pem for PEM)
     POST /v1/revoke   admin: {serial | node_id, reason} -> 204
@@ -462,6 +474,13 @@ def serve(
 
     The server's certificate is issued by this CA for --host, so
     `curl --cacert D/ca.crt https://HOST:PORT/v1/health` verifies.
+
+    With --attestation-policy FILE, nodes may (or, with --attestation required, must)
+    prove their TPM's state with a quote at enrollment and at every renewal:
+
+    \b
+      trustmesh ca serve --dir ca --attestation required --attestation-policy tpm.toml
+      trustmesh node init ... --attest tpm:device:/dev/tpmrm0
 
     The --max-*, --*-timeout and rate flags bound what clients may cost: connections in
     total and per address, deadlines for TLS, request heads and bodies, keep-alive
@@ -476,18 +495,27 @@ def serve(
     from trustmesh.api.ca_server import CaServer
 
     passphrase = passphrase_from_env_or_tty(directory, confirm=False)
+    tpm_policy = None if attestation_policy is None else load_policy(attestation_policy)
     with _open(directory, passphrase) as authority:
+        challenges = Challenges.for_directory(directory)
+        verifiers = installed_verifiers()
+        if tpm_policy is not None:
+            verifiers[TPM_QUOTE] = TpmQuoteVerifier(tpm_policy, challenges, authority.clock)
+        if attestation == "required" and not verifiers:
+            raise click.UsageError(
+                "--attestation required needs a verifier: give --attestation-policy FILE"
+            )
         policy = EnrollmentPolicy(
             allow=allow,
             max_nodes=max_nodes,
             attestation=AttestationPolicy(
                 mode="required" if attestation == "required" else "none",
-                verifiers=installed_verifiers(),
+                verifiers=verifiers,
             ),
             validity=validity,
         )
         settings = MeshSettings(bootstrap, gossip_fanout, crl_url)
-        registrar = Registrar(authority, policy, settings)
+        registrar = Registrar(authority, policy, settings, challenges=challenges)
         server = CaServer(
             registrar,
             passphrase,

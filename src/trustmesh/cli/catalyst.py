@@ -27,6 +27,7 @@ from trustmesh.catalyst.session import (
     SessionEstablished,
     identifier_in,
 )
+from trustmesh.cli.keys import FileKeyPath
 from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import HostPort
@@ -42,6 +43,7 @@ from trustmesh.io.catalyst import (
 )
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.keystore.filestore import passphrase_from_env_or_tty
+from trustmesh.keystore.uri import SoftwareKeyRequiredError, require_file_key, store_name
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsConfig, TlsConfigError
 from trustmesh.tls.context import key_is_encrypted
@@ -99,6 +101,19 @@ class PskSpec(click.ParamType):  # type: ignore[type-arg]
         return key_id, secret
 
 
+def _refuse_tls_device_key(spec: str) -> None:
+    """The TLS key stays in software; the device holds the identity that authorizes it."""
+    require_file_key(spec, "the Catalyst TLS key (--key)")
+
+
+def _refuse_jws_device_key(spec: str) -> None:
+    """joserfc signs the OPEN's JWS with the key in memory: it cannot reach a device."""
+    raise SoftwareKeyRequiredError(
+        f"the Catalyst JWS key (--jwks-key) must be a key file, not a {store_name(spec)} "
+        "URI: the JWS over the OPEN is signed in software (joserfc)"
+    )
+
+
 def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options every catalyst command shares: who we are and whom we accept."""
     options = [
@@ -110,10 +125,11 @@ def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--key",
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            type=FileKeyPath(_refuse_tls_device_key, exists=True),
             required=True,
             help="The certificate's private key (PEM). If it is encrypted, the passphrase "
-            "comes from $TRUSTMESH_PASSPHRASE or the terminal.",
+            "comes from $TRUSTMESH_PASSPHRASE or the terminal. A file, not a pkcs11: or "
+            "tpm: URI: TLS keys stay in software (docs/protocols/keys.md).",
         ),
         click.option(
             "--ca",
@@ -167,7 +183,7 @@ def identity_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--jwks-key",
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            type=FileKeyPath(_refuse_jws_device_key, exists=True),
             help="Sign our OPEN with this P-256 or Ed25519 private key (PEM); its public "
             "key goes in the OPEN's jwks.",
         ),

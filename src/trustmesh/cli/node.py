@@ -11,14 +11,19 @@ from typing import Any
 
 import click
 
-from trustmesh.api.ca_client import enroll_node
 from trustmesh.cli.bundle import bundle
+from trustmesh.cli.enroll import (
+    ATTEST_OPTION,
+    IDENTITY_KEY_OPTION,
+    KEY_TYPES,
+    enroll_with_devices,
+)
 from trustmesh.cli.limits import limit_options
 from trustmesh.cli.output import emit
 from trustmesh.cli.params import Address, Seconds, json_option, node_dir_option
 from trustmesh.cli.signals import stop_on_signals
-from trustmesh.crypto.keys import KeyKind
-from trustmesh.keystore.filestore import load_key_file, passphrase_from_env_or_tty
+from trustmesh.keystore.filestore import passphrase_from_env_or_tty
+from trustmesh.keystore.uri import close_signer
 from trustmesh.mesh.gossip import DEFAULT_TTL_MS, MAX_TTL_MS, PAYLOAD_TYPES, sign_message
 from trustmesh.node.config import (
     DEFAULT_CRL_INTERVAL,
@@ -27,8 +32,6 @@ from trustmesh.node.config import (
     load_config,
     write_config,
 )
-
-KEY_TYPES = {"p256": KeyKind.P256, "ed25519": KeyKind.ED25519}
 
 
 @click.group()
@@ -114,6 +117,8 @@ node.add_command(bundle)
 )
 @click.option("--key-type", type=click.Choice(sorted(KEY_TYPES)), default="p256", show_default=True)
 @click.option("--no-encrypt", is_flag=True, help="Leave node.key unencrypted (mode 0600 still).")
+@IDENTITY_KEY_OPTION
+@ATTEST_OPTION
 @json_option
 def init(
     directory: Path,
@@ -132,12 +137,16 @@ def init(
     mdns: bool,
     key_type: str,
     no_encrypt: bool,
+    identity_key: str | None,
+    attest: str | None,
     as_json: bool,
 ) -> None:
     """Enroll with the mesh CA and write the node's directory and node.toml.
 
     node.key is encrypted with $TRUSTMESH_PASSPHRASE (or a prompt) unless --no-encrypt;
-    `node run` needs the same passphrase.
+    `node run` needs the same passphrase. With --key the identity lives on a PKCS#11
+    token or a TPM; with --attest the node proves its TPM's state to the CA, now and
+    at every renewal (docs/protocols/keys.md, attestation.md).
     """
     # The config is checked before the token is spent.
     config = NodeConfig(
@@ -154,14 +163,8 @@ def init(
         key_encrypted=not no_encrypt,
     )
     passphrase = None if no_encrypt else passphrase_from_env_or_tty(directory, confirm=True)
-    enrolled = enroll_node(
-        ca_url,
-        ca_cert,
-        token,
-        node_id,
-        directory,
-        passphrase=passphrase,
-        key_kind=KEY_TYPES[key_type],
+    enrolled = enroll_with_devices(
+        ca_url, ca_cert, token, node_id, directory, passphrase, key_type, identity_key, attest
     )
     settings = json.loads((directory / "enrollment.json").read_text()).get("config", {})
     peers = tuple(str(p) for p in settings.get("bootstrap_peers") or ())
@@ -195,8 +198,11 @@ def init(
     default=None,
     help="mDNS discovery for this run (default: node.toml's mdns).",
 )
+@ATTEST_OPTION
 @limit_options
-def run(directory: Path, log_level: str, mdns: bool | None, **limits: Any) -> None:
+def run(
+    directory: Path, log_level: str, mdns: bool | None, attest: str | None, **limits: Any
+) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT.
 
     Logs one JSON object per line on stderr; prints {"event": "started", ...} on stdout
@@ -205,6 +211,10 @@ def run(directory: Path, log_level: str, mdns: bool | None, **limits: Any) -> No
 
     The limit flags (--max-connections ...) override node.toml's [limits] table for this
     run; both listeners (links and API) use them (docs/limits.md).
+
+    A node enrolled with --key signs with its device identity; one enrolled with
+    --attest renews with a fresh TPM quote and attests on its links. --attest here
+    overrides the TPM recorded at enrollment.
     """
     from trustmesh.node.client import node_passphrase
     from trustmesh.node.logs import use_json_logs
@@ -216,7 +226,7 @@ def run(directory: Path, log_level: str, mdns: bool | None, **limits: Any) -> No
 
     async def main() -> None:
         stop = stop_on_signals()
-        mesh_node = MeshNode.from_directory(directory, passphrase)
+        mesh_node = MeshNode.from_directory(directory, passphrase, attest=attest)
         if overrides:
             config = mesh_node.config
             mesh_node.config = dataclasses.replace(config, limits={**config.limits, **overrides})
@@ -265,6 +275,7 @@ def publish(directory: Path, kind: str, payload_json: str, ttl: float, as_json: 
     import time
 
     from trustmesh.node.client import NodeClient, node_passphrase
+    from trustmesh.node.identity import open_node_signer
 
     try:
         payload = json.loads(payload_json)
@@ -279,11 +290,15 @@ def publish(directory: Path, kind: str, payload_json: str, ttl: float, as_json: 
         raise click.BadParameter("must be at most 7 days", param_hint="--ttl")
     passphrase = node_passphrase(directory)
     config = load_config(directory)
-    key = load_key_file(directory / "node.key", passphrase)
+    key = open_node_signer(directory, passphrase)
     chain = _chain_der(directory)
-    message = sign_message(
-        key, config.node_id, payload, now_ms=time.time_ns() // 1_000_000, ttl_ms=ttl_ms, chain=chain
-    )
+    try:
+        now_ms = time.time_ns() // 1_000_000
+        message = sign_message(
+            key, config.node_id, payload, now_ms=now_ms, ttl_ms=ttl_ms, chain=chain
+        )
+    finally:
+        close_signer(key)
     client = NodeClient(directory, passphrase=passphrase)
     answer = asyncio.run(client.post("/v1/mesh/gossip", message.encode()))
     emit(answer, as_json=as_json)

@@ -14,12 +14,14 @@ import click
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from trustmesh.cli.keys import FileKeyPath
 from trustmesh.cli.limits import limit_options, pop_policy
 from trustmesh.cli.output import emit, stdin_lines
 from trustmesh.cli.params import HostPort
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.psec import Address, PsecEndpoint, open_psec
 from trustmesh.keystore.filestore import PASSPHRASE_ENV
+from trustmesh.keystore.uri import require_file_key
 from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp
 from trustmesh.psec.frames import check_schemes
 from trustmesh.psec.identity import AVAILABLE, PsecIdentity, psec_identity
@@ -132,6 +134,11 @@ def _report(address: Address, event: Event) -> None:
         emit({"event": kind, "reason": event.reason, "remote": remote}, as_json=True)
 
 
+def _refuse_tls_device_key(spec: str) -> None:
+    """The TLS key stays in software; the device holds the identity that authorizes it."""
+    require_file_key(spec, "the PSEC TLS key (--key)")
+
+
 IDENTITY = [
     click.option(
         "--cert",
@@ -141,9 +148,10 @@ IDENTITY = [
     ),
     click.option(
         "--key",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        type=FileKeyPath(_refuse_tls_device_key, exists=True),
         required=True,
-        help="Its private key (PEM, unencrypted or with $TRUSTMESH_PASSPHRASE).",
+        help="Its private key (PEM, unencrypted or with $TRUSTMESH_PASSPHRASE). A file, "
+        "not a pkcs11: or tpm: URI: TLS keys stay in software (docs/protocols/keys.md).",
     ),
     click.option(
         "--ca",

@@ -403,3 +403,24 @@ _PUBLIC_CLASSES: dict[KeyKind, type[PublicKey]] = {
     KeyKind.ED25519: Ed25519PublicKey,
     KeyKind.P256: P256PublicKey,
 }
+
+
+def low_s_der(kind: KeyKind, r: int, s: int) -> bytes:
+    """A device's raw ECDSA (r, s) as every trustmesh key signs: DER with a low S."""
+    order = P256_ORDER if kind is KeyKind.P256 else SECP256K1_ORDER
+    return encode_dss_signature(r, min(s, order - s))
+
+
+def uncompressed_point(key: PublicKey) -> bytes:
+    """The SEC1 uncompressed point of a P-256 or secp256k1 key (what a token's ECDH and a
+    TPM's ECDH_ZGen take)."""
+    if key.kind is KeyKind.P256:
+        curve: ec.EllipticCurve = ec.SECP256R1()
+    elif key.kind is KeyKind.SECP256K1:
+        curve = ec.SECP256K1()
+    else:
+        raise InvalidKeyError(f"a {key.kind} key has no EC point")
+    point = ec.EllipticCurvePublicKey.from_encoded_point(curve, key.to_bytes())
+    return point.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )

@@ -23,13 +23,15 @@ from typing import Any
 from urllib.parse import unquote
 
 import pkcs11
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from trustmesh.crypto.keys import P256_ORDER, SECP256K1_ORDER, KeyKind, PublicKey
+from trustmesh.crypto.keys import (
+    KeyKind,
+    PublicKey,
+    low_s_der,
+    uncompressed_point,
+)
 from trustmesh.errors import ProtocolError
 
 PIN_ENV = "TRUSTMESH_PKCS11_PIN"
@@ -41,7 +43,6 @@ SOFTHSM2_MODULES = (
 )
 MAX_URI = 2048
 CURVES = {KeyKind.P256: "secp256r1", KeyKind.SECP256K1: "secp256k1"}
-ORDERS = {KeyKind.P256: P256_ORDER, KeyKind.SECP256K1: SECP256K1_ORDER}
 
 
 _LOGINS: dict[tuple[str, str], bytes] = {}  # (module, token) -> SHA-256 of the PIN used
@@ -167,14 +168,14 @@ class Pkcs11Signer:
         if len(digest) != 32:
             raise ValueError("digest must be 32 bytes")
         raw = self._private.sign(digest, mechanism=Mechanism.ECDSA)
-        r, s = int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
-        order = ORDERS[self.kind]
-        return encode_dss_signature(r, min(s, order - s))  # low-S, as every trustmesh key
+        return low_s_der(
+            self.kind, int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big")
+        )
 
     def ecdh(self, peer: PublicKey) -> bytes:
         if peer.kind != self.kind:
             raise Pkcs11Error(f"ECDH needs a {self.kind} peer key, got {peer.kind}")
-        point = _uncompressed(peer)
+        point = uncompressed_point(peer)
         secret = self._private.derive_key(
             KeyType.GENERIC_SECRET,
             256,
@@ -224,11 +225,3 @@ def _public_key(public: Any) -> PublicKey:
                 point = point[2:]  # the DER wrapping SoftHSM2 keeps
             return PublicKey.from_bytes(kind, point)  # uncompressed, as both curves parse
     raise Pkcs11Error("the token key is on a curve trustmesh does not use")
-
-
-def _uncompressed(peer: PublicKey) -> bytes:
-    curve = ec.SECP256R1() if peer.kind == KeyKind.P256 else ec.SECP256K1()
-    key = ec.EllipticCurvePublicKey.from_encoded_point(curve, peer.to_bytes())
-    return key.public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
-    )

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from trustmesh.mesh.errors import BadSignature, GossipRejected, RevokedOrigin, UntrustedOrigin
+from trustmesh.pki.extensions import ExtensionError, identity_key_of
 
 _DER = serialization.Encoding.DER
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
@@ -197,7 +198,10 @@ class TrustView:
         except VerificationError as exc:
             raise UntrustedOrigin(f"certificate does not verify to the mesh CA: {exc}") from None
         node_id = node_id_of(leaf)
-        key = leaf.public_key()
+        try:
+            key = identity_key_of(leaf)  # a device identity's key, when one is bound
+        except ExtensionError as exc:
+            raise UntrustedOrigin(f"{node_id}'s certificate: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
             raise UntrustedOrigin(f"{node_id}'s certificate has a key type gossip does not use")
         for issuer in verified.chain[1:-1]:

@@ -26,13 +26,17 @@ from cryptography import x509
 from trustmesh.api.ca_client import (
     finish_interrupted_rotation,
     forget_previous_key,
+    recorded_devices,
 )
 from trustmesh.bundle.store import StoreError
 from trustmesh.clock import SYSTEM_CLOCK, Clock
+from trustmesh.crypto.keys import KeyKind
 from trustmesh.errors import ProtocolError
 from trustmesh.io.https import HttpServer, HttpsSite, serve_app
 from trustmesh.io.stream import StreamDriver, StreamServer, serve_stream
 from trustmesh.io.tasks import TaskSet, within
+from trustmesh.keystore.signer import Signer
+from trustmesh.keystore.uri import close_signer, open_signer
 from trustmesh.mesh import dtn as bundle_actions
 from trustmesh.mesh import node as core_actions
 from trustmesh.mesh.bundle_codec import MeshBundleCodec
@@ -70,6 +74,7 @@ from trustmesh.node.links import Link, LinkFailed
 from trustmesh.node.runfile import RUN_FILE, write_run_file
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsStream
+from trustmesh.tpm.attester import TpmAttester
 
 if TYPE_CHECKING:
     from trustmesh.node.mdns import MdnsDiscovery
@@ -95,9 +100,15 @@ class MeshNode:
         passphrase: bytes | None = None,
         *,
         clock: Clock = SYSTEM_CLOCK,
+        device: Signer | None = None,
+        attester: TpmAttester | None = None,
     ) -> None:
         self.directory = directory
         self.config = config
+        # The identity key on a token or TPM (None: node.key is the identity), and the
+        # TPM that attests at renewal and on links (docs/protocols/keys.md, attestation.md).
+        self.device = device
+        self.attester = attester
         self.node_id = config.node_id
         self.clock = clock
         self._passphrase = passphrase
@@ -107,7 +118,7 @@ class MeshNode:
         self.engine = GossipEngine(
             self.node_id, self.trust, fanout=config.gossip_fanout, seen=self.seen
         )
-        self.identity = load_identity(directory, passphrase, self.trust)
+        self.identity = load_identity(directory, passphrase, self.trust, device)
         # The address book: signed peer records, the only addresses dialled besides the
         # bootstrap list (mesh-link.md section 8.1).
         self.book = PeerBook(self.trust, self.node_id, capacity=MAX_ADDRESSES)
@@ -121,7 +132,7 @@ class MeshNode:
         self.bundle_codec = MeshBundleCodec(
             self.node_id,
             self.trust,
-            lambda data: self.identity.key.sign(data),
+            lambda data: self.identity.signer.sign(data),
             lambda: self.identity.chain_der,
         )
         agent: BundleAgent[Link] = BundleAgent(
@@ -174,9 +185,27 @@ class MeshNode:
         )
 
     @classmethod
-    def from_directory(cls, directory: Path, passphrase: bytes | None = None) -> MeshNode:
+    def from_directory(
+        cls, directory: Path, passphrase: bytes | None = None, *, attest: str | None = None
+    ) -> MeshNode:
+        """The node in ``directory``, with the identity key and the attesting TPM it
+        enrolled with (enrollment.json); ``attest`` (``tpm:<TCTI>``) overrides the TPM."""
         finish_interrupted_rotation(directory)  # before the key is read
-        return cls(directory, load_config(directory), passphrase)
+        recorded = recorded_devices(directory)
+        attest = attest or recorded.get("attest")
+        attester = None if attest is None else TpmAttester.from_spec(attest)
+        identity_uri = recorded.get("identity_key")
+        device = None
+        if identity_uri is not None:
+            device = open_signer(identity_uri, kinds={KeyKind.P256})
+        try:
+            return cls(
+                directory, load_config(directory), passphrase, device=device, attester=attester
+            )
+        except BaseException:
+            if device is not None:
+                close_signer(device)
+            raise
 
     # --- what the core holds ------------------------------------------------------------
 
@@ -278,6 +307,8 @@ class MeshNode:
         self.store.close()
         self.bundle_store.close()
         self._bundle_lock.release()
+        if self.device is not None:
+            close_signer(self.device)
         (self.directory / RUN_FILE).unlink(missing_ok=True)
         self._emit("node.stopped")
 
@@ -395,7 +426,7 @@ class MeshNode:
     def sign(self, payload: dict[str, Any], *, ttl_ms: int | None = None) -> GossipMessage:
         """A message from this node, signed with its key, its chain attached."""
         return sign_message(
-            self.identity.key,
+            self.identity.signer,
             self.node_id,
             payload,
             now_ms=self.clock.time_ms(),
@@ -560,7 +591,7 @@ class MeshNode:
         the API) use the new one."""
         c = self.config
         self.identity = await rotate_identity(
-            self.directory, self._passphrase, c.ca_url, self.trust
+            self.directory, self._passphrase, c.ca_url, self.trust, self.device, self.attester
         )
         self.dialer.tickets.clear()  # a resumed link would present the old certificate
         if self.discovery is not None:

@@ -6,8 +6,9 @@ of the CSR, and says whether the evidence holds for that key. Verifiers plug in 
 code (``AttestationPolicy(verifiers=...)``) or from installed packages through the
 ``trustmesh.attestation`` entry-point group.
 
-The nonce is derived, not fetched, so enrollment stays one request
-(docs/protocols/pki.md):
+The nonce is either fetched from the CA (``POST /v1/enroll/challenge``, its value sent
+back as the attestation's ``nonce``: trustmesh.pki.challenge), which a TPM quote needs,
+or, for plug-ins that can do without a round trip, derived (docs/protocols/pki.md):
 
 - enroll: ``SHA-256("trustmesh/enroll/v1" || SHA-256(token) || SHA-256(SPKI))``
 - rotate: ``SHA-256("trustmesh/rotate/v1" || serial (16 bytes) || SHA-256(SPKI))``
@@ -23,9 +24,11 @@ import binascii
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Literal, Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
@@ -37,10 +40,12 @@ MAX_PAYLOAD = 64 * 1024
 
 @dataclass(frozen=True)
 class Attestation:
-    """``{"type": str, "payload": base64}`` as sent by the node."""
+    """``{"type": str, "payload": base64, "nonce": base64}`` as sent by the node; the
+    nonce (from a challenge) is optional."""
 
     type: str
     payload: bytes
+    nonce: bytes | None = None
 
     @classmethod
     def from_json(cls, value: object) -> Attestation:
@@ -56,22 +61,34 @@ class Attestation:
             raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise PkiError("attestation.payload is not valid base64") from None
-        return cls(kind, raw)
+        nonce = value.get("nonce")
+        if nonce is None:
+            return cls(kind, raw)
+        if not isinstance(nonce, str) or len(nonce) > 256:
+            raise PkiError("attestation.nonce must be the base64 nonce of a challenge")
+        try:
+            return cls(kind, raw, base64.b64decode(nonce, validate=True))
+        except (binascii.Error, ValueError):
+            raise PkiError("attestation.nonce is not valid base64") from None
 
 
 @dataclass(frozen=True)
 class AttestationResult:
-    """A verifier's verdict; ``claims`` (what it learned, e.g. PCR values) is audited."""
+    """A verifier's verdict; ``claims`` (what it learned, e.g. PCR values, and the
+    evidence itself) is audited; ``extensions`` go into the certificate."""
 
     ok: bool
     detail: str
     claims: Mapping[str, object] = field(default_factory=dict)
+    extensions: tuple[x509.ExtensionType, ...] = ()
 
 
 class AttestationVerifier(Protocol):
-    """Checks attestations of one ``type``."""
+    """Checks attestations of one ``type``. A verifier whose ``needs_challenge`` is
+    true is given only nonces the CA issued (a TPM quote's qualifying data needs one)."""
 
     type: str
+    needs_challenge: bool
 
     def verify(
         self, attestation: Attestation, nonce: bytes, csr_public_key: CertificatePublicKeyTypes
@@ -115,14 +132,30 @@ class AttestationPolicy:
     mode: Literal["none", "required"] = "none"
     verifiers: Mapping[str, AttestationVerifier] = field(default_factory=dict)
 
+    def challenge(
+        self, nonce: bytes, request: Mapping[str, object], now: datetime
+    ) -> dict[str, object]:
+        """What verifiers add to a challenge's answer (a TPM verifier: the PCRs to quote,
+        a credential to activate). A verifier offers this through an optional
+        ``challenge`` method, so plug-ins without one need not change."""
+        answer: dict[str, object] = {}
+        for verifier in self.verifiers.values():
+            extend = getattr(verifier, "challenge", None)
+            if callable(extend):
+                answer.update(extend(nonce, request, now))
+        return answer
+
     def check(
         self,
         attestation: Attestation | None,
         nonce: bytes,
         key: CertificatePublicKeyTypes,
+        *,
+        challenged: bool = False,
     ) -> AttestationResult | None:
         """The verdict, or None when none was sent and none is required; raises
-        :class:`AttestationFailed` otherwise."""
+        :class:`AttestationFailed` otherwise. ``challenged``: ``nonce`` is a
+        challenge's, already checked, rather than derived."""
         if attestation is None:
             if self.mode == "required":
                 raise AttestationFailed("this CA requires an attestation; none was sent")
@@ -132,6 +165,10 @@ class AttestationPolicy:
             known = ", ".join(sorted(self.verifiers)) or "none"
             raise AttestationFailed(
                 f"no verifier for attestation type {attestation.type!r} (known: {known})"
+            )
+        if verifier.needs_challenge and not challenged:
+            raise AttestationFailed(
+                f"attestation {attestation.type!r} needs a nonce from POST /v1/enroll/challenge"
             )
         result = verifier.verify(attestation, nonce, key)
         if not result.ok:

@@ -19,6 +19,7 @@ import hashlib
 import ipaddress
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -174,10 +175,13 @@ class CertificateAuthority:
         *,
         validity: timedelta = DEFAULT_NODE_VALIDITY,
         now: datetime | None = None,
+        extensions: Sequence[x509.ExtensionType] = (),
     ) -> tuple[x509.Certificate, IssuedCertificate]:
         """A node certificate for the key in ``csr``, which must name ``node_id``, and the
         record to store. Nothing is stored: the caller commits the record (with whatever
-        else must happen in the same transaction) before handing the certificate out."""
+        else must happen in the same transaction) before handing the certificate out.
+        ``extensions`` (non-critical) are what the registrar vouches for: a checked
+        identity binding, an attested platform."""
         now = now or self.clock.now()
         check_node_id(node_id)
         check_csr(csr, node_id)
@@ -185,7 +189,9 @@ class CertificateAuthority:
             raise PkiError("a node certificate is valid for 1 hour to 7 days")
         names: list[x509.GeneralName] = [x509.DNSName(node_id)]
         eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-        return self._sign(node_id, names, eku, csr.public_key(), validity, now, "node")
+        return self._sign(
+            node_id, names, eku, csr.public_key(), validity, now, "node", extensions=extensions
+        )
 
     def issue(
         self,
@@ -259,6 +265,7 @@ class CertificateAuthority:
         role: str,
         *,
         label: str | None = None,
+        extensions: Sequence[x509.ExtensionType] = (),
     ) -> tuple[x509.Certificate, IssuedCertificate]:
         now = now.replace(microsecond=0)  # X.509 times have whole seconds
         not_before = now - BACKDATE
@@ -280,6 +287,8 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(_aki(self.issuing_cert), critical=False)
         )
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
         cert = builder.sign(self._issuing_key, hashes.SHA256())
         record = IssuedCertificate(
             serial=cert.serial_number,

@@ -6,12 +6,14 @@ calls here and maps the typed errors to status codes (docs/protocols/pki.md).
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from trustmesh.clock import Clock
@@ -29,13 +31,16 @@ from trustmesh.pki.ca import (
     parse_serial,
     token_hash,
 )
+from trustmesh.pki.challenge import Challenges, Purpose
 from trustmesh.pki.errors import (
     CertificateRevoked,
+    CsrRejected,
     NotAuthenticated,
     PolicyDenied,
     SerialMismatch,
     TokenRejected,
 )
+from trustmesh.pki.extensions import ExtensionError, IdentityBinding, identity_binding_of
 from trustmesh.pki.store import IssuedCertificate
 
 DEFAULT_GOSSIP_FANOUT = 3
@@ -102,12 +107,52 @@ class Registrar:
         settings: MeshSettings,
         *,
         clock: Clock | None = None,
+        challenges: Challenges | None = None,
     ) -> None:
         self.ca = ca
         self.clock = ca.clock if clock is None else clock  # the CA's clock unless told otherwise
         self.policy = policy
         self.settings = settings
+        self.challenges = challenges or Challenges.for_directory(ca.directory)
         self._trust = Store([ca.root_cert])
+
+    def enrollment_challenge(
+        self, token: str, *, now: datetime | None = None
+    ) -> tuple[bytes, datetime]:
+        """A nonce for an enrollment with ``token``, which must be usable (so a stranger
+        learns nothing, and an attested enrollment does not fail late on its token)."""
+        now = now or self.clock.now()
+        known = self.ca.store.token(token_hash(token))
+        if known is None:
+            raise TokenRejected("unknown enrollment token")
+        if known.used_at is not None:
+            raise TokenRejected("the enrollment token was already used")
+        if known.expires_at <= now:
+            raise TokenRejected("the enrollment token has expired")
+        return self.challenges.issue(Purpose.enroll(token_hash(token)), now)
+
+    def rotation_challenge(
+        self, current: IssuedCertificate, *, now: datetime | None = None
+    ) -> tuple[bytes, datetime]:
+        """A nonce for the rotation of ``current`` (already authenticated)."""
+        return self.challenges.issue(Purpose.rotate(current.serial), now or self.clock.now())
+
+    def _attest(
+        self,
+        attestation: Attestation | None,
+        purpose: Purpose,
+        derived: bytes,
+        key: CertificatePublicKeyTypes,
+        now: datetime,
+    ) -> AttestationResult | None:
+        """The verdict on ``attestation``: over the challenge nonce it names (checked to
+        be ours, for this purpose, unexpired), or over the derived nonce."""
+        if attestation is not None and attestation.nonce is not None:
+            self.challenges.check(attestation.nonce, purpose, now)
+            return self.policy.attestation.check(
+                attestation, attestation.nonce, key, challenged=True
+            )
+        return self.policy.attestation.check(attestation, derived, key)
 
     def enroll(
         self,
@@ -140,12 +185,25 @@ class Registrar:
         csr = load_csr(csr_text)
         self.policy.check_allowed(node_id)
         key = csr.public_key()
-        verdict = self.policy.attestation.check(attestation, enrollment_nonce(token, key), key)
-        cert, record = self.ca.sign(csr, node_id, validity=self.policy.validity, now=now)
+        binding = checked_binding(csr)
+        purpose = Purpose.enroll(token_hash(token))
+        verdict = self._attest(attestation, purpose, enrollment_nonce(token, key), key, now)
+        cert, record = self.ca.sign(
+            csr,
+            node_id,
+            validity=self.policy.validity,
+            now=now,
+            extensions=_vouched(binding, verdict),
+        )
         # Spends the token, applies the node cap and commits the record atomically:
         # of racing requests with one token exactly one gets here.
         stored = self.ca.store.enroll(
-            token_hash(token), record, now=now, max_nodes=self.policy.max_nodes, actor=actor
+            token_hash(token),
+            record,
+            now=now,
+            max_nodes=self.policy.max_nodes,
+            actor=actor,
+            audit=_audit_detail(attestation, verdict),
         )
         return _issued(cert, stored, verdict)
 
@@ -206,11 +264,70 @@ class Registrar:
         csr = load_csr(csr_text)
         self.policy.check_allowed(current.node_id)
         key = csr.public_key()
-        verdict = self.policy.attestation.check(
-            attestation, rotation_nonce(current.serial, key), key
+        binding = checked_binding(csr)
+        check_same_identity(x509.load_pem_x509_certificate(current.pem.encode()), binding)
+        purpose = Purpose.rotate(current.serial)
+        derived = rotation_nonce(current.serial, key)
+        verdict = self._attest(attestation, purpose, derived, key, now)
+        cert, record = self.ca.sign(
+            csr,
+            current.node_id,
+            validity=self.policy.validity,
+            now=now,
+            extensions=_vouched(binding, verdict),
         )
-        cert, record = self.ca.sign(csr, current.node_id, validity=self.policy.validity, now=now)
         stored = self.ca.store.rotate(
-            current.serial, record, now=now, actor=actor, claimed_serial=claimed
+            current.serial,
+            record,
+            now=now,
+            actor=actor,
+            claimed_serial=claimed,
+            audit=_audit_detail(attestation, verdict),
         )
         return _issued(cert, stored, verdict)
+
+
+def checked_binding(csr: x509.CertificateSigningRequest) -> IdentityBinding | None:
+    """The CSR's identity binding, once the identity key's signature over the CSR's key
+    checks (:class:`CsrRejected` otherwise); None when it has none."""
+    try:
+        binding = identity_binding_of(csr)
+        if binding is not None:
+            binding.verify(csr.public_key())
+    except ExtensionError as exc:
+        raise CsrRejected(f"identity binding: {exc}") from None
+    return binding
+
+
+def check_same_identity(current: x509.Certificate, binding: IdentityBinding | None) -> None:
+    """A certificate bound to a device identity rotates only with that identity's
+    signature: a stolen TLS key cannot buy itself a successor."""
+    try:
+        old = identity_binding_of(current)
+    except ExtensionError:
+        old = None  # we issued it, so it parsed then; treat as unbound rather than fail
+    if old is None:
+        return
+    if binding is None or binding.identity_spki != old.identity_spki:
+        raise PolicyDenied(
+            "this node's identity key is bound to its certificate: a rotation must carry"
+            " that identity key's signature over the new key (docs/protocols/keys.md)"
+        )
+
+
+def _vouched(
+    binding: IdentityBinding | None, verdict: AttestationResult | None
+) -> tuple[x509.ExtensionType, ...]:
+    extensions: tuple[x509.ExtensionType, ...] = () if binding is None else (binding.extension(),)
+    return extensions + (() if verdict is None else verdict.extensions)
+
+
+def _audit_detail(
+    attestation: Attestation | None, verdict: AttestationResult | None
+) -> dict[str, object] | None:
+    """What the audit keeps of an attestation: its type, its nonce and the verifier's
+    claims (for a TPM quote, the evidence itself, re-checkable with tpm2_checkquote)."""
+    if attestation is None or verdict is None:
+        return None
+    nonce = None if attestation.nonce is None else base64.b64encode(attestation.nonce).decode()
+    return {"attestation": {"type": attestation.type, "nonce": nonce, **verdict.claims}}

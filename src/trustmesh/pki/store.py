@@ -214,6 +214,7 @@ class CaStore(Protocol):
         now: datetime,
         max_nodes: int | None,
         actor: str | None,
+        audit: Mapping[str, object] | None = None,
     ) -> IssuedCertificate:
         """Spend the token (it must be unused, unexpired and for ``cert.node_id``), check
         the node cap, and record ``cert`` with its audit entry: all or nothing; return
@@ -228,6 +229,7 @@ class CaStore(Protocol):
         now: datetime,
         actor: str | None,
         claimed_serial: int | None = None,
+        audit: Mapping[str, object] | None = None,
     ) -> IssuedCertificate:
         """Record ``cert`` as the successor of certificate ``current``, which must be a
         node certificate that is, in this same transaction, not revoked, not expired and
@@ -362,6 +364,7 @@ class SqliteStore:
         now: datetime,
         max_nodes: int | None,
         actor: str | None,
+        audit: Mapping[str, object] | None = None,
     ) -> IssuedCertificate:
         with transaction(self._db) as db:
             # Spending the token is the first write: of any number of racing requests,
@@ -389,7 +392,7 @@ class SqliteStore:
                 active = self._active_nodes(db, now)
                 if active >= max_nodes:
                     raise PolicyDenied(f"the mesh is full: {active} of {max_nodes} nodes enrolled")
-            self._insert(db, cert, "enroll", actor, now)
+            self._insert(db, cert, "enroll", actor, now, audit)
         return cert
 
     def rotate(
@@ -400,6 +403,7 @@ class SqliteStore:
         now: datetime,
         actor: str | None,
         claimed_serial: int | None = None,
+        audit: Mapping[str, object] | None = None,
     ) -> IssuedCertificate:
         with transaction(self._db) as db:
             found = self._select_in(db, "WHERE serial = ?", (format(current, "x"),))
@@ -453,9 +457,8 @@ class SqliteStore:
                     f" {old.serial_hex}; rotate with the newest certificate"
                 )
             record = replace(cert, replaces=old.serial)
-            self._insert(
-                db, record, "rotate", actor, now, self._rotation_detail(old, claimed_serial)
-            )
+            detail = {**self._rotation_detail(old, claimed_serial), **(audit or {})}
+            self._insert(db, record, "rotate", actor, now, detail)
         return record
 
     def get(self, serial: int) -> IssuedCertificate | None:

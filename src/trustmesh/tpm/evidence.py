@@ -44,7 +44,6 @@ class QuoteEvidence:
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {
-            "type": "tpm2-quote",
             "quote": _b64(self.quote),
             "signature": _b64(self.signature),
             "ak_public": _b64(self.ak_public),
