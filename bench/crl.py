@@ -55,6 +55,9 @@ class _Binding:
             peer_chain=chain, alpn=ALPN, group=None, resumed=False
         )
 
+    def exporter(self, label: bytes, context: bytes) -> bytes:
+        return bytes(32)  # no TLS session here; the CRL path never asks for it
+
 
 class CrlRig:
     """A CA with ``revoked`` revoked certificates in its store, two node certificates,

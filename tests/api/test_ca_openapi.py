@@ -574,3 +574,32 @@ async def test_challenges_conform(ca_api: RunningCa, tmp_path: Path) -> None:
     sent, received = await mtls.call("POST", "/v1/enroll/challenge", body={})
     assert received.status_code == 200, received.data
     conforms(sent, received)
+
+
+async def test_attestation_reports_conform(ca_api: RunningCa, tmp_path: Path) -> None:
+    evidence = {"quote": "AA==", "signature": "AA==", "ak_public": "AA==", "pcrs": {"sha256": {}}}
+    anonymous = client(ca_api)
+    sent, received = await anonymous.call(
+        "POST", "/v1/attestation/report", body={"serial": "01", "evidence": evidence}
+    )
+    assert (received.status_code, error_code(received)) == (401, "unauthenticated")
+    conforms(sent, received, request_conforms=False)  # no client certificate, on purpose
+
+    cert_file, key_file, cert = ca_api.write_node(tmp_path, "node-r")
+    reporter = client(ca_api, cert_file, key_file)
+    sent, received = await reporter.call(
+        "POST", "/v1/attestation/report", body={"serial": "0badc0de", "evidence": evidence}
+    )
+    assert (received.status_code, error_code(received)) == (404, "unknown_certificate")
+    conforms(sent, received)
+    # A certificate issued without a quote has no platform to check a quote against.
+    body = {"serial": format(cert.serial_number, "x"), "evidence": evidence}
+    sent, received = await reporter.call("POST", "/v1/attestation/report", body=body)
+    assert (received.status_code, error_code(received)) == (400, "bad_request")
+    assert "no attested platform" in received.json()["message"]
+    conforms(sent, received)
+    sent, received = await reporter.call(
+        "POST", "/v1/attestation/report", body={"serial": "01", "evidence": "not an object"}
+    )
+    assert (received.status_code, error_code(received)) == (400, "bad_request")
+    conforms(sent, received, request_conforms=False)

@@ -10,8 +10,9 @@ Every time is fixed: the CA and its certificates are made at ``NOW`` and the tes
 
 from __future__ import annotations
 
+import hashlib
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,10 +27,11 @@ from trustmesh.api.ca_client import make_csr
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import load_key_file
 from trustmesh.mesh.gossip import DEFAULT_TTL_MS, GossipMessage, anomaly_payload, sign_message
+from trustmesh.mesh.link import ALPN
 from trustmesh.mesh.trust import TrustView
 from trustmesh.node.local import issue_node_files
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.tls import TlsConfig
+from trustmesh.tls import TlsConfig, TlsEstablished
 
 DER = serialization.Encoding.DER
 NOW = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)  # when the CA and every certificate are made
@@ -217,3 +219,18 @@ class LivePki:
     def tls(directory: Path) -> TlsConfig:
         """The TLS settings of a directory that :meth:`config` wrote."""
         return TlsConfig(directory / "node.crt", directory / "node.key", directory / "ca.crt")
+
+
+@dataclass
+class Binding:
+    """What a MeshLink reads from its TlsStream, in memory: the handshake's outcome, and
+    an exporter both ends of a test link agree on (there is no TLS session to derive it)."""
+
+    established: TlsEstablished | None
+
+    def exporter(self, label: bytes, context: bytes) -> bytes:
+        return hashlib.sha256(b"in-memory link:" + label + context).digest()
+
+
+def tls_with(chain: Sequence[x509.Certificate], alpn: str | None = ALPN) -> Binding:
+    return Binding(TlsEstablished(peer_chain=tuple(chain), alpn=alpn, group=None, resumed=False))

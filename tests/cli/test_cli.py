@@ -13,11 +13,14 @@ from typing import Any
 import click
 import pytest
 from clitools import TRUSTMESH, clean_env
+from cryptography import x509
 
 import trustmesh
 import trustmesh.cli.main as cli_main
 from trustmesh.crypto.keys import KeyKind, PublicKey
 from trustmesh.keystore import PASSPHRASE_ENV, load_key_file
+from trustmesh.pki.extensions import attested_platform_of
+from trustmesh.tpm import swtpm
 
 ALL_KINDS = [k.value for k in KeyKind]
 HEX_LENGTH = {"secp256k1": 66, "p256": 66, "ed25519": 64}
@@ -362,6 +365,7 @@ def test_generate_refuses_existing_file_encrypted(
 
 MESH_STEPS = [
     "ca and enrollment",
+    "tpm identity",
     "mesh forms",
     "anomaly gossip",
     "store and forward",
@@ -370,8 +374,10 @@ MESH_STEPS = [
 ]
 
 
-def _assert_mesh_demo(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """A passing mesh demo's JSON: ok, the five steps in order, each fully reported."""
+def _assert_mesh_demo(result: dict[str, Any], *, tpm: bool = True) -> list[dict[str, Any]]:
+    """A passing mesh demo's JSON: ok, the steps in order, each fully reported; with
+    ``tpm``, node-3 on a TPM (swtpm), attested (swtpm is installed where tests run:
+    scripts/dev test installs it)."""
     assert result["ok"] is True, result
     steps: list[dict[str, Any]] = result["steps"]
     assert [step["name"] for step in steps] == MESH_STEPS
@@ -381,7 +387,39 @@ def _assert_mesh_demo(result: dict[str, Any]) -> list[dict[str, Any]]:
         assert isinstance(seconds, int | float) and not isinstance(seconds, bool), step
         assert seconds >= 0
         assert isinstance(step["detail"], str) and step["detail"], step
+    device = steps[1]
+    if not tpm:
+        assert device["tpm"] is False, device
+        assert device["detail"] == "no swtpm: every node keeps its key in a file"
+        assert "tpm_message_id" not in steps[3]
+        return steps
+    assert swtpm.available(), "swtpm is not installed; scripts/dev test installs it"
+    assert device["tpm"] is True, device
+    assert device["node"] == "node-3"
+    assert device["identity_key"].startswith("tpm:swtpm:host=127.0.0.1,port="), device
+    assert device["identity_key"].endswith(";handle=0x81000100"), device
+    assert (device["device_class"], device["pcrs"]) == ("swtpm", list(range(8)))
+    assert device["detail"].startswith("node-3: identity key in a TPM (swtpm"), device
+    assert "attested: PCRs 0-7, AK tied to EK" in device["detail"], device
+    # The TPM-signed anomaly reached every node, as node-1's did.
+    gossip = steps[3]
+    assert gossip["tpm_message_id"] != gossip["message_id"]
+    assert "node-3's anomaly, signed in its TPM, reached every node too" in gossip["detail"]
     return steps
+
+
+def _processes_under(directory: Path) -> list[str]:
+    """The command lines of running processes that name ``directory`` (a swtpm's state)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # it exited meanwhile
+        text = " ".join(a.decode(errors="replace") for a in args)
+        if str(directory) in text:
+            found.append(text)
+    return found
 
 
 def test_demo_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -395,9 +433,21 @@ def test_demo_keep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     keep = tmp_path / "demo"
     code, out, _ = run(["demo", "--keep", str(keep)], capsys)
     assert code == 0
-    assert "6/6 steps passed" in out
+    assert "7/7 steps passed" in out
+    said = [" ".join(line.split()) for line in out.splitlines() if "tpm identity" in line]
+    assert len(said) == 1, out
+    assert said[0].startswith("ok tpm identity node-3: identity key in a TPM (swtpm"), said
     nodes = [f"node-{i}" for i in range(1, 6)]
-    assert sorted(f.name for f in keep.iterdir()) == ["ca", *nodes]
+    assert sorted(f.name for f in keep.iterdir()) == ["ca", *nodes, "swtpm"]
+    assert _processes_under(keep) == []  # the demo stopped its swtpm
+    # node-3 enrolled with its identity in the TPM and a quote under the CA's policy.
+    recorded = json.loads((keep / "node-3" / "enrollment.json").read_text())
+    assert recorded["identity_key"].startswith("tpm:swtpm:"), recorded
+    assert recorded["attest"].startswith("tpm:swtpm:"), recorded
+    assert (keep / "ca" / "attestation.toml").is_file()
+    for name in nodes:
+        leaf = x509.load_pem_x509_certificates((keep / name / "node.crt").read_bytes())[0]
+        assert (attested_platform_of(leaf) is not None) == (name == "node-3"), name
     ca = keep / "ca"
     assert (ca / "ca.crt").is_file()
     assert all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in ca.glob("*.key"))
@@ -481,6 +531,24 @@ def test_subprocess_demo_three_nodes() -> None:
     steps = _assert_mesh_demo(json.loads(result.stdout))
     assert sorted(steps[0]["serials"]) == ["node-1", "node-2", "node-3"]
     assert "Traceback" not in result.stderr
+
+
+def test_subprocess_demo_without_swtpm_keeps_every_key_in_a_file(tmp_path: Path) -> None:
+    # A PATH without swtpm (only the venv's scripts): the demo says so in one line and
+    # runs as before.
+    keep = tmp_path / "demo"
+    path = str(Path(TRUSTMESH).parent)
+    result = _run_process(["demo", "--nodes", "3", "--keep", str(keep)], timeout=60, PATH=path)
+    assert result.returncode == 0, result.stderr
+    said = [" ".join(line.split()) for line in result.stdout.splitlines() if "swtpm" in line]
+    assert said == ["ok tpm identity no swtpm: every node keeps its key in a file"]
+    assert "7/7 steps passed" in result.stdout
+    assert sorted(f.name for f in keep.iterdir()) == ["ca", "node-1", "node-2", "node-3"]
+    for node in ("node-1", "node-2", "node-3"):
+        assert "identity_key" not in json.loads((keep / node / "enrollment.json").read_text())
+    result = _run_process(["demo", "--nodes", "3", "--json"], timeout=60, PATH=path)
+    assert result.returncode == 0, result.stderr
+    _assert_mesh_demo(json.loads(result.stdout), tpm=False)
 
 
 def test_demo_fails_when_a_step_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

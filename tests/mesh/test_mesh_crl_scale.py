@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from meshtools import T0, MeshPki, Node, big_crl, ms, signed_crl
+from meshtools import T0, MeshPki, Node, big_crl, ms, signed_crl, tls_with
 
 import trustmesh.mesh.trust as trust_module
 from trustmesh.mesh.crlparts import (
@@ -24,7 +24,6 @@ from trustmesh.mesh.crlparts import (
     encode_part,
 )
 from trustmesh.mesh.link import (
-    ALPN,
     MAX_FRAME,
     CloseCode,
     CrlFrame,
@@ -35,21 +34,11 @@ from trustmesh.mesh.link import (
 )
 from trustmesh.mesh.trust import MAX_CRL, CrlRejected, TrustView
 from trustmesh.sansio import Event
-from trustmesh.tls import TlsEstablished
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 from trustmesh.wire.jsonwire import compact_json
 
 REVOKED = 100_000
 NUMBER = ms(T0) + 1  # newer than any CRL the CA makes at T0
-
-
-@dataclass
-class Binding:
-    established: TlsEstablished | None
-
-
-def tls_with(chain: Sequence[x509.Certificate]) -> Binding:
-    return Binding(TlsEstablished(peer_chain=tuple(chain), alpn=ALPN, group=None, resumed=False))
 
 
 def authorizer(trust: TrustView) -> Callable[[Sequence[x509.Certificate]], str]:

@@ -13,11 +13,10 @@ import pytest
 from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from meshtools import T0, MeshPki, Node
+from meshtools import T0, Binding, MeshPki, Node, tls_with
 
 from trustmesh.mesh.engine import GossipEngine
 from trustmesh.mesh.link import (
-    ALPN,
     MAX_FRAME,
     MAX_HELLO_FRAME,
     MAX_IDS,
@@ -44,7 +43,6 @@ from trustmesh.mesh.link import (
 )
 from trustmesh.mesh.trust import TrustView
 from trustmesh.sansio import Event
-from trustmesh.tls import TlsEstablished
 from trustmesh.wire.frames import FrameDecoder, encode_frame
 from trustmesh.wire.varint import encode_uvarint
 
@@ -58,17 +56,6 @@ EVENT_TYPES = (
     IWantFrame,
     LinkClosed,
 )
-
-
-@dataclass
-class Binding:
-    """What the core reads from its TlsStream: the handshake's outcome."""
-
-    established: TlsEstablished | None
-
-
-def tls_with(chain: Sequence[x509.Certificate], alpn: str | None = ALPN) -> Binding:
-    return Binding(TlsEstablished(peer_chain=tuple(chain), alpn=alpn, group=None, resumed=False))
 
 
 def authorizer(trust: TrustView) -> Callable[[Sequence[x509.Certificate]], str]:

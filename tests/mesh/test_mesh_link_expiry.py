@@ -8,8 +8,8 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from meshtools import MeshPki, Node
-from test_mesh_link import Binding, close_code_sent, make_pair
+from meshtools import Binding, MeshPki, Node
+from test_mesh_link import close_code_sent, make_pair
 
 from trustmesh.mesh.link import CloseCode, LinkClosed
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshtools import T0, T0_MS, MeshPki, Node
+from meshtools import T0, T0_MS, Binding, MeshPki, Node
 
 from trustmesh.errors import OversizeError
 from trustmesh.mesh.errors import (
@@ -378,11 +378,6 @@ def test_sign_record_refuses_what_peers_would_refuse(nodes: tuple[Node, Node]) -
 
 
 # --- records in PEERS (mesh/link.py) ----------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Binding:
-    established: TlsEstablished | None
 
 
 def up_link(pki: MeshPki, me: str, peer: Node) -> MeshLink:

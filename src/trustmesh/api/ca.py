@@ -2,6 +2,7 @@
 
 - ``POST /v1/enroll``: a token and a CSR buy a node certificate.
 - ``POST /v1/enroll/challenge``: a nonce for an attested enrollment or rotation.
+- ``POST /v1/attestation/report``: a node reports a peer's failing quote (mTLS).
 - ``POST /v1/rotate``: a node authenticated by its current certificate (mTLS) gets a
   new one; the old one stays valid until it expires.
 - ``GET /v1/crl``: the signed CRL, DER or PEM, with ETag and Cache-Control.
@@ -32,6 +33,7 @@ from trustmesh.clock import Clock
 from trustmesh.errors import ProtocolError
 from trustmesh.io.https import peer_chain
 from trustmesh.pki.attestation import Attestation
+from trustmesh.pki.attestation_report import judge_report
 from trustmesh.pki.ca import (
     CRL_VALIDITY,
     REASONS,
@@ -53,6 +55,7 @@ from trustmesh.pki.errors import (
     UnknownCertificate,
 )
 from trustmesh.pki.store import IssuedCertificate
+from trustmesh.tpm.evidence import EvidenceError, QuoteEvidence
 
 log = logging.getLogger("trustmesh.api.ca")
 
@@ -148,6 +151,7 @@ def ca_app(
     app[CLOCK] = registrar.clock if clock is None else clock
     app.router.add_post("/v1/enroll", enroll)
     app.router.add_post("/v1/enroll/challenge", challenge)
+    app.router.add_post("/v1/attestation/report", attestation_report)
     app.router.add_post("/v1/rotate", rotate)
     app.router.add_get("/v1/crl", crl)
     app.router.add_post("/v1/revoke", revoke)
@@ -204,6 +208,29 @@ async def challenge(request: web.Request) -> web.Response:
     }
     answer.update(registrar.policy.attestation.challenge(nonce, body, now))
     return web.json_response(answer)
+
+
+async def attestation_report(request: web.Request) -> web.Response:
+    """A node's report of a peer's failing link quote; the CA checks the quote itself."""
+    _rate_limit(request)
+    registrar = request.app[REGISTRAR]
+    now = request.app[CLOCK].now()
+    reporter = registrar.authenticate(peer_chain(request), now=now)
+    body = await json_body(request)
+    serial = parse_serial(field(body, "serial") or "")
+    try:
+        evidence = QuoteEvidence.from_json(body.get("evidence"))
+    except EvidenceError as exc:
+        raise ApiError(400, f"evidence: {exc}") from None
+    verdict = judge_report(registrar.ca, reporter, serial, evidence, registrar.tpm_policy(), now)
+    if verdict.revoked:
+        log.warning(
+            "revoked %x on a failing quote reported by %s: %s",
+            serial,
+            reporter.node_id,
+            verdict.detail,
+        )
+    return web.json_response(verdict.to_json())
 
 
 async def rotate(request: web.Request) -> web.Response:

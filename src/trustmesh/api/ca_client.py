@@ -156,6 +156,12 @@ class CaClient:
         has the token) or rotation (this client's certificate authenticates it)."""
         return self._json("POST", "/v1/enroll/challenge", body)
 
+    def report_attestation(self, serial: str, evidence: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/attestation/report``: a peer's failing quote, for the CA to judge."""
+        return self._json(
+            "POST", "/v1/attestation/report", {"serial": serial, "evidence": evidence}
+        )
+
     def rotate(
         self, csr_pem: str, *, current_serial: str, attestation: dict[str, str] | None = None
     ) -> dict[str, Any]:
@@ -535,13 +541,7 @@ def rotate_node(
         key = PrivateKey.generate(old_key.kind)
         save_key_file(key, pending, passphrase, overwrite=True)
         write_durably(directory / NEXT_PUB, _public_pem(key))
-    client = CaClient(
-        url,
-        directory / "ca.crt",
-        cert_file=directory / "node.crt",
-        key_file=directory / "node.key",
-        passphrase=passphrase,
-    )
+    client = node_client(directory, passphrase, url)
     # The pair kept by the last rotation goes once it has expired or is revoked.
     _prune_with_crl(directory, client, issuers, now())
     try:
@@ -691,6 +691,29 @@ def _load_roots(path: Path) -> list[x509.Certificate]:
     except (OSError, ValueError) as exc:
         raise PkiError(f"cannot read the CA certificate {path}: {exc}") from None
     return roots
+
+
+def node_client(directory: Path, passphrase: bytes | None, ca_url: str) -> CaClient:
+    """A client of the CA that authenticates as the node in ``directory`` (mTLS)."""
+    return CaClient(
+        ca_url,
+        directory / "ca.crt",
+        cert_file=directory / "node.crt",
+        key_file=directory / "node.key",
+        passphrase=passphrase,
+    )
+
+
+def report_attestation(
+    directory: Path, passphrase: bytes | None, ca_url: str, serial: int, raw: bytes
+) -> dict[str, Any]:
+    """Report a peer's failing link quote (``raw``, QuoteEvidence JSON) to the CA, as the
+    node in ``directory`` (mTLS with its certificate); the CA's verdict."""
+    client = node_client(directory, passphrase, ca_url)
+    try:
+        return client.report_attestation(format(serial, "x"), json.loads(raw))
+    finally:
+        client.close()
 
 
 def recorded_devices(directory: Path) -> dict[str, str]:

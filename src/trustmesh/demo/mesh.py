@@ -1,6 +1,9 @@
 """``trustmesh demo``: a zero-trust mesh on loopback, every claim checked.
 
 1. An embedded CA serves its HTTPS API; each node enrolls with its own single-use token.
+   With swtpm installed, node-3 keeps its identity key in a software TPM and enrolls
+   with a TPM quote that the CA checks against an attestation policy (demo.tpm); its
+   gossip is signed in the TPM. Without swtpm, every node keeps its key in a file.
 2. The nodes link over TLS 1.3 mTLS (ALPN dadm-mesh/1) into one connected mesh.
 3. node-1 publishes an anomaly signature; it reaches every node, timed per node.
 4. node-2 is stopped; node-1 sends it a bundle, which the mesh stores; node-2 comes
@@ -29,6 +32,16 @@ from typing import Any
 from trustmesh.api.ca_client import CaClient, CaRequestFailed, make_csr
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.demo.steps import DemoFailure, Step, check
+from trustmesh.demo.tpm import (
+    DEVICE_CLASS,
+    IDENTITY_HANDLE,
+    NO_TPM_LINE,
+    POLICY_FILE,
+    DemoTpm,
+    pcr_range,
+    start_tpm_node,
+    tpm_absence,
+)
 from trustmesh.errors import ProtocolError
 from trustmesh.mesh.gossip import anomaly_payload
 from trustmesh.mesh.store import MeshStore
@@ -37,6 +50,13 @@ from trustmesh.node.config import load_config, write_config
 from trustmesh.node.links import LinkFailed
 from trustmesh.node.local import LocalMesh, is_connected
 from trustmesh.node.runtime import RUN_FILE, STORE_FILE, MeshNode, now_ms
+from trustmesh.pki.extensions import (
+    attested_platform_of,
+    device_public_key,
+    identity_key_of,
+    spki_der,
+)
+from trustmesh.tpm.attester import DEFAULT_PCRS
 
 MAX_NODES = 200
 FORM_TIMEOUT = 30.0
@@ -44,12 +64,16 @@ SPREAD_TIMEOUT = 10.0
 REVOKE_TIMEOUT = 10.0
 BUNDLE_TIMEOUT = 20.0
 NODE_SETTINGS = {"crl_interval": 1.0, "digest_interval": 0.25}
+TPM_NODE = 3  # neither the bootstrap and origin (node-1) nor the one restarted (node-2)
+AUDIT_SCAN = 10 * MAX_NODES  # audit entries read back: more than a demo's CA writes
 
 Progress = Callable[[str, Step | None], None]  # (step name, None when it starts / its result)
 
 
 class MeshDemo:
-    def __init__(self, workdir: Path, nodes: int) -> None:
+    """``tpm``: run node-3 on a TPM (True: it must; None: when swtpm is installed)."""
+
+    def __init__(self, workdir: Path, nodes: int, *, tpm: bool | None = None) -> None:
         if not 3 <= nodes <= MAX_NODES:
             raise ValueError(f"the demo runs 3 to {MAX_NODES} nodes")
         self.mesh = LocalMesh(workdir, nodes, node_settings=dict(NODE_SETTINGS))
@@ -57,34 +81,57 @@ class MeshDemo:
         self.clients: dict[str, NodeClient] = {}
         self.message_id: str | None = None
         self.victim = f"node-{nodes}"
+        self.tpm_absence = "the TPM node is off" if tpm is False else tpm_absence()
+        if tpm and self.tpm_absence is not None:
+            raise ValueError(f"a TPM node was asked for: {self.tpm_absence}")
+        self.tpm = None if self.tpm_absence is not None else DemoTpm(workdir / "swtpm")
+        self.tpm_node = f"node-{TPM_NODE}"
 
     async def run(self, progress: Progress | None = None) -> list[Step]:
         plan: list[tuple[str, Callable[[], Awaitable[tuple[str, dict[str, Any]]]]]] = [
             ("ca and enrollment", self._enroll),
+            ("tpm identity", self._tpm_identity),
             ("mesh forms", self._form),
             ("anomaly gossip", self._spread),
             ("store and forward", self._store_and_forward),
             ("revocation", self._revoke),
         ]
         steps: list[Step] = []
-        for name, action in plan:
-            if steps and not steps[-1].ok:
-                steps.append(Step(name, False, f"not run: {steps[-1].name!r} failed", 0.0))
-                continue
-            steps.append(await _timed(name, action, progress))
-        steps.append(await _timed("clean shutdown", self._shutdown, progress))
+        try:
+            for name, action in plan:
+                if steps and not steps[-1].ok:
+                    steps.append(Step(name, False, f"not run: {steps[-1].name!r} failed", 0.0))
+                    continue
+                steps.append(await _timed(name, action, progress))
+            steps.append(await _timed("clean shutdown", self._shutdown, progress))
+        finally:
+            # Last, once the nodes closed their TPM sessions; also on Ctrl-C (a
+            # cancellation), since the swtpm runs in a session of its own.
+            if self.tpm is not None:
+                self.tpm.close()
         return steps
 
     # --- the steps ----------------------------------------------------------------------------
 
     async def _enroll(self) -> tuple[str, dict[str, Any]]:
         mesh = self.mesh
+        if self.tpm is not None:
+            self.tpm.begin()  # manufacturing a TPM takes a second: meanwhile, the rest
         server = await mesh.start_ca()
         assert mesh.ca is not None
         tokens = {i: mesh.ca.create_token(f"node-{i}") for i in range(1, self.count + 1)}
         first_token = tokens[1]
         await mesh.start_node(await mesh.enroll(1, token=tokens[1]))  # everyone's bootstrap
-        await mesh.start_many(range(2, self.count + 1), tokens=tokens)
+        rest = [i for i in range(2, self.count + 1) if self.tpm is None or i != TPM_NODE]
+        jobs: list[Awaitable[object]] = [mesh.start_many(rest, tokens=tokens)]
+        if self.tpm is not None:
+            jobs.append(start_tpm_node(mesh, TPM_NODE, tokens[TPM_NODE], self.tpm))
+        # Every job ends (none is left running into the next step), then a failure counts.
+        done = await asyncio.gather(*jobs, return_exceptions=True)
+        mesh.nodes.sort(key=_index)  # each job added its nodes as they started
+        for result in done:
+            if isinstance(result, BaseException):
+                raise result
         for node in mesh.nodes:
             self.clients[node.node_id] = NodeClient(node.directory)
         # A spent token buys nothing more.
@@ -103,6 +150,64 @@ class MeshDemo:
             f"CA API at {server.url}; {self.count} nodes enrolled over HTTPS with their own "
             "single-use tokens (a reused token was refused); every certificate chains to the root",
             {"ca_url": server.url, "serials": serials},
+        )
+
+    async def _tpm_identity(self) -> tuple[str, dict[str, Any]]:
+        mesh = self.mesh
+        on_devices = sorted(n.node_id for n in mesh.nodes if n.device is not None)
+        attested = sorted(
+            n.node_id for n in mesh.nodes if attested_platform_of(n.identity.certificate)
+        )
+        if self.tpm is None:
+            check(not on_devices, f"nodes sign on a device without a TPM node: {on_devices}")
+            return f"{self.tpm_absence}: {NO_TPM_LINE}", {"tpm": False, "reason": self.tpm_absence}
+        assert mesh.ca is not None
+        tpm = await self.tpm.ready()
+        name = self.tpm_node
+        node = next(n for n in mesh.nodes if n.node_id == name)
+        check(on_devices == [name], f"nodes signing on a device: {on_devices}, not {name}")
+        check(attested == [name], f"nodes with an attested platform: {attested}, not {name}")
+        assert node.device is not None
+        # Its certificate binds the TPM's key as its identity, apart from the TLS key.
+        cert = node.identity.certificate
+        identity = spki_der(identity_key_of(cert))
+        check(
+            identity == spki_der(device_public_key(node.device)),
+            f"{name}'s certificate names another identity key than its TPM's",
+        )
+        check(identity != spki_der(cert.public_key()), f"{name}'s identity is its TLS key")
+        # ...and the platform the CA attested: the PCRs quoted, and the TPM's own AK.
+        platform = attested_platform_of(cert)
+        assert platform is not None
+        check(platform.device_class == DEVICE_CLASS, f"device class {platform.device_class}")
+        check(platform.pcrs == DEFAULT_PCRS, f"{name}'s quote covered PCRs {platform.pcrs}")
+        check(platform.ak_public == tpm.ak_public, f"{name}'s certificate names another AK")
+        # The CA checked the EK certificate and the activated credential (require_ek),
+        # and its audit keeps the quote for anyone to re-check.
+        audit = mesh.ca.store.audit(limit=AUDIT_SCAN)  # newest first: reach back to node-3
+        entries = [e for e in audit if (e.event, e.node_id) == ("enroll", name)]
+        check(len(entries) == 1, f"the CA audited {len(entries)} enrollments of {name}")
+        attestation = _mapping(entries[0].detail.get("attestation"), "audited attestation")
+        evidence = _mapping(attestation.get("evidence"), "audited evidence")
+        check(bool(evidence.get("quote")), f"the CA's audit holds no quote by {name}")
+        check(bool(evidence.get("ek_certificate")), f"{name}'s AK was not tied to an EK")
+        pcrs = pcr_range(platform.pcrs)
+        files = self.count - 1
+        return (
+            f"{name}: identity key in a TPM (swtpm, handle 0x{IDENTITY_HANDLE:08x}), bound "
+            f"to its TLS key by its certificate; attested: PCRs {pcrs}, AK tied to EK (EK "
+            "certificate checked, credential activated), under the CA's policy "
+            f"{POLICY_FILE}, the quote in its audit; the other {files} nodes keep their keys "
+            "in files",
+            {
+                "tpm": True,
+                "node": name,
+                "identity_key": tpm.identity_uri,
+                "device_class": platform.device_class,
+                "pcrs": list(platform.pcrs),
+                "ak_name": attestation.get("ak_name"),
+                "policy": str(mesh.ca_dir / POLICY_FILE),
+            },
         )
 
     async def _form(self) -> tuple[str, dict[str, Any]]:
@@ -151,25 +256,49 @@ class MeshDemo:
         answer = await self.clients[origin.node_id].post("/v1/mesh/gossip", message.encode())
         check(answer.get("status") == "accepted", f"the API answered {answer}")
         self.message_id = message.message_id
+        expected = {message.message_id: digest}
+        signed = next((n for n in mesh.nodes if n.device is not None), None)
+        if signed is not None:
+            # The TPM node's own anomaly, signed in its TPM (a blocking TPM command), is
+            # verified by every node with the identity key its certificate binds.
+            tpm_digest = hashlib.sha256(b"demo: a TPM-signed report").hexdigest()
+            tpm_payload = anomaly_payload(tpm_digest, "port-scan", 0.6, {"rule": "demo-tpm"})
+            tpm_message = await asyncio.to_thread(signed.sign, tpm_payload)
+            answer = await self.clients[signed.node_id].post(
+                "/v1/mesh/gossip", tpm_message.encode()
+            )
+            check(answer.get("status") == "accepted", f"{signed.node_id}'s API answered {answer}")
+            expected[tpm_message.message_id] = tpm_digest
         await mesh.wait_for(
-            lambda: all(message.message_id in n.seen for n in mesh.nodes),
+            lambda: all(m in n.seen for n in mesh.nodes for m in expected),
             SPREAD_TIMEOUT,
             what="the anomaly on every node",
         )
         arrival: dict[str, float] = {}
         for node_id, client in self.clients.items():
             listed = (await client.get("/v1/mesh/anomalies"))["anomalies"]
-            found = [a for a in listed if a["message_id"] == message.message_id]
-            check(len(found) == 1, f"{node_id} lists the anomaly {len(found)} times")
-            check(found[0]["hash"] == digest, f"{node_id} holds another hash")
-            arrival[node_id] = found[0]["received_at"] - message.timestamp
+            for message_id, held in expected.items():
+                found = [a for a in listed if a["message_id"] == message_id]
+                check(len(found) == 1, f"{node_id} lists anomaly {message_id} {len(found)} times")
+                check(found[0]["hash"] == held, f"{node_id} holds another hash")
+            mine = next(a for a in listed if a["message_id"] == message.message_id)
+            arrival[node_id] = mine["received_at"] - message.timestamp
         duplicates = sum(n.engine.stats.duplicates for n in mesh.nodes)
         slowest = max(arrival.values())
+        data: dict[str, Any] = {
+            "message_id": message.message_id,
+            "arrival_ms": arrival,
+            "duplicates": duplicates,
+        }
+        also = ""
+        if signed is not None:
+            data["tpm_message_id"] = next(m for m in expected if m != message.message_id)
+            also = f"; {signed.node_id}'s anomaly, signed in its TPM, reached every node too"
         return (
             f"node-1's signed anomaly reached {len(arrival)}/{self.count} nodes within "
             f"{slowest:.0f} ms of signing; {duplicates} duplicate copies dropped; each node "
-            "lists it once in its anomalies API",
-            {"message_id": message.message_id, "arrival_ms": arrival, "duplicates": duplicates},
+            f"lists it once in its anomalies API{also}",
+            data,
         )
 
     async def _store_and_forward(self) -> tuple[str, dict[str, Any]]:
@@ -292,8 +421,10 @@ class MeshDemo:
         )
 
 
-async def run_mesh_demo(workdir: Path, nodes: int, progress: Progress | None = None) -> list[Step]:
-    return await MeshDemo(workdir, nodes).run(progress)
+async def run_mesh_demo(
+    workdir: Path, nodes: int, progress: Progress | None = None, *, tpm: bool | None = None
+) -> list[Step]:
+    return await MeshDemo(workdir, nodes, tpm=tpm).run(progress)
 
 
 async def _timed(
@@ -322,6 +453,16 @@ async def _link_refusal(node: MeshNode, address: str) -> str | None:
         return str(exc)
     link.close()
     return None
+
+
+def _mapping(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DemoFailure(f"no {what}: {value!r}")
+    return value
+
+
+def _index(node: MeshNode) -> int:
+    return int(node.node_id.rsplit("-", 1)[1])
 
 
 def _b64(data: bytes) -> str:

@@ -24,6 +24,7 @@ from trustmesh.mesh.crlparts import CRL_PARTS_VERSION, DEFAULT_CRL_TIMEOUT, CrlP
 from trustmesh.mesh.errors import MalformedMessage, MeshError, RevokedOrigin
 from trustmesh.mesh.gossip import NODE_ID
 from trustmesh.mesh.trust import MAX_CRL, CrlRejected, crl_number_of
+from trustmesh.pki.extensions import AttestedPlatform, ExtensionError, attested_platform_of
 from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 from trustmesh.tls import TlsEstablished
 from trustmesh.wire.frames import FrameDecoder, encode_frame
@@ -43,6 +44,9 @@ MAX_IDS = 512
 MAX_ADDRESS = 300  # characters of a host:port a peer sends
 MAX_ROOM = 1024  # free link slots a PEERS frame may claim (max_links is at most 1024)
 BUNDLES_VERSION = 1  # HELLO "bundles": the bundle frames this node speaks
+ATTEST_VERSION = 1  # HELLO "attest": the attestation frames this node speaks
+EXPORTER_LABEL = b"EXPORTER-dadm-mesh-attestation"
+ATTEST_NONCE = 32
 MAX_BUNDLE_IDS = 256  # bundle ids in one OFFER, WANT or ACK frame
 MAX_BUNDLE_ID = 300  # characters of a bundle id (a node_id is up to 253)
 MAX_REASON = 128  # characters of a refusal's reason in BUNDLE_ACK
@@ -64,6 +68,9 @@ class Frame(enum.IntEnum):
     BUNDLE_WANT = 12  # which offered ids the peer wants, and which it holds already
     BUNDLE = 13  # u8 copies handed over, then one RFC 9171 bundle
     BUNDLE_ACK = 14  # ids persisted (custody taken), and ids refused with a reason
+    # Attestation after the handshake (mesh.attest), to peers whose HELLO has attest:
+    ATTEST_CHALLENGE = 15  # 32 random bytes
+    ATTEST_EVIDENCE = 16  # a TPM quote over SHA-256(nonce || exporter), JSON; empty: no TPM
 
 
 class CloseCode(enum.StrEnum):
@@ -79,6 +86,7 @@ class CloseCode(enum.StrEnum):
     # The link's slot went to another peer (admission or rotation, mesh-link.md 8.2):
     # not an error; the node that lost it dials a replacement.
     REPLACED = "replaced"
+    ATTESTATION = "attestation-failed"  # the peer's quote did not prove its platform
 
 
 CLEAN_CLOSES = frozenset({CloseCode.SHUTDOWN, CloseCode.REPLACED})  # no error, no cooldown
@@ -92,12 +100,15 @@ class PeerAddress:
 
 @dataclass(frozen=True, slots=True)
 class LinkUp(Authenticated):
-    """The peer's HELLO arrived and checked out."""
+    """The peer's HELLO arrived and checked out. ``exporter`` binds attestation to this
+    session; ``platform`` is what the peer's certificate says its TPM is (or None)."""
 
     peer_id: str
     listen: str | None
     crl_number: int
     hold_time: int
+    exporter: bytes = b""
+    platform: AttestedPlatform | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +178,19 @@ class BundleAckFrame(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class AttestChallengeFrame(Event):
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AttestEvidenceFrame(Event):
+    raw: bytes
+
+    def payload_size(self) -> int:
+        return len(self.raw)
+
+
+@dataclass(frozen=True, slots=True)
 class LinkClosed(ConnectionClosed):
     """The link ended; ``code`` is the CLOSE frame's (sent or received)."""
 
@@ -177,6 +201,9 @@ class TlsBinding(Protocol):
     @property
     def established(self) -> TlsEstablished | None:
         """The TLS handshake's outcome, once connected."""
+
+    def exporter(self, label: bytes, context: bytes) -> bytes:
+        """32 bytes of the session's RFC 8446 exporter."""
 
 
 Authorizer = Callable[[Sequence[x509.Certificate]], str]
@@ -204,6 +231,7 @@ class LinkConfig:
     min_hold_time: int = DEFAULT_MIN_HOLD_TIME
     allow_zero_hold: bool = False
     crl_timeout: float = DEFAULT_CRL_TIMEOUT  # a CRL in pieces must be whole by then
+    attest: bool = False  # we check peers' attestation or answer challenges (mesh.attest)
 
     def __post_init__(self) -> None:
         if self.hold_time in (1, 2) or not 0 <= self.hold_time <= MAX_HOLD_TIME:
@@ -253,6 +281,7 @@ class MeshLink:
         self.crl = CrlParts(timeout=config.crl_timeout)  # CRLs over one frame, in pieces
         self.peer_crl_parts = False  # the peer's HELLO says it takes CRL_PART
         self.peer_bundles = False  # the peer's HELLO says it speaks the bundle frames
+        self.peer_attest = False  # the peer's HELLO says it speaks the attestation frames
 
     def bind(self, binding: TlsBinding) -> None:
         self._binding = binding
@@ -287,6 +316,8 @@ class MeshLink:
         }
         if self.config.listen:
             hello["listen"] = self.config.listen
+        if self.config.attest:
+            hello["attest"] = ATTEST_VERSION
         self._send(Frame.HELLO, compact_json(hello))
         self._hold_deadline = now + self.config.hello_timeout  # nothing before HELLO moves it
         return []
@@ -432,6 +463,20 @@ class MeshLink:
             body["refused"] = [[i, r[:MAX_REASON]] for i, r in refused[:MAX_BUNDLE_IDS]]
         return self._send_bundles(Frame.BUNDLE_ACK, body)
 
+    def send_attest_challenge(self, nonce: bytes) -> list[Event]:
+        if len(nonce) != ATTEST_NONCE:
+            raise ValueError(f"a challenge is {ATTEST_NONCE} bytes")
+        return self._send_attest(Frame.ATTEST_CHALLENGE, nonce)
+
+    def send_attest_evidence(self, raw: bytes) -> list[Event]:
+        return self._send_attest(Frame.ATTEST_EVIDENCE, raw[:MAX_CONTROL])
+
+    def _send_attest(self, kind: Frame, body: bytes) -> list[Event]:
+        """Attestation frames go only to a peer whose HELLO said it speaks them."""
+        if self.state is State.ESTABLISHED and self.peer_attest:
+            self._send(kind, body)
+        return []
+
     def _send_bundles(self, kind: Frame, body: dict[str, Any]) -> list[Event]:
         """Bundle frames go only to a peer whose HELLO said it speaks them."""
         if self.state is State.ESTABLISHED and self.peer_bundles:
@@ -498,6 +543,14 @@ class MeshLink:
             return [IHaveFrame(ids) if kind == Frame.IHAVE else IWantFrame(ids)]
         if Frame.BUNDLE_OFFER <= kind <= Frame.BUNDLE_ACK:
             return [_bundle_frame(kind, body)]
+        if kind == Frame.ATTEST_CHALLENGE:
+            if len(body) != ATTEST_NONCE:
+                raise MalformedMessage(f"ATTEST_CHALLENGE is {ATTEST_NONCE} bytes")
+            return [AttestChallengeFrame(body)]
+        if kind == Frame.ATTEST_EVIDENCE:
+            if len(body) > MAX_CONTROL:
+                raise MalformedMessage(f"ATTEST_EVIDENCE is at most {MAX_CONTROL} bytes")
+            return [AttestEvidenceFrame(body)]
         if kind == Frame.HELLO:
             raise MalformedMessage("a second HELLO")
         raise MalformedMessage(f"unknown frame type {kind}")
@@ -529,6 +582,8 @@ class MeshLink:
         self.peer_crl_parts = type(crl_parts) is int and crl_parts == CRL_PARTS_VERSION
         bundles = hello.get("bundles")
         self.peer_bundles = type(bundles) is int and bundles == BUNDLES_VERSION
+        attest = hello.get("attest")
+        self.peer_attest = type(attest) is int and attest == ATTEST_VERSION
         self.crl.peer_number = crl_number
         refusal = self._refuse_hold_time(hold)  # well-formed, but not what we accept
         if refusal is not None:
@@ -541,7 +596,21 @@ class MeshLink:
         else:
             self._hold_deadline = self._keepalive_at = None
         assert self.peer_id is not None
-        return [LinkUp(self.peer_id, listen, crl_number, self.hold_time)]
+        exporter, platform = self._attestation_facts()
+        return [LinkUp(self.peer_id, listen, crl_number, self.hold_time, exporter, platform)]
+
+    def _attestation_facts(self) -> tuple[bytes, AttestedPlatform | None]:
+        """The session's exporter and the peer's attested platform, when both sides
+        speak attestation (else nothing is computed)."""
+        tls = self._binding.established if self._binding is not None else None
+        if not (self.config.attest and self.peer_attest) or tls is None or not tls.peer_chain:
+            return b"", None
+        assert self._binding is not None
+        try:
+            platform = attested_platform_of(tls.peer_chain[0])
+        except ExtensionError:
+            platform = None  # the check fails later, as for a certificate without one
+        return self._binding.exporter(EXPORTER_LABEL, b""), platform
 
     def _refuse_hold_time(self, hold: int) -> str | None:
         """Why the peer's (well-formed) hold time is not acceptable here, if it is not."""

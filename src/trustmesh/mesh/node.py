@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +35,15 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from trustmesh.errors import ProtocolError
 from trustmesh.keystore.signer import Signer
+from trustmesh.mesh.attest import (
+    NONCE_SIZE,
+    LinkAttestation,
+    LinkAttestationPolicy,
+    MakeQuote,
+    ReportAttestation,
+    SendAttestChallenge,
+    SendAttestEvidence,
+)
 from trustmesh.mesh.dtn import (
     BundleAction,
     BundleAgent,
@@ -47,6 +57,8 @@ from trustmesh.mesh.errors import BadSignature, GossipRejected
 from trustmesh.mesh.gossip import GossipMessage
 from trustmesh.mesh.link import (
     CLEAN_CLOSES,
+    AttestChallengeFrame,
+    AttestEvidenceFrame,
     BundleAckFrame,
     BundleFrame,
     BundleOfferFrame,
@@ -208,6 +220,10 @@ Action = (
     | Renew
     | Notify
     | BundleAction[L]
+    | SendAttestChallenge[L]
+    | SendAttestEvidence[L]
+    | MakeQuote[L]
+    | ReportAttestation
 )
 
 
@@ -222,6 +238,8 @@ LinkAction = (
     | SendBundleWant[L]
     | SendBundle[L]
     | SendBundleAck[L]
+    | SendAttestChallenge[L]
+    | SendAttestEvidence[L]
 )
 LINK_ACTIONS = (
     SendGossip,
@@ -234,6 +252,8 @@ LINK_ACTIONS = (
     SendBundleWant,
     SendBundle,
     SendBundleAck,
+    SendAttestChallenge,
+    SendAttestEvidence,
 )
 
 
@@ -261,6 +281,10 @@ def send_on(link: MeshLink, action: LinkAction[Any]) -> list[Event]:
             return link.send_bundle(copies, data)
         case SendBundleAck(_, ids, refused):
             return link.send_bundle_ack(ids, refused)
+        case SendAttestChallenge(_, nonce):
+            return link.send_attest_challenge(nonce)
+        case SendAttestEvidence(_, raw):
+            return link.send_attest_evidence(raw)
     raise TypeError(f"not a link action: {action!r}")
 
 
@@ -372,10 +396,13 @@ class NodeCore(Generic[L]):
         *,
         rng: random.Random,
         bundles: BundleAgent[L] | None = None,
+        attestation: LinkAttestation[L] | None = None,
     ) -> None:
-        """``bundles``: the node's store-and-forward agent (None: no bundles)."""
+        """``bundles``: the node's store-and-forward agent (None: no bundles).
+        ``attestation``: how links are attested (mesh.attest; default: not checked)."""
         self.settings = settings
         self.bundles = bundles
+        self.attestation: LinkAttestation[L] = attestation or LinkAttestation()
         self.node_id = settings.node_id
         self.identity = identity
         self.trust = trust
@@ -525,6 +552,10 @@ class NodeCore(Generic[L]):
             self._rotate(now_ms, actions)
         if self.bundles is not None and now_ms >= self.bundles.next_deadline():
             actions += self.bundles.handle_timer(now_ms)
+        for link, peer in self.attestation.expired(now_ms):
+            if self.links.get(peer) is link:
+                reason = f"no attestation within {self.attestation.timeout_ms / 1000:g} s"
+                self._attestation_failed(link, peer, reason, b"", actions)
         if self.bundles is not None and now_ms >= self._next_contact:
             self._next_contact = now_ms + CONTACT_INTERVAL_MS
             self._contact(now_ms, actions)
@@ -599,7 +630,15 @@ class NodeCore(Generic[L]):
         self, link: L, peer: str, event: Event, now_ms: int, actions: list[Action[L]]
     ) -> None:
         """A frame of an established link that we hold."""
-        if isinstance(event, GossipFrame):
+        if peer in self.attestation.demoted and isinstance(
+            event, GossipFrame | IHaveFrame | IWantFrame
+        ):
+            # A peer that failed attestation has no say in what spreads.
+            actions.append(Notify("gossip.demoted_dropped", {"peer": peer}, logging.DEBUG))
+            return
+        if isinstance(event, AttestChallengeFrame | AttestEvidenceFrame):
+            self._on_attestation(link, peer, event, actions)
+        elif isinstance(event, GossipFrame):
             self._inbox.setdefault(link, []).append(event.raw)
         elif isinstance(event, IHaveFrame):
             wanted = self.engine.on_ihave(peer, event.ids, now_ms)
@@ -706,6 +745,7 @@ class NodeCore(Generic[L]):
             actions.append(SendIHave(link, tuple(ids)))
         if self.bundles is not None:
             actions += self.bundles.link_up(peer, link, now_ms)
+        self._attest_link(link, peer, event, now_ms, actions)
         if self.trust.crl_der is not None and event.crl_number < self.trust.crl_number:
             actions.append(SendCrl(link, self.trust.crl_der))
         actions.append(
@@ -795,6 +835,9 @@ class NodeCore(Generic[L]):
     ) -> None:
         del self._states[link]
         self._inbox.pop(link, None)
+        peer_id = state.peer_id
+        linked = peer_id is not None and self.links.get(peer_id) not in (None, link)
+        self.attestation.link_closed(link, peer_id, still_linked=linked)
         code = event.code if isinstance(event, LinkClosed) else None
         # Only a link that ran its course (a clean close after MIN_LINK_AGE_MS) clears
         # its address's cooldown, and only such a link of ours given away ('replaced')
@@ -1147,7 +1190,7 @@ class NodeCore(Generic[L]):
     ) -> tuple[Received, list[Action[L]]]:
         """A message from the local API or our own (raises GossipRejected)."""
         received = self.engine.receive(
-            message, raw, sender=None, peers=list(self.links), now_ms=now_ms
+            message, raw, sender=None, peers=self.gossip_peers(), now_ms=now_ms
         )
         actions: list[Action[L]] = []
         self._deliver(received, now_ms, actions)
@@ -1161,7 +1204,7 @@ class NodeCore(Generic[L]):
             if state is None or state.peer_id is None or self.links.get(state.peer_id) is not link:
                 continue  # closed, evicted or revoked meanwhile: its frames are moot
             results = self.engine.receive_batch(
-                raws, sender=state.peer_id, peers=list(self.links), now_ms=now_ms
+                raws, sender=state.peer_id, peers=self.gossip_peers(), now_ms=now_ms
             )
             for result in results:
                 if isinstance(result, Received):
@@ -1205,11 +1248,79 @@ class NodeCore(Generic[L]):
         if received.crl is not None:
             self._after_crl(received.crl, f"gossip from {message.origin}", now_ms, actions)
 
+    def gossip_peers(self) -> list[str]:
+        """The peers gossip goes to: all linked ones but those demoted by attestation."""
+        demoted = self.attestation.demoted
+        return [p for p in self.links if p not in demoted] if demoted else list(self.links)
+
     def _digests(self, now_ms: int, actions: list[Action[L]]) -> None:
+        demoted = self.attestation.demoted
         for peer, link in self.links.items():
+            if peer in demoted:
+                continue
             ids = self.engine.ihave_for(peer, now_ms)
             if ids:
                 actions.append(SendIHave(link, tuple(ids)))
+
+    # --- attestation (spec sections 2.2 and 5.1; mesh.attest) --------------------------------
+
+    def _attest_link(
+        self, link: L, peer: str, event: LinkUp, now_ms: int, actions: list[Action[L]]
+    ) -> None:
+        checking = self.attestation.policy is not LinkAttestationPolicy.OFF
+        if not event.exporter:
+            if checking:
+                self._attestation_failed(link, peer, "the peer does not attest", b"", actions)
+            return
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        actions += self.attestation.link_up(
+            link, peer, event.exporter, event.platform, nonce, now_ms
+        )
+
+    def _on_attestation(
+        self,
+        link: L,
+        peer: str,
+        event: AttestChallengeFrame | AttestEvidenceFrame,
+        actions: list[Action[L]],
+    ) -> None:
+        if isinstance(event, AttestChallengeFrame):
+            actions += self.attestation.on_challenge(link, event.nonce)
+            return
+        verdict = self.attestation.on_evidence(link, event.raw)
+        if verdict is None:
+            return  # no challenge of ours was open: an answer to nothing
+        _, reason = verdict
+        if reason is not None:
+            self._attestation_failed(link, peer, reason, event.raw, actions)
+        else:
+            actions.append(Notify("link.attested", {"peer": peer}))
+
+    def quote_made(self, link: L, raw: bytes) -> list[Action[L]]:
+        """Our TPM's quote for a peer's challenge (``MakeQuote``); empty: it failed."""
+        if link not in self._states:
+            return []
+        return [SendAttestEvidence(link, raw)]
+
+    def _attestation_failed(
+        self, link: L, peer: str, reason: str, raw: bytes, actions: list[Action[L]]
+    ) -> None:
+        policy = self.attestation.policy
+        fields = {"peer": peer, "reason": reason, "policy": str(policy)}
+        actions.append(Notify("link.attestation_failed", fields, logging.WARNING))
+        if policy is LinkAttestationPolicy.DEMOTE:
+            self.attestation.demoted.add(peer)
+        elif policy in (LinkAttestationPolicy.CLOSE, LinkAttestationPolicy.REVOKE):
+            actions.append(CloseLink(link, CloseCode.ATTESTATION, reason))
+            serial = link.serial
+            if (
+                policy is LinkAttestationPolicy.REVOKE
+                and raw
+                and serial is not None
+                and self.attestation.first_report(serial)
+            ):
+                # Only a quote can convince the CA: it checks it against its own policy.
+                actions.append(ReportAttestation(peer, serial, raw))
 
     # --- revocation (spec section 5.3) --------------------------------------------------------
 

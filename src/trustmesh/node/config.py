@@ -15,6 +15,7 @@ allow_zero_hold = false
 hello_timeout = 10.0             # seconds from TLS up to the peer's HELLO
 key_encrypted = true             # node.key needs TRUSTMESH_PASSPHRASE
 mdns = false                     # advertise and discover nodes on the LAN (discovery.md)
+link_attestation = "off"         # or demote, close, revoke: peers' TPM quotes (attestation.md)
 
 [limits]                         # the resource policy of both listeners (docs/limits.md)
 max_connections = 1024
@@ -33,6 +34,7 @@ from typing import Any
 import tomli_w
 
 from trustmesh.io.limits import ResourcePolicy, policy_from
+from trustmesh.mesh.attest import LinkAttestationPolicy
 from trustmesh.mesh.engine import DEFAULT_FANOUT
 from trustmesh.mesh.errors import MeshError
 from trustmesh.mesh.link import (
@@ -46,6 +48,7 @@ from trustmesh.mesh.node import NodeSettings
 from trustmesh.node.discovery import MAX_NODE_ID
 
 CONFIG_FILE = "node.toml"
+LINK_ATTESTATION_POLICIES = tuple(p.value for p in LinkAttestationPolicy)
 DEFAULT_CRL_INTERVAL = 60.0
 DEFAULT_MAX_LINKS = 12
 DEFAULT_DIGEST_INTERVAL = 1.0
@@ -76,6 +79,11 @@ class NodeConfig:
     # mDNS discovery on the LAN (docs/protocols/discovery.md). Off by default: a WAN
     # fleet has its bootstrap list, and announcing ourselves is an operator's choice.
     mdns: bool = False
+    # Attestation of peers on every link (mesh.attest, docs/protocols/attestation.md):
+    # "off", or what a peer whose TPM quote fails gets: "demote" (its gossip dropped,
+    # none sent to it), "close" (the link closed), "revoke" (closed and reported to the
+    # CA, which revokes it if the quote fails the CA's policy).
+    link_attestation: str = "off"
     # The bundle store's quotas (docs/protocols/bundles.md section 9): bytes in all, and
     # bytes of any one source node; and the spray-and-wait copies of a new bundle.
     bundle_quota: int = 256 * 1024 * 1024
@@ -102,6 +110,9 @@ class NodeConfig:
                 raise ConfigError(f"{name}: {exc}") from None
         if not isinstance(self.mdns, bool):
             raise ConfigError("mdns must be true or false")
+        if self.link_attestation not in LINK_ATTESTATION_POLICIES:
+            choices = ", ".join(LINK_ATTESTATION_POLICIES)
+            raise ConfigError(f"link_attestation must be one of {choices}")
         if self.mdns:
             if len(self.node_id) > MAX_NODE_ID:
                 raise ConfigError(f"mdns: a node_id of at most {MAX_NODE_ID} characters")

@@ -41,8 +41,10 @@ class Dialer:
         authorize: Callable[[Sequence[Any]], str],
         crl_number: Callable[[], int],
         tickets: int,
+        attest: bool = False,
     ) -> None:
         self.config = config
+        self.attest = attest  # links speak attestation (we check peers, or can quote)
         self.clock = clock
         self._identity = identity
         self._advertised = advertised
@@ -69,6 +71,7 @@ class Dialer:
                 hello_timeout=c.hello_timeout,
                 min_hold_time=c.min_hold_time,
                 allow_zero_hold=c.allow_zero_hold,
+                attest=self.attest,
             ),
             initiator=initiator,
             authorize=authorize,

@@ -19,12 +19,18 @@ from trustmesh.api.ca_client import enroll_node, make_csr
 from trustmesh.api.ca_server import CaServer
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.limits import ResourcePolicy
+from trustmesh.keystore.uri import close_signer, open_signer
 from trustmesh.node.config import NodeConfig, write_config
 from trustmesh.node.runtime import MeshNode
+from trustmesh.pki.attestation import AttestationPolicy
 from trustmesh.pki.ca import CertificateAuthority
+from trustmesh.pki.challenge import Challenges
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
+from trustmesh.pki.tpm_verifier import TPM_QUOTE, TpmQuoteVerifier
 from trustmesh.ratelimit import RateLimiter
 from trustmesh.tls import TlsConfig
+from trustmesh.tpm.attester import TpmAttester
+from trustmesh.tpm.policy import AttestationPolicyFile
 
 HOST = "127.0.0.1"
 _PEM = serialization.Encoding.PEM
@@ -41,13 +47,17 @@ class LocalMesh:
         *,
         passphrase: bytes = b"local mesh CA passphrase",
         node_settings: dict[str, Any] | None = None,
+        attestation: AttestationPolicyFile | None = None,
     ) -> None:
+        """``attestation``: the CA takes TPM quotes under this policy (nodes may then
+        enroll with ``attest=``)."""
         if nodes < 1:
             raise ValueError("a mesh needs at least one node")
         self.workdir = workdir
         self.count = nodes
         self.passphrase = passphrase
         self.node_settings = node_settings or {}
+        self.attestation = attestation
         self.ca: CertificateAuthority | None = None
         self.ca_server: CaServer | None = None
         self.nodes: list[MeshNode] = []
@@ -59,7 +69,12 @@ class LocalMesh:
     async def start_ca(self) -> CaServer:
         ca = CertificateAuthority.init(self.ca_dir, self.passphrase, name="trustmesh demo")
         self.ca = ca
-        registrar = Registrar(ca, EnrollmentPolicy(), MeshSettings())
+        challenges = Challenges.for_directory(self.ca_dir)
+        policy = EnrollmentPolicy()
+        if self.attestation is not None:
+            verifier = TpmQuoteVerifier(self.attestation, challenges, ca.clock)
+            policy = EnrollmentPolicy(attestation=AttestationPolicy("none", {TPM_QUOTE: verifier}))
+        registrar = Registrar(ca, policy, MeshSettings(), challenges=challenges)
         # Every node of a local mesh reaches the CA from 127.0.0.1, where a real fleet
         # comes from as many addresses: lift the listener's per-address limits.
         self.ca_server = CaServer(
@@ -73,23 +88,41 @@ class LocalMesh:
         await self.ca_server.start()
         return self.ca_server
 
-    async def enroll(self, index: int, *, token: str | None = None, **settings: Any) -> Path:
+    async def enroll(
+        self,
+        index: int,
+        *,
+        token: str | None = None,
+        identity_key: str | None = None,
+        attest: str | None = None,
+        **settings: Any,
+    ) -> Path:
         """Enroll node-``index`` over the CA's HTTPS API (with a fresh token unless one is
-        given) and write its config."""
+        given) and write its config; ``identity_key`` (a device URI) and ``attest``
+        (``tpm:<TCTI>``) as ``node init --key`` and ``--attest`` take them."""
         assert self.ca is not None
         assert self.ca_server is not None
         node_id = f"node-{index}"
         directory = self.workdir / node_id
         token = token or self.ca.create_token(node_id)
-        await asyncio.to_thread(
-            enroll_node,
-            self.ca_server.url,
-            self.ca_dir / "ca.crt",
-            token,
-            node_id,
-            directory,
-            passphrase=None,
-        )
+        identity = None if identity_key is None else open_signer(identity_key)
+        try:
+            await asyncio.to_thread(
+                enroll_node,
+                self.ca_server.url,
+                self.ca_dir / "ca.crt",
+                token,
+                node_id,
+                directory,
+                passphrase=None,
+                identity=identity,
+                identity_uri=identity_key,
+                attester=None if attest is None else TpmAttester.from_spec(attest),
+                attest=attest,
+            )
+        finally:
+            if identity is not None:
+                close_signer(identity)
         bootstrap = (self.nodes[0].listen_address,) if self.nodes else ()
         values = {**self.node_settings, **settings}
         config = NodeConfig(

@@ -27,6 +27,7 @@ from trustmesh.api.ca_client import (
     finish_interrupted_rotation,
     forget_previous_key,
     recorded_devices,
+    report_attestation,
 )
 from trustmesh.bundle.store import StoreError
 from trustmesh.clock import SYSTEM_CLOCK, Clock
@@ -37,8 +38,10 @@ from trustmesh.io.stream import StreamDriver, StreamServer, serve_stream
 from trustmesh.io.tasks import TaskSet, within
 from trustmesh.keystore.signer import Signer
 from trustmesh.keystore.uri import close_signer, open_signer
+from trustmesh.mesh import attest as attest_actions
 from trustmesh.mesh import dtn as bundle_actions
 from trustmesh.mesh import node as core_actions
+from trustmesh.mesh.attest import LinkAttestation, LinkAttestationPolicy
 from trustmesh.mesh.bundle_codec import MeshBundleCodec
 from trustmesh.mesh.dtn import BundleAgent
 from trustmesh.mesh.engine import GossipEngine, Received, SeenCache
@@ -72,9 +75,10 @@ from trustmesh.node.health import health_of, renewal_due
 from trustmesh.node.identity import Identity, load_identity, rotate_identity
 from trustmesh.node.links import Link, LinkFailed
 from trustmesh.node.runfile import RUN_FILE, write_run_file
+from trustmesh.pki.extensions import attested_platform_of
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsStream
-from trustmesh.tpm.attester import TpmAttester
+from trustmesh.tpm.attester import DEFAULT_PCRS, TpmAttester
 
 if TYPE_CHECKING:
     from trustmesh.node.mdns import MdnsDiscovery
@@ -151,6 +155,9 @@ class MeshNode:
             self.book,
             rng=random.Random(),  # noqa: S311 (dial order and jitter, not secrets)
             bundles=agent,
+            attestation=LinkAttestation(
+                LinkAttestationPolicy(config.link_attestation), can_quote=attester is not None
+            ),
         )
         self.bundles = NodeBundles(
             self.node_id,
@@ -182,6 +189,7 @@ class MeshNode:
             authorize=lambda chain: self.core.authorize_chain(chain, clock.time_ms()),
             crl_number=lambda: self.trust.crl_number,
             tickets=MAX_ADDRESSES,
+            attest=config.link_attestation != "off" or attester is not None,
         )
 
     @classmethod
@@ -354,8 +362,14 @@ class MeshNode:
                     | bundle_actions.SendBundleWant()
                     | bundle_actions.SendBundle()
                     | bundle_actions.SendBundleAck()
+                    | attest_actions.SendAttestChallenge()
+                    | attest_actions.SendAttestEvidence()
                 ):
                     action.link.carry(action)
+                case attest_actions.MakeQuote(link, qualifying):
+                    self._tasks.spawn(self._quote_for_core(link, qualifying))
+                case attest_actions.ReportAttestation(peer, serial, raw):
+                    self._tasks.spawn(self._report_attestation(peer, serial, raw))
                 case bundle_actions.BundleForwarded(bundle_id, peer, released):
                     self._emit(
                         "bundle.forwarded",
@@ -577,6 +591,40 @@ class MeshNode:
     def flush(self) -> None:
         """Commit the store's pending batch now."""
         self.batch.flush()
+
+    # --- attestation on links (mesh.attest) -------------------------------------------------
+
+    async def _quote_for_core(self, link: Link, qualifying: bytes) -> None:
+        """Answer a peer's challenge with a quote of the PCRs our certificate names."""
+        raw = b""
+        if self.attester is not None:
+            platform = attested_platform_of(self.identity.certificate)
+            pcrs = platform.pcrs if platform is not None else DEFAULT_PCRS
+            try:
+                evidence = await asyncio.to_thread(self.attester.quote, qualifying, pcrs)
+                raw = evidence.to_bytes()
+            except ProtocolError as exc:
+                self._emit("link.quote_failed", level=logging.WARNING, error=str(exc))
+        self._run(self.core.quote_made(link, raw))
+
+    async def _report_attestation(self, peer: str, serial: int, raw: bytes) -> None:
+        """Give the CA a peer's failing quote (policy ``revoke``): the CA checks it
+        against its own policy and revokes the peer if it fails there too."""
+        try:
+            answer = await asyncio.to_thread(
+                report_attestation,
+                self.directory,
+                self._passphrase,
+                self.config.ca_url,
+                serial,
+                raw,
+            )
+        except (ProtocolError, OSError) as exc:
+            self._emit(
+                "attestation.report_failed", level=logging.WARNING, peer=peer, error=str(exc)
+            )
+            return
+        self._emit("attestation.reported", peer=peer, **answer)
 
     # --- certificate renewal ----------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from trustmesh.pki.errors import (
 )
 from trustmesh.pki.extensions import ExtensionError, IdentityBinding, identity_binding_of
 from trustmesh.pki.store import IssuedCertificate
+from trustmesh.tpm.policy import PcrPolicy
 
 DEFAULT_GOSSIP_FANOUT = 3
 
@@ -115,6 +116,12 @@ class Registrar:
         self.settings = settings
         self.challenges = challenges or Challenges.for_directory(ca.directory)
         self._trust = Store([ca.root_cert])
+
+    def tpm_policy(self) -> PcrPolicy | None:
+        """The PCR policy of the CA's TPM verifier (``--attestation-policy``), if any."""
+        verifier = self.policy.attestation.verifiers.get("tpm_quote")
+        policy = getattr(verifier, "policy", None)
+        return policy if isinstance(policy, PcrPolicy) else None
 
     def enrollment_challenge(
         self, token: str, *, now: datetime | None = None

@@ -20,9 +20,11 @@ peer verifies them with the key this extension names.
         akPublic     OCTET STRING,   -- the AK's TPM2B_PUBLIC
         pcrDigest    OCTET STRING,   -- SHA-256 of the quoted PCR values
         pcrs         OCTET STRING,   -- the PCR indices quoted, one byte each
-        deviceClass  UTF8String }
+        deviceClass  UTF8String,
+        clock        INTEGER }       -- the TPM's clock (ms) in the enrollment's quote
 
-A peer checks a link quote against this AK and these PCRs (docs/protocols/attestation.md).
+A peer checks a link quote against this AK and these PCRs (docs/protocols/attestation.md);
+the CA takes a report of a failing quote only if its clock is later than this one.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class _AttestedPlatform(core.Sequence):  # type: ignore[misc]
         ("pcr_digest", core.OctetString),
         ("pcrs", core.OctetString),
         ("device_class", core.UTF8String),
+        ("clock", core.Integer),
     ]
 
 
@@ -152,6 +155,7 @@ class AttestedPlatform:
     pcr_digest: bytes
     pcrs: tuple[int, ...]
     device_class: str
+    clock: int = 0
 
     def to_der(self) -> bytes:
         return bytes(
@@ -161,6 +165,7 @@ class AttestedPlatform:
                     "pcr_digest": self.pcr_digest,
                     "pcrs": bytes(self.pcrs),
                     "device_class": self.device_class,
+                    "clock": self.clock,
                 }
             ).dump()
         )
@@ -179,10 +184,15 @@ class AttestedPlatform:
                 bytes(parsed["pcr_digest"].native),
                 tuple(bytes(parsed["pcrs"].native)),
                 str(parsed["device_class"].native),
+                int(parsed["clock"].native),
             )
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
             raise ExtensionError(f"the attested-platform extension does not parse: {exc}") from None
-        if any(i > 23 for i in platform.pcrs) or len(platform.pcr_digest) != 32:
+        if (
+            any(i > 23 for i in platform.pcrs)
+            or len(platform.pcr_digest) != 32
+            or platform.clock < 0
+        ):
             raise ExtensionError("the attested-platform extension names PCRs 0..23 and a digest")
         return platform
 

@@ -106,6 +106,7 @@ class TpmQuoteVerifier:
             claims.pcr_digest,
             claims.pcr_selection,
             claims.device_class or "",
+            claims.clock,
         )
         detail = f"TPM quote by AK {claims.ak_name.hex()[:16]}.. ({claims.device_class})"
         audit = {

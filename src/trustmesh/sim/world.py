@@ -9,6 +9,7 @@ The model (network, loss, TLS, churn, partitions, bundles) is described in docs/
 from __future__ import annotations
 
 import gc
+import hashlib
 import heapq
 import random
 import tempfile
@@ -127,6 +128,12 @@ class End:
         self.timer_at = INF
         self.last_arrival = 0  # frames in this direction arrive in order
         self.backlog: list[tuple[bytes, bool]] = []  # held while partitioned
+
+    def exporter(self, label: bytes, context: bytes) -> bytes:
+        """What both ends of a simulated session agree on (no TLS: no secret either)."""
+        ends = sorted((self.serial or 0, self.peer.serial or 0))
+        facts = b"%d:%d:%d:" % (ends[0], ends[1], self.dialler_port)
+        return hashlib.sha256(label + facts + context).digest()
 
 
 class SimNode:
