@@ -1,6 +1,7 @@
-"""A mesh whose nodes keep their identities in three places, run as an operator would:
-node-1 on a key file, node-2 on a PKCS#11 token (SoftHSM2), node-3 on a TPM (swtpm),
-which also attests to the CA at enrollment and at renewal (issue 20, "Tests").
+"""A mesh whose nodes keep their identities in several places, run as an operator would:
+node-1 on its key file, node-2 on a PKCS#11 token (SoftHSM2), node-3 on a TPM (swtpm),
+which also attests to the CA at enrollment and at renewal, and node-4 on the encrypted
+file `keys generate` fell back to when its TPM was absent (issue 20, "Tests").
 
 Gossip from the device nodes is signed on the device and verified by the others with
 the identity key their certificates bind; a renewal keeps the binding and attests
@@ -9,6 +10,7 @@ again; the CA's audit keeps the quote for anyone to re-check."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,16 @@ from trustmesh.tpm.swtpm import Swtpm
 
 ANOMALY = {"hash": "c0ffee00c0ffee00", "kind": "port-scan", "risk": 0.7, "meta": {}}
 SPREAD = 10.0
+
+
+IDENTITY_PASS = "identity key passphrase"
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _json(stdout: str) -> dict[str, Any]:
@@ -69,12 +81,24 @@ def test_a_mesh_of_file_token_and_tpm_identities(
         )
     )
     assert tpm_key["store"] == "tpm" and not tpm_key.get("fallback"), tpm_key
-    dirs = {f"node-{i}": tmp_path / f"n{i}" for i in (1, 2, 3)}
+    # No TPM answers here: the identity falls back to an encrypted file, still usable.
+    absent = f"tpm:swtpm:host=127.0.0.1,port={_closed_port()};handle=0x81000201"
+    file_key = _json(
+        succeeds(
+            *("keys", "generate", "--type", "p256", "--json", "--out", tmp_path / "id-4.key"),
+            *("--store", absent),
+            passphrase=IDENTITY_PASS,
+        )
+    )
+    assert file_key["fallback"] is True and file_key["store"] == "file", file_key
+    dirs = {f"node-{i}": tmp_path / f"n{i}" for i in (1, 2, 3, 4)}
     extra = {
         "node-1": (),
         "node-2": ("--key", token_key["key"]),
         "node-3": ("--key", tpm_key["key"], "--attest", f"tpm:{tpm.tcti}"),
+        "node-4": ("--key", file_key["key"]),
     }
+    secret = {n: IDENTITY_PASS if n == "node-4" else None for n in dirs}
     with serving(ca, "--attestation-policy", str(policy)) as server:
         tokens = {
             n: _json(succeeds("ca", "token", "create", "--dir", ca, "--node-id", n, "--json"))[
@@ -90,7 +114,7 @@ def test_a_mesh_of_file_token_and_tpm_identities(
                 *("--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--no-encrypt", "--json"),
                 *extra[node_id],
                 *more,
-            ), None
+            ), secret[node_id]
 
         first = concurrently(init("node-1"))[0]
         assert first.returncode == 0, first.stderr
@@ -98,25 +122,27 @@ def test_a_mesh_of_file_token_and_tpm_identities(
         assert identity_binding_of(_leaf(dirs["node-1"])) is None
         with running((dirs["node-1"], None)) as (one,):
             seed = one.started()["listen"]
-            made = concurrently(
-                init("node-2", "--bootstrap", seed), init("node-3", "--bootstrap", seed)
-            )
+            joining = ("node-2", "node-3", "node-4")
+            made = concurrently(*(init(n, "--bootstrap", seed) for n in joining))
             assert all(r.returncode == 0 for r in made), [r.stderr for r in made]
             assert identity_binding_of(_leaf(dirs["node-2"])) is not None
+            assert identity_binding_of(_leaf(dirs["node-4"])) is not None
             platform = attested_platform_of(_leaf(dirs["node-3"]))
             assert platform is not None and platform.device_class == "swtpm"
-            with running((dirs["node-2"], None), (dirs["node-3"], None)) as (two, three):
-                nodes = {"node-1": one, "node-2": two, "node-3": three}
+            others = [(dirs[n], secret[n]) for n in joining]
+            with running(*others) as (two, three, four):
+                nodes = {"node-1": one, "node-2": two, "node-3": three, "node-4": four}
                 for node_id, node in nodes.items():
                     for peer in nodes.keys() - {node_id}:
                         node.event("link.up", peer=peer)
-                # Gossip signed on the token and on the TPM reaches every node.
-                for origin in ("node-2", "node-3"):
+                # Gossip signed on the token, on the TPM and with the file identity
+                # reaches every node.
+                for origin in joining:
                     published = _json(
                         succeeds(
                             *("node", "publish", "--dir", dirs[origin], "--json"),
                             *("--payload-json", json.dumps({**ANOMALY, "meta": {"o": origin}})),
-                            passphrase=None,
+                            passphrase=secret[origin],
                         )
                     )
                     assert published["status"] == "accepted", published

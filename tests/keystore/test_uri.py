@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,12 @@ def closed_port() -> Iterator[int]:
     with socket.socket() as bound:
         bound.bind(("127.0.0.1", 0))
         yield bound.getsockname()[1]
+
+
+def keystore_log(caplog: pytest.LogCaptureFixture) -> AbstractContextManager[None]:
+    """Capture the key store's log at every level, whatever level an earlier test left
+    the ``trustmesh`` logger at (an in-process demo quiets it)."""
+    return caplog.at_level(logging.DEBUG, logger="trustmesh.keystore")
 
 
 def keystore_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -144,7 +151,7 @@ def test_an_absent_pkcs11_module_falls_back_to_an_encrypted_file_with_one_warnin
     module = tmp_path / "no-such-pkcs11.so"
     store = f"pkcs11:token=mesh;object=node?module-path={module}"
     out = tmp_path / "fallback.key"
-    with caplog.at_level(logging.DEBUG):
+    with keystore_log(caplog):
         signer, spec = generate_signer(store, KeyKind.P256, out=out)
     assert spec == str(out) and not is_device_uri(spec)
     (record,) = keystore_records(caplog)
@@ -159,7 +166,7 @@ def test_an_absent_device_without_a_fallback_path_is_an_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = f"pkcs11:token=mesh;object=node?module-path={tmp_path / 'none.so'}"
-    with caplog.at_level(logging.DEBUG), pytest.raises(DeviceAbsentError, match=r"none\.so"):
+    with keystore_log(caplog), pytest.raises(DeviceAbsentError, match=r"none\.so"):
         generate_signer(store, KeyKind.P256, out=None)
     with pytest.raises(DeviceAbsentError, match=r"none\.so"):
         open_signer(store)
@@ -174,7 +181,7 @@ def test_a_wrong_pin_is_an_error_never_a_fallback(
     wrong.write_text("0000")
     out = tmp_path / "k.key"
     store = f"pkcs11:token={TOKEN};object=uri-pin?pin-source=file:{wrong}"
-    with caplog.at_level(logging.DEBUG), pytest.raises(Pkcs11Error, match="PIN"):
+    with keystore_log(caplog), pytest.raises(Pkcs11Error, match="PIN"):
         generate_signer(store, KeyKind.P256, out=out)
     assert not out.exists()
     assert keystore_records(caplog) == []
@@ -196,7 +203,7 @@ def test_secp256k1_on_a_tpm_is_refused_and_is_no_fallback_reason(
 ) -> None:
     store = f"tpm:swtpm:host=127.0.0.1,port={closed_port};handle=0x81000123"
     out = tmp_path / "k.key"
-    with caplog.at_level(logging.DEBUG), pytest.raises(KeySpecError, match="P-256 only"):
+    with keystore_log(caplog), pytest.raises(KeySpecError, match="P-256 only"):
         generate_signer(store, KeyKind.SECP256K1, out=out)
     assert not out.exists()
     assert keystore_records(caplog) == []
@@ -213,7 +220,7 @@ def test_a_tpm_that_does_not_answer_falls_back_with_one_warning(
     monkeypatch.setenv(PASSPHRASE_ENV, "fallback")
     store = f"tpm:swtpm:host=127.0.0.1,port={closed_port};handle=0x81000123"
     out = tmp_path / "k.key"
-    with caplog.at_level(logging.DEBUG):
+    with keystore_log(caplog):
         signer, spec = generate_signer(store, KeyKind.P256, out=out)
     assert spec == str(out)
     (record,) = keystore_records(caplog)

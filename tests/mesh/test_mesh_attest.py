@@ -210,3 +210,17 @@ def test_a_quote_proves_its_link_and_no_other(
     edited["pcrs"]["sha256"]["7"] = "11" * 32
     with pytest.raises(QuoteRejected):
         check_link_quote(json.dumps(edited).encode(), platform, NONCE, exporter)
+
+
+def test_a_peer_has_no_say_in_gossip_until_its_quote_checks_out() -> None:
+    checker: LinkAttestation[str] = LinkAttestation(LinkAttestationPolicy.DEMOTE)
+    checker.link_up("l1", "peer", b"e" * 32, None, NONCE, 0)
+    assert checker.excluded("peer")  # challenged, not yet answered
+    checker.failed("peer", demote=True)
+    assert checker.excluded("peer") and "peer" in checker.demoted
+    # Reconnecting does not wash the demotion off: the new link must prove itself.
+    checker.link_closed("l1", "peer", still_linked=True)
+    checker.link_up("l2", "peer", b"f" * 32, None, NONCE, 0)
+    assert checker.excluded("peer")
+    checker.link_closed("l2", "peer", still_linked=False)
+    assert not checker.excluded("peer")  # gone: nothing left to exclude

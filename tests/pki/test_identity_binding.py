@@ -22,7 +22,8 @@ from trustmesh.keystore.pkcs11 import Pkcs11Signer
 from trustmesh.mesh.errors import BadSignature
 from trustmesh.mesh.gossip import sign_message
 from trustmesh.mesh.trust import TrustView
-from trustmesh.pki.ca import CertificateAuthority
+from trustmesh.pki.ca import CertificateAuthority, token_hash
+from trustmesh.pki.challenge import Purpose
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.pki.errors import CsrRejected, PolicyDenied
 from trustmesh.pki.extensions import (
@@ -53,8 +54,21 @@ def enroll(
     ca: CertificateAuthority, node_id: str, tls: PrivateKey, identity: object
 ) -> x509.Certificate:
     token = ca.create_token(node_id, now=NOW)
-    csr = make_csr(tls, node_id, identity)  # type: ignore[arg-type]
+    context = Purpose.enroll(token_hash(token)).binding
+    csr = make_csr(tls, node_id, identity, context)  # type: ignore[arg-type]
     return desk(ca).enroll(token, csr, now=NOW).certificate
+
+
+def csr_with(key: PrivateKey, node_id: str, binding: IdentityBinding) -> str:
+    """A CSR for ``key`` carrying ``binding`` as it is (an attacker's)."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name.from_rfc4514_string(f"CN={node_id}"))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
+        .add_extension(binding.extension(), critical=False)
+        .sign(key.to_cryptography(), hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def test_a_token_identity_binds_the_tls_key_and_signs_what_peers_verify(
@@ -91,18 +105,16 @@ def test_a_token_identity_binds_the_tls_key_and_signs_what_peers_verify(
 def test_a_binding_over_another_key_is_refused(ca: CertificateAuthority) -> None:
     identity = PrivateKey.generate(KeyKind.P256)
     tls, other = PrivateKey.generate(KeyKind.P256), PrivateKey.generate(KeyKind.P256)
-    binding = IdentityBinding.make(identity, other.to_cryptography().public_key())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name.from_rfc4514_string("CN=node-2"))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("node-2")]), critical=False)
-        .add_extension(binding.extension(), critical=False)
-        .sign(tls.to_cryptography(), hashes.SHA256())
-    )
     token = ca.create_token("node-2", now=NOW)
-    pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+    context = Purpose.enroll(token_hash(token)).binding
+    binding = IdentityBinding.make(identity, other.to_cryptography().public_key(), context)
     with pytest.raises(CsrRejected, match="does not verify"):
-        desk(ca).enroll(token, pem, now=NOW)
+        desk(ca).enroll(token, csr_with(tls, "node-2", binding), now=NOW)
+    # A binding of the right key, made for another token, is refused too.
+    elsewhere = Purpose.enroll(token_hash("another token")).binding
+    binding = IdentityBinding.make(identity, tls.to_cryptography().public_key(), elsewhere)
+    with pytest.raises(CsrRejected, match="does not verify"):
+        desk(ca).enroll(token, csr_with(tls, "node-2", binding), now=NOW)
 
 
 def test_a_stolen_tls_key_cannot_rotate_a_bound_certificate(ca: CertificateAuthority) -> None:
@@ -118,13 +130,29 @@ def test_a_stolen_tls_key_cannot_rotate_a_bound_certificate(ca: CertificateAutho
         registrar.rotate(current, make_csr(PrivateKey.generate(KeyKind.P256), "node-3"), now=later)
     # ... or bound by an identity of their own, is refused.
     mine = PrivateKey.generate(KeyKind.P256)
+    context = Purpose.rotate(current.serial).binding
     with pytest.raises(PolicyDenied, match="identity key is bound"):
         registrar.rotate(
-            current, make_csr(PrivateKey.generate(KeyKind.P256), "node-3", mine), now=later
+            current,
+            make_csr(PrivateKey.generate(KeyKind.P256), "node-3", mine, context),
+            now=later,
         )
-    # The node, with its identity, rotates; the binding follows.
+    # The binding the certificate shows, copied into a CSR for the same stolen key: it
+    # was made for the enrollment, not for this rotation.
+    copied = identity_binding_of(cert)
+    assert copied is not None
+    with pytest.raises(CsrRejected, match="for this request"):
+        registrar.rotate(current, csr_with(tls, "node-3", copied), now=later)
+    # The node, with its identity, rotates (a new key, or the same one); the binding
+    # follows, and it is for this rotation only.
     new_tls = PrivateKey.generate(KeyKind.P256)
-    issued = registrar.rotate(current, make_csr(new_tls, "node-3", identity), now=later)
+    issued = registrar.rotate(current, make_csr(new_tls, "node-3", identity, context), now=later)
+    successor = ca.store.get(issued.certificate.serial_number)
+    assert successor is not None
+    replay = identity_binding_of(issued.certificate)
+    assert replay is not None
+    with pytest.raises(CsrRejected, match="for this request"):
+        registrar.rotate(successor, csr_with(new_tls, "node-3", replay), now=later)
     assert identity_binding_of(issued.certificate) == IdentityBinding(
         identity_binding_of(cert).identity_spki,  # type: ignore[union-attr]
         identity_binding_of(issued.certificate).signature,  # type: ignore[union-attr]
@@ -150,12 +178,13 @@ def test_a_secp256k1_identity_is_refused_for_the_mesh() -> None:
         IdentityBinding.make(
             PrivateKey.generate(KeyKind.SECP256K1),
             PrivateKey.generate(KeyKind.P256).to_cryptography().public_key(),
+            b"",
         )
 
 
 def test_the_extensions_round_trip() -> None:
     identity = PrivateKey.generate(KeyKind.P256)
-    binding = IdentityBinding.make(identity, identity.to_cryptography().public_key())
+    binding = IdentityBinding.make(identity, identity.to_cryptography().public_key(), b"x")
     assert IdentityBinding.from_der(binding.to_der()) == binding
     platform = AttestedPlatform(b"\x00\x58" + bytes(88), bytes(32), (0, 1, 7), "swtpm")
     assert AttestedPlatform.from_der(platform.to_der()) == platform
@@ -170,7 +199,9 @@ def test_any_bytes_are_an_extension_or_a_typed_error(data: bytes) -> None:
 
 
 _IDENTITY = PrivateKey.generate(KeyKind.P256)
-GOOD_BINDING = IdentityBinding.make(_IDENTITY, _IDENTITY.to_cryptography().public_key()).to_der()
+GOOD_BINDING = IdentityBinding.make(
+    _IDENTITY, _IDENTITY.to_cryptography().public_key(), b"enroll:"
+).to_der()
 
 
 @settings(max_examples=200, deadline=None)

@@ -24,8 +24,9 @@ from trustmesh.pki.attestation import Attestation, AttestationPolicy
 from trustmesh.pki.ca import CertificateAuthority, token_hash
 from trustmesh.pki.challenge import Challenges
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
-from trustmesh.pki.errors import AttestationFailed, PkiError
+from trustmesh.pki.errors import AttestationFailed, PkiError, PolicyDenied, TokenRejected
 from trustmesh.pki.extensions import attested_platform_of, spki_der
+from trustmesh.pki.store import IssuedCertificate
 from trustmesh.pki.tpm_verifier import TpmQuoteVerifier
 from trustmesh.tpm.attester import TpmAttester
 from trustmesh.tpm.device import AK_HANDLE, TpmDevice, TpmError
@@ -38,10 +39,10 @@ PASS = b"tpm enrollment"
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
 
 
-def write_policy(directory: Path, tpm: Swtpm, *, require_ek: bool = True) -> Path:
+def write_policy(directory: Path, *tpms: Swtpm, require_ek: bool = True) -> Path:
     """The policy docs/protocols/attestation.md shows: a fresh swtpm's PCRs 0-7 are zero."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ek-ca.pem").write_bytes(tpm.ek_ca + tpm.ek_root)
+    (directory / "ek-ca.pem").write_bytes(b"".join(t.ek_ca + t.ek_root for t in tpms))
     zeros = "0" * 64
     lines = [
         f"pcrs = {list(PCRS)}",
@@ -70,6 +71,17 @@ class Desk:
             nonce, expires = self.registrar.enrollment_challenge(token, now=now)
             extra = self.registrar.policy.attestation.challenge(nonce, body, now)
             return {"nonce": base64.b64encode(nonce).decode(), "expires": str(expires), **extra}
+
+        return ask
+
+    def ask_rotate(self, current: IssuedCertificate) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """What POST /v1/enroll/challenge answers the holder of ``current`` (mTLS)."""
+
+        def ask(body: dict[str, Any]) -> dict[str, Any]:
+            now = self.registrar.clock.now()
+            nonce, _ = self.registrar.rotation_challenge(current, now=now)
+            extra = self.registrar.policy.attestation.challenge(nonce, body, now)
+            return {"nonce": base64.b64encode(nonce).decode(), **extra}
 
         return ask
 
@@ -147,12 +159,7 @@ def test_required_attestation_renews_with_a_fresh_quote_and_refuses_without(
     with pytest.raises(AttestationFailed, match="requires an attestation"):
         registrar.rotate(current, csr)
 
-    def ask(body: dict[str, Any]) -> dict[str, Any]:
-        now = registrar.clock.now()
-        nonce, _ = registrar.rotation_challenge(current, now=now)
-        extra = registrar.policy.attestation.challenge(nonce, body, now)
-        return {"nonce": base64.b64encode(nonce).decode(), **extra}
-
+    ask = desk.ask_rotate(current)
     fresh = TpmAttester(tpm.tcti)(ask, spki_der(new_key.to_cryptography().public_key()))
     rotated = registrar.rotate(current, csr, attestation=Attestation.from_json(fresh))
     assert attested_platform_of(rotated.certificate) is not None
@@ -283,3 +290,61 @@ def test_an_ek_certificate_from_an_unknown_maker_gets_no_challenge(
     token = desk.ca.create_token("node-9")
     with pytest.raises(PkiError, match="EK certificate"):
         desk.ask_enroll(token)(body)
+
+
+def test_an_attested_enrollment_whose_answer_was_lost_finishes_on_retry(
+    tpm: Swtpm, desk: Desk
+) -> None:
+    key = PrivateKey.generate(KeyKind.P256)
+    token = desk.ca.create_token("node-10")
+    first = desk.enroll("node-10", attest(tpm, desk, token, key), key, token)
+    # The answer never reached the node: it asks again, with the same key and token.
+    again = desk.registrar.enroll(
+        token,
+        make_csr(key, "node-10"),
+        attestation=Attestation.from_json(attest(tpm, desk, token, key)),
+    )
+    assert again.retried and again.certificate.serial_number == first.serial_number
+    # Another key with the spent token gets nothing; nor does a revoked enrollment.
+    other = PrivateKey.generate(KeyKind.P256)
+    with pytest.raises(TokenRejected):
+        desk.enroll("node-10", attest(tpm, desk, token, other), other, token)
+    desk.ca.revoke(serial=first.serial_number)
+    with pytest.raises(TokenRejected, match="already used"):
+        desk.ask_enroll(token)({})
+
+
+def test_an_attested_certificate_renews_only_on_a_quote_by_its_own_tpm(
+    tmp_path: Path, make_swtpm: Callable[[], Swtpm]
+) -> None:
+    tpm, other = make_swtpm(), make_swtpm()
+    ca = CertificateAuthority.init(tmp_path / "ca-none", PASS)
+    challenges = Challenges.for_directory(ca.directory)
+    policy_file = load_policy(write_policy(tmp_path / "p", tpm, other))
+    verifier = TpmQuoteVerifier(policy_file, challenges, ca.clock)
+    # Attestation optional: yet a certificate issued on a quote renews only on one.
+    policy = EnrollmentPolicy(attestation=AttestationPolicy("none", {verifier.type: verifier}))
+    desk = Desk(ca, Registrar(ca, policy, MeshSettings(), challenges=challenges))
+    key = PrivateKey.generate(KeyKind.P256)
+    token = ca.create_token("node-11")
+    cert = desk.enroll("node-11", attest(tpm, desk, token, key), key, token)
+    current = ca.store.get(cert.serial_number)
+    assert current is not None
+    registrar = desk.registrar
+    new_key = PrivateKey.generate(KeyKind.P256)
+    with pytest.raises(AttestationFailed, match="needs a fresh one"):
+        registrar.rotate(current, make_csr(new_key, "node-11"))
+
+    ask = desk.ask_rotate(current)
+    spki = spki_der(new_key.to_cryptography().public_key())
+    elsewhere = TpmAttester(other.tcti)(ask, spki)  # a genuine TPM, but not this one
+    with pytest.raises(PolicyDenied, match="another TPM"):
+        registrar.rotate(
+            current, make_csr(new_key, "node-11"), attestation=Attestation.from_json(elsewhere)
+        )
+    same = TpmAttester(tpm.tcti)(ask, spki)
+    rotated = registrar.rotate(
+        current, make_csr(new_key, "node-11"), attestation=Attestation.from_json(same)
+    )
+    assert attested_platform_of(rotated.certificate) is not None
+    ca.close()

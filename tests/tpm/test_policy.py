@@ -107,7 +107,7 @@ def test_lists_of_values_several_classes_and_classification(policy_dir: Path) ->
         )
     )
     assert policy.pcrs == (0, 7)  # sorted
-    assert policy.require_ek is False and len(policy.ek_cas) == 3
+    assert policy.require_ek is True and len(policy.ek_cas) == 3  # the default
     laptop = policy.device_classes[0]
     assert laptop.pcrs[0] == frozenset({bytes.fromhex(ONES), bytes.fromhex(TWOS)})
     one, two, zero = bytes.fromhex(ONES), bytes.fromhex(TWOS), bytes(32)
@@ -117,6 +117,14 @@ def test_lists_of_values_several_classes_and_classification(policy_dir: Path) ->
 
 
 BAD: dict[str, tuple[str, str]] = {
+    "require_ek false, silently": (
+        'pcrs = [0]\nrequire_ek = false\n[[device_class]]\nname = "a"\n',
+        "accepts any software key as an AK",
+    ),
+    "unverified_aks not bool": (
+        'pcrs = [0]\nrequire_ek = false\nunverified_aks = 1\n[[device_class]]\nname = "a"\n',
+        "'unverified_aks' must be true or false",
+    ),
     "unknown top key": (f"require_ak = true\n{EXAMPLE}", "unknown key 'require_ak'"),
     "unknown class key": (
         'pcrs = [0]\n[[device_class]]\nname = "a"\nvendor = "x"\n',
@@ -241,7 +249,9 @@ _VALUES = st.recursive(
     max_leaves=12,
 )
 _DOCS = st.dictionaries(
-    st.sampled_from(["pcrs", "require_ek", "ek_ca_files", "device_class", "other"]),
+    st.sampled_from(
+        ["pcrs", "require_ek", "unverified_aks", "ek_ca_files", "device_class", "other"]
+    ),
     _VALUES,
     max_size=5,
 )
@@ -272,7 +282,11 @@ _NEAR = st.fixed_dictionaries(
             max_size=2,
         ),
     },
-    optional={"require_ek": st.booleans(), "ek_ca_files": st.just(["swtpm-localca.pem"])},
+    optional={
+        "require_ek": st.booleans(),
+        "unverified_aks": st.booleans(),
+        "ek_ca_files": st.just(["swtpm-localca.pem"]),
+    },
 )
 
 
@@ -298,3 +312,12 @@ def test_any_toml_document_loads_or_is_a_policy_file_error(doc: dict[str, object
     assert policy.device_classes and set(policy.pcrs) <= set(range(24))
     for device_class in policy.device_classes:
         assert set(device_class.pcrs) <= set(policy.pcrs)
+
+
+def test_unverified_aks_must_be_said_out_loud(tmp_path: Path) -> None:
+    path = tmp_path / "attestation.toml"
+    path.write_text(
+        'pcrs = [0]\nrequire_ek = false\nunverified_aks = true\n[[device_class]]\nname = "a"\n'
+    )
+    policy = load_policy(path)
+    assert policy.require_ek is False and policy.ek_cas == ()

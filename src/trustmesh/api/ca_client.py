@@ -44,6 +44,8 @@ from trustmesh.keystore.filestore import (
     write_durably,
 )
 from trustmesh.keystore.signer import Signer
+from trustmesh.pki.ca import token_hash
+from trustmesh.pki.challenge import Purpose
 from trustmesh.pki.errors import PkiError
 from trustmesh.pki.extensions import IdentityBinding, spki_der
 
@@ -368,9 +370,12 @@ def _failure_from(
 # --- the node directory -----------------------------------------------------------------
 
 
-def make_csr(key: PrivateKey, node_id: str, identity: Signer | None = None) -> str:
+def make_csr(
+    key: PrivateKey, node_id: str, identity: Signer | None = None, context: bytes = b""
+) -> str:
     """A CSR naming ``node_id`` as its CN and a DNS SAN, signed by ``key``; with an
-    ``identity`` (a device key), it carries that key's binding of ``key``."""
+    ``identity`` (a device key), it carries that key's binding of ``key`` for the
+    request ``context`` names (``Purpose.enroll``/``rotate``'s bytes)."""
     crypto_key = key.to_cryptography()
     builder = (
         x509.CertificateSigningRequestBuilder()
@@ -378,7 +383,7 @@ def make_csr(key: PrivateKey, node_id: str, identity: Signer | None = None) -> s
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
     )
     if identity is not None:
-        binding = IdentityBinding.make(identity, crypto_key.public_key())
+        binding = IdentityBinding.make(identity, crypto_key.public_key(), context)
         builder = builder.add_extension(binding.extension(), critical=False)
     csr = builder.sign(crypto_key, None if key.kind is KeyKind.ED25519 else hashes.SHA256())
     return csr.public_bytes(serialization.Encoding.PEM).decode()
@@ -449,9 +454,9 @@ def enroll_node(
 
     try:
         attestation = _attest(attester, ask, key) or attestation
-        answer = client.enroll(
-            token, make_csr(key, node_id, identity), node_id=node_id, attestation=attestation
-        )
+        context = Purpose.enroll(token_hash(token)).binding
+        csr = make_csr(key, node_id, identity, context)
+        answer = client.enroll(token, csr, node_id=node_id, attestation=attestation)
     except CaRequestFailed as exc:
         if exc.definite:
             # Refused or never sent: the CA holds nothing for this key, nothing to retry.
@@ -546,8 +551,9 @@ def rotate_node(
     _prune_with_crl(directory, client, issuers, now())
     try:
         attestation = _attest(attester, client.challenge, key) or attestation
+        context = Purpose.rotate(current.serial_number).binding
         answer = client.rotate(
-            make_csr(key, node_id, identity),
+            make_csr(key, node_id, identity, context),
             current_serial=format(current.serial_number, "x"),
             attestation=attestation,
         )

@@ -22,11 +22,12 @@ IDENTITY_KEY_OPTION = click.option(
     "--key",
     "identity_key",
     metavar="URI",
-    help="Keep the node's identity key on a device: pkcs11:token=T;object=O (PIN from"
-    " ?pin-source=file:... or $TRUSTMESH_PKCS11_PIN) or tpm:<TCTI>;handle=0x81...,"
-    " made with `trustmesh keys generate --store ...` (P-256). It signs gossip, bundles"
-    " and attestations, and authorizes node.key, which stays a short-lived software TLS"
-    " key (docs/protocols/keys.md). Default: node.key is the identity too.",
+    help="Keep the node's identity key apart from its TLS key, on a device:"
+    " pkcs11:token=T;object=O (PIN from ?pin-source=file:... or $TRUSTMESH_PKCS11_PIN) or"
+    " tpm:<TCTI>;handle=0x81..., made with `trustmesh keys generate --store ...` (P-256),"
+    " or in the key file that command fell back to. It signs gossip, bundles and"
+    " attestations, and authorizes node.key, which stays a short-lived software TLS key"
+    " (docs/protocols/keys.md). Default: node.key is the identity too.",
 )
 ATTEST_OPTION = click.option(
     "--attest",
@@ -38,15 +39,10 @@ ATTEST_OPTION = click.option(
 
 
 def open_identity(spec: str | None) -> Signer | None:
-    """The device identity key ``--key`` names (P-256), or None."""
+    """The identity key ``--key`` names (P-256): on a device, or in a key file (where
+    `keys generate --store` fell back when the device was absent), or None."""
     if spec is None:
         return None
-    if not is_device_uri(spec):
-        raise click.BadParameter(
-            "the identity key is a device URI (pkcs11:... or tpm:...); without --key,"
-            " node.key is the identity",
-            param_hint="'--key'",
-        )
     return open_signer(spec, kinds={KeyKind.P256})
 
 
@@ -131,6 +127,8 @@ def enroll_with_devices(
     (``--attest``) the command line names, both recorded in the node directory."""
     identity = open_identity(identity_key)
     attester = attester_for(attest)
+    if identity_key is not None and not is_device_uri(identity_key):
+        identity_key = str(Path(identity_key).resolve())  # node run opens it from elsewhere
     try:
         return enroll_node(
             ca_url,

@@ -13,6 +13,7 @@ adds (an inbox, listeners, the frames a link sends).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -23,6 +24,7 @@ from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 __all__ = ["Handle", "UpT"]
 
 UpT = TypeVar("UpT", bound=Authenticated)
+log = logging.getLogger("trustmesh.io")
 
 EventHook = Callable[[Event], Awaitable[object] | None]
 
@@ -95,7 +97,15 @@ class Handle(Generic[CoreT, UpT]):
                     self._up.set_result(event)
                 elif isinstance(event, ConnectionClosed):
                     self._set_closed(event)
-                waiting = self._event_hook(event) if self._event_hook is not None else None
+                try:
+                    waiting = self._event_hook(event) if self._event_hook is not None else None
+                except Exception:
+                    # A bug in the application's handling: this one connection goes (as
+                    # the driver does for a core's bug), and its ConnectionClosed still
+                    # reaches the application, so nothing is left holding a dead link.
+                    log.exception("%s: handling %s failed", self._name, type(event).__name__)
+                    self.driver.abort("internal error handling an event")
+                    continue
                 if waiting is not None:
                     await waiting
         finally:

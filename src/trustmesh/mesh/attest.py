@@ -23,6 +23,10 @@ What failure does is the node's policy (``link_attestation`` in node.toml):
   peer if the quote, checked again by the CA, shows PCRs its policy refuses.
 
 A node answers one challenge per link: a peer cannot make it quote in a loop.
+
+Under any policy but ``off``, a peer is *excluded* from gossip (as a demoted one is)
+from link-up until its quote checks out: no gossip flows on a link before its peer has
+proven its platform, so a demoted peer gains nothing by reconnecting.
 """
 
 from __future__ import annotations
@@ -126,7 +130,8 @@ class LinkAttestation(Generic[L]):
     policy: LinkAttestationPolicy = LinkAttestationPolicy.OFF
     can_quote: bool = False  # a TPM answers challenges
     timeout_ms: int = DEFAULT_TIMEOUT_MS
-    demoted: set[str] = field(default_factory=set)  # peers whose gossip is dropped
+    demoted: set[str] = field(default_factory=set)  # failed: their gossip is dropped
+    unproven: set[str] = field(default_factory=set)  # challenged, no answer yet
     _pending: dict[L, _Pending] = field(default_factory=dict)
     _answered: set[L] = field(default_factory=set)  # links whose challenge we answered
     _exporters: dict[L, bytes] = field(default_factory=dict)
@@ -153,11 +158,22 @@ class LinkAttestation(Generic[L]):
     ) -> list[SendAttestChallenge[L]]:
         """A link was accepted: challenge its peer (unless the policy is off)."""
         self._exporters[link] = exporter
-        self.demoted.discard(peer)  # a new certificate, a new chance
         if self.policy is LinkAttestationPolicy.OFF:
             return []
+        self.unproven.add(peer)
         self._pending[link] = _Pending(peer, nonce, exporter, platform, now_ms + self.timeout_ms)
         return [SendAttestChallenge(link, nonce)]
+
+    def excluded(self, peer: str) -> bool:
+        """Whether ``peer`` has no say in gossip: it failed, or has yet to prove itself."""
+        return peer in self.demoted or peer in self.unproven
+
+    def failed(self, peer: str, *, demote: bool) -> None:
+        """``peer``'s attestation failed: under ``demote`` its link stays, excluded; else
+        it stays unproven (excluded too) until its link is closed."""
+        if demote:
+            self.unproven.discard(peer)
+            self.demoted.add(peer)
 
     def on_challenge(self, link: L, nonce: bytes) -> list[MakeQuote[L] | SendAttestEvidence[L]]:
         """The peer's challenge: one quote per link, or an empty answer without a TPM."""
@@ -179,6 +195,8 @@ class LinkAttestation(Generic[L]):
             check_link_quote(raw, pending.platform, pending.nonce, pending.exporter)
         except QuoteRejected as exc:
             return pending.peer, exc.reason
+        self.unproven.discard(pending.peer)
+        self.demoted.discard(pending.peer)  # proven on this link (a new certificate, say)
         return pending.peer, None
 
     def expired(self, now_ms: int) -> list[tuple[L, str]]:
@@ -197,3 +215,4 @@ class LinkAttestation(Generic[L]):
         self._exporters.pop(link, None)
         if peer is not None and not still_linked:
             self.demoted.discard(peer)
+            self.unproven.discard(peer)

@@ -513,7 +513,8 @@ class NodeCore(Generic[L]):
             times.append(self._next_rotate)
         if self.bundles is not None:
             times += (self.bundles.next_deadline(), self._next_contact)
-        for value in (self._next_crl, self.renewal.next_ms(), self._retry_at):
+        attesting = self.attestation.next_deadline()
+        for value in (self._next_crl, self.renewal.next_ms(), self._retry_at, attesting):
             if value is not None:
                 times.append(value)
         return min(times)
@@ -630,7 +631,7 @@ class NodeCore(Generic[L]):
         self, link: L, peer: str, event: Event, now_ms: int, actions: list[Action[L]]
     ) -> None:
         """A frame of an established link that we hold."""
-        if peer in self.attestation.demoted and isinstance(
+        if self.attestation.excluded(peer) and isinstance(
             event, GossipFrame | IHaveFrame | IWantFrame
         ):
             # A peer that failed attestation has no say in what spreads.
@@ -740,12 +741,12 @@ class NodeCore(Generic[L]):
             peer, address, "connected", now_ms, state.direction, link.serial
         )
         actions.append(self._peers_for(link, exclude=peer, now_ms=now_ms))
-        ids = self.engine.ihave_for(peer, now_ms)
+        self._attest_link(link, peer, event, now_ms, actions)
+        ids = [] if self.attestation.excluded(peer) else self.engine.ihave_for(peer, now_ms)
         if ids:
             actions.append(SendIHave(link, tuple(ids)))
         if self.bundles is not None:
             actions += self.bundles.link_up(peer, link, now_ms)
-        self._attest_link(link, peer, event, now_ms, actions)
         if self.trust.crl_der is not None and event.crl_number < self.trust.crl_number:
             actions.append(SendCrl(link, self.trust.crl_der))
         actions.append(
@@ -1249,14 +1250,15 @@ class NodeCore(Generic[L]):
             self._after_crl(received.crl, f"gossip from {message.origin}", now_ms, actions)
 
     def gossip_peers(self) -> list[str]:
-        """The peers gossip goes to: all linked ones but those demoted by attestation."""
-        demoted = self.attestation.demoted
-        return [p for p in self.links if p not in demoted] if demoted else list(self.links)
+        """The peers gossip goes to: all linked ones but those attestation excludes."""
+        attestation = self.attestation
+        if not (attestation.demoted or attestation.unproven):
+            return list(self.links)
+        return [p for p in self.links if not attestation.excluded(p)]
 
     def _digests(self, now_ms: int, actions: list[Action[L]]) -> None:
-        demoted = self.attestation.demoted
         for peer, link in self.links.items():
-            if peer in demoted:
+            if self.attestation.excluded(peer):
                 continue
             ids = self.engine.ihave_for(peer, now_ms)
             if ids:
@@ -1308,9 +1310,8 @@ class NodeCore(Generic[L]):
         policy = self.attestation.policy
         fields = {"peer": peer, "reason": reason, "policy": str(policy)}
         actions.append(Notify("link.attestation_failed", fields, logging.WARNING))
-        if policy is LinkAttestationPolicy.DEMOTE:
-            self.attestation.demoted.add(peer)
-        elif policy in (LinkAttestationPolicy.CLOSE, LinkAttestationPolicy.REVOKE):
+        self.attestation.failed(peer, demote=policy is LinkAttestationPolicy.DEMOTE)
+        if policy in (LinkAttestationPolicy.CLOSE, LinkAttestationPolicy.REVOKE):
             actions.append(CloseLink(link, CloseCode.ATTESTATION, reason))
             serial = link.serial
             if (

@@ -113,6 +113,7 @@ class MeshNode:
         # TPM that attests at renewal and on links (docs/protocols/keys.md, attestation.md).
         self.device = device
         self.attester = attester
+        self._quoting = asyncio.Lock()  # one TPM quote for a link at a time
         self.node_id = config.node_id
         self.clock = clock
         self._passphrase = passphrase
@@ -595,16 +596,21 @@ class MeshNode:
     # --- attestation on links (mesh.attest) -------------------------------------------------
 
     async def _quote_for_core(self, link: Link, qualifying: bytes) -> None:
-        """Answer a peer's challenge with a quote of the PCRs our certificate names."""
+        """Answer a peer's challenge with a quote of the PCRs our certificate names. One
+        quote at a time (the TPM does one anyway), and none for a link gone meanwhile:
+        peers that reconnect in a loop queue no work behind a closed link."""
         raw = b""
-        if self.attester is not None:
-            platform = attested_platform_of(self.identity.certificate)
-            pcrs = platform.pcrs if platform is not None else DEFAULT_PCRS
-            try:
-                evidence = await asyncio.to_thread(self.attester.quote, qualifying, pcrs)
-                raw = evidence.to_bytes()
-            except ProtocolError as exc:
-                self._emit("link.quote_failed", level=logging.WARNING, error=str(exc))
+        async with self._quoting:
+            if not link.up:
+                return
+            if self.attester is not None:
+                platform = attested_platform_of(self.identity.certificate)
+                pcrs = platform.pcrs if platform is not None else DEFAULT_PCRS
+                try:
+                    evidence = await asyncio.to_thread(self.attester.quote, qualifying, pcrs)
+                    raw = evidence.to_bytes()
+                except ProtocolError as exc:
+                    self._emit("link.quote_failed", level=logging.WARNING, error=str(exc))
         self._run(self.core.quote_made(link, raw))
 
     async def _report_attestation(self, peer: str, serial: int, raw: bytes) -> None:

@@ -84,11 +84,11 @@ class AttestationResult:
 
 
 class AttestationVerifier(Protocol):
-    """Checks attestations of one ``type``. A verifier whose ``needs_challenge`` is
-    true is given only nonces the CA issued (a TPM quote's qualifying data needs one)."""
+    """Checks attestations of one ``type``. A verifier may set ``needs_challenge``
+    (optional, default false): it is then given only nonces the CA issued (a TPM
+    quote's qualifying data needs one)."""
 
     type: str
-    needs_challenge: bool
 
     def verify(
         self, attestation: Attestation, nonce: bytes, csr_public_key: CertificatePublicKeyTypes
@@ -166,7 +166,7 @@ class AttestationPolicy:
             raise AttestationFailed(
                 f"no verifier for attestation type {attestation.type!r} (known: {known})"
             )
-        if verifier.needs_challenge and not challenged:
+        if getattr(verifier, "needs_challenge", False) and not challenged:
             raise AttestationFailed(
                 f"attestation {attestation.type!r} needs a nonce from POST /v1/enroll/challenge"
             )

@@ -8,9 +8,9 @@ is the evidence. It must be signed by the AK the CA certified in the peer's cert
 its real PCRs), and be newer than the enrollment's quote (the TPM clock is later), so a
 quote from before the peer was enrolled, or replayed from long ago, proves nothing.
 Then the CA applies its own policy: PCR values no device class admits (or, with no
-policy file, a PCR digest other than the enrolled one) revoke the peer's certificate,
-reason privilegeWithdrawn, with the evidence in the audit log. A quote that passes
-revokes nothing.
+policy file, a PCR digest other than the enrolled one) revoke the peer's certificates
+(every one of its node_id), reason privilegeWithdrawn, with the evidence in the audit
+log. A quote that passes revokes nothing.
 """
 
 from __future__ import annotations
@@ -90,7 +90,10 @@ def judge_report(
         why = "PCRs changed since enrollment"
     if not refused:
         return ReportVerdict(serial, (), "passes", "the quote satisfies this CA's policy")
-    revoked = ca.store.revoke([serial], now, REASON, actor=f"attestation-report:{reporter.node_id}")
+    # Every certificate of the node: a successor issued in the overlap is on the same
+    # platform, and a report often names the older serial of a long-lived link.
+    actor = f"attestation-report:{reporter.node_id}"
+    revoked = ca.store.revoke_node(record.node_id, now, REASON, actor=actor) or []
     ca.store.audit_event(
         "attestation-failure",
         detail={
@@ -107,6 +110,6 @@ def judge_report(
             },
         },
         now=now,
-        actor=f"attestation-report:{reporter.node_id}",
+        actor=actor,
     )
     return ReportVerdict(serial, tuple(revoked), "revoked", why)

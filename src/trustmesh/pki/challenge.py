@@ -19,10 +19,12 @@ remembering what it sent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -63,14 +65,19 @@ class Challenges:
     def for_directory(cls, directory: Path) -> Challenges:
         """The key in ``directory/challenge.secret``, created (0600) on first use."""
         path = directory / KEY_FILE
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls(path.read_bytes())
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(32))
-            out.flush()
-            os.fsync(out.fileno())
+        if not path.exists():
+            # Written whole under a temporary name, then linked into place: a crash
+            # leaves no empty key, and of two processes starting at once, one key wins.
+            fd, name = tempfile.mkstemp(dir=directory, prefix=".challenge-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(secrets.token_bytes(32))
+                    out.flush()
+                    os.fsync(out.fileno())
+                with contextlib.suppress(FileExistsError):
+                    os.link(name, path)
+            finally:
+                os.unlink(name)
         return cls(path.read_bytes())
 
     def issue(self, purpose: Purpose, now: datetime) -> tuple[bytes, datetime]:

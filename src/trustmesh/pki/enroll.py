@@ -33,6 +33,7 @@ from trustmesh.pki.ca import (
 )
 from trustmesh.pki.challenge import Challenges, Purpose
 from trustmesh.pki.errors import (
+    AttestationFailed,
     CertificateRevoked,
     CsrRejected,
     NotAuthenticated,
@@ -40,7 +41,14 @@ from trustmesh.pki.errors import (
     SerialMismatch,
     TokenRejected,
 )
-from trustmesh.pki.extensions import ExtensionError, IdentityBinding, identity_binding_of
+from trustmesh.pki.extensions import (
+    ATTESTED_PLATFORM_OID,
+    AttestedPlatform,
+    ExtensionError,
+    IdentityBinding,
+    attested_platform_of,
+    identity_binding_of,
+)
 from trustmesh.pki.store import IssuedCertificate
 from trustmesh.tpm.policy import PcrPolicy
 
@@ -126,15 +134,21 @@ class Registrar:
     def enrollment_challenge(
         self, token: str, *, now: datetime | None = None
     ) -> tuple[bytes, datetime]:
-        """A nonce for an enrollment with ``token``, which must be usable (so a stranger
-        learns nothing, and an attested enrollment does not fail late on its token)."""
+        """A nonce for an enrollment with ``token``, which must be usable (so an attested
+        enrollment does not fail late on its token), or spent on a certificate that is
+        still live (a retry after a lost answer, which the enrollment then recognises
+        by its key)."""
         now = now or self.clock.now()
         known = self.ca.store.token(token_hash(token))
         if known is None:
             raise TokenRejected("unknown enrollment token")
         if known.used_at is not None:
-            raise TokenRejected("the enrollment token was already used")
-        if known.expires_at <= now:
+            # A node whose answer was lost asks again (enroll's retry rule): its
+            # certificate must still be live, and the enrollment checks its key.
+            bought = None if known.used_serial is None else self.ca.store.get(known.used_serial)
+            if bought is None or not bought.is_live(now):
+                raise TokenRejected("the enrollment token was already used")
+        elif known.expires_at <= now:
             raise TokenRejected("the enrollment token has expired")
         return self.challenges.issue(Purpose.enroll(token_hash(token)), now)
 
@@ -192,8 +206,8 @@ class Registrar:
         csr = load_csr(csr_text)
         self.policy.check_allowed(node_id)
         key = csr.public_key()
-        binding = checked_binding(csr)
         purpose = Purpose.enroll(token_hash(token))
+        binding = checked_binding(csr, purpose)
         verdict = self._attest(attestation, purpose, enrollment_nonce(token, key), key, now)
         cert, record = self.ca.sign(
             csr,
@@ -271,11 +285,13 @@ class Registrar:
         csr = load_csr(csr_text)
         self.policy.check_allowed(current.node_id)
         key = csr.public_key()
-        binding = checked_binding(csr)
-        check_same_identity(x509.load_pem_x509_certificate(current.pem.encode()), binding)
         purpose = Purpose.rotate(current.serial)
+        binding = checked_binding(csr, purpose)
+        current_cert = x509.load_pem_x509_certificate(current.pem.encode())
+        check_same_identity(current_cert, binding)
         derived = rotation_nonce(current.serial, key)
         verdict = self._attest(attestation, purpose, derived, key, now)
+        check_same_platform(current_cert, verdict)
         cert, record = self.ca.sign(
             csr,
             current.node_id,
@@ -294,13 +310,16 @@ class Registrar:
         return _issued(cert, stored, verdict)
 
 
-def checked_binding(csr: x509.CertificateSigningRequest) -> IdentityBinding | None:
+def checked_binding(
+    csr: x509.CertificateSigningRequest, purpose: Purpose
+) -> IdentityBinding | None:
     """The CSR's identity binding, once the identity key's signature over the CSR's key
-    checks (:class:`CsrRejected` otherwise); None when it has none."""
+    for this very request checks (:class:`CsrRejected` otherwise); None when it has
+    none."""
     try:
         binding = identity_binding_of(csr)
         if binding is not None:
-            binding.verify(csr.public_key())
+            binding.verify(csr.public_key(), purpose.binding)
     except ExtensionError as exc:
         raise CsrRejected(f"identity binding: {exc}") from None
     return binding
@@ -320,6 +339,32 @@ def check_same_identity(current: x509.Certificate, binding: IdentityBinding | No
             "this node's identity key is bound to its certificate: a rotation must carry"
             " that identity key's signature over the new key (docs/protocols/keys.md)"
         )
+
+
+def check_same_platform(current: x509.Certificate, verdict: AttestationResult | None) -> None:
+    """A certificate issued on a TPM quote renews only on a fresh quote by the same AK:
+    no silent downgrade to an unattested certificate, and no move to another TPM
+    (that is a new enrollment)."""
+    try:
+        before = attested_platform_of(current)
+    except ExtensionError:
+        before = None
+    if before is None:
+        return
+    after = None
+    for extension in () if verdict is None else verdict.extensions:
+        if (
+            isinstance(extension, x509.UnrecognizedExtension)
+            and extension.oid == ATTESTED_PLATFORM_OID
+        ):
+            after = AttestedPlatform.from_der(extension.value)
+    if after is None:
+        raise AttestationFailed(
+            "this certificate was issued on a TPM quote: its renewal needs a fresh one"
+            " (rotate with --attest tpm:<TCTI>)"
+        )
+    if after.ak_public != before.ak_public:
+        raise PolicyDenied("the quote is by another TPM's AK than the certificate's: enroll again")
 
 
 def _vouched(

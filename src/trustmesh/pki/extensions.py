@@ -6,13 +6,16 @@ Both live under trustmesh's OID arc, a UUID OID (ITU-T X.667): 2.25.<uuid>.
 
     IdentityBinding ::= SEQUENCE {
         identity   SubjectPublicKeyInfo,  -- the long-term identity key (on a device)
-        signature  OCTET STRING }         -- ECDSA by it over BINDING_LABEL || SHA-256(tls SPKI)
+        signature  OCTET STRING }         -- ECDSA by it over binding_message(tls SPKI, context)
 
 A node whose identity key lives on a TPM or token has its TLS key in software. The
-identity key signs each TLS key it authorizes; the CA checks that signature, and on a
-rotation that the identity has not changed, so a stolen TLS key dies with its
-certificate. Gossip, bundles and attestation are signed by the identity key, and a
-peer verifies them with the key this extension names.
+identity key signs each TLS key it authorizes, for one request: the context is the
+enrollment token's hash, or the serial of the certificate being rotated (the bytes of
+``pki.challenge.Purpose``). The CA checks that signature, and on a rotation that the
+identity has not changed. A binding copied out of a certificate is for a serial that
+has rotated already, so a stolen TLS key dies with its certificate. Gossip, bundles and
+attestation are signed by the identity key, and a peer verifies them with the key this
+extension names.
 
 **Attested platform** (``ARC.2``, in a certificate the CA issued on a TPM quote)::
 
@@ -35,7 +38,7 @@ from typing import ClassVar
 
 from asn1crypto import core, keys
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
@@ -83,9 +86,9 @@ def device_public_key(identity: Signer) -> ec.EllipticCurvePublicKey:
     return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public.to_bytes())
 
 
-def binding_message(tls_spki: bytes) -> bytes:
-    """What the identity key signs to authorize a TLS key."""
-    return BINDING_LABEL + hashlib.sha256(tls_spki).digest()
+def binding_message(tls_spki: bytes, context: bytes) -> bytes:
+    """What the identity key signs to authorize a TLS key for one request."""
+    return BINDING_LABEL + hashlib.sha256(tls_spki).digest() + hashlib.sha256(context).digest()
 
 
 @dataclass(frozen=True)
@@ -94,10 +97,11 @@ class IdentityBinding:
     signature: bytes
 
     @classmethod
-    def make(cls, identity: Signer, tls_key: PublicKeyTypes) -> IdentityBinding:
-        """The identity key (on its device) authorizes ``tls_key``."""
+    def make(cls, identity: Signer, tls_key: PublicKeyTypes, context: bytes) -> IdentityBinding:
+        """The identity key (on its device) authorizes ``tls_key`` for ``context``."""
         identity_spki = spki_der(device_public_key(identity))
-        return cls(identity_spki, identity.sign(binding_message(spki_der(tls_key))))
+        message = binding_message(spki_der(tls_key), context)
+        return cls(identity_spki, identity.sign(message))
 
     def to_der(self) -> bytes:
         return bytes(
@@ -127,7 +131,7 @@ class IdentityBinding:
     def identity_key(self) -> ec.EllipticCurvePublicKey:
         try:
             key = serialization.load_der_public_key(self.identity_spki)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise ExtensionError(f"the identity key does not parse: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
             key.curve, ec.SECP256R1
@@ -135,16 +139,16 @@ class IdentityBinding:
             raise ExtensionError("a mesh identity key is ECDSA P-256")
         return key
 
-    def verify(self, tls_key: PublicKeyTypes) -> ec.EllipticCurvePublicKey:
-        """The identity key, once its signature over ``tls_key`` checks."""
+    def verify(self, tls_key: PublicKeyTypes, context: bytes) -> ec.EllipticCurvePublicKey:
+        """The identity key, once its signature over ``tls_key`` for ``context`` checks."""
         key = self.identity_key()
+        message = binding_message(spki_der(tls_key), context)
         try:
-            key.verify(
-                self.signature, binding_message(spki_der(tls_key)), ec.ECDSA(hashes.SHA256())
-            )
+            key.verify(self.signature, message, ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             raise ExtensionError(
-                "the identity key's signature over the TLS key does not verify"
+                "the identity key's signature over the TLS key does not verify for this"
+                " request (a binding is for one enrollment or one rotation)"
             ) from None
         return key
 

@@ -166,6 +166,7 @@ class Token:
     created_at: datetime
     expires_at: datetime
     used_at: datetime | None
+    used_serial: int | None = None  # the certificate it bought
 
 
 @dataclass(frozen=True)
@@ -527,17 +528,19 @@ class SqliteStore:
 
     def token(self, token_hash: str) -> Token | None:
         row = self._db.execute(
-            "SELECT node_id, created_at, expires_at, used_at FROM tokens WHERE hash = ?",
+            "SELECT node_id, created_at, expires_at, used_at, used_serial FROM tokens"
+            " WHERE hash = ?",
             (token_hash,),
         ).fetchone()
         if row is None:
             return None
-        node_id, created, expires, used = row
+        node_id, created, expires, used, used_serial = row
         return Token(
             node_id=node_id,
             created_at=datetime.fromtimestamp(created, UTC),
             expires_at=datetime.fromtimestamp(expires, UTC),
             used_at=_time(used),
+            used_serial=None if used_serial is None else int(used_serial, 16),
         )
 
     def add_admin_token(

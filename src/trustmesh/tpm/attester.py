@@ -42,10 +42,13 @@ def parse_attest(spec: str) -> str:
     return spec[len(ATTEST_PREFIX) :]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class TpmAttester:
     tcti: str
     ak_handle: int = AK_HANDLE
+    # The AK checked (or made) once: making sure of it recreates the EK, a slow
+    # primary-key generation on a real TPM, so link quotes skip it after the first.
+    _ak_ready: bool = dataclasses.field(default=False, compare=False, repr=False)
 
     @classmethod
     def from_spec(cls, spec: str) -> TpmAttester:
@@ -64,6 +67,7 @@ class TpmAttester:
 
         with self._open() as tpm:
             ak_public = tpm.ensure_ak(self.ak_handle)
+            self._ak_ready = True
             request = {"ak_public": _b64(ak_public)}
             try:
                 ek_certificate = tpm.ek_certificate()
@@ -93,7 +97,9 @@ class TpmAttester:
     def quote(self, qualifying: bytes, pcrs: Sequence[int]) -> QuoteEvidence:
         """A quote over ``qualifying`` (a link's attestation)."""
         with self._open() as tpm:
-            tpm.ensure_ak(self.ak_handle)
+            if not self._ak_ready:
+                tpm.ensure_ak(self.ak_handle)
+                self._ak_ready = True
             return tpm.quote(self.ak_handle, qualifying, pcrs)
 
 

@@ -252,6 +252,16 @@ def verify_ek_certificate(
     self-signed certificate or one whose issuer is not in ``trusted``. EK certificates
     carry TCG extensions that WebPKI validation refuses, so none is used here.
     """
+    try:
+        return _verify_ek_certificate(cert_der, trusted, now)
+    except (ValueError, TypeError) as exc:
+        # cryptography parses names and times lazily: a malformed one surfaces here.
+        raise EkCertificateError(f"the EK certificate does not parse: {exc}") from None
+
+
+def _verify_ek_certificate(
+    cert_der: bytes, trusted: Sequence[x509.Certificate], now: datetime
+) -> x509.Certificate:
     if now.tzinfo is None:
         raise EkCertificateError("now must be an aware datetime")
     now = now.astimezone(UTC)

@@ -78,7 +78,13 @@ class QuoteEvidence:
             raise EvidenceError("evidence.pcrs is {sha256: {index: hex}} with at most 24 PCRs")
         values: dict[int, bytes] = {}
         for index, digest in bank.items():
-            if not (isinstance(index, str) and index.isdigit() and int(index) < PCR_COUNT):
+            # ASCII digits only: "²".isdigit() holds, and int("²") raises.
+            if not (
+                isinstance(index, str)
+                and index.isascii()
+                and index.isdigit()
+                and int(index) < PCR_COUNT
+            ):
                 raise EvidenceError(f"PCR index {str(index)[:8]!r} is not 0..23")
             if not isinstance(digest, str) or len(digest) != 64:
                 raise EvidenceError(f"PCR {index} is not 32 bytes of hex")

@@ -2,7 +2,8 @@
 
     # which PCRs every quote covers (SHA-256 bank)
     pcrs = [0, 1, 2, 3, 4, 5, 6, 7]
-    # require an EK certificate from these CAs and credential activation
+    # require an EK certificate from these CAs and credential activation (the default;
+    # false needs unverified_aks = true: without it any software key passes as an AK)
     require_ek = true
     ek_ca_files = ["swtpm-localca.pem"]   # relative to this file; PEM, one or more certs
 
@@ -34,7 +35,7 @@ from trustmesh.errors import ProtocolError
 PCR_COUNT = 24
 MAX_POLICY_FILE = 1024 * 1024
 
-_TOP_KEYS = frozenset({"pcrs", "require_ek", "ek_ca_files", "device_class"})
+_TOP_KEYS = frozenset({"pcrs", "require_ek", "unverified_aks", "ek_ca_files", "device_class"})
 _CLASS_KEYS = frozenset({"name", "pcrs"})
 _HEX = frozenset("0123456789abcdefABCDEF")
 
@@ -124,14 +125,15 @@ def _policy_from(doc: dict[str, object], path: Path) -> AttestationPolicyFile:
             raise fail(f"'pcrs': PCR {item} is listed twice")
         pcrs.append(item)
 
-    require_ek = doc.get("require_ek", False)
+    require_ek = doc.get("require_ek", True)
+    unverified = doc.get("unverified_aks", False)
     if not isinstance(require_ek, bool):
         raise fail("'require_ek' must be true or false")
+    if not isinstance(unverified, bool):
+        raise fail("'unverified_aks' must be true or false")
     ca_files = doc.get("ek_ca_files", [])
     if not isinstance(ca_files, list) or not all(isinstance(f, str) and f for f in ca_files):
         raise fail("'ek_ca_files' must be a list of file names")
-    if require_ek and not ca_files:
-        raise fail("'require_ek' is true but 'ek_ca_files' names no CA")
     ek_cas: list[x509.Certificate] = []
     for name in ca_files:
         ek_cas.extend(_load_cas(path, name))
@@ -146,6 +148,16 @@ def _policy_from(doc: dict[str, object], path: Path) -> AttestationPolicyFile:
             raise fail(f"device class {device_class.name!r} is defined twice")
         classes.append(device_class)
 
+    if require_ek and not ca_files:
+        raise fail("'require_ek' is true (the default) but 'ek_ca_files' names no CA")
+    if not require_ek and not unverified:
+        # Without credential activation an "AK" is whatever public key the node sends:
+        # its restricted attribute is a bit the node sets itself, and a software key
+        # signs any quote. Say so in the file, or tie AKs to EKs.
+        raise fail(
+            "'require_ek = false' accepts any software key as an AK (a forged quote"
+            " passes); add 'unverified_aks = true' to accept that, or tie AKs to EKs"
+        )
     return AttestationPolicyFile(
         pcrs=tuple(sorted(pcrs)),
         device_classes=tuple(classes),
