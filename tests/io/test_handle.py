@@ -160,3 +160,25 @@ async def test_a_cancelled_reader_still_closes_the_handle() -> None:
     assert seen.done == 1
     handle.abort("test over")
     await within(here.wait_closed())
+
+
+async def test_a_hook_that_raises_drops_its_connection_and_still_sees_the_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in the application's handling of one event aborts that connection; the
+    ConnectionClosed still reaches the hook, so the application holds no dead link."""
+    here, peer = await memory_pipe(UpCore(), ToyCore())
+    seen = Recorder()
+
+    def buggy(event: Event) -> None:
+        seen(event)
+        if isinstance(event, Message) and event.data == b"boom":
+            raise KeyError("a bug")
+
+    handle = Handle(here, up=Up, failure=NotUp, on_event=buggy, on_done=seen.on_done)
+    peer.act(send(b"UP"))
+    peer.act(send(b"boom"))
+    closed = await within(handle.wait_closed())
+    assert closed.error
+    assert isinstance(seen.events[-1], ConnectionClosed)
+    assert any("handling Message failed" in r.getMessage() for r in caplog.records)

@@ -255,6 +255,8 @@ def test_extended_pcrs_are_refused_by_policy(
     policy_file = tmp_path / "policy.toml"
     policy_file.write_text(
         f"pcrs = {list(PCRS)}\n"
+        # This test is about PCR values; the AK here is not tied to an EK.
+        "require_ek = false\nunverified_aks = true\n"
         '[[device_class]]\nname = "pristine"\n'
         f'pcrs = {{ 7 = "{ZERO.hex()}" }}\n'
         '[[device_class]]\nname = "extended-once"\n'
