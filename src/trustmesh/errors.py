@@ -7,6 +7,8 @@ becomes one of these, saying what was wrong and, where it helps, at which offset
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class ProtocolError(Exception):
     """Root of every error trustmesh raises on purpose."""
@@ -89,6 +91,15 @@ class KeyFilePermissionError(KeyStoreError):
 
 class PassphraseError(KeyStoreError):
     """The passphrase is missing or wrong for an encrypted key file."""
+
+
+class PassphraseFileError(PassphraseError):
+    """A passphrase file (``--passphrase-file``, a systemd credential) is missing,
+    unreadable, empty, or readable by others; ``path`` names it."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 # --- connections ----------------------------------------------------------------------

@@ -93,7 +93,8 @@ class RunningCa:
 @pytest.fixture
 async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """``await factory(policy=..., limiter=..., settings=..., clock=..., resources=...)``:
-    start a CA API (``resources``: its listener's ResourcePolicy)."""
+    start a CA API (``resources``: its listener's ResourcePolicy; ``metrics``: the
+    (host, port) of a plain-HTTP metrics port too)."""
     running: list[RunningCa] = []
 
     async def start(
@@ -105,6 +106,7 @@ async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         resources: ResourcePolicy | None = None,
         tpm_policy: AttestationPolicyFile | None = None,
         attestation: Literal["none", "required"] = "none",
+        metrics: tuple[str, int] | None = None,
     ) -> RunningCa:
         directory = tmp_path / f"ca{len(running)}"
         ca = CertificateAuthority.init(directory, PASSPHRASE)
@@ -128,6 +130,7 @@ async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             clock=clock,  # None: the CA's (the system clock)
             # Every test client connects from 127.0.0.1: lift the per-address caps too.
             policy=resources or ResourcePolicy.for_load(1024),
+            metrics=metrics,
         )
         await server.start()
         handle = RunningCa(ca, server, directory)

@@ -16,7 +16,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from ca_support import RunningCa, make_csr
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from trustmesh.api.ca import ca_app
 from trustmesh.api.ca_server import CaServer
@@ -367,6 +369,30 @@ async def test_form_bodies_and_pem_answers_for_curl_users(
     ) as response:
         assert response.status == 400
         assert "given twice" in (await response.json())["message"]
+
+
+async def test_an_rsa_csr_is_invalid_csr_and_leaves_the_token_unspent(ca_api: RunningCa) -> None:
+    # Nodes refuse RSA certificates (their trust view takes EC and Ed25519): the CA
+    # says so at enrollment instead of issuing one.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node-1")]))
+        .sign(key, hashes.SHA256())
+    )
+    token = ca_api.token("node-1")
+    pem = csr.public_bytes(serialization.Encoding.PEM).decode()
+    body = {"token": token, "csr": pem}
+    async with ca_api.session().post(f"{ca_api.url}/v1/enroll", json=body) as response:
+        assert response.status == 400
+        answer = await response.json()
+    assert answer == {
+        "error": "invalid_csr",
+        "message": "RSA keys are not allowed: mesh nodes take only EC P-256, P-384 or Ed25519",
+    }
+    assert ca_api.ca.store.by_node("node-1") == []
+    status, _ = await _enroll(ca_api.session(), ca_api.url, token, "node-1")
+    assert status == 200  # the token was not spent on the refused CSR
 
 
 async def test_a_bad_answer_format_is_refused_before_anything_is_issued(

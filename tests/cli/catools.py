@@ -113,6 +113,7 @@ class CaServe:
         self._reader.start()
         first = self.next_line()
         self.url: str = first["listening"]
+        self.metrics_url: str | None = first.get("metrics")  # with --metrics HOST:PORT
         self.ca_cert = Path(first["ca_cert"])
         assert first["warnings"] == []
         self.port = int(self.url.rsplit(":", 1)[1])

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from clitools import TRUSTMESH, clean_env
 
+from trustmesh.cli.main import EXIT_INTERRUPTED
+
 WAIT = 15.0  # upper bound on any one process or line; each takes well under a second
 
 
@@ -236,7 +238,7 @@ def test_listen_allow_list_refuses_other_keys(
     assert "allow-list" in closed["reason"]
     assert isinstance(closed["remote"], str)
     assert closed["remote"].startswith("127.0.0.1:")
-    assert listener.interrupt() == 0
+    assert listener.interrupt() == EXIT_INTERRUPTED
     assert not [e for e in listener.events if e["event"] == "established"]
 
 
@@ -254,7 +256,7 @@ def test_listener_reports_sessions_and_stops_on_sigint(
     second_closed = listener.wait_for(lambda e: e["event"] == "closed")
 
     started = time.monotonic()
-    assert listener.interrupt() == 0
+    assert listener.interrupt() == EXIT_INTERRUPTED
     assert time.monotonic() - started < WAIT
 
     kinds = [e["event"] for e in listener.events]
@@ -281,3 +283,24 @@ def test_bad_usage(identities: dict[str, Identity]) -> None:
     assert helped.returncode == 0
     for event in ("listening", "established", "message", "closed"):
         assert event in helped.stdout
+
+
+def test_a_bare_port_is_a_usage_error(identities: dict[str, Identity]) -> None:
+    # Read as a host, "20945" is an IPv4 address (0.0.81.209) in inet_aton's short form:
+    # the ping went there on port 9945 and failed with a protobuf parse error.
+    a, b = identities["a"], identities["b"].public_key
+    for command in ("ping", "connect"):
+        bare = run("botd", command, "20945", "--key", a.path, "--peer-key", b)
+        assert bare.returncode == 2, bare.stderr
+        assert "got a bare port '20945' (for this machine: 127.0.0.1:20945)" in bare.stderr
+        assert "Traceback" not in bare.stderr
+    helped = run("botd", "ping", "--help")
+    assert "a bare port is refused" in helped.stdout
+
+
+def test_listener_stopped_by_sigterm_exits_0(
+    listen: Callable[..., Listener], identities: dict[str, Identity]
+) -> None:
+    listener = listen()
+    listener.proc.send_signal(signal.SIGTERM)  # a service manager's stop: not an interrupt
+    assert listener.proc.wait(timeout=WAIT) == 0

@@ -20,8 +20,10 @@ import hashlib
 import json
 import queue
 import signal
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,8 @@ EMPLOYEE = base64.b64encode(hashlib.sha256(b"employee").digest()).decode()  # --
 GOOD_OUTPOINT = "01" * 32 + ".0"
 REVOKED_OUTPOINT = "02" * 32 + ".1"
 ASK_NAME = json.dumps({"certifiers": [KEY["certifier"]], "types": {EMPLOYEE: ["name"]}})
+# The same request with the type by name, as `cert issue --type employee` names it.
+ASK_BY_NAME = json.dumps({"certifiers": [KEY["certifier"]], "types": {"employee": ["name"]}})
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def test_verbose_prints_the_servers_certificate_fields_on_stderr(
         fetch(
             served, files, "client",
             "--certificate", files.master("client"),
-            "--request-certificates", ASK_NAME,
+            "--request-certificates", ASK_BY_NAME,
             "--revocations", files.revocations,
             "-v",
         ),
@@ -392,3 +396,18 @@ def test_a_certificate_of_someone_else_is_refused_in_one_line(
     assert code in (1, 2) and out == b""
     assert "certificate" in err.lower()
     assert "Traceback" not in err
+
+
+def test_fetch_gives_up_at_its_timeout(
+    files: Files, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    """A server that takes the connection and never answers: --timeout ends the wait."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        code, _, err = run(fetch(url, files, "client", "--timeout", "0.5"), capsysbinary)
+        assert time.monotonic() - started < WAIT
+    assert code == 1
+    assert "did not answer in time" in one_error_line(err)

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from trustmesh.api.ca_client import make_csr
+from trustmesh.cli.output import serial_text
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.pki.ca import CertificateAuthority, token_hash
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
@@ -61,24 +62,37 @@ def test_init_list_revoke(tmp_path: Path) -> None:
     first, second = issue(d, "n1"), issue(d, "n2")
     listed = [
         json.loads(line)
-        for line in run("ca", "list", "--dir", str(d), "--json").stdout.splitlines()
+        for line in run("ca", "list", "--dir", str(d), "--jsonl").stdout.splitlines()
     ]
     assert {(r["serial"], r["node_id"], r["state"]) for r in listed} == {
         (format(first, "x"), "n1", "valid"),
         (format(second, "x"), "n2", "valid"),
     }
 
+    # --json is one document; --jsonl one certificate a line (above).
+    document = json.loads(run("ca", "list", "--dir", str(d), "--json").stdout)
+    assert [r["serial"] for r in document["certificates"]] == [r["serial"] for r in listed]
+    audit = json.loads(run("ca", "audit", "--dir", str(d), "--json").stdout)
+    assert {e["event"] for e in audit["entries"]} >= {"issue"}
     by_serial = run("ca", "revoke", "--dir", str(d), "--serial", format(first, "x"), "--json")
     assert by_serial.returncode == 0, by_serial.stderr
     assert json.loads(by_serial.stdout) == {
         "revoked": [format(first, "x")],
         "reason": "unspecified",
+        "already_revoked": [],
     }
+    # Again: not an error, and it says so rather than looking like news.
+    again = run("ca", "revoke", "--dir", str(d), "--serial", format(first, "x"))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"certificate {format(first, 'x')} was already revoked: ")
+    again_json = run("ca", "revoke", "--dir", str(d), "--serial", format(first, "x"), "--json")
+    assert json.loads(again_json.stdout)["already_revoked"] == [format(first, "x")]
     by_node = run("ca", "revoke", "--dir", str(d), "--node-id", "n2", "--reason", "keyCompromise")
     assert by_node.returncode == 0, by_node.stderr
+    assert by_node.stdout.startswith("revoked ")
     states = {
         json.loads(line)["node_id"]: json.loads(line)["state"]
-        for line in run("ca", "list", "--dir", str(d), "--json").stdout.splitlines()
+        for line in run("ca", "list", "--dir", str(d), "--jsonl").stdout.splitlines()
     }
     assert states == {"n1": "revoked", "n2": "revoked"}
 
@@ -137,13 +151,18 @@ def test_ca_list_shows_rotation_lineage(tmp_path: Path) -> None:
     listed = {
         row["serial"]: row
         for row in map(
-            json.loads, run("ca", "list", "--dir", str(d), "--json").stdout.split("\n")[:-1]
+            json.loads, run("ca", "list", "--dir", str(d), "--jsonl").stdout.split("\n")[:-1]
         )
     }
     assert (listed[old]["replaces"], listed[old]["replaced_by"]) == (None, new)
     assert (listed[new]["replaces"], listed[new]["replaced_by"]) == (old, None)
-    human = run("ca", "list", "--dir", str(d)).stdout
-    assert f"replaces {old}" in human
+    header, *rows = run("ca", "list", "--dir", str(d)).stdout.splitlines()
+    assert header.split() == [
+        *("SERIAL", "NODE_ID", "ROLE", "STATE", "NOT_AFTER", "REPLACES", "REPLACED_BY")
+    ]
+    table = {row.split()[0]: row.split() for row in rows}
+    assert table[serial_text(new)][5] == serial_text(old)  # REPLACES, as openssl prints it
+    assert table[serial_text(old)][6] == serial_text(new)  # REPLACED_BY
 
 
 def test_admin_tokens_expire_list_and_revoke(tmp_path: Path) -> None:
@@ -167,7 +186,7 @@ def test_admin_tokens_expire_list_and_revoke(tmp_path: Path) -> None:
     assert json.loads(revoked.stdout) == {"id": default["id"], "revoked": True, "already": False}
     listed = [
         json.loads(line)
-        for line in run("ca", "admin-token", "list", "--dir", str(d), "--json").stdout.splitlines()
+        for line in run("ca", "admin-token", "list", "--dir", str(d), "--jsonl").stdout.splitlines()
     ]
     assert [(t["id"], t["label"], t["revoked"]) for t in listed] == [
         (short["id"], "ops", False),

@@ -274,7 +274,7 @@ def test_kill_9_during_issuance_loses_no_certificate(tmp_path: Path) -> None:
     assert failed, "every enrollment finished before the kill: it killed nothing in flight"
 
     # Every certificate a client received is in the CA's list, as valid, for its node.
-    listing = trustmesh("ca", "list", "--dir", directory, "--json")
+    listing = trustmesh("ca", "list", "--dir", directory, "--jsonl")
     assert listing.returncode == 0, listing.stderr
     rows = {row["serial"]: row for row in map(json.loads, listing.stdout.splitlines())}
     for node_id, serial in received.items():

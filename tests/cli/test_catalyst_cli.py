@@ -31,6 +31,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from trustmesh.cli.main import EXIT_INTERRUPTED
+
 # Fails, never skips, without openssl. The module-scoped pki fixture repeats the check, so
 # that a missing openssl is the same plain failure whichever fixture is set up first.
 pytestmark = pytest.mark.usefixtures("require_openssl")
@@ -602,7 +604,7 @@ def test_interrupting_the_connector_ceases_its_session(processes: Processes, pki
     assert connector.next_event()["event"] == "established"
     assert listener.next_event()["event"] == "established"
     # At once: the signal handlers are in place before the connector dials.
-    assert connector.interrupt() == 0, connector.events
+    assert connector.interrupt() == EXIT_INTERRUPTED, connector.events
     ours = connector.events
     assert kinds(ours) == ["established", "notification", "closed"]
     assert notifications(ours) == [(6, 2, "sent")]
@@ -618,7 +620,7 @@ def test_interrupting_the_listener_ceases_every_session(processes: Processes, pk
     connector = processes.connector(listener.address, pki.a)
     assert connector.next_event()["event"] == "established"
     assert listener.next_event()["event"] == "established"
-    assert listener.interrupt() == 0
+    assert listener.interrupt() == EXIT_INTERRUPTED
     expected = ["listening", "established", "notification", "closed", "stopped"]
     assert kinds(listener.events) == expected
     assert notifications(listener.events) == [(6, 2, "sent")]
@@ -677,6 +679,26 @@ def test_usage_errors_exit_2(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("option", ["--key", "--jwks-key"])
+def test_a_key_file_others_may_read_is_refused(pki: Pki, tmp_path: Path, option: str) -> None:
+    # As `keys show` refuses it: the key is private or it is not used.
+    source = pki.a.key if option == "--key" else pki.jws_p256
+    shared = tmp_path / "shared.key"
+    shared.write_bytes(source.read_bytes())
+    shared.chmod(0o644)
+    options, extra = pki.a.options(), ["--jwks-key", str(shared)]
+    if option == "--key":
+        options, extra = [str(shared) if a == str(pki.a.key) else a for a in options], []
+    for command, where in (("connect", ["127.0.0.1:9"]), ("listen", ["--port", "0"])):
+        result = run("catalyst", command, *where, *options, *extra)
+        assert result.returncode == 1, result
+        assert result.stdout == ""
+        assert result.stderr.strip() == (
+            f"trustmesh: error: {shared} has mode 0644; a private key must be private"
+            f" (chmod 600 {shared})"
+        )
+
+
 def test_help_names_the_events() -> None:
     for command in ("listen", "connect"):
         helped = run("catalyst", command, "--help")
@@ -703,7 +725,7 @@ def test_reconnect_backs_off_from_one_second_until_interrupted(
     [retry] = [e for e in connector.until(lambda e: e["event"] == "retry")]
     assert 1.0 <= retry["delay_s"] <= 1.2
     assert retry["reason"].startswith(f"cannot connect to {address}")
-    assert connector.interrupt() == 0
+    assert connector.interrupt() == EXIT_INTERRUPTED
 
 
 # --- revocation during a session (issue 16 item 7) ----------------------------------------
@@ -764,7 +786,7 @@ def test_a_changed_crl_file_ends_the_revoked_session_and_refuses_its_next_handsh
     assert refused.events[0]["reason"] == "TLS failed: tls alert certificate revoked"
     assert kinds(refused.listener) == ["closed"]
     assert "certificate revoked" in refused.listener[0]["reason"]
-    assert listener.interrupt() == 0
+    assert listener.interrupt() == EXIT_INTERRUPTED
 
 
 class QuietFiles(http.server.SimpleHTTPRequestHandler):
@@ -804,7 +826,7 @@ def test_connect_fetches_the_crl_from_a_url_and_ends_a_revoked_listener_session(
         assert notifications(ours) == [(6, 241, "sent")]
         assert connector.proc.wait(timeout=WAIT) == 1
         assert notifications(listener.session()) == [(6, 241, "received")]
-        assert listener.interrupt() == 0
+        assert listener.interrupt() == EXIT_INTERRUPTED
     finally:
         server.shutdown()
         server.server_close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import stat
 import subprocess
 import time
@@ -18,7 +19,7 @@ from cryptography import x509
 import trustmesh
 import trustmesh.cli.main as cli_main
 from trustmesh.crypto.keys import KeyKind, PublicKey
-from trustmesh.keystore import PASSPHRASE_ENV, load_key_file
+from trustmesh.keystore import PASSPHRASE_ENV, load_key_file, use_passphrase_file
 from trustmesh.pki.extensions import attested_platform_of
 from trustmesh.tpm import swtpm
 
@@ -175,7 +176,7 @@ def test_human_readable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert code == 0
     fields = dict(line.split(None, 1) for line in stdout.splitlines())
     assert fields["type"] == "ed25519"
-    assert fields["encrypted"] == "False"
+    assert fields["encrypted"] == "no"  # not Python's False
     assert len(fields["public_key"]) == 64
     code, shown, _ = run(["keys", "show", str(out)], capsys)
     assert code == 0
@@ -260,6 +261,85 @@ def test_debug_from_environment(
     code, _, err = run(["keys", "show", str(encrypted_key)], capsys)
     assert code == 1
     assert "Traceback" in err
+
+
+@pytest.fixture
+def _root_log_level() -> Iterator[None]:
+    """--debug lowers the root logger's level for the run: put it back for later tests."""
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)
+
+
+@pytest.mark.usefixtures("_root_log_level")
+@pytest.mark.parametrize(
+    "where",
+    [
+        ["--debug", "keys", "show", "FILE"],
+        ["keys", "--debug", "show", "FILE"],
+        ["keys", "show", "--debug", "FILE"],
+        ["keys", "show", "FILE", "--debug"],
+    ],
+    ids=["before", "after-group", "after-command", "last"],
+)
+def test_debug_is_accepted_anywhere(
+    encrypted_key: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: list[str],
+) -> None:
+    monkeypatch.setenv(PASSPHRASE_ENV, "wrong")
+    argv = [str(encrypted_key) if arg == "FILE" else arg for arg in where]
+    code, out, err = run(argv, capsys)
+    assert code == 1, err
+    assert out == ""
+    assert "Traceback" in err
+    assert "PassphraseError" in err
+
+
+def test_debug_is_in_every_command_s_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for path in (["keys", "show"], ["node", "run"], ["ca", "token", "create"], ["demo"]):
+        code, out, _ = run([*path, "--help"], capsys)
+        assert code == 0
+        assert "--debug" in out, path
+
+
+def test_ctrl_c_exits_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    # Wherever Ctrl-C lands in a command (here: making the key), click turns it into
+    # Abort; the exit code is still the shell's 130, not a failure's 1.
+    monkeypatch.setattr("trustmesh.cli.keys.generate_signer", interrupted)
+    out = tmp_path / "k.key"
+    code, stdout, err = run(
+        ["keys", "generate", "--type", "ed25519", "--out", str(out), "--no-encrypt"], capsys
+    )
+    assert code == 130  # 128 + SIGINT; it was 1, a failure
+    assert stdout == ""
+    assert err.strip().splitlines()[-1] == "trustmesh: interrupted"
+
+
+def test_node_init_refuses_one_address_for_links_and_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused before any enrollment: the CA URL goes nowhere, and the token stays unspent.
+    ca_cert = tmp_path / "ca.crt"
+    ca_cert.write_text("unused")
+    directory = tmp_path / "n1"
+    code, out, err = run(
+        [
+            *("node", "init", "--dir", str(directory), "--node-id", "node-1"),
+            *("--ca-url", "https://127.0.0.1:1", "--ca-cert", str(ca_cert), "--token", "t"),
+            *("--listen", "127.0.0.1:7400", "--api", "127.0.0.1:7400", "--no-encrypt"),
+        ],
+        capsys,
+    )
+    assert_one_line_failure(code, out, err)
+    assert "listen (127.0.0.1:7400) and api (127.0.0.1:7400) need different ports" in err
+    assert not directory.exists()
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640])
@@ -458,6 +538,64 @@ def test_demo_keep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert (node_dir / "node.crt").is_file(), name
         assert (node_dir / "mesh.db").is_file(), name
         assert not (node_dir / "run.json").exists(), name  # every node stopped
+
+
+@pytest.fixture
+def _forget_passphrase_file() -> Iterator[None]:
+    """A run's --passphrase-file stays set in the process until the next run: unset it."""
+    yield
+    use_passphrase_file(None)
+
+
+@pytest.mark.usefixtures("_forget_passphrase_file")
+def test_demo_keep_prints_the_ca_passphrase_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keep = tmp_path / "demo"
+    code, out, _ = run(["demo", "--nodes", "3", "--keep", str(keep)], capsys)
+    assert code == 0, out
+    said = [line for line in out.splitlines() if line.startswith("The CA is in")]
+    prefix = f"The CA is in {keep / 'ca'}; the passphrase of its keys is "
+    assert len(said) == 1 and said[0].startswith(prefix), out
+    secret = said[0].removeprefix(prefix)
+    assert len(secret) >= 20 and out.count(secret) == 1  # printed once
+    # It is the passphrase: it opens the CA's keys, and the CA commands take it.
+    load_key_file(keep / "ca" / "issuing.key", secret.encode())
+    (tmp_path / "pass").write_text(secret + "\n")
+    (tmp_path / "pass").chmod(0o600)
+    listed = run(
+        ["ca", "list", "--dir", str(keep / "ca"), "--passphrase-file", str(tmp_path / "pass")],
+        capsys,
+    )
+    assert listed[0] == 0, listed[2]
+    assert "node-1" in listed[1]
+
+
+@pytest.mark.usefixtures("_forget_passphrase_file")
+def test_demo_keep_json_reports_the_passphrase_or_takes_a_passphrase_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keep = tmp_path / "made"
+    code, out, _ = run(["demo", "--nodes", "3", "--json", "--keep", str(keep)], capsys)
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["ok"] is True
+    assert report["ca_dir"] == str(keep / "ca")
+    assert report["ca_passphrase_source"] == "generated"
+    load_key_file(keep / "ca" / "root.key", report["ca_passphrase"].encode())
+
+    given = tmp_path / "given"
+    secret = tmp_path / "secret"
+    secret.write_text("the operator's own passphrase\n")
+    secret.chmod(0o600)
+    argv = ["demo", "--nodes", "3", "--json", "--keep", str(given), "--passphrase-file"]
+    code, out, _ = run([*argv, str(secret)], capsys)
+    assert code == 0, out
+    report = json.loads(out)
+    assert report["ca_passphrase"] is None  # the operator's: never printed
+    assert report["ca_passphrase_source"] == f"--passphrase-file {secret}"
+    assert "operator" not in out
+    load_key_file(given / "ca" / "issuing.key", b"the operator's own passphrase")
 
 
 def test_demo_node_count_is_checked(capsys: pytest.CaptureFixture[str]) -> None:

@@ -160,7 +160,7 @@ def test_a_mesh_of_file_token_and_tpm_identities(
         assert attested_platform_of(_leaf(dirs["node-3"])) is not None
         server.terminate()
     audit = [
-        json.loads(line) for line in succeeds("ca", "audit", "--dir", ca, "--json").splitlines()
+        json.loads(line) for line in succeeds("ca", "audit", "--dir", ca, "--jsonl").splitlines()
     ]
     attested = [e for e in audit if "attestation" in (e["detail"] or {})]
     assert {(e["event"], e["node_id"]) for e in attested} == {

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sqlite3
 import stat
+import subprocess
 from collections.abc import Iterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
@@ -30,6 +32,7 @@ from catools import (
     concurrently,
     curl,
     one_line_failure,
+    require_curl,
     shared_ca,
     split_pem,
     succeeds,
@@ -347,6 +350,65 @@ def test_enroll_refusals_name_the_problem(shared: SharedCa, tmp_path: Path) -> N
     assert "this directory is already enrolled" in one_line_failure(already)
     unspent = shared.authority.store.token(token_hash(fresh))
     assert unspent is not None and unspent.used_at is None
+
+
+def test_a_ca_url_that_is_not_https_is_a_usage_error(tmp_path: Path) -> None:
+    # The CA API is HTTPS only: an http:// URL used to fail later, with no hint.
+    root = tmp_path / "ca.crt"
+    trustme.CA().cert_pem.write_to_path(str(root))
+    out = tmp_path / "node"
+    out.mkdir()
+    common = ("--ca-cert", root, "--token", "t", "--node-id", "node-h", "--no-encrypt")
+    calls: list[Call] = [
+        (("enroll", "--ca-url", url, *common, "--out", tmp_path / "n"), None)
+        for url in ("http://127.0.0.1:8443", "ftp://127.0.0.1", "127.0.0.1:8443")
+    ]
+    calls.append((("rotate", "--dir", out, "--ca-url", "http://127.0.0.1:8443"), None))
+    # `node init` enrolls through the same code, after its own checks.
+    init = ("node", "init", "--dir", tmp_path / "n", "--listen", "127.0.0.1:0")
+    calls.append(
+        ((*init, "--api", "127.0.0.1:0", "--ca-url", "http://127.0.0.1:8443", *common), None)
+    )
+    for result in concurrently(*calls):
+        assert result.returncode == 2, result
+        assert "Invalid value for '--ca-url': the CA API is HTTPS only" in result.stderr
+        assert "give https://HOST:PORT" in result.stderr
+    assert not (tmp_path / "n").exists()
+
+
+def _readme_commands(program: str) -> list[str]:
+    """The README's ``program`` commands in its sh blocks, continuation lines joined."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [" ".join(line.split()) for line in lines if line.lstrip().startswith(program + " ")]
+
+
+def test_the_readme_s_curl_commands_that_write_files_fail_on_an_error(
+    shared: SharedCa, openssl: OpenSsl, tmp_path: Path
+) -> None:
+    writers = [c for c in _readme_commands("curl") if " -o " in c]
+    assert len(writers) == 3, writers  # enroll, rotate, the CRL
+    assert all("--fail-with-body" in c for c in writers), writers
+    # The enrollment as written, with a token the CA refuses: curl exits 22 (it used to
+    # exit 0 with the JSON error in node.crt, and the next command read it as PEM).
+    enroll = next(c for c in writers if "/v1/enroll" in c)
+    _, csr = openssl.csr("readme", "node-1")
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "ca" / "ca.crt").write_bytes(shared.ca_cert.read_bytes())
+    (tmp_path / "node.csr").write_bytes(csr.read_bytes())
+    argv = shlex.split(enroll.replace("https://127.0.0.1:8443", shared.url))
+    result = subprocess.run(
+        [require_curl(), "-q", "-sS", *argv[1:]],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 22, result
+    assert json.loads((tmp_path / "node.crt").read_text())["error"] == "invalid_token"
 
 
 # --- help ---------------------------------------------------------------------------------

@@ -59,7 +59,9 @@ async def test_send_inbox_ack_through_running_nodes_and_offline(tmp_path: Path) 
         (item,) = json.loads(inbox.stdout)["bundles"]
         assert item["bundle_id"] == bundle_id and item["payload"] == "aGVsbG8="
         human = await run("inbox", "--dir", str(n2.directory))
-        assert bundle_id in human.stdout and "from node-1" in human.stdout
+        header, row = human.stdout.splitlines()
+        assert header.split() == ["BUNDLE_ID", "SOURCE", "DESTINATION", "EXPIRES_AT", "BYTES"]
+        assert row.split()[:2] == [bundle_id, "node-1"] and row.split()[-1] == "5"
         acked = await run("ack", "--dir", str(n2.directory), bundle_id)
         assert acked.returncode == 0 and "acknowledged" in acked.stdout
         again = await run("ack", "--dir", str(n2.directory), bundle_id)

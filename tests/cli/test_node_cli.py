@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from catools import (
     NODE_PASS,
     PASS,
+    WAIT,
     Call,
     concurrently,
     one_line_failure,
@@ -122,6 +124,7 @@ def test_mesh_by_hand(tmp_path: Path) -> None:
             assert not seed["listen"].endswith(":0")
             run_file = _json((dirs["node-1"] / "run.json").read_text())
             assert run_file["listen"] == seed["listen"]
+            _check_alone(dirs["node-1"])
             # node-2 and node-3 know only node-1; they find each other by peer exchange.
             inits = concurrently(
                 init("node-2", "--no-encrypt", "--bootstrap", seed["listen"]),
@@ -151,11 +154,41 @@ def test_mesh_by_hand(tmp_path: Path) -> None:
         assert server.terminate() == 0, server.errors()
 
 
+def _check_alone(directory: Path) -> None:
+    """A node with no links yet: `node health` says degraded and exits 1 (JSON or not);
+    its local socket, through which it answers with no passphrase, is 0600."""
+    sock = directory / "api.sock"
+    assert stat.S_ISSOCK(sock.stat().st_mode)
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    as_json, human = concurrently(
+        (("node", "health", "--dir", directory, "--json"), None),
+        (("node", "health", "--dir", directory), None),
+    )
+    assert (as_json.returncode, human.returncode) == (1, 1), (as_json.stderr, human.stderr)
+    assert as_json.stderr == human.stderr == ""
+    health = _json(as_json.stdout)
+    assert (health["status"], health["reasons"]) == ("degraded", ["no_links"])
+    lines = [line.split(maxsplit=1) for line in human.stdout.splitlines()]
+    assert ["status", "degraded: no link is up"] in lines
+
+
 def _check_mesh(nodes: dict[str, NodeRun], dirs: dict[str, Path]) -> None:
     """Every node links to both others; node-2's anomaly reaches all three."""
     for node_id, node in nodes.items():
         for peer in nodes.keys() - {node_id}:
             node.event("link.up", peer=peer)
+    # The read-only commands need no passphrase, node-3's key encrypted or not.
+    health, peers_3, human = concurrently(
+        (("node", "health", "--dir", dirs["node-3"], "--json"), None),
+        (("node", "peers", "--dir", dirs["node-3"], "--json"), None),
+        (("node", "health", "--dir", dirs["node-3"]), None),
+    )
+    assert health.returncode == 0, health.stderr
+    assert (_json(health.stdout)["status"], _json(health.stdout)["reasons"]) == ("ok", [])
+    assert peers_3.returncode == 0, peers_3.stderr
+    assert sorted(_connected(_json(peers_3.stdout))) == ["node-1", "node-2"]
+    assert human.returncode == 0, human.stderr
+    assert ["status", "ok"] in [line.split() for line in human.stdout.splitlines()]
     # What an operator sees (node-1; the link.up lines above show the others' side).
     peers = _json(succeeds("node", "peers", "--dir", dirs["node-1"], "--json", passphrase=None))
     assert peers["node_id"] == "node-1"
@@ -212,10 +245,17 @@ def _check_revocation(ca: Path, nodes: dict[str, NodeRun], dirs: dict[str, Path]
         "node-3's CRL listing its revocation",
         SPREAD,
     )
-    peers, own = concurrently(
+    nodes["node-3"].event("node.revoked", SPREAD)  # it says so once, and dials no more
+    peers, own, failing = concurrently(
         _ask("peers", "node-1", dirs["node-1"], "--json"),
         _ask("publish", "node-3", dirs["node-3"], "--payload-json", json.dumps(OTHER)),
+        (("node", "health", "--dir", dirs["node-3"], "--json"), None),
     )
+    # Its own API refuses its revoked certificate; the local socket answers all the same.
+    assert failing.returncode == 1, failing.stderr
+    health = _json(failing.stdout)
+    assert health["status"] == "failing"
+    assert health["reasons"][0] == "revoked"
     assert peers.returncode == 0, peers.stderr
     rows = _json(peers.stdout)["peers"]
     assert [(p["node_id"], p["status"]) for p in rows] == [("node-2", "connected")]
@@ -231,6 +271,7 @@ def _check_stop(node: NodeRun, node_id: str) -> None:
     assert events == ["started", "stopped"], node.stdout.dump()
     assert node.stdout.lines[-1]["node_id"] == node_id
     assert not (node.directory / "run.json").exists()
+    assert not (node.directory / "api.sock").exists()
     assert node.stdout.other == []
     assert node.stderr.other == [], node.stderr.other  # every log line is JSON
     assert node.stderr.lines[-1]["event"] == "node.stopped"
@@ -242,3 +283,32 @@ def test_node_run_without_config(tmp_path: Path) -> None:
     result = trustmesh("node", "run", "--dir", empty, passphrase=None)
     assert "node.toml" in one_line_failure(result)
     assert list(empty.iterdir()) == []
+
+
+def test_a_second_run_on_one_directory_names_the_running_node(tmp_path: Path) -> None:
+    ca, directory = tmp_path / "ca", tmp_path / "n1"
+    succeeds("ca", "init", "--dir", ca)
+    with serving(ca) as server:
+        token = succeeds("ca", "token", "create", "--dir", ca, "--node-id", "node-1").strip()
+        args, passphrase = _node_init(
+            directory, server.url, ca / "ca.crt", token, "node-1", "--no-encrypt"
+        )
+        succeeds(*args, passphrase=passphrase)
+        with running((directory, None)) as (first,):
+            first.started()
+            # It used to fail on the busy bundle store (or a port in use), naming neither.
+            second = trustmesh("node", "run", "--dir", directory, passphrase=None)
+            assert one_line_failure(second) == (
+                f"trustmesh: error: node already running (pid {first.proc.pid}) in {directory}"
+            )
+            first.proc.kill()  # kill -9: its run.json and its socket stay behind
+            first.proc.wait(timeout=WAIT)
+        assert (directory / "run.json").exists()
+        assert (directory / "api.sock").exists()
+        with running((directory, None)) as (again,):
+            assert again.started()["node_id"] == "node-1"  # the stale run.json blocked nothing
+            again.proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop, exit 130
+            assert again.proc.wait(timeout=WAIT) == 130
+            assert again.stdout.wait_for(lambda line: True, "a line")["event"] == "started"
+            again.stdout.wait_ended()
+            assert again.stdout.lines[-1]["event"] == "stopped"

@@ -132,6 +132,37 @@ def test_simultaneous_without_a_local_port_is_a_usage_error(certs: Path) -> None
     assert result.returncode == 2 and "--simultaneous needs --port" in result.stderr
 
 
+def test_a_key_file_others_may_read_is_refused(certs: Path) -> None:
+    # As `keys show` refuses it; before, connect and listen took it as it was.
+    key = certs / "a" / "node.key"
+    key.chmod(0o644)
+    for where in (["connect", "127.0.0.1:9"], ["listen", "--port", "0"]):
+        result = subprocess.run(
+            [TRUSTMESH, "psec", *where, *identity(certs / "a")],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        assert result.returncode == 1, result
+        assert result.stderr.strip() == (
+            f"trustmesh: error: {key} has mode 0644; a private key must be private"
+            f" (chmod 600 {key})"
+        )
+
+
+def test_a_bare_port_is_a_usage_error(certs: Path) -> None:
+    result = subprocess.run(
+        [TRUSTMESH, "psec", "connect", "9443", *identity(certs / "a")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert result.returncode == 2
+    assert "got a bare port '9443' (for this machine: 127.0.0.1:9443)" in result.stderr
+
+
 # --- simultaneous negotiation -----------------------------------------------------------
 
 

@@ -3,15 +3,17 @@ without a socket or a task. Links are plain objects; time is an int of Unix ms."
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from itertools import count
 from pathlib import Path
 from typing import Any
 
 import pytest
-from meshtools import T0_MS, MeshPki, Node, anomaly
+from meshtools import T0, T0_MS, MeshPki, Node, anomaly
 
 from trustmesh.mesh.engine import GossipEngine
 from trustmesh.mesh.gossip import crl_payload
@@ -111,6 +113,23 @@ def test_start_dials_the_bootstrap_and_never_itself(pki: MeshPki) -> None:
     assert of(Dial, actions) == [Dial(BOOT)]
     assert of(SendPeers, actions) == []  # no links yet; our record is signed
     assert core.record is not None and core.record.addresses == (own,)
+
+
+def test_an_address_that_turns_out_to_be_ours_is_never_dialled_again(pki: MeshPki) -> None:
+    """Our bootstrap list may name us under another form (localhost, another interface):
+    the dial reaches our own certificate, the link refuses itself, and that address is
+    not dialled again (it was, with a backoff, forever)."""
+    me = pki.node("node-a")
+    alias = "localhost:7000"
+    core = make_core(pki, me, bootstrap=(alias,))
+    assert of(Dial, core.start(T0_MS)) == [Dial(alias)]
+    link = FakeLink(me)  # TLS showed our own certificate
+    core.link_opened(link, initiator=True, address=alias)
+    closed = LinkClosed(f"{CloseCode.REFUSED}: a link to ourselves", error=True)
+    core.link_event(link, closed, T0_MS)
+    core.dial_failed(alias, "a link to ourselves", T0_MS)
+    for later in range(T0_MS, T0_MS + 120_000, 1_000):
+        assert of(Dial, core.handle_timer(later)) == []
 
 
 def test_the_low_mark_is_a_third_of_the_cap_and_dials_stop_there(pki: MeshPki) -> None:
@@ -509,3 +528,20 @@ def test_queued_gossip_of_an_evicted_peer_is_dropped(pki: MeshPki) -> None:
     assert rich.node_id not in core.links
     assert core.drain_gossip(T0_MS) == []
     assert message.message_id not in core.engine.seen
+
+
+def test_a_node_that_finds_itself_revoked_says_so_once_and_dials_nobody(pki: MeshPki) -> None:
+    me = pki.node("node-a")
+    core = make_core(pki, me)
+    assert of(Dial, core.start(T0_MS)) == [Dial(BOOT)]
+    core.dial_failed(BOOT, "tlsv1 alert internal error", T0_MS)
+    pki.revoke(me)
+    actions: list[Action[FakeLink]] = []
+    core.apply_crl(pki.crl(), "CA", T0_MS, actions)
+    (told,) = [n for n in of(Notify, actions) if n.event == "node.revoked"]
+    assert told.fields["serial"] == format(me.serial, "x") and told.level == logging.ERROR
+    for later in range(T0_MS, T0_MS + 300_000, 1_000):
+        assert of(Dial, core.handle_timer(later)) == []
+    again: list[Action[FakeLink]] = []
+    core.apply_crl(pki.crl(T0 + timedelta(minutes=1)), "CA", T0_MS + 60_000, again)
+    assert [n for n in of(Notify, again) if n.event == "node.revoked"] == []

@@ -340,7 +340,7 @@ async def test_api_needs_a_mesh_certificate(mesh5: LocalMesh, tmp_path: Path) ->
     code, body = await status(foreign)
     assert (code, body["error"]) == (401, "unauthenticated")
 
-    member = NodeClient(mesh5.nodes[1].directory)
+    member = NodeClient(mesh5.nodes[1].directory, local=False)
     member.url = target.api_url
     member.config = target.config  # dial node-1's API with node-2's certificate
     peers = await member.get("/v1/mesh/peers")

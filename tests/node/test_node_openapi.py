@@ -350,7 +350,8 @@ async def test_peers_health_and_anomalies_conform(mesh: LocalMesh) -> None:
     conforms(sent, received)
     health = received.json()
     assert (health["node_id"], health["links"], health["gossip"]["accepted"]) == ("node-1", 1, 1)
-    assert set(health["limits"]) == {"links", "api"}
+    assert set(health["limits"]) == {"links", "api", "local"}
+    assert (health["status"], health["reasons"]) == ("ok", [])
 
     sent, received = await node1.call("GET", "/v1/mesh/anomalies")
     assert received.status_code == 200, received.data

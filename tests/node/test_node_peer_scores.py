@@ -112,6 +112,7 @@ ANSWER = {
             "status": "connected",
             "last_seen": "2026-01-05T12:10:00+00:00",
             "address": "127.0.0.1:7002",
+            "serial": "abc12",
             "score": 0.0,
             "graylisted_until": None,
         },
@@ -134,19 +135,22 @@ def test_node_peers_prints_a_score_column_and_json_keeps_the_fields(
     runner = CliRunner()
     table = runner.invoke(cli_main.cli, ["node", "peers", "--dir", str(tmp_path)])
     assert table.exit_code == 0, table.output
-    two, three = table.output.splitlines()
+    header, two, three = table.output.splitlines()
+    assert header.split() == ["NODE_ID", "STATUS", "SCORE", "LAST_SEEN", "ADDRESS", "SERIAL"]
     assert two.split() == [
         "node-2",
         "connected",
         "0.0",
         "2026-01-05T12:10:00+00:00",
         "127.0.0.1:7002",
+        "0ABC12",  # as openssl prints a serial
     ]
     assert three.split() == [
         "node-3",
         "disconnected",
         "-59.9",
         "2026-01-05T12:09:00+00:00",
+        "-",
         "-",
         "graylisted",
     ]

@@ -157,11 +157,25 @@ def test_other_allowed_key_types(ca: CertificateAuthority, key: object) -> None:
     ca.issue(make_csr("n1", key), "n1", now=NOW)
 
 
+def test_an_rsa_csr_is_refused_as_mesh_nodes_would_refuse_its_certificate(
+    ca: CertificateAuthority,
+) -> None:
+    # A node's trust view takes EC and Ed25519 keys only: an RSA certificate was issued,
+    # then refused on every link.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(CsrRejected) as refused:
+        ca.issue(make_csr("n1", key), "n1", now=NOW)
+    assert str(refused.value) == (
+        "RSA keys are not allowed: mesh nodes take only EC P-256, P-384 or Ed25519"
+    )
+    assert ca.store.by_node("n1") == []
+
+
 def test_csr_checks(ca: CertificateAuthority) -> None:
     with pytest.raises(CsrRejected, match="does not name node_id"):
         ca.issue(make_csr("other"), "n1", now=NOW)
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    with pytest.raises(CsrRejected, match="at least 2048"):
+    with pytest.raises(CsrRejected, match="RSA keys are not allowed"):
         ca.issue(make_csr("n1", small), "n1", now=NOW)
     with pytest.raises(CsrRejected, match="curve"):
         ca.issue(make_csr("n1", ec.generate_private_key(ec.SECP256K1())), "n1", now=NOW)

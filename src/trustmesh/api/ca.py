@@ -9,12 +9,18 @@
 - ``POST /v1/revoke``: an admin (bearer token or admin certificate) revokes.
 - ``GET /v1/health``: the CA's state, including loud expiry warnings.
 - ``GET /v1/openapi.json``: the OpenAPI 3.1 document of all of the above.
+- ``GET /metrics``: Prometheus metrics (an admin, as for revoke; docs/metrics.md).
+
+Every request is logged on ``trustmesh.api.ca.access`` (``ca serve`` writes it to
+stderr as JSON lines): method, route pattern, status, client identity, remote address,
+latency. A refused enrollment also goes into the audit log (``enroll-refused``).
 
 Run it with :class:`trustmesh.api.ca_server.CaServer` (HTTPS on trustmesh TLS).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -26,12 +32,15 @@ from typing import Any
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
-from trustmesh.api.errors import ApiError, field, json_body, json_errors
+from trustmesh.api.errors import ApiError, Handler, excerpt, field, json_body, json_errors
 from trustmesh.api.ratelimit import RateLimiter
 from trustmesh.clock import Clock
 from trustmesh.errors import ProtocolError
 from trustmesh.io.https import peer_chain
+from trustmesh.metrics.ca import CaMetrics
+from trustmesh.metrics.exposition import METRICS_PATH, metrics_response
 from trustmesh.pki.attestation import Attestation
 from trustmesh.pki.attestation_report import judge_report
 from trustmesh.pki.ca import (
@@ -54,10 +63,11 @@ from trustmesh.pki.errors import (
     UnknownAdminToken,
     UnknownCertificate,
 )
-from trustmesh.pki.store import IssuedCertificate
+from trustmesh.pki.store import IssuedCertificate, admin_token_id
 from trustmesh.tpm.evidence import EvidenceError, QuoteEvidence
 
 log = logging.getLogger("trustmesh.api.ca")
+access_log = logging.getLogger("trustmesh.api.ca.access")
 
 MAX_BODY = 64 * 1024  # a CSR with an attestation is a few KiB
 CRL_MAX_AGE = 60  # seconds a client or proxy may reuse a CRL without asking again
@@ -79,6 +89,10 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
 
 REGISTRAR = web.AppKey("registrar", Registrar)
 LIMITER = web.AppKey("limiter", RateLimiter)
+METRICS = web.AppKey("metrics", CaMetrics)
+# Who the request proved to be, once a handler checked it (the access log's identity).
+IDENTITY = web.RequestKey("identity", str)
+ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
@@ -144,11 +158,14 @@ def ca_app(
 ) -> web.Application:
     """The CA API for ``registrar``; every handler reads the time from ``clock`` (by
     default the registrar's, which is the CA's unless it was given another)."""
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors(ERRORS)])
+    app = web.Application(
+        client_max_size=MAX_BODY, middlewares=[access_logged, json_errors(ERRORS)]
+    )
     app[REGISTRAR] = registrar
     app[LIMITER] = limiter
-    app[CRLS] = CrlCache(registrar.ca)
+    app[CRLS] = crls = CrlCache(registrar.ca)
     app[CLOCK] = registrar.clock if clock is None else clock
+    app[METRICS] = CaMetrics(registrar.ca, app[CLOCK], crls.current)
     app.router.add_post("/v1/enroll", enroll)
     app.router.add_post("/v1/enroll/challenge", challenge)
     app.router.add_post("/v1/attestation/report", attestation_report)
@@ -157,25 +174,103 @@ def ca_app(
     app.router.add_post("/v1/revoke", revoke)
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi)
+    app.router.add_get(METRICS_PATH, metrics)
     return app
+
+
+# --- the access log -------------------------------------------------------------------------
+
+
+@web.middleware
+async def access_logged(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request on ``trustmesh.api.ca.access``, and its metrics. Outermost:
+    it sees the status the error middleware chose."""
+    clock = request.app[CLOCK]
+    started = clock.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:  # what the error middleware leaves (a redirect)
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away before its answer
+        raise
+    finally:
+        seconds = clock.monotonic() - started
+        route = _route(request)
+        request.app[METRICS].request(request.method, route, status, seconds)
+        access_log.info(
+            "http.request",
+            extra={
+                "fields": {
+                    "method": excerpt(request.method, 16),
+                    "route": route,
+                    "status": status,
+                    "identity": _identity(request),
+                    "remote": request.remote,
+                    "latency_ms": round(seconds * 1000, 3),
+                }
+            },
+        )
+
+
+def _route(request: web.Request) -> str | None:
+    """The pattern of the route that matched (``/v1/enroll``), never the raw path."""
+    resource = request.match_info.route.resource
+    return None if resource is None else resource.canonical
+
+
+def _identity(request: web.Request) -> str:
+    """Who the client is: what a handler proved (``node:ID``, ``admin:NAME``,
+    ``token:ID``, ``enroll:NODE_ID``), else what it presented without proof here
+    (``token:ID`` of a bearer token, ``unverified:CN`` of a client certificate), else
+    ``anonymous``. Never a token itself: a bearer token shows as its public id."""
+    if IDENTITY in request:
+        return request[IDENTITY]
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return f"token:{admin_token_id(token_hash(token.strip()))}"
+    chain = peer_chain(request)
+    if chain:
+        names = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        common = str(names[0].value) if names else "-"
+        return f"unverified:{excerpt(common, 64)}"
+    return ANONYMOUS
+
+
+def _authenticated(request: web.Request, now: datetime) -> IssuedCertificate:
+    """The client's current node certificate (mTLS), recorded as its identity."""
+    record = request.app[REGISTRAR].authenticate(peer_chain(request), now=now)
+    request[IDENTITY] = f"node:{record.node_id}"
+    return record
 
 
 # --- handlers ---------------------------------------------------------------------------
 
 
 async def enroll(request: web.Request) -> web.Response:
-    _rate_limit(request)
-    pem = _wants_pem(request, ("pem", "json"))  # a bad ?format fails before issuing
-    body = await json_body(request)
     registrar = request.app[REGISTRAR]
-    issued = registrar.enroll(
-        field(body, "token") or "",
-        field(body, "csr") or "",
-        node_id=field(body, "node_id", required=False),
-        attestation=_attestation(body),
-        actor=_client(request),
-        now=request.app[CLOCK].now(),
-    )
+    body: dict[str, object] | None = None
+    try:
+        _rate_limit(request)
+        pem = _wants_pem(request, ("pem", "json"))  # a bad ?format fails before issuing
+        body = await json_body(request)
+        issued = registrar.enroll(
+            field(body, "token") or "",
+            field(body, "csr") or "",
+            node_id=field(body, "node_id", required=False),
+            attestation=_attestation(body),
+            actor=_client(request),
+            now=request.app[CLOCK].now(),
+        )
+    except (ApiError, ProtocolError) as exc:
+        _enrollment_refused(request, body, exc)
+        raise
+    request.app[METRICS].enrollments.labels("retried" if issued.retried else "issued").inc()
+    request[IDENTITY] = f"enroll:{issued.record.node_id}"
     log.info(
         "enrolled %s (serial %s%s)",
         issued.record.node_id,
@@ -200,7 +295,7 @@ async def challenge(request: web.Request) -> web.Response:
     if token:
         nonce, expires = registrar.enrollment_challenge(token, now=now)
     else:
-        current = registrar.authenticate(peer_chain(request), now=now)
+        current = _authenticated(request, now)
         nonce, expires = registrar.rotation_challenge(current, now=now)
     answer: dict[str, object] = {
         "nonce": base64.b64encode(nonce).decode(),
@@ -215,7 +310,7 @@ async def attestation_report(request: web.Request) -> web.Response:
     _rate_limit(request)
     registrar = request.app[REGISTRAR]
     now = request.app[CLOCK].now()
-    reporter = registrar.authenticate(peer_chain(request), now=now)
+    reporter = _authenticated(request, now)
     body = await json_body(request)
     serial = parse_serial(field(body, "serial") or "")
     try:
@@ -234,22 +329,28 @@ async def attestation_report(request: web.Request) -> web.Response:
 
 
 async def rotate(request: web.Request) -> web.Response:
-    _rate_limit(request)
-    pem = _wants_pem(request, ("pem", "json"))
     registrar = request.app[REGISTRAR]
-    # Cheap refusal first: a client without a current certificate is not read further.
-    current = registrar.authenticate(peer_chain(request), now=request.app[CLOCK].now())
-    body = await json_body(request)
-    # The body may have taken a while: the store checks the certificate again (revoked,
-    # expired, superseded) at this time, in the transaction that issues.
-    issued = registrar.rotate(
-        current,
-        field(body, "csr") or "",
-        current_serial=field(body, "current_cert_serial", required=False),
-        attestation=_attestation(body),
-        actor=_client(request),
-        now=request.app[CLOCK].now(),
-    )
+    outcomes = request.app[METRICS].rotations
+    try:
+        _rate_limit(request)
+        pem = _wants_pem(request, ("pem", "json"))
+        # Cheap refusal first: a client without a current certificate is not read further.
+        current = _authenticated(request, request.app[CLOCK].now())
+        body = await json_body(request)
+        # The body may have taken a while: the store checks the certificate again (revoked,
+        # expired, superseded) at this time, in the transaction that issues.
+        issued = registrar.rotate(
+            current,
+            field(body, "csr") or "",
+            current_serial=field(body, "current_cert_serial", required=False),
+            attestation=_attestation(body),
+            actor=_client(request),
+            now=request.app[CLOCK].now(),
+        )
+    except (ApiError, ProtocolError) as exc:
+        outcomes.labels(_error_code(exc)).inc()
+        raise
+    outcomes.labels("retried" if issued.retried else "issued").inc()
     log.info(
         "rotated %s: serial %s replaces %s%s",
         current.node_id,
@@ -335,6 +436,14 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics, for an admin (a bearer token or an admin certificate, as for
+    revoke): a CA's traffic and refusals are not for every node to read."""
+    _rate_limit(request)
+    _admin(request)
+    return metrics_response(request, request.app[METRICS].registry)
+
+
 def openapi_document() -> dict[str, Any]:
     text = resources.files("trustmesh.api").joinpath("ca_openapi.json").read_text()
     document: dict[str, Any] = json.loads(text)
@@ -357,6 +466,55 @@ def _rate_limit(request: web.Request) -> None:
 
 def _client(request: web.Request) -> str:
     return request.remote or "unknown"
+
+
+def _error_code(exc: ApiError | ProtocolError) -> str:
+    """The code the error middleware answers ``exc`` with (``invalid_token`` ...)."""
+    if isinstance(exc, ApiError):
+        return exc.code
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            return ERRORS[cls][1]
+    return "internal"
+
+
+def _enrollment_refused(
+    request: web.Request, body: dict[str, object] | None, exc: ApiError | ProtocolError
+) -> None:
+    """Count a refused enrollment, and put it in the audit log (with the node it was for,
+    when the request says or its token knows) unless it was only rate limited: a flood
+    is the rate limit's to absorb, not the audit log's."""
+    code = _error_code(exc)
+    request.app[METRICS].enrollments.labels(code).inc()
+    if code == "rate_limited":
+        return
+    node_id: str | None = None
+    if body is not None:
+        claimed, token = body.get("node_id"), body.get("token")
+        store = request.app[REGISTRAR].ca.store
+        known = store.token(token_hash(token)) if isinstance(token, str) and token else None
+        if known is not None:
+            node_id = known.node_id
+        elif isinstance(claimed, str):
+            node_id = excerpt(claimed, 64)
+    message = exc.message if isinstance(exc, ApiError) else str(exc)
+    client = _client(request)
+    try:
+        request.app[REGISTRAR].ca.store.audit_event(
+            "enroll-refused",
+            detail={
+                "reason": code,
+                "message": excerpt(message, 240),
+                "node_id": node_id,
+                "client": client,
+            },
+            now=request.app[CLOCK].now(),
+            actor=client,
+            node_id=node_id,
+        )
+    except Exception:  # the refusal stands, whatever the audit log's trouble
+        log.exception("could not audit a refused enrollment")
+    log.warning("enrollment refused (%s) for %s from %s", code, node_id or "unknown node", client)
 
 
 def _attestation(body: dict[str, object]) -> Attestation | None:
@@ -410,6 +568,8 @@ def _admin(request: web.Request) -> str:
             else None
         )
         state = "unknown" if known is None else known.state(now)
+        if known is not None:
+            request[IDENTITY] = f"token:{known.id}"
         if known is None or state != "valid":
             log.warning("admin call refused: %s admin token", state)
             raise ApiError(
@@ -429,6 +589,7 @@ def _admin(request: web.Request) -> str:
         record: IssuedCertificate = registrar.authenticate(chain, now=now)
     except (NotAuthenticated, PolicyDenied) as exc:  # foreign, expired or revoked
         raise ApiError(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+    request[IDENTITY] = f"{record.role}:{record.node_id}"
     if record.role != "admin":
         raise ApiError(403, f"{record.node_id!r} is not an admin of this CA")
     return f"cert:{record.node_id}"

@@ -6,6 +6,9 @@ the server with nothing else. The certificate lives 7 days and is renewed at two
 of that while serving: new connections get the new one. Its files live in a private
 temporary directory of this server, so several servers on one CA never share them.
 
+With ``metrics=(host, port)`` it also serves ``GET /metrics`` on that plain-HTTP port,
+for a local scraper (the API's own ``/metrics`` wants an admin; docs/metrics.md).
+
 The server *requests* client certificates (for ``/v1/rotate`` and admin calls) and the
 handlers verify them, so a missing or foreign certificate gets a JSON 401 instead of a
 failed handshake.
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.api.ca import ca_app
+from trustmesh.api.ca import METRICS, ca_app
 from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
 from trustmesh.clock import Clock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
@@ -29,6 +32,8 @@ from trustmesh.io.https import HttpServer, HttpsSite, serve_app
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.listener import Listener
 from trustmesh.keystore.filestore import save_key_file
+from trustmesh.metrics.ca import CaMetrics
+from trustmesh.metrics.exposition import MetricsServer
 from trustmesh.pki.ca import SERVER_VALIDITY
 from trustmesh.pki.enroll import Registrar
 from trustmesh.pki.errors import PkiError
@@ -56,6 +61,7 @@ class CaServer:
         clock: Clock | None = None,
         names: tuple[str, ...] = (),
         policy: ResourcePolicy | None = None,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
         if not names and host in ("0.0.0.0", "::", ""):  # noqa: S104 (a check, not a bind)
             raise PkiError(
@@ -77,6 +83,9 @@ class CaServer:
         self._site: HttpsSite | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._files: tempfile.TemporaryDirectory[str] | None = None
+        self._metrics_address = metrics
+        self._metrics: CaMetrics | None = None
+        self.metrics_server: MetricsServer | None = None
 
     @property
     def port(self) -> int:
@@ -97,6 +106,13 @@ class CaServer:
         return self._site.context
 
     @property
+    def metrics(self) -> CaMetrics:
+        """The API's metrics (served at its ``/metrics`` and on the metrics port)."""
+        if self._metrics is None:
+            raise RuntimeError("the CA server is not started")
+        return self._metrics
+
+    @property
     def url(self) -> str:
         """The URL clients use: the first of the certificate's names."""
         host = self.names[0]
@@ -107,6 +123,7 @@ class CaServer:
         for warning in self.registrar.ca.expiry_warnings(now=self.clock.now()):
             log.warning("CA EXPIRY: %s", warning)
         app = ca_app(self.registrar, limiter=self._limiter, clock=self.clock)
+        self._metrics = app[METRICS]
         self._http = await serve_app(
             app,
             self.host,
@@ -116,6 +133,17 @@ class CaServer:
             name="CA API",
         )
         self._site = self._http.site
+        self._metrics.listeners["api"] = self._site.listener
+        if self._metrics_address is not None:
+            host, port = self._metrics_address
+            self.metrics_server = MetricsServer(self._metrics.registry, host, port)
+            try:
+                await self.metrics_server.start()
+            except BaseException:
+                await self.stop()  # the API too: a server runs whole or not at all
+                raise
+            if self.metrics_server.listener is not None:
+                self._metrics.listeners["metrics"] = self.metrics_server.listener
         self._tasks = [
             asyncio.create_task(self._renew_certificate()),
             asyncio.create_task(self._warn_expiry()),
@@ -130,6 +158,8 @@ class CaServer:
                 await task
         if self._http is not None:
             await self._http.stop()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if self._files is not None:
             self._files.cleanup()
 
@@ -146,6 +176,8 @@ class CaServer:
         key = PrivateKey.generate(KeyKind.P256)
         public = key.to_cryptography().public_key()
         cert = ca.issue_server(list(self.names), public, now=self.clock.now())
+        if self._metrics is not None:
+            self._metrics.server_not_after = cert.not_valid_after_utc
         if self._files is None:
             self._files = tempfile.TemporaryDirectory(prefix="trustmesh-ca-api-")
         directory = Path(self._files.name)

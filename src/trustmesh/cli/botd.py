@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from typing import Any
 
 import click
@@ -12,8 +11,9 @@ import click
 from trustmesh.botd import DEFAULT_PORT, BotdConfig, HandshakeFailed
 from trustmesh.cli.keys import KeySpec
 from trustmesh.cli.limits import limit_options, pop_policy
-from trustmesh.cli.output import emit, stdin_lines
+from trustmesh.cli.output import emit, jsonl_stream_option, stdin_lines
 from trustmesh.cli.params import HostPort
+from trustmesh.cli.signals import stop_on_signals
 from trustmesh.crypto.keys import KeyKind, PublicKey
 from trustmesh.errors import ConnectionClosedError, InvalidKeyError
 from trustmesh.io import botd as botd_io
@@ -145,6 +145,7 @@ def botd() -> None:
     help="Accept only this peer identity key (hex); repeat for more. Default: anyone.",
 )
 @click.option("--echo", is_flag=True, help="Send every message back to its sender.")
+@jsonl_stream_option
 @limit_options
 def listen(
     key_spec: str,
@@ -154,7 +155,7 @@ def listen(
     echo: bool,
     **limits: Any,
 ) -> None:
-    """Accept BOTD #2 peers until interrupted (SIGINT or SIGTERM).
+    """Accept BOTD #2 peers until interrupted (SIGINT: exit 130, or SIGTERM: exit 0).
 
     \b
     Events:
@@ -193,10 +194,7 @@ async def _listen(
         event = ConnectionClosed(reason, error=True)
         _closed(None, event, remote=_address(remote))
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     server = await botd_io.serve(
         key, handler, host, port, config=config, on_reject=rejected, policy=policy, name="botd"
     )
@@ -217,8 +215,11 @@ async def _listen(
 @click.argument("address", type=HostPort(DEFAULT_PORT))
 @KEY_OPTION
 @PEER_KEY_OPTION
+@jsonl_stream_option
 def connect(address: tuple[str, int], key_spec: str, peer_key: PublicKey) -> int:
     """Open a channel to ADDRESS, send each stdin line as a message, print replies.
+
+    ADDRESS is HOST:PORT (HOST alone means port 9945; a bare port is refused).
 
     At the end of stdin the channel closes the protocol's way (Close, then the peer's
     Close), so replies already on their way are still printed. Exits 0 after an
@@ -272,8 +273,11 @@ async def _connect(address: tuple[str, int], key: Signer, peer_key: PublicKey) -
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds to wait for the handshake and then for the pong.",
 )
+@jsonl_stream_option
 def ping(address: tuple[str, int], key_spec: str, peer_key: PublicKey, timeout: float) -> None:
     """Handshake with ADDRESS, send one protocol Ping, print the round-trip time.
+
+    ADDRESS is HOST:PORT (HOST alone means port 9945; a bare port is refused).
 
     Prints {"event": "pong", "rtt_ms": ...} and exits 0; exits 1 when the handshake
     fails or no pong comes back in time.

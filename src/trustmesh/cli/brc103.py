@@ -39,7 +39,7 @@ from trustmesh.brc103.revocation import (
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.cli.keys import FileKeyPath
 from trustmesh.cli.limits import limit_options, pop_policy
-from trustmesh.cli.output import emit
+from trustmesh.cli.output import emit, jsonl_stream_option
 from trustmesh.cli.signals import stop_on_signals
 from trustmesh.crypto.brc42 import parse_public_key
 from trustmesh.crypto.keys import Secp256k1PrivateKey
@@ -136,8 +136,25 @@ REQUEST_OPTION = click.option(
     "requested_json",
     default=None,
     metavar="JSON",
-    help='Ask the peer for certificates: {"certifiers": [HEX...], "types": {TYPE: [FIELD...]}}.',
+    help='Ask the peer for certificates: {"certifiers": [HEX...], "types": {TYPE: [FIELD...]}};'
+    " a TYPE is base64 (32 bytes) or a name, as `cert issue --type` takes it.",
 )
+
+
+MAX_REQUEST_JSON = 64 * 1024
+
+
+def _types_by_name(text: str) -> str:
+    """The request with each certificate type given by name turned into its base64 id,
+    as `cert issue --type NAME` makes it (base64 types pass as they are)."""
+    try:
+        data = strict_loads(text.encode(), max_size=MAX_REQUEST_JSON)
+    except (DecodeError, ValueError):
+        return text  # the parser below says what is wrong
+    types = data.get("types") if isinstance(data, dict) else None
+    if isinstance(types, dict):
+        data["types"] = {_certificate_type(str(k)): v for k, v in types.items()}
+    return json.dumps(data)
 
 
 def _peer_config(
@@ -146,7 +163,7 @@ def _peer_config(
     requested = NO_REQUEST
     if requested_json is not None:
         try:
-            requested = RequestedCertificates.from_text(requested_json)
+            requested = RequestedCertificates.from_text(_types_by_name(requested_json))
         except DecodeError as exc:
             raise click.BadParameter(str(exc), param_hint="--request-certificates") from None
     masters = [MasterCertificate.from_json(_read_json(path)) for path in certificate_files]
@@ -203,6 +220,7 @@ def _revocation_source(
 @CERTIFICATE_OPTION
 @_revocations_option("client certificates")
 @NO_REVOCATION_CHECK_OPTION
+@jsonl_stream_option
 @limit_options
 def serve(
     host: str,
@@ -302,6 +320,13 @@ def _header(value: str) -> tuple[str, str]:
     "-f", "--fail", is_flag=True, help="Exit 1 when the (authenticated) status is >= 400."
 )
 @click.option("-v", "--verbose", is_flag=True, help="Say who answered on stderr.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds for the whole exchange (handshake, request and answer).",
+)
 @_revocations_option("the server's certificates")
 @NO_REVOCATION_CHECK_OPTION
 def fetch(
@@ -315,6 +340,7 @@ def fetch(
     include: bool,
     fail: bool,
     verbose: bool,
+    timeout: float,
     revocations: Path | None,
     no_revocation_check: bool,
 ) -> None:
@@ -336,7 +362,8 @@ def fetch(
     config = _peer_config(requested_json, certificate_files, server=False)
     checker, registry = _revocation_source(revocations, no_revocation_check)
     try:
-        response = asyncio.run(_fetch(wallet, config, checker, url, verb, header_list, body))
+        exchange = _fetch(wallet, config, checker, url, verb, header_list, body, timeout)
+        response = asyncio.run(exchange)
     finally:
         if registry is not None:
             registry.close()
@@ -368,8 +395,9 @@ async def _fetch(
     method: str,
     headers: list[tuple[str, str]],
     body: bytes | None,
+    seconds: float,
 ) -> Any:
-    async with AuthFetch(wallet, config, revocation=revocation) as client:
+    async with AuthFetch(wallet, config, revocation=revocation, request_timeout=seconds) as client:
         return await client.fetch(url, method=method, headers=headers, body=body)
 
 

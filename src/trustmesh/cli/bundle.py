@@ -16,7 +16,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from trustmesh.cli.output import emit
+from trustmesh.cli.output import emit, emit_lines, jsonl_option, table
 from trustmesh.cli.params import Seconds, json_option, node_dir_option
 
 
@@ -93,7 +93,8 @@ def send(
     help="inbox: delivered here; forwarding: held for other nodes.",
 )
 @json_option
-def inbox(directory: Path, role: str, as_json: bool) -> None:
+@jsonl_option("One JSON object per bundle, one a line.")
+def inbox(directory: Path, role: str, as_json: bool, as_jsonl: bool) -> None:
     """The bundles delivered to this node (or held for others, with --role)."""
     if _running(directory):
         answer = _client(directory, "get", f"/v1/bundles?role={role}&limit=1000")
@@ -102,12 +103,23 @@ def inbox(directory: Path, role: str, as_json: bool) -> None:
     if as_json:
         emit(answer, as_json=True)
         return
+    if as_jsonl:
+        emit_lines(answer.get("bundles", []))
+        return
+    header = ("BUNDLE_ID", "SOURCE", "DESTINATION", "EXPIRES_AT", "BYTES")
     rows = [
-        f"{item['bundle_id']}  from {item['source']}  expires {item['expires_at']}"
-        f"  {len(base64.b64decode(item['payload']))} bytes"
+        (
+            item["bundle_id"],
+            item["source"],
+            item.get("destination"),
+            item["expires_at"],
+            len(base64.b64decode(item["payload"])),
+        )
         for item in answer.get("bundles", [])
     ]
-    emit({}, as_json=False, human="\n".join(rows) or f"no bundles ({role})")
+    emit(
+        {}, as_json=False, human=table(header, rows, right={4}) if rows else f"no bundles ({role})"
+    )
 
 
 @bundle.command()

@@ -13,9 +13,10 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
+from trustmesh.cli.ca_config import CA_CONFIG_FILE, ConfiguredServe, write_ca_config
 from trustmesh.cli.limits import limit_options, pop_policy
-from trustmesh.cli.output import emit
-from trustmesh.cli.params import Duration
+from trustmesh.cli.output import emit, emit_lines, human_value, jsonl_option, serial_text, table
+from trustmesh.cli.params import Address, Duration
 from trustmesh.cli.signals import stop_on_signals
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import passphrase_from_env_or_tty, save_key_file, write_durably
@@ -82,16 +83,36 @@ def ca() -> None:
 @ca.command()
 @DIR_OPTION
 @click.option("--name", default="trustmesh mesh CA", show_default=True, help="CA name (its CN).")
+@click.option(
+    "--root-key-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the root key here instead of D/root.key (outside D, e.g. removable media),"
+    " to keep it offline: the CA serves, issues, rotates, revokes and signs CRLs without it;"
+    " only `ca renew` needs it (docs/operations.md).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def init(directory: Path, name: str, as_json: bool) -> None:
-    """Create a root and an issuing CA (P-256) in an empty directory."""
+def init(directory: Path, name: str, root_key_out: Path | None, as_json: bool) -> None:
+    """Create a root and an issuing CA (P-256) in an empty directory.
+
+    Both keys are encrypted with the passphrase. For a root kept offline, run this on an
+    offline machine with --root-key-out, move that file to offline storage, and copy D
+    (without any root key) to the CA server.
+
+    It also writes D/ca.toml: the settings of `ca serve`, every one at its default, for
+    you to edit (docs/config.md).
+    """
     passphrase = passphrase_from_env_or_tty(directory, confirm=True)
-    with CertificateAuthority.init(directory, passphrase, name=name) as authority:
+    with CertificateAuthority.init(
+        directory, passphrase, name=name, root_key_out=root_key_out
+    ) as authority:
+        write_ca_config(directory, serve)  # ca serve's settings, at their defaults
         root, issuing = authority.root_cert, authority.issuing_cert
         emit(
             {
                 "dir": str(directory),
                 "ca_cert": str(directory / "ca.crt"),
+                "config": str(directory / CA_CONFIG_FILE),
+                "root_key": str(directory / "root.key" if root_key_out is None else root_key_out),
                 "root_expires": root.not_valid_after_utc.isoformat(),
                 "issuing_expires": issuing.not_valid_after_utc.isoformat(),
             },
@@ -101,15 +122,20 @@ def init(directory: Path, name: str, as_json: bool) -> None:
 
 @ca.command(name="list")
 @DIR_OPTION
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per certificate.")
-def list_certificates(directory: Path, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Same as --jsonl (kept for scripts).")
+@jsonl_option("One JSON object per certificate, one a line.")
+def list_certificates(directory: Path, as_json: bool, as_jsonl: bool) -> None:
     """Every certificate the CA issued: node, admin or server, and its state (valid,
     expired, revoked), with its lineage: the serial it replaced at a rotation
-    (``replaces``) and the one that replaced it (``replaced_by``)."""
+    (``replaces``) and the one that replaced it (``replaced_by``).
+
+    Serials are shown as openssl shows them (uppercase hex); --jsonl keeps lowercase hex.
+    """
     with _open(directory) as authority:
         now = datetime.now(UTC)
         issued = authority.store.all()
         successors = {c.replaces: c.serial_hex for c in issued if c.replaces is not None}
+        rows: list[dict[str, Any]] = []
         for cert in issued:
             state = "revoked" if cert.revoked_at else "expired" if cert.not_after < now else "valid"
             row = {
@@ -123,12 +149,23 @@ def list_certificates(directory: Path, as_json: bool) -> None:
                 "replaces": cert.replaces_hex,
                 "replaced_by": successors.get(cert.serial),
             }
-            human = (
-                f"{cert.serial_hex:>32}  {cert.node_id:<24} {cert.role:<6} {state:<8} "
-                f"{row['not_after']}"
-                + (f"  replaces {cert.replaces_hex}" if cert.replaces is not None else "")
-            )
-            emit(row, as_json=as_json, human=human)
+            rows.append(row)
+    if _emitted_as_json(rows, "certificates", as_json, as_jsonl):
+        return
+    header = ("SERIAL", "NODE_ID", "ROLE", "STATE", "NOT_AFTER", "REPLACES", "REPLACED_BY")
+    shown = [
+        (
+            serial_text(r["serial"]),
+            r["node_id"],
+            r["role"],
+            r["state"],
+            r["not_after"],
+            serial_text(r["replaces"]),
+            serial_text(r["replaced_by"]),
+        )
+        for r in rows
+    ]
+    emit({}, as_json=False, human=table(header, shown) if rows else "no certificates")
 
 
 @ca.command()
@@ -157,22 +194,55 @@ def revoke(
             raise click.BadParameter("not a hex serial", param_hint="'--serial'") from None
     with _open(directory) as authority:
         revoked = authority.revoke(serial=number, node_id=node_id, reason=reason)
-        emit({"revoked": [format(s, "x") for s in revoked], "reason": reason}, as_json=as_json)
+        if number is not None:
+            mine = [r for r in [authority.store.get(number)] if r is not None]
+        else:
+            assert node_id is not None
+            mine = authority.store.by_node(node_id)
+        # Revoking again is not an error, but it must not look like news.
+        before = [r for r in mine if r.revoked_at is not None and r.serial not in revoked]
+        result: dict[str, object] = {
+            "revoked": [format(s, "x") for s in revoked],
+            "reason": reason,
+            "already_revoked": [r.serial_hex for r in before],
+        }
+        if revoked:
+            human = f"revoked {', '.join(serial_text(s) for s in revoked)} ({reason})"
+            if before:
+                human += f"; already revoked: {', '.join(serial_text(r.serial) for r in before)}"
+        else:
+            # The serial as given (the openssl form follows, after "already revoked:").
+            whom = (
+                f"certificate {serial}" if number is not None else f"every certificate of {node_id}"
+            )
+            earlier = "; ".join(
+                f"{serial_text(r.serial)} on {r.revoked_at:%Y-%m-%d %H:%M} UTC ({r.reason})"
+                for r in before
+                if r.revoked_at is not None
+            )
+            human = f"{whom} was already revoked: {earlier}" if before else "nothing to revoke"
+        emit(result, as_json=as_json, human=human)
 
 
 @ca.command()
 @DIR_OPTION
 @click.option("--force", is_flag=True, help="Renew even when more than 30 days are left.")
+@click.option(
+    "--root-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The root key, when it is kept offline (`ca init --root-key-out`); default D/root.key.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def renew(directory: Path, force: bool, as_json: bool) -> None:
+def renew(directory: Path, force: bool, root_key: Path | None, as_json: bool) -> None:
     """Certify the root and issuing CA again (same keys) before they expire.
 
-    Everything issued so far keeps chaining. Restart `ca serve` afterwards, and hand
-    nodes the new D/ca.crt before the old one expires.
+    This needs the root key: D/root.key, or --root-key PATH where a root kept offline is
+    brought back for the renewal. Everything issued so far keeps chaining. Restart
+    `ca serve` afterwards, and hand nodes the new D/ca.crt before the old one expires.
     """
     passphrase = passphrase_from_env_or_tty(directory, confirm=False)
     with _open(directory, passphrase) as authority:
-        renewed = authority.renew(passphrase, force=force)
+        renewed = authority.renew(passphrase, force=force, root_key=root_key)
         emit(
             {
                 "renewed": renewed,
@@ -253,10 +323,12 @@ def admin_token_create(directory: Path, label: str, ttl: timedelta, as_json: boo
 
 @admin_token.command(name="list")
 @DIR_OPTION
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per token.")
-def admin_token_list(directory: Path, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Same as --jsonl (kept for scripts).")
+@jsonl_option("One JSON object per token, one a line.")
+def admin_token_list(directory: Path, as_json: bool, as_jsonl: bool) -> None:
     """Every admin token: its id, label, expiry and state (valid, expired, revoked).
     The tokens themselves are not kept, so they cannot be shown."""
+    rows: list[dict[str, Any]] = []
     with _open(directory) as authority:
         now = datetime.now(UTC)
         for known in authority.store.admin_tokens():
@@ -269,10 +341,15 @@ def admin_token_list(directory: Path, as_json: bool) -> None:
                 "revoked_at": None if known.revoked_at is None else known.revoked_at.isoformat(),
                 "state": known.state(now),
             }
-            human = (
-                f"{known.id}  {known.label:<16} {known.state(now):<8} expires {row['expires_at']}"
-            )
-            emit(row, as_json=as_json, human=human)
+            rows.append(row)
+    if _emitted_as_json(rows, "admin_tokens", as_json, as_jsonl):
+        return
+    header = ("ID", "LABEL", "STATE", "CREATED_AT", "EXPIRES_AT", "REVOKED_AT")
+    shown = [
+        (r["id"], r["label"], r["state"], r["created_at"], r["expires_at"], r["revoked_at"])
+        for r in rows
+    ]
+    emit({}, as_json=False, human=table(header, shown) if rows else "no admin tokens")
 
 
 @admin_token.command(name="revoke")
@@ -365,9 +442,13 @@ def crl(directory: Path, pem: bool, out: Path | None) -> None:
 @ca.command()
 @DIR_OPTION
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per entry.")
-def audit(directory: Path, limit: int, as_json: bool) -> None:
-    """The audit log, newest first: issuance, enrollment, rotation, revocation, tokens."""
+@click.option("--json", "as_json", is_flag=True, help="Same as --jsonl (kept for scripts).")
+@jsonl_option("One JSON object per entry, one a line, with its whole detail.")
+def audit(directory: Path, limit: int, as_json: bool, as_jsonl: bool) -> None:
+    """The audit log, newest first: issuance, enrollment, rotation, revocation, tokens,
+    refused enrollments. The table shows each entry's detail in short (an attestation by
+    its type); --jsonl shows it whole."""
+    rows: list[dict[str, Any]] = []
     with _open(directory) as authority:
         for entry in authority.store.audit(limit):
             row = {
@@ -378,14 +459,34 @@ def audit(directory: Path, limit: int, as_json: bool) -> None:
                 "actor": entry.actor,
                 "detail": entry.detail,
             }
-            human = (
-                f"{row['at']}  {entry.event:<11} {entry.node_id or '-':<24} "
-                f"{entry.serial or '-':<32} {entry.actor or '-'}"
-            )
-            emit(row, as_json=as_json, human=human)
+            rows.append(row)
+    if _emitted_as_json(rows, "entries", as_json, as_jsonl):
+        return
+    header = ("AT", "EVENT", "NODE_ID", "SERIAL", "ACTOR", "DETAIL")
+    shown = [
+        (
+            r["at"],
+            r["event"],
+            r["node_id"],
+            serial_text(r["serial"]),
+            r["actor"],
+            _short(r["detail"]),
+        )
+        for r in rows
+    ]
+    emit({}, as_json=False, human=table(header, shown) if rows else "no audit entries")
 
 
-@ca.command()
+def _short(detail: dict[str, Any] | None) -> str:
+    """An audit entry's detail for the table: ``k=v`` pairs, a nested value (an
+    attestation and its evidence) by its type alone."""
+    flat = {
+        k: v.get("type", "...") if isinstance(v, dict) else v for k, v in (detail or {}).items()
+    }
+    return human_value(flat) if flat else "-"
+
+
+@ca.command(cls=ConfiguredServe)
 @DIR_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True)
@@ -441,7 +542,16 @@ def audit(directory: Path, limit: int, as_json: bool) -> None:
     help="Requests per second per client on enroll, rotate and revoke.",
 )
 @click.option("--burst", type=click.IntRange(1), default=DEFAULT_BURST, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="JSON lines on stdout.")
+@click.option(
+    "--metrics",
+    "metrics",
+    type=Address(any_port=True),
+    help="Also serve Prometheus GET /metrics on this plain-HTTP HOST:PORT, for a local"
+    " scraper (the API's own /metrics wants an admin; docs/metrics.md).",
+)
+@click.option(
+    "--jsonl", "--json", "as_json", is_flag=True, help="JSON lines on stdout (--json: the same)."
+)
 @limit_options
 def serve(
     directory: Path,
@@ -458,6 +568,7 @@ def serve(
     crl_url: str | None,
     rate: float,
     burst: int,
+    metrics: str | None,
     as_json: bool,
     **limits: Any,
 ) -> None:
@@ -471,6 +582,10 @@ def serve(
     POST /v1/revoke   admin: {serial | node_id, reason} -> 204
     GET  /v1/health   CA state and expiry warnings
     GET  /v1/openapi.json
+    GET  /metrics     admin: Prometheus metrics (also on --metrics HOST:PORT, plain HTTP)
+
+    Every request is logged on stderr as one JSON line (method, route, status, client
+    identity, remote address, latency), with the CA's other log lines.
 
     The server's certificate is issued by this CA for --host, so
     `curl --cacert D/ca.crt https://HOST:PORT/v1/health` verifies.
@@ -485,6 +600,10 @@ def serve(
     The --max-*, --*-timeout and rate flags bound what clients may cost: connections in
     total and per address, deadlines for TLS, request heads and bodies, keep-alive
     (docs/limits.md).
+
+    D/ca.toml (written by `ca init`) keeps these settings with the CA: every option but
+    --dir and --json is a key there ([limits] for the limits), and a flag given here
+    overrides the file's value (docs/config.md).
     """
     resources = pop_policy(limits)
     if not MIN_NODE_VALIDITY <= validity <= MAX_NODE_VALIDITY:
@@ -493,6 +612,10 @@ def serve(
         raise click.UsageError(f"serving on {host}: give the names clients use with --san")
     # Imported here: aiohttp costs every other `ca` command a quarter second otherwise.
     from trustmesh.api.ca_server import CaServer
+    from trustmesh.mesh.link import split_address
+    from trustmesh.node.logs import use_json_logs
+
+    use_json_logs()  # the access log and the rest, one JSON object per line on stderr
 
     passphrase = passphrase_from_env_or_tty(directory, confirm=False)
     tpm_policy = None if attestation_policy is None else load_policy(attestation_policy)
@@ -524,6 +647,7 @@ def serve(
             limiter=RateLimiter(rate, burst),
             names=san,
             policy=resources,
+            metrics=None if metrics is None else split_address(metrics, any_port=True),
         )
         asyncio.run(_serve(server, as_json))
 
@@ -536,16 +660,29 @@ async def _serve(server: CaServerType, as_json: bool) -> None:
         if registrar.settings.crl_url is None:  # now that the port is known
             registrar.settings = replace(registrar.settings, crl_url=f"{server.url}/v1/crl")
         directory = registrar.ca.directory
-        emit(
-            {
-                "listening": server.url,
-                "ca_cert": str(directory / "ca.crt"),
-                "warnings": registrar.ca.expiry_warnings(),
-            },
-            as_json=as_json,
-            human=f"CA API on {server.url} (trust {directory / 'ca.crt'})",
-        )
+        started: dict[str, object] = {
+            "listening": server.url,
+            "ca_cert": str(directory / "ca.crt"),
+            "warnings": registrar.ca.expiry_warnings(),
+        }
+        human = f"CA API on {server.url} (trust {directory / 'ca.crt'})"
+        if server.metrics_server is not None:
+            started["metrics"] = server.metrics_server.url
+            human += f"; metrics on {server.metrics_server.url}"
+        emit(started, as_json=as_json, human=human)
         await stop.wait()
     finally:
         await server.stop()
     emit({"stopped": server.url}, as_json=as_json, human="stopped")
+
+
+def _emitted_as_json(
+    rows: list[dict[str, object]], key: str, as_json: bool, as_jsonl: bool
+) -> bool:
+    """A listing in JSON: one document (``{key: rows}``) for --json, a line a row for
+    --jsonl; False when neither was asked (the caller prints its table)."""
+    if as_jsonl:
+        emit_lines(rows)
+    elif as_json:
+        emit({key: rows}, as_json=True)
+    return as_json or as_jsonl

@@ -29,7 +29,7 @@ from trustmesh.catalyst.session import (
 )
 from trustmesh.cli.keys import FileKeyPath
 from trustmesh.cli.limits import limit_options, pop_policy
-from trustmesh.cli.output import emit
+from trustmesh.cli.output import emit, jsonl_stream_option
 from trustmesh.cli.params import HostPort
 from trustmesh.cli.signals import stop_on_signals
 from trustmesh.io.catalyst import (
@@ -450,12 +450,13 @@ def catalyst() -> None:
     help="Check the PSK proof of peers that send one, but let peers without one in (for a "
     "--policy that decides with context.psk).",
 )
+@jsonl_stream_option
 @limit_options
 def listen(host: str, port: int, psk_optional: bool, **options: Any) -> None:
     """Accept peers until interrupted.
 
     SIGINT or SIGTERM ceases every session (6/2), prints a last "stopped" event with the
-    node's counters, and exits 0."""
+    node's counters, and exits 0 (130 after SIGINT, as for any Ctrl-C)."""
     if psk_optional and not options["psk"]:
         raise click.UsageError("--psk-optional needs at least one --psk")
     policy = pop_policy(options)
@@ -528,12 +529,13 @@ def counters_json(counters: Counters) -> dict[str, Any]:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds to reach Established.",
 )
+@jsonl_stream_option
 def connect(
     address: tuple[str, int], once: bool, reconnect: bool, timeout: float, **options: Any
 ) -> int:
-    """Peer with ADDRESS (HOST:PORT).
+    """Peer with ADDRESS (HOST:PORT; HOST alone means port 9179; a bare port is refused).
 
-    Exits 0 after --once, or after SIGINT / SIGTERM (which cease the session, 6/2); exits
+    Exits 0 after --once or SIGTERM, 130 after SIGINT (both cease the session, 6/2); exits
     1 on any NOTIFICATION from a failed check, a TLS failure, or a session the peer ends.
     """
     if once and reconnect:

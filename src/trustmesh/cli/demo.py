@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,7 +35,9 @@ if TYPE_CHECKING:
 @click.option(
     "--keep",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Keep the demo's files (CA, node directories) here instead of a temporary dir.",
+    help="Keep the demo's files (CA, node directories) here instead of a temporary dir."
+    " The CA's keys are encrypted with the passphrase of --passphrase-file (or"
+    " $TRUSTMESH_PASSPHRASE), else with a new one, printed at the end.",
 )
 @click.option(
     "--tour",
@@ -51,7 +55,9 @@ def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
     5. everything shuts down cleanly
 
     Real TLS, real HTTP, real files, in one process. Exits 0 only when every step was
-    verified. --json prints {"ok", "steps": [{"name", "ok", "seconds", "detail"}]}.
+    verified. --json prints {"ok", "steps": [{"name", "ok", "seconds", "detail"}]}; with
+    --keep also "ca_dir", "ca_passphrase" (the new passphrase; null when it was given)
+    and "ca_passphrase_source".
     """
     live = _LiveProgress() if not (as_json or tour) and sys.stdout.isatty() else None
     if logging.getLogger().level > logging.DEBUG:
@@ -59,10 +65,13 @@ def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
         # is one) would only interleave with them. --debug shows them.
         logging.getLogger("trustmesh").setLevel(logging.ERROR)
 
+    kept = None if keep is None or tour else _kept_ca(keep)
+
     def job(workdir: Path) -> Awaitable[list[Step]]:
         if tour:
             return run_tour(workdir)
-        return run_mesh_demo(workdir, nodes, live.update if live else None)
+        secret = None if kept is None else kept.passphrase
+        return run_mesh_demo(workdir, nodes, live.update if live else None, passphrase=secret)
 
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
@@ -72,14 +81,60 @@ def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
             steps = _run(job, Path(tmp), live)
     ok = all(step.ok for step in steps)
     if as_json:
-        emit({"ok": ok, "steps": [s.to_json() for s in steps]}, as_json=True)
+        report: dict[str, object] = {"ok": ok, "steps": [s.to_json() for s in steps]}
+        emit(report | ({} if kept is None else kept.to_json()), as_json=True)
     elif live is None:
         lines = [f"{'ok ' if s.ok else 'FAIL'} {s.name:<18} {s.detail}" for s in steps]
         lines.append(f"\n{sum(s.ok for s in steps)}/{len(steps)} steps passed")
+        if kept is not None:
+            lines.append(kept.human())
         emit({}, as_json=False, human="\n".join(lines))
     else:
         live.summary(steps)
+        if kept is not None:
+            click.echo(kept.human())
     return 0 if ok else 1
+
+
+@dataclass(frozen=True)
+class _KeptCa:
+    """The CA a kept demo leaves, and the passphrase of its keys: made up here and
+    printed once, or the operator's (--passphrase-file ...), never printed."""
+
+    directory: Path
+    passphrase: bytes
+    source: str | None  # None: made up here
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ca_dir": str(self.directory),
+            "ca_passphrase": self.passphrase.decode() if self.source is None else None,
+            "ca_passphrase_source": "generated" if self.source is None else self.source,
+        }
+
+    def human(self) -> str:
+        if self.source is None:
+            secret = self.passphrase.decode()
+            return (
+                f"\nThe CA is in {self.directory}; the passphrase of its keys is {secret}\n"
+                "(give it to `trustmesh ca ... --dir` commands with --passphrase-file FILE or"
+                " $TRUSTMESH_PASSPHRASE)"
+            )
+        return (
+            f"\nThe CA is in {self.directory}; its keys are encrypted with the passphrase"
+            f" from {self.source}"
+        )
+
+
+def _kept_ca(keep: Path) -> _KeptCa:
+    """The kept CA's passphrase: the operator's, if given without a terminal
+    (--passphrase-file, $TRUSTMESH_PASSPHRASE, $CREDENTIALS_DIRECTORY), else a new one."""
+    from trustmesh.keystore.filestore import configured_passphrase
+
+    found = configured_passphrase()
+    if found is None:
+        return _KeptCa(keep / "ca", secrets.token_urlsafe(18).encode(), None)
+    return _KeptCa(keep / "ca", found.value, found.source)
 
 
 def _run(

@@ -8,6 +8,7 @@ import click
 
 from trustmesh.api.ca_client import NodeCertificate, enroll_node, recorded_devices, rotate_node
 from trustmesh.cli.output import emit
+from trustmesh.cli.params import HttpsUrl, https_url_problem
 from trustmesh.crypto.keys import KeyKind
 from trustmesh.errors import ProtocolError
 from trustmesh.keystore.filestore import load_key_file, passphrase_from_env_or_tty
@@ -56,7 +57,9 @@ def attester_for(spec: str | None) -> TpmAttester | None:
 
 
 @click.command()
-@click.option("--ca-url", required=True, help="The CA API, e.g. https://127.0.0.1:8443.")
+@click.option(
+    "--ca-url", type=HttpsUrl(), required=True, help="The CA API, e.g. https://127.0.0.1:8443."
+)
 @click.option(
     "--ca-cert",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -125,6 +128,9 @@ def enroll_with_devices(
 ) -> NodeCertificate:
     """``enroll_node`` with the device identity (``--key``) and attesting TPM
     (``--attest``) the command line names, both recorded in the node directory."""
+    problem = https_url_problem(ca_url)  # `node init` passes its --ca-url unchecked
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="'--ca-url'")
     identity = open_identity(identity_key)
     attester = attester_for(attest)
     if identity_key is not None and not is_device_uri(identity_key):
@@ -156,7 +162,9 @@ def enroll_with_devices(
     required=True,
     help="The node directory `trustmesh enroll` wrote.",
 )
-@click.option("--ca-url", help="The CA API (default: the one the node enrolled with).")
+@click.option(
+    "--ca-url", type=HttpsUrl(), help="The CA API (default: the one the node enrolled with)."
+)
 @click.option(
     "--keep-key", is_flag=True, help="Certify the current key again instead of a new one."
 )

@@ -12,7 +12,7 @@ from cryptography import x509
 from trustmesh.cli.output import emit
 from trustmesh.crypto.keys import KeyKind, PublicKey
 from trustmesh.errors import InvalidKeyError, KeyStoreError
-from trustmesh.keystore.filestore import PASSPHRASE_ENV
+from trustmesh.keystore.filestore import PASSPHRASE_ENV, check_permissions
 from trustmesh.keystore.signer import Signer
 from trustmesh.keystore.uri import (
     close_signer,
@@ -35,7 +35,11 @@ class KeySpec(click.ParamType):  # type: ignore[type-arg]
 
 class FileKeyPath(click.Path):
     """A key file path where a device key URI cannot serve: ``refuse(uri)`` raises the
-    error that says why, and it becomes a usage error rather than "no such file"."""
+    error that says why, and it becomes a usage error rather than "no such file".
+
+    An existing file that group or others may read is refused as ``keys show`` refuses
+    it (KeyFilePermissionError, exit 1): the TLS and JWS keys are read by libraries
+    that would take it as it is."""
 
     def __init__(self, refuse: Callable[[str], object], *, exists: bool = False) -> None:
         super().__init__(exists=exists, dir_okay=False, path_type=Path)
@@ -47,7 +51,10 @@ class FileKeyPath(click.Path):
                 self.refuse(value)
             except KeyStoreError as exc:
                 self.fail(str(exc), param, ctx)
-        return super().convert(value, param, ctx)
+        path = super().convert(value, param, ctx)
+        if isinstance(path, Path) and path.is_file():
+            check_permissions(path)
+        return path
 
 
 def describe(key: Signer, spec: str | Path | None = None) -> dict[str, object]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from cryptography import x509
 
 from trustmesh.cli.bundle import bundle
 from trustmesh.cli.enroll import (
@@ -19,13 +20,22 @@ from trustmesh.cli.enroll import (
     enroll_with_devices,
 )
 from trustmesh.cli.limits import limit_options
-from trustmesh.cli.output import emit
+from trustmesh.cli.output import (
+    emit,
+    emit_lines,
+    jsonl_option,
+    jsonl_stream_option,
+    serial_text,
+    table,
+)
 from trustmesh.cli.params import Address, Seconds, json_option, node_dir_option
 from trustmesh.cli.signals import stop_on_signals
 from trustmesh.keystore.filestore import passphrase_from_env_or_tty
+from trustmesh.keystore.pkcs8 import is_encrypted
 from trustmesh.keystore.uri import close_signer
 from trustmesh.mesh.gossip import DEFAULT_TTL_MS, MAX_TTL_MS, PAYLOAD_TYPES, sign_message
 from trustmesh.node.config import (
+    CONFIG_FILE,
     DEFAULT_CRL_INTERVAL,
     DEFAULT_MAX_LINKS,
     NodeConfig,
@@ -61,14 +71,21 @@ node.add_command(bundle)
     required=True,
     help="The node directory to create: key, certificate, node.toml.",
 )
-@click.option("--ca-url", required=True, help="The CA API, e.g. https://127.0.0.1:8443.")
+@click.option(
+    "--ca-url",
+    help="The CA API, e.g. https://127.0.0.1:8443 (required to enroll; when adopting, the"
+    " one the directory enrolled with).",
+)
 @click.option(
     "--ca-cert",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    required=True,
-    help="The mesh root (the CA's ca.crt).",
+    help="The mesh root (the CA's ca.crt); required to enroll.",
 )
-@click.option("--token", required=True, help="The enrollment token (`trustmesh ca token create`).")
+@click.option(
+    "--token",
+    help="The enrollment token (`trustmesh ca token create`); not needed for a directory"
+    " `trustmesh enroll` already enrolled, which node init adopts.",
+)
 @click.option("--node-id", required=True, help="This node's id; the token must be for it.")
 @click.option(
     "--listen", type=Address(any_port=True), required=True, help="HOST:PORT for mesh links."
@@ -122,9 +139,9 @@ node.add_command(bundle)
 @json_option
 def init(
     directory: Path,
-    ca_url: str,
-    ca_cert: Path,
-    token: str,
+    ca_url: str | None,
+    ca_cert: Path | None,
+    token: str | None,
     node_id: str,
     listen: str,
     api: str,
@@ -147,7 +164,18 @@ def init(
     `node run` needs the same passphrase. With --key the identity lives on a PKCS#11
     token or a TPM; with --attest the node proves its TPM's state to the CA, now and
     at every renewal (docs/protocols/keys.md, attestation.md).
+
+    A directory that `trustmesh enroll` wrote is adopted: node.toml is written for the
+    key and certificate already there, and no token is needed.
     """
+    enrolled_before = read_enrollment(directory, node_id)
+    if enrolled_before is not None:
+        ca_url = ca_url or str(enrolled_before.get("ca_url") or "")
+        no_encrypt = not is_encrypted((directory / "node.key").read_bytes())
+    elif token is None or ca_url is None or ca_cert is None:
+        raise click.UsageError("to enroll, give --token, --ca-url and --ca-cert")
+    if not ca_url:
+        raise click.UsageError("give --ca-url: the enrollment does not record one")
     # The config is checked before the token is spent.
     config = NodeConfig(
         node_id=node_id,
@@ -162,10 +190,17 @@ def init(
         mdns=mdns,
         key_encrypted=not no_encrypt,
     )
-    passphrase = None if no_encrypt else passphrase_from_env_or_tty(directory, confirm=True)
-    enrolled = enroll_with_devices(
-        ca_url, ca_cert, token, node_id, directory, passphrase, key_type, identity_key, attest
-    )
+    if enrolled_before is None:
+        assert token is not None
+        assert ca_cert is not None
+        passphrase = None if no_encrypt else passphrase_from_env_or_tty(directory, confirm=True)
+        enrolled = enroll_with_devices(
+            ca_url, ca_cert, token, node_id, directory, passphrase, key_type, identity_key, attest
+        )
+        serial, not_after = enrolled.serial, enrolled.not_after
+    else:
+        leaf = x509.load_pem_x509_certificates((directory / "node.crt").read_bytes())[0]
+        serial, not_after = format(leaf.serial_number, "x"), leaf.not_valid_after_utc
     settings = json.loads((directory / "enrollment.json").read_text()).get("config", {})
     peers = tuple(str(p) for p in settings.get("bootstrap_peers") or ())
     fanout = gossip_fanout or int(settings.get("gossip_fanout") or config.gossip_fanout)
@@ -175,14 +210,32 @@ def init(
     path = write_config(directory, config)
     emit(
         {
-            "node_id": enrolled.node_id,
-            "serial": enrolled.serial,
-            "not_after": enrolled.not_after.isoformat(),
+            "node_id": node_id,
+            "serial": serial,
+            "not_after": not_after.isoformat(),
             "dir": str(directory),
             "config": str(path),
+            "adopted": enrolled_before is not None,
         },
         as_json=as_json,
     )
+
+
+def read_enrollment(directory: Path, node_id: str) -> dict[str, Any] | None:
+    """The enrollment of a directory `trustmesh enroll` wrote and no node init yet
+    configured (None when it is not one); refuses one initialised or for another node."""
+    if (directory / CONFIG_FILE).exists():
+        raise click.UsageError(
+            f"{directory} is set up already: trustmesh node run --dir {directory}"
+        )
+    needed = ("node.key", "node.crt", "enrollment.json")
+    if not all((directory / name).exists() for name in needed):
+        return None
+    record = json.loads((directory / "enrollment.json").read_text())
+    if not isinstance(record, dict) or record.get("node_id") != node_id:
+        enrolled = record.get("node_id") if isinstance(record, dict) else None
+        raise click.UsageError(f"{directory} is enrolled as {enrolled!r}, not {node_id!r}")
+    return record
 
 
 @node.command()
@@ -198,10 +251,23 @@ def init(
     default=None,
     help="mDNS discovery for this run (default: node.toml's mdns).",
 )
+@click.option(
+    "--metrics",
+    type=Address(any_port=True),
+    help="Also serve Prometheus GET /metrics on this plain-HTTP HOST:PORT, for a local"
+    " scraper (default: node.toml's metrics; the API's /metrics needs a mesh"
+    " certificate; docs/metrics.md).",
+)
 @ATTEST_OPTION
+@jsonl_stream_option
 @limit_options
 def run(
-    directory: Path, log_level: str, mdns: bool | None, attest: str | None, **limits: Any
+    directory: Path,
+    log_level: str,
+    mdns: bool | None,
+    metrics: str | None,
+    attest: str | None,
+    **limits: Any,
 ) -> None:
     """Run the node in the foreground until SIGTERM or SIGINT.
 
@@ -233,16 +299,18 @@ def run(
             mesh_node.config.check_operator_values()
         if mdns is not None:
             mesh_node.config = dataclasses.replace(mesh_node.config, mdns=mdns)
+        if metrics is not None:
+            mesh_node.config = dataclasses.replace(mesh_node.config, metrics=metrics)
         await mesh_node.start()
-        emit(
-            {
-                "event": "started",
-                "node_id": mesh_node.node_id,
-                "listen": mesh_node.listen_address,
-                "api": mesh_node.api_url,
-            },
-            as_json=True,
-        )
+        started = {
+            "event": "started",
+            "node_id": mesh_node.node_id,
+            "listen": mesh_node.listen_address,
+            "api": mesh_node.api_url,
+        }
+        if mesh_node.metrics_url is not None:
+            started["metrics"] = mesh_node.metrics_url
+        emit(started, as_json=True)
         try:
             await stop.wait()
         finally:
@@ -307,19 +375,40 @@ def publish(directory: Path, kind: str, payload_json: str, ttl: float, as_json: 
 @node.command()
 @node_dir_option
 @json_option
-def peers(directory: Path, as_json: bool) -> None:
-    """The node's peer table: node_id, status, score, last_seen, address. A peer whose
-    score fell below the threshold shows "graylisted" after its address."""
+@jsonl_option("One JSON object per peer, one a line.")
+def peers(directory: Path, as_json: bool, as_jsonl: bool) -> None:
+    """The node's peer table: node_id, status, score, last_seen, address, the serial of
+    its certificate (as openssl prints it). A peer whose score fell below the threshold
+    shows "graylisted" after its serial.
+
+    A node revoked with `trustmesh ca revoke` leaves the table once this node holds the
+    new CRL: at the latest at its next CRL fetch, which comes every crl_interval give or
+    take 25 % (node.toml; 60 s by default). So wait up to 1.25 x crl_interval plus the
+    fetch itself (well under a second on a LAN; it times out after 10 s); less when a
+    peer that fetched it first pushes it over a link. `node health` shows the
+    crl_number the node holds.
+    """
     answer = _get(directory, "/v1/mesh/peers")
     if as_json:
         emit(answer, as_json=True)
         return
+    if as_jsonl:
+        emit_lines(answer.get("peers", []))
+        return
+    header = ("NODE_ID", "STATUS", "SCORE", "LAST_SEEN", "ADDRESS", "SERIAL", "")
     rows = [
-        f"{p['node_id']:<24} {p['status']:<13} {_score(p):>8}  {p['last_seen']}"
-        f"  {p.get('address') or '-'}{'  graylisted' if p.get('graylisted_until') else ''}"
+        (
+            p["node_id"],
+            p["status"],
+            _score(p),
+            p["last_seen"],
+            p.get("address"),
+            serial_text(p.get("serial")),
+            "graylisted" if p.get("graylisted_until") else "",
+        )
         for p in answer.get("peers", [])
     ]
-    emit({}, as_json=False, human="\n".join(rows) or "no peers")
+    emit({}, as_json=False, human=table(header, rows, right={2}) if rows else "no peers")
 
 
 def _score(peer: dict[str, Any]) -> str:
@@ -333,35 +422,72 @@ def _score(peer: dict[str, Any]) -> str:
 @click.option("--limit", type=click.IntRange(1, 10_000), default=1000, show_default=True)
 @click.option("--since", type=click.IntRange(-1), help="Only those received after (Unix ms).")
 @json_option
-def anomalies(directory: Path, limit: int, since: int | None, as_json: bool) -> None:
+@jsonl_option("One JSON object per anomaly signature, one a line.")
+def anomalies(
+    directory: Path, limit: int, since: int | None, as_json: bool, as_jsonl: bool
+) -> None:
     """The anomaly signatures the node has received."""
     params = {"limit": str(limit)} | ({"since": str(since)} if since is not None else {})
     answer = _get(directory, "/v1/mesh/anomalies", **params)
     if as_json:
         emit(answer, as_json=True)
         return
+    if as_jsonl:
+        emit_lines(answer.get("anomalies", []))
+        return
+    header = ("HASH", "KIND", "RISK", "ORIGIN", "RECEIVED_AT")
     rows = [
-        f"{a['hash']:<20.20} {a['kind']:<16} risk {a['risk']:<5} from {a['origin']}"
+        (f"{a['hash']:.20}", a["kind"], a["risk"], a["origin"], _iso_ms(a.get("received_at")))
         for a in answer.get("anomalies", [])
     ]
-    emit({}, as_json=False, human="\n".join(rows) or "no anomalies")
+    emit({}, as_json=False, human=table(header, rows) if rows else "no anomalies")
+
+
+def _iso_ms(unix_ms: object) -> str:
+    """Unix ms as ISO 8601 UTC ("-" when absent)."""
+    from datetime import UTC, datetime
+
+    if not isinstance(unix_ms, int | float) or isinstance(unix_ms, bool):
+        return "-"
+    return datetime.fromtimestamp(unix_ms / 1000, UTC).isoformat(timespec="seconds")
 
 
 @node.command()
 @node_dir_option
 @json_option
-def health(directory: Path, as_json: bool) -> None:
-    """Links, certificate, CRL and gossip counters of the running node."""
+@click.pass_context
+def health(ctx: click.Context, directory: Path, as_json: bool) -> None:
+    """Status, links, certificate, CRL and gossip counters of the running node.
+
+    \b
+    status  ok        nothing below
+            degraded  no link up, no CRL, or a CRL past its nextUpdate (CA unreachable)
+            failing   the node certificate has expired, or the CA revoked it
+
+    Exits 0 when the status is ok, 1 when it is degraded or failing (with --json too),
+    so it can serve as a health check. Needs no key passphrase (the node's local socket).
+    """
+    from trustmesh.node.health import OK, REASONS
+
     answer = _get(directory, "/v1/mesh/health")
-    if not as_json:
-        answer = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in answer.items()}
-    emit(answer, as_json=as_json)
+    status = answer.get("status", OK)
+    if as_json:
+        emit(answer, as_json=True)
+    else:
+        reasons = [REASONS.get(str(r), str(r)) for r in answer.get("reasons", [])]
+        said = status + (f": {'; '.join(reasons)}" if reasons else "")
+        shown = {k: said if k == "status" else v for k, v in answer.items() if k != "reasons"}
+        emit(shown, as_json=False)
+    if status != OK:
+        ctx.exit(1)
 
 
 def _get(directory: Path, path: str, **params: str) -> dict[str, Any]:
+    """GET a read-only route: over the node's local socket, which needs no passphrase;
+    asked for only if the node must be reached over mTLS."""
     from trustmesh.node.client import NodeClient, node_passphrase
 
-    client = NodeClient(directory, passphrase=node_passphrase(directory))
+    client = NodeClient(directory, passphrase=node_passphrase)
     return asyncio.run(client.get(path, **params))
 
 
@@ -371,3 +497,43 @@ def _chain_der(directory: Path) -> tuple[bytes, ...]:
 
     certs = x509.load_pem_x509_certificates((directory / "node.crt").read_bytes())
     return tuple(c.public_bytes(serialization.Encoding.DER) for c in certs)
+
+
+@node.command()
+@node_dir_option
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="The port to serve on, on 127.0.0.1 (0: any free one).",
+)
+@json_option
+def dashboard(directory: Path, port: int, as_json: bool) -> None:
+    """Serve the node's live dashboard to a local browser, until SIGINT or SIGTERM.
+
+    A plain-HTTP server on 127.0.0.1 forwards the page's GET requests to the running
+    node's read-only socket (DIR/api.sock), or, without one, to its HTTPS API with the
+    node's own certificate, as `kubectl proxy` does. Prints the page's URL (--json:
+    {"url": ...}). The page shows the mesh as this node knows it: its links and the
+    nodes it knows, certificate expiry, scores, anomalies, revocations and CRL age.
+    """
+    from trustmesh.node.client import node_passphrase
+    from trustmesh.node.dashboard import DashboardProxy
+    from trustmesh.node.runfile import API_SOCKET
+
+    # The socket needs no key; the key (and its passphrase) only when there is none.
+    mtls = not (directory / API_SOCKET).exists()
+    passphrase = node_passphrase(directory) if mtls else None
+
+    async def main() -> None:
+        stop = stop_on_signals()
+        proxy = DashboardProxy(directory, port=port, passphrase=passphrase, mtls=mtls)
+        url = await proxy.start()
+        try:
+            emit({"url": url}, as_json=as_json, human=url)
+            await stop.wait()
+        finally:
+            await proxy.stop()
+
+    asyncio.run(main())

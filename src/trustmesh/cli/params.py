@@ -5,12 +5,17 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import click
 
 
 class HostPort(click.ParamType):  # type: ignore[type-arg]
-    """HOST:PORT, [IPv6]:PORT, or HOST alone (the command's default port)."""
+    """HOST:PORT, [IPv6]:PORT, or HOST alone (the command's default port).
+
+    A bare port (``20945``) is refused: it would otherwise be read as a host name (an
+    IPv4 address in inet_aton's short form), and dial somewhere unexpected.
+    """
 
     name = "HOST:PORT"
 
@@ -21,6 +26,13 @@ class HostPort(click.ParamType):  # type: ignore[type-arg]
         if isinstance(value, tuple):
             return value
         text = str(value)
+        if text.isdigit():
+            self.fail(
+                f"expected HOST:PORT, got a bare port {text!r} (for this machine:"
+                f" 127.0.0.1:{text})",
+                param,
+                ctx,
+            )
         host, sep, port = text.rpartition(":")
         if text.startswith("[") and "]" in text:
             host, _, rest = text[1:].partition("]")
@@ -34,6 +46,29 @@ class HostPort(click.ParamType):  # type: ignore[type-arg]
         if not host or not 0 < number < 65536:
             self.fail(f"expected HOST:PORT, got {text!r}", param, ctx)
         return host, number
+
+
+def https_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the CA API's URL, or None: the API is HTTPS only, and an
+    http:// URL would otherwise fail later as an obscure TLS or protocol error."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "https":
+        return f"the CA API is HTTPS only: give https://HOST:PORT, not {url!r}"
+    if not parts.hostname:
+        return f"no host in {url!r}: give https://HOST:PORT"
+    return None
+
+
+class HttpsUrl(click.ParamType):  # type: ignore[type-arg]
+    """An ``https://`` URL (the CA API's): any other scheme is a usage error."""
+
+    name = "URL"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        problem = https_url_problem(str(value))
+        if problem is not None:
+            self.fail(problem, param, ctx)
+        return str(value)
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]

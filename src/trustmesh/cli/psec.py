@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +15,12 @@ from cryptography.x509.oid import NameOID
 
 from trustmesh.cli.keys import FileKeyPath
 from trustmesh.cli.limits import limit_options, pop_policy
-from trustmesh.cli.output import emit, stdin_lines
+from trustmesh.cli.output import emit, jsonl_stream_option, stdin_lines
 from trustmesh.cli.params import HostPort
+from trustmesh.cli.signals import stop_on_signals
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.io.psec import Address, PsecEndpoint, open_psec
-from trustmesh.keystore.filestore import PASSPHRASE_ENV
+from trustmesh.keystore.filestore import configured_passphrase
 from trustmesh.keystore.uri import require_file_key
 from trustmesh.psec.channel import ChannelClosed, ChannelData, ChannelUp
 from trustmesh.psec.frames import check_schemes
@@ -57,13 +57,14 @@ def _identity(
     names: tuple[str, ...],
     is_revoked: Callable[[int], bool] | None = None,
 ) -> PsecIdentity:
-    passphrase = os.environ.get(PASSPHRASE_ENV)
+    # Never a prompt: stdin carries the channel's data.
+    passphrase = configured_passphrase()  # --passphrase-file, $TRUSTMESH_PASSPHRASE ...
     config = TlsConfig(
         cert_file=cert,
         key_file=key,
         ca_file=ca,
         crl_file=crl,
-        key_passphrase=passphrase.encode() if passphrase else None,
+        key_passphrase=None if passphrase is None else passphrase.value,
         is_revoked=is_revoked,
     )
     return psec_identity(config, names)
@@ -150,7 +151,8 @@ IDENTITY = [
         "--key",
         type=FileKeyPath(_refuse_tls_device_key, exists=True),
         required=True,
-        help="Its private key (PEM, unencrypted or with $TRUSTMESH_PASSPHRASE). A file, "
+        help="Its private key (PEM, unencrypted or with the passphrase of --passphrase-file"
+        " or $TRUSTMESH_PASSPHRASE). A file, "
         "not a pkcs11: or tpm: URI: TLS keys stay in software (docs/protocols/keys.md).",
     ),
     click.option(
@@ -203,6 +205,7 @@ def psec() -> None:
     ),
 )
 @click.option("--echo", is_flag=True, help="Send every datagram back to its sender.")
+@jsonl_stream_option
 @limit_options
 def listen(
     host: str,
@@ -256,10 +259,7 @@ async def _listen(
         if echo and isinstance(event, ChannelData) and endpoint is not None:
             endpoint.send(address, event.data)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     endpoint = await open_psec(
         identity,
         host,
@@ -374,6 +374,7 @@ class _CrlPoller:
         "after echoing the first datagram received (stdin is not read)."
     ),
 )
+@jsonl_stream_option
 def connect(
     address: tuple[str, int],
     cert: Path,
@@ -389,9 +390,11 @@ def connect(
 ) -> int:
     """Propose to ADDRESS, then send each stdin line as a datagram and print replies.
 
+    ADDRESS is HOST:PORT (HOST alone means port 9443; a bare port is refused).
+
     Exits 0 when stdin ends after the channel came up (or, with --once, after one echoed
     datagram); 1 when no authenticated channel came up within --timeout, or it closed.
-    With --echo, exits 0 on SIGINT or SIGTERM (or, with --once, once it echoed).
+    With --echo, exits 0 on SIGTERM, 130 on SIGINT (or 0, with --once, once it echoed).
 
     \b
     Simultaneous negotiation (two peers, each dialling the other; one echoes):
@@ -438,7 +441,7 @@ async def _connect(
     simultaneous: bool,
     echo: bool,
 ) -> int:
-    up, ended, received, stop = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+    up, ended, received = asyncio.Event(), asyncio.Event(), asyncio.Event()
     bound: list[PsecEndpoint] = []
 
     def dial(endpoint: PsecEndpoint) -> None:
@@ -460,10 +463,8 @@ async def _connect(
         elif isinstance(event, ChannelClosed):
             ended.set()
 
-    if echo:  # serving until interrupted: SIGINT and SIGTERM end it cleanly
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+    # With --echo it serves until interrupted: SIGINT and SIGTERM end it cleanly.
+    stop = stop_on_signals() if echo else asyncio.Event()
     endpoint = await open_psec(identity, host, port, on_event=on_event, on_bound=dial)
     try:
         if not await _first(wait_s, up, ended, stop) or ended.is_set():

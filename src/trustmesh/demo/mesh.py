@@ -23,6 +23,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -71,12 +72,23 @@ Progress = Callable[[str, Step | None], None]  # (step name, None when it starts
 
 
 class MeshDemo:
-    """``tpm``: run node-3 on a TPM (True: it must; None: when swtpm is installed)."""
+    """``tpm``: run node-3 on a TPM (True: it must; None: when swtpm is installed);
+    ``passphrase``: the CA keys' (default: a random one, in ``self.passphrase``)."""
 
-    def __init__(self, workdir: Path, nodes: int, *, tpm: bool | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        nodes: int,
+        *,
+        tpm: bool | None = None,
+        passphrase: bytes | None = None,
+    ) -> None:
         if not 3 <= nodes <= MAX_NODES:
             raise ValueError(f"the demo runs 3 to {MAX_NODES} nodes")
-        self.mesh = LocalMesh(workdir, nodes, node_settings=dict(NODE_SETTINGS))
+        self.passphrase = secrets.token_urlsafe(18).encode() if passphrase is None else passphrase
+        self.mesh = LocalMesh(
+            workdir, nodes, passphrase=self.passphrase, node_settings=dict(NODE_SETTINGS)
+        )
         self.count = nodes
         self.clients: dict[str, NodeClient] = {}
         self.message_id: str | None = None
@@ -422,9 +434,15 @@ class MeshDemo:
 
 
 async def run_mesh_demo(
-    workdir: Path, nodes: int, progress: Progress | None = None, *, tpm: bool | None = None
+    workdir: Path,
+    nodes: int,
+    progress: Progress | None = None,
+    *,
+    tpm: bool | None = None,
+    passphrase: bytes | None = None,
 ) -> list[Step]:
-    return await MeshDemo(workdir, nodes, tpm=tpm).run(progress)
+    """The mesh demo in ``workdir``; ``passphrase`` encrypts the CA's keys."""
+    return await MeshDemo(workdir, nodes, tpm=tpm, passphrase=passphrase).run(progress)
 
 
 async def _timed(

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -418,6 +419,9 @@ class HttpsSite(web.BaseSite):
     ``keepalive_timeout``; a client that leaves a response unread for
     ``write_stall_timeout`` is dropped. Connections count in the listener's table, and a
     request in progress marks its connection as one to keep.
+
+    With ``path``, it listens on a Unix socket there instead of ``host:port``
+    (:meth:`Listener.listen_unix`: mode 0600, removed when the site stops).
     """
 
     def __init__(
@@ -430,6 +434,7 @@ class HttpsSite(web.BaseSite):
         policy: ResourcePolicy | None = None,
         name: str = "https",
         handshake_timeout: float | None = None,
+        path: Path | None = None,
     ) -> None:
         policy = policy or ResourcePolicy()
         if handshake_timeout is not None:
@@ -437,6 +442,7 @@ class HttpsSite(web.BaseSite):
         super().__init__(runner, backlog=policy.backlog)
         self._host = host
         self._port = port
+        self._path = path
         self.context = context
         self.policy = policy
         self._listener: Listener | None = None
@@ -455,8 +461,10 @@ class HttpsSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        host = f"[{self._host}]" if ":" in self._host else self._host
         scheme = "https" if self.context is not None else "http"
+        if self._path is not None:
+            return f"{scheme}+unix://{self._path}"
+        host = f"[{self._host}]" if ":" in self._host else self._host
         return f"{scheme}://{host}:{self.port}"
 
     async def start(self) -> None:
@@ -470,7 +478,10 @@ class HttpsSite(web.BaseSite):
             self.policy,
             name=self._label,
         )
-        await listener.listen(self._host, self._port)
+        if self._path is not None:
+            await listener.listen_unix(self._path)
+        else:
+            await listener.listen(self._host, self._port)
         self._listener = listener
         self._server = _ListenerServer(listener)
 
@@ -581,6 +592,31 @@ async def serve_app(
     """Serve ``app`` on ``host:port`` (HTTPS with ``context``, else plain HTTP) under
     ``policy``; stop it with :meth:`HttpServer.stop`."""
     policy = policy or ResourcePolicy()
+    runner = await _runner(app, policy, shutdown_timeout)
+    site = HttpsSite(runner, host, port, context, policy=policy, name=name)
+    return await _start(runner, site)
+
+
+async def serve_unix_app(
+    app: web.Application,
+    path: Path,
+    *,
+    policy: ResourcePolicy | None = None,
+    name: str = "http",
+    shutdown_timeout: float = 5.0,
+) -> HttpServer:
+    """Serve ``app`` in plain HTTP on a Unix socket at ``path`` (mode 0600; a stale one
+    replaced, a live one refused: :meth:`Listener.listen_unix`) under ``policy``; stop it
+    with :meth:`HttpServer.stop`, which removes the socket file."""
+    policy = policy or ResourcePolicy()
+    runner = await _runner(app, policy, shutdown_timeout)
+    site = HttpsSite(runner, "", 0, None, policy=policy, name=name, path=path)
+    return await _start(runner, site)
+
+
+async def _runner(
+    app: web.Application, policy: ResourcePolicy, shutdown_timeout: float
+) -> web.AppRunner:
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -590,7 +626,10 @@ async def serve_app(
         lingering_time=0,  # after a refused body, close at once: the rest is not read
     )
     await runner.setup()
-    site = HttpsSite(runner, host, port, context, policy=policy, name=name)
+    return runner
+
+
+async def _start(runner: web.AppRunner, site: HttpsSite) -> HttpServer:
     try:
         await site.start()
     except BaseException:

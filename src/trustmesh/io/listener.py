@@ -17,15 +17,20 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
+import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from trustmesh.io.limits import Admission, ConnectionTable, LimitStats, ResourcePolicy, source_of
 
 log = logging.getLogger("trustmesh.io.listener")
 
 ACCEPT_BATCH = 256  # accepts per turn of the event loop
+MAX_UNIX_PATH = 107  # bytes of a Unix socket path (sun_path, less its NUL) on Linux
+LOCAL_SOURCE = "local"  # what every client of a Unix socket counts under
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ProtocolFactory = Callable[[Admission], asyncio.Protocol]
 
@@ -47,6 +52,8 @@ class Listener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: socket.socket | None = None
         self._port: int | None = None
+        self._path: Path | None = None  # a Unix socket's, and its file's (st_dev, st_ino)
+        self._inode: tuple[int, int] | None = None
         self._reading = False  # the socket is registered for accept
         self._resume: asyncio.TimerHandle | None = None  # accepting again after a pause
         self._starting: set[asyncio.Task[None]] = set()  # transports being set up
@@ -89,8 +96,43 @@ class Listener:
         self._port = int(sock.getsockname()[1])
         self._start_reading()
 
+    async def listen_unix(self, path: Path, *, mode: int = 0o600) -> None:
+        """Listen on a Unix socket at ``path``, its file given ``mode`` before the socket
+        listens (no one connects in between); :meth:`close` removes the file. A socket
+        file left behind by a process that is gone (a crash, kill -9) is replaced; one
+        that a live process serves, or a file that is no socket, is refused (OSError
+        EADDRINUSE). Every client counts under one source, ``local``."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with unix_address(path) as address:
+                _clear_stale_socket(path, address)
+                sock.bind(address)
+            os.chmod(path, mode)
+            info = os.stat(path)
+            sock.listen(self.policy.backlog)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+        except BaseException:
+            sock.close()
+            raise
+        self._loop = loop
+        self._socket = sock
+        self._port = 0
+        self._path = path
+        self._inode = (info.st_dev, info.st_ino)
+        self._start_reading()
+
+    @property
+    def path(self) -> Path | None:
+        """The Unix socket's path (None for a TCP listener)."""
+        return self._path
+
     def close(self) -> None:
-        """Stop accepting (live connections are their owner's to close)."""
+        """Stop accepting (live connections are their owner's to close); a Unix socket's
+        file goes (unless another process has put its own in its place since)."""
         if self._socket is None:
             return
         self._stop_reading()
@@ -99,6 +141,11 @@ class Listener:
             self._resume = None
         self._socket.close()
         self._socket = None
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                info = os.stat(self._path)
+                if (info.st_dev, info.st_ino) == self._inode:
+                    os.unlink(self._path)
         self._stopped.set()
 
     async def wait_closed(self) -> None:
@@ -143,7 +190,8 @@ class Listener:
                     continue  # the peer gave up while it waited in the backlog
                 self._pause(exc)
                 return
-            admission = self.table.admit(source_of(address))
+            source = LOCAL_SOURCE if self._path is not None else source_of(address)
+            admission = self.table.admit(source)
             if admission is None:
                 _reset(conn)
                 continue
@@ -188,3 +236,46 @@ def _reset(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.close()
+
+
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """An address for ``path`` that bind() and connect() take: the path itself, or,
+    when it is longer than a Unix socket address may be, the same file reached through
+    ``/proc/self/fd`` and a descriptor of its directory, held open meanwhile (Linux)."""
+    if len(os.fsencode(path)) <= MAX_UNIX_PATH:
+        yield str(path)
+        return
+    if not os.path.isdir("/proc/self/fd"):
+        raise OSError(errno.ENAMETOOLONG, f"a Unix socket path is too long: {path}")
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        short = f"/proc/self/fd/{directory}/{path.name}"
+        if len(os.fsencode(short)) > MAX_UNIX_PATH:
+            raise OSError(errno.ENAMETOOLONG, f"a Unix socket name is too long: {path.name}")
+        yield short
+    finally:
+        os.close(directory)
+
+
+def _clear_stale_socket(path: Path, address: str) -> None:
+    """Remove a socket file at ``path`` that no process serves; refuse a live one, or a
+    file that is no socket (OSError EADDRINUSE)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise OSError(errno.EADDRINUSE, "a file that is no socket is in the way")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a live server with a full backlog: EAGAIN, not a wait
+    try:
+        probe.connect(address)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # its process is gone
+        return
+    except BlockingIOError:
+        pass  # served, and busy
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another running process serves it")

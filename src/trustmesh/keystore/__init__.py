@@ -4,9 +4,11 @@ from trustmesh.keystore.filestore import (
     PASSPHRASE_ENV,
     FileKeyStore,
     check_permissions,
+    configured_passphrase,
     load_key_file,
     passphrase_from_env_or_tty,
     save_key_file,
+    use_passphrase_file,
 )
 from trustmesh.keystore.pkcs8 import decode_private_key, encode_private_key
 from trustmesh.keystore.signer import Signer
@@ -16,9 +18,11 @@ __all__ = [
     "FileKeyStore",
     "Signer",
     "check_permissions",
+    "configured_passphrase",
     "decode_private_key",
     "encode_private_key",
     "load_key_file",
     "passphrase_from_env_or_tty",
     "save_key_file",
+    "use_passphrase_file",
 ]

@@ -9,6 +9,7 @@ import secrets
 import stat
 import sys
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.errors import (
@@ -16,23 +17,105 @@ from trustmesh.errors import (
     KeyFilePermissionError,
     KeyStoreError,
     PassphraseError,
+    PassphraseFileError,
 )
 from trustmesh.keystore.pkcs8 import decode_private_key, encode_private_key, is_encrypted
 
 PASSPHRASE_ENV = "TRUSTMESH_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # systemd's, for LoadCredential=
+CREDENTIAL_NAME = "passphrase"  # LoadCredential=passphrase:/etc/trustmesh/NAME.passphrase
 MAX_KEY_FILE = 64 * 1024  # a PEM key is a few hundred bytes; refuse to slurp anything huge
+MAX_PASSPHRASE_FILE = 64 * 1024
+
+
+class Passphrase(NamedTuple):
+    """A passphrase found without asking, and where (for messages; never the secret)."""
+
+    value: bytes
+    source: str
+
+
+class _Sources:
+    """The process's passphrase file (the CLI's global ``--passphrase-file``), and the
+    files already read: each is read once."""
+
+    file: Path | None = None
+    read: ClassVar[dict[Path, bytes]] = {}
+
+
+def use_passphrase_file(path: Path | None) -> None:
+    """Make ``path`` the first place every passphrase lookup of this process looks
+    (None: no file); forgets the files read so far, so a changed file is read again."""
+    _Sources.file = path
+    _Sources.read.clear()
+
+
+def read_passphrase_file(path: Path, *, credential: bool = False) -> bytes:
+    """The passphrase in ``path``: read once, one trailing newline dropped. A file that
+    others may read is refused, and, unless it is a systemd ``credential``, one that its
+    group may read (systemd gives a credential to a service's user with an ACL, which
+    shows as group bits; its directory is the service's alone)."""
+    cached = _Sources.read.get(path)
+    if cached is not None:
+        return cached
+    what = "credential" if credential else "passphrase file"
+    try:
+        with path.open("rb") as handle:
+            mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)  # the file we opened
+            if mode & (0o007 if credential else 0o077):
+                raise PassphraseFileError(
+                    path,
+                    f"{path} has mode {mode:04o}; a {what} must be private (chmod 600 {path})",
+                )
+            data = handle.read(MAX_PASSPHRASE_FILE + 1)
+    except FileNotFoundError:
+        raise PassphraseFileError(path, f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise PassphraseFileError(path, f"{path} is a directory, not a {what}") from None
+    except OSError as exc:
+        raise PassphraseFileError(path, f"{path}: {exc.strerror}") from None
+    if len(data) > MAX_PASSPHRASE_FILE:
+        raise PassphraseFileError(path, f"{path} is larger than {MAX_PASSPHRASE_FILE} bytes")
+    if data.endswith(b"\n"):  # one newline, as editors and `echo` leave it
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+    if not data:
+        raise PassphraseFileError(path, f"{path}: the {what} is empty")
+    _Sources.read[path] = data
+    return data
+
+
+def configured_passphrase() -> Passphrase | None:
+    """The passphrase given without a terminal, in this order: the file of
+    ``--passphrase-file`` (:func:`use_passphrase_file`), ``$TRUSTMESH_PASSPHRASE``,
+    ``$CREDENTIALS_DIRECTORY/passphrase``; None when there is none of them."""
+    if _Sources.file is not None:
+        value = read_passphrase_file(_Sources.file)
+        return Passphrase(value, f"--passphrase-file {_Sources.file}")
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env is not None:
+        if not env:
+            raise PassphraseError(f"{PASSPHRASE_ENV} is set but empty")
+        return Passphrase(env.encode("utf-8"), f"${PASSPHRASE_ENV}")
+    credentials = os.environ.get(CREDENTIALS_ENV)
+    if credentials:
+        path = Path(credentials) / CREDENTIAL_NAME
+        if path.exists():  # the service may have other credentials and not this one
+            value = read_passphrase_file(path, credential=True)
+            return Passphrase(value, f"${CREDENTIALS_ENV}/{CREDENTIAL_NAME}")
+    return None
 
 
 def passphrase_from_env_or_tty(path: Path, *, confirm: bool) -> bytes:
-    """The passphrase from ``$TRUSTMESH_PASSPHRASE``, else from a prompt on a terminal."""
-    value = os.environ.get(PASSPHRASE_ENV)
-    if value is not None:
-        if not value:
-            raise PassphraseError(f"{PASSPHRASE_ENV} is set but empty")
-        return value.encode("utf-8")
+    """The passphrase from :func:`configured_passphrase` (``--passphrase-file``,
+    ``$TRUSTMESH_PASSPHRASE``, ``$CREDENTIALS_DIRECTORY/passphrase``), else from a
+    prompt on a terminal."""
+    found = configured_passphrase()
+    if found is not None:
+        return found.value
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         raise PassphraseError(
-            f"{path}: a passphrase is needed; set {PASSPHRASE_ENV} or run on a terminal"
+            f"{path}: a passphrase is needed; give --passphrase-file FILE, set"
+            f" {PASSPHRASE_ENV}, or run on a terminal"
         )
     first = getpass.getpass(f"Passphrase for {path}: ")
     if not first:

@@ -676,6 +676,14 @@ class GossipEngine:
     def recent_ids(self) -> list[str]:
         return list(self._recent)
 
+    def spread_of(self, message_id: str) -> tuple[list[str], list[str]]:
+        """What this node knows of a message's spread among its linked peers: those
+        known to hold it (they sent or announced it to us), and those we sent or
+        announced it to that have not said they hold it (the mesh dashboard's coverage)."""
+        held = {p for p, known in self._known.items() if message_id in known}
+        told = {p for p, ids in self._told.items() if message_id in ids} - held
+        return sorted(held), sorted(told)
+
     # --- internals ----------------------------------------------------------------------------
 
     def _known_by(self, peer: str) -> set[str]:

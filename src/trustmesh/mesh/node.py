@@ -29,7 +29,7 @@ import logging
 import random
 import secrets
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -96,6 +96,7 @@ MAX_CONTACT_DIALS = 4  # such dials in flight at most
 MAX_CONTACT_CANDIDATES = 64  # destinations looked at for them, the newest bundles' first
 SEEK_ADMIT_MS = 60_000  # a node that sought us may link beyond our cap this long after
 MAX_SOUGHT_BY = 64  # such nodes remembered
+MAX_OWN_ADDRESSES = 16  # addresses found to be our own
 
 
 class LinkFacts(Hashable, Protocol):
@@ -383,6 +384,42 @@ class FormationStats:
     links_made: int = 0
 
 
+@dataclass(slots=True)
+class HandshakeStats:
+    """Link handshakes (TLS, then both HELLOs), from this node's side: how many
+    completed, and why the others failed (:func:`handshake_failure`), for metrics."""
+
+    completed: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, reason: str) -> None:
+        self.failed[reason] = self.failed.get(reason, 0) + 1
+
+
+_CLOSE_CODES = frozenset(c.value for c in CloseCode)
+
+
+def handshake_failure(event: ConnectionClosed) -> str:
+    """A short, bounded label for why a link ended before both HELLOs: a CLOSE code of
+    ours (anything else a peer sent is ``other``), or the TLS layer's failure by kind."""
+    if isinstance(event, LinkClosed) and event.reason != "peer closed the link":
+        return event.code if event.code in _CLOSE_CODES else "other"
+    reason = event.reason.lower()
+    if reason.startswith("tls failed"):
+        if "revoked" in reason:
+            return "tls-revoked"
+        if "expired" in reason:
+            return "tls-expired"
+        if "alert" in reason:
+            return "tls-alert"  # the peer refused us, and said so
+        return "tls"
+    if "timed out" in reason or "in time" in reason:
+        return "timeout"
+    if "closed" in reason or "reset" in reason or "never started" in reason:
+        return "peer-closed"
+    return "other"
+
+
 class NodeCore(Generic[L]):
     """One node's mesh policy; see the module docstring."""
 
@@ -413,6 +450,7 @@ class NodeCore(Generic[L]):
         self.peers: dict[str, PeerInfo] = {}
         self.revoked_nodes: set[str] = set()
         self.stats = FormationStats()
+        self.handshakes = HandshakeStats()
         self.record: PeerRecord | None = None
         self.renewal = RenewalSchedule(identity.not_before_ms, identity.not_after_ms)
         self._states: dict[L, _LinkState] = {}  # every open link, up or not
@@ -429,6 +467,10 @@ class NodeCore(Generic[L]):
         self._next_prune = 0
         self._retry_at: int | None = None  # the earliest cooldown a top-up waits for
         self._busy: set[str] = set()  # addresses of open links, during a top-up
+        # Addresses that turned out to be our own (a dial that reached our certificate:
+        # our bootstrap list or a record may name us under another form): never again.
+        self._own_addresses: set[str] = set()
+        self.self_revoked = False  # our own certificate is on the CA's CRL
         self._announced = (True, False)  # what peers last heard: (room, spare links)
         self._extra = 0  # dials wanted beyond the dial target (a lost link to replace)
         self._next_rotate = 0
@@ -708,6 +750,7 @@ class NodeCore(Generic[L]):
     ) -> None:
         peer = event.peer_id
         state.peer_id, state.listen, state.was_up, state.up_at = peer, event.listen, True, now_ms
+        self.handshakes.completed += 1
         rotation = state.address is not None and state.address == self._rotating
         if state.address is not None:
             self._dialing.discard(state.address)
@@ -836,6 +879,10 @@ class NodeCore(Generic[L]):
     ) -> None:
         del self._states[link]
         self._inbox.pop(link, None)
+        if state.address is not None and link.serial == self.identity.serial:
+            self._own_addresses.add(state.address)  # we dialled ourselves
+            if len(self._own_addresses) > MAX_OWN_ADDRESSES:
+                self._own_addresses.pop()
         peer_id = state.peer_id
         linked = peer_id is not None and self.links.get(peer_id) not in (None, link)
         self.attestation.link_closed(link, peer_id, still_linked=linked)
@@ -863,6 +910,8 @@ class NodeCore(Generic[L]):
                 self._cool_down(state.address, now_ms)
             elif lasted:
                 self._cooldown.pop(state.address, None)  # a link that ran its course
+        if not state.was_up:
+            self.handshakes.fail(handshake_failure(event))
         if not state.was_up and event.reason.startswith("TLS failed"):
             # Refused at the handshake, by us or by the peer: say which check and why.
             fields = {"direction": state.direction, "address": state.address}
@@ -941,7 +990,7 @@ class NodeCore(Generic[L]):
         replace a link the peer gave to another, CLOSE ``replaced``): first the nodes a
         refusing peer named as open, then known nodes and bootstrap addresses in random
         order (in a fixed order every newcomer would dial the same nodes)."""
-        if self._stopping:
+        if self._stopping or self.self_revoked:
             return
         held = len(self.links) + len(self._dialing)
         room = min(self.dial_target + self._extra, self.settings.max_links) - held
@@ -1023,6 +1072,8 @@ class NodeCore(Generic[L]):
                 return
 
     def _dial(self, address: str, actions: list[Action[L]]) -> None:
+        if self.self_revoked:
+            return  # every peer would refuse us (topping up, contacts, rotation alike)
         self._dialing.add(address)
         self.stats.dials += 1
         actions.append(Dial(address))
@@ -1031,6 +1082,8 @@ class NodeCore(Generic[L]):
         """Whether ``address`` may be dialled now; one in cooldown adds its end to
         ``waits``."""
         if address in self._dialing or address == self.settings.advertise:
+            return False
+        if address in self._own_addresses:
             return False
         if address in self._busy:
             return False
@@ -1050,7 +1103,9 @@ class NodeCore(Generic[L]):
                 lambda a: self._usable(a, now_ms, waits),
                 newest_first=not self.settings.random_order,
             )
-            if node_id not in self.links and node_id not in self.revoked_nodes
+            if node_id not in self.links
+            and node_id not in self.revoked_nodes
+            and node_id != self.node_id
         ]
         listed = {node_id for node_id, _ in known} | {self.node_id}
         known += [
@@ -1400,6 +1455,12 @@ class NodeCore(Generic[L]):
             actions.append(ForgetPeers(tuple(gone)))
         fields = {"number": update.number, "revoked": len(update.revoked), "source": source}
         actions.append(Notify("crl.updated", fields))
+        if revoked(self.identity.serial) and not self.self_revoked:
+            # Only the CA's CRL says so (a peer's CLOSE or TLS alert could lie): from now
+            # on we dial nobody, who would only refuse us, until a new certificate.
+            self.self_revoked = True
+            mine = {"serial": format(self.identity.serial, "x"), "source": source}
+            actions.append(Notify("node.revoked", mine, logging.ERROR))
 
     def _forget_node(self, node_id: str, now_ms: int, actions: list[Action[L]]) -> None:
         self.revoked_nodes.add(node_id)
@@ -1423,6 +1484,7 @@ class NodeCore(Generic[L]):
     def renewed(self, identity: NodeIdentity, now_ms: int) -> list[Action[L]]:
         """A new certificate: new links use it, and peers get a record signed with it."""
         self.identity = identity
+        self.self_revoked = self.trust.is_revoked(identity.serial)
         self.renewal.renewed(identity.not_before_ms, identity.not_after_ms)
         actions: list[Action[L]] = []
         self._refresh_record(now_ms, actions, force=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 from trustmesh.mesh.gossip import GossipMessage
 from trustmesh.mesh.peers import PeerRecord
+from trustmesh.pki.store import backup_database
 from trustmesh.sqlitedb import open_database, transaction
 
 DAY_MS = 24 * 3600 * 1000
@@ -130,6 +131,11 @@ class MeshStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def backup_to(self, path: Path) -> None:
+        """A consistent copy of mesh.db, as of its last commit, in the new file ``path``,
+        while the node goes on (:func:`trustmesh.pki.store.backup_database`)."""
+        backup_database(self.path, path)
 
     def save(
         self,

@@ -7,9 +7,17 @@ certificate (mTLS):
   the node's store (group commit: the answer waits for the batch that holds it).
 - ``GET /v1/mesh/anomalies``: the indicators received (``?limit=`` and ``?since=`` ms).
 - ``GET /v1/mesh/health``: links, certificate, CRL and gossip counters.
+- ``GET /metrics``: the node's Prometheus metrics (docs/metrics.md).
 
 A request without a client certificate, or with one that does not chain to the mesh CA,
-gets 401; a revoked certificate gets 403. ``POST /v1/mesh/gossip`` is rate limited per
+gets 401; a revoked certificate gets 403.
+
+The read-only GET routes (:func:`read_only_routes`: peers, anomalies, health, the OpenAPI
+document, metrics, and any route registered in :data:`READ_ONLY_ROUTES`, such as the
+dashboard's) are also served without TLS by :func:`local_app` on the node's Unix socket
+``D/api.sock`` (mode 0600: the file's permission is the credential), so that the
+``trustmesh node`` read-only commands need no key passphrase. Any other method there is
+a 405. ``POST /v1/mesh/gossip`` is rate limited per
 client certificate and per client address (an IPv6 one per /64), each at the node
 policy's ``request_rate`` a second (bursts of ``request_burst``): beyond either, 429 with
 ``Retry-After``.
@@ -28,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from prometheus_client import CollectorRegistry
 
 from trustmesh.api.errors import ApiError, Handler, json_errors
 from trustmesh.bundle.errors import (
@@ -53,6 +62,7 @@ from trustmesh.mesh.errors import (
 )
 from trustmesh.mesh.gossip import MAX_MESSAGE
 from trustmesh.mesh.trust import CrlRejected
+from trustmesh.metrics.exposition import METRICS_PATH, metrics_response
 from trustmesh.node.bundle_api import BundleService, add_bundle_routes
 from trustmesh.ratelimit import RateLimiter
 
@@ -152,6 +162,7 @@ NODE_KEY: web.AppKey[NodeView] = web.AppKey("node")
 CLOCK_KEY: web.AppKey[Clock] = web.AppKey("clock")
 LIMITS_KEY: web.AppKey[GossipLimits] = web.AppKey("gossip_limits", GossipLimits)
 COMMIT_KEY: web.AppKey[GroupCommit] = web.AppKey("group_commit", GroupCommit)
+METRICS_KEY = web.AppKey("metrics", CollectorRegistry)
 
 ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     MalformedMessage: (400, "malformed"),
@@ -174,16 +185,93 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
 MAX_BODY = max(MAX_MESSAGE, MAX_PAYLOAD * 4 // 3) + 8192
 
 
+ReadOnlyRoutes = Callable[[web.Application], None]
+
+READ_ONLY_ROUTES: list[ReadOnlyRoutes] = []
+"""More read-only routes: each function is called with every app that serves the node's
+read-only routes (the mTLS API, :func:`node_app`, and the local socket, :func:`local_app`),
+after the node's own are added, and adds GET routes only (the local app refuses every
+other method anyway). Its handlers find the node in ``request.app[NODE_KEY]``, the clock
+in ``request.app[CLOCK_KEY]`` and the metrics registry in ``request.app[METRICS_KEY]``.
+The dashboard appends its function here to mount ``/dashboard/``."""
+
+
+# The node's own read-only routes (GET): what the local socket serves besides those of
+# READ_ONLY_ROUTES, and what NodeClient asks it for.
+READ_ONLY_PATHS = (
+    "/v1/mesh/peers",
+    "/v1/mesh/anomalies",
+    "/v1/mesh/health",
+    "/v1/openapi.json",
+    METRICS_PATH,
+)
+
+
+def read_only_routes(app: web.Application) -> None:
+    """Add the read-only GET routes to ``app`` (whose ``NODE_KEY``, ``CLOCK_KEY`` and
+    ``METRICS_KEY`` are set): the node's own (:data:`READ_ONLY_PATHS`), then each of
+    :data:`READ_ONLY_ROUTES`."""
+    handlers: dict[str, Handler] = {
+        "/v1/mesh/peers": _peers,
+        "/v1/mesh/anomalies": _anomalies,
+        "/v1/mesh/health": _health,
+        "/v1/openapi.json": _openapi,
+        METRICS_PATH: _metrics,
+    }
+    for path in READ_ONLY_PATHS:
+        app.router.add_get(path, handlers[path])
+    for add_routes in READ_ONLY_ROUTES:
+        add_routes(app)
+
+
+LOCAL_MAX_BODY = 4096  # the local socket takes no request body
+
+
+def local_app(
+    node: NodeView,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    metrics: CollectorRegistry | None = None,
+) -> web.Application:
+    """The read-only API of ``node`` for its local Unix socket: the routes of
+    :func:`read_only_routes`, with no client-certificate check (whoever may open the
+    0600 socket file is the node's operator). A method other than GET or HEAD is a 405,
+    whatever the path."""
+    app = web.Application(
+        middlewares=[json_errors(ERRORS), _read_only], client_max_size=LOCAL_MAX_BODY
+    )
+    app[NODE_KEY] = node
+    app[CLOCK_KEY] = clock
+    app[METRICS_KEY] = metrics if metrics is not None else CollectorRegistry()
+    read_only_routes(app)
+    return app
+
+
+@web.middleware
+async def _read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        raise ApiError(
+            405,
+            "the node's local socket is read-only: writes go to its HTTPS API, with the"
+            " node's certificate",
+            headers={"Allow": "GET, HEAD"},
+        )
+    return await handler(request)
+
+
 def node_app(
     node: NodeView,
     *,
     policy: ResourcePolicy | None = None,
     clock: Clock = SYSTEM_CLOCK,
     bundles: BundleService | None = None,
+    metrics: CollectorRegistry | None = None,
 ) -> web.Application:
     """The API of ``node``; its rate limits come from ``policy`` (default: the node's
     own, ``node.config.policy``); certificates are checked and limits run on ``clock``.
-    With ``bundles``, the ``/v1/bundles`` routes too."""
+    With ``bundles``, the ``/v1/bundles`` routes too. ``GET /metrics`` serves
+    ``metrics`` (none given: an empty registry), behind the same client-certificate
+    check as every route."""
     app = web.Application(
         middlewares=[json_errors(ERRORS), _authenticate], client_max_size=MAX_BODY
     )
@@ -191,11 +279,9 @@ def node_app(
     app[CLOCK_KEY] = clock
     app[LIMITS_KEY] = GossipLimits(policy or _policy_of(node), clock.monotonic)
     app[COMMIT_KEY] = GroupCommit(lambda: node.flush())
-    app.router.add_get("/v1/mesh/peers", _peers)
+    app[METRICS_KEY] = metrics if metrics is not None else CollectorRegistry()
+    read_only_routes(app)
     app.router.add_post("/v1/mesh/gossip", _gossip)
-    app.router.add_get("/v1/mesh/anomalies", _anomalies)
-    app.router.add_get("/v1/mesh/health", _health)
-    app.router.add_get("/v1/openapi.json", _openapi)
     if bundles is not None:
         add_bundle_routes(app, bundles)
     return app
@@ -272,6 +358,10 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return metrics_response(request, request.app[METRICS_KEY])
 
 
 def openapi_document() -> dict[str, Any]:

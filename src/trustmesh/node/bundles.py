@@ -16,6 +16,7 @@ from trustmesh.clock import Clock
 from trustmesh.mesh.bundle_codec import MAX_PAYLOAD, MeshBundleCodec
 from trustmesh.mesh.dtn import BundleAgent
 from trustmesh.mesh.errors import MeshError
+from trustmesh.node.runfile import running_pid
 
 BUNDLE_STORE_FILE = "bundles.db"
 BUNDLE_LOCK_FILE = "bundles.lock"  # held by the one process that writes bundles.db
@@ -32,10 +33,18 @@ class StoreBusyError(MeshError):
     """Another process (the running node) holds the node's bundle store."""
 
 
+class NodeRunningError(StoreBusyError):
+    """The node in this directory is running already (its pid is in run.json)."""
+
+
 class StoreLock:
     """An exclusive lock on a node's bundle store, for the life of the process that
     writes it: the store keeps its quota totals in memory, so it has one writer. The
-    kernel drops the lock when the process dies (kill -9 included)."""
+    kernel drops the lock when the process dies (kill -9 included).
+
+    It is also what keeps a second ``node run`` off a running node's directory: the lock,
+    not run.json, decides (a run.json left by a crash blocks nothing); run.json only
+    names the pid that holds it."""
 
     def __init__(self, directory: Path) -> None:
         self._file = open(directory / BUNDLE_LOCK_FILE, "a+b")  # noqa: SIM115 (held)
@@ -43,9 +52,18 @@ class StoreLock:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._file.close()
+            pid = running_pid(directory)
+            if pid is not None:
+                raise NodeRunningError(f"node already running (pid {pid}) in {directory}") from None
             raise StoreBusyError(
                 f"{directory / BUNDLE_STORE_FILE} is in use by another process"
             ) from None
+
+    @classmethod
+    def check_free(cls, directory: Path) -> None:
+        """Fail now, before a slow start (keys, stores), if the node runs already."""
+        if (directory / BUNDLE_LOCK_FILE).exists():  # else no one holds it: make none
+            cls(directory).release()
 
     def release(self) -> None:
         if not self._file.closed:

@@ -16,6 +16,7 @@ hello_timeout = 10.0             # seconds from TLS up to the peer's HELLO
 key_encrypted = true             # node.key needs TRUSTMESH_PASSPHRASE
 mdns = false                     # advertise and discover nodes on the LAN (discovery.md)
 link_attestation = "off"         # or demote, close, revoke: peers' TPM quotes (attestation.md)
+metrics = "127.0.0.1:9464"       # Prometheus /metrics on plain HTTP (docs/metrics.md); unset: none
 
 [limits]                         # the resource policy of both listeners (docs/limits.md)
 max_connections = 1024
@@ -89,6 +90,9 @@ class NodeConfig:
     bundle_quota: int = 256 * 1024 * 1024
     bundle_source_quota: int = 32 * 1024 * 1024
     bundle_copies: int = 8
+    # A plain-HTTP port for a local Prometheus scraper, "HOST:PORT" (docs/metrics.md);
+    # None: /metrics only on the API (mTLS).
+    metrics: str | None = None
     limits: dict[str, float] = field(default_factory=dict)  # ResourcePolicy overrides
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -103,11 +107,21 @@ class NodeConfig:
         addresses += [("bootstrap", b, False) for b in self.bootstrap]
         if self.advertise is not None:
             addresses.append(("advertise", self.advertise, False))
+        if self.metrics is not None:
+            if not isinstance(self.metrics, str):
+                raise ConfigError("metrics must be a string, HOST:PORT")
+            addresses.append(("metrics", self.metrics, True))
         for name, value, any_port in addresses:
             try:
                 split_address(value, any_port=any_port)
             except (ValueError, AttributeError) as exc:
                 raise ConfigError(f"{name}: {exc}") from None
+        if _same_socket(self.listen, self.api):
+            # The second bind would fail at `node run` with a bare "address in use".
+            raise ConfigError(
+                f"listen ({self.listen}) and api ({self.api}) need different ports: the"
+                " links and the API are two listeners"
+            )
         if not isinstance(self.mdns, bool):
             raise ConfigError("mdns must be true or false")
         if self.link_attestation not in LINK_ATTESTATION_POLICIES:
@@ -183,11 +197,30 @@ class NodeConfig:
         return tomli_w.dumps({**data, **self.extra})
 
 
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})  # noqa: S104 (compared, never bound)
+
+
+def _same_socket(first: str, second: str) -> bool:
+    """Whether two listen addresses would bind one socket: the same port (not 0, any
+    free port) on the same host, or on a wildcard host, which takes every address."""
+    host_a, port_a = split_address(first, any_port=True)
+    host_b, port_b = split_address(second, any_port=True)
+    if port_a != port_b or port_a == 0:
+        return False
+    host_a, host_b = host_a.lower(), host_b.lower()
+    return host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS
+
+
 def load_config(directory: Path) -> NodeConfig:
     path = directory / CONFIG_FILE
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
+        if (directory / "node.crt").exists():  # `trustmesh enroll` wrote it
+            raise ConfigError(
+                f"{path} does not exist: run `trustmesh node init --dir {directory} --node-id"
+                " ID --listen HOST:PORT --api HOST:PORT`, which adopts this enrolled directory"
+            ) from None
         raise ConfigError(f"{path} does not exist: run `trustmesh node init` first") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from None

@@ -33,7 +33,8 @@ from trustmesh.bundle.store import StoreError
 from trustmesh.clock import SYSTEM_CLOCK, Clock
 from trustmesh.crypto.keys import KeyKind
 from trustmesh.errors import ProtocolError
-from trustmesh.io.https import HttpServer, HttpsSite, serve_app
+from trustmesh.io.https import HttpServer, HttpsSite, serve_app, serve_unix_app
+from trustmesh.io.listener import Listener
 from trustmesh.io.stream import StreamDriver, StreamServer, serve_stream
 from trustmesh.io.tasks import TaskSet, within
 from trustmesh.keystore.signer import Signer
@@ -57,7 +58,9 @@ from trustmesh.mesh.node import Action, NodeCore, PeerInfo
 from trustmesh.mesh.peers import PeerBook
 from trustmesh.mesh.store import MeshStore
 from trustmesh.mesh.trust import MAX_GOSSIP_CRL, CrlUpdate, TrustView
-from trustmesh.node.api import node_app
+from trustmesh.metrics.exposition import MetricsServer
+from trustmesh.metrics.node import NodeMetrics
+from trustmesh.node.api import local_app, node_app
 from trustmesh.node.batch import StoreBatch
 from trustmesh.node.bundles import (
     BUNDLE_STORE_FILE,
@@ -69,12 +72,13 @@ from trustmesh.node.bundles import (
 )
 from trustmesh.node.config import NodeConfig, load_config
 from trustmesh.node.crl import CrlSource
+from trustmesh.node.dashboard import node_dashboard
 from trustmesh.node.dialer import Dialer
 from trustmesh.node.discovery import certificate_fingerprint
 from trustmesh.node.health import health_of, renewal_due
 from trustmesh.node.identity import Identity, load_identity, rotate_identity
 from trustmesh.node.links import Link, LinkFailed
-from trustmesh.node.runfile import RUN_FILE, write_run_file
+from trustmesh.node.runfile import API_SOCKET, RUN_FILE, write_run_file
 from trustmesh.pki.extensions import attested_platform_of
 from trustmesh.sansio import ConnectionClosed, Event
 from trustmesh.tls import TlsStream
@@ -180,6 +184,8 @@ class MeshNode:
         self.link_server: StreamServer[TlsStream] | None = None
         self.api_server: HttpServer | None = None
         self.api_site: HttpsSite | None = None
+        # The read-only API on D/api.sock (no TLS: the file's 0600 mode is the credential).
+        self.local_api: HttpServer | None = None
         self._tasks = TaskSet()
         self.discovery: MdnsDiscovery | None = None  # with ``mdns = true``, once started
         self.dialer = Dialer(
@@ -192,6 +198,12 @@ class MeshNode:
             tickets=MAX_ADDRESSES,
             attest=config.link_attestation != "off" or attester is not None,
         )
+        # Read at scrape time from the counters above (docs/metrics.md); served on the
+        # API and, with ``metrics = "HOST:PORT"``, on a plain-HTTP port of its own.
+        self.metrics = NodeMetrics(self)
+        self.metrics_server: MetricsServer | None = None
+        # /dashboard/ on the API and the local socket (trustmesh.node.dashboard mounts it).
+        self.dashboard = node_dashboard(self)
 
     @classmethod
     def from_directory(
@@ -199,6 +211,7 @@ class MeshNode:
     ) -> MeshNode:
         """The node in ``directory``, with the identity key and the attesting TPM it
         enrolled with (enrollment.json); ``attest`` (``tpm:<TCTI>``) overrides the TPM."""
+        StoreLock.check_free(directory)  # a second `node run` stops here: "already running"
         finish_interrupted_rotation(directory)  # before the key is read
         recorded = recorded_devices(directory)
         attest = attest or recorded.get("attest")
@@ -242,6 +255,14 @@ class MeshNode:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # First: a socket a live process serves stops the start before anything listens.
+        self.local_api = await serve_unix_app(
+            local_app(self, clock=self.clock, metrics=self.metrics.registry),
+            self.directory / API_SOCKET,
+            policy=self.config.policy,
+            name="local API",
+            shutdown_timeout=2.0,
+        )
         now = self.clock.time_ms()
         self.seen.load(self.store.seen(), now)
         stored = self.store.crl()
@@ -263,7 +284,7 @@ class MeshNode:
         )
         api_host, api_port = split_address(self.config.api, any_port=True)
         self.api_server = await serve_app(
-            node_app(self, clock=self.clock, bundles=self.bundles),
+            node_app(self, clock=self.clock, bundles=self.bundles, metrics=self.metrics.registry),
             api_host,
             api_port,
             context=self.identity.api,
@@ -272,6 +293,10 @@ class MeshNode:
             shutdown_timeout=2.0,
         )
         self.api_site = self.api_server.site
+        if self.config.metrics is not None:
+            metrics_host, metrics_port = split_address(self.config.metrics, any_port=True)
+            self.metrics_server = MetricsServer(self.metrics.registry, metrics_host, metrics_port)
+            await self.metrics_server.start()
         # The listen port is known now: peers are told it.
         self.core.settings = self.config.core_settings(self.advertised, MAX_ADDRESSES)
         self._run(self.core.start(self.clock.time_ms()))
@@ -311,6 +336,10 @@ class MeshNode:
             await within(CLOSE_TIMEOUT, self.link_server.wait_closed(), what="the link listener")
         if self.api_server is not None:
             await within(CLOSE_TIMEOUT, self.api_server.stop(), what="the API")
+        if self.local_api is not None:  # the socket file goes with it
+            await within(CLOSE_TIMEOUT, self.local_api.stop(), what="the local API")
+        if self.metrics_server is not None:
+            await within(CLOSE_TIMEOUT, self.metrics_server.stop(), what="the metrics port")
         await self.crl_source.close()
         self.flush()
         self.store.close()
@@ -334,6 +363,36 @@ class MeshNode:
         if port == 0 and self.link_server is not None:
             port = self.link_server.port
         return join_address(host, port)
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://HOST:PORT/metrics`` while the plain-HTTP metrics port serves."""
+        return self.metrics_server.url if self.metrics_server is not None else None
+
+    def running_listeners(self) -> dict[str, Listener]:
+        """The running listeners by name (their connections and limit counters)."""
+        running: dict[str, Listener] = {}
+        if self.link_server is not None:
+            running["links"] = self.link_server.listener
+        if self.api_site is not None:
+            running["api"] = self.api_site.listener
+        if self.local_api is not None:
+            running["local"] = self.local_api.listener
+        if self.metrics_server is not None and self.metrics_server.listener is not None:
+            running["metrics"] = self.metrics_server.listener
+        return running
+
+    def link_states(self) -> dict[str, int]:
+        """Open links by state: ``up`` (in the link table), ``handshake`` (TLS or HELLOs
+        under way), ``closing`` (up once but not held: refused, a duplicate, replaced)."""
+        states = {"up": len(self.core.links), "handshake": 0, "closing": 0}
+        held = set(map(id, self.core.links.values()))
+        for link in self._live:
+            if not link.was_up:
+                states["handshake"] += 1
+            elif id(link) not in held:
+                states["closing"] += 1
+        return states
 
     @property
     def advertised(self) -> str:
@@ -460,7 +519,11 @@ class MeshNode:
 
     def accept(self, message: GossipMessage, raw: bytes, *, sender: Link | None) -> Received:
         assert sender is None, "gossip from links goes through the core's inbox"
-        received, actions = self.core.publish(message, raw, self.clock.time_ms())
+        started = self.clock.monotonic()
+        try:
+            received, actions = self.core.publish(message, raw, self.clock.time_ms())
+        finally:
+            self.metrics.gossip_checked(self.clock.monotonic() - started)
         self._run(actions)
         if received.new and message.origin == self.node_id and message.kind == "anomaly":
             try:  # the nodes that are down get it as a bundle (bundles.md section 8)
@@ -508,7 +571,10 @@ class MeshNode:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
-        self._run(self.core.drain_gossip(self.clock.time_ms()))
+        started = self.clock.monotonic()
+        actions = self.core.drain_gossip(self.clock.time_ms())
+        self.metrics.gossip_checked(self.clock.monotonic() - started)
+        self._run(actions)
 
     async def dial(self, address: str) -> Link:
         """Open a link to ``address``, returned once both HELLOs are exchanged (raises

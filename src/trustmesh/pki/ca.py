@@ -4,7 +4,8 @@ certificates and CRLs (docs/protocols/pki.md).
 A CA lives in one directory::
 
     ca.crt       the root certificate, distributed to every node
-    root.key     the root key (encrypted PKCS#8, mode 0600)
+    root.key     the root key (encrypted PKCS#8, mode 0600); absent when it is kept
+                 offline (``init(root_key_out=...)``): only :meth:`renew` needs it
     issuing.crt  the issuing CA's certificate
     issuing.key  its key (encrypted PKCS#8, mode 0600)
     chain.pem    issuing.crt then ca.crt: what a node is handed with its certificate
@@ -56,7 +57,6 @@ ADMIN_TOKEN_PREFIX = "tmadmin_"  # noqa: S105
 CRL_VALIDITY = timedelta(hours=24)
 BACKDATE = timedelta(minutes=5)  # tolerate clocks a little behind ours
 EXPIRY_WARNING = timedelta(days=30)  # warn when a CA certificate has less left than this
-MIN_RSA_BITS = 2048
 ALLOWED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 # A node_id is a DNS name (lowercase labels of letters, digits and hyphens), so that it
@@ -126,10 +126,20 @@ class CertificateAuthority:
         name: str = "trustmesh mesh CA",
         now: datetime | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        root_key_out: Path | None = None,
     ) -> CertificateAuthority:
         """Create a root and an issuing CA (P-256) in ``directory``, which must hold no CA;
-        the CA returned reads ``clock``."""
+        the CA returned reads ``clock``.
+
+        With ``root_key_out`` the root key is written there instead of
+        ``directory/root.key``: a path outside ``directory`` (removable media, say), so
+        that the root key can be kept offline. The CA issues, rotates, revokes and signs
+        CRLs with the issuing key alone; only :meth:`renew` needs the root key."""
         now = now or clock.now()
+        root_key_path = directory / "root.key"
+        if root_key_out is not None:
+            _check_root_key_out(root_key_out, directory)
+            root_key_path = root_key_out
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / "ca.crt").exists() or (directory / "root.key").exists():
             raise PkiError(f"{directory} already holds a CA; refusing to overwrite it")
@@ -145,7 +155,7 @@ class CertificateAuthority:
         issuing = _ca_certificate(
             issuing_name, root_name, issuing_crypto, root_crypto, now, ISSUING_VALIDITY, 0
         )
-        save_key_file(root_key, directory / "root.key", passphrase)
+        save_key_file(root_key, root_key_path, passphrase)
         save_key_file(issuing_key, directory / "issuing.key", passphrase)
         _write_pem(directory / "ca.crt", [root])
         _write_pem(directory / "issuing.crt", [issuing])
@@ -406,27 +416,41 @@ class CertificateAuthority:
     # --- renewal ------------------------------------------------------------------------
 
     def renew(
-        self, passphrase: bytes | None, *, force: bool = False, now: datetime | None = None
+        self,
+        passphrase: bytes | None,
+        *,
+        force: bool = False,
+        now: datetime | None = None,
+        root_key: Path | None = None,
     ) -> list[str]:
         """Certify the root and the issuing CA again, with the same keys and names, when
         less than 30 days are left (or always with ``force``); return what was renewed.
 
         Same key and name means everything issued so far still chains: nodes may keep the
         old ca.crt until it expires. A running ``ca serve`` picks the change up on restart.
+
+        This is the one operation that needs the root key: ``directory/root.key``, or
+        ``root_key`` when it is kept offline (it must be this CA's root key).
         """
         now = now or self.clock.now()
         renewed = []
-        root_key = load_key_file(self.directory / "root.key", passphrase).to_cryptography()
+        root_key_crypto = self._load_root_key(passphrase, root_key)
         root, issuing = self.root_cert, self.issuing_cert
         if force or root.not_valid_after_utc - now < EXPIRY_WARNING:
             root = _ca_certificate(
-                root.subject, root.subject, root_key, root_key, now, ROOT_VALIDITY, None
+                root.subject,
+                root.subject,
+                root_key_crypto,
+                root_key_crypto,
+                now,
+                ROOT_VALIDITY,
+                None,
             )
             renewed.append("root")
         if force or renewed or issuing.not_valid_after_utc - now < EXPIRY_WARNING:
             validity = min(ISSUING_VALIDITY, root.not_valid_after_utc - now)
             issuing = _ca_certificate(
-                issuing.subject, root.subject, self._issuing_key, root_key, now, validity, 0
+                issuing.subject, root.subject, self._issuing_key, root_key_crypto, now, validity, 0
             )
             renewed.append("issuing")
         if renewed:
@@ -436,6 +460,28 @@ class CertificateAuthority:
             self.root_cert, self.issuing_cert = root, issuing
             self.store.audit_event("renew-ca", detail={"renewed": renewed}, now=now)
         return renewed
+
+    def _load_root_key(
+        self, passphrase: bytes | None, path: Path | None
+    ) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey:
+        """The root key from ``path`` (default ``directory/root.key``), checked against
+        ca.crt: a wrong key would certify a root that nothing issued so far chains to."""
+        path = self.directory / "root.key" if path is None else path
+        if not path.exists():
+            if path == self.directory / "root.key":
+                raise PkiError(
+                    f"renewing the CA needs its root key, and {path} is absent (kept offline"
+                    " since `ca init --root-key-out`?): bring the root key from offline"
+                    " storage and give its path (trustmesh ca renew --root-key PATH)"
+                )
+            raise PkiError(f"renewing the CA needs its root key, and {path} is absent")
+        key = load_key_file(path, passphrase).to_cryptography()
+        if _spki(key.public_key()) != _spki(self.root_cert.public_key()):
+            raise PkiError(
+                f"{path} is not this CA's root key (its public key is not the one in"
+                f" {self.directory / 'ca.crt'})"
+            )
+        return key
 
     # --- health -------------------------------------------------------------------------
 
@@ -457,19 +503,22 @@ class CertificateAuthority:
 
 
 def check_csr(csr: x509.CertificateSigningRequest, node_id: str) -> None:
-    """A CSR is acceptable when its self-signature verifies, its key is P-256, P-384,
-    Ed25519 or RSA of at least 2048 bits, and it names ``node_id`` (CN or DNS SAN)."""
+    """A CSR is acceptable when its self-signature verifies, its key is P-256, P-384 or
+    Ed25519, and it names ``node_id`` (CN or DNS SAN).
+
+    No RSA: a node's trust view (trustmesh.mesh.trust) takes only EC and Ed25519 keys,
+    so an RSA certificate would be issued only to be refused on every link."""
     if not csr.is_signature_valid:
         raise CsrRejected("the CSR's self-signature does not verify")
     key = csr.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ALLOWED_CURVES):
             raise CsrRejected(f"EC curve {key.curve.name} is not allowed (P-256 or P-384)")
-    elif isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise CsrRejected(f"RSA keys need at least {MIN_RSA_BITS} bits, not {key.key_size}")
     elif not isinstance(key, ed25519.Ed25519PublicKey):
-        raise CsrRejected(f"key type {type(key).__name__} is not allowed")
+        kind = "RSA" if isinstance(key, rsa.RSAPublicKey) else type(key).__name__
+        raise CsrRejected(
+            f"{kind} keys are not allowed: mesh nodes take only EC P-256, P-384 or Ed25519"
+        )
     if node_id not in certificate_names(csr, uris=False):
         raise CsrRejected(f"the CSR does not name node_id {node_id!r} (its CN or a DNS SAN)")
 
@@ -520,6 +569,27 @@ def _ca_certificate(
         )
     return builder.sign(
         signer, hashes.SHA256() if isinstance(signer, ec.EllipticCurvePrivateKey) else None
+    )
+
+
+def _check_root_key_out(path: Path, directory: Path) -> None:
+    """Where ``init`` may write a root key kept apart: not inside the CA directory (it
+    would travel with every copy of it), not over an existing file, in a folder that
+    exists."""
+    if path.resolve().is_relative_to(directory.resolve()):
+        raise PkiError(
+            f"the root key's path {path} is inside the CA directory {directory}: the point"
+            " of writing it apart is to keep it out of that directory (and offline)"
+        )
+    if path.exists() or path.is_symlink():
+        raise PkiError(f"{path} already exists; refusing to overwrite a key")
+    if not path.parent.is_dir():
+        raise PkiError(f"{path.parent} is not a directory: cannot write the root key there")
+
+
+def _spki(key: CertificatePublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 

@@ -19,8 +19,11 @@ A database made before a column existed is brought up to date when it is opened
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import secrets
 import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -32,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+from trustmesh.keystore.filestore import fsync_directory
 from trustmesh.pki.errors import (
     CertificateExpired,
     CertificateRevoked,
@@ -288,9 +292,55 @@ class CaStore(Protocol):
         """The latest entries, newest first."""
 
     def audit_event(
-        self, event: str, *, detail: Mapping[str, object], now: datetime, actor: str = "cli"
+        self,
+        event: str,
+        *,
+        detail: Mapping[str, object],
+        now: datetime,
+        actor: str = "cli",
+        node_id: str | None = None,
     ) -> None:
-        """Record an event that changes no other table (a CA renewal)."""
+        """Record an event that changes no other table (a CA renewal, a refused
+        enrollment), about ``node_id`` when it concerns one."""
+
+
+def backup_database(source: Path, path: Path) -> None:
+    """Copy the SQLite database ``source`` (ca.db, mesh.db, ...) into the new file
+    ``path``, consistently, while other connections and processes go on reading and
+    writing it: SQLite's online backup in a single step, so the copy is the database as
+    of one commit (in WAL mode writers are not held up meanwhile).
+
+    The copy is one self-contained file (rollback journal, no ``-wal``), mode 0600, that
+    passes ``PRAGMA integrity_check``; it is written under a temporary name, fsynced and
+    then linked into place, so ``path`` is whole or absent, and an existing ``path`` is
+    never replaced (:class:`FileExistsError`). To restore it, stop the process that
+    owns the database and put the copy in its place, with no ``-wal`` or ``-shm`` file
+    of the old one beside it (docs/operations.md)."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such database")
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} already exists; refusing to overwrite a backup")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # SQLite takes it
+    try:
+        # Opened read-write (a read-only connection cannot always open a WAL database),
+        # but it only reads: one read transaction for the whole copy.
+        with (
+            contextlib.closing(sqlite3.connect(source, timeout=30)) as live,
+            contextlib.closing(sqlite3.connect(tmp, isolation_level=None)) as copy,
+        ):
+            live.backup(copy)  # pages=-1: every page in one step, one snapshot
+            copy.execute("PRAGMA journal_mode=DELETE")  # a single file, no -wal
+            check = copy.execute("PRAGMA integrity_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"the copy of {source} is damaged: {check}")
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.link(tmp, path)  # fails if path appeared meanwhile, unlike rename
+        fsync_directory(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _time(value: int | None) -> datetime | None:
@@ -312,6 +362,11 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def backup_to(self, path: Path) -> None:
+        """A consistent copy of this database, as of its last commit, in the new file
+        ``path``, while the CA goes on (:func:`backup_database`)."""
+        backup_database(self.path, path)
 
     def _migrate(self) -> None:
         """Bring a database made by an older trustmesh up to this schema: add the
@@ -600,10 +655,16 @@ class SqliteStore:
         ]
 
     def audit_event(
-        self, event: str, *, detail: Mapping[str, object], now: datetime, actor: str = "cli"
+        self,
+        event: str,
+        *,
+        detail: Mapping[str, object],
+        now: datetime,
+        actor: str = "cli",
+        node_id: str | None = None,
     ) -> None:
         with transaction(self._db) as db:
-            self._audit(db, now, event, None, None, actor, detail)
+            self._audit(db, now, event, node_id, None, actor, detail)
 
     # --- internals ----------------------------------------------------------------------
 
