@@ -204,6 +204,25 @@ async def test_the_proxy_serves_only_the_dashboard_and_only_as_itself(
             async with session.head(proxy.url + "events") as response:
                 assert response.status == 200  # the headers, and no stream held open
                 assert response.content_type == "text/event-stream"
+        # Dot segments sent raw (as curl --path-as-is does) reach the proxy unchanged;
+        # they must not climb out of /dashboard/ to the node's other routes.
+        for sneaky in ("/dashboard/../v1/mesh/peers", "/dashboard/%2e%2e/v1/mesh/peers"):
+            status = await _raw_get(proxy.port, sneaky)
+            assert status == 404, sneaky
+
+
+async def _raw_get(port: int, path: str) -> int:
+    """The status of GET ``path`` sent byte for byte (no client-side normalising)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        writer.write(request.encode())
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 async def test_without_the_socket_the_proxy_forwards_over_mtls(

@@ -146,12 +146,12 @@ async def test_enrollments_refusals_and_the_crl_are_measured(
         ).splitlines()
     ]
     refused = [entry for entry in audit if entry["event"] == "enroll-refused"]
-    assert len(refused) == 3, audit
     newest_first = [(e["detail"]["reason"], e["node_id"], e["detail"]["node_id"]) for e in refused]
+    # A token this CA never issued adds no row: anyone could send those without end
+    # (the metrics above and the access log count them).
     assert newest_first == [
         ("invalid_csr", "node-2", "node-2"),
         ("invalid_token", "node-1", "node-1"),  # the spent token knows its node
-        ("invalid_token", None, None),  # an unknown token names none
     ]
     for entry in refused:
         assert entry["detail"]["client"] == "127.0.0.1" == entry["actor"]

@@ -481,24 +481,21 @@ def _error_code(exc: ApiError | ProtocolError) -> str:
 def _enrollment_refused(
     request: web.Request, body: dict[str, object] | None, exc: ApiError | ProtocolError
 ) -> None:
-    """Count a refused enrollment, and put it in the audit log (with the node it was for,
-    when the request says or its token knows) unless it was only rate limited: a flood
-    is the rate limit's to absorb, not the audit log's."""
+    """Count a refused enrollment, and put it in the audit log (with the node its token
+    is for) when the request named a token this CA issued: a stranger's garbage, or a
+    flood (rate limited), is the metrics' and the access log's to show, never rows an
+    anonymous client could add to the audit log without end."""
     code = _error_code(exc)
     request.app[METRICS].enrollments.labels(code).inc()
-    if code == "rate_limited":
-        return
-    node_id: str | None = None
-    if body is not None:
-        claimed, token = body.get("node_id"), body.get("token")
-        store = request.app[REGISTRAR].ca.store
-        known = store.token(token_hash(token)) if isinstance(token, str) and token else None
-        if known is not None:
-            node_id = known.node_id
-        elif isinstance(claimed, str):
-            node_id = excerpt(claimed, 64)
-    message = exc.message if isinstance(exc, ApiError) else str(exc)
     client = _client(request)
+    token = None if body is None else body.get("token")
+    store = request.app[REGISTRAR].ca.store
+    known = store.token(token_hash(token)) if isinstance(token, str) and token else None
+    if code == "rate_limited" or known is None:
+        log.info("enrollment refused (%s) from %s, with no token of this CA", code, client)
+        return
+    node_id = known.node_id
+    message = exc.message if isinstance(exc, ApiError) else str(exc)
     try:
         request.app[REGISTRAR].ca.store.audit_event(
             "enroll-refused",

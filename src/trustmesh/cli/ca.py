@@ -122,7 +122,7 @@ def init(directory: Path, name: str, root_key_out: Path | None, as_json: bool) -
 
 @ca.command(name="list")
 @DIR_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Same as --jsonl (kept for scripts).")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"certificates": [...]}.')
 @jsonl_option("One JSON object per certificate, one a line.")
 def list_certificates(directory: Path, as_json: bool, as_jsonl: bool) -> None:
     """Every certificate the CA issued: node, admin or server, and its state (valid,
@@ -323,7 +323,7 @@ def admin_token_create(directory: Path, label: str, ttl: timedelta, as_json: boo
 
 @admin_token.command(name="list")
 @DIR_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Same as --jsonl (kept for scripts).")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"admin_tokens": [...]}.')
 @jsonl_option("One JSON object per token, one a line.")
 def admin_token_list(directory: Path, as_json: bool, as_jsonl: bool) -> None:
     """Every admin token: its id, label, expiry and state (valid, expired, revoked).
@@ -442,7 +442,7 @@ def crl(directory: Path, pem: bool, out: Path | None) -> None:
 @ca.command()
 @DIR_OPTION
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Same as --jsonl (kept for scripts).")
+@click.option("--json", "as_json", is_flag=True, help='One JSON document: {"entries": [...]}.')
 @jsonl_option("One JSON object per entry, one a line, with its whole detail.")
 def audit(directory: Path, limit: int, as_json: bool, as_jsonl: bool) -> None:
     """The audit log, newest first: issuance, enrollment, rotation, revocation, tokens,

@@ -13,6 +13,7 @@ Without it (a node stopped, or an older one), the client falls back to mTLS.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import ssl
 from collections.abc import Callable
@@ -141,7 +142,13 @@ class NodeClient:
                 ):
                     text = await response.read()
                     status = response.status
-        except aiohttp.ClientConnectorError:
+        except aiohttp.ClientConnectorError as exc:
+            if getattr(exc, "errno", None) == errno.EACCES:
+                # Not ours to read (a service user's socket): say so, rather than fall
+                # back to mTLS and fail on a passphrase or a key we cannot read either.
+                raise NodeApiError(
+                    f"permission denied on {socket}: run as the node's user (or root)"
+                ) from None
             raise _NoSocket from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             reason = getattr(exc, "os_error", None) or exc

@@ -473,6 +473,14 @@ async def _asset(request: web.Request) -> web.Response:
     return _file(request, name)
 
 
+def _proxied_path(tail: str) -> str | None:
+    """The upstream path of a proxied request's tail under /dashboard/, or None when it
+    is not one of the dashboard's own (no query string is forwarded: none is used)."""
+    if tail in ("", "state.json", "events") or (tail in ASSETS and tail != "index.html"):
+        return f"{PREFIX}/{tail}"
+    return None
+
+
 def _file(request: web.Request, name: str) -> web.Response:
     body = request.app[_ASSETS_KEY][name]
     return web.Response(body=body, headers={**HEADERS, "Content-Type": ASSETS[name]})
@@ -570,7 +578,7 @@ class DashboardProxy:
             app = web.Application(middlewares=[json_errors({}), self._check_host])
             app.router.add_get("/", _redirect)
             app.router.add_get(PREFIX, _redirect)
-            app.router.add_get(PREFIX + "/{tail:.*}", self._forward)
+            app.router.add_get(PREFIX + "/{tail:.*}", self._forward)  # allowlisted below
             app.on_shutdown.append(self._close_sessions)  # open streams end at once
             policy = ResourcePolicy(max_connections=64, max_per_source=64)
             self._server = await serve_app(
@@ -620,12 +628,17 @@ class DashboardProxy:
         return await handler(request)
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
-        if request.path != PREFIX + "/events":
-            return await self._relay(request, streaming=False)
+        # Only the dashboard's own paths, matched exactly: the raw path may hold "..",
+        # which the client would collapse into any route of the node's API.
+        path = _proxied_path(request.match_info.get("tail", ""))
+        if path is None:
+            raise ApiError(404, "the proxy forwards the dashboard's own paths only")
+        if path != PREFIX + "/events":
+            return await self._relay(request, path, streaming=False)
         if self._streams.locked():
             raise ApiError(503, "too many dashboard streams", code="busy")
         async with self._streams:
-            return await self._relay(request, streaming=True)
+            return await self._relay(request, path, streaming=True)
 
     def _upstream(self) -> tuple[aiohttp.ClientSession, str, dict[str, Any]]:
         """The session, base URL and request options that reach the node now."""
@@ -636,7 +649,9 @@ class DashboardProxy:
         base = api_url(self.directory, self.config)
         return self._remote, base, {"ssl": self._ssl, "server_hostname": self.config.node_id}
 
-    async def _relay(self, request: web.Request, *, streaming: bool) -> web.StreamResponse:
+    async def _relay(
+        self, request: web.Request, path: str, *, streaming: bool
+    ) -> web.StreamResponse:
         session, base, options = self._upstream()
         timeout = aiohttp.ClientTimeout(
             total=None if streaming else self.timeout, sock_connect=self.timeout
@@ -644,7 +659,7 @@ class DashboardProxy:
         try:
             async with session.request(
                 request.method,  # GET, or HEAD
-                base + request.path_qs,
+                base + path,  # an allowlisted constant: never the client's raw path
                 headers={"Accept": request.headers.get("Accept", "*/*")},
                 timeout=timeout,
                 allow_redirects=False,
