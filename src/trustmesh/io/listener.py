@@ -274,8 +274,8 @@ def _clear_stale_socket(path: Path, address: str) -> None:
     except (ConnectionRefusedError, FileNotFoundError):
         os.unlink(path)  # its process is gone
         return
-    except BlockingIOError:
-        pass  # served, and busy
+    except BlockingIOError:  # a live server with a full backlog
+        raise OSError(errno.EADDRINUSE, "another running process serves it (busy)") from None
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, "another running process serves it")

@@ -300,7 +300,7 @@ def _tpm_absence(uri: str) -> str | None:
             if exc.rc == constants.TSS2_RC.TCTI_RC_IO_ERROR:
                 return f"no TPM answers at TCTI {tcti!r}"
         except (RuntimeError, TypeError, ValueError):
-            pass  # a malformed TCTI: TpmSigner says what is wrong with it
+            return None  # a malformed TCTI, not an absent TPM: TpmSigner says what is wrong
     return None
 
 

@@ -507,21 +507,28 @@ async def _events(request: web.Request) -> web.StreamResponse:
     dashboard.open_stream()
     response = web.StreamResponse(headers=headers)
     try:
-        await response.prepare(request)
-        await response.write(f"retry: {RETRY_MS}\n\n".encode())
-        seen = -1
-        while not dashboard.closed:
-            if seen != dashboard.version:
-                body = dashboard.current()
-                seen = dashboard.version
-                await response.write(b"event: state\ndata: " + body + b"\n\n")
-            elif not await dashboard.wait_changed(seen, dashboard.heartbeat):
-                await response.write(b": still here\n\n")
-    except ConnectionError:
-        pass  # the client went away: the stream ends here
+        # A client that went away (ConnectionError) ends its stream, nothing more.
+        with contextlib.suppress(ConnectionError):
+            await _stream_states(response, request, dashboard)
     finally:
         dashboard.close_stream()
     return response
+
+
+async def _stream_states(
+    response: web.StreamResponse, request: web.Request, dashboard: Dashboard
+) -> None:
+    """Each new state as an SSE event, a heartbeat comment when nothing changes."""
+    await response.prepare(request)
+    await response.write(f"retry: {RETRY_MS}\n\n".encode())
+    seen = -1
+    while not dashboard.closed:
+        if seen != dashboard.version:
+            body = dashboard.current()
+            seen = dashboard.version
+            await response.write(b"event: state\ndata: " + body + b"\n\n")
+        elif not await dashboard.wait_changed(seen, dashboard.heartbeat):
+            await response.write(b": still here\n\n")
 
 
 # --- trustmesh node dashboard: the page on 127.0.0.1, forwarded to the node --------------------

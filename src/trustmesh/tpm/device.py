@@ -592,27 +592,24 @@ def _srk_template() -> Any:
     return _ecc_template(attributes, TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL), _aes128_cfb())
 
 
-def _signing_key_template() -> Any:
-    """Sign and decrypt, so one key both signs (any scheme given) and does ECDH_ZGen."""
+def _unrestricted_template(uses: Any) -> Any:
+    """A non-restricted ECC key of ours for ``uses`` (no scheme or symmetric cipher
+    fixed: each command names its own)."""
     attributes = (
         TPMA_OBJECT.FIXEDTPM
         | TPMA_OBJECT.FIXEDPARENT
         | TPMA_OBJECT.SENSITIVEDATAORIGIN
         | TPMA_OBJECT.USERWITHAUTH
-        | TPMA_OBJECT.SIGN_ENCRYPT
-        | TPMA_OBJECT.DECRYPT
+        | uses
     )
     null = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
     return _ecc_template(attributes, TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL), null)
+
+
+def _signing_key_template() -> Any:
+    """Sign and decrypt, so one key both signs (any scheme given) and does ECDH_ZGen."""
+    return _unrestricted_template(TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.DECRYPT)
 
 
 def _unrestricted_signing_template() -> Any:
-    attributes = (
-        TPMA_OBJECT.FIXEDTPM
-        | TPMA_OBJECT.FIXEDPARENT
-        | TPMA_OBJECT.SENSITIVEDATAORIGIN
-        | TPMA_OBJECT.USERWITHAUTH
-        | TPMA_OBJECT.SIGN_ENCRYPT
-    )
-    null = TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL)
-    return _ecc_template(attributes, TPMT_ECC_SCHEME(scheme=TPM2_ALG.NULL), null)
+    return _unrestricted_template(TPMA_OBJECT.SIGN_ENCRYPT)
