@@ -396,8 +396,10 @@ def test_the_readme_s_curl_commands_that_write_files_fail_on_an_error(
     _, csr = openssl.csr("readme", "node-1")
     (tmp_path / "ca").mkdir()
     (tmp_path / "ca" / "ca.crt").write_bytes(shared.ca_cert.read_bytes())
-    (tmp_path / "node.csr").write_bytes(csr.read_bytes())
     argv = shlex.split(enroll.replace("https://127.0.0.1:8443", shared.url))
+    csr_name = next(a.removeprefix("csr@") for a in argv if a.startswith("csr@"))
+    (tmp_path / csr_name).write_bytes(csr.read_bytes())
+    out = tmp_path / argv[argv.index("-o") + 1]
     result = subprocess.run(
         [require_curl(), "-q", "-sS", *argv[1:]],
         cwd=tmp_path,
@@ -408,7 +410,7 @@ def test_the_readme_s_curl_commands_that_write_files_fail_on_an_error(
         check=False,
     )
     assert result.returncode == 22, result
-    assert json.loads((tmp_path / "node.crt").read_text())["error"] == "invalid_token"
+    assert json.loads(out.read_text())["error"] == "invalid_token"  # "token=$TOKEN", as is
 
 
 # --- help ---------------------------------------------------------------------------------

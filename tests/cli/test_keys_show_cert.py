@@ -43,6 +43,15 @@ def test_a_certificate_shows_the_peer_id_of_its_key(tmp_path: Path) -> None:
     shown = json.loads(of_cert.output)
     assert shown["peer_id"] == json.loads(of_key.output)["peer_id"]
     assert shown["subject"] == "CN=node-z" and shown["type"] == "p256"
+    # --field: the one value alone, for $(...) in scripts; the same from key and cert.
+    for source in ([str(key_file)], ["--cert", str(cert_file)]):
+        for field in ("public_key", "peer_id", "type"):
+            result = runner.invoke(cli_main.cli, ["keys", "show", *source, "--field", field])
+            assert result.exit_code == 0 and result.output == f"{shown[field]}\n", result.output
+    result = runner.invoke(
+        cli_main.cli, ["keys", "show", str(key_file), "--field", "type", "--json"]
+    )
+    assert result.exit_code == 2 and "not both" in result.output
 
 
 def test_one_of_a_key_file_or_a_certificate(tmp_path: Path) -> None:

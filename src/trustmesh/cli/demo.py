@@ -61,9 +61,10 @@ def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
     """
     live = _LiveProgress() if not (as_json or tour) and sys.stdout.isatty() else None
     if logging.getLogger().level > logging.DEBUG:
-        # The steps report what happened; the CA's and nodes' own warnings (a revocation
-        # is one) would only interleave with them. --debug shows them.
-        logging.getLogger("trustmesh").setLevel(logging.ERROR)
+        # The steps report what happened; the CA's and nodes' own logs (a revocation is
+        # a warning, and the revoked node's node.revoked an error) would only interleave
+        # with them. --debug shows them.
+        logging.getLogger("trustmesh").setLevel(logging.CRITICAL)
 
     kept = None if keep is None or tour else _kept_ca(keep)
 

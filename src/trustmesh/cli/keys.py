@@ -180,7 +180,15 @@ def generate(key_type: str, store: str, out: Path | None, no_encrypt: bool, as_j
     "the peer ID a node has in PSEC.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def show(file: str | None, key_spec: str | None, cert: Path | None, as_json: bool) -> None:
+@click.option(
+    "--field",
+    type=click.Choice(["public_key", "peer_id", "type"]),
+    help="Print only this field's value, for scripts: "
+    "PEER=$(trustmesh keys show b.key --field public_key).",
+)
+def show(
+    file: str | None, key_spec: str | None, cert: Path | None, as_json: bool, field: str | None
+) -> None:
     """Show the type, public key and libp2p peer ID of a key or a certificate.
 
     FILE is a key file or a key URI on a device (pkcs11:..., tpm:...). The public key
@@ -193,7 +201,10 @@ def show(file: str | None, key_spec: str | None, cert: Path | None, as_json: boo
     trustmesh keys show 'pkcs11:token=mesh;object=node-1?pin-source=file:/run/pin'
     trustmesh keys show --key 'tpm:device:/dev/tpmrm0;handle=0x81000100' --json
     trustmesh keys show --cert node.crt --json
+    trustmesh keys show b.key --field public_key
     """
+    if field is not None and as_json:
+        raise click.UsageError("give --field or --json, not both")
     given = [v for v in (file, key_spec, cert) if v is not None]
     if not given:
         raise click.UsageError(
@@ -202,15 +213,18 @@ def show(file: str | None, key_spec: str | None, cert: Path | None, as_json: boo
     if len(given) > 1:
         raise click.UsageError("give one of a key FILE, --key or --cert, not both")
     if cert is not None:
-        emit(describe_certificate(cert), as_json=as_json)
+        info = describe_certificate(cert)
+    else:
+        spec = file if file is not None else key_spec
+        assert spec is not None
+        signer = open_signer(spec)
+        try:
+            info = describe(signer, spec)
+        finally:
+            close_signer(signer)
+    if field is not None:
+        click.echo(info[field])
         return
-    spec = file if file is not None else key_spec
-    assert spec is not None
-    signer = open_signer(spec)
-    try:
-        info = describe(signer, spec)
-    finally:
-        close_signer(signer)
     emit(info, as_json=as_json)
 
 

@@ -537,3 +537,64 @@ def dashboard(directory: Path, port: int, as_json: bool) -> None:
             await proxy.stop()
 
     asyncio.run(main())
+
+
+@node.command()
+@node_dir_option
+@click.option("--links", type=click.IntRange(1), metavar="N", help="Until N links are up.")
+@click.option("--healthy", is_flag=True, help="Until `node health` says ok.")
+@click.option(
+    "--anomaly",
+    "anomalies",
+    multiple=True,
+    metavar="HASH",
+    help="Until the node holds the anomaly signature with this hash; repeat for more.",
+)
+@click.option(
+    "--gone",
+    multiple=True,
+    metavar="NODE_ID",
+    help="Until this node is out of the peer table (revoked, say); repeat for more.",
+)
+@click.option(
+    "--timeout",
+    type=Seconds(),
+    default=30.0,
+    show_default=True,
+    help="Give up after this long (seconds, or 30s, 2m ...): exit 1.",
+)
+@json_option
+def wait(
+    directory: Path,
+    links: int | None,
+    healthy: bool,
+    anomalies: tuple[str, ...],
+    gone: tuple[str, ...],
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Wait until the running node is in a state, for scripts: every condition at once.
+
+    \b
+    trustmesh node run --dir n1 &
+    trustmesh node wait --dir n1 --links 2          # up, with two links
+    trustmesh node wait --dir n3 --anomaly 9f86d081884c7d65
+    trustmesh node wait --dir n1 --gone node-3      # after `ca revoke`: cut off
+
+    With no condition, waits until the node answers. A node that is not running yet is
+    waited for too. Prints the node's health when done (--json: as one document); on
+    timeout, exits 1 and says what was missing. Needs no key passphrase while the
+    node's local socket is up.
+    """
+    from trustmesh.node.client import NodeClient, node_passphrase
+    from trustmesh.node.wait import conditions, wait_for
+
+    wanted = conditions(links=links, healthy=healthy, anomalies=anomalies, gone=gone)
+    client = NodeClient(directory, passphrase=node_passphrase, timeout=min(timeout, 10.0))
+    answer = asyncio.run(wait_for(client, wanted, within=timeout))
+    emit(
+        answer,
+        as_json=as_json,
+        human=f"{answer.get('node_id')}: {answer.get('status')}"
+        f", {answer.get('links')} link(s), {answer.get('peers')} peer(s)",
+    )
