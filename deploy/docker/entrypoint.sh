@@ -7,11 +7,16 @@
 #   trustmesh-entrypoint node     enroll with the token the CA left (first start only),
 #                                 then `trustmesh node run`
 #   trustmesh-entrypoint health   the healthcheck of either: GET /v1/health on the CA,
-#                                 `trustmesh node health` on a node
-#   trustmesh-entrypoint CMD ...  anything else is run as is, with $TRUSTMESH_PASSPHRASE
-#                                 from the secret when there is one:
-#                                 docker compose exec node-2 trustmesh-entrypoint \
-#                                     trustmesh node peers --dir /var/lib/trustmesh/node
+#                                 `trustmesh node health` on a node (see health below)
+#   trustmesh-entrypoint trustmesh ARGS ...
+#                                 trustmesh with the secret as its passphrase file:
+#                                 docker compose exec ca trustmesh-entrypoint \
+#                                     trustmesh ca list --dir /var/lib/trustmesh/ca
+#   trustmesh-entrypoint CMD ...  anything else is run as is
+#
+# The keys' passphrase reaches trustmesh as a file, with the global option
+# `trustmesh --passphrase-file FILE` (the Docker secret), never through the environment,
+# where `docker inspect` and /proc/PID/environ would show it to anyone who may look.
 #
 # Without an argument the role is $TRUSTMESH_ROLE. The CA and the nodes share one volume,
 # $TRUSTMESH_ENROLL_DIR: the CA writes the mesh root (ca.crt) and NODE.token files there,
@@ -20,8 +25,9 @@
 # each token to its node over a channel of your own (docs/operations.md).
 #
 # Every setting is an environment variable:
-#   TRUSTMESH_PASSPHRASE_FILE  the keys' passphrase (default /run/secrets/trustmesh_passphrase;
-#                              $TRUSTMESH_PASSPHRASE itself wins when it is set)
+#   TRUSTMESH_PASSPHRASE_FILE  the keys' passphrase (default /run/secrets/trustmesh_passphrase),
+#                              mode 0600 or 0400, readable by the image's user (uid 10001);
+#                              without it, trustmesh falls back to $TRUSTMESH_PASSPHRASE
 #   TRUSTMESH_STATE            the state volume (default /var/lib/trustmesh): ca/ or node/
 #   TRUSTMESH_ENROLL_DIR       the shared enrollment volume (default /var/lib/trustmesh-enroll)
 #   CA:   TRUSTMESH_NODES (node ids, space-separated), TRUSTMESH_CA_NAME, TRUSTMESH_CA_HOST
@@ -48,13 +54,17 @@ die() {
     exit 1
 }
 
-load_passphrase() {
-    if [ -n "${TRUSTMESH_PASSPHRASE:-}" ]; then
-        return
+# $SECRET: the passphrase file when it can be read, else empty; every trustmesh command
+# below takes it as ${SECRET:+--passphrase-file "$SECRET"}.
+SECRET=
+if [ -r "$PASSPHRASE_FILE" ]; then
+    SECRET=$PASSPHRASE_FILE
+fi
+
+need_passphrase() {
+    if [ -z "$SECRET" ] && [ -z "${TRUSTMESH_PASSPHRASE:-}" ]; then
+        die "no passphrase: mount a secret at $PASSPHRASE_FILE"
     fi
-    [ -r "$PASSPHRASE_FILE" ] || die "no passphrase: mount a secret at $PASSPHRASE_FILE"
-    TRUSTMESH_PASSPHRASE=$(cat "$PASSPHRASE_FILE")
-    export TRUSTMESH_PASSPHRASE
 }
 
 # Write stdin to $1 whole: a reader sees the old file or the new one, never half of one.
@@ -68,7 +78,8 @@ run_ca() {
     dir=$STATE/ca
     if [ ! -f "$dir/ca.crt" ]; then
         say "first start: creating the CA in $dir"
-        trustmesh ca init --dir "$dir" --name "${TRUSTMESH_CA_NAME:-trustmesh compose mesh}"
+        trustmesh ${SECRET:+--passphrase-file "$SECRET"} ca init --dir "$dir" \
+            --name "${TRUSTMESH_CA_NAME:-trustmesh compose mesh}"
     fi
     mkdir -p "$ENROLL"
     write_file "$ENROLL/ca.crt" <"$dir/ca.crt"
@@ -77,15 +88,16 @@ run_ca() {
             continue
         fi
         say "an enrollment token for $node_id"
-        trustmesh ca token create --dir "$dir" --node-id "$node_id" \
-            --ttl "${TRUSTMESH_TOKEN_TTL:-24h}" | write_file "$ENROLL/$node_id.token"
+        trustmesh ${SECRET:+--passphrase-file "$SECRET"} ca token create --dir "$dir" \
+            --node-id "$node_id" --ttl "${TRUSTMESH_TOKEN_TTL:-24h}" |
+            write_file "$ENROLL/$node_id.token"
     done
     set -- --dir "$dir" --host "${TRUSTMESH_CA_HOST:-0.0.0.0}" --port "$CA_PORT"
     for name in ${TRUSTMESH_CA_SANS:-ca 127.0.0.1}; do
         set -- "$@" --san "$name"
     done
     # shellcheck disable=SC2086 # TRUSTMESH_CA_ARGS is a list of flags: split on purpose
-    exec trustmesh ca serve "$@" ${TRUSTMESH_CA_ARGS:-}
+    exec trustmesh ${SECRET:+--passphrase-file "$SECRET"} ca serve "$@" ${TRUSTMESH_CA_ARGS:-}
 }
 
 run_node() {
@@ -106,11 +118,11 @@ run_node() {
         done
         say "first start: enrolling $node_id with ${TRUSTMESH_CA_URL:-https://ca:8443}"
         # shellcheck disable=SC2086 # TRUSTMESH_NODE_ARGS is a list of flags: split on purpose
-        trustmesh node init "$@" ${TRUSTMESH_NODE_ARGS:-}
+        trustmesh ${SECRET:+--passphrase-file "$SECRET"} node init "$@" ${TRUSTMESH_NODE_ARGS:-}
         : | write_file "$ENROLL/$node_id.enrolled"
         rm -f "$token_file"
     fi
-    exec trustmesh node run --dir "$dir"
+    exec trustmesh ${SECRET:+--passphrase-file "$SECRET"} node run --dir "$dir"
 }
 
 health() {
@@ -127,8 +139,22 @@ with urllib.request.urlopen(sys.argv[2], context=context, timeout=5) as answer:
 EOF
         ;;
     node)
-        load_passphrase # the node's API is mTLS with its own key
-        trustmesh node health --dir "$STATE/node"
+        # Healthy while the node answers and can take part in the mesh: its status "ok"
+        # or "degraded". `node health` exits 1 for "degraded" too (no link up, no CRL or
+        # a stale one), and the first node of a mesh has no link until another dials it:
+        # marking it unhealthy would only mislead (nothing restarts an unhealthy
+        # container, and a restart makes no link). "failing" (its certificate expired,
+        # or the CA revoked it) and no answer at all are unhealthy. No passphrase: the
+        # node's read-only socket answers.
+        if answer=$(trustmesh node health --dir "$STATE/node" --json); then
+            printf '%s\n' "$answer"
+            return 0
+        fi
+        printf '%s\n' "$answer"
+        case $answer in
+        *'"status":"degraded"'*) return 0 ;; # --json is compact: one "status", at the top
+        esac
+        return 1
         ;;
     *)
         die "set TRUSTMESH_ROLE to ca or node"
@@ -139,11 +165,11 @@ EOF
 role=${1:-${TRUSTMESH_ROLE:-}}
 case $role in
 ca)
-    load_passphrase
+    need_passphrase
     run_ca
     ;;
 node)
-    load_passphrase
+    need_passphrase
     run_node
     ;;
 health)
@@ -152,10 +178,11 @@ health)
 "")
     die "give a role (ca, node or health) or set TRUSTMESH_ROLE"
     ;;
+trustmesh)
+    shift
+    exec trustmesh ${SECRET:+--passphrase-file "$SECRET"} "$@"
+    ;;
 *)
-    if [ -r "$PASSPHRASE_FILE" ]; then
-        load_passphrase
-    fi
     exec "$@"
     ;;
 esac

@@ -4,6 +4,7 @@ has the page itself)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import sys
@@ -275,3 +276,55 @@ async def test_node_dashboard_prints_its_url_and_stops_on_sigterm(mesh2: LocalMe
             process.kill()
             await process.wait()
     assert sys.executable  # the CLI ran from this venv (clitools)
+
+
+async def _open_streams(
+    stack: contextlib.AsyncExitStack,
+    session: aiohttp.ClientSession,
+    url: str,
+    count: int,
+    **kw: Any,
+) -> None:
+    """``count`` event streams of ``url``, each open (its first state read), held in ``stack``."""
+    for _ in range(count):
+        response = await stack.enter_async_context(session.get(url, **kw))
+        assert response.status == 200, await response.text()
+        assert (await _next_state(response.content))["node_id"]
+
+
+async def _refused(session: aiohttp.ClientSession, url: str, **kw: Any) -> str:
+    async with session.get(url, **kw) as response:
+        assert response.status == 503
+        answer = await response.json()
+        assert answer["error"] == "busy"
+        message: str = answer["message"]
+        return message
+
+
+async def test_the_api_and_the_local_socket_each_have_their_own_streams(
+    mesh2: LocalMesh,
+) -> None:
+    """Remote clients holding every stream of the mTLS API do not lock the local
+    operator out of the socket, nor the other way round."""
+    for node, remote_first in zip(mesh2.nodes, (True, False), strict=True):
+        directory = node.directory
+        context = ssl.create_default_context(cafile=str(directory / "ca.crt"))
+        context.load_cert_chain(str(directory / "node.crt"), str(directory / "node.key"))
+        remote_url = NodeClient(directory, local=False).url + "/dashboard/events"
+        remote = {"ssl": context, "server_hostname": node.node_id}
+        local_url = "http://localhost/dashboard/events"
+        cap = node.dashboard.max_streams
+        async with (
+            contextlib.AsyncExitStack() as stack,
+            aiohttp.ClientSession() as mtls,
+            aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=str(directory / API_SOCKET))
+            ) as local,
+        ):
+            sides = [(mtls, remote_url, remote), (local, local_url, {})]
+            for session, url, kw in sides if remote_first else sides[::-1]:
+                await _open_streams(stack, session, url, cap, **kw)  # the other side is full
+            assert "on the API" in await _refused(mtls, remote_url, **remote)
+            assert "on the local socket" in await _refused(local, local_url)
+            assert node.dashboard.open_streams == {"api": cap, "local": cap}
+            await node.dashboard.close()  # the streams end, as at the node's shutdown

@@ -1,7 +1,7 @@
-"""Backup and restore of ca.db and mesh.db with SQLite's online backup, as
-docs/operations.md tells an operator: a copy taken while a thread keeps writing is the
-database as of one commit, and a directory restored from it serves, lists and revokes as
-the original did."""
+"""Backup and restore of ca.db and mesh.db with SQLite's online backup (`trustmesh ca
+backup`, `trustmesh node backup`), as docs/operations.md tells an operator: a copy taken
+while a thread keeps writing is the database as of one commit, and a directory restored
+from it serves, lists and revokes as the original did."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import shutil
 import sqlite3
 import ssl
 import stat
-import subprocess
-import sys
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,9 +19,11 @@ from typing import Any
 
 import pytest
 from catools import PASS, WAIT, serving, succeeds
+from click.testing import CliRunner
 from cryptography import x509
 
 from trustmesh.api.ca_client import make_csr
+from trustmesh.cli import main as cli_main
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.mesh.peers import PeerRecord
 from trustmesh.mesh.store import Indicator, MeshStore
@@ -31,10 +31,11 @@ from trustmesh.pki.ca import CertificateAuthority, load_csr
 from trustmesh.pki.store import SqliteStore, backup_database
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
-# The command docs/operations.md gives (checked below to be there, verbatim).
-BACKUP_PROGRAM = (
-    "import sys; from pathlib import Path; from trustmesh.pki.store import backup_database;"
-    " backup_database(Path(sys.argv[1]), Path(sys.argv[2]))"
+# The commands docs/operations.md gives (checked below to be there).
+BACKUP_COMMANDS = (
+    "trustmesh ca backup --dir /var/lib/trustmesh/ca --out",
+    "trustmesh node backup --dir /var/lib/trustmesh/nodes/n1 --out",
+    "trustmesh node backup --dir /var/lib/trustmesh/nodes/n1 --database bundles --out",
 )
 CA_FILES = ("ca.crt", "issuing.crt", "issuing.key", "chain.pem", "root.key")
 BEFORE = 30  # writes committed before the backup starts
@@ -131,8 +132,11 @@ def _fetch(url: str, ca_cert: Path) -> bytes:
         return body
 
 
-def test_the_docs_give_the_backup_command_tested_here() -> None:
-    assert BACKUP_PROGRAM in DOCS.read_text()
+def test_the_docs_give_the_backup_commands_tested_here() -> None:
+    text = DOCS.read_text()
+    for command in BACKUP_COMMANDS:
+        assert command in text, command
+    assert "python -c" not in text  # the commands, no Python one-liner any more
 
 
 def test_a_backup_never_replaces_a_file_and_needs_a_database(tmp_path: Path) -> None:
@@ -173,16 +177,19 @@ def test_ca_db_backed_up_while_issuing_restores_a_working_ca(tmp_path: Path) -> 
     try:
         with writing(issue) as writer:
             before = writer.wait_for(BEFORE)
-            # From another process, as an operator (or cron) would: the documented command.
-            subprocess.run(
-                [sys.executable, "-c", BACKUP_PROGRAM, str(original / "ca.db"), str(live_copy)],
-                check=True,
-                timeout=WAIT,
-                capture_output=True,
+            # From another process, as an operator (or cron) would: the documented
+            # command, with no passphrase at all.
+            said = succeeds(
+                "ca", "backup", "--dir", original, "--out", live_copy, "--json", passphrase=None
             )
             writer.wait_for(before + AFTER)
         total = len(issued)
         check_backup_file(live_copy)
+        assert json.loads(said) == {
+            "database": str(original / "ca.db"),
+            "out": str(live_copy),
+            "bytes": live_copy.stat().st_size,
+        }
 
         # The copy is the database as of one commit: the first n certificates, each
         # revoked if it was by then (only the last one's revocation may be missing).
@@ -243,9 +250,19 @@ PER_BATCH = 5
 NOW_MS = 2_000
 
 
+def node_backup(node: Path, out: Path) -> None:
+    """``trustmesh node backup --dir NODE --out OUT``, in this process (the writer's)."""
+    result = CliRunner().invoke(
+        cli_main.cli, ["node", "backup", "--dir", str(node), "--out", str(out)]
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.output.startswith(f"backed up {node / 'mesh.db'} to {out} ")
+
+
 def test_mesh_db_backed_up_while_the_node_writes(tmp_path: Path) -> None:
     node = tmp_path / "n1"
     node.mkdir()
+    (node / "node.toml").write_text('node_id = "node-1"\n')  # a node directory
     store = MeshStore(node / "mesh.db")
 
     def batch(i: int) -> None:
@@ -263,7 +280,7 @@ def test_mesh_db_backed_up_while_the_node_writes(tmp_path: Path) -> None:
     try:
         with writing(batch) as writer:
             before = writer.wait_for(BEFORE)
-            store.backup_to(copy)  # from the node's own process, another connection
+            node_backup(node, copy)  # from the node's own process, another connection
             writer.wait_for(before + AFTER)
         total = writer.done
         check_backup_file(copy)
@@ -289,7 +306,7 @@ def test_mesh_db_backed_up_while_the_node_writes(tmp_path: Path) -> None:
 
         # Quiet: the copy holds exactly what the node holds.
         whole = tmp_path / "mesh-quiet.db"
-        store.backup_to(whole)
+        node_backup(node, whole)
         again = MeshStore(whole)
         try:
             assert again.indicators(limit=10**6) == store.indicators(limit=10**6)

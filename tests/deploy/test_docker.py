@@ -214,6 +214,7 @@ def test_the_entrypoint_runs_a_ca_and_three_nodes(tmp_path: Path) -> None:
     secret = tmp_path / "secrets" / "trustmesh_passphrase"
     secret.parent.mkdir()
     secret.write_text(PASS + "\n")
+    secret.chmod(0o400)  # as docs/operations.md has it: a passphrase file must be private
     enroll = tmp_path / "enroll"
     ca_port, seed_port = free_port(), free_port()
     path = f"{Path(TRUSTMESH).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -271,7 +272,23 @@ def test_the_entrypoint_runs_a_ca_and_three_nodes(tmp_path: Path) -> None:
         assert checked.returncode == 0, checked.stderr
         assert json.loads(checked.stdout)["status"] == "ok"
 
-        nodes = {n: started(stack, n, e) for n, e in node_envs.items()}
+        # The first node alone has no link ("degraded"): its healthcheck passes all the
+        # same, and it got its passphrase from the secret, as a file, not the environment.
+        nodes = {"node-1": started(stack, "node-1", node_envs["node-1"])}
+        nodes["node-1"].stdout.wait_for(lambda line: line.get("event") == "started", "started")
+        checked = nodes["node-1"].health()
+        assert checked.returncode == 0, checked.stderr
+        alone = json.loads(checked.stdout)
+        assert (alone["status"], alone["links"]) == ("degraded", 0), alone
+        assert "no_links" in alone["reasons"]
+        proc = Path(f"/proc/{nodes['node-1'].proc.pid}")  # trustmesh, exec'd by the shell
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"--passphrase-file") + 1] == bytes(secret), argv
+        environ = (proc / "environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith(b"TRUSTMESH_PASSPHRASE=")]
+        assert PASS.encode() not in b"\0".join(environ)
+
+        nodes |= {n: started(stack, n, e) for n, e in node_envs.items() if n != "node-1"}
         for node_id, node in nodes.items():
             node.stdout.wait_for(lambda line: line.get("event") == "started", "started")
             for peer in sorted(set(NODES) - {node_id}):

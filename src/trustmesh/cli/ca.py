@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -13,8 +14,10 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
+from trustmesh.cli.backup import ca_backup
 from trustmesh.cli.ca_config import CA_CONFIG_FILE, ConfiguredServe, write_ca_config
 from trustmesh.cli.limits import limit_options, pop_policy
+from trustmesh.cli.main import debug_requested
 from trustmesh.cli.output import emit, emit_lines, human_value, jsonl_option, serial_text, table
 from trustmesh.cli.params import Address, Duration
 from trustmesh.cli.signals import stop_on_signals
@@ -45,6 +48,8 @@ from trustmesh.tpm.policy import load_policy
 
 if TYPE_CHECKING:
     from trustmesh.api.ca_server import CaServer as CaServerType
+
+LOG_LEVELS = ("debug", "info", "warning")  # as `node run --log-level` takes them
 
 DIR_OPTION = click.option(
     "--dir",
@@ -78,6 +83,9 @@ def ca() -> None:
     The CA keys are encrypted with the passphrase from $TRUSTMESH_PASSPHRASE (or the
     terminal). Give nodes D/ca.crt, the root they trust.
     """
+
+
+ca.add_command(ca_backup)
 
 
 @ca.command()
@@ -550,6 +558,13 @@ def _short(detail: dict[str, Any] | None) -> str:
     " scraper (the API's own /metrics wants an admin; docs/metrics.md).",
 )
 @click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="The least level logged on stderr (--debug: debug).",
+)
+@click.option(
     "--jsonl", "--json", "as_json", is_flag=True, help="JSON lines on stdout (--json: the same)."
 )
 @limit_options
@@ -569,6 +584,7 @@ def serve(
     rate: float,
     burst: int,
     metrics: str | None,
+    log_level: str,
     as_json: bool,
     **limits: Any,
 ) -> None:
@@ -615,7 +631,9 @@ def serve(
     from trustmesh.mesh.link import split_address
     from trustmesh.node.logs import use_json_logs
 
-    use_json_logs()  # the access log and the rest, one JSON object per line on stderr
+    # The access log and the rest, one JSON object per line on stderr. This replaces the
+    # logging the root group set up, so --debug (or TRUSTMESH_DEBUG) must be applied again.
+    use_json_logs(logging.DEBUG if debug_requested() else getattr(logging, log_level.upper()))
 
     passphrase = passphrase_from_env_or_tty(directory, confirm=False)
     tpm_policy = None if attestation_policy is None else load_policy(attestation_policy)

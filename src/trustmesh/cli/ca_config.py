@@ -49,6 +49,8 @@ SERVE_KEYS: dict[str, str] = {
     "burst": "Requests per client in a burst on enroll, rotate and revoke.",
     "metrics": "Also serve Prometheus GET /metrics on this plain-HTTP HOST:PORT, for a local"
     " scraper (unset: only on the API, for admins; docs/metrics.md).",
+    "log_level": 'The least level of the JSON log lines on stderr: "debug", "info" or'
+    ' "warning" (--debug, or TRUSTMESH_DEBUG=1, makes it "debug").',
 }
 # What a key without a default shows, commented out.
 EXAMPLES: dict[str, object] = {

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,12 +61,6 @@ def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
     and "ca_passphrase_source".
     """
     live = _LiveProgress() if not (as_json or tour) and sys.stdout.isatty() else None
-    if logging.getLogger().level > logging.DEBUG:
-        # The steps report what happened; the CA's and nodes' own logs (a revocation is
-        # a warning, and the revoked node's node.revoked an error) would only interleave
-        # with them. --debug shows them.
-        logging.getLogger("trustmesh").setLevel(logging.CRITICAL)
-
     kept = None if keep is None or tour else _kept_ca(keep)
 
     def job(workdir: Path) -> Awaitable[list[Step]]:
@@ -74,12 +69,13 @@ def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
         secret = None if kept is None else kept.passphrase
         return run_mesh_demo(workdir, nodes, live.update if live else None, passphrase=secret)
 
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        steps = _run(job, keep, live)
-    else:
-        with tempfile.TemporaryDirectory(prefix="trustmesh-demo-") as tmp:
-            steps = _run(job, Path(tmp), live)
+    with _quiet_logs():
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            steps = _run(job, keep, live)
+        else:
+            with tempfile.TemporaryDirectory(prefix="trustmesh-demo-") as tmp:
+                steps = _run(job, Path(tmp), live)
     ok = all(step.ok for step in steps)
     if as_json:
         report: dict[str, object] = {"ok": ok, "steps": [s.to_json() for s in steps]}
@@ -95,6 +91,21 @@ def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
         if kept is not None:
             click.echo(kept.human())
     return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """The steps report what happened; the CA's and nodes' own logs (a revocation is a
+    warning, the revoked node's node.revoked an error) would only interleave with them.
+    --debug shows them. The level is put back after, for whoever runs the demo in-process."""
+    package = logging.getLogger("trustmesh")
+    level = package.level
+    if logging.getLogger().level > logging.DEBUG:
+        package.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        package.setLevel(level)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,12 @@ class _State:
     debug = False  # set per run by main() from TRUSTMESH_DEBUG, and by --debug
 
 
+def debug_requested() -> bool:
+    """Whether this run asked for debug output (--debug anywhere, or TRUSTMESH_DEBUG=1):
+    a command that sets up its own logging (``ca serve``) keeps the DEBUG level then."""
+    return _State.debug
+
+
 @click.group(
     cls=LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},

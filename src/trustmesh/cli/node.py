@@ -12,6 +12,7 @@ from typing import Any
 import click
 from cryptography import x509
 
+from trustmesh.cli.backup import node_backup
 from trustmesh.cli.bundle import bundle
 from trustmesh.cli.enroll import (
     ATTEST_OPTION,
@@ -61,6 +62,7 @@ def node() -> None:
 
 
 node.add_command(bundle)
+node.add_command(node_backup, "backup")
 
 
 @node.command()
@@ -287,7 +289,9 @@ def run(
     from trustmesh.node.runtime import MeshNode
 
     overrides = {name: value for name, value in limits.items() if value is not None}
-    use_json_logs(getattr(logging, log_level.upper()))
+    from trustmesh.cli.main import debug_requested
+
+    use_json_logs(logging.DEBUG if debug_requested() else getattr(logging, log_level.upper()))
     passphrase = node_passphrase(directory)
 
     async def main() -> None:

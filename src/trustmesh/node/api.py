@@ -163,6 +163,10 @@ CLOCK_KEY: web.AppKey[Clock] = web.AppKey("clock")
 LIMITS_KEY: web.AppKey[GossipLimits] = web.AppKey("gossip_limits", GossipLimits)
 COMMIT_KEY: web.AppKey[GroupCommit] = web.AppKey("group_commit", GroupCommit)
 METRICS_KEY = web.AppKey("metrics", CollectorRegistry)
+# Which of the node's listeners an app serves: API_LISTENER (mTLS) or LOCAL_LISTENER (the
+# Unix socket), so that what is counted per listener (dashboard streams) is kept apart.
+LISTENER_KEY: web.AppKey[str] = web.AppKey("listener", str)
+API_LISTENER, LOCAL_LISTENER = "api", "local"  # as limit_counts names them
 
 ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     MalformedMessage: (400, "malformed"),
@@ -192,7 +196,8 @@ READ_ONLY_ROUTES: list[ReadOnlyRoutes] = []
 read-only routes (the mTLS API, :func:`node_app`, and the local socket, :func:`local_app`),
 after the node's own are added, and adds GET routes only (the local app refuses every
 other method anyway). Its handlers find the node in ``request.app[NODE_KEY]``, the clock
-in ``request.app[CLOCK_KEY]`` and the metrics registry in ``request.app[METRICS_KEY]``.
+in ``request.app[CLOCK_KEY]``, the metrics registry in ``request.app[METRICS_KEY]`` and
+which listener serves the app in ``request.app[LISTENER_KEY]``.
 The dashboard appends its function here to mount ``/dashboard/``."""
 
 
@@ -243,6 +248,7 @@ def local_app(
     app[NODE_KEY] = node
     app[CLOCK_KEY] = clock
     app[METRICS_KEY] = metrics if metrics is not None else CollectorRegistry()
+    app[LISTENER_KEY] = LOCAL_LISTENER
     read_only_routes(app)
     return app
 
@@ -280,6 +286,7 @@ def node_app(
     app[LIMITS_KEY] = GossipLimits(policy or _policy_of(node), clock.monotonic)
     app[COMMIT_KEY] = GroupCommit(lambda: node.flush())
     app[METRICS_KEY] = metrics if metrics is not None else CollectorRegistry()
+    app[LISTENER_KEY] = API_LISTENER
     read_only_routes(app)
     app.router.add_post("/v1/mesh/gossip", _gossip)
     if bundles is not None:

@@ -22,7 +22,10 @@ per ``interval`` (``state.json`` answers the copy taken last, if it is fresher t
 that), one task takes it for every event stream, each stream holds only the number of
 the last state it sent (no queue: a slow client skips the states it missed, and one
 that stops reading is closed by the listener's ``write_stall_timeout``), and at most
-``max_streams`` streams are open at once (then 503 with ``Retry-After``).
+``max_streams`` streams are open at once on each of the node's listeners (then 503 with
+``Retry-After``): the mTLS API's and the local socket's are counted apart, so remote
+clients holding every stream of the API cannot lock the local operator out, nor the
+other way round.
 """
 
 from __future__ import annotations
@@ -53,7 +56,13 @@ from trustmesh.mesh.engine import GossipEngine
 from trustmesh.mesh.node import NodeCore
 from trustmesh.mesh.store import MeshStore
 from trustmesh.mesh.trust import TrustView
-from trustmesh.node.api import NODE_KEY, READ_ONLY_ROUTES
+from trustmesh.node.api import (
+    API_LISTENER,
+    LISTENER_KEY,
+    LOCAL_LISTENER,
+    NODE_KEY,
+    READ_ONLY_ROUTES,
+)
 from trustmesh.node.client import NodeApiError, api_url
 from trustmesh.node.config import load_config
 from trustmesh.node.runfile import API_SOCKET, RUN_FILE
@@ -69,7 +78,7 @@ ASSETS = {  # served name -> content type (nothing else is read from the package
 INTERVAL = 0.5  # seconds: the state is taken at most this often
 REFRESH = 5.0  # seconds: and at least this often while a stream is open
 HEARTBEAT = 15.0  # seconds: a comment line on an idle stream (proxies close silent ones)
-MAX_STREAMS = 8  # event streams open at once, per node
+MAX_STREAMS = 8  # event streams open at once, per listener (the API, the local socket)
 MAX_NODES = 256  # nodes in the graph (its own, its peers, then the address book's)
 ANOMALIES = 20  # the most recent anomalies shown
 CRL_ENTRIES = 50  # the most recent revocations listed by serial
@@ -293,7 +302,8 @@ def _crl_entries(der: bytes) -> tuple[tuple[str, int], ...]:
 
 class Dashboard:
     """The state of one node, taken at most once per ``interval`` seconds and handed to
-    every client: ``state.json`` answers and event streams (at most ``max_streams``)."""
+    every client: ``state.json`` answers and event streams (at most ``max_streams`` per
+    listener)."""
 
     def __init__(
         self,
@@ -312,8 +322,8 @@ class Dashboard:
         self.interval = interval
         self.refresh = refresh
         self.heartbeat = heartbeat
-        self.max_streams = max_streams
-        self.streams = 0
+        self.max_streams = max_streams  # per listener
+        self.open_streams: dict[str, int] = {}  # by listener (API_LISTENER, LOCAL_LISTENER)
         self.version = 0  # bumped each time the state changes
         self.taken = 0  # states taken, for tests and curious operators
         self._state = ""  # the last state, JSON without its time
@@ -361,24 +371,32 @@ class Dashboard:
             return False
         return True
 
-    def open_stream(self) -> None:
-        """Count a new event stream (raises a 503 when ``max_streams`` are open) and
-        start the task that takes the state while any is."""
+    @property
+    def streams(self) -> int:
+        """Event streams open, on every listener."""
+        return sum(self.open_streams.values())
+
+    def open_stream(self, listener: str = API_LISTENER) -> None:
+        """Count a new event stream on ``listener`` (raises a 503 when ``max_streams``
+        are open there) and start the task that takes the state while any is."""
         if self.closed:
             raise ApiError(503, "the node is stopping", code="stopping")
-        if self.streams >= self.max_streams:
+        held = self.open_streams.get(listener, 0)
+        if held >= self.max_streams:
+            where = "the local socket" if listener == LOCAL_LISTENER else "the API"
             raise ApiError(
                 503,
-                f"{self.max_streams} dashboard streams are open already; try again later",
+                f"{self.max_streams} dashboard streams are open already on {where};"
+                " try again later",
                 code="busy",
                 headers={"Retry-After": str(max(1, round(self.refresh)))},
             )
-        self.streams += 1
+        self.open_streams[listener] = held + 1
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def close_stream(self) -> None:
-        self.streams -= 1
+    def close_stream(self, listener: str = API_LISTENER) -> None:
+        self.open_streams[listener] -= 1
         if self.streams == 0 and self._task is not None:
             self._task.cancel()
             self._task = None
@@ -425,7 +443,8 @@ _ASSETS_KEY = web.AppKey("dashboard_assets", dict)
 def mount_dashboard(app: web.Application) -> None:
     """``READ_ONLY_ROUTES``' hook: ``/dashboard/`` on each app that serves the node's
     read-only routes (its mTLS API and its local socket), one :class:`Dashboard` for
-    both, if the node has one (``trustmesh.node.runtime.MeshNode`` does)."""
+    both, if the node has one (``trustmesh.node.runtime.MeshNode`` does); each app's
+    streams are counted under its ``LISTENER_KEY``."""
     dashboard = getattr(app[NODE_KEY], "dashboard", None)
     if isinstance(dashboard, Dashboard):
         add_dashboard_routes(app, dashboard)
@@ -504,14 +523,15 @@ async def _events(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":  # the headers only: no stream to hold open
         return web.Response(headers=headers)
     dashboard = request.app[DASHBOARD_KEY]
-    dashboard.open_stream()
+    listener = request.app.get(LISTENER_KEY, API_LISTENER)
+    dashboard.open_stream(listener)
     response = web.StreamResponse(headers=headers)
     try:
         # A client that went away (ConnectionError) ends its stream, nothing more.
         with contextlib.suppress(ConnectionError):
             await _stream_states(response, request, dashboard)
     finally:
-        dashboard.close_stream()
+        dashboard.close_stream(listener)
     return response
 
 

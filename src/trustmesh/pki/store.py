@@ -304,7 +304,7 @@ class CaStore(Protocol):
         enrollment), about ``node_id`` when it concerns one."""
 
 
-def backup_database(source: Path, path: Path) -> None:
+def backup_database(source: Path, path: Path, *, replace: bool = False) -> None:
     """Copy the SQLite database ``source`` (ca.db, mesh.db, ...) into the new file
     ``path``, consistently, while other connections and processes go on reading and
     writing it: SQLite's online backup in a single step, so the copy is the database as
@@ -313,12 +313,15 @@ def backup_database(source: Path, path: Path) -> None:
     The copy is one self-contained file (rollback journal, no ``-wal``), mode 0600, that
     passes ``PRAGMA integrity_check``; it is written under a temporary name, fsynced and
     then linked into place, so ``path`` is whole or absent, and an existing ``path`` is
-    never replaced (:class:`FileExistsError`). To restore it, stop the process that
-    owns the database and put the copy in its place, with no ``-wal`` or ``-shm`` file
-    of the old one beside it (docs/operations.md)."""
+    never replaced (:class:`FileExistsError`) unless ``replace``: then it is renamed
+    over, so ``path`` is the old file or the new one, never a mix. To restore it, stop
+    the process that owns the database and put the copy in its place, with no ``-wal``
+    or ``-shm`` file of the old one beside it (docs/operations.md)."""
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such database")
-    if path.exists() or path.is_symlink():
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give the backup's file name")
+    if not replace and (path.exists() or path.is_symlink()):
         raise FileExistsError(f"{path} already exists; refusing to overwrite a backup")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # SQLite takes it
@@ -336,7 +339,10 @@ def backup_database(source: Path, path: Path) -> None:
                 raise sqlite3.DatabaseError(f"the copy of {source} is damaged: {check}")
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.link(tmp, path)  # fails if path appeared meanwhile, unlike rename
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path appeared meanwhile, unlike rename
         fsync_directory(path.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
