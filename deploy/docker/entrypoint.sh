@@ -88,9 +88,11 @@ run_ca() {
             continue
         fi
         say "an enrollment token for $node_id"
-        trustmesh ${SECRET:+--passphrase-file "$SECRET"} ca token create --dir "$dir" \
-            --node-id "$node_id" --ttl "${TRUSTMESH_TOKEN_TTL:-24h}" |
-            write_file "$ENROLL/$node_id.token"
+        # Made first, then written: a failed command must leave no (empty) token file,
+        # which would stop every later start from making one (sh has no pipefail).
+        token=$(trustmesh ${SECRET:+--passphrase-file "$SECRET"} ca token create --dir "$dir" \
+            --node-id "$node_id" --ttl "${TRUSTMESH_TOKEN_TTL:-24h}")
+        printf '%s\n' "$token" | write_file "$ENROLL/$node_id.token"
     done
     set -- --dir "$dir" --host "${TRUSTMESH_CA_HOST:-0.0.0.0}" --port "$CA_PORT"
     for name in ${TRUSTMESH_CA_SANS:-ca 127.0.0.1}; do

@@ -325,3 +325,45 @@ def test_the_entrypoint_runs_a_ca_and_three_nodes(tmp_path: Path) -> None:
             assert nodes[node_id].stop() == 0, nodes[node_id].stderr.dump()
         assert again.stop() == 0, again.stderr.dump()
         assert again.health().returncode != 0  # the CA is down: the healthcheck says so
+
+
+def test_a_token_the_ca_cannot_make_leaves_no_token_file(tmp_path: Path) -> None:
+    # The CA's state holds a CA encrypted with another passphrase than the secret's, so
+    # `ca token create` fails. The entrypoint used to write its empty output as the
+    # token file anyway, and never made a token for that node again.
+    state = tmp_path / "ca-state"
+    init = subprocess.run(
+        [TRUSTMESH, "ca", "init", "--dir", str(state / "ca")],
+        env=clean_env(TRUSTMESH_PASSPHRASE="not the secret's passphrase"),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert init.returncode == 0, init.stderr
+    secret = tmp_path / "secret"
+    secret.write_text(PASS + "\n")
+    secret.chmod(0o400)
+    enroll = tmp_path / "enroll"
+    path = f"{Path(TRUSTMESH).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = clean_env(
+        PATH=path,
+        TRUSTMESH_STATE=str(state),
+        TRUSTMESH_ENROLL_DIR=str(enroll),
+        TRUSTMESH_PASSPHRASE_FILE=str(secret),
+        TRUSTMESH_ROLE="ca",
+        TRUSTMESH_NODES="node-1",
+        TRUSTMESH_CA_PORT=str(free_port()),
+    )
+    result = subprocess.run(
+        ["/bin/sh", str(ENTRYPOINT)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env=env,
+        check=False,
+    )
+    assert result.returncode != 0, result
+    assert "passphrase" in result.stderr
+    assert not (enroll / "node-1.token").exists()

@@ -2,8 +2,10 @@
 
 Only the ports change (to free ones), so that the run cannot collide with anything
 else on the machine; and the TPM: the README's /dev/tpmrm0 becomes a software TPM
-(swtpm), with the policy file attestation.md gives for one. A block preceded by
-``<!-- docs-test: not run: REASON -->`` is left out, and must say why.
+(swtpm), with the policy file attestation.md gives for one, named by its full path.
+A block preceded by ``<!-- docs-test: not run: REASON -->`` is left out, and must say
+why: only the quick start, whose demo command runs on its own below (its test command
+is the one running this).
 
 The shell is bash with ``set -eu`` (no pipefail: a README pipeline is judged by its
 last command, as in a reader's terminal), on a PATH without the project's venv, so
@@ -27,7 +29,8 @@ import pytest
 
 from trustmesh.tpm.swtpm import Swtpm
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 SKIP = re.compile(r"<!-- docs-test: not run: (?P<reason>[^>]*\S)\s*-->\s*$")
 FENCE = re.compile(r"^```sh\n(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL)
 # A port: after "127.0.0.1:" or "--port ". A port followed by "$i" is a prefix of ports
@@ -35,6 +38,8 @@ FENCE = re.compile(r"^```sh\n(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL)
 PORT = re.compile(r"(?:(?<=127\.0\.0\.1:)|(?<=--port ))(?P<port>\d+)(?P<loop>\$i)?")
 ATTESTATION_DOC = README.parent / "docs" / "protocols" / "attestation.md"
 TPM_DEVICE = "device:/dev/tpmrm0"
+POLICY = "attestation.toml"
+POLICY_OPTION = f"--attestation-policy {POLICY}"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEADLINE = 240  # seconds for the whole README: it takes about 40
 
@@ -111,7 +116,7 @@ def swtpm_policy(folder: Path, tpm: Swtpm) -> None:
     examples = re.findall(r"^```toml\n(.*?)^```$", ATTESTATION_DOC.read_text(), re.M | re.S)
     example = next((e for e in examples if "require_ek = true" in e), None)
     assert example is not None, "attestation.md lost its policy example"
-    (folder / "attestation.toml").write_text(example)
+    (folder / POLICY).write_text(example)
     (folder / "swtpm-ek-ca.pem").write_bytes(tpm.ek_ca + tpm.ek_root)
 
 
@@ -120,6 +125,28 @@ def test_the_readme_has_blocks_and_says_why_it_skips_any() -> None:
     assert len(found) >= 10
     skipped = [b for b in found if b.skipped]
     assert len(skipped) <= 1, [b.line for b in skipped]  # the quick start: CI runs it
+
+
+def test_the_quick_start_demo_runs_and_says_how_to_get_trustmesh_on_path() -> None:
+    quick = blocks(README.read_text())[0]
+    assert quick.skipped is not None
+    assert quick.body.splitlines() == ["scripts/dev demo", "scripts/dev test"]
+    assert (ROOT / ".ci" / "run").read_text().rstrip().endswith("\nscripts/dev test")
+    # As a newcomer runs it: from the repository, trustmesh not on PATH. The package is
+    # installed already (scripts/dev test did it), so this is the demo and its last line.
+    result = subprocess.run(
+        ["scripts/dev", "demo", "--nodes", "3"],
+        cwd=ROOT,
+        env={"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/"), "LANG": "C.UTF-8"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "steps passed" in result.stdout
+    assert "run `source .venv/bin/activate` to put it on PATH" in result.stderr
 
 
 def test_ports_are_all_changed_and_kept_consistent() -> None:
@@ -138,11 +165,14 @@ def test_every_readme_block_runs_in_order(tmp_path: Path) -> None:
     runnable = [b for b in blocks(README.read_text()) if b.skipped is None]
     script = "\n".join(f": README.md line {b.line}\n{b.body}" for b in runnable)
     script = with_ports(script, port_map(script, random.Random()))
-    assert TPM_DEVICE in script
+    assert TPM_DEVICE in script and POLICY_OPTION in script
     tpm = Swtpm.start(tmp_path / "swtpm")
     try:
         swtpm_policy(tmp_path, tpm)
-        _run(tmp_path, script.replace(TPM_DEVICE, tpm.tcti))
+        script = script.replace(TPM_DEVICE, tpm.tcti)
+        # The README works in a scratch directory of its own: the policy is where we made it.
+        script = script.replace(POLICY_OPTION, f"--attestation-policy {tmp_path / POLICY}")
+        _run(tmp_path, script)
     finally:
         tpm.stop()
 

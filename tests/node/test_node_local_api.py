@@ -7,6 +7,8 @@ modules (the dashboard) add read-only routes to both APIs through ``READ_ONLY_RO
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import socket
 import stat
@@ -23,7 +25,7 @@ from trustmesh.mesh.gossip import anomaly_payload
 from trustmesh.node import api
 from trustmesh.node.client import NodeApiError, NodeClient
 from trustmesh.node.local import LocalMesh
-from trustmesh.node.runfile import API_SOCKET
+from trustmesh.node.runfile import API_SOCKET, RUN_FILE
 from trustmesh.node.runtime import MeshNode
 
 WAIT = 15.0
@@ -146,6 +148,23 @@ async def test_a_stopped_node_asks_for_no_passphrase(tmp_path: Path) -> None:
     asked = Asked()
     with pytest.raises(NodeApiError, match="is not running"):
         await NodeClient(directory, passphrase=asked).get("/v1/mesh/health")
+    assert asked.times == 0
+
+
+async def test_a_node_killed_hard_asks_for_no_passphrase(tmp_path: Path) -> None:
+    """kill -9 leaves run.json and a dead socket: nothing serves the API, so the client
+    says the node is not running (as `node wait` needs, to go on waiting) instead of
+    asking for the key's passphrase to try mTLS."""
+    async with LocalMesh(tmp_path, 1, node_settings=dict(SETTINGS)) as mesh:
+        directory = mesh.nodes[0].directory
+    dead = await asyncio.create_subprocess_exec("true")  # a pid that has exited
+    await dead.wait()
+    (directory / RUN_FILE).write_text(json.dumps({"pid": dead.pid, "api": "127.0.0.1:1"}))
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(directory / API_SOCKET))
+        asked = Asked()
+        with pytest.raises(NodeApiError, match="is not running"):
+            await NodeClient(directory, passphrase=asked).get("/v1/mesh/health")
     assert asked.times == 0
 
 

@@ -4,6 +4,7 @@ up, gives up with what was missing. (tests/docs runs it against real nodes.)"""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -81,3 +82,39 @@ def test_a_refusal_is_not_waited_on() -> None:
     with pytest.raises(NodeApiError, match="forbidden"):
         run(node, timeout=30)
     assert node.calls == [HEALTH]
+
+
+class HangingNode:
+    """A node that accepts the request and never answers."""
+
+    async def get(self, path: str, **params: str) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_node_that_never_answers_costs_the_timeout_no_more() -> None:
+    # Each request gets what is left of the wait (it used to get up to 10 s of its own).
+    client = cast(NodeClient, HangingNode())
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(WaitTimeout, match="it did not, in time"):
+            await wait_for(
+                client, conditions(links=1, healthy=False, anomalies=(), gone=()), within=0.3
+            )
+        return loop.time() - start
+
+    assert asyncio.run(main()) < 2.0
+
+
+def test_an_anomaly_hash_that_cannot_match_is_a_usage_error(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from trustmesh.cli import main as cli_main
+
+    for bad in ("XYZ", "abc", "0" * 15, "0" * 17, "0" * 130):
+        result = CliRunner().invoke(
+            cli_main.cli, ["node", "wait", "--dir", str(tmp_path), "--anomaly", bad]
+        )
+        assert result.exit_code == 2 and "--anomaly" in result.output, (bad, result.output)

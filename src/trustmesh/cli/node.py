@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -552,6 +553,7 @@ def dashboard(directory: Path, port: int, as_json: bool) -> None:
     "anomalies",
     multiple=True,
     metavar="HASH",
+    callback=lambda _ctx, _param, values: tuple(_anomaly_hash(v) for v in values),
     help="Until the node holds the anomaly signature with this hash; repeat for more.",
 )
 @click.option(
@@ -594,7 +596,7 @@ def wait(
     from trustmesh.node.wait import conditions, wait_for
 
     wanted = conditions(links=links, healthy=healthy, anomalies=anomalies, gone=gone)
-    client = NodeClient(directory, passphrase=node_passphrase, timeout=min(timeout, 10.0))
+    client = NodeClient(directory, passphrase=node_passphrase)
     answer = asyncio.run(wait_for(client, wanted, within=timeout))
     emit(
         answer,
@@ -602,3 +604,12 @@ def wait(
         human=f"{answer.get('node_id')}: {answer.get('status')}"
         f", {answer.get('links')} link(s), {answer.get('peers')} peer(s)",
     )
+
+
+def _anomaly_hash(text: str) -> str:
+    """An anomaly's hash as nodes keep it (16-128 lowercase hex digits, an even number,
+    as gossip checks it): one that can never match would only wait out --timeout."""
+    digest = text.strip().lower()
+    if not re.fullmatch(r"(?:[0-9a-f]{2}){8,64}", digest):
+        raise click.BadParameter(f"{text!r} is not 16-128 hex digits", param_hint="--anomaly")
+    return digest

@@ -28,7 +28,7 @@ from trustmesh.keystore.pkcs8 import is_encrypted
 from trustmesh.mesh.errors import MeshError
 from trustmesh.mesh.link import join_address, split_address
 from trustmesh.node.config import NodeConfig, load_config
-from trustmesh.node.runfile import API_SOCKET, RUN_FILE
+from trustmesh.node.runfile import API_SOCKET, RUN_FILE, running_pid
 
 DEFAULT_TIMEOUT = 10.0
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
@@ -95,7 +95,7 @@ class NodeClient:
         if self._context is None:
             passphrase = self._passphrase
             if callable(passphrase):
-                if not (self.directory / RUN_FILE).exists():  # do not ask for nothing
+                if running_pid(self.directory) is None:  # do not ask for nothing
                     raise NodeApiError(self._not_running())
                 passphrase = passphrase(self.directory)
             self._context = self._load_context(passphrase)
@@ -114,9 +114,12 @@ class NodeClient:
         return context
 
     def _not_running(self) -> str:
+        # No run.json, or one left by a node that died (kill -9, a crash): either way no
+        # process serves the API, and a passphrase would not change that.
         return (
             f"cannot reach the node's API at {self.url}: {self.config.node_id} is not"
-            f" running (no {RUN_FILE} in {self.directory}; start `trustmesh node run`)"
+            f" running (no live process in {self.directory / RUN_FILE};"
+            " start `trustmesh node run`)"
         )
 
     async def get(self, path: str, **params: str) -> dict[str, Any]:
@@ -187,7 +190,7 @@ class NodeClient:
                 text = await response.read()
                 status = response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            if not (self.directory / RUN_FILE).exists():
+            if running_pid(self.directory) is None:
                 raise NodeApiError(self._not_running()) from None
             reason = getattr(exc, "os_error", None) or exc
             raise NodeApiError(f"cannot reach the node's API at {self.url}: {reason}") from None

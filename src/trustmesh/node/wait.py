@@ -17,6 +17,7 @@ from typing import Any
 from trustmesh.node.client import NodeApiError, NodeClient
 
 POLL_INTERVAL = 0.2  # seconds between two looks: cheap reads of a local socket
+MIN_REQUEST = 0.1  # seconds a last look may take, when the wait has no time left
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ async def wait_for(
             for condition in wanted:
                 key = (condition.path, tuple(sorted(condition.params.items())))
                 if key not in answers:
-                    answers[key] = await client.get(condition.path, **condition.params)
+                    # No request outlives the wait: a node that hangs costs --timeout, no more.
+                    async with asyncio.timeout(max(deadline - time.monotonic(), MIN_REQUEST)):
+                        answers[key] = await client.get(condition.path, **condition.params)
                 if (pending := condition.pending(answers[key])) is not None:
                     missing.append(pending)
             if not missing:
@@ -120,6 +123,8 @@ async def wait_for(
             if exc.status != 0:
                 raise
             missing = [f"the node to answer ({exc})"]
+        except TimeoutError:
+            missing = ["the node to answer (it did not, in time)"]
         if time.monotonic() >= deadline:
             raise WaitTimeout(f"timed out after {within:g} s waiting for {'; '.join(missing)}")
         await asyncio.sleep(poll_interval)
