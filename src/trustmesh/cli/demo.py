@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ import click
 
 from trustmesh.cli.output import emit
 from trustmesh.demo import Step, run_mesh_demo, run_tour
-from trustmesh.demo.mesh import MAX_NODES
+from trustmesh.demo.mesh import MAX_NODES, MeshDemo
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -45,7 +46,27 @@ if TYPE_CHECKING:
     is_flag=True,
     help="Instead of the mesh, tour the foundation: keys, peer IDs, signatures, ECDH, BOTD #2.",
 )
-def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
+@click.option(
+    "--dashboard",
+    is_flag=True,
+    help="After the checks, keep the mesh up and serve its live dashboard on 127.0.0.1"
+    " (the URL goes to stderr) until SIGINT or SIGTERM; then shut down as usual.",
+)
+@click.option(
+    "--dashboard-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="The dashboard's port (0: any free one).",
+)
+def demo(
+    nodes: int,
+    as_json: bool,
+    keep: Path | None,
+    tour: bool,
+    dashboard: bool,
+    dashboard_port: int,
+) -> int:
     """Run a zero-trust mesh on loopback and check every step.
 
     \b
@@ -67,7 +88,14 @@ def demo(nodes: int, as_json: bool, keep: Path | None, tour: bool) -> int:
         if tour:
             return run_tour(workdir)
         secret = None if kept is None else kept.passphrase
-        return run_mesh_demo(workdir, nodes, live.update if live else None, passphrase=secret)
+        serve = partial(_serve_dashboard, dashboard_port) if dashboard else None
+        return run_mesh_demo(
+            workdir,
+            nodes,
+            live.update if live else None,
+            passphrase=secret,
+            before_shutdown=serve,
+        )
 
     with _quiet_logs():
         if keep is not None:
@@ -147,6 +175,21 @@ def _kept_ca(keep: Path) -> _KeptCa:
     if found is None:
         return _KeptCa(keep / "ca", secrets.token_urlsafe(18).encode(), None)
     return _KeptCa(keep / "ca", found.value, found.source)
+
+
+async def _serve_dashboard(port: int, demo: MeshDemo) -> None:
+    """``--dashboard``: the mesh's page until SIGINT or SIGTERM."""
+    from trustmesh.cli.signals import stop_on_signals
+    from trustmesh.demo.dashboard import MeshDashboard
+
+    stop = stop_on_signals()
+    page = MeshDashboard(lambda: demo.mesh.nodes, port=port)
+    url = await page.start()
+    click.echo(f"the demo mesh's dashboard: {url} (Ctrl-C to stop)", err=True)
+    try:
+        await stop.wait()
+    finally:
+        await page.stop()
 
 
 def _run(

@@ -99,7 +99,13 @@ class MeshDemo:
         self.tpm = None if self.tpm_absence is not None else DemoTpm(workdir / "swtpm")
         self.tpm_node = f"node-{TPM_NODE}"
 
-    async def run(self, progress: Progress | None = None) -> list[Step]:
+    async def run(
+        self,
+        progress: Progress | None = None,
+        before_shutdown: Callable[[MeshDemo], Awaitable[None]] | None = None,
+    ) -> list[Step]:
+        """The steps; ``before_shutdown`` runs with the mesh still up, after the checks
+        (``trustmesh demo --dashboard`` serves the page until it is told to stop)."""
         plan: list[tuple[str, Callable[[], Awaitable[tuple[str, dict[str, Any]]]]]] = [
             ("ca and enrollment", self._enroll),
             ("tpm identity", self._tpm_identity),
@@ -115,6 +121,8 @@ class MeshDemo:
                     steps.append(Step(name, False, f"not run: {steps[-1].name!r} failed", 0.0))
                     continue
                 steps.append(await _timed(name, action, progress))
+            if before_shutdown is not None:
+                await before_shutdown(self)
             steps.append(await _timed("clean shutdown", self._shutdown, progress))
         finally:
             # Last, once the nodes closed their TPM sessions; also on Ctrl-C (a
@@ -440,9 +448,11 @@ async def run_mesh_demo(
     *,
     tpm: bool | None = None,
     passphrase: bytes | None = None,
+    before_shutdown: Callable[[MeshDemo], Awaitable[None]] | None = None,
 ) -> list[Step]:
     """The mesh demo in ``workdir``; ``passphrase`` encrypts the CA's keys."""
-    return await MeshDemo(workdir, nodes, tpm=tpm, passphrase=passphrase).run(progress)
+    demo = MeshDemo(workdir, nodes, tpm=tpm, passphrase=passphrase)
+    return await demo.run(progress, before_shutdown)
 
 
 async def _timed(
