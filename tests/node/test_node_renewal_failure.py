@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from trustmesh.node import runtime
 from trustmesh.node.local import LocalMesh
@@ -32,6 +33,11 @@ async def test_a_renewal_that_fails_with_a_disk_error_is_retried(
         assert not node.core.renewal.in_flight
         assert node.core.renewal.retry_at_ms is not None
         assert seen and "OSError" in seen[0]["error"]
+        # ... and counted by outcome, for the metrics.
+        assert node.renewals == {"failed": 1}
+        scrape = generate_latest(node.metrics.registry).decode()
+        assert 'trustmesh_node_certificate_renewals_total{outcome="failed"} 1.0' in scrape
+        assert 'trustmesh_node_certificate_renewals_total{outcome="renewed"} 0.0' in scrape
 
         async def broken_fetch() -> bytes | None:
             raise OSError("connection table full")

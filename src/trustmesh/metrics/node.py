@@ -45,6 +45,7 @@ VERIFY_BUCKETS = (
 )
 LINK_STATES = ("up", "handshake", "closing")
 PEER_STATES = ("connected", "disconnected", "revoked")
+RENEWAL_OUTCOMES = ("renewed", "failed")
 
 
 class _Certified(Protocol):
@@ -62,6 +63,7 @@ class MeteredNode(Protocol):
     trust: TrustView
     core: NodeCore[Any]
     bundle_store: BundleStore
+    renewals: Mapping[str, int]  # scheduled certificate renewals by outcome
 
     @property
     def identity(self) -> _Certified: ...
@@ -214,6 +216,15 @@ class _NodeCollector(Collector):
             "Seconds until this node renews its certificate (negative: overdue, retrying).",
             (node.core.renewal.due_ms - node.clock.time_ms()) / 1000,
         )
+        renewals = CounterMetricFamily(
+            f"{PREFIX}_certificate_renewals",
+            "Scheduled certificate renewals (rotations through the CA) by outcome: renewed,"
+            " or failed (retried with backoff; the CA's log says why).",
+            labels=["outcome"],
+        )
+        for outcome in RENEWAL_OUTCOMES:
+            renewals.add_metric([outcome], node.renewals.get(outcome, 0))
+        yield renewals
 
     def _this_update(self, number: int, der: bytes | None) -> datetime | None:
         """The thisUpdate of the CRL held (read once per CRL)."""

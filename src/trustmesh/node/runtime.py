@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -186,6 +187,8 @@ class MeshNode:
         self.api_site: HttpsSite | None = None
         # The read-only API on D/api.sock (no TLS: the file's 0600 mode is the credential).
         self.local_api: HttpServer | None = None
+        # Scheduled renewals by outcome (renewed, failed), for the metrics.
+        self.renewals: Counter[str] = Counter()
         self._tasks = TaskSet()
         self.discovery: MdnsDiscovery | None = None  # with ``mdns = true``, once started
         self.dialer = Dialer(
@@ -704,7 +707,10 @@ class MeshNode:
         try:
             await self.renew()
         except Exception as exc:  # a disk error too: the retry is scheduled all the same
+            self.renewals["failed"] += 1
             self._run(self.core.renew_failed(_why(exc), self.clock.time_ms()))
+        else:
+            self.renewals["renewed"] += 1
 
     async def renew(self) -> None:
         """Rotate through the CA; live links keep the old certificate, new links (and

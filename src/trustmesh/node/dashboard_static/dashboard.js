@@ -40,6 +40,12 @@
     return left >= 0 ? "in " + span(left) : span(left) + " ago";
   }
 
+  // A serial as `openssl x509 -serial` prints it, as the CLI does: uppercase, even length.
+  function serialText(hex) {
+    const up = String(hex).toUpperCase();
+    return up.length % 2 ? "0" + up : up;
+  }
+
   function ago(ms) {
     if (ms === undefined || ms === null) return "–";
     return span(now() - ms) + " ago";
@@ -204,7 +210,7 @@
     list("revoked-nodes", s.revocations.nodes.map((n) => [n, n]), "none");
     list(
       "revoked-serials",
-      s.revocations.recent.map((r) => [r.serial + "  " + ago(r.revoked_ms), null]),
+      s.revocations.recent.map((r) => [serialText(r.serial) + "  " + ago(r.revoked_ms), null]),
       "none",
     );
   }
