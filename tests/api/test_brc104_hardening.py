@@ -188,9 +188,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 async def test_a_held_request_gets_401_within_the_certificate_timeout() -> None:
     server = cert_server(300)
+    silent = PeerConfig(answer_certificate_requests=False)  # never says it has none
     async with (
         serving(demo_app(server)) as origin,
-        AuthFetch(CLIENT, request_timeout=WAIT) as client,
+        AuthFetch(CLIENT, silent, request_timeout=WAIT) as client,
     ):
         await client.server_identity(origin)
         started = time.monotonic()
@@ -212,7 +213,8 @@ async def test_a_hold_the_peer_never_settles_ends_at_the_margin(
     and the request still gets its 401 at the certificate timeout plus the margin."""
     monkeypatch.setattr(brc104_server, "HOLD_MARGIN", 0.3)
     server = cert_server(200, clock=lambda: 0)
-    async with serving(demo_app(server)) as origin, AuthFetch(CLIENT) as client:
+    silent = PeerConfig(answer_certificate_requests=False)
+    async with serving(demo_app(server)) as origin, AuthFetch(CLIENT, silent) as client:
         server_key = await client.server_identity(origin)
         headers = signed_request(client.peer, server_key, "GET", "/hello")
         started = time.monotonic()
@@ -263,9 +265,10 @@ async def test_an_empty_certificate_response_ends_a_held_request_at_once(
 ) -> None:
     """A client that has none of the certificates and says so (an empty
     certificateResponse, as the reference answers) gets its 401 without waiting."""
-    server = cert_server(int(WAIT * 1000))
+    server = cert_server(int(WAIT * 1000), certificate_grace_ms=None)
     held = watch_holds(server, monkeypatch)
-    async with serving(demo_app(server)) as origin, AuthFetch(CLIENT) as client:
+    silent = PeerConfig(answer_certificate_requests=False)  # answered by hand below
+    async with serving(demo_app(server)) as origin, AuthFetch(CLIENT, silent) as client:
         server_key = await client.server_identity(origin)
         headers = signed_request(client.peer, server_key, "GET", "/hello")
         async with asyncio.timeout(WAIT):
@@ -274,11 +277,12 @@ async def test_an_empty_certificate_response_ends_a_held_request_at_once(
             started = time.monotonic()
             none = client.peer.create_certificate_response([], identity_key=server_key)
             reply = await send(http, "POST", origin + brc104.AUTH_PATH, {}, none.to_bytes())
-            assert reply[0] == 204
+            assert reply[0] == 400  # as the reference: "No certificates provided"
+            assert error_of(reply[2])[0] == "ERR_CERTIFICATES_MISSING"
             status, _, body = await first
             ended = time.monotonic() - started
     assert status == 401
-    assert error_of(body)[1].startswith("ERR_INVALID_CERTIFICATE")
+    assert error_of(body)[1].startswith("ERR_CERTIFICATES_MISSING")
     assert ended < 1.0
     assert server.peer.sessions.held_total == 0
 

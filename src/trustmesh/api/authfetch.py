@@ -10,7 +10,11 @@ Compatible with the reference express middleware and our own server: an empty re
 body verifies whether the server signed it as ``varint(0)`` or ``varint(-1)``, and the
 client does not wait for an answer to its certificateResponse (express never sends one).
 
-A server may ask for certificates in the ``x-bsv-auth-requested-certificates`` response
+A server that requests certificates in its (signed) initialResponse is answered at once
+with a certificateResponse: the requested fields of the certificates we hold, or none at
+all, so that the server refuses our requests at once instead of holding them.
+
+A server may also ask for certificates in the ``x-bsv-auth-requested-certificates`` response
 header. Nothing signs that header, so whoever sits on the path can write it: the client
 never reveals certificate fields because of it. The request is handed to the caller
 (``AuthResponse.requested_certificates``), who may answer it with
@@ -154,7 +158,16 @@ class AuthFetch:
         except BaseException:
             self.peer.forget(request.initial_nonce)  # no half-made session stays behind
             raise
-        self._send_queued(origin)
+        queued = self.peer.messages_to_send()
+        asked = reply.requested_certificates
+        answers = self.peer.config.answer_certificate_requests
+        if not queued and answers and asked is not None and asked.required:
+            # We hold none of them: say so at once (an empty certificateResponse), so the
+            # server answers our requests now instead of holding them.
+            session = self.peer.session(session_nonce=request.initial_nonce)
+            queued = [self.peer.create_certificate_response([], session=session)]
+        for message in queued:
+            self._post_in_background(origin, message)
         return reply.identity_key
 
     async def _post_auth(self, origin: str, message: AuthMessage) -> AuthMessage | None:
@@ -186,15 +199,17 @@ class AuthFetch:
                 f"{url} answered with no AuthMessage: {exc}"
             ) from None
 
-    def _send_queued(self, origin: str) -> None:
-        """Send what the peer queued (a certificateResponse) without waiting for an answer:
-        the reference server never sends one."""
-        for message in self.peer.messages_to_send():
-            self._post_in_background(origin, message)
-
     async def _post_quietly(self, origin: str, message: AuthMessage) -> None:
+        """Send a certificateResponse without anyone waiting for the answer: the reference
+        server never answers one that holds certificates."""
         try:
             await self._post_auth(origin, message)
+        except UnauthenticatedResponseError as exc:
+            if exc.status == 400 and not message.certificates:
+                # "No certificates provided": both servers answer an empty one so.
+                log.info("%s noted that we hold none of the certificates it asked for", origin)
+            else:
+                log.warning("sending a %s to %s failed: %s", message.message_type, origin, exc)
         except Brc103Error as exc:
             log.warning("sending a %s to %s failed: %s", message.message_type, origin, exc)
 

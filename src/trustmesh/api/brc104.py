@@ -11,6 +11,15 @@ body bytes (so JSON with spaces, or ``application/json; charset=utf-8``, verifie
 application's ``Content-Type`` is kept, an empty body is signed as the reference client
 expects (``varint(0)``), and a certificateResponse POST gets an immediate 204.
 
+Certificates the server requests (``PeerConfig.requested_certificates``) go out in the
+initialResponse, as the reference's; the client answers with a certificateResponse POST,
+and its requests are held until a certificate validates. A client that has none is
+refused at once: its empty certificateResponse gets 400 (as the reference answers it) and
+its requests 401 ``ERR_CERTIFICATES_MISSING``; a client that sends nothing at all (the TS
+AuthFetch holding no match) gets that 401 after a short grace (``certificate_grace_ms``,
+300 ms). Held requests are bounded per session (the core), per client address and in all
+(429; counted in ``stats``), and in time (the certificate timeout plus a margin).
+
 Under attack: each client address (an IPv6 one per /64) may post so many handshakes a
 second and make so many general requests a second, and each verified identity key so
 many requests; beyond that 429 with ``Retry-After``. The unproven sessions an address's
@@ -22,6 +31,8 @@ a short excerpt of what the client sent.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -35,6 +46,7 @@ from trustmesh.brc103.certificates import VerifiableCertificate
 from trustmesh.brc103.encoding import b64decode, js_stringify
 from trustmesh.brc103.errors import (
     Brc103Error,
+    CertificatesMissingError,
     CertificatesTimeoutError,
     MalformedMessageError,
 )
@@ -51,13 +63,17 @@ from trustmesh.brc103.sessions import Session
 from trustmesh.brc103.wallet import Wallet
 from trustmesh.errors import DecodeError
 from trustmesh.io.brc103 import PeerTimer, monotonic_ms
-from trustmesh.io.limits import ResourcePolicy, source_of
+from trustmesh.io.limits import LimitStats, ResourcePolicy, source_of
 
 log = logging.getLogger(__name__)
 IDENTITY_KEY = web.RequestKey("trustmesh.brc103.identity_key", str)
 CERTIFICATES = web.RequestKey("trustmesh.brc103.certificates", list[VerifiableCertificate])
 SESSION_IDLE_MS = 3_600_000  # a client silent for an hour handshakes again
 HOLD_MARGIN = 5.0  # seconds past the certificate timeout before a held request gives up
+# A client asked for certificates that sends no certificateResponse within this long of its
+# first held request has none (PeerConfig.certificate_grace_ms; the TS AuthFetch says
+# nothing when it holds no matching certificate, and sends the ones it holds at once).
+CERTIFICATE_GRACE_MS = 300
 AUTH_RATE = 20.0  # /.well-known/auth messages per second per client address, on average
 AUTH_BURST = 100
 MAX_DESCRIPTION = 200  # characters of an error's description
@@ -104,10 +120,15 @@ class Brc104Server:
         policy: ResourcePolicy | None = None,
         request_rate_limit: RateLimiter | None = None,
         identity_rate_limit: RateLimiter | None = None,
+        certificate_grace_ms: int | None = CERTIFICATE_GRACE_MS,
+        max_held_requests: int | None = None,
+        max_held_requests_per_source: int | None = None,
         clock: Callable[[], int] = monotonic_ms,
     ) -> None:
         if config is None:
             config = PeerConfig(session_idle_ms=SESSION_IDLE_MS)
+        if config.certificate_grace_ms is None and certificate_grace_ms is not None:
+            config = dataclasses.replace(config, certificate_grace_ms=certificate_grace_ms)
         self.peer = Peer(wallet, config, revocation=revocation)
         self.timer = PeerTimer(self.peer, clock, self._dispatch)
         self.allow_unauthenticated = allow_unauthenticated
@@ -131,6 +152,15 @@ class Brc104Server:
         # Requests held until the client's certificates validate, by id() of their
         # message: the peer hands the same object back when it releases or drops it.
         self._waiting: dict[int, asyncio.Future[GeneralMessageReceived]] = {}
+        # Each held request keeps an HTTP request (and its task) open: they are bounded in
+        # all and per client address (the core bounds them per session, in count and bytes).
+        self.max_held_requests = max_held_requests or policy.max_unauthenticated
+        self.max_held_requests_per_source = (
+            max_held_requests_per_source or policy.max_unauthenticated_per_source
+        )
+        self.held_requests = 0
+        self._held_by_source: collections.Counter[str] = collections.Counter()
+        self.stats = LimitStats("brc104")
 
     @property
     def identity_key(self) -> str:
@@ -187,6 +217,11 @@ class Brc104Server:
         self._dispatch(events)
         self.timer.arm()
         replies = self.peer.messages_to_send()
+        if message.message_type is MessageType.CERTIFICATE_RESPONSE and _says_none(message, events):
+            # As the reference answers a certificateResponse without certificates (its
+            # body is {"status": "No certificates provided"}); the requests it holds,
+            # and those that follow, get their 401 at once.
+            return _error(400, CertificatesMissingError.code, "No certificates provided")
         if not replies:  # a certificateResponse: the reference never answers it at all
             return web.Response(status=204)
         reply = replies[0]
@@ -232,8 +267,16 @@ class Brc104Server:
         except (DecodeError, Brc103Error, KeyError, ValueError) as exc:
             return _error(400, "ERR_MALFORMED_REQUEST", str(exc))
         message = messages[0]
+        source = source_of_request(request)
+        if self._would_hold(message) and not self._room_to_hold(source):
+            return _error(
+                429,
+                "ERR_RATE_LIMITED",
+                "too many requests waiting for certificates; show them first",
+                retry_after=1.0,
+            )
         try:
-            event = await self._receive_general(messages)
+            event = await self._receive_general(messages, source)
         except Brc103Error as exc:
             log.info("refused a request from %s: %s", excerpt(message.identity_key), excerpt(exc))
             return _error(401, "ERR_AUTH_FAILED", f"{exc.code}: {exc}")
@@ -258,9 +301,33 @@ class Brc104Server:
             )
         return self._sign_response(response, request_id, request_id_text, session)
 
-    async def _receive_general(self, candidates: list[AuthMessage]) -> GeneralMessageReceived:
+    def _would_hold(self, message: AuthMessage) -> bool:
+        """Would the peer hold this request for its session's certificates?"""
+        session = self.peer.sessions.get(message.your_nonce or "")
+        return (
+            session is not None
+            and session.certificates_required
+            and not session.certificates_validated
+            and not session.certificates_missing
+        )
+
+    def _room_to_hold(self, source: str) -> bool:
+        if self.held_requests >= self.max_held_requests:
+            self.stats.hit("held.refused_total", source, f"{self.max_held_requests} held")
+            return False
+        if self._held_by_source[source] >= self.max_held_requests_per_source:
+            self.stats.hit(
+                "held.refused_per_source", source, f"{self.max_held_requests_per_source} held"
+            )
+            return False
+        return True
+
+    async def _receive_general(
+        self, candidates: list[AuthMessage], source: str
+    ) -> GeneralMessageReceived:
         """The verified general message: at once, or once the client's certificates
-        validate (it is held until then, within the certificate timeout)."""
+        validate (it is held until then, within the certificate timeout, or refused at
+        once when the client turns out to have none)."""
         message, events = self.peer.receive_any(candidates, self._clock())  # raises if refused
         mine = next(
             (e for e in events if isinstance(e, GeneralMessageReceived) and e.message is message),
@@ -270,6 +337,8 @@ class Brc104Server:
         if mine is None:
             waiter = asyncio.get_running_loop().create_future()
             self._waiting[id(message)] = waiter
+            self.held_requests += 1
+            self._held_by_source[source] += 1
         try:
             self._dispatch(events)
             self.timer.arm()
@@ -283,7 +352,11 @@ class Brc104Server:
             except TimeoutError:
                 raise CertificatesTimeoutError("the client's certificates did not arrive") from None
         finally:
-            self._waiting.pop(id(message), None)
+            if self._waiting.pop(id(message), None) is not None:
+                self.held_requests -= 1
+                self._held_by_source[source] -= 1
+                if self._held_by_source[source] <= 0:
+                    del self._held_by_source[source]
 
     def _sign_response(
         self,
@@ -322,6 +395,17 @@ class Brc104Server:
                     waiter = self._waiting.get(id(message))
                     if waiter is not None and not waiter.done():
                         waiter.set_exception(event.error)
+
+
+def _says_none(message: AuthMessage, events: list[Event]) -> bool:
+    """Did this certificateResponse say the client has none of the certificates we
+    require (the peer then ends the session's wait with CertificatesMissingError)?"""
+    return not message.certificates and any(
+        isinstance(event, HeldMessagesDropped)
+        and isinstance(event.error, CertificatesMissingError)
+        and event.session_nonce == message.your_nonce
+        for event in events
+    )
 
 
 def _auth_headers(message: AuthMessage) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """BRC-103 mutual authentication with selective-disclosure certificates (sans-IO).
 
 Transports live elsewhere: :mod:`trustmesh.io.brc103` (asyncio, in memory),
-:mod:`trustmesh.io.brc103_ws` (WebSocket), :mod:`trustmesh.api.brc104` and
+:mod:`trustmesh.io.brc103_ws` (WebSocket), :mod:`trustmesh.io.brc103_socketio`
+(Socket.IO, the reference authsocket binding), :mod:`trustmesh.api.brc104` and
 :mod:`trustmesh.api.authfetch` (HTTP). ``docs/protocols/brc103.md`` is the wire format.
 """
 

@@ -111,6 +111,13 @@ class UnrequestedCertificateError(CertificateError):
     code = "ERR_UNREQUESTED_CERTIFICATE"
 
 
+class CertificatesMissingError(CertificateError):
+    """The peer has none of the certificates we require: it said so (an empty
+    certificateResponse), or sent none within the grace after its first held message."""
+
+    code = "ERR_CERTIFICATES_MISSING"
+
+
 class CertificatesTimeoutError(Brc103Error):
     """Required certificates did not arrive in time; held general messages are dropped."""
 

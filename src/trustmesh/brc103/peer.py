@@ -15,7 +15,9 @@ Stricter than the references, without changing a byte on the wire
 - certificates are checked against what we asked for: certifier, type and every
   revealed field name, on every path (initialResponse, certificateResponse);
 - general messages from a peer we asked for certificates are held until they validate
-  (bounded in count, bytes and time), then delivered in order.
+  (bounded in count, bytes and time), then delivered in order; a peer known to have none
+  (an empty certificateResponse, or none at all within ``certificate_grace_ms``) has
+  them dropped and later ones refused at once, until a certificate validates.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from trustmesh.brc103.encoding import b64decode, b64encode
 from trustmesh.brc103.errors import (
     Brc103Error,
     CertificateError,
+    CertificatesMissingError,
     CertificatesTimeoutError,
     HandshakeTimeoutError,
     IdentityMismatchError,
@@ -131,6 +134,12 @@ class PeerConfig:
     answer_certificate_requests: bool = True
     handshake_timeout_ms: int = HANDSHAKE_TIMEOUT_MS
     certificate_timeout_ms: int = CERTIFICATE_TIMEOUT_MS
+    # A peer we hold general messages for that sends no certificateResponse at all within
+    # this long of its first held message (or twice the time from the handshake to that
+    # message, if longer: a slow link gets longer) has none: the held messages are dropped
+    # with CertificatesMissingError at once. The TS AuthFetch holding no certificate says
+    # nothing at all. None: wait the whole certificate timeout (the reference's behaviour).
+    certificate_grace_ms: int | None = None
     session_idle_ms: int | None = None  # drop sessions unused this long (None: never)
     # Bounds on what peers can make us keep (least recently used goes first):
     max_sessions: int = 10_000
@@ -193,6 +202,7 @@ class Peer:
             peer_identity_key=peer_identity_key,
             initiator=True,
             last_update_ms=now_ms,
+            started_ms=now_ms,
             handshake_deadline_ms=now_ms + self.config.handshake_timeout_ms,
             certificates_required=requested.required,
             requested=requested,
@@ -260,6 +270,7 @@ class Peer:
             peer_identity_key=message.identity_key,
             initiator=False,
             last_update_ms=now_ms,
+            started_ms=now_ms,
             source=source,
             peer_nonce=their_nonce,
             is_authenticated=True,  # as the reference: the peer proves itself by signing
@@ -342,12 +353,16 @@ class Peer:
         session = self._check_signed(message)
         received = self._validate_certificates(message, session) if message.certificates else []
         self._commit_signed(session, message, now_ms)
+        session.certificates_answered = True
         if received:
             return self._accept_certificates(session, received)
         if session.certificates_required and not session.certificates_validated:
+            # It has none: what it holds now and what it sends later is refused at once
+            # (until certificates validate), never held for the timeout.
             assert session.peer_identity_key is not None
+            session.certificates_missing = True
             held = self._take_held(session)
-            error = CertificateError("the peer has none of the requested certificates")
+            error = CertificatesMissingError("the peer has none of the requested certificates")
             return [
                 HeldMessagesDropped(session.session_nonce, session.peer_identity_key, held, error)
             ]
@@ -356,6 +371,10 @@ class Peer:
     def _on_general(self, message: AuthMessage, now_ms: int) -> list[Event]:
         session = self._check_signed(message)
         if session.certificates_required and not session.certificates_validated:
+            if session.certificates_missing:
+                raise CertificatesMissingError(
+                    "the peer has none of the requested certificates; show one first"
+                )
             size = len(message.payload or b"")
             config = self.config
             if (
@@ -371,7 +390,7 @@ class Peer:
             self.sessions.held_total += size
             self._commit_signed(session, message, now_ms)
             if session.held and session.held_deadline_ms is None:
-                self._hold_until(session, now_ms + self.config.certificate_timeout_ms)
+                self._hold_until(session, *self._hold_deadline(session, now_ms))
             return []
         self._commit_signed(session, message, now_ms)
         assert session.peer_identity_key is not None
@@ -400,10 +419,24 @@ class Peer:
         held = session.held
         self.sessions.held_total -= session.held_bytes
         session.held, session.held_bytes, session.held_deadline_ms = [], 0, None
+        session.held_is_grace = False
         return held
 
-    def _hold_until(self, session: Session, deadline: int) -> None:
+    def _hold_deadline(self, session: Session, now_ms: int) -> tuple[int, bool]:
+        """When messages held from ``now_ms`` give up: the certificate timeout, or the
+        grace for a peer that has sent no certificateResponse yet (then True)."""
+        timeout = now_ms + self.config.certificate_timeout_ms
+        grace = self.config.certificate_grace_ms
+        if grace is None or session.certificates_answered:
+            return timeout, False
+        grace = max(grace, 2 * (now_ms - session.started_ms))
+        if now_ms + grace >= timeout:
+            return timeout, False
+        return now_ms + grace, True
+
+    def _hold_until(self, session: Session, deadline: int, is_grace: bool = False) -> None:
         session.held_deadline_ms = deadline
+        session.held_is_grace = is_grace
         self._arm(session, deadline)
 
     # --- checks -------------------------------------------------------------------------
@@ -498,6 +531,7 @@ class Peer:
         events: list[Event] = [
             CertificatesReceived(session.session_nonce, session.peer_identity_key, received)
         ]
+        session.certificates_missing = False
         if not session.certificates_validated:
             session.certificates_validated = True
             held = self._take_held(session)
@@ -668,11 +702,22 @@ class Peer:
             return [HandshakeFailed(session.session_nonce, timeout)]
         events: list[Event] = []
         if session.held_deadline_ms is not None and now_ms >= session.held_deadline_ms:
+            silent = session.held_is_grace
             held = self._take_held(session)
             assert session.peer_identity_key is not None
-            error = CertificatesTimeoutError(
-                f"Timeout waiting for certificate validation from peer {session.peer_identity_key}"
-            )
+            error: Brc103Error
+            if silent:
+                # It sent no certificateResponse at all: it has none (the TS AuthFetch
+                # says nothing then). Later messages are refused at once too.
+                session.certificates_missing = True
+                error = CertificatesMissingError(
+                    "the peer sent none of the requested certificates in time"
+                )
+            else:
+                error = CertificatesTimeoutError(
+                    "Timeout waiting for certificate validation from peer "
+                    f"{session.peer_identity_key}"
+                )
             events.append(
                 HeldMessagesDropped(session.session_nonce, session.peer_identity_key, held, error)
             )

@@ -54,6 +54,15 @@ class Session:
     held: list[AuthMessage] = field(default_factory=list)  # general messages awaiting certs
     held_bytes: int = 0
     held_deadline_ms: int | None = None
+    # When the session was made (the grace for a silent peer's certificates scales with it).
+    started_ms: int = 0
+    # A certificateResponse from the peer has been accepted in this session.
+    certificates_answered: bool = False
+    # The peer has none of the certificates we require (it said so, or stayed silent past
+    # the grace): its general messages are refused at once, not held, until some validate.
+    certificates_missing: bool = False
+    # The held deadline is the grace for a silent peer, not the certificate timeout.
+    held_is_grace: bool = False
 
 
 class SessionTable:

@@ -1,5 +1,5 @@
-"""``trustmesh brc103``: BRC-103 mutual authentication over HTTP (BRC-104) and BRC-52
-certificates from the command line."""
+"""``trustmesh brc103``: BRC-103 mutual authentication over HTTP (BRC-104) and Socket.IO,
+and BRC-52 certificates, from the command line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import hashlib
 import json
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import click
 from click.decorators import FC
 
 from trustmesh.api.authfetch import AuthFetch
-from trustmesh.api.brc104 import SESSION_IDLE_MS, Brc104Server
+from trustmesh.api.brc104 import CERTIFICATE_GRACE_MS, SESSION_IDLE_MS, Brc104Server
 from trustmesh.api.brc104_demo import demo_app
 from trustmesh.brc103.certificates import (
     NO_REVOCATION,
@@ -27,8 +28,8 @@ from trustmesh.brc103.certificates import (
     VerifiableCertificate,
     is_revocable,
 )
-from trustmesh.brc103.errors import CertificateError, CertificateFormatError
-from trustmesh.brc103.messages import NO_REQUEST, RequestedCertificates
+from trustmesh.brc103.errors import CertificateError, CertificateFormatError, TransportError
+from trustmesh.brc103.messages import MAX_MESSAGE_SIZE, NO_REQUEST, RequestedCertificates
 from trustmesh.brc103.peer import PeerConfig
 from trustmesh.brc103.revocation import (
     LocalRevocationRegistry,
@@ -44,6 +45,13 @@ from trustmesh.cli.signals import stop_on_signals
 from trustmesh.crypto.brc42 import parse_public_key
 from trustmesh.crypto.keys import Secp256k1PrivateKey
 from trustmesh.errors import DecodeError, InvalidKeyError
+from trustmesh.io.brc103_socketio import (
+    DEFAULT_PATH,
+    SocketIoClient,
+    SocketIoServer,
+    echo_events,
+)
+from trustmesh.io.brc103_socketio import connect as socket_connect
 from trustmesh.io.limits import ResourcePolicy
 from trustmesh.keystore.filestore import FileKeyStore, check_permissions
 from trustmesh.keystore.uri import SoftwareKeyRequiredError, store_name
@@ -118,6 +126,7 @@ def brc103() -> None:
       trustmesh brc103 serve --port 8103 &
       trustmesh brc103 fetch http://127.0.0.1:8103/hello
       trustmesh brc103 fetch http://127.0.0.1:8103/echo -d '{"a":1}'
+      trustmesh brc103 socket http://127.0.0.1:8103 --event hello --data '{"a":1}'
     """
 
 
@@ -220,6 +229,15 @@ def _revocation_source(
 @CERTIFICATE_OPTION
 @_revocations_option("client certificates")
 @NO_REVOCATION_CHECK_OPTION
+@click.option(
+    "--certificate-grace-ms",
+    type=click.IntRange(min=0),
+    default=CERTIFICATE_GRACE_MS,
+    show_default=True,
+    help="With --request-certificates: how long a client may send no certificates after"
+    " its first request before that request gets its 401 (the TS AuthFetch sends nothing"
+    " when it holds none). 0: wait the full 30 s, as the reference server does.",
+)
 @jsonl_stream_option
 @limit_options
 def serve(
@@ -230,6 +248,7 @@ def serve(
     certificate_files: tuple[Path, ...],
     revocations: Path | None,
     no_revocation_check: bool,
+    certificate_grace_ms: int,
     **limits: Any,
 ) -> None:
     """Serve a demo app behind BRC-104 until interrupted (SIGINT or SIGTERM).
@@ -247,6 +266,11 @@ def serve(
       GET  /empty              204, no body
       GET  /status/<code>      that status
 
+    The same port speaks BRC-103 over Socket.IO at /socket.io/ (the reference
+    @bsv/authsocket binding, event authMessage): every authenticated event X with
+    data D is answered with event echo {"eventName": X, "data": D, "from": <client
+    identity key>} (try `trustmesh brc103 socket URL --event hello`).
+
     With --request-certificates every client must show a matching certificate before
     its requests are answered (GET /hello then lists the fields it revealed). A
     certificate that can be revoked is checked against --revocations, or refused
@@ -257,19 +281,30 @@ def serve(
     config = _peer_config(requested_json, certificate_files, server=True)
     checker, registry = _revocation_source(revocations, no_revocation_check)
     try:
-        server = Brc104Server(wallet, config, revocation=checker, policy=policy)
-        asyncio.run(_serve(host, port, server, policy))
+        server = Brc104Server(
+            wallet,
+            config,
+            revocation=checker,
+            policy=policy,
+            certificate_grace_ms=certificate_grace_ms or None,
+        )
+        sockets = SocketIoServer(wallet, echo_events, config, revocation=checker, policy=policy)
+        asyncio.run(_serve(host, port, server, sockets, policy))
     finally:
         if registry is not None:
             registry.close()
 
 
-async def _serve(host: str, port: int, server: Brc104Server, policy: ResourcePolicy) -> None:
+async def _serve(
+    host: str, port: int, server: Brc104Server, sockets: SocketIoServer, policy: ResourcePolicy
+) -> None:
     from trustmesh.io.https import serve_app
 
     stop = stop_on_signals()
+    app = demo_app(server)
+    sockets.install(app)
     http = await serve_app(
-        demo_app(server),
+        app,
         host,
         port,
         context=None,
@@ -418,6 +453,155 @@ def _guess_type(body: bytes) -> str:
     except ValueError:
         return "text/plain"
     return "application/json"
+
+
+# --- socket ---------------------------------------------------------------------------
+
+
+def _json_data(value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return strict_loads(value.encode("utf-8"), max_size=MAX_MESSAGE_SIZE)
+    except DecodeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
+
+
+def _socket_origin(url: str) -> str:
+    """The server's origin for the Socket.IO client (ws:// and wss:// as http:// and
+    https://); a path in URL is refused: the Socket.IO path is --path."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(f"{url!r} is not an http://, https://, ws:// or wss:// URL")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise click.BadParameter(
+            f"{url!r}: give the server's origin (scheme://host:port); the Socket.IO path is --path"
+        )
+    return f"{scheme}://{parts.netloc}"
+
+
+@brc103.command()
+@click.argument("url")
+@click.option("--event", "event_name", required=True, help="The event to emit.")
+@click.option("--data", default=None, metavar="JSON", help="The event's data (JSON).")
+@click.option(
+    "--path", default=DEFAULT_PATH, show_default=True, help="The server's Socket.IO path."
+)
+@KEY_OPTION
+@REQUEST_OPTION
+@CERTIFICATE_OPTION
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1, max=3600),
+    default=30.0,
+    show_default=True,
+    help="Seconds for the whole exchange (connect, handshake, event and answer).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Say who answered on stderr.")
+@_revocations_option("the server's certificates")
+@NO_REVOCATION_CHECK_OPTION
+def socket(
+    url: str,
+    event_name: str,
+    data: str | None,
+    path: str,
+    key_file: Path | None,
+    requested_json: str | None,
+    certificate_files: tuple[Path, ...],
+    timeout: float,
+    verbose: bool,
+    revocations: Path | None,
+    no_revocation_check: bool,
+) -> None:
+    """Emit one event over BRC-103 Socket.IO and print the first event that comes back.
+
+    URL is the server's origin (http://host:port; ws:// works too). The client speaks
+    as @bsv/authsocket-client does: it connects over WebSocket, handshakes, sends the
+    event in a signed general message and prints the first event it gets as one JSON
+    line: {"eventName", "data", "authenticated", "identityKey"}. Exits 0 only when that
+    event was authenticated (signed by the server's identity key); a plain Socket.IO
+    event, a refused handshake or no answer in time exits 1.
+    """
+    wallet = load_wallet(key_file)
+    origin = _socket_origin(url)
+    value = _json_data(data)
+    config = _peer_config(requested_json, certificate_files, server=False)
+    checker, registry = _revocation_source(revocations, no_revocation_check)
+    try:
+        exchange = _socket(wallet, config, checker, origin, path, event_name, value, timeout)
+        result, certificates = asyncio.run(exchange)
+    finally:
+        if registry is not None:
+            registry.close()
+    if verbose and result["authenticated"]:
+        click.echo(
+            f"authenticated: event {result['eventName']} from {result['identityKey']}", err=True
+        )
+        for shown in certificates:
+            fields = json.dumps(shown.decrypted_fields, ensure_ascii=False)
+            click.echo(
+                f"certificate: type {shown.certificate.type} certifier "
+                f"{shown.certificate.certifier} fields {fields}",
+                err=True,
+            )
+    emit(result, as_json=True)
+    if not result["authenticated"]:
+        click.echo(
+            f"trustmesh: error: the first event ({result['eventName']}) was not authenticated",
+            err=True,
+        )
+        raise SystemExit(1)
+
+
+async def _socket(
+    wallet: Wallet,
+    config: PeerConfig,
+    revocation: RevocationChecker | None,
+    origin: str,
+    path: str,
+    event_name: str,
+    data: Any,
+    seconds: float,
+) -> tuple[dict[str, Any], list[VerifiableCertificate]]:
+    certificates: list[VerifiableCertificate] = []
+    try:
+        async with asyncio.timeout(seconds):
+            async with socket_connect(
+                origin, wallet, config, revocation=revocation, path=path, connect_timeout=seconds
+            ) as client:
+                client.peer.on_certificates(lambda event: certificates.extend(event.certificates))
+                return await _first_event(client, event_name, data), certificates
+    except TimeoutError:
+        raise TransportError(f"no answer within {seconds:g} s") from None
+
+
+async def _first_event(client: SocketIoClient, event_name: str, data: Any) -> dict[str, Any]:
+    """Emit the event and return the first event back: authenticated (in a signed
+    general message) or plain (which may come before our handshake is even answered)."""
+    emitting = asyncio.ensure_future(client.emit(event_name, data))
+    signed = asyncio.ensure_future(client.next_event())
+    plain = asyncio.ensure_future(client.plain_events.get())
+    closed = asyncio.ensure_future(client.closed.wait())
+    waiters: set[asyncio.Future[Any]] = {signed, plain, closed}
+    pending: set[asyncio.Future[Any]] = {*waiters, emitting}
+    try:
+        while True:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if done & waiters:
+                break
+            emitting.result()  # a refused handshake says why; a sent event waits on
+    finally:
+        for waiter in (*waiters, emitting):
+            waiter.cancel()
+    if signed.done() and not signed.cancelled():
+        name, value, sender = signed.result()
+        return {"eventName": name, "data": value, "authenticated": True, "identityKey": sender}
+    if plain.done() and not plain.cancelled():
+        name, value = plain.result()
+        return {"eventName": name, "data": value, "authenticated": False, "identityKey": None}
+    reason = client.error or "the server closed the connection"
+    raise TransportError(f"no event came back: {reason}")
 
 
 # --- certificates ---------------------------------------------------------------------
