@@ -63,10 +63,13 @@ class MeteredNode(Protocol):
     trust: TrustView
     core: NodeCore[Any]
     bundle_store: BundleStore
-    renewals: Mapping[str, int]  # scheduled certificate renewals by outcome
 
     @property
     def identity(self) -> _Certified: ...
+
+    @property
+    def renewals(self) -> Mapping[str, int]:
+        """Scheduled certificate renewals by outcome (``renewed``, ``failed``)."""
 
     def link_states(self) -> Mapping[str, int]:
         """Open links by state (``up``, ``handshake``, ``closing``)."""
