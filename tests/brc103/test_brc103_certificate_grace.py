@@ -29,6 +29,7 @@ from trustmesh.brc103.errors import (
 )
 from trustmesh.brc103.messages import RequestedCertificates
 from trustmesh.brc103.peer import (
+    MAX_SCALED_GRACE_MS,
     CertificatesReceived,
     Event,
     GeneralMessageReceived,
@@ -103,6 +104,34 @@ def test_the_grace_grows_with_a_slow_handshake() -> None:
     a, b = world(started=1_000)
     assert general(a, b, b"late", 2_000) == []  # a second after the handshake
     assert b.get_timer() == 2_000 + 2 * 1_000
+
+
+def test_the_grace_grows_only_so_far_however_late_the_first_message() -> None:
+    """The peer chooses when it sends its first message: one that waits 30 s after the
+    handshake must not have it held for the whole certificate timeout (the bug: twice
+    30 s, so the timeout)."""
+    a, b = world(started=0)
+    assert general(a, b, b"late", 30_000) == []
+    assert b.get_timer() == 30_000 + MAX_SCALED_GRACE_MS
+    [report] = dropped(b.handle_timer(30_000 + MAX_SCALED_GRACE_MS))
+    assert isinstance(report.error, CertificatesMissingError)
+    # A configured grace longer than the cap is kept as it is.
+    a, b = world(grace=5_000, started=0)
+    assert general(a, b, b"late", 30_000) == []
+    assert b.get_timer() == 30_000 + 5_000
+
+
+def test_a_held_message_can_be_let_go_without_an_event() -> None:
+    a, b = world()
+    one = relay(a.create_general(b"one", identity_key=B))
+    two = relay(a.create_general(b"two", identity_key=B))
+    assert b.receive(one, 10) == [] and b.receive(two, 11) == []
+    assert b.unhold(one) and not b.unhold(one)
+    assert b.sessions.held_total == len(b"two")
+    assert b.unhold(two)
+    assert b.sessions.held_total == 0
+    assert b.handle_timer(10 + GRACE) == []  # nothing left to give up
+    assert delivered(answer(a, b, GOOD, 20)) == []
 
 
 def test_without_a_grace_a_silent_peer_waits_the_timeout() -> None:

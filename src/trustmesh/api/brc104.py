@@ -17,8 +17,12 @@ and its requests are held until a certificate validates. A client that has none 
 refused at once: its empty certificateResponse gets 400 (as the reference answers it) and
 its requests 401 ``ERR_CERTIFICATES_MISSING``; a client that sends nothing at all (the TS
 AuthFetch holding no match) gets that 401 after a short grace (``certificate_grace_ms``,
-300 ms). Held requests are bounded per session (the core), per client address and in all
-(429; counted in ``stats``), and in time (the certificate timeout plus a margin).
+1 s: a wallet may ask its user; at most 3 s however slow the client was to send its first
+request). Held requests are bounded per session (the core), per client address (429 for
+the newcomer) and in all (the oldest held request of the address holding the most gets
+the 429 instead, as half-open sessions are evicted: an attacker's addresses cannot keep
+an honest client's first request out), counted in ``stats``, and in time (the
+certificate timeout plus a margin).
 
 Under attack: each client address (an IPv6 one per /64) may post so many handshakes a
 second and make so many general requests a second, and each verified identity key so
@@ -72,12 +76,18 @@ SESSION_IDLE_MS = 3_600_000  # a client silent for an hour handshakes again
 HOLD_MARGIN = 5.0  # seconds past the certificate timeout before a held request gives up
 # A client asked for certificates that sends no certificateResponse within this long of its
 # first held request has none (PeerConfig.certificate_grace_ms; the TS AuthFetch says
-# nothing when it holds no matching certificate, and sends the ones it holds at once).
-CERTIFICATE_GRACE_MS = 300
+# nothing when it holds no matching certificate, and sends the ones it holds at once; a
+# wallet that asks its user first needs a moment).
+CERTIFICATE_GRACE_MS = 1_000
+HELD_FULL = "too many requests waiting for certificates; show them first"
 AUTH_RATE = 20.0  # /.well-known/auth messages per second per client address, on average
 AUTH_BURST = 100
 MAX_DESCRIPTION = 200  # characters of an error's description
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HeldRequestEvictedError(Exception):
+    """A held request let go to make room for another address's (answered 429)."""
 
 
 def identity_key_of(request: web.Request) -> str:
@@ -152,6 +162,8 @@ class Brc104Server:
         # Requests held until the client's certificates validate, by id() of their
         # message: the peer hands the same object back when it releases or drops it.
         self._waiting: dict[int, asyncio.Future[GeneralMessageReceived]] = {}
+        # ... and, oldest first, the address each came from and its message.
+        self._held: dict[int, tuple[str, AuthMessage]] = {}
         # Each held request keeps an HTTP request (and its task) open: they are bounded in
         # all and per client address (the core bounds them per session, in count and bytes).
         self.max_held_requests = max_held_requests or policy.max_unauthenticated
@@ -269,14 +281,11 @@ class Brc104Server:
         message = messages[0]
         source = source_of_request(request)
         if self._would_hold(message) and not self._room_to_hold(source):
-            return _error(
-                429,
-                "ERR_RATE_LIMITED",
-                "too many requests waiting for certificates; show them first",
-                retry_after=1.0,
-            )
+            return _error(429, "ERR_RATE_LIMITED", HELD_FULL, retry_after=1.0)
         try:
             event = await self._receive_general(messages, source)
+        except HeldRequestEvictedError:
+            return _error(429, "ERR_RATE_LIMITED", HELD_FULL, retry_after=1.0)
         except Brc103Error as exc:
             log.info("refused a request from %s: %s", excerpt(message.identity_key), excerpt(exc))
             return _error(401, "ERR_AUTH_FAILED", f"{exc.code}: {exc}")
@@ -312,15 +321,51 @@ class Brc104Server:
         )
 
     def _room_to_hold(self, source: str) -> bool:
-        if self.held_requests >= self.max_held_requests:
-            self.stats.hit("held.refused_total", source, f"{self.max_held_requests} held")
-            return False
+        """Room for one more held request from ``source``: none (False) at its own cap.
+        The cap on all never refuses (:meth:`_make_room`)."""
         if self._held_by_source[source] >= self.max_held_requests_per_source:
             self.stats.hit(
                 "held.refused_per_source", source, f"{self.max_held_requests_per_source} held"
             )
             return False
         return True
+
+    def _make_room(self, source: str) -> None:
+        """At the cap on all, before a verified request from ``source`` is held: the
+        oldest held request of the address holding the most (if it holds more than
+        ``source`` will, else ``source``'s own oldest, else the oldest of all) is let go
+        with a 429, as half-open sessions are evicted. Only a request that verified (and
+        that the peer holds) makes room: a forged one cannot push others out."""
+        while self.held_requests >= self.max_held_requests and self._held:
+            victim = self._held_victim(source)
+            detail = f"{self.max_held_requests} held; one let go for {source}"
+            self.stats.hit("held.evicted_total", self._held[victim][0], detail)
+            self._let_go(victim, HeldRequestEvictedError(HELD_FULL))
+
+    def _held_victim(self, source: str) -> int:
+        oldest: dict[str, int] = {}  # address -> its oldest held request
+        for key, (held_source, _message) in self._held.items():  # oldest first
+            oldest.setdefault(held_source, key)
+        top = max(self._held_by_source, key=lambda s: self._held_by_source[s])
+        if top in oldest and self._held_by_source[top] > self._held_by_source[source] + 1:
+            return oldest[top]
+        return oldest.get(source) or next(iter(self._held))
+
+    def _let_go(self, key: int, error: Exception) -> None:
+        """Stop holding request ``key``: its waiter gets ``error``, its slot is free now
+        and the peer forgets its message."""
+        waiter = self._waiting.pop(key, None)
+        held_source, message = self._held.pop(key)
+        self._release_slot(held_source)
+        self.peer.unhold(message)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def _release_slot(self, source: str) -> None:
+        self.held_requests -= 1
+        self._held_by_source[source] -= 1
+        if self._held_by_source[source] <= 0:
+            del self._held_by_source[source]
 
     async def _receive_general(
         self, candidates: list[AuthMessage], source: str
@@ -335,8 +380,10 @@ class Brc104Server:
         )
         waiter: asyncio.Future[GeneralMessageReceived] | None = None
         if mine is None:
+            self._make_room(source)
             waiter = asyncio.get_running_loop().create_future()
             self._waiting[id(message)] = waiter
+            self._held[id(message)] = (source, message)
             self.held_requests += 1
             self._held_by_source[source] += 1
         try:
@@ -353,10 +400,8 @@ class Brc104Server:
                 raise CertificatesTimeoutError("the client's certificates did not arrive") from None
         finally:
             if self._waiting.pop(id(message), None) is not None:
-                self.held_requests -= 1
-                self._held_by_source[source] -= 1
-                if self._held_by_source[source] <= 0:
-                    del self._held_by_source[source]
+                self._held.pop(id(message), None)
+                self._release_slot(source)
 
     def _sign_response(
         self,

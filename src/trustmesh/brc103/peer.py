@@ -60,6 +60,9 @@ from trustmesh.errors import InvalidKeyError, InvalidSignatureError
 SIGNATURE_PROTOCOL = (2, "auth message signature")
 HANDSHAKE_TIMEOUT_MS = 10_000
 CERTIFICATE_TIMEOUT_MS = 30_000
+# The grace grows with a slow handshake up to this (the peer controls that time: a client
+# that waits before its first request must not hold it for the whole certificate timeout).
+MAX_SCALED_GRACE_MS = 3_000
 
 
 # --- events ---------------------------------------------------------------------------
@@ -136,7 +139,8 @@ class PeerConfig:
     certificate_timeout_ms: int = CERTIFICATE_TIMEOUT_MS
     # A peer we hold general messages for that sends no certificateResponse at all within
     # this long of its first held message (or twice the time from the handshake to that
-    # message, if longer: a slow link gets longer) has none: the held messages are dropped
+    # message, if longer, up to MAX_SCALED_GRACE_MS: a slow link gets longer, but the peer
+    # chooses that time, so not much longer) has none: the held messages are dropped
     # with CertificatesMissingError at once. The TS AuthFetch holding no certificate says
     # nothing at all. None: wait the whole certificate timeout (the reference's behaviour).
     certificate_grace_ms: int | None = None
@@ -429,7 +433,7 @@ class Peer:
         grace = self.config.certificate_grace_ms
         if grace is None or session.certificates_answered:
             return timeout, False
-        grace = max(grace, 2 * (now_ms - session.started_ms))
+        grace = max(grace, min(2 * (now_ms - session.started_ms), MAX_SCALED_GRACE_MS))
         if now_ms + grace >= timeout:
             return timeout, False
         return now_ms + grace, True
@@ -736,6 +740,25 @@ class Peer:
             else:
                 self._arm(session, session.last_update_ms + idle)
         return events
+
+    def unhold(self, message: AuthMessage) -> bool:
+        """Let go of a general message held for its session's certificates, without an
+        event (the application has answered it otherwise: a driver that evicted the
+        request it came in). False if it is not held."""
+        session = self.sessions.get(message.your_nonce or "")
+        if session is None:
+            return False
+        index = next((i for i, held in enumerate(session.held) if held is message), None)
+        if index is None:
+            return False
+        del session.held[index]
+        size = len(message.payload or b"")
+        session.held_bytes -= size
+        self.sessions.held_total -= size
+        if not session.held:
+            session.held_deadline_ms = None  # its timer finds nothing to do
+            session.held_is_grace = False
+        return True
 
     def forget(self, session_nonce: str) -> None:
         """Drop a session (a transport closed, or the application is done with it)."""

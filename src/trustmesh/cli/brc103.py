@@ -236,7 +236,9 @@ def _revocation_source(
     show_default=True,
     help="With --request-certificates: how long a client may send no certificates after"
     " its first request before that request gets its 401 (the TS AuthFetch sends nothing"
-    " when it holds none). 0: wait the full 30 s, as the reference server does.",
+    " when it holds none; a wallet may ask its user first). A client slow to send its"
+    " first request gets twice that delay, up to 3 s. 0: wait the full 30 s, as the"
+    " reference server does.",
 )
 @jsonl_stream_option
 @limit_options

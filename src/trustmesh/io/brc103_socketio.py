@@ -23,7 +23,19 @@ resource policy (``trustmesh.io.limits``):
 - packets are handled in order, one at a time (no task per message); while the
   connection's peer has ``MAX_PENDING_SENDS`` replies unsent, or ``max_tasks`` tasks
   running, the socket is not read; a client that leaves ``MAX_QUEUED_PACKETS`` packets
-  unread for ``write_stall_timeout`` is dropped;
+  unread for ``write_stall_timeout`` is dropped, and one whose queue holds more than
+  ``MAX_QUEUED_PACKETS`` when it sends a packet (or after its POST) is dropped at once;
+  packets that only make the server queue an answer are refused: an Engine.IO UPGRADE
+  outside an upgrade, a second Socket.IO CONNECT (each drops the session); packets that
+  follow a drop in the same poll body are ignored;
+- a polling session may upgrade to WebSocket once: a second upgrade request gets 400;
+  the upgrade must complete (Engine.IO's probe, then UPGRADE) within
+  ``handshake_timeout`` or the session is dropped; the upgraded connection counts as
+  authenticated under the listener only once it has upgraded and the session is proven,
+  and a drop closes every WebSocket the session had;
+- a POST that Engine.IO refuses (a body over ``max_message``, chunked or not; a packet
+  it does not know) is answered 400 at once and drops the session (Engine.IO itself
+  would hold the POST until the client polled its CLOSE packet);
 - more than ``HANDSHAKE_RATE`` initialRequests a second (bursts of ``HANDSHAKE_BURST``)
   drop the connection.
 
@@ -51,6 +63,9 @@ from typing import Any
 import aiohttp
 import socketio  # type: ignore[import-untyped]
 from aiohttp import web
+from engineio import packet as eio_packet  # type: ignore[import-untyped]
+from engineio.async_drivers import aiohttp as eio_aiohttp  # type: ignore[import-untyped]
+from multidict import CIMultiDict, CIMultiDictProxy
 from socketio import packet as sio_packet
 
 from trustmesh.brc103.errors import Brc103Error, MalformedMessageError, TransportError
@@ -234,6 +249,10 @@ class _Session:
     proven: bool = False
     websocket: web.BaseRequest | None = None  # the request its WebSocket came up on
     connection: _Connection | None = None
+    connects: int = 0  # Socket.IO CONNECT packets received
+    upgrade: web.BaseRequest | None = None  # its one upgrade from polling (tried or done)
+    upgrade_deadline: asyncio.TimerHandle | None = None
+    requests: list[web.BaseRequest] = dataclasses.field(default_factory=list)  # WebSockets
 
 
 @dataclasses.dataclass(eq=False)
@@ -254,25 +273,61 @@ class _Body:
         self._data = data
 
     async def read(self, size: int = -1) -> bytes:
-        data, self._data = self._data, b""
+        if size < 0 or size >= len(self._data):
+            data, self._data = self._data, b""
+        else:
+            data, self._data = self._data[:size], self._data[size:]
         return data
 
 
 class _WithBody:
-    """A request whose ``content`` is its body already read (see :class:`_Body`)."""
+    """A request whose ``content`` is its body already read (see :class:`_Body`), and
+    whose ``Content-Length`` is that body's length: Engine.IO reads that many bytes and
+    checks them against ``max_http_buffer_size`` (a chunked body has none to check)."""
 
     def __init__(self, request: web.Request, body: bytes) -> None:
         self._request = request
         self.content = _Body(body)
+        headers = CIMultiDict(request.headers)
+        headers.popall("Transfer-Encoding", None)
+        headers["Content-Length"] = str(len(body))
+        self.headers = CIMultiDictProxy(headers)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._request, name)
 
 
+def _is_upgrade(request: web.BaseRequest) -> bool:
+    """Would Engine.IO take this GET as a WebSocket (its own test: ``Connection:
+    upgrade`` and ``Upgrade: websocket``)?"""
+    connection = [token.strip() for token in request.headers.get("Connection", "").split(",")]
+    return (
+        "upgrade" in (token.lower() for token in connection)
+        and request.headers.get("Upgrade", "").lower() == "websocket"
+    )
+
+
+class _WebSocket(eio_aiohttp.WebSocket):  # type: ignore[misc]
+    """Engine.IO's aiohttp WebSocket, telling the owner when its session has upgraded
+    (Engine.IO asks for the first packet after the upgrade right after switching)."""
+
+    owner: SocketIoServer
+
+    async def wait(self) -> Any:
+        request = self.environ.get("aiohttp.request")
+        eio_sid = request.query.get("sid", "") if request is not None else ""
+        socket = self.server.sockets.get(eio_sid)
+        if socket is not None and socket.upgraded and request is not None:
+            self.owner._upgraded(eio_sid, request)
+        return await super().wait()
+
+
 class _Server(socketio.AsyncServer):  # type: ignore[misc]
     """python-socketio's server with three hooks of ours (private methods of 5.18, hence
-    the minor pin): every Engine.IO session is admitted (or refused) by the owner, a
-    packet that raises drops its session, and a session's end is told to the owner."""
+    the minor pins of python-socketio and python-engineio, checked by
+    tests/io/test_brc103_socketio_polling.py): every Engine.IO session is admitted (or
+    refused) by the owner, a packet that raises drops its session (and one for a session
+    already dropped is ignored), and a session's end is told to the owner."""
 
     def __init__(self, owner: SocketIoServer, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -284,7 +339,10 @@ class _Server(socketio.AsyncServer):  # type: ignore[misc]
         return await super()._handle_eio_connect(eio_sid, environ)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if eio_sid not in self._owner._sessions:
+            return  # what followed a drop (in the same poll body): no manager entries
         try:
+            self._owner._check_message(eio_sid, data)
             await super()._handle_eio_message(eio_sid, data)
         except (DecodeError, Brc103Error, ValueError, TypeError) as exc:
             await self._owner._refuse(eio_sid, exc)
@@ -338,6 +396,9 @@ class SocketIoServer:
             logger=False,
             engineio_logger=False,
         )
+        websocket = type("_WebSocket", (_WebSocket,), {"owner": self})
+        self.sio.eio._async = {**self.sio.eio._async, "websocket": websocket}
+        self.sio.eio.disconnect = self._eio_disconnect
         self.sio.on("connect", self._connect)
         self.sio.on("disconnect", self._disconnect)
         self.sio.on(AUTH_EVENT, self._auth_message)
@@ -368,19 +429,104 @@ class SocketIoServer:
     ) -> web.StreamResponse:
         if request.path != self.path:
             return await handler(request)
-        session = self._sessions.get(request.query.get("sid", ""))
-        if session is not None and request.headers.get("Upgrade", "").lower() == "websocket":
-            session.websocket = request
-            if session.proven:
-                mark_authenticated(request)
+        eio_sid = request.query.get("sid", "")
+        session = self._sessions.get(eio_sid)
+        if session is not None and request.method == "GET" and _is_upgrade(request):
+            refusal = self._start_upgrade(eio_sid, session, request)
+            if refusal is not None:
+                return refusal
         if request.method == "POST" and request.body_exists:
             # A polling client's packets. The listener may have read the body already
             # (under its body deadline); Engine.IO is handed the bytes, not the stream.
             body = await request.read()
             response: web.StreamResponse = await self.sio.handle_request(_WithBody(request, body))
+            if session is not None:
+                self._check_queue(eio_sid)
         else:
             response = await self.sio.handle_request(request)
         return response
+
+    # --- upgrades from polling to WebSocket -------------------------------------------
+
+    def _start_upgrade(
+        self, eio_sid: str, session: _Session, request: web.Request
+    ) -> web.StreamResponse | None:
+        """A polling session's request to upgrade to WebSocket: one per session, ever
+        (the refusal is a 400), and it must complete (Engine.IO's probe, then UPGRADE)
+        within ``handshake_timeout`` or the session is dropped. Its connection counts as
+        authenticated only once it has upgraded and the session is proven."""
+        if session.websocket is not None or session.upgrade is not None:
+            log.info("refused a second WebSocket upgrade of one Socket.IO session")
+            return web.Response(status=400, text="one upgrade per session")
+        session.upgrade = request
+        session.requests.append(request)
+        session.upgrade_deadline = asyncio.get_running_loop().call_later(
+            self.policy.handshake_timeout, self._upgrade_late, eio_sid
+        )
+        return None
+
+    def _upgrade_late(self, eio_sid: str) -> None:
+        session = self._sessions.get(eio_sid)
+        if session is not None and session.websocket is None:
+            log.info("dropping a Socket.IO session whose WebSocket upgrade did not complete")
+            self._drop_soon(eio_sid)
+
+    def _upgraded(self, eio_sid: str, request: web.BaseRequest) -> None:
+        """Engine.IO has switched the session to the WebSocket on ``request``."""
+        session = self._sessions.get(eio_sid)
+        if session is None or session.upgrade is not request or session.websocket is not None:
+            return
+        session.websocket = request
+        if session.upgrade_deadline is not None:
+            session.upgrade_deadline.cancel()
+            session.upgrade_deadline = None
+        if session.proven:
+            mark_authenticated(request)
+
+    # --- what a client may make us queue ----------------------------------------------
+
+    def _check_packet(self, eio_sid: str, socket: Any, pkt: Any) -> bool:
+        """Every Engine.IO packet from the client, before Engine.IO handles it: False to
+        ignore it (its session is gone). A client whose queue already holds more than
+        ``MAX_QUEUED_PACKETS`` packets, or that sends UPGRADE outside an upgrade (each
+        would queue a NOOP), is dropped."""
+        if eio_sid not in self._sessions:
+            return False
+        if pkt.packet_type == eio_packet.UPGRADE and not socket.upgrading:
+            self._refuse_soon(eio_sid, SocketIoPacketError("an UPGRADE packet outside an upgrade"))
+            return False
+        return self._check_queue(eio_sid)
+
+    def _check_queue(self, eio_sid: str) -> bool:
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if socket is None or socket.queue.qsize() <= MAX_QUEUED_PACKETS:
+            return True
+        self._refuse_soon(eio_sid, TransportError("too many packets queued to a client"))
+        return False
+
+    def _check_message(self, eio_sid: str, data: Any) -> None:
+        """A Socket.IO packet, before python-socketio handles it: a second CONNECT (each
+        would queue a CONNECT or CONNECT_ERROR) raises."""
+        session = self._sessions.get(eio_sid)
+        if session is not None and isinstance(data, str) and data[:1] == "0":
+            session.connects += 1
+            if session.connects > 1:
+                raise SocketIoPacketError("a second Socket.IO CONNECT on one session")
+
+    def _refuse_soon(self, eio_sid: str, exc: Exception) -> None:
+        self.refused += 1
+        log.info("dropping a Socket.IO session that sent %s: %s", type(exc).__name__, exc)
+        session = self._sessions.pop(eio_sid, None)
+        if session is not None:
+            self._drop_soon(eio_sid, session)
+
+    async def _eio_disconnect(self, sid: str | None = None) -> None:
+        """Engine.IO's ``disconnect``, which it calls when a request fails (a POST body
+        over ``max_message``, an unknown packet): a drop, not Engine.IO's close, which
+        waits for the client to read its CLOSE packet (a polling client that never polls
+        would hold the failed request open for ever)."""
+        for eio_sid in [sid] if sid is not None else list(self.sio.eio.sockets):
+            await self._drop(eio_sid)
 
     async def _shutdown(self, _app: web.Application) -> None:
         for eio_sid in list(self._sessions):
@@ -425,11 +571,27 @@ class SocketIoServer:
             and request.headers.get("Upgrade", "").lower() == "websocket"
         ):
             session.websocket = request
+            session.requests.append(request)
         session.deadline = asyncio.get_running_loop().call_later(
             policy.handshake_timeout, self._late, eio_sid
         )
         self._sessions[eio_sid] = session
+        self._watch(eio_sid)
         return True
+
+    def _watch(self, eio_sid: str) -> None:
+        """Put :meth:`_check_packet` before Engine.IO's handling of every packet the
+        client sends on this session (polling or WebSocket)."""
+        socket = self.sio.eio.sockets.get(eio_sid)
+        if socket is None:
+            return
+        receive = socket.receive
+
+        async def checked(pkt: Any) -> None:
+            if self._check_packet(eio_sid, socket, pkt):
+                await receive(pkt)
+
+        socket.receive = checked
 
     def _half_open_victim(
         self, source: str, held_unproven: int, *, own: bool = False
@@ -473,8 +635,10 @@ class SocketIoServer:
 
     def _forget(self, eio_sid: str) -> None:
         session = self._sessions.pop(eio_sid, None)
-        if session is not None and session.deadline is not None:
-            session.deadline.cancel()
+        if session is not None:
+            for timer in (session.deadline, session.upgrade_deadline):
+                if timer is not None:
+                    timer.cancel()
 
     async def _refuse(self, eio_sid: str, exc: Exception) -> None:
         self.refused += 1
@@ -485,8 +649,10 @@ class SocketIoServer:
         """End a session now: no goodbye waited for (a client that does not read would
         hold it), its WebSocket (if any) closed under it."""
         session = session or self._sessions.get(eio_sid)
-        if session is not None and session.deadline is not None:
-            session.deadline.cancel()
+        if session is not None:
+            for timer in (session.deadline, session.upgrade_deadline):
+                if timer is not None:
+                    timer.cancel()
         socket = self.sio.eio.sockets.get(eio_sid)
         if socket is not None:
             with contextlib.suppress(Exception):
@@ -495,8 +661,8 @@ class SocketIoServer:
                 socket.queue.put_nowait(None)  # wake a waiting poll or the writer
             self.sio.eio.sockets.pop(eio_sid, None)
         self._forget(eio_sid)
-        if session is not None and session.websocket is not None:
-            transport = session.websocket.transport
+        for request in session.requests if session is not None else ():
+            transport = request.transport  # every WebSocket it had, upgraded or not
             if transport is not None:
                 transport.close()
 
