@@ -5,8 +5,10 @@ anchor, the way ``python -m bench mesh --json`` prints them."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
+from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -77,16 +79,24 @@ def test_a_duplicate_fails_the_engine_round(load: mesh_bench.GossipLoad) -> None
 
 def test_quick_run_reports_every_figure_with_its_anchor() -> None:
     nodes = 4
-    results = mesh_bench.run(messages=MESSAGES, verify_rounds=1, nodes=nodes, coverage_rounds=2)
+    results = mesh_bench.run(
+        messages=MESSAGES,
+        verify_rounds=1,
+        nodes=nodes,
+        coverage_rounds=2,
+        bulk_rounds=1,
+        bulk_messages=8,
+    )
     assert [r.metric for r in results] == [
         "gossip_verify_per_s",
         "gossip_verify_chain_per_s",
         f"coverage_ms_{nodes}",
         "coverage_msgs_per_node",
         "coverage_dups_per_node",
+        "link_bulk_mib_per_s",
     ]
-    verify, verify_chain, coverage, messages, duplicates = results
-    for result in (verify, verify_chain, coverage, messages):
+    verify, verify_chain, coverage, messages, duplicates, link_bulk = results
+    for result in (verify, verify_chain, coverage, messages, link_bulk):
         assert result.value > 0
         assert result.anchor_value > 0
         assert math.isfinite(result.ratio)
@@ -97,6 +107,9 @@ def test_quick_run_reports_every_figure_with_its_anchor() -> None:
     assert 0 <= duplicates.value < messages.value
     assert duplicates.anchor_value == messages.value
     assert 0 <= duplicates.ratio < 1
+    assert link_bulk.unit == "MiB/s"
+    assert "pyOpenSSL" in link_bulk.anchor
+    assert "TLS_AES" in link_bulk.anchor or "CHACHA" in link_bulk.anchor  # the cipher named
     # The JSON report, as ``python -m bench mesh --json`` prints it.
     printed = json.loads(report("mesh", results, as_json=True))
     assert printed["bench"] == "mesh"
@@ -106,3 +119,15 @@ def test_quick_run_reports_every_figure_with_its_anchor() -> None:
     text = report("mesh", results, as_json=False)
     assert text.splitlines()[0] == "bench mesh"
     assert all(r.metric in text for r in results)
+
+
+def test_bulk_moves_every_bundle_over_a_tls_link_and_the_anchor(tmp_path: Path) -> None:
+    link, bare, cipher = mesh_bench.bulk(tmp_path, rounds=1, messages=4, size=32 * 1024)
+    assert link > 0
+    assert bare > 0
+    assert cipher.startswith("TLS_")  # a TLS 1.3 suite, the same on both (else it fails)
+
+
+def test_the_bench_offers_a_quick_run() -> None:
+    """``python -m bench mesh --quick`` (the CLI passes quick=True when run() takes it)."""
+    assert "quick" in inspect.signature(mesh_bench.run).parameters

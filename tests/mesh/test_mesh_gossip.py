@@ -21,6 +21,7 @@ from trustmesh.crypto.keys import KeyKind
 from trustmesh.errors import DecodeError, OversizeError
 from trustmesh.mesh.errors import BadMessageId, BadSignature, MalformedMessage
 from trustmesh.mesh.gossip import (
+    _ANOMALY_WIRE,
     ID_LABEL,
     MAX_CERT,
     MAX_CHAIN,
@@ -32,6 +33,7 @@ from trustmesh.mesh.gossip import (
     MAX_TTL_MS,
     SIGNING_LABEL,
     GossipMessage,
+    _anomaly_content,
     anomaly_payload,
     check_payload,
     crl_from_payload,
@@ -42,7 +44,7 @@ from trustmesh.mesh.gossip import (
     sign_message,
     signing_input,
 )
-from trustmesh.wire.jsonwire import canonical_json
+from trustmesh.wire.jsonwire import canonical_json, strict_loads
 
 FUZZ = settings(max_examples=300, deadline=None)
 PROPERTY = settings(max_examples=150, deadline=None)
@@ -650,3 +652,170 @@ def test_a_message_from_another_origin_name_still_parses(pki: MeshPki) -> None:
     # Parsing does not judge trust: the engine does (test_mesh_engine.py).
     forged = pki.node("node-2").sign(origin="node-1")
     assert decode_message(forged.encode()).origin == "node-1"
+
+
+# --- the fast decoding paths (issue 22): the same verdict and value as the strict parser -----
+
+
+def _strict(data: bytes) -> GossipMessage | None:
+    """The strict parser alone (strict_loads, then message_from_json): the reference."""
+    try:
+        return message_from_json(strict_loads(data, max_size=MAX_MESSAGE, error=MalformedMessage))
+    except (MalformedMessage, OversizeError):
+        return None
+
+
+def _same_as_strict(data: bytes) -> None:
+    """decode_message (whichever path takes ``data``) accepts exactly what the strict
+    parser accepts, with an equal message, payload keys in the same order, and the same
+    signing input."""
+    expected = _strict(data)
+    got = _decodes_or_refuses(data)
+    if expected is None:
+        assert got is None
+        return
+    assert got == expected
+    assert list(got.payload) == list(expected.payload)
+    assert got.encode() == expected.encode()
+    assert got.signed_bytes() == expected.signed_bytes()
+    try:
+        checked = expected.checked_signed_bytes()
+    except BadMessageId:
+        with pytest.raises(BadMessageId):
+            got.checked_signed_bytes()
+    else:
+        assert got.checked_signed_bytes() == checked
+
+
+meta_keys = st.text(alphabet=st.sampled_from('ab:é"{}[],\\ '), max_size=4)
+meta_values: st.SearchStrategy[Any] = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**54), 2**54)
+    | st.floats(allow_nan=False)
+    | st.text(alphabet=st.sampled_from('xy:é"{}[],\\ \x01'), max_size=5)
+    | st.lists(st.integers(), max_size=2)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    meta=st.dictionaries(meta_keys, meta_values, max_size=4) | st.none(),
+    risk=st.sampled_from(["0", "1", "0.5", "1.0", "0.25e0", "1e-3", "-0", "1.5", "1e400", "0.750"]),
+    kind=st.sampled_from(["k", "a:b", "x/y.z", "bad kind", ""]),
+    with_chain=st.booleans(),
+    repeat=st.sampled_from(["", ',"seq":1', ',"meta":{}', ',"risk":0']),
+)
+def test_the_wire_layout_path_decides_as_the_strict_parser(
+    message: GossipMessage,
+    meta: dict[str, Any] | None,
+    risk: str,
+    kind: str,
+    with_chain: bool,
+    repeat: str,
+) -> None:
+    """Anomalies in the layout encode() writes (the regular-expression path), with meta,
+    risk and kind drawn to break its rules, repeated keys and escapes included."""
+    payload = f'{{"type":"anomaly","hash":"{"ab" * 8}","kind":"{kind}","risk":{risk}'
+    if meta is not None:
+        meta_json = json.dumps(meta, ensure_ascii=False, separators=(",", ":"))
+        if repeat == ',"seq":1' and meta_json != "{}":
+            meta_json = meta_json[:-1] + ',"seq":1,"seq":2}'
+        payload += f',"meta":{meta_json}'
+    if repeat in (',"meta":{}', ',"risk":0'):
+        payload += repeat
+    payload += "}"
+    wire = json.loads(message.encode(with_chain=with_chain))
+    head = json.dumps({k: wire[k] for k in ("message_id", "origin")}, separators=(",", ":"))[:-1]
+    tail = json.dumps(
+        {k: wire[k] for k in wire if k not in ("message_id", "origin", "payload")},
+        separators=(",", ":"),
+    )[1:]
+    _same_as_strict(f'{head},"payload":{payload},{tail}'.encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fast_paths_decide_as_the_strict_parser_on_mutated_messages(
+    message: GossipMessage, data: st.DataObject
+) -> None:
+    raw = bytearray(message.encode(with_chain=data.draw(st.booleans())))
+    for _ in range(data.draw(st.integers(0, 3))):
+        at = data.draw(st.integers(0, len(raw)))
+        action = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        if action == "flip" and at < len(raw):
+            raw[at] = data.draw(st.sampled_from(b'":,{}[]\\ 0aA-+/=.e\x00\xff'))
+        elif action == "insert":
+            raw[at:at] = data.draw(st.sampled_from([b'"', b":", b',"origin":"n"', b" ", b"{}"]))
+        else:
+            del raw[at : at + data.draw(st.integers(1, 4))]
+    _same_as_strict(bytes(raw))
+
+
+@PROPERTY
+@given(path=st.sampled_from(FIELD_PATHS), value=json_values, indent=st.sampled_from([None, 1]))
+def test_the_json_scanner_path_decides_as_the_strict_parser(
+    valid: Json, path: str, value: Any, indent: int | None
+) -> None:
+    """Other layouts (json.dumps' spacing, fields in another order: the scanner path)."""
+    data = copy.deepcopy(valid)
+    _set(path, value)(data)
+    _same_as_strict(json.dumps(data, indent=indent, ensure_ascii=False).encode())
+    _same_as_strict(json.dumps(dict(reversed(data.items())), ensure_ascii=False).encode())
+
+
+def test_the_layout_encode_writes_takes_the_regular_expression_path(
+    message: GossipMessage,
+) -> None:
+    for with_chain in (False, True):
+        for meta in ({}, {"a:b": "c:d", "n": None, "f": -0.5, "i": 7, "t": True, "é": "ü"}):
+            changed = dataclasses.replace(message, payload=dict(message.payload, meta=meta))
+            raw = changed.encode(with_chain=with_chain)
+            assert _ANOMALY_WIRE(raw.decode()) is not None
+            _same_as_strict(raw)
+            assert decode_message(raw) == dataclasses.replace(
+                changed, chain=changed.chain if with_chain else ()
+            )
+
+
+def test_repeated_keys_are_refused_on_every_path(message: GossipMessage) -> None:
+    compact = message.encode()
+    assert compact.startswith(b'{"message_id":')  # the layout the regular expression takes
+    for raw in (
+        compact.replace(b'"risk":', b'"risk":0.5,"risk":', 1),
+        compact.replace(b'"meta":{', b'"meta":{"source":"x",', 1),
+        compact.replace(b'"meta":{', b'"meta":{"a:b":"c:d","a:b":1,', 1),
+        compact.replace(b'{"message_id"', b'{"origin":"node-1","message_id"', 1),
+        json.dumps(json.loads(compact), indent=1)
+        .encode()
+        .replace(b'"origin"', b'"x":1,"origin"', 1),
+    ):
+        assert _strict(raw) is None
+        with pytest.raises(MalformedMessage):
+            decode_message(raw)
+
+
+def test_a_decoded_message_writes_its_content_as_the_canonical_encoder(
+    message: GossipMessage,
+) -> None:
+    """The anomaly content written directly for a checked message is canonical_json's."""
+    for meta in ({}, {"z": 1, "a": "é:x", "m": None, "f": 0.1, "b": True}, None):
+        payload = (
+            dict(message.payload, meta=meta)
+            if meta is not None
+            else {k: v for k, v in message.payload.items() if k != "meta"}
+        )
+        for risk in (0, 1, 0.5, 1e-7, 0.1 + 0.2):
+            decoded = decode_message(
+                dataclasses.replace(message, payload=dict(payload, risk=risk)).encode()
+            )
+            assert decoded._checked
+            content = canonical_json(
+                [decoded.origin, decoded.payload, decoded.timestamp, decoded.expiry]
+            )
+            assert (
+                _anomaly_content(decoded.origin, decoded.payload, decoded.timestamp, decoded.expiry)
+                == content
+            )
+    # A message changed after decoding is not trusted to be checked.
+    assert not dataclasses.replace(decoded, payload={"type": "crl", "crl": "MAA="})._checked

@@ -30,9 +30,10 @@ from trustmesh.catalyst.collision import CollisionRegistry
 from trustmesh.catalyst.errors import CatalystError
 from trustmesh.catalyst.jose import JWS_EXPORTER_LABEL, JwsSigner, verify_detached
 from trustmesh.catalyst.policy import PeeringPolicy, PeeringRequest
-from trustmesh.errors import DecodeError
+from trustmesh.errors import DecodeError, OversizeError
 from trustmesh.sansio import Authenticated, ConnectionClosed, Event
-from trustmesh.wire.frames import FrameDecoder, encode_frame
+from trustmesh.wire.frames import FrameDecoder
+from trustmesh.wire.varint import encode_uvarint
 
 if TYPE_CHECKING:
     from trustmesh.tls.stream import TlsEstablished
@@ -491,7 +492,13 @@ class CatalystSession:
     # --- output and timers ------------------------------------------------------------
 
     def _send(self, message: m.Message) -> None:
-        self._out.append(encode_frame(m.encode(message), m.MAX_MESSAGE))
+        payload = m.encode(message)
+        if len(payload) > m.MAX_MESSAGE:
+            raise OversizeError(
+                f"frame of {len(payload)} bytes exceeds the {m.MAX_MESSAGE}-byte limit"
+            )
+        # The length prefix and the message queued apart: joined (copied) once, when sent.
+        self._out += (encode_uvarint(len(payload)), payload)
 
     def _restart_hold(self, now: float) -> None:
         self._hold_deadline = now + self.hold_time if self.hold_time else None

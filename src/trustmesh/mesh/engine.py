@@ -34,6 +34,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from cryptography.exceptions import InvalidSignature
+
 from trustmesh.errors import DecodeError, ProtocolError
 from trustmesh.mesh.errors import (
     BadMessageId,
@@ -45,7 +47,7 @@ from trustmesh.mesh.errors import (
     UntrustedOrigin,
 )
 from trustmesh.mesh.gossip import MAX_TTL_MS, GossipMessage, crl_from_payload, decode_message
-from trustmesh.mesh.trust import CrlUpdate, Identity, TrustView
+from trustmesh.mesh.trust import ECDSA_SHA256, CrlUpdate, Identity, TrustView
 from trustmesh.ratelimit import TokenBucket
 
 T = TypeVar("T")
@@ -268,12 +270,22 @@ class GossipEngine:
         them. Signatures checked back to back keep OpenSSL's curve tables in the CPU
         cache, which makes each check markedly cheaper than one between other work
         (docs/performance.md). Each frame's outcome is a :class:`Received` or the error
-        that refused it, in order."""
+        that refused it, in order.
+
+        Every check runs for every frame, as :meth:`receive` runs them; what is done once
+        per batch is only what cannot change within it (the sender's tables, the time)."""
         if sender is not None and self._scores and self.is_graylisted(sender, now_ms):
             return self._drop_unread(sender, len(raws))
         results: list[Received | ProtocolError | None] = [None] * len(raws)
         screened: list[tuple[int, GossipMessage, bytes, bytes]] = []
         graylisted = False  # set when the sender is graylisted by this batch's frames
+        stats = self.stats
+        seen = self.seen._ids  # the ids, read and written here as SeenCache does
+        # The lifetime bounds, as _check_lifetime checks them (it says why on a failure).
+        max_ttl, latest = self.max_ttl_ms, now_ms + CLOCK_SKEW_MS
+        known = None if sender is None else self._known_by(sender)
+        known_bound = 4 * self.recent_capacity
+        bucket, now = None, now_ms / 1e3
         for index, raw in enumerate(raws):
             if graylisted:  # the rest of its frames go unread
                 results[index] = self._drop_unread(sender, 1)[0]
@@ -281,48 +293,127 @@ class GossipEngine:
             try:
                 message = decode_message(raw)
             except DecodeError as exc:
-                self.stats.reject("malformed")
+                stats.reject("malformed")
                 results[index] = exc
                 graylisted = self._penalise(sender, self.scoring.invalid, now_ms)
                 continue
             try:
-                duplicate = self._screen(message, sender, now_ms)
+                timestamp, expiry = message.timestamp, message.expiry
+                if not (
+                    timestamp < expiry
+                    and now_ms < expiry
+                    and timestamp <= latest
+                    and expiry - timestamp <= max_ttl
+                ):
+                    self._check_lifetime(message, now_ms)  # raises, saying which bound
+                message_id = message.message_id
+                if known is not None:
+                    known.add(message_id)
+                    if len(known) > known_bound:
+                        self._bound_known(known)
+                if message_id in seen:
+                    results[index] = self._duplicate(message, sender, now_ms)
+                    continue
+                if sender is not None:
+                    if bucket is None:  # one bucket, one time: fetched once per batch
+                        bucket = self._bucket(sender, now_ms)
+                    if bucket.take(now) is not None:
+                        raise RateLimited(
+                            f"{sender} is over {self.rate:g} gossip messages a second"
+                        )
             except GossipRejected as exc:
-                self.stats.reject(exc.code)
+                stats.reject(exc.code)
                 results[index] = exc
                 graylisted = isinstance(exc, Graylisted)
-                continue
-            if duplicate is not None:
-                results[index] = duplicate
                 continue
             try:
                 signed = message.checked_signed_bytes()
             except BadMessageId as exc:
-                self.stats.reject(exc.code)
+                stats.reject(exc.code)
                 results[index] = exc
                 graylisted = self._penalise(sender, self.scoring.invalid, now_ms)
                 continue
             screened.append((index, message, raw, signed))
         proven: list[tuple[int, GossipMessage, bytes, Identity, tuple[bytes, ...]]] = []
+        verify, origins, is_revoked = self._verify, self._origins, self.trust.is_revoked
         for index, message, raw, signed in screened:
+            skip = 0
             if graylisted:
                 results[index] = self._drop_unread(sender, 1)[0]
                 continue
+            if not message.chain:
+                # The steady state: _verify's first candidate, inline. Its checks in its
+                # order (revocation, expiry, signature); anything else goes to _verify.
+                certified = origins.get(message.origin)
+                if certified:
+                    origin, chain = certified[0]
+                    if (
+                        origin.ecdsa
+                        and not is_revoked(origin.serial)
+                        and now_ms < origin.not_after_ms
+                    ):
+                        try:
+                            origin.public_key.verify(message.signature, signed, ECDSA_SHA256)  # type: ignore[call-arg]
+                        except InvalidSignature:
+                            skip = 1  # _verify tries the others (not this one again)
+                        else:
+                            proven.append((index, message, raw, origin, chain))
+                            continue
             try:
-                origin, chain = self._verify(message, now_ms, signed)
+                origin, chain = verify(message, now_ms, signed, skip)
             except GossipRejected as exc:
-                self.stats.reject(exc.code)
+                stats.reject(exc.code)
                 results[index] = exc
                 if isinstance(exc, BadSignature):
                     graylisted = self._penalise(sender, self.scoring.invalid, now_ms)
                 continue
             proven.append((index, message, raw, origin, chain))
+        # Record them: _record's work, with what is the same for the whole batch looked
+        # up once (the sender's table, the peers to push an origin's messages to).
+        pending, capacity = self.seen.pending, self.seen.capacity
+        certs_known = None if sender is None else self._certs_known_by(sender)
+        fanout, sample, told = self.fanout, self.rng.sample, self._told
+        due = (now_ms + REPEAT_MS, 0)  # when each push is announced again, if not held
+        pushes: dict[str, list[str]] = {}  # origin -> the peers that are neither it nor sender
+        recent, recent_capacity = self._recent, self.recent_capacity
         for index, message, raw, origin, chain in proven:
-            try:
-                results[index] = self._record(message, raw, origin, chain, sender, peers, now_ms)
-            except GossipRejected as exc:
-                self.stats.reject(exc.code)
-                results[index] = exc
+            message_id = message.message_id
+            if message_id in seen or message.payload["type"] != "anomaly":
+                try:  # an earlier copy in this batch, or a CRL
+                    results[index] = self._record(
+                        message, raw, origin, chain, sender, peers, now_ms
+                    )
+                except GossipRejected as exc:
+                    stats.reject(exc.code)
+                    results[index] = exc
+                continue
+            expiry = message.expiry
+            seen[message_id] = expiry  # SeenCache.add
+            pending.append((message_id, expiry))
+            if len(seen) > capacity:
+                seen.popitem(last=False)
+            if certs_known is not None:  # it sent us the message: it has seen the certificate
+                certs_known.add((message.origin, origin.serial))
+            received = Received(message_id, True, message, raw, origin, (), None, chain)
+            recent[message_id] = received  # _remember
+            if expiry < self._soonest_expiry:
+                self._soonest_expiry = expiry
+            if len(recent) > recent_capacity:
+                self._forget_oldest()
+            stats.accepted += 1
+            candidates = pushes.get(message.origin)
+            if candidates is None:
+                candidates = pushes[message.origin] = [
+                    p for p in peers if p != sender and p != message.origin
+                ]
+            forward = (
+                tuple(sample(candidates, fanout)) if len(candidates) > fanout else tuple(candidates)
+            )
+            for peer in forward:  # a push counts as the first announcement
+                (told.get(peer) or _dict_of(told, peer))[message_id] = due
+            stats.forwarded += len(forward)
+            received.forward_to = forward
+            results[index] = received
         return [r for r in results if r is not None]
 
     def _receive(
@@ -356,13 +447,19 @@ class GossipEngine:
         if message_id in self.seen:
             return self._duplicate(message, sender, now_ms)
         if sender is not None:
-            now = now_ms / 1e3
-            bucket = self._buckets.get(sender)
-            if bucket is None:
-                bucket = self._buckets[sender] = TokenBucket(self.rate, self.burst, now)
-            if bucket.take(now) is not None:
-                raise RateLimited(f"{sender} is over {self.rate:g} gossip messages a second")
+            self._take_rate(sender, now_ms)
         return None
+
+    def _take_rate(self, sender: str, now_ms: int) -> None:
+        """One token from ``sender``'s gossip rate, or :class:`RateLimited`."""
+        if self._bucket(sender, now_ms).take(now_ms / 1e3) is not None:
+            raise RateLimited(f"{sender} is over {self.rate:g} gossip messages a second")
+
+    def _bucket(self, sender: str, now_ms: int) -> TokenBucket:
+        bucket = self._buckets.get(sender)
+        if bucket is None:
+            bucket = self._buckets[sender] = TokenBucket(self.rate, self.burst, now_ms / 1e3)
+        return bucket
 
     def _duplicate(self, message: GossipMessage, sender: str | None, now_ms: int) -> Received:
         check_chain = bool(message.chain) and message.origin not in self._origins
@@ -380,11 +477,7 @@ class GossipEngine:
             if check_chain:
                 # Checking the chain costs as much as a new message: it takes a token
                 # from the same rate, before the check.
-                rate = self._buckets.get(sender)
-                if rate is None:
-                    rate = self._buckets[sender] = TokenBucket(self.rate, self.burst, now)
-                if rate.take(now) is not None:
-                    raise RateLimited(f"{sender} is over {self.rate:g} gossip messages a second")
+                self._take_rate(sender, now_ms)
         self.stats.duplicates += 1
         if check_chain:
             # A restarted node remembers ids but not certificates: learn this one
@@ -414,23 +507,31 @@ class GossipEngine:
         message_id = message.message_id
         if message_id in self.seen:  # an earlier copy in the same batch
             return self._duplicate(message, sender, now_ms)
-        if message.kind == "crl":
-            received_crl = self.trust.apply_crl(crl_from_payload(message.payload))
-        else:
-            received_crl = None
+        crl = message.payload["type"] == "crl"
+        received_crl = self.trust.apply_crl(crl_from_payload(message.payload)) if crl else None
         self.seen.add(message_id, message.expiry)
         if sender is not None:  # it sent us the message: it has seen the certificate
             self._certs_known_by(sender).add((message.origin, origin.serial))
-        received = Received(message_id, True, message, raw, origin, (), None, chain)
-        self._remember(message_id, received)
+        received = Received(message_id, True, message, raw, origin, (), received_crl, chain)
+        self._remember(message_id, received, message.expiry)
         self.stats.accepted += 1
-        stale_crl = message.kind == "crl" and received_crl is None
-        forward = () if stale_crl else self._pick(peers, exclude=(sender, message.origin))
+        if crl and received_crl is None:
+            return received  # a CRL we hold already: not pushed on
+        # The peers to push to: never the sender or the origin.
+        candidates = [p for p in peers if p != sender and p != message.origin]
+        if len(candidates) > self.fanout:
+            forward = tuple(self.rng.sample(candidates, self.fanout))
+        else:
+            forward = tuple(candidates)
+        due = (now_ms + REPEAT_MS, 0)
+        told = self._told
         for peer in forward:  # a push counts as the first announcement
-            _dict_of(self._told, peer)[message_id] = (now_ms + REPEAT_MS, 0)
+            told_peer = told.get(peer)
+            if told_peer is None:
+                told_peer = told[peer] = {}
+            told_peer[message_id] = due
         self.stats.forwarded += len(forward)
         received.forward_to = forward
-        received.crl = received_crl
         return received
 
     def _check_lifetime(self, message: GossipMessage, now_ms: int) -> None:
@@ -444,12 +545,13 @@ class GossipEngine:
             raise ExpiredMessage(f"message lifetime exceeds {self.max_ttl_ms} ms")
 
     def _verify(
-        self, message: GossipMessage, now_ms: int, signed: bytes
+        self, message: GossipMessage, now_ms: int, signed: bytes, skip: int = 0
     ) -> tuple[Identity, tuple[bytes, ...]]:
         """Check the signature under the origin's certificate: the message's chain, or
         else the certificates last proven for that origin (its current and previous one,
         so a rotation in flight does not fail). A certificate is remembered only once a
-        signature checked out under it."""
+        signature checked out under it. ``skip``: for a message without a chain, the
+        signature already failed under the first known certificate (receive_batch)."""
         if message.chain:
             identity = self.trust.identity(message.chain, now_ms=now_ms)
             if identity.node_id != message.origin:
@@ -462,25 +564,41 @@ class GossipEngine:
             if not candidates:
                 raise UntrustedOrigin(f"no certificate known for {message.origin}: send its chain")
         failure: GossipRejected | None = None
+        first = candidates[0][0]
+        if skip and not message.chain:
+            failure = UntrustedOrigin(
+                f"signature does not verify under {candidates[0][0].node_id}'s key; "
+                f"no known certificate of {message.origin} fits: send its chain"
+            )
+            candidates = candidates[skip:]
+        is_revoked = self.trust.is_revoked
         for identity, chain in candidates:
-            if self.trust.is_revoked(identity.serial):
+            if is_revoked(identity.serial):
                 failure = RevokedOrigin(f"{identity.node_id}'s certificate is revoked")
                 continue
             if now_ms >= identity.not_after_ms:
                 failure = failure or UntrustedOrigin(f"{identity.node_id}'s certificate expired")
                 continue
             try:
-                identity.verify(message.signature, signed)
-            except BadSignature as exc:
-                if message.chain:
-                    raise  # the sender vouched for this certificate: a forgery
+                # Identity.verify, inline: the key object was built once, with the identity.
+                if identity.ecdsa:
+                    identity.public_key.verify(message.signature, signed, ECDSA_SHA256)  # type: ignore[call-arg]
+                else:
+                    identity.public_key.verify(message.signature, signed)  # type: ignore[call-arg]
+            except InvalidSignature:
+                if message.chain:  # the sender vouched for this certificate: a forgery
+                    raise BadSignature(
+                        f"signature does not verify under {identity.node_id}'s key"
+                    ) from None
                 # Without a chain it may be a certificate we have not seen: not proof of
                 # a forgery, so the sender is not cut off.
                 failure = failure or UntrustedOrigin(
-                    f"{exc}; no known certificate of {message.origin} fits: send its chain"
+                    f"signature does not verify under {identity.node_id}'s key; "
+                    f"no known certificate of {message.origin} fits: send its chain"
                 )
                 continue
-            self._prove(identity, chain)
+            if message.chain or identity is not first:
+                self._prove(identity, chain)  # (the first known one is proven already)
             return identity, chain
         assert failure is not None
         raise failure
@@ -496,12 +614,6 @@ class GossipEngine:
         """The chain of the certificate last proven for ``origin`` (empty if none)."""
         known = self._origins.get(origin)
         return known[0][1] if known else ()
-
-    def _pick(self, peers: Sequence[str], exclude: tuple[str | None, str]) -> tuple[str, ...]:
-        candidates = [p for p in peers if p not in exclude]
-        if len(candidates) <= self.fanout:
-            return tuple(candidates)
-        return tuple(self.rng.sample(candidates, self.fanout))
 
     # --- publishing -------------------------------------------------------------------------
 
@@ -694,9 +806,15 @@ class GossipEngine:
         if len(known) > 4 * self.recent_capacity:
             known.intersection_update(self._recent)
 
-    def _remember(self, message_id: str, held: Received) -> None:
+    def _remember(self, message_id: str, held: Received, expiry: int) -> None:
         self._recent[message_id] = held
-        self._soonest_expiry = min(self._soonest_expiry, _expiry(held))
+        if expiry < self._soonest_expiry:
+            self._soonest_expiry = expiry
+        self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        """Keep at most ``recent_capacity`` messages: the oldest go, and what peers are
+        known to hold or were told of them."""
         while len(self._recent) > self.recent_capacity:
             gone, _ = self._recent.popitem(last=False)
             for known in self._known.values():

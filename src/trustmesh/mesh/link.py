@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from trustmesh.errors import DecodeError
+from trustmesh.errors import DecodeError, OversizeError
 from trustmesh.mesh.crlparts import CRL_PARTS_VERSION, DEFAULT_CRL_TIMEOUT, CrlParts
 from trustmesh.mesh.errors import MalformedMessage, MeshError, RevokedOrigin
 from trustmesh.mesh.gossip import NODE_ID
@@ -27,8 +27,9 @@ from trustmesh.mesh.trust import MAX_CRL, CrlRejected, crl_number_of
 from trustmesh.pki.extensions import AttestedPlatform, ExtensionError, attested_platform_of
 from trustmesh.sansio import Authenticated, ConnectionClosed, Event
 from trustmesh.tls import TlsEstablished
-from trustmesh.wire.frames import FrameDecoder, encode_frame
+from trustmesh.wire.frames import FrameDecoder
 from trustmesh.wire.jsonwire import compact_json, strict_loads
+from trustmesh.wire.varint import encode_uvarint
 
 ALPN = "dadm-mesh/1"
 VERSION = 1
@@ -273,7 +274,7 @@ class MeshLink:
         self._binding: TlsBinding | None = None
         # One limit for every frame; HELLO's own body has a smaller one (_on_frame).
         self._decoder = FrameDecoder(MAX_FRAME)
-        self._out = bytearray()
+        self._out: list[bytes] = []  # frames to send, their pieces joined once
         self._hold_deadline: float | None = None
         self._keepalive_at: float | None = None
         # When the earlier of the two certificates expires (TLS tells, at link start).
@@ -362,7 +363,9 @@ class MeshLink:
         return min(times) if times else None
 
     def data_to_send(self) -> bytes:
-        out = bytes(self._out)
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
         self._out.clear()
         return out
 
@@ -452,7 +455,7 @@ class MeshLink:
         if 2 + len(data) > MAX_FRAME:
             raise ValueError(f"a bundle of {len(data)} bytes does not fit in a frame")
         if self.state is State.ESTABLISHED and self.peer_bundles:
-            self._send(Frame.BUNDLE, bytes((copies,)) + data)
+            self._send(Frame.BUNDLE, data, bytes((copies,)))
         return []
 
     def send_bundle_ack(
@@ -499,7 +502,14 @@ class MeshLink:
     def _on_frame(self, frame: bytes, now: float) -> list[Event]:
         if not frame:
             raise MalformedMessage("empty frame: no type byte")
-        kind, body = frame[0], frame[1:]
+        kind = frame[0]
+        if kind == Frame.BUNDLE and self.state is State.ESTABLISHED:
+            # The bulk frame: its bundle sliced out of the frame once (as _bundle_frame
+            # would take it, after slicing the body out first).
+            if len(frame) < 3 or frame[1] == 0:
+                raise MalformedMessage("BUNDLE is a copy count of 1..255, then a bundle")
+            return [BundleFrame(frame[1], frame[2:])]
+        body = frame[1:]
         if kind == Frame.CLOSE:
             data = _control(body)
             code, reason = data.get("code"), data.get("reason", "")
@@ -629,8 +639,15 @@ class MeshLink:
             self._send(kind, body)
         return []
 
-    def _send(self, kind: Frame, body: bytes) -> None:
-        self._out += encode_frame(bytes((kind,)) + body, MAX_FRAME)
+    def _send(self, kind: Frame, body: bytes, head: bytes = b"") -> None:
+        """Queue one frame: its length prefix, type byte and ``head``, then ``body`` as
+        it is (copied once, when :meth:`data_to_send` joins what is queued)."""
+        size = 1 + len(head) + len(body)
+        if size > MAX_FRAME:
+            raise OversizeError(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")
+        if type(body) is not bytes:
+            body = bytes(body)  # kept until sent: never a buffer its owner may change
+        self._out += (encode_uvarint(size) + bytes((kind,)) + head, body)
 
     def _close(self, code: str, reason: str, *, error: bool) -> list[Event]:
         if self.state is State.CLOSED:

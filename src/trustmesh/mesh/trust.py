@@ -25,7 +25,7 @@ from trustmesh.mesh.errors import BadSignature, GossipRejected, RevokedOrigin, U
 from trustmesh.pki.extensions import ExtensionError, identity_key_of
 
 _DER = serialization.Encoding.DER
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())  # one object, shared by every check
 MAX_IDENTITIES = 4096  # verified chains kept; the least recently used go first
 # The largest CRL a node takes or sends (DER): about 480,000 revoked serials. Over one link
 # frame it travels in CRL_PART pieces (docs/protocols/mesh-link.md section 3.1).
@@ -60,7 +60,7 @@ class Identity:
         """Raise :class:`BadSignature` unless ``signature`` over ``data`` is this node's."""
         try:
             if self.ecdsa:
-                self.public_key.verify(signature, data, _ECDSA_SHA256)  # type: ignore[call-arg]
+                self.public_key.verify(signature, data, ECDSA_SHA256)  # type: ignore[call-arg]
             else:
                 self.public_key.verify(signature, data)  # type: ignore[call-arg]
         except InvalidSignature:

@@ -23,12 +23,14 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
+from OpenSSL._util import no_zero_allocator as _no_zero_allocator
 
 from trustmesh.sansio import ConnectionClosed, Event, StreamCore
 from trustmesh.tls.context import TlsContext
 from trustmesh.tls.errors import TlsError
 
 READ_CHUNK = 64 * 1024
+RECORD_ROOM = 16 * 1024 + 256  # a TLS 1.3 record's plaintext, and then some
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -225,16 +227,40 @@ class TlsStream:
         self._handshake_done = True
 
     def _read(self) -> bytes:
+        """All the plaintext the records received so far hold, as one ``bytes``: read
+        with ``SSL_read`` into one buffer sized for it, so there is no buffer per record,
+        no join, and no exception at the end of the input. Plaintext is never longer
+        than the ciphertext: what waits in the memory BIO, plus at most one partial
+        record OpenSSL already took from it (``RECORD_ROOM``); should it be longer, the
+        buffer is taken as it is and another follows. Errors other than "want more
+        input" and the peer's close_notify are raised as pyOpenSSL's ``recv`` raises
+        them."""
+        conn = self._conn
+        ssl = conn._ssl
+        size = _lib.BIO_get_mem_data(conn._into_ssl, _ffi.NULL) + _lib.SSL_pending(ssl)
+        size += RECORD_ROOM
+        buf = _no_zero_allocator("char[]", size)
+        total = 0
         chunks: list[bytes] = []
         while True:
-            try:
-                chunks.append(self._conn.recv(READ_CHUNK))
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:  # the peer's close_notify
+            if total == size:  # full: keep it, read on into a new one
+                chunks.append(_ffi.buffer(buf, total)[:])
+                buf, total = _no_zero_allocator("char[]", size), 0
+            result = _lib.SSL_read(ssl, buf + total, size - total)
+            if result > 0:
+                total += result
+                continue
+            error = _lib.SSL_get_error(ssl, result)
+            if error == _lib.SSL_ERROR_ZERO_RETURN:  # the peer's close_notify
                 self._peer_closed = True
-                break
-        return b"".join(chunks)
+            elif error != _lib.SSL_ERROR_WANT_READ:
+                conn._raise_ssl_error(ssl, result)  # an SSL.Error, as recv() raises it
+            break
+        last = _ffi.buffer(buf, total)[:] if total else b""
+        if chunks:
+            chunks.append(last)
+            return b"".join(chunks)
+        return last
 
     def _connect(self, now: float) -> list[Event]:
         if self._connected or self._closed:
@@ -337,12 +363,10 @@ class TlsStream:
         return [event]
 
     def _drain(self) -> bytes:
-        chunks: list[bytes] = []
-        while True:
-            try:
-                chunks.append(self._conn.bio_read(READ_CHUNK))
-            except SSL.WantReadError:
-                return b"".join(chunks)
+        """The records waiting to go out, read from the memory BIO in one piece (its
+        length asked first: no loop ending in an exception, no join)."""
+        pending = _lib.BIO_get_mem_data(self._conn._from_ssl, _ffi.NULL)
+        return self._conn.bio_read(pending) if pending > 0 else b""
 
 
 def certificate_names(
