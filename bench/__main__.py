@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=available(), help="which benchmark to run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
-        "--quick", action="store_true", help="a small, fast run (benches that offer one: load)"
+        "--quick", action="store_true", help="a small, fast run (benches that offer one)"
     )
     args = parser.parse_args(argv)
     module = importlib.import_module(f"bench.{args.name}")
@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         if "quick" not in inspect.signature(module.run).parameters:
             parser.error(f"bench {args.name} has no --quick")
         options["quick"] = True
-    print(report(args.name, module.run(**options), as_json=args.json))
+    results = module.run(**options)
+    info = module.info() if hasattr(module, "info") else None  # facts about the run
+    print(report(args.name, results, as_json=args.json, info=info))
     return 0
 
 

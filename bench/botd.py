@@ -2,10 +2,20 @@
 
 - handshakes_per_s: full in-memory handshakes (Init, Ack, Finished, both sides), against
   pyln-proto's BOLT #8 handshake in its own venv. Goal: ratio >= 1.5.
+- crypto_ceiling_ratio: the same handshakes against the secp256k1 operations a handshake
+  pair needs and nothing else (4 signatures, 4 verifications, 2 ECDH, 2 key
+  generations), called straight into libsecp256k1 through coincurve's binding. Its
+  ratio is the share of that ceiling we reach. Goal: >= 0.6.
 - throughput_64k: bulk MiB/s over loopback TCP in 64 KiB messages, against stdlib
-  asyncio TLS 1.3 on the same loopback with 64 KiB writes. Goal: ratio >= 1.0.
+  asyncio TLS 1.3 on the same loopback with 64 KiB writes. Goal: ratio >= 2.
+- mib_per_s: the same BOTD figure against plain asyncio TCP (no encryption, no framing)
+  on the same loopback with 64 KiB writes: what share of the bare transport we keep.
 - messages_1k_per_s: 1 KiB messages per second over loopback, against pyln-proto's
   BOLT #8 transport. Goal: ratio >= 2.
+
+Every anchor is measured in the same run, in rounds alternating with ours. The event
+loop is uvloop when installed (trustmesh.eventloop; TRUSTMESH_NO_UVLOOP=1 for asyncio's),
+for ours and the asyncio anchors alike, and the report names it (``event_loop``).
 """
 
 from __future__ import annotations
@@ -20,13 +30,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from coincurve._libsecp256k1 import ffi, lib
+from coincurve.context import GLOBAL_CONTEXT
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.anchors import PylnAnchor
-from bench.harness import Result, compare_rates
+from bench.harness import Result
+from trustmesh import eventloop
 from trustmesh.botd import BotdConnection
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io import botd
@@ -34,6 +47,50 @@ from trustmesh.io import botd
 MIB = 1024 * 1024
 ROUND_TIME = 0.4  # seconds per measurement round
 ROUNDS = 7
+BULK_TOTAL = 64 * MIB  # bytes per bulk round
+MESSAGES_1K = 20000  # messages per 1 KiB round
+
+
+def info() -> dict[str, object]:
+    """Run facts the report prints beside the figures."""
+    return {"event_loop": eventloop.event_loop_name()}
+
+
+def _crypto_ceiling_rate(min_time: float) -> float:
+    """Handshake pairs per second if a pair cost only its secp256k1 operations: two
+    ephemeral key generations, two ECDH, four signatures and four verifications, each
+    one call into libsecp256k1 (through coincurve's cffi binding) with every input
+    prepared beforehand."""
+    ctx = GLOBAL_CONTEXT.ctx
+    secrets_ = (os.urandom(32), os.urandom(32))
+    publics = []
+    for secret in secrets_:
+        point = ffi.new("secp256k1_pubkey *")
+        assert lib.secp256k1_ec_pubkey_create(ctx, point, secret)
+        publics.append(point)
+    digest = os.urandom(32)
+    signature = ffi.new("secp256k1_ecdsa_signature *")
+    ephemeral = ffi.new("secp256k1_pubkey *")
+    shared = ffi.new("unsigned char [32]")
+    null = ffi.NULL
+    keygen, ecdh = lib.secp256k1_ec_pubkey_create, lib.secp256k1_ecdh
+    sign, verify = lib.secp256k1_ecdsa_sign, lib.secp256k1_ecdsa_verify
+    count = 0
+    start = time.perf_counter()
+    deadline = start + min_time
+    while True:
+        for side in (0, 1):  # each side: an ephemeral key and its ECDH
+            secret = os.urandom(32)
+            keygen(ctx, ephemeral, secret)
+            ecdh(ctx, shared, publics[side], secret, null, null)
+        for side in (0, 1, 0, 1):  # Init, Ack and the two Finished
+            sign(ctx, signature, digest, secrets_[side], null, null)
+            if not verify(ctx, signature, digest, publics[side]):
+                raise AssertionError("the ceiling's own signature does not verify")
+        count += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return count / (now - start)
 
 
 def _handshake_rate(min_time: float) -> float:
@@ -175,35 +232,81 @@ class _TlsLoopback:
         await self.server.wait_closed()
 
 
-async def _throughput_64k() -> tuple[float, float]:
+class _TcpLoopback:
+    """The bare-transport anchor: plain asyncio TCP on the same loopback, 64 KiB writes
+    drained as the TLS anchor's, bytes counted by a Protocol."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.target = 0
+        self.done = asyncio.Event()
+
+    async def start(self) -> None:
+        outer = self
+
+        class Count(asyncio.Protocol):
+            def data_received(self, data: bytes) -> None:
+                outer.received += len(data)
+                if outer.received >= outer.target:
+                    outer.done.set()
+
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(Count, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def transfer(self, payload: bytes, total: int) -> float:
+        self.received, self.target = 0, total
+        self.done.clear()
+        start = time.perf_counter()
+        for _ in range(total // len(payload)):
+            self.writer.write(payload)
+            await self.writer.drain()
+        await self.done.wait()
+        return time.perf_counter() - start
+
+    async def stop(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def _throughput_64k(rounds: int, total: int) -> tuple[float, float, float]:
+    """Medians of BOTD, TLS 1.3 and bare TCP MiB/s, rounds alternating TLS, ours, TCP."""
     payload = os.urandom(64 * 1024)
-    total = 64 * MIB
     with tempfile.TemporaryDirectory() as tmp:
-        ours, tls = _Loopback(), _TlsLoopback(Path(tmp))
+        ours, tls, tcp = _Loopback(), _TlsLoopback(Path(tmp)), _TcpLoopback()
         await ours.start()
         await tls.start()
+        await tcp.start()
         try:
-            await ours.transfer(payload, 4 * MIB)  # warm up both
-            await tls.transfer(payload, 4 * MIB)
-            ours_rates, tls_rates = [], []
-            for _ in range(ROUNDS):
+            for side in (ours, tls, tcp):  # warm up each
+                await side.transfer(payload, 4 * MIB)
+            ours_rates, tls_rates, tcp_rates = [], [], []
+            for _ in range(rounds):
                 tls_rates.append(total / MIB / await tls.transfer(payload, total))
                 ours_rates.append(total / MIB / await ours.transfer(payload, total))
+                tcp_rates.append(total / MIB / await tcp.transfer(payload, total))
         finally:
             await ours.stop()
             await tls.stop()
-    return statistics.median(ours_rates), statistics.median(tls_rates)
+            await tcp.stop()
+    return (
+        statistics.median(ours_rates),
+        statistics.median(tls_rates),
+        statistics.median(tcp_rates),
+    )
 
 
-async def _messages_1k(anchor: Callable[[], float]) -> tuple[float, float]:
+async def _messages_1k(anchor: Callable[[], float], rounds: int, count: int) -> tuple[float, float]:
     payload = os.urandom(1024)
-    count = 20000
     ours = _Loopback()
     await ours.start()
     try:
-        await ours.transfer(payload, 1024 * 2000)  # warm up
+        await ours.transfer(payload, 1024 * (count // 10))  # warm up
         ours_rates, anchor_rates = [], []
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             anchor_rates.append(anchor())
             ours_rates.append(count / await ours.transfer(payload, 1024 * count))
     finally:
@@ -211,19 +314,46 @@ async def _messages_1k(anchor: Callable[[], float]) -> tuple[float, float]:
     return statistics.median(ours_rates), statistics.median(anchor_rates)
 
 
-def run() -> list[Result]:
+def _handshakes(
+    anchor: Callable[[], float], rounds: int, round_time: float
+) -> tuple[float, float, float]:
+    """Medians of our handshakes, the anchor's and the crypto ceiling, in rounds
+    alternating anchor, ours, ceiling."""
+    ours, anchors, ceilings = [], [], []
+    for _ in range(rounds):
+        anchors.append(anchor())
+        ours.append(_handshake_rate(round_time))
+        ceilings.append(_crypto_ceiling_rate(round_time))
+    return statistics.median(ours), statistics.median(anchors), statistics.median(ceilings)
+
+
+def run(quick: bool = False) -> list[Result]:
+    """``quick``: two short rounds of each, for a smoke test; the figures are rough."""
+    rounds = 2 if quick else ROUNDS
+    round_time = 0.05 if quick else ROUND_TIME
+    total = 4 * MIB if quick else BULK_TOTAL
+    messages = 2000 if quick else MESSAGES_1K
     with PylnAnchor() as pyln:
-        _handshake_rate(ROUND_TIME)  # warm up both sides before measuring
-        pyln.rate("handshakes", ROUND_TIME)
-        hs, hs_anchor = compare_rates(
-            lambda: _handshake_rate(ROUND_TIME),
-            lambda: pyln.rate("handshakes", ROUND_TIME),
-            rounds=ROUNDS,
+        _handshake_rate(round_time)  # warm up every side before measuring
+        _crypto_ceiling_rate(round_time)
+        pyln.rate("handshakes", round_time)
+        hs, hs_anchor, ceiling = _handshakes(
+            lambda: pyln.rate("handshakes", round_time), rounds, round_time
         )
-        msgs, msgs_anchor = asyncio.run(_messages_1k(lambda: pyln.rate("messages_1k", ROUND_TIME)))
-    tput, tput_anchor = asyncio.run(_throughput_64k())
+        msgs, msgs_anchor = eventloop.run(
+            _messages_1k(lambda: pyln.rate("messages_1k", round_time), rounds, messages)
+        )
+    tput, tls, tcp = eventloop.run(_throughput_64k(rounds, total))
     return [
         Result("handshakes_per_s", hs, "hs/s", "pyln-proto BOLT #8 handshake", hs_anchor),
-        Result("throughput_64k", tput, "MiB/s", "asyncio TLS 1.3 loopback", tput_anchor),
+        Result(
+            "crypto_ceiling_ratio",
+            hs,
+            "hs/s",
+            "secp256k1 ops alone (4 sign, 4 verify, 2 ECDH, 2 keygen)",
+            ceiling,
+        ),
+        Result("throughput_64k", tput, "MiB/s", "asyncio TLS 1.3 loopback", tls),
+        Result("mib_per_s", tput, "MiB/s", "asyncio TCP loopback, no crypto", tcp),
         Result("messages_1k_per_s", msgs, "msg/s", "pyln-proto BOLT #8 over TCP", msgs_anchor),
     ]

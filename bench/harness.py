@@ -73,10 +73,21 @@ def compare_rates(
     return statistics.median(subject_rates), statistics.median(anchor_rates)
 
 
-def report(name: str, results: list[Result], *, as_json: bool) -> str:
+def report(
+    name: str,
+    results: list[Result],
+    *,
+    as_json: bool,
+    info: dict[str, object] | None = None,
+) -> str:
+    """The figures as one JSON object or as text. ``info``: facts about the run (the event
+    loop, say), top-level fields of the JSON object and a line of the text."""
+    facts = info or {}
     if as_json:
-        return json.dumps({"bench": name, "results": [r.to_json() for r in results]})
+        return json.dumps({"bench": name, **facts, "results": [r.to_json() for r in results]})
     lines = [f"bench {name}"]
+    if facts:
+        lines.append("  " + ", ".join(f"{key}: {value}" for key, value in facts.items()))
     for r in results:
         lines.append(
             f"  {r.metric:<28} {r.value:>12.1f} {r.unit:<8} "

@@ -4,10 +4,14 @@ and is exercised by `python -m bench botd`, not here)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
+import pytest
+
 from bench import botd as botd_bench
+from bench.harness import report as report_of
 
 
 def test_handshake_rate_completes_real_handshakes() -> None:
@@ -37,3 +41,59 @@ async def test_tls_anchor_transfer_counts_every_byte(tmp_path: Path) -> None:
     assert seconds > 0
     assert anchor.received == 2 * botd_bench.MIB
     assert anchor.writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+
+
+def test_crypto_ceiling_rate_runs_the_handshake_operations() -> None:
+    assert botd_bench._crypto_ceiling_rate(0.02) > 0
+
+
+async def test_tcp_anchor_transfer_counts_every_byte() -> None:
+    anchor = botd_bench._TcpLoopback()
+    await anchor.start()
+    try:
+        async with asyncio.timeout(10):
+            seconds = await anchor.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
+    finally:
+        await anchor.stop()
+    assert seconds > 0
+    assert anchor.received == 2 * botd_bench.MIB
+
+
+class FakePyln:
+    """Stands in for the pyln-proto worker, which needs its own venv."""
+
+    def __enter__(self) -> FakePyln:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def rate(self, metric: str, seconds: float) -> float:
+        return 1000.0
+
+
+def test_quick_run_reports_every_figure_and_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(botd_bench, "PylnAnchor", FakePyln)
+    results = botd_bench.run(quick=True)
+    by_metric = {r.metric: r for r in results}
+    assert set(by_metric) == {
+        "handshakes_per_s",
+        "crypto_ceiling_ratio",
+        "throughput_64k",
+        "mib_per_s",
+        "messages_1k_per_s",
+    }
+    for result in results:
+        assert result.value > 0 and result.anchor_value > 0
+    # The ceiling row divides the same handshake figure by the ceiling's rate, and the
+    # TCP row shares the bulk figure with the TLS row.
+    assert by_metric["crypto_ceiling_ratio"].value == by_metric["handshakes_per_s"].value
+    assert 0 < by_metric["crypto_ceiling_ratio"].ratio < 1
+    assert by_metric["mib_per_s"].value == by_metric["throughput_64k"].value
+    report = json.loads(report_of("botd", results, as_json=True, info=botd_bench.info()))
+    assert report["event_loop"] in ("uvloop", "asyncio")
+    assert {r["metric"] for r in report["results"]} == set(by_metric)
+    text = report_of("botd", results, as_json=False, info=botd_bench.info())
+    assert "event_loop: " in text and "crypto_ceiling_ratio" in text

@@ -374,3 +374,28 @@ def test_directional_records_use_the_right_keys() -> None:
     sealer, _ = keys.records(initiator=False)
     expected = AESGCM(keys.responder_to_initiator).encrypt(bytes(12), b"m", None)
     assert sealer.seal(b"m") == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.binary(max_size=80),
+    st.one_of(st.none(), st.binary(max_size=80)),
+    st.binary(max_size=40),
+    st.integers(1, 255 * 32),
+)
+def test_hkdf_matches_cryptography(
+    secret: bytes, salt: bytes | None, info: bytes, length: int
+) -> None:
+    # hkdf_sha256 is RFC 5869 written over hmac.digest (for speed); pyca's HKDF is the
+    # reference.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    expected = HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+    assert hkdf_sha256(secret, salt=salt, info=info, length=length) == expected
+
+
+@pytest.mark.parametrize("length", [0, 255 * 32 + 1])
+def test_hkdf_refuses_lengths_rfc5869_cannot_give(length: int) -> None:
+    with pytest.raises(ValueError, match="HKDF-SHA256 output"):
+        hkdf_sha256(b"secret", salt=None, info=b"", length=length)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trustmesh.crypto.keys import (
+    SECP256K1_ORDER,
     Ed25519PrivateKey,
     Ed25519PublicKey,
     KeyKind,
@@ -536,3 +537,18 @@ def test_libp2p_secp256k1_vector() -> None:
     native = ec.derive_private_key(int(LIBP2P_SECRET, 16), ec.SECP256K1())
     assert str(PrivateKey.from_cryptography(native).public_key().peer_id()) == LIBP2P_PEER_ID
     assert PublicKey.from_bytes(KeyKind.SECP256K1, bytes.fromhex(LIBP2P_PUBLIC)) == public
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=32, max_size=32))
+def test_secp256k1_compact_signature_is_the_der_one(digest: bytes) -> None:
+    # sign_digest_compact skips the DER encoding; it must be the same (r, s), low-S.
+    from coincurve.ecdsa import der_to_cdata, serialize_compact
+
+    key = PrivateKey.generate(KeyKind.SECP256K1)
+    assert isinstance(key, Secp256k1PrivateKey)
+    compact = key.sign_digest_compact(digest)
+    assert compact == bytes(serialize_compact(der_to_cdata(key.sign_digest(digest))))
+    assert int.from_bytes(compact[32:], "big") <= SECP256K1_ORDER // 2
+    with pytest.raises(ValueError, match="32 bytes"):
+        key.sign_digest_compact(digest[:31])

@@ -22,6 +22,7 @@ from trustmesh.botd.errors import (
     PingTooSoonError,
     PolicyError,
 )
+from trustmesh.botd.framing import FrameReader, data_frame_body, data_frame_header, uvarint
 from trustmesh.botd.keyschedule import (
     EphemeralKey,
     RekeyingOpener,
@@ -30,6 +31,7 @@ from trustmesh.botd.keyschedule import (
     ack_digest,
     finished_digest,
     init_digest,
+    parse_point,
     sign_compact,
     transcript_hash,
     verify_compact,
@@ -55,8 +57,6 @@ from trustmesh.crypto.keys import KeyKind, PublicKey, Secp256k1PublicKey
 from trustmesh.errors import DecodeError, OversizeError, ProtocolError
 from trustmesh.keystore.signer import Signer
 from trustmesh.sansio import Authenticated, ConnectionClosed, Event
-from trustmesh.wire.frames import FrameDecoder
-from trustmesh.wire.varint import encode_uvarint
 
 # A data frame's record: protobuf tag and length (at most 1 + 4 bytes) plus the GCM tag.
 RECORD_OVERHEAD = 8 + TAG_SIZE
@@ -142,7 +142,7 @@ class BotdConnection:
         self._ephemeral_pub = self._ephemeral.public
         self._new_id = new_id
         self._state = State.START
-        self._decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
+        self._decoder = FrameReader(MAX_HANDSHAKE_FRAME)
         self._out: list[bytes] = []
         self._init_id = ""
         self._init_payload = b""
@@ -156,6 +156,7 @@ class BotdConnection:
         self._ping_sent_at: float | None = None  # our latest ping
         self._peer_ping_at: float | None = None  # the peer's latest ping
         self._max_message = self.config.max_message
+        self._keepalive = self.config.keepalive
         self._established_at: float | None = None
 
     # --- inspection -------------------------------------------------------------------
@@ -205,7 +206,7 @@ class BotdConnection:
         return []
 
     def receive_data(self, data: bytes, now: float) -> list[Event]:
-        if self._state in (State.CLOSED, State.START):
+        if self._state is State.CLOSED or self._state is State.START:
             return []
         if not data:
             return self._on_eof()
@@ -215,14 +216,28 @@ class BotdConnection:
                 payloads, error = self._decoder.feed(data), None
             except DecodeError as exc:
                 payloads, error = list(exc.frames), exc
+            opener = self._opener
             for index, payload in enumerate(payloads):
-                if self._opener is not None:
-                    self._on_record(self._opener.open(payload), now, events)
-                else:
+                if opener is None:
                     trailing = (
                         index + 1 < len(payloads) or error is not None or not self._decoder.idle
                     )
-                    self._on_handshake(payload, now, events, trailing=trailing)
+                    self._on_handshake(bytes(payload), now, events, trailing=trailing)
+                    opener = self._opener
+                else:
+                    plaintext = opener.open(payload)
+                    if self._state is State.ESTABLISHED:
+                        # The bulk of the traffic: one data field, taken without protobuf.
+                        start = data_frame_body(plaintext)
+                        if start > 0:
+                            if len(plaintext) - start > self._max_message:
+                                raise OversizeError(
+                                    f"message of {len(plaintext) - start} bytes exceeds "
+                                    f"{self._max_message}"
+                                )
+                            events.append(MessageReceived(plaintext[start:]))
+                            continue
+                    self._on_record(plaintext, now, events)
                 if self.state is State.CLOSED:  # the peer's Close ended it
                     return events
             if error is not None:
@@ -261,6 +276,8 @@ class BotdConnection:
             return self._close_deadline
         if state is not State.ESTABLISHED:
             return self._handshake_deadline
+        if self._ping_id is None and self._keepalive is None:
+            return None  # the usual case: no ping out, no keepalive
         deadlines = [
             d for d in (self._pong_deadline(), self._keepalive_deadline()) if d is not None
         ]
@@ -296,9 +313,12 @@ class BotdConnection:
         """Queue one application message."""
         if self._state is not State.ESTABLISHED and self._state is not State.PEER_CLOSED:
             raise BotdError(f"cannot send: the channel is {self._state.value}")
-        if len(data) > self._max_message:  # checked before sealing: no nonce is spent
-            raise ValueError(f"message of {len(data)} bytes exceeds {self._max_message}")
-        self._send_frame(Frame(data=data))
+        size = len(data)
+        if size > self._max_message:  # checked before sealing: no nonce is spent
+            raise ValueError(f"message of {size} bytes exceeds {self._max_message}")
+        # Frame{data} as protobuf encodes it, without building the message.
+        assert self._sealer is not None
+        self._queue(self._sealer.seal(data_frame_header(size) + data))
         return []
 
     def ping(self, now: float) -> list[Event]:
@@ -349,7 +369,7 @@ class BotdConnection:
         sender = parse_pubkey(init.sender_pubkey, "Init sender_pubkey")
         if not self.config.allows(sender):
             raise PolicyError(f"sender {sender.hex()} is not on the allow-list")
-        ephemeral = parse_pubkey(init.ephemeral_pubkey, "Init ephemeral_pubkey")
+        ephemeral = parse_point(init.ephemeral_pubkey, "Init ephemeral_pubkey")
         verify_compact(
             sender,
             init.signature,
@@ -378,7 +398,7 @@ class BotdConnection:
         if ack.init_id != self._init_id:
             raise HandshakeError("Ack answers another Init (init_id does not match)")
         check_id(ack.id, "Ack id")
-        ephemeral = parse_pubkey(ack.ephemeral_pubkey, "Ack ephemeral_pubkey")
+        ephemeral = parse_point(ack.ephemeral_pubkey, "Ack ephemeral_pubkey")
         verify_compact(
             self._peer,
             ack.signature,
@@ -406,7 +426,7 @@ class BotdConnection:
         self._established_at = now
         events.append(HandshakeComplete(self._peer))
 
-    def _derive_keys(self, peer_ephemeral: Secp256k1PublicKey, init: bytes, ack: bytes) -> None:
+    def _derive_keys(self, peer_ephemeral: object, init: bytes, ack: bytes) -> None:
         self.transcript_hash = transcript_hash(init, ack)
         keys = SessionKeys(self._ephemeral.ecdh(peer_ephemeral), self.transcript_hash)
         self._sealer, self._opener = keys.ciphers(
@@ -488,8 +508,7 @@ class BotdConnection:
 
     def _queue(self, payload: bytes) -> None:
         """Queue one frame; prefix and payload are joined once, in data_to_send."""
-        self._out.append(encode_uvarint(len(payload)))
-        self._out.append(payload)
+        self._out += (uvarint(len(payload)), payload)
 
     def _send_frame(self, frame: Frame) -> None:
         assert self._sealer is not None

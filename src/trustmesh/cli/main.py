@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from trustmesh import __version__
+from trustmesh import eventloop as event_loop
 from trustmesh.cli import signals
 from trustmesh.errors import ProtocolError
 
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     _State.debug = os.environ.get("TRUSTMESH_DEBUG", "") not in ("", "0")
     signals.reset()
     try:
-        result = cli.main(args=argv, prog_name="trustmesh", standalone_mode=False)
+        with event_loop.installed():  # uvloop when installed (trustmesh[fast])
+            result = cli.main(args=argv, prog_name="trustmesh", standalone_mode=False)
     except click.exceptions.Abort as exc:
         # Click turns Ctrl-C (KeyboardInterrupt) into Abort; only a refused prompt or
         # an end of input is a plain abort.

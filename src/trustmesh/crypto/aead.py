@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from hmac import digest as _hmac
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from trustmesh.errors import AuthenticationError, NonceExhaustedError
 
@@ -29,11 +28,26 @@ MAX_RECORDS = 1 << 64  # counter values 0 .. 2**64 - 1: the nonce space
 # (16 KiB) records keep AES-GCM's safety margin. Protocols rekey before it.
 DEFAULT_MAX_RECORDS = 1 << 24
 _pack_nonce = struct.Struct(">IQ").pack  # 4-byte prefix, 8-byte counter
+_HASH_LEN = 32
+_COUNTER = [bytes((i,)) for i in range(256)]
 
 
 def hkdf_sha256(secret: bytes, *, salt: bytes | None, info: bytes, length: int) -> bytes:
-    """RFC 5869 HKDF with SHA-256."""
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(secret)
+    """RFC 5869 HKDF with SHA-256.
+
+    Written out over the stdlib's one-shot HMAC (a few lines of RFC 5869, section 2):
+    it runs on every handshake, where building ``cryptography``'s ``HKDF`` object cost
+    more than the hashing. tests/crypto/test_aead.py checks it against that ``HKDF``
+    and the RFC's vectors."""
+    if not 0 < length <= 255 * _HASH_LEN:
+        raise ValueError(f"HKDF-SHA256 output must be 1 .. {255 * _HASH_LEN} bytes")
+    prk = _hmac(salt or bytes(_HASH_LEN), secret, "sha256")
+    block = b""
+    blocks = []
+    for counter in range(1, -(-length // _HASH_LEN) + 1):
+        block = _hmac(prk, block + info + _COUNTER[counter], "sha256")
+        blocks.append(block)
+    return b"".join(blocks)[:length]
 
 
 @dataclass(frozen=True, slots=True)

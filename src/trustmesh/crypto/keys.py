@@ -15,6 +15,9 @@ from enum import StrEnum
 from typing import ClassVar
 
 import coincurve
+from coincurve._libsecp256k1 import ffi as _ffi
+from coincurve._libsecp256k1 import lib as _lib
+from coincurve.context import GLOBAL_CONTEXT
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -34,6 +37,7 @@ from trustmesh.wire.peerid import PeerId
 
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_SECP_CTX = GLOBAL_CONTEXT.ctx
 _ED25519_P = 2**255 - 19
 _ED25519_D = (-121665 * pow(121666, -1, _ED25519_P)) % _ED25519_P
 
@@ -250,6 +254,20 @@ class Secp256k1PrivateKey(PrivateKey):
             raise ValueError("digest must be 32 bytes")
         # RFC 6979 nonces; libsecp256k1 always produces low-S.
         return bytes(self._key.sign(digest, hasher=None))
+
+    def sign_digest_compact(self, digest: bytes) -> bytes:
+        """Sign a SHA-256 digest; the signature as 64 bytes ``r || s`` (low-S), straight
+        from libsecp256k1 without the DER encoding :meth:`sign_digest` returns."""
+        if len(digest) != 32:
+            raise ValueError("digest must be 32 bytes")
+        signature = _ffi.new("secp256k1_ecdsa_signature *")
+        if not _lib.secp256k1_ecdsa_sign(
+            _SECP_CTX, signature, digest, self._key.secret, _ffi.NULL, _ffi.NULL
+        ):
+            raise ValueError("secp256k1 signing failed")  # pragma: no cover - valid keys only
+        out = _ffi.new("unsigned char [64]")
+        _lib.secp256k1_ecdsa_signature_serialize_compact(_SECP_CTX, out, signature)
+        return bytes(_ffi.buffer(out, 64))
 
     def ecdh(self, peer: PublicKey) -> bytes:
         if not isinstance(peer, Secp256k1PublicKey):

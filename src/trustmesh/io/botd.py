@@ -248,10 +248,12 @@ def connect(
     ``driver_options`` go to the :class:`StreamDriver`.
     """
 
+    options = {"coalesce_writes": True, **driver_options}
+
     async def open_channel() -> Channel:
         core = BotdConnection(key, peer_key=peer_key, config=config)
         return await dial(
-            lambda: Channel(StreamDriver(core, **driver_options)),
+            lambda: Channel(StreamDriver(core, **options)),
             host,
             port,
             local_addr=local_addr,
@@ -304,5 +306,6 @@ async def serve(
         finally:
             await channel.close("handler finished")
 
-    server = await serve_stream(new_core, run, host, port, **driver_options)
+    options = {"coalesce_writes": True, **driver_options}
+    server = await serve_stream(new_core, run, host, port, **options)
     return BotdServer(server)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,7 +59,14 @@ async def dial(
 
     try:
         async with asyncio.timeout(timeout):
-            await loop.create_connection(protocol, host, port, local_addr=local_addr)
+            # TCP first, then the protocol: uvloop would make the protocol (and so the
+            # handle) before connecting, and a refused dial would leave an event behind.
+            sock = await _connected_socket(loop, host, port, local_addr)
+            try:
+                await loop.create_connection(protocol, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
             await made[0].wait_up()
     except BaseException as exc:
         if made:
@@ -71,3 +79,41 @@ async def dial(
                     await handle.wait_closed()
         raise
     return made[0]
+
+
+async def _connected_socket(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    local_addr: tuple[str, int] | None,
+) -> socket.socket:
+    """A non-blocking TCP socket connected to ``host:port`` (each address in turn, as
+    ``loop.create_connection`` tries them), bound to ``local_addr`` when given."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"getaddrinfo({host!r}) returned no address")
+    local_infos = None
+    if local_addr is not None:
+        local_infos = await loop.getaddrinfo(*local_addr, type=socket.SOCK_STREAM)
+    errors: list[OSError] = []
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            if local_infos is not None:
+                local = next((info[4] for info in local_infos if info[0] == family), None)
+                if local is None:
+                    raise OSError(f"no local address of family {family!r} in {local_addr}")
+                sock.bind(local)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            errors.append(exc)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    if len(errors) == 1:
+        raise errors[0]
+    raise OSError(f"Multiple exceptions: {', '.join(str(exc) for exc in errors)}")

@@ -91,8 +91,17 @@ class Handle(Generic[CoreT, UpT]):
         self.driver.abort(reason)
 
     async def _read(self) -> None:
+        driver = self.driver
         try:
-            async for event in self.driver:
+            while True:
+                # Take what one read produced without a coroutine per event; wait only
+                # when nothing is queued.
+                event = driver.poll_event()
+                if event is None:
+                    try:
+                        event = await driver.next_event()
+                    except ConnectionClosedError:
+                        break
                 if isinstance(event, self._up_type) and not self._up.done():
                     self._up.set_result(event)
                 elif isinstance(event, ConnectionClosed):
@@ -108,6 +117,8 @@ class Handle(Generic[CoreT, UpT]):
                     continue
                 if waiting is not None:
                     await waiting
+                if isinstance(event, ConnectionClosed):
+                    break  # the last event
         finally:
             if self.closed_event is None:  # cancelled: the driver is going away
                 self._set_closed(ConnectionClosed(f"{self._name} reader stopped", error=True))

@@ -17,7 +17,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from cryptography import x509
@@ -133,8 +133,8 @@ class _HttpsConnection(asyncio.Protocol):
     # --- the socket side ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._raw = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._raw = cast(asyncio.Transport, transport)
         self._admission.evict = lambda reason: self._drop("evicted", reason)
         now = self._loop.time()
         # Until the first request head: nothing at all for idle_timeout, and not done by

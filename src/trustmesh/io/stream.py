@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Self, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Generic, Self, TypeVar, cast
 
 from trustmesh.errors import ConnectionClosedError, ProtocolError
 from trustmesh.io.limits import Admission, LimitStats, ResourcePolicy
@@ -39,6 +39,9 @@ CLIENT_STATS = LimitStats("outbound connections")  # limits hit on connections w
 # to a peer that does not read) gets here; a lower bound would deadlock two peers that
 # both send in bulk.
 READ_PAUSE_FACTOR = 4
+# With ``coalesce_writes``, what the application's actions produce is written once per
+# event-loop turn, or as soon as this much of it waits: many small messages, one send().
+COALESCE_LIMIT = 64 * 1024
 ABANDON_AFTER = 1.0  # at shutdown, seconds an accepted connection has to start or be dropped
 DEFAULT_CLOSE_TIMEOUT = 10.0  # an orderly close that has not finished by then is aborted
 
@@ -55,6 +58,7 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         policy: ResourcePolicy | None = None,
         admission: Admission | None = None,
+        coalesce_writes: bool = False,
     ) -> None:
         self.core = core
         self._loop = asyncio.get_running_loop()
@@ -84,6 +88,14 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         self._connected: asyncio.Future[None] = self._loop.create_future()
         self._transport_gone: asyncio.Future[None] = self._loop.create_future()
         self._delivered_close = False
+        # coalesce_writes: output of application actions not yet handed to the transport
+        self._coalesce = coalesce_writes
+        self._unsent: list[bytes] = []
+        self._unsent_bytes = 0
+        self._flush_soon: asyncio.Handle | None = None
+        # The write buffer can pass max_write_buffer without pausing writing first only if
+        # the high-water mark lies above it.
+        self._always_check_buffer = high_water >= self._policy.max_write_buffer
 
     # --- application side -------------------------------------------------------------
 
@@ -130,11 +142,20 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
                 raise ConnectionClosedError(self._closed.result().reason)
             self._event_ready.clear()
             await self._event_ready.wait()
+        return self._take()
+
+    def poll_event(self) -> Event | None:
+        """The next event if one is waiting, else ``None`` (without waiting): a reader
+        drains what one read produced without a coroutine per event."""
+        return self._take() if self._events else None
+
+    def _take(self) -> Event:
         event = self._events.popleft()
         self._queued_bytes -= event.payload_size()
         if isinstance(event, ConnectionClosed):
             self._delivered_close = True
-        self._update_reading()
+        if self._reading_paused:  # taking events can only make room, never take it
+            self._update_reading()
         return event
 
     def __aiter__(self) -> StreamDriver[CoreT]:
@@ -155,8 +176,11 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         """
         if self._closed.done():
             raise ConnectionClosedError(self._closed.result().reason)
-        events = action(self.core) or []
-        self._guarded(lambda: events)
+        events = action(self.core)
+        try:
+            self._process(events or (), soon=self._coalesce)
+        except Exception as exc:
+            self._failed(exc)
 
     async def drain(self) -> None:
         """Wait until the transport's send buffer is below the low-water mark."""
@@ -196,16 +220,16 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             self._transport_gone.set_result(None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        raw = self._transport = cast(asyncio.Transport, transport)
         if self._connected.done():  # abandoned: too late
-            transport.abort()
+            raw.abort()
             return
         self._connected.set_result(None)
         if self._closed.done():  # closed (e.g. by a server shutting down) before it began
-            transport.abort()
+            raw.abort()
             return
-        transport.set_write_buffer_limits(high=self._high_water)
+        raw.set_write_buffer_limits(high=self._high_water)
         if self._admission is not None:
             self._admission.evict = self.abort
             policy = self._policy
@@ -232,6 +256,7 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._connected.done():
             self._connected.set_exception(ConnectionClosedError("connection failed"))
+            self._connected.exception()  # retrieved: nobody may be waiting
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
@@ -299,43 +324,79 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         the driver reads its output or timer) closes only its own connection."""
         try:
             self._process(step())
-        except ProtocolError as exc:
+        except Exception as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, ProtocolError):
             log.info("closing connection after protocol error: %s", exc)
             try:
                 self._flush()  # whatever the core queued before failing (an alert, a notice)
             except Exception:
                 log.exception("protocol core failed while flushing")
             self._finish(ConnectionClosed(f"protocol error: {exc}", error=True), abort=False)
-        except Exception:
-            log.exception("protocol core failed; closing its connection")
+        else:
+            log.exception("protocol core failed; closing its connection", exc_info=exc)
             self._finish(ConnectionClosed("internal error", error=True), abort=True)
 
-    def _process(self, events: list[Event]) -> None:
+    def _process(self, events: Iterable[Event], *, soon: bool = False) -> None:
         closing: ConnectionClosed | None = None
+        queue = self._events
         for event in events:
             if isinstance(event, ConnectionClosed):
                 closing = closing or event
                 continue
             if isinstance(event, Authenticated):
                 self._on_authenticated()
-            self._events.append(event)
+            queue.append(event)
             self._queued_bytes += event.payload_size()
-        self._flush()
+        self._flush(soon=soon)
         if closing is not None:
             self._finish(closing, abort=False)
             return
-        if self._events:
+        if queue:
             self._event_ready.set()
         self._arm_timer()
         self._update_reading()
 
-    def _flush(self) -> None:
+    def _flush(self, *, soon: bool = False) -> None:
+        """Hand the core's output to the transport. ``soon``: an application action's
+        output may wait for the end of this event-loop turn (``coalesce_writes``), up to
+        COALESCE_LIMIT bytes, so a burst of small messages leaves in one write."""
         data = self.core.data_to_send()
+        if self._unsent:
+            if data:
+                self._unsent.append(data)
+                self._unsent_bytes += len(data)
+            if soon and self._unsent_bytes < COALESCE_LIMIT:
+                return
+            data = b"".join(self._unsent)
+            self._unsent.clear()
+            self._unsent_bytes = 0
+        elif not data:
+            return
+        elif soon and len(data) < COALESCE_LIMIT:
+            self._unsent.append(data)
+            self._unsent_bytes = len(data)
+            if self._flush_soon is None:
+                self._flush_soon = self._loop.call_soon(self._flush_unsent)
+            return
         transport = self._transport
-        if data and transport is not None and not transport.is_closing():
+        if transport is not None and not transport.is_closing():
             transport.write(data)
-            if transport.get_write_buffer_size() > self._policy.max_write_buffer:
+            if (self._write_paused or self._always_check_buffer) and (
+                transport.get_write_buffer_size() > self._policy.max_write_buffer
+            ):
                 self._limit_hit("max_write_buffer", "does not read what we send")
+
+    def _flush_unsent(self) -> None:
+        self._flush_soon = None
+        if self._unsent and not self._closed.done():
+            try:
+                self._flush()
+            except Exception as exc:
+                self._failed(exc)
+            self._update_reading()
 
     def _arm_timer(self) -> None:
         deadline = self.core.get_timer()
@@ -349,20 +410,29 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
+        deadline = self._timer_deadline
         self._timer = None
         self._timer_deadline = None
         if not self._closed.done():
-            self._guarded(lambda: self.core.handle_timer(self._loop.time()))
+            # A loop with a coarser clock (uvloop's is in milliseconds) may run the timer
+            # a little before the deadline it was set for: tell the core the deadline is
+            # here, or it would wait for it again and again.
+            now = self._loop.time()
+            if deadline is not None and now < deadline:
+                now = deadline
+            self._guarded(lambda: self.core.handle_timer(now))
 
     def _update_reading(self) -> None:
         transport = self._transport
-        if transport is None or transport.is_closing() or self._eof:
+        if transport is None or self._eof or transport.is_closing():
             return  # after EOF, resuming would make the socket report EOF again
-        unsent = transport.get_write_buffer_size()
         want_pause = (
-            (self._write_paused and unsent > READ_PAUSE_FACTOR * self._high_water)
-            or len(self._events) >= self._max_pending
+            len(self._events) >= self._max_pending
             or self._queued_bytes >= self._policy.max_queued_bytes
+            or (
+                self._write_paused
+                and transport.get_write_buffer_size() > READ_PAUSE_FACTOR * self._high_water
+            )
         )
         if want_pause and not self._reading_paused:
             transport.pause_reading()
@@ -380,6 +450,15 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         self._timer = self._guard = self._stall = None
         if self._admission is not None:
             self._admission.release()
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        if self._unsent:  # what the application sent goes before the goodbye
+            unsent = b"".join(self._unsent)
+            self._unsent.clear()
+            transport = self._transport
+            if not abort and transport is not None and not transport.is_closing():
+                transport.write(unsent)
         self._closed.set_result(event)
         self._events.append(event)
         self._event_ready.set()

@@ -1,0 +1,186 @@
+"""BOTD #2 framing on the hot path: ``uvarint(len) || payload`` split without copies,
+and the ``data`` frame built and recognised without the protobuf runtime.
+
+:class:`FrameReader` splits a byte stream exactly as :class:`trustmesh.wire.frames.FrameDecoder`
+does (same limits, same errors, checked against it by tests/botd/test_botd_framing.py), but
+a frame that lies whole inside one input chunk comes back as a ``memoryview`` of that
+chunk instead of a copy: the record layer decrypts straight from it. Only a frame split
+across reads is gathered, into a buffer allocated once at its full size.
+
+``Frame{data}`` is the one message that carries bulk bytes. Its protobuf encoding is
+fixed (field 6, wire type 2: the byte 0x32, the length as a minimal varint, the bytes),
+so :func:`data_frame_header` builds it and :func:`data_frame_body` recognises it; any
+other plaintext goes through the protobuf parser as before. Nothing on the wire changes.
+"""
+
+from __future__ import annotations
+
+from trustmesh.errors import DecodeError, OversizeError, TruncatedError
+from trustmesh.wire.varint import MAX_VARINT_BYTES, decode_uvarint, encode_uvarint
+
+__all__ = ["DATA_TAG", "FrameReader", "data_frame_body", "data_frame_header", "uvarint"]
+
+DATA_TAG = 0x32  # Frame.data: field 6, wire type 2 (length-delimited)
+_ONE_BYTE = [bytes((b,)) for b in range(0x80)]
+_DATA_ONE_BYTE = [bytes((DATA_TAG, b)) for b in range(0x80)]
+
+Payload = bytes | bytearray | memoryview
+
+
+def uvarint(value: int) -> bytes:
+    """:func:`trustmesh.wire.varint.encode_uvarint`, quicker for the lengths of records."""
+    if value < 0x80:
+        return _ONE_BYTE[value] if value >= 0 else encode_uvarint(value)
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes((value & 0x7F | 0x80, (value >> 7) & 0x7F | 0x80, value >> 14))
+    return encode_uvarint(value)
+
+
+def data_frame_header(size: int) -> bytes:
+    """The bytes protobuf puts before ``size`` bytes of ``Frame.data``."""
+    if size < 0x80:
+        return _DATA_ONE_BYTE[size]
+    if size < 0x4000:
+        return bytes((DATA_TAG, size & 0x7F | 0x80, size >> 7))
+    return b"\x32" + uvarint(size)
+
+
+def data_frame_body(plaintext: Payload) -> int:
+    """Where ``Frame.data``'s bytes start when ``plaintext`` is exactly one data field
+    (what we and every protobuf encoder send); ``-1`` for anything else, which the
+    caller hands to the protobuf parser. Non-minimal length varints, which protobuf
+    accepts, also take that slower road."""
+    end = len(plaintext)
+    if end < 2 or plaintext[0] != DATA_TAG:
+        return -1
+    value = 0
+    shift = 0
+    pos = 1
+    while pos < end and pos <= MAX_VARINT_BYTES:
+        byte = plaintext[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if byte == 0 and pos > 2:  # a padded varint: leave it to protobuf
+                return -1
+            return pos if pos + value == end else -1
+        shift += 7
+    return -1
+
+
+class FrameReader:
+    """Split a byte stream into frames of at most ``max_size`` bytes.
+
+    :meth:`feed` returns every frame its input completes. A frame inside one chunk is a
+    ``memoryview`` of the chunk (valid while the caller keeps the chunk unchanged: use
+    it before returning, or copy it); a frame gathered across chunks is a ``bytearray``
+    of its own. Errors are :class:`trustmesh.wire.frames.FrameDecoder`'s: the length
+    prefix's varint errors and :class:`OversizeError` as soon as a prefix over the limit
+    is read, each carrying the frames completed before it in ``frames``.
+    """
+
+    __slots__ = ("_body", "_filled", "_head", "_need", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        if max_size < 0:
+            raise ValueError("max_size must be >= 0")
+        self.max_size = max_size
+        self._head = b""  # a length prefix cut short by the end of a chunk
+        self._need = -1  # the frame being gathered: its size, or -1 when there is none
+        self._body = bytearray()
+        self._filled = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+        return len(self._head) + self._filled
+
+    @property
+    def idle(self) -> bool:
+        """No partial frame is pending: not even a length prefix without its body."""
+        return not self._head and self._need < 0
+
+    def feed(self, data: Payload) -> list[Payload]:
+        frames: list[Payload] = []
+        end = len(data)
+        if not end:
+            return frames
+        view = memoryview(data)
+        pos = 0
+        try:
+            if self._need >= 0:  # the rest of a frame begun in an earlier chunk
+                pos = self._gather(view, 0, end, frames)
+            elif self._head:  # the rest of its length prefix
+                pos = self._finish_head(view, end)
+                if pos < 0:
+                    return frames
+                pos = self._gather(view, pos, end, frames)
+            limit = self.max_size
+            while pos < end:
+                first = view[pos]
+                if first < 0x80:  # one-byte prefix: control records
+                    size, body = first, pos + 1
+                elif pos + 1 < end and 0 < view[pos + 1] < 0x80:  # two bytes: up to 16 KiB
+                    size, body = (first & 0x7F) | view[pos + 1] << 7, pos + 2
+                elif (  # three bytes: up to 2 MiB, every record of a default channel
+                    pos + 2 < end and view[pos + 1] >= 0x80 and 0 < view[pos + 2] < 0x80
+                ):
+                    size = (first & 0x7F) | (view[pos + 1] & 0x7F) << 7 | view[pos + 2] << 14
+                    body = pos + 3
+                else:
+                    try:
+                        size, body = decode_uvarint(view, pos)
+                    except TruncatedError:
+                        self._head = view[pos:].tobytes()
+                        break
+                if size > limit:
+                    raise OversizeError(f"frame of {size} bytes exceeds the {limit}-byte limit")
+                stop = body + size
+                if stop <= end:
+                    frames.append(view[body:stop])
+                    pos = stop
+                else:
+                    self._need = size
+                    pos = self._gather(view, body, end, frames)
+        except DecodeError as exc:
+            # What came before the bad prefix is not lost (copied: the error outlives the
+            # chunk the views point into).
+            exc.frames = tuple(bytes(frame) for frame in frames)
+            raise
+        return frames
+
+    def _finish_head(self, view: memoryview, end: int) -> int:
+        """Complete a length prefix split across chunks; return where its body starts in
+        ``view``, or -1 when ``view`` ended before the prefix did."""
+        head = self._head
+        joined = head + view[: MAX_VARINT_BYTES + 1 - len(head)].tobytes()
+        try:
+            size, used = decode_uvarint(joined)
+        except TruncatedError:
+            self._head = joined
+            return -1
+        if size > self.max_size:
+            raise OversizeError(f"frame of {size} bytes exceeds the {self.max_size}-byte limit")
+        self._head = b""
+        self._need = size
+        return used - len(head)
+
+    def _gather(self, view: memoryview, pos: int, end: int, frames: list[Payload]) -> int:
+        """Copy the next bytes of the frame being gathered; return the position after them."""
+        need = self._need
+        filled = self._filled
+        if not filled:
+            self._body = bytearray(need)
+        take = min(need - filled, end - pos)
+        self._body[filled : filled + take] = view[pos : pos + take]
+        filled += take
+        if filled < need:
+            self._filled = filled
+            return end
+        frames.append(self._body)
+        self._body = bytearray()
+        self._filled = 0
+        self._need = -1
+        return pos + take

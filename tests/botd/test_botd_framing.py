@@ -1,0 +1,137 @@
+"""BOTD's hot-path framing (trustmesh.botd.framing) agrees with the generic frame decoder
+and with protobuf, for any input and any split of it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trustmesh.botd.framing import FrameReader, data_frame_body, data_frame_header, uvarint
+from trustmesh.botd.messages import Frame, Ping
+from trustmesh.errors import DecodeError, OversizeError
+from trustmesh.wire.frames import FrameDecoder, encode_frame
+from trustmesh.wire.varint import encode_uvarint
+
+FUZZ = settings(max_examples=300, deadline=None)
+PROPERTY = settings(max_examples=150, deadline=None)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = [0, *sorted(min(c, len(data)) for c in cuts), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def run(reader: FrameDecoder | FrameReader, chunks: list[bytes]) -> tuple[list[bytes], object]:
+    """Every frame out (as bytes, taken at once: views die with their chunk) and the
+    error, if any, as (type, frames carried)."""
+    out: list[bytes] = []
+    for chunk in chunks:
+        try:
+            out += [bytes(frame) for frame in reader.feed(chunk)]
+        except DecodeError as exc:
+            out += [bytes(frame) for frame in exc.frames]
+            return out, (type(exc), len(exc.frames))
+    return out, None
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> tuple[bytes, list[int], int]:
+    """Well-formed frames (some larger than one chunk), garbage sometimes, cut anywhere."""
+    frames = draw(st.lists(st.binary(max_size=300), max_size=6))
+    big = draw(st.lists(st.integers(0x4000, 0x5000), max_size=2))
+    frames += [bytes([n & 0xFF]) * n for n in big]
+    data = b"".join(encode_frame(f) for f in frames) + draw(st.binary(max_size=12))
+    cuts = draw(st.lists(st.integers(0, len(data)), max_size=10))
+    return data, cuts, draw(st.integers(0, 0x6000))
+
+
+@FUZZ
+@given(streams())
+def test_reader_agrees_with_the_generic_decoder(case: tuple[bytes, list[int], int]) -> None:
+    data, cuts, max_size = case
+    chunks = split(data, cuts)
+    ours, ours_error = run(FrameReader(max_size), chunks)
+    theirs, their_error = run(FrameDecoder(max_size), chunks)
+    assert ours == theirs
+    assert ours_error == their_error
+
+
+@FUZZ
+@given(st.binary(max_size=80), st.lists(st.integers(0, 80), max_size=8), st.integers(0, 80))
+def test_reader_on_garbage_agrees_too(data: bytes, cuts: list[int], max_size: int) -> None:
+    chunks = split(data, cuts)
+    assert run(FrameReader(max_size), chunks) == run(FrameDecoder(max_size), chunks)
+
+
+@PROPERTY
+@given(st.lists(st.binary(max_size=200), max_size=5))
+def test_reader_byte_at_a_time_counts_as_the_generic_decoder(frames: list[bytes]) -> None:
+    data = b"".join(encode_frame(f) for f in frames)
+    reader, generic = FrameReader(1000), FrameDecoder(1000)
+    out: list[bytes] = []
+    for i in range(len(data)):
+        out += [bytes(f) for f in reader.feed(data[i : i + 1])]
+        generic.feed(data[i : i + 1])
+        assert reader.buffered == generic.buffered
+        assert reader.idle == generic.idle
+    assert out == frames
+    assert reader.idle
+
+
+def test_reader_refuses_an_oversize_prefix_before_its_body() -> None:
+    reader = FrameReader(100)
+    with pytest.raises(OversizeError) as info:
+        reader.feed(encode_frame(b"ok") + encode_uvarint(101))
+    assert info.value.frames == (b"ok",)
+    reader = FrameReader(100)
+    assert reader.feed(encode_uvarint(200)[:1]) == []  # a prefix split across chunks too
+    with pytest.raises(OversizeError):
+        reader.feed(encode_uvarint(200)[1:])
+
+
+def test_reader_limit_can_change_between_frames() -> None:
+    reader = FrameReader(4)
+    assert [bytes(f) for f in reader.feed(encode_frame(b"abcd"))] == [b"abcd"]
+    reader.max_size = 10
+    assert [bytes(f) for f in reader.feed(encode_frame(b"0123456789"))] == [b"0123456789"]
+    with pytest.raises(ValueError, match="max_size"):
+        FrameReader(-1)
+
+
+@PROPERTY
+@given(st.integers(0, (1 << 63) - 1))
+def test_uvarint_is_the_minimal_varint(value: int) -> None:
+    assert uvarint(value) == encode_uvarint(value)
+
+
+@PROPERTY
+@given(st.one_of(st.binary(max_size=300), st.integers(0, 3 << 20).map(bytes)))
+def test_data_frames_are_protobuf_byte_for_byte(data: bytes) -> None:
+    encoded = Frame(data=data).SerializeToString()
+    assert data_frame_header(len(data)) + data == encoded
+    start = data_frame_body(encoded)
+    assert start == len(encoded) - len(data)
+    assert encoded[start:] == data
+
+
+@FUZZ
+@given(st.binary(max_size=40))
+def test_data_frame_body_never_disagrees_with_protobuf(plaintext: bytes) -> None:
+    start = data_frame_body(plaintext)
+    if start < 0:
+        return  # the caller hands it to protobuf
+    frame = Frame.FromString(plaintext)
+    assert frame.WhichOneof("body") == "data"
+    assert frame.data == plaintext[start:]
+
+
+def test_other_frames_and_padded_lengths_take_the_protobuf_road() -> None:
+    assert data_frame_body(Frame(ping=Ping(id="x")).SerializeToString()) == -1
+    assert data_frame_body(b"\x32\x81\x00" + b"a") == -1  # non-minimal length: protobuf's
+    assert Frame.FromString(b"\x32\x81\x00" + b"a").data == b"a"
+    assert data_frame_body(b"\x32\x02a") == -1  # truncated
+    assert data_frame_body(b"\x32\x01ab") == -1  # more fields after it
+    assert data_frame_body(b"\x32") == -1
