@@ -225,7 +225,10 @@ def decode_message(data: bytes | bytearray | memoryview) -> GossipMessage:
             text = None
         if text is not None:
             match = _ANOMALY_WIRE(text)
-            message = _decode_anomaly(match) if match is not None else _decode_plain(data, text)
+            try:
+                message = _decode_anomaly(match) if match is not None else _decode_plain(data, text)
+            except Exception:
+                message = None
             if message is not None:
                 return message
     return message_from_json(strict_loads(data, max_size=MAX_MESSAGE, error=MalformedMessage))
@@ -240,7 +243,7 @@ _ANOMALY_WIRE = re.compile(
     r'\{"message_id":"([A-Za-z0-9._:-]{1,128})","origin":"([A-Za-z0-9.-]{1,253})",'
     r'"payload":\{"type":"anomaly","hash":"([0-9a-f]{16,128})",'
     r'"kind":"([A-Za-z0-9._:/-]{1,64})",'
-    r'"risk":(-?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?)'
+    r'"risk":(-?(?:0|[1-9][0-9]{0,15})(\.[0-9]{1,32})?([eE][-+]?[0-9]{1,4})?)'
     r'(?:,"meta":(\{[^\[\]{}]*\}))?\},'
     r'"timestamp":(0|[1-9][0-9]{0,15}),"expiry":(0|[1-9][0-9]{0,15}),'
     r'"signature":"([A-Za-z0-9+/=]+)"'
@@ -273,11 +276,13 @@ def _decode_anomaly(match: re.Match[str]) -> GossipMessage | None:
     ) = match.groups()
     if not _is_node_id(origin) or len(digest) & 1:
         return None
-    risk: float = float(risk_text) if fraction or exponent else int(risk_text)
-    timestamp, expiry = int(timestamp_text), int(expiry_text)
-    if not (0 <= risk <= 1 and timestamp <= MAX_SAFE_INT and expiry <= MAX_SAFE_INT):
-        return None
     try:
+        # The expression bounds every number's digits; a conversion error would still
+        # only leave the verdict to the strict parser.
+        risk: float = float(risk_text) if fraction or exponent else int(risk_text)
+        timestamp, expiry = int(timestamp_text), int(expiry_text)
+        if not (0 <= risk <= 1 and timestamp <= MAX_SAFE_INT and expiry <= MAX_SAFE_INT):
+            return None
         if meta_text is None:
             payload: dict[str, Any] = {
                 "type": "anomaly",
