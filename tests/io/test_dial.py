@@ -214,3 +214,37 @@ async def test_redial_waits_until_wanted_before_each_dial() -> None:
         "wanted", "dial",
     ]
     # fmt: on
+
+
+async def test_an_address_family_the_host_lacks_moves_on_to_the_next_address(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As loop.create_connection: socket() failing for one address (EAFNOSUPPORT, ::1 on
+    # a host without IPv6) is that address's error, not the whole dial's.
+    from trustmesh.io import dial as dial_module
+
+    port = await server(say_up)
+    loop = asyncio.get_running_loop()
+    real_socket = socket.socket
+    real_getaddrinfo = loop.getaddrinfo
+    made: list[int] = []
+
+    async def two_families(host: str, port: int, **kwargs: object) -> list[object]:
+        infos = await real_getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        ipv6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0))
+        return [ipv6, *infos]
+
+    def no_ipv6(family: int = -1, *args: object) -> socket.socket:
+        made.append(family)
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_socket(family, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "getaddrinfo", two_families)
+    monkeypatch.setattr(dial_module.socket, "socket", no_ipv6)
+    sock = await dial_module._connected_socket(loop, "127.0.0.1", port, None)
+    try:
+        assert made == [socket.AF_INET6, socket.AF_INET]
+        assert sock.getpeername()[1] == port
+    finally:
+        sock.close()

@@ -97,7 +97,13 @@ async def _connected_socket(
         local_infos = await loop.getaddrinfo(*local_addr, type=socket.SOCK_STREAM)
     errors: list[OSError] = []
     for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
+        try:
+            # Inside the try, as create_connection does: a family this host lacks (::1
+            # without IPv6) moves on to the next address.
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            errors.append(exc)
+            continue
         try:
             sock.setblocking(False)
             if local_infos is not None:
