@@ -16,6 +16,12 @@
 Every anchor is measured in the same run, in rounds alternating with ours. The event
 loop is uvloop when installed (trustmesh.eventloop; TRUSTMESH_NO_UVLOOP=1 for asyncio's),
 for ours and the asyncio anchors alike, and the report names it (``event_loop``).
+
+The allocator is pinned for the whole process, ours and the anchors alike
+(PROCESS_ENV; ``python -m bench botd`` re-executes itself with it when it is not set,
+and the report says so under ``allocator``): glibc serves 256 KiB buffers from fresh
+mmap()s until a large block has been freed once, and the TLS anchor reads into such
+buffers, so without the pin its speed depended on what ran before it in the process.
 """
 
 from __future__ import annotations
@@ -51,9 +57,20 @@ BULK_TOTAL = 64 * MIB  # bytes per bulk round
 MESSAGES_1K = 20000  # messages per 1 KiB round
 
 
+# glibc malloc tunables for the whole bench process: blocks below 4 MiB from the heap,
+# not from mmap(), and the heap trimmed only past 16 MiB free. Same for every side.
+PROCESS_ENV = {"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "16777216"}
+
+
 def info() -> dict[str, object]:
     """Run facts the report prints beside the figures."""
-    return {"event_loop": eventloop.event_loop_name()}
+    pinned = all(os.environ.get(name) == value for name, value in PROCESS_ENV.items())
+    allocator = (
+        "glibc pinned (MALLOC_MMAP_THRESHOLD_=4 MiB, MALLOC_TRIM_THRESHOLD_=16 MiB)"
+        if pinned
+        else "glibc defaults (not pinned: anchors may be skewed)"
+    )
+    return {"event_loop": eventloop.event_loop_name(), "allocator": allocator}
 
 
 def _crypto_ceiling_rate(min_time: float) -> float:

@@ -430,7 +430,7 @@ class Tracked:
         factory = listener._factory
         loop = asyncio.get_running_loop()
 
-        def tracking(admission: Admission) -> asyncio.Protocol:
+        def tracking(admission: Admission) -> asyncio.BaseProtocol:
             protocol = factory(admission)
             self.made.append(protocol)
             self._new.set()

@@ -97,3 +97,13 @@ def test_quick_run_reports_every_figure_and_the_event_loop(
     assert {r["metric"] for r in report["results"]} == set(by_metric)
     text = report_of("botd", results, as_json=False, info=botd_bench.info())
     assert "event_loop: " in text and "crypto_ceiling_ratio" in text
+
+
+def test_the_allocator_pin_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """python -m bench botd runs in a process with glibc's allocator pinned (it
+    re-executes itself when it is not), and the report says which it was."""
+    for name, value in botd_bench.PROCESS_ENV.items():
+        monkeypatch.setenv(name, value)
+    assert str(botd_bench.info()["allocator"]).startswith("glibc pinned")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert "not pinned" in str(botd_bench.info()["allocator"])

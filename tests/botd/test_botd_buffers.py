@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from trustmesh.botd.config import DEFAULT_MAX_MESSAGE
 from trustmesh.botd.core import RECORD_OVERHEAD, BotdConnection
+from trustmesh.botd.framing import MAX_READ, MIN_READ
 from trustmesh.crypto.keys import KeyKind, PrivateKey, Secp256k1PrivateKey
 from trustmesh.io import botd
+from trustmesh.io import stream as stream_module
 from trustmesh.io.limits import ResourcePolicy
-from trustmesh.io.stream import StreamDriver
+from trustmesh.io.stream import BufferedStreamDriver, StreamDriver
 
 WAIT = 10.0  # bound on any single wait; the whole test takes well under a second
 HOST = "127.0.0.1"
@@ -50,11 +54,15 @@ async def test_a_peer_that_outsends_the_application_costs_a_bounded_amount() -> 
     stalled = asyncio.Event()  # the server stopped reading, and its reader taking events
 
     def watch(driver: StreamDriver[BotdConnection]) -> None:
-        original = driver.data_received
+        # BOTD's driver reads into the core's buffer (buffer_updated), others get bytes.
+        assert isinstance(driver, BufferedStreamDriver)
+        original = driver.buffer_updated
 
-        def data_received(data: bytes) -> None:
+        def buffer_updated(nbytes: int) -> None:
             nonlocal peak
-            original(data)
+            original(nbytes)
+            # The kept read buffer is bounded too: a read's room plus a partial frame.
+            assert driver.core.buffer_capacity <= MAX_READ + frame
             channel = channels[0] if channels else None
             peak = max(peak, held(driver, channel))
             # The inbox is full (its byte limit is max_queued_bytes): the channel's reader
@@ -62,7 +70,7 @@ async def test_a_peer_that_outsends_the_application_costs_a_bounded_amount() -> 
             if driver.reading_paused and channel is not None and channel.buffered >= QUEUED_BYTES:
                 stalled.set()
 
-        driver.data_received = data_received  # type: ignore[method-assign]
+        driver.buffer_updated = buffer_updated  # type: ignore[method-assign]
 
     async def handler(channel: botd.Channel) -> None:
         channels.append(channel)
@@ -98,3 +106,46 @@ async def test_a_peer_that_outsends_the_application_costs_a_bounded_amount() -> 
             await client.close()
         assert peak <= bound, f"the server held {peak:,} bytes for one peer"
         assert received == [message(i) for i in range(MESSAGES)]
+
+
+async def test_a_quiet_connection_gives_its_read_buffer_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bulk grows the read buffer the peer's bytes land in (up to MAX_READ plus a partial
+    frame); once the connection goes quiet it is released, and a half-open one keeps
+    none either: idle connections hold no large buffers."""
+    monkeypatch.setattr(stream_module, "TRIM_AFTER", 0.05)
+    drivers: list[StreamDriver[BotdConnection]] = []
+    idle_capacity: list[int] = []
+    got = asyncio.Event()
+    count = 0
+
+    async def handler(channel: botd.Channel) -> None:
+        nonlocal count
+        # Just authenticated: the handshake's small reads left no buffer behind, so an
+        # idle session costs no read buffer at all.
+        idle_capacity.append(drivers[0].core.buffer_capacity)
+        async for _ in channel:
+            count += 1
+            if count == 16:
+                got.set()
+
+    server = await botd.serve(SERVER_KEY, handler, HOST, 0, on_accept=drivers.append)
+    async with server:
+        key = PrivateKey.generate(KeyKind.SECP256K1)
+        async with asyncio.timeout(WAIT):
+            client = await botd.connect(HOST, server.port, key, SERVER_KEY.public_key())
+            for _ in range(16):
+                await client.send(bytes(200_000))
+            await got.wait()
+        (driver,) = drivers
+        assert isinstance(driver, BufferedStreamDriver)
+        assert idle_capacity == [0]
+        core = driver.core
+        assert MIN_READ < core.buffer_capacity <= MAX_READ + 200_000 + RECORD_OVERHEAD + 8
+        # Quiet from now on: the trim check finds no read since its last look (at most
+        # two TRIM_AFTER periods, both timers due before this sleep ends).
+        await asyncio.sleep(0.3)
+        assert core.buffer_capacity == 0
+        await client.close()
+    assert core.buffer_capacity == 0

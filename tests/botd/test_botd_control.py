@@ -3,6 +3,8 @@ rekeying, record tampering, half-close, timers, EOF and send() limits."""
 
 from __future__ import annotations
 
+import array
+
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -779,3 +781,13 @@ def test_close_reason_is_cut_to_256_bytes_on_a_character_boundary() -> None:
     closed = closed_event(deliver(r, i, 0.0))
     assert closed.reason == reason
     assert closed.error is False
+
+
+def test_a_view_of_wider_items_is_sent_as_its_bytes() -> None:
+    # send() measured the message with len(): items, not bytes. A view of 4-byte items
+    # got a header a quarter of its size, and the peer a malformed frame.
+    i, r = pair()
+    words = memoryview(array.array("I", range(64)))
+    assert i.send(words) == []
+    events = deliver(i, r, 0.0)
+    assert [e.data for e in events if isinstance(e, MessageReceived)] == [words.tobytes()]

@@ -4,12 +4,20 @@ and with protobuf, for any input and any split of it."""
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trustmesh.botd.framing import FrameReader, data_frame_body, data_frame_header, uvarint
+from trustmesh.botd.framing import (
+    MAX_READ,
+    MIN_READ,
+    FrameReader,
+    data_frame_body,
+    data_frame_header,
+    uvarint,
+)
 from trustmesh.botd.messages import Frame, Ping
 from trustmesh.errors import DecodeError, OversizeError
 from trustmesh.wire.frames import FrameDecoder, encode_frame
@@ -57,6 +65,102 @@ def test_reader_agrees_with_the_generic_decoder(case: tuple[bytes, list[int], in
     theirs, their_error = run(FrameDecoder(max_size), chunks)
     assert ours == theirs
     assert ours_error == their_error
+
+
+def run_buffered(reader: FrameReader, chunks: list[bytes]) -> tuple[list[bytes], object]:
+    """:func:`run` through the kept buffer (get_buffer / buffer_updated), as a
+    BufferedProtocol transport drives it: each read fills at most the room offered, so a
+    chunk may take several reads. The error is given by type only: the frames it
+    carries are those of its own read, which need not be the chunk's."""
+    out: list[bytes] = []
+    for chunk in chunks:
+        while chunk:
+            room = reader.get_buffer()
+            assert len(room) > 0
+            take = min(len(room), len(chunk))
+            room[:take] = chunk[:take]
+            chunk = chunk[take:]
+            try:
+                out += [bytes(frame) for frame in reader.buffer_updated(take)]
+            except DecodeError as exc:
+                out += [bytes(frame) for frame in exc.frames]
+                return out, type(exc)
+    return out, None
+
+
+def run_generic(max_size: int, chunks: list[bytes]) -> tuple[list[bytes], object]:
+    """:func:`run` with FrameDecoder, its error given by type only."""
+    out, error = run(FrameDecoder(max_size), chunks)
+    return out, error[0] if isinstance(error, tuple) else None
+
+
+@FUZZ
+@given(streams())
+def test_buffered_reading_agrees_with_the_generic_decoder(
+    case: tuple[bytes, list[int], int],
+) -> None:
+    data, cuts, max_size = case
+    chunks = split(data, cuts)
+    assert run_buffered(FrameReader(max_size), chunks) == run_generic(max_size, chunks)
+
+
+@FUZZ
+@given(st.binary(max_size=80), st.lists(st.integers(0, 80), max_size=8), st.integers(0, 80))
+def test_buffered_reading_on_garbage_agrees_too(
+    data: bytes, cuts: list[int], max_size: int
+) -> None:
+    chunks = split(data, cuts)
+    assert run_buffered(FrameReader(max_size), chunks) == run_generic(max_size, chunks)
+
+
+def test_a_trickled_large_frame_grows_the_buffer_only_with_its_bytes() -> None:
+    """A peer that announces a frame at the cap and trickles it: the buffer grows about
+    as fast as bytes arrive (at most twice what is held, past one read's room), never
+    past the frame itself."""
+    cap = 4 << 20
+    reader = FrameReader(cap)
+    stream = encode_uvarint(cap) + bytes(cap)
+    held = 0
+    while held < len(stream):
+        room = reader.get_buffer()
+        assert reader.capacity <= max(MAX_READ + held, 2 * held, MIN_READ)
+        assert reader.capacity <= len(stream) + MAX_READ
+        take = min(len(room), 4096 if held < 1 << 20 else len(room), len(stream) - held)
+        room[:take] = stream[held : held + take]
+        held += take
+        frames = reader.buffer_updated(take)
+    assert [len(f) for f in frames] == [cap]
+    assert reader.capacity <= len(stream)
+
+
+def test_a_quiet_reader_keeps_no_large_buffer() -> None:
+    reader = FrameReader(1 << 20)
+    frame = encode_frame(bytes(200_000))
+    for _ in range(3):  # bulk: reads that fill the room make it grow, and it is kept
+        pos = 0
+        while pos < len(frame):
+            room = reader.get_buffer()
+            take = min(len(room), len(frame) - pos)
+            room[:take] = frame[pos : pos + take]
+            pos += take
+            reader.buffer_updated(take)
+    assert reader.capacity > MIN_READ
+    room = reader.get_buffer()  # then a small read (a ping): back to a small buffer
+    room[:3] = encode_frame(b"hi")
+    assert [bytes(f) for f in reader.buffer_updated(3)] == [b"hi"]
+    assert reader.capacity <= MIN_READ
+    reader.get_buffer()[:2] = encode_frame(b"abc")[:2]  # trim keeps only a partial frame
+    reader.buffer_updated(2)
+    reader.trim()
+    assert reader.capacity == 2
+    reader.get_buffer()[:2] = encode_frame(b"abc")[2:]
+    assert [bytes(f) for f in reader.buffer_updated(2)] == [b"abc"]
+    reader.trim()
+    assert reader.capacity == 0
+    reader.get_buffer()[:1] = b"\x05"
+    reader.buffer_updated(1)
+    with pytest.raises(RuntimeError):  # one reader is fed one way
+        reader.feed(b"x")
 
 
 @FUZZ
@@ -135,3 +239,18 @@ def test_other_frames_and_padded_lengths_take_the_protobuf_road() -> None:
     assert data_frame_body(b"\x32\x02a") == -1  # truncated
     assert data_frame_body(b"\x32\x01ab") == -1  # more fields after it
     assert data_frame_body(b"\x32") == -1
+
+
+def test_fed_chunks_hold_only_what_arrived_of_an_announced_frame() -> None:
+    # feed() allocated the whole announced frame at its prefix: a peer announcing 1 MiB
+    # and sending one byte cost 1 MiB here (the kept-buffer path is checked above).
+    reader = FrameReader(1 << 20)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert reader.feed(encode_uvarint(1 << 20) + b"x") == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 64 * 1024
+    assert reader.buffered == 1

@@ -241,7 +241,7 @@ async def test_an_address_family_the_host_lacks_moves_on_to_the_next_address(
         return real_socket(family, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(loop, "getaddrinfo", two_families)
-    monkeypatch.setattr(dial_module.socket, "socket", no_ipv6)
+    monkeypatch.setattr(socket, "socket", no_ipv6)  # the module dial_module calls
     sock = await dial_module._connected_socket(loop, "127.0.0.1", port, None)
     try:
         assert made == [socket.AF_INET6, socket.AF_INET]

@@ -702,10 +702,12 @@ meta_values: st.SearchStrategy[Any] = (
 @given(
     meta=st.dictionaries(meta_keys, meta_values, max_size=4) | st.none(),
     risk=st.sampled_from(
-        ["0", "1", "0.5", "1.0", "0.25e0", "1e-3", "-0", "1.5", "1e400", "0.750"]
-        # Past Python's 4,300-digit limit for int(): once a raw ValueError that aborted
-        # the whole batch, and with it every other link's gossip of that drain.
-        + ["1" + "0" * 4300, "0." + "0" * 4300, "1e" + "0" * 4300]
+        [
+            *("0", "1", "0.5", "1.0", "0.25e0", "1e-3", "-0", "1.5", "1e400", "0.750"),
+            # Past Python's 4,300-digit limit for int(): once a raw ValueError that aborted
+            # the whole batch, and with it every other link's gossip of that drain.
+            *("1" + "0" * 4300, "0." + "0" * 4300, "1e" + "0" * 4300),
+        ]
     ),
     kind=st.sampled_from(["k", "a:b", "x/y.z", "bad kind", ""]),
     with_chain=st.booleans(),

@@ -22,7 +22,13 @@ from trustmesh.botd.errors import (
     PingTooSoonError,
     PolicyError,
 )
-from trustmesh.botd.framing import FrameReader, data_frame_body, data_frame_header, uvarint
+from trustmesh.botd.framing import (
+    FrameReader,
+    Payload,
+    data_frame_body,
+    data_frame_header,
+    uvarint,
+)
 from trustmesh.botd.keyschedule import (
     EphemeralKey,
     RekeyingOpener,
@@ -210,12 +216,50 @@ class BotdConnection:
             return []
         if not data:
             return self._on_eof()
+        try:
+            payloads, error = self._decoder.feed(data), None
+        except DecodeError as exc:
+            payloads, error = list(exc.frames), exc
+        return self._on_payloads(payloads, error, now)
+
+    # The read path of asyncio.BufferedProtocol: the peer's bytes are read straight into
+    # a buffer the core keeps, and frames are opened where they lie, even those split
+    # across reads. The buffer is bounded (see FrameReader.get_buffer) and released when
+    # the connection goes quiet (trim_buffer) or ends.
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Room for the next bytes from the peer (sizehint is ignored: the reader sizes
+        its reads itself); pass how many came to :meth:`buffer_updated`."""
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int, now: float) -> list[Event]:
+        """``nbytes`` from the peer arrived in the room :meth:`get_buffer` gave, at ``now``."""
+        decoder = self._decoder
+        if self._state is State.CLOSED or self._state is State.START:
+            decoder.discard()
+            return []
+        payloads: list[Payload]
+        try:
+            payloads, error = decoder.buffer_updated(nbytes), None
+        except DecodeError as exc:
+            payloads, error = list(exc.frames), exc
+        return self._on_payloads(payloads, error, now)
+
+    @property
+    def buffer_capacity(self) -> int:
+        """Bytes the kept read buffer takes."""
+        return self._decoder.capacity
+
+    def trim_buffer(self) -> None:
+        """The connection is quiet: release the read buffer (or shrink it to the partial
+        frame it holds)."""
+        self._decoder.trim()
+
+    def _on_payloads(
+        self, payloads: list[Payload], error: DecodeError | None, now: float
+    ) -> list[Event]:
         events: list[Event] = []
         try:
-            try:
-                payloads, error = self._decoder.feed(data), None
-            except DecodeError as exc:
-                payloads, error = list(exc.frames), exc
             opener = self._opener
             for index, payload in enumerate(payloads):
                 if opener is None:
@@ -291,6 +335,14 @@ class BotdConnection:
         out.clear()
         return data
 
+    def chunks_to_send(self) -> list[bytes]:
+        """:meth:`data_to_send` unjoined: the frames' pieces, for a vectored write."""
+        out = self._out
+        if not out:
+            return out
+        self._out = []
+        return out
+
     def close(self, reason: str, now: float) -> list[Event]:
         """Say goodbye: an established channel sends Close and reads on until the peer's
         Close (bounded by ``close_timeout``), so nothing already sent to us is lost."""
@@ -309,11 +361,11 @@ class BotdConnection:
 
     # --- application actions ----------------------------------------------------------
 
-    def send(self, data: bytes) -> list[Event]:
+    def send(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Queue one application message."""
         if self._state is not State.ESTABLISHED and self._state is not State.PEER_CLOSED:
             raise BotdError(f"cannot send: the channel is {self._state.value}")
-        size = len(data)
+        size = memoryview(data).nbytes  # not len(): a view of wider items counts its bytes
         if size > self._max_message:  # checked before sealing: no nonce is spent
             raise ValueError(f"message of {size} bytes exceeds {self._max_message}")
         # Frame{data} as protobuf encodes it, without building the message.

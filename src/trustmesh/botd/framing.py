@@ -5,7 +5,11 @@ and the ``data`` frame built and recognised without the protobuf runtime.
 does (same limits, same errors, checked against it by tests/botd/test_botd_framing.py), but
 a frame that lies whole inside one input chunk comes back as a ``memoryview`` of that
 chunk instead of a copy: the record layer decrypts straight from it. Only a frame split
-across reads is gathered, into a buffer allocated once at its full size.
+across reads is gathered, into a buffer allocated once at its full size. The other way to
+feed it, :meth:`FrameReader.get_buffer` and :meth:`FrameReader.buffer_updated` (what an
+``asyncio.BufferedProtocol`` transport calls), reads into a buffer the reader keeps, so
+that a frame split across reads is not copied either; that buffer is bounded and given
+back when the connection is quiet.
 
 ``Frame{data}`` is the one message that carries bulk bytes. Its protobuf encoding is
 fixed (field 6, wire type 2: the byte 0x32, the length as a minimal varint, the bytes),
@@ -18,13 +22,23 @@ from __future__ import annotations
 from trustmesh.errors import DecodeError, OversizeError, TruncatedError
 from trustmesh.wire.varint import MAX_VARINT_BYTES, decode_uvarint, encode_uvarint
 
-__all__ = ["DATA_TAG", "FrameReader", "data_frame_body", "data_frame_header", "uvarint"]
+__all__ = [
+    "DATA_TAG",
+    "FrameReader",
+    "Payload",
+    "data_frame_body",
+    "data_frame_header",
+    "uvarint",
+]
 
 DATA_TAG = 0x32  # Frame.data: field 6, wire type 2 (length-delimited)
 _ONE_BYTE = [bytes((b,)) for b in range(0x80)]
 _DATA_ONE_BYTE = [bytes((DATA_TAG, b)) for b in range(0x80)]
 
 Payload = bytes | bytearray | memoryview
+
+MIN_READ = 16 * 1024  # the read buffer of a quiet connection
+MAX_READ = 256 * 1024  # the most one read asks for (a frame in progress may need more)
 
 
 def uvarint(value: int) -> bytes:
@@ -81,7 +95,19 @@ class FrameReader:
     is read, each carrying the frames completed before it in ``frames``.
     """
 
-    __slots__ = ("_body", "_filled", "_head", "_need", "max_size")
+    __slots__ = (
+        "_body",
+        "_buf",
+        "_end",
+        "_filled",
+        "_frame_end",
+        "_head",
+        "_need",
+        "_offered",
+        "_read_size",
+        "_start",
+        "max_size",
+    )
 
     def __init__(self, max_size: int) -> None:
         if max_size < 0:
@@ -91,18 +117,144 @@ class FrameReader:
         self._need = -1  # the frame being gathered: its size, or -1 when there is none
         self._body = bytearray()
         self._filled = 0
+        # The kept read buffer (get_buffer / buffer_updated): unparsed bytes are
+        # _buf[_start:_end]; _frame_end is where the frame begun at _start ends (-1 while
+        # its prefix is incomplete); _read_size adapts to the load.
+        self._buf = bytearray()
+        self._start = self._end = 0
+        self._frame_end = -1
+        self._read_size = MIN_READ
+        self._offered = 0
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet make a whole frame."""
-        return len(self._head) + self._filled
+        return len(self._head) + self._filled + self._end - self._start
 
     @property
     def idle(self) -> bool:
         """No partial frame is pending: not even a length prefix without its body."""
-        return not self._head and self._need < 0
+        return not self._head and self._need < 0 and self._end == self._start
+
+    @property
+    def capacity(self) -> int:
+        """Bytes the kept read buffer takes (0 when released)."""
+        return len(self._buf)
+
+    # --- reading into a kept buffer (asyncio.BufferedProtocol) -------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Room to read the next bytes into; pass how many came to :meth:`buffer_updated`.
+
+        Frames handed out earlier stop being valid. The room offered is the adaptive read
+        size (MIN_READ .. MAX_READ: doubled after a read that filled it, back to MIN_READ
+        after a small one, which also releases an emptied buffer) or, inside a frame
+        larger than that, at most what is already held of it: a peer that announces a
+        large frame and trickles it makes the buffer grow only as fast as its bytes
+        come, and never past the frame (at most
+        ``max_size`` plus its prefix) or MAX_READ plus a partial frame.
+        """
+        if self._need >= 0 or self._head:
+            raise RuntimeError("a FrameReader is fed either by feed() or by get_buffer()")
+        start, end = self._start, self._end
+        pending = end - start
+        want = self._read_size
+        if self._frame_end > end and self._frame_end - end > want:
+            want = min(self._frame_end - end, max(want, pending))
+        buf = self._buf
+        if len(buf) - end < want:
+            if pending + want <= len(buf) and start:
+                view = memoryview(buf)
+                view[:pending] = view[start:end]  # memmove, within the same buffer
+                view.release()
+            else:  # a fresh buffer (never a resize: earlier frames may still view it)
+                grown = bytearray(pending + want)
+                grown[:pending] = memoryview(buf)[start:end]
+                self._buf = buf = grown
+            if self._frame_end >= 0:
+                self._frame_end -= start
+            end = pending
+            self._start, self._end = 0, end
+        self._offered = len(buf) - end
+        return memoryview(buf)[end:]
+
+    def buffer_updated(self, nbytes: int) -> list[Payload]:
+        """``nbytes`` were read into the room :meth:`get_buffer` gave; return the frames
+        they complete, as views of the buffer valid until the next :meth:`get_buffer`.
+        Errors as :meth:`feed`'s."""
+        self._end += nbytes
+        frames = self._split_buffer()
+        if nbytes >= self._offered:
+            self._read_size = min(self._read_size * 2, MAX_READ)
+        elif nbytes < MIN_READ:
+            self._read_size = MIN_READ
+            if self._end == self._start:
+                # A light read that left nothing behind: the connection is not busy, and
+                # holds no buffer until its next read (idle connections cost nothing here).
+                self._buf = bytearray()
+                self._start = self._end = 0
+        return frames
+
+    def discard(self) -> None:
+        """Drop what the kept buffer holds (the input is no longer wanted)."""
+        self._start = self._end = 0
+        self._frame_end = -1
+
+    def trim(self) -> None:
+        """Release the kept buffer if it holds no partial frame, or shrink it to that
+        frame's bytes (called when the connection goes quiet)."""
+        pending = self._end - self._start
+        self._read_size = MIN_READ
+        if not pending:
+            self._buf = bytearray()
+            self._start = self._end = 0
+        elif len(self._buf) > pending:
+            self._buf = bytearray(memoryview(self._buf)[self._start : self._end])
+            if self._frame_end >= 0:
+                self._frame_end -= self._start
+            self._start, self._end = 0, pending
+
+    def _split_buffer(self) -> list[Payload]:
+        frames: list[Payload] = []
+        pos, end = self._start, self._end
+        view = memoryview(self._buf)[:end]  # decode_uvarint reads up to len(view)
+        limit = self.max_size
+        try:
+            while pos < end:
+                first = view[pos]
+                if first < 0x80:
+                    size, body = first, pos + 1
+                elif pos + 1 < end and 0 < view[pos + 1] < 0x80:
+                    size, body = (first & 0x7F) | view[pos + 1] << 7, pos + 2
+                elif pos + 2 < end and view[pos + 1] >= 0x80 and 0 < view[pos + 2] < 0x80:
+                    size = (first & 0x7F) | (view[pos + 1] & 0x7F) << 7 | view[pos + 2] << 14
+                    body = pos + 3
+                else:
+                    try:
+                        size, body = decode_uvarint(view, pos)
+                    except TruncatedError:
+                        self._frame_end = -1
+                        break
+                if size > limit:
+                    raise OversizeError(f"frame of {size} bytes exceeds the {limit}-byte limit")
+                stop = body + size
+                if stop > end:
+                    self._frame_end = stop
+                    break
+                frames.append(view[body:stop])
+                pos = stop
+            else:
+                self._frame_end = -1
+        except DecodeError as exc:
+            exc.frames = tuple(bytes(frame) for frame in frames)
+            self.discard()
+            raise
+        self._start = pos
+        return frames
 
     def feed(self, data: Payload) -> list[Payload]:
+        if self._end != self._start:
+            raise RuntimeError("a FrameReader is fed either by feed() or by get_buffer()")
         frames: list[Payload] = []
         end = len(data)
         if not end:
@@ -171,10 +323,10 @@ class FrameReader:
         """Copy the next bytes of the frame being gathered; return the position after them."""
         need = self._need
         filled = self._filled
-        if not filled:
-            self._body = bytearray(need)
         take = min(need - filled, end - pos)
-        self._body[filled : filled + take] = view[pos : pos + take]
+        # Grown by what arrives, never allocated at the announced size: a peer that
+        # announces a frame at the cap and trickles it holds only what it sent.
+        self._body += view[pos : pos + take]
         filled += take
         if filled < need:
             self._filled = filled

@@ -33,7 +33,7 @@ from trustmesh.crypto.keys import PublicKey
 from trustmesh.errors import ConnectionClosedError
 from trustmesh.io.dial import dial
 from trustmesh.io.handle import Handle
-from trustmesh.io.stream import ServerHandle, StreamDriver, serve_stream
+from trustmesh.io.stream import ServerHandle, StreamDriver, make_driver, serve_stream
 from trustmesh.keystore.signer import Signer
 from trustmesh.sansio import ConnectionClosed, Event
 
@@ -122,8 +122,10 @@ class Channel(Handle[BotdConnection, HandshakeComplete]):
 
     async def send(self, data: bytes) -> None:
         """Send one message; waits while the socket's send buffer is full."""
-        self._driver.act(lambda core: core.send(data))
-        await self._driver.drain()
+        driver = self._driver
+        driver.act(lambda core: core.send(data))
+        if driver.writing_paused:  # else drain() would return at once
+            await driver.drain()
 
     async def recv(self) -> bytes:
         """The next message. Raises :class:`ConnectionClosedError` once the peer has
@@ -253,7 +255,7 @@ def connect(
     async def open_channel() -> Channel:
         core = BotdConnection(key, peer_key=peer_key, config=config)
         return await dial(
-            lambda: Channel(StreamDriver(core, **options)),
+            lambda: Channel(make_driver(core, **options)),
             host,
             port,
             local_addr=local_addr,

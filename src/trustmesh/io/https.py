@@ -327,8 +327,9 @@ class _HttpsConnection(asyncio.Protocol):
         self._start_app()
 
     def _start_app(self) -> None:
-        app = self._app_factory()
-        assert isinstance(app, asyncio.Protocol)
+        # A Protocol, or a StreamDriver (a BaseProtocol with the same methods).
+        app = cast(asyncio.Protocol, self._app_factory())
+        assert hasattr(app, "data_received")
         self._app = app
         app.connection_made(self.transport)
         pending, self._pending = self._pending, []

@@ -32,7 +32,7 @@ ACCEPT_BATCH = 256  # accepts per turn of the event loop
 MAX_UNIX_PATH = 107  # bytes of a Unix socket path (sun_path, less its NUL) on Linux
 LOCAL_SOURCE = "local"  # what every client of a Unix socket counts under
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ProtocolFactory = Callable[[Admission], asyncio.Protocol]
+ProtocolFactory = Callable[[Admission], asyncio.BaseProtocol]
 
 
 class Listener:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any
+from typing import Any, cast
 
 from trustmesh.io.stream import CoreT, StreamDriver
 
@@ -43,8 +43,9 @@ class MemoryTransport(asyncio.Transport):
         return self._closing or self._lost
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        assert isinstance(protocol, asyncio.Protocol)
-        self._protocol = protocol
+        # A Protocol, or a StreamDriver (a BaseProtocol with the same methods).
+        assert hasattr(protocol, "data_received")
+        self._protocol = cast(asyncio.Protocol, protocol)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         assert self._protocol is not None

@@ -21,7 +21,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Generic, Self, TypeVar, cast
+from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
 from trustmesh.errors import ConnectionClosedError, ProtocolError
 from trustmesh.io.limits import Admission, LimitStats, ResourcePolicy
@@ -41,13 +41,18 @@ CLIENT_STATS = LimitStats("outbound connections")  # limits hit on connections w
 READ_PAUSE_FACTOR = 4
 # With ``coalesce_writes``, what the application's actions produce is written once per
 # event-loop turn, or as soon as this much of it waits: many small messages, one send().
-COALESCE_LIMIT = 64 * 1024
+COALESCE_LIMIT = 256 * 1024
 ABANDON_AFTER = 1.0  # at shutdown, seconds an accepted connection has to start or be dropped
 DEFAULT_CLOSE_TIMEOUT = 10.0  # an orderly close that has not finished by then is aborted
 
 
-class StreamDriver(asyncio.Protocol, Generic[CoreT]):
-    """One connection: a transport on one side, a sans-IO core on the other."""
+class StreamDriver(asyncio.BaseProtocol, Generic[CoreT]):
+    """One connection: a transport on one side, a sans-IO core on the other.
+
+    An ``asyncio.Protocol`` in all but name: it derives from ``BaseProtocol`` only so
+    that :class:`BufferedStreamDriver` can be a ``BufferedProtocol`` (uvloop reads into
+    a protocol's buffer only when it is not an ``asyncio.Protocol``).
+    """
 
     def __init__(
         self,
@@ -92,6 +97,8 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
         self._coalesce = coalesce_writes
         self._unsent: list[bytes] = []
         self._unsent_bytes = 0
+        # a core that hands out its output as a list of frames (BOTD): see _flush
+        self._chunks: Callable[[], list[bytes]] | None = getattr(core, "chunks_to_send", None)
         self._flush_soon: asyncio.Handle | None = None
         # The write buffer can pass max_write_buffer without pausing writing first only if
         # the high-water mark lies above it.
@@ -362,28 +369,35 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
     def _flush(self, *, soon: bool = False) -> None:
         """Hand the core's output to the transport. ``soon``: an application action's
         output may wait for the end of this event-loop turn (``coalesce_writes``), up to
-        COALESCE_LIMIT bytes, so a burst of small messages leaves in one write."""
-        data = self.core.data_to_send()
-        if self._unsent:
+        COALESCE_LIMIT bytes, so a burst of messages leaves in one (vectored) write.
+        A core with ``chunks_to_send`` hands over its frames unjoined: they go out with
+        ``writelines`` (one writev on uvloop), never copied into one buffer."""
+        unsent = self._unsent
+        if self._chunks is not None:
+            chunks = self._chunks()
+            if chunks:
+                unsent += chunks
+                for chunk in chunks:
+                    self._unsent_bytes += len(chunk)
+        else:
+            data = self.core.data_to_send()
             if data:
-                self._unsent.append(data)
+                unsent.append(data)
                 self._unsent_bytes += len(data)
-            if soon and self._unsent_bytes < COALESCE_LIMIT:
-                return
-            data = b"".join(self._unsent)
-            self._unsent.clear()
-            self._unsent_bytes = 0
-        elif not data:
+        if not unsent:
             return
-        elif soon and len(data) < COALESCE_LIMIT:
-            self._unsent.append(data)
-            self._unsent_bytes = len(data)
+        if soon and self._unsent_bytes < COALESCE_LIMIT:
             if self._flush_soon is None:
                 self._flush_soon = self._loop.call_soon(self._flush_unsent)
             return
+        self._unsent = []
+        self._unsent_bytes = 0
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            transport.write(data)
+            if len(unsent) == 1:
+                transport.write(unsent[0])
+            else:
+                transport.writelines(unsent)
             if (self._write_paused or self._always_check_buffer) and (
                 transport.get_write_buffer_size() > self._policy.max_write_buffer
             ):
@@ -454,11 +468,12 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             self._flush_soon.cancel()
             self._flush_soon = None
         if self._unsent:  # what the application sent goes before the goodbye
-            unsent = b"".join(self._unsent)
-            self._unsent.clear()
+            unsent = self._unsent
+            self._unsent = []
+            self._unsent_bytes = 0
             transport = self._transport
             if not abort and transport is not None and not transport.is_closing():
-                transport.write(unsent)
+                transport.writelines(unsent)
         self._closed.set_result(event)
         self._events.append(event)
         self._event_ready.set()
@@ -482,6 +497,88 @@ class StreamDriver(asyncio.Protocol, Generic[CoreT]):
             self._transport.abort()
 
 
+class BufferedStreamCore(StreamCore, Protocol):
+    """A core that keeps its own read buffer (BOTD): the driver reads straight into it."""
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Room for the next bytes from the peer."""
+
+    def buffer_updated(self, nbytes: int, now: float) -> list[Event]:
+        """``nbytes`` arrived in the room :meth:`get_buffer` gave, at ``now``."""
+
+    @property
+    def buffer_capacity(self) -> int:
+        """Bytes the read buffer takes now."""
+
+    def trim_buffer(self) -> None:
+        """The connection is quiet or ended: release the read buffer."""
+
+
+BufferedCoreT = TypeVar("BufferedCoreT", bound=BufferedStreamCore)
+
+# A read buffer above this size is trimmed once a connection has had no read for
+# TRIM_AFTER seconds: an idle (or half-open) connection keeps no large buffer.
+TRIM_ABOVE = 16 * 1024
+TRIM_AFTER = 1.0
+
+
+class BufferedStreamDriver(StreamDriver[BufferedCoreT], asyncio.BufferedProtocol):
+    """A :class:`StreamDriver` for a core with its own read buffer: the transport reads
+    into it (``asyncio.BufferedProtocol``), with no bytes object per read and no copy
+    for frames split across reads. Everything else is the StreamDriver's."""
+
+    def __init__(self, core: BufferedCoreT, **options: Any) -> None:
+        super().__init__(core, **options)
+        self._reads = 0  # reads since the trim check last ran
+        self._trim: asyncio.TimerHandle | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.core.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if not self._heard:
+            self._heard = True
+            if self._guard is not None:  # the idle deadline is over; the handshake's is not
+                self._arm_guard(self._handshake_deadline)
+        if self._closed.done():
+            return
+        self._reads += 1
+        try:
+            self._process(self.core.buffer_updated(nbytes, self._loop.time()))
+        except Exception as exc:
+            self._failed(exc)
+        if self._trim is None and self.core.buffer_capacity > TRIM_ABOVE:
+            self._reads = 0
+            self._trim = self._loop.call_later(TRIM_AFTER, self._on_trim)
+
+    def _on_trim(self) -> None:
+        self._trim = None
+        if self._reads and not self._closed.done():  # still busy: look again later
+            self._reads = 0
+            self._trim = self._loop.call_later(TRIM_AFTER, self._on_trim)
+            return
+        self.core.trim_buffer()
+
+    def eof_received(self) -> bool:
+        self.core.trim_buffer()  # half-open: nothing more will be read
+        return super().eof_received()
+
+    def _finish(self, event: ConnectionClosed, *, abort: bool) -> None:
+        super()._finish(event, abort=abort)
+        if self._trim is not None:
+            self._trim.cancel()
+            self._trim = None
+        self.core.trim_buffer()
+
+
+def make_driver(core: CoreT, **options: Any) -> StreamDriver[CoreT]:
+    """The driver for ``core``: a :class:`BufferedStreamDriver` when the core keeps its
+    own read buffer, else a :class:`StreamDriver`."""
+    if all(hasattr(core, name) for name in ("get_buffer", "buffer_updated", "trim_buffer")):
+        return cast(StreamDriver[CoreT], BufferedStreamDriver(cast(Any, core), **options))
+    return StreamDriver(core, **options)
+
+
 async def open_stream(
     core: CoreT,
     host: str,
@@ -494,7 +591,7 @@ async def open_stream(
     ``core`` on the connection."""
     loop = asyncio.get_running_loop()
     _, driver = await loop.create_connection(
-        lambda: StreamDriver(core, **driver_options), host, port, local_addr=local_addr
+        lambda: make_driver(core, **driver_options), host, port, local_addr=local_addr
     )
     return driver
 
@@ -553,7 +650,7 @@ class StreamServer(Generic[CoreT]):
         self._port = self._listener.port
 
     def _accept(self, admission: Admission) -> StreamDriver[CoreT]:
-        driver = StreamDriver(self._core_factory(), admission=admission, **self._driver_options)
+        driver = make_driver(self._core_factory(), admission=admission, **self._driver_options)
         self._drivers.add(driver)
         if self._on_accept is not None:  # before the transport can deliver a byte
             self._on_accept(driver)
