@@ -363,7 +363,7 @@ def closed_port() -> int:
 @pytest.mark.parametrize(
     "tcti",
     [
-        f"swtpm:host=127.0.0.1,port={closed_port()}",
+        "swtpm:host=127.0.0.1,port=CLOSED",  # a port found closed when the test runs
         "nosuchtcti:whatever",
         "device:/nonexistent/tpm",
         "",
@@ -371,6 +371,7 @@ def closed_port() -> int:
     ],
 )
 def test_no_reachable_tpm_is_a_clear_tpm_error(tcti: str) -> None:
+    tcti = tcti.replace("CLOSED", str(closed_port()))
     with pytest.raises(TpmError) as caught:
         TpmDevice.open(tcti)
     assert type(caught.value) is TpmError
