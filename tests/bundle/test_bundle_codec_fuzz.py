@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from trustmesh.bundle.codec import (
     REPORT_FLAGS,
+    BlockFlag,
     BlockType,
     Bundle,
     CanonicalBlock,
@@ -176,6 +177,12 @@ def test_a_changed_byte_is_refused_or_decodes_to_exactly_those_bytes(
     try:
         decoded = decode_bundle(bytes(raw), max_size=MAX)
     except BundleError:
+        return
+    if decoded.discarded:
+        # The change made a block of a type we do not know, flagged "discard if
+        # unprocessed" (RFC 9171 5.6 step 4): it is dropped, so the bytes differ by it.
+        assert all(b.flags & BlockFlag.DISCARD_BLOCK_IF_UNPROCESSED for b in decoded.discarded)
+        assert decode_bundle(decoded.encode(), max_size=MAX) == decoded  # what is kept is exact
         return
     assert decoded.encode() == raw  # without CRCs a change can make another bundle
 
