@@ -207,14 +207,40 @@ def _tls_contexts(workdir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
-class _TlsLoopback:
-    """The anchor: stdlib asyncio TLS 1.3 streams on the same loopback."""
+class _StreamAnchor:
+    """An anchor's sender and counting receiver on 127.0.0.1 (``start`` sets them up)."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.server_ctx, self.client_ctx = _tls_contexts(workdir)
+    server: asyncio.Server
+    writer: asyncio.StreamWriter
+
+    def __init__(self) -> None:
         self.received = 0
         self.target = 0
         self.done = asyncio.Event()
+
+    async def transfer(self, payload: bytes, total: int) -> float:
+        self.received, self.target = 0, total
+        self.done.clear()
+        start = time.perf_counter()
+        for _ in range(total // len(payload)):
+            self.writer.write(payload)
+            await self.writer.drain()
+        await self.done.wait()
+        return time.perf_counter() - start
+
+    async def stop(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class _TlsLoopback(_StreamAnchor):
+    """The anchor: stdlib asyncio TLS 1.3 streams on the same loopback."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__()
+        self.server_ctx, self.client_ctx = _tls_contexts(workdir)
 
     async def start(self) -> None:
         async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -232,31 +258,10 @@ class _TlsLoopback:
             "127.0.0.1", port, ssl=self.client_ctx, server_hostname="localhost"
         )
 
-    async def transfer(self, payload: bytes, total: int) -> float:
-        self.received, self.target = 0, total
-        self.done.clear()
-        start = time.perf_counter()
-        for _ in range(total // len(payload)):
-            self.writer.write(payload)
-            await self.writer.drain()
-        await self.done.wait()
-        return time.perf_counter() - start
 
-    async def stop(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-        self.server.close()
-        await self.server.wait_closed()
-
-
-class _TcpLoopback:
+class _TcpLoopback(_StreamAnchor):
     """The bare-transport anchor: plain asyncio TCP on the same loopback, 64 KiB writes
     drained as the TLS anchor's, bytes counted by a Protocol."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.target = 0
-        self.done = asyncio.Event()
 
     async def start(self) -> None:
         outer = self
@@ -271,22 +276,6 @@ class _TcpLoopback:
         self.server = await loop.create_server(Count, "127.0.0.1", 0)
         port = self.server.sockets[0].getsockname()[1]
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
-
-    async def transfer(self, payload: bytes, total: int) -> float:
-        self.received, self.target = 0, total
-        self.done.clear()
-        start = time.perf_counter()
-        for _ in range(total // len(payload)):
-            self.writer.write(payload)
-            await self.writer.drain()
-        await self.done.wait()
-        return time.perf_counter() - start
-
-    async def stop(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
-        self.server.close()
-        await self.server.wait_closed()
 
 
 async def _throughput_64k(rounds: int, total: int) -> tuple[float, float, float]:
