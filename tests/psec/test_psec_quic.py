@@ -622,15 +622,19 @@ def test_a_fresh_crl_replaces_an_expired_one_for_new_handshakes(
     b_config = dataclasses.replace(pki.config("node-b", tmp_path / "b"), crl_file=crl_file)
     a_id, b_id = psec_identity(a_config, (scheme,)), psec_identity(b_config, (scheme,))
 
-    def attempt() -> bool:
+    def attempt() -> tuple[bool, str]:
         a = PsecChannel(a_id.peer_id, a_id.factories_for(b"a"))
         b = PsecChannel(b_id.peer_id, b_id.factories_for(b"b"))
         a.connect(0.0)
-        Pump(a, b).run()
-        return a.up is not None and b.up is not None
+        pump = Pump(a, b)
+        pump.run()
+        # What each side saw, so that a failure explains itself.
+        return a.up is not None and b.up is not None, f"fake time {pump.now}: {pump.events}"
 
-    assert not attempt()
+    up, events = attempt()
+    assert not up, events
     fresh = pki.ca.crl()
     for identity in (a_id, b_id):
         identity.replace_crl(fresh)
-    assert attempt()
+    up, events = attempt()
+    assert up, events
