@@ -13,7 +13,8 @@
 - messages_1k_per_s: 1 KiB messages per second over loopback, against pyln-proto's
   BOLT #8 transport. Goal: ratio >= 2.
 
-Every anchor is measured in the same run, in rounds alternating with ours. The event
+Every anchor is measured in the same run, in rounds alternating with ours; a ratio is
+the median of the per-round ratios (bench.harness.Comparison). The event
 loop is uvloop when installed (trustmesh.eventloop; TRUSTMESH_NO_UVLOOP=1 for asyncio's),
 for ours and the asyncio anchors alike, and the report names it (``event_loop``).
 
@@ -30,7 +31,6 @@ import asyncio
 import datetime
 import os
 import ssl
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from bench.anchors import PylnAnchor
-from bench.harness import Result
+from bench.harness import Comparison, Result
 from trustmesh import eventloop
 from trustmesh.botd import BotdConnection
 from trustmesh.crypto.keys import KeyKind, PrivateKey
@@ -278,8 +278,8 @@ class _TcpLoopback(_StreamAnchor):
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
 
 
-async def _throughput_64k(rounds: int, total: int) -> tuple[float, float, float]:
-    """Medians of BOTD, TLS 1.3 and bare TCP MiB/s, rounds alternating TLS, ours, TCP."""
+async def _throughput_64k(rounds: int, total: int) -> tuple[Comparison, Comparison]:
+    """BOTD MiB/s against TLS 1.3 and against bare TCP, rounds alternating TLS, ours, TCP."""
     payload = os.urandom(64 * 1024)
     with tempfile.TemporaryDirectory() as tmp:
         ours, tls, tcp = _Loopback(), _TlsLoopback(Path(tmp)), _TcpLoopback()
@@ -298,14 +298,10 @@ async def _throughput_64k(rounds: int, total: int) -> tuple[float, float, float]
             await ours.stop()
             await tls.stop()
             await tcp.stop()
-    return (
-        statistics.median(ours_rates),
-        statistics.median(tls_rates),
-        statistics.median(tcp_rates),
-    )
+    return Comparison.of(ours_rates, tls_rates), Comparison.of(ours_rates, tcp_rates)
 
 
-async def _messages_1k(anchor: Callable[[], float], rounds: int, count: int) -> tuple[float, float]:
+async def _messages_1k(anchor: Callable[[], float], rounds: int, count: int) -> Comparison:
     payload = os.urandom(1024)
     ours = _Loopback()
     await ours.start()
@@ -317,20 +313,20 @@ async def _messages_1k(anchor: Callable[[], float], rounds: int, count: int) -> 
             ours_rates.append(count / await ours.transfer(payload, 1024 * count))
     finally:
         await ours.stop()
-    return statistics.median(ours_rates), statistics.median(anchor_rates)
+    return Comparison.of(ours_rates, anchor_rates)
 
 
 def _handshakes(
     anchor: Callable[[], float], rounds: int, round_time: float
-) -> tuple[float, float, float]:
-    """Medians of our handshakes, the anchor's and the crypto ceiling, in rounds
+) -> tuple[Comparison, Comparison]:
+    """Our handshakes against the anchor's and against the crypto ceiling, in rounds
     alternating anchor, ours, ceiling."""
     ours, anchors, ceilings = [], [], []
     for _ in range(rounds):
         anchors.append(anchor())
         ours.append(_handshake_rate(round_time))
         ceilings.append(_crypto_ceiling_rate(round_time))
-    return statistics.median(ours), statistics.median(anchors), statistics.median(ceilings)
+    return Comparison.of(ours, anchors), Comparison.of(ours, ceilings)
 
 
 def run(quick: bool = False) -> list[Result]:
@@ -343,23 +339,20 @@ def run(quick: bool = False) -> list[Result]:
         _handshake_rate(round_time)  # warm up every side before measuring
         _crypto_ceiling_rate(round_time)
         pyln.rate("handshakes", round_time)
-        hs, hs_anchor, ceiling = _handshakes(
-            lambda: pyln.rate("handshakes", round_time), rounds, round_time
-        )
-        msgs, msgs_anchor = eventloop.run(
+        hs, ceiling = _handshakes(lambda: pyln.rate("handshakes", round_time), rounds, round_time)
+        msgs = eventloop.run(
             _messages_1k(lambda: pyln.rate("messages_1k", round_time), rounds, messages)
         )
-    tput, tls, tcp = eventloop.run(_throughput_64k(rounds, total))
+    tls, tcp = eventloop.run(_throughput_64k(rounds, total))
     return [
-        Result("handshakes_per_s", hs, "hs/s", "pyln-proto BOLT #8 handshake", hs_anchor),
-        Result(
+        Result.of("handshakes_per_s", hs, "hs/s", "pyln-proto BOLT #8 handshake"),
+        Result.of(
             "crypto_ceiling_ratio",
-            hs,
+            ceiling,
             "hs/s",
             "secp256k1 ops alone (4 sign, 4 verify, 2 ECDH, 2 keygen)",
-            ceiling,
         ),
-        Result("throughput_64k", tput, "MiB/s", "asyncio TLS 1.3 loopback", tls),
-        Result("mib_per_s", tput, "MiB/s", "asyncio TCP loopback, no crypto", tcp),
-        Result("messages_1k_per_s", msgs, "msg/s", "pyln-proto BOLT #8 over TCP", msgs_anchor),
+        Result.of("throughput_64k", tls, "MiB/s", "asyncio TLS 1.3 loopback"),
+        Result.of("mib_per_s", tcp, "MiB/s", "asyncio TCP loopback, no crypto"),
+        Result.of("messages_1k_per_s", msgs, "msg/s", "pyln-proto BOLT #8 over TCP"),
     ]

@@ -18,7 +18,8 @@ Both sides run in one process and on one event loop, use ECDSA P-256 certificate
 one CA, and have 32 clients with distinct certificates (a Catalyst node evicts an older
 session to the same peer identifier). Contexts and nodes are built before the timing.
 A round is a fixed count of sessions (CLIENTS x SESSIONS_PER_CLIENT) and includes the
-server finishing its side; anchor and subject rounds alternate, medians are reported.
+server finishing its side; anchor and subject rounds alternate, and the ratio is the
+median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bench.harness import Result, compare_rates
+from bench.harness import Comparison, Result, compare_rates
 from trustmesh.catalyst.session import CatalystConfig
 from trustmesh.io.catalyst import CatalystNode, CatalystServer, Session
 from trustmesh.io.limits import ResourcePolicy
@@ -350,7 +351,7 @@ class AnchorRig:
 
 def _measure(
     runner: asyncio.Runner, subject: CatalystRig, anchor: AnchorRig, per_client: int, rounds: int
-) -> tuple[float, float]:
+) -> Comparison:
     def call(coro: Callable[[], Coroutine[Any, Any, float]]) -> Callable[[], float]:
         return lambda: runner.run(coro())
 
@@ -390,11 +391,9 @@ def run(
         anchor, full, resumed, pq = runner.run(build())
         runner.run(anchor.start())
         try:
-            full_rate, full_anchor = _measure(runner, full, anchor, per_client, rounds)
-            res_rate, res_anchor = _measure(runner, resumed, anchor, per_client, rounds)
-            pq_rate = pq_anchor = 0.0
-            if pq is not None:
-                pq_rate, pq_anchor = _measure(runner, pq, anchor, per_client, rounds)
+            full_rate = _measure(runner, full, anchor, per_client, rounds)
+            res_rate = _measure(runner, resumed, anchor, per_client, rounds)
+            pq_rate = None if pq is None else _measure(runner, pq, anchor, per_client, rounds)
         finally:
             runner.run(anchor.stop())
         _expect_group(full, CLASSIC_GROUP)
@@ -403,10 +402,10 @@ def run(
             raise RuntimeError("the anchor did not run TLS 1.3 with client certificates")
         label = f"asyncio ssl TLS 1.3 mTLS handshakes ({anchor.group}, {clients} clients)"
         results = [
-            Result("sessions_per_s", full_rate, "sess/s", label, full_anchor),
-            Result("resumed_sessions_per_s", res_rate, "sess/s", label, res_anchor),
+            Result.of("sessions_per_s", full_rate, "sess/s", label),
+            Result.of("resumed_sessions_per_s", res_rate, "sess/s", label),
         ]
-        if pq is not None:
+        if pq is not None and pq_rate is not None:
             _expect_group(pq, HYBRID_GROUP)
-            results.append(Result("sessions_per_s_pq", pq_rate, "sess/s", label, pq_anchor))
+            results.append(Result.of("sessions_per_s_pq", pq_rate, "sess/s", label))
         return results

@@ -22,7 +22,8 @@
   ``EllipticCurvePublicKey.verify`` (cryptography, ECDSA with SHA-256) of the same
   signatures over the same signing inputs. Report only.
 
-Subject and anchor run in alternating rounds, anchor first, and the medians are reported.
+Subject and anchor run in alternating rounds, anchor first; the ratio is the median of
+per-round ratios.
 Each store round writes a fresh database file (the store's and the anchor's in the same
 temporary directory, so on the same filesystem) and removes it after, so both always
 write the same number of rows into an empty table; one untimed round of each comes first.
@@ -215,17 +216,16 @@ def _persisted(load: DtnLoad, rows: int, rounds: int) -> Result:
         warm = batch[: max(1, rows // 10)]
         sqlite_round(directory, warm)
         store_round(directory, warm)
-        ours, theirs = compare_rates(
+        comparison = compare_rates(
             lambda: store_round(directory, batch),
             lambda: sqlite_round(directory, batch),
             rounds=rounds,
         )
-    return Result(
+    return Result.of(
         "bundles_persisted_per_s",
-        ours,
+        comparison,
         "bundle/s",
         "raw SQLite inserts, same bytes, WAL + synchronous=FULL, 1 row per transaction",
-        theirs,
     )
 
 
@@ -285,13 +285,12 @@ def _encode_decode(rounds: int, min_time: float) -> Result:
     def anchor() -> None:
         parse(bytes(theirs))
 
-    value, anchor_value = compare(subject, anchor, work=1, rounds=rounds, min_time=min_time)
-    return Result(
+    comparison = compare(subject, anchor, work=1, rounds=rounds, min_time=min_time)
+    return Result.of(
         "bundle_encode_decode_per_s",
-        value,
+        comparison,
         "bundle/s",
         "pyd3tn bytes(Bundle) + Bundle.parse, same bundle",
-        anchor_value,
     )
 
 
@@ -312,19 +311,18 @@ def verify_all(load: DtnLoad, signatures: list[tuple[bytes, bytes]]) -> None:
 
 def _admit(load: DtnLoad, rounds: int, min_time: float) -> Result:
     signed, signatures = load.signed[:ADMIT_BUNDLES], load.signatures[:ADMIT_BUNDLES]
-    value, anchor_value = compare(
+    comparison = compare(
         lambda: admit_all(load, signed),
         lambda: verify_all(load, signatures),
         work=len(signed),
         rounds=rounds,
         min_time=min_time,
     )
-    return Result(
+    return Result.of(
         "bundle_admit_per_s",
-        value,
+        comparison,
         "bundle/s",
         "P-256 ECDSA verify alone (cryptography), same signatures and inputs",
-        anchor_value,
     )
 
 

@@ -7,6 +7,32 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+
+class Comparison(NamedTuple):
+    """Rounds of a subject and its anchor measured alternately: the median rate of each,
+    and the median of the per-round ratios (each round's subject over the anchor measured
+    next to it). The paired ratio is the figure we report: on a shared machine the speed
+    of both drifts together from round to round, and a ratio of two medians taken from
+    different rounds would carry that drift."""
+
+    value: float
+    anchor_value: float
+    ratio: float
+
+    @classmethod
+    def of(cls, subject_rates: list[float], anchor_rates: list[float]) -> Comparison:
+        if len(subject_rates) != len(anchor_rates) or not subject_rates:
+            raise ValueError("a comparison needs one anchor round for each subject round")
+        ratios = [
+            s / a if a else float("nan") for s, a in zip(subject_rates, anchor_rates, strict=True)
+        ]
+        return cls(
+            statistics.median(subject_rates),
+            statistics.median(anchor_rates),
+            statistics.median(ratios),
+        )
 
 
 @dataclass(frozen=True)
@@ -16,13 +42,23 @@ class Result:
     unit: str
     anchor: str
     anchor_value: float
+    paired_ratio: float | None = None  # a Comparison's ratio, where the rounds were paired
+
+    @classmethod
+    def of(cls, metric: str, comparison: Comparison, unit: str, anchor: str) -> Result:
+        return cls(
+            metric, comparison.value, unit, anchor, comparison.anchor_value, comparison.ratio
+        )
 
     @property
     def ratio(self) -> float:
+        if self.paired_ratio is not None:
+            return self.paired_ratio
         return self.value / self.anchor_value if self.anchor_value else float("nan")
 
     def to_json(self) -> dict[str, object]:
         data: dict[str, object] = asdict(self)
+        del data["paired_ratio"]
         data["ratio"] = round(self.ratio, 4)
         return data
 
@@ -47,14 +83,14 @@ def compare(
     work: float,
     rounds: int = 7,
     min_time: float = 0.05,
-) -> tuple[float, float]:
-    """Median rates of ``subject`` and ``anchor``, measured in alternating rounds so that
-    machine noise hits both alike."""
+) -> Comparison:
+    """Rates of ``subject`` and ``anchor``, measured in alternating rounds (anchor first)
+    so that machine noise hits both alike."""
     subject_rates, anchor_rates = [], []
     for _ in range(rounds):
         anchor_rates.append(rate(anchor, work=work, min_time=min_time))
         subject_rates.append(rate(subject, work=work, min_time=min_time))
-    return statistics.median(subject_rates), statistics.median(anchor_rates)
+    return Comparison.of(subject_rates, anchor_rates)
 
 
 def compare_rates(
@@ -62,15 +98,15 @@ def compare_rates(
     anchor: Callable[[], float],
     *,
     rounds: int = 5,
-) -> tuple[float, float]:
+) -> Comparison:
     """Like :func:`compare` for callables that measure and return their own rate (e.g. an
-    anchor in another process): median rates of ``subject`` and ``anchor``, called
-    alternately, anchor first, ``rounds`` times."""
+    anchor in another process): ``subject`` and ``anchor`` called alternately, anchor
+    first, ``rounds`` times."""
     subject_rates, anchor_rates = [], []
     for _ in range(rounds):
         anchor_rates.append(anchor())
         subject_rates.append(subject())
-    return statistics.median(subject_rates), statistics.median(anchor_rates)
+    return Comparison.of(subject_rates, anchor_rates)
 
 
 def report(

@@ -19,7 +19,7 @@ second, each against software doing the same work in the same run.
 The bench makes its own token (``softhsm2-util`` with a SOFTHSM2_CONF in a temporary
 directory, set before python-pkcs11 loads SoftHSM2, which reads it once a process) and
 its own swtpm (manufactured in a temporary directory, stopped by its PID), and removes
-both. Rounds alternate, anchor first; medians are reported.
+both. Rounds alternate, anchor first; the ratio is the median of per-round ratios.
 """
 
 from __future__ import annotations
@@ -170,14 +170,14 @@ def _sign_result(
     round_time: float,
 ) -> Result:
     data = messages()
-    value, anchor_value = compare(
+    comparison = compare(
         signing(device, data),
         signing(software, data),
         work=1,
         rounds=rounds,
         min_time=round_time,
     )
-    return Result(metric, value, "sig/s", anchor, anchor_value)
+    return Result.of(metric, comparison, "sig/s", anchor)
 
 
 @dataclass(frozen=True)
@@ -294,29 +294,24 @@ def _tpm_figures(work: Path, rounds: int, round_time: float, quotes: int) -> lis
             round_time,
         )
         made = make_quotes(device, quotes)
-        value, anchor_value = compare(
+        comparison = compare(
             verifying(made), raw_verifying(made), work=1, rounds=rounds, min_time=round_time
         )
-        verify = Result(
+        verify = Result.of(
             "quote_verify_per_s",
-            value,
+            comparison,
             "verify/s",
             f"cryptography ECDSA P-256 verify of the same {quotes} quotes over their TPMS_ATTEST",
-            anchor_value,
         )
-        value, anchor_value = compare(
+        comparison = compare(
             quoting(device),
             signing(signer, messages()),
             work=1,
             rounds=rounds,
             min_time=round_time,
         )
-        quote = Result(
-            "tpm_quote_per_s",
-            value,
-            "quote/s",
-            "TpmSigner.sign on the same swtpm (sig/s)",
-            anchor_value,
+        quote = Result.of(
+            "tpm_quote_per_s", comparison, "quote/s", "TpmSigner.sign on the same swtpm (sig/s)"
         )
     return [sign, verify, quote]
 

@@ -32,22 +32,23 @@
   driver yields the last BundleFrame. Anchor: bare pyOpenSSL TLS 1.3 on the same
   ``SSL.Context`` objects (so the same certificates, groups and cipher), pumped through
   memory BIOs by a minimal asyncio protocol, the same 64 KiB messages behind a 4-byte
-  length prefix, the receiver only counting plaintext. Rounds alternate, anchor first;
-  medians. Goal: ratio >= 0.8.
+  length prefix, the receiver only counting plaintext. Rounds alternate, anchor first.
+  Goal: ratio >= 0.8.
 
 Verification: a fresh engine per round (its seen-cache empty, so every message is new)
 over one trust view whose chain cache was warmed before the timing, as a running node's
 is; the messages are pre-signed and encoded before the timing, each a distinct anomaly
 carrying its origin's chain (leaf and issuing CA, DER). Every round checks its engine's
 counts (all accepted, none duplicate or rejected, three forwards each). Engine and anchor
-rounds alternate, anchor first, and the medians are reported.
+rounds alternate, anchor first.
 
 Coverage: the mesh is started and connected, one anomaly goes out as a warm-up, then each
 round measures the anchor's round trips (their median) and then one publish (from just
 before ``publish`` until every node's seen-cache holds the id, checked on every node
 event). After coverage a round waits until the nodes have received every push sent (the
 sum of the engines' ``forwarded``) before reading the counts; any rejected message fails
-the run. Medians over the rounds are reported.
+the run. Medians over the rounds are reported; wherever subject and anchor rounds
+alternate, the ratio is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
-from bench.harness import Result, compare_rates
+from bench.harness import Comparison, Result, compare_rates
 from trustmesh.api.ca_client import make_csr
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.io.stream import StreamDriver, open_stream
@@ -432,38 +433,35 @@ def run(
         bulk_rounds, bulk_messages = 2, 64
     with tempfile.TemporaryDirectory() as tmp:
         load = gossip_load(Path(tmp), messages)
-        engine_rate, verify_rate = compare_rates(
+        engine = compare_rates(
             lambda: engine_round(load), lambda: verify_round(load), rounds=verify_rounds
         )
-        chain_rate, chain_anchor = compare_rates(
+        chain = compare_rates(
             lambda: engine_round(load, with_chain=True),
             lambda: verify_round(load),
             rounds=verify_rounds,
         )
-        coverage, rtt_ms, size = _coverage(Path(tmp), nodes, coverage_rounds)
-        link_rate, bare_rate, cipher = bulk(Path(tmp), bulk_rounds, bulk_messages)
+        coverage, coverage_ms, size = _coverage(Path(tmp), nodes, coverage_rounds)
+        link_bulk, cipher = bulk(Path(tmp), bulk_rounds, bulk_messages)
     messages_per_node = statistics.median(c.messages_per_node for c in coverage)
     return [
-        Result(
+        Result.of(
             "gossip_verify_per_s",
-            engine_rate,
+            engine,
             "msg/s",
             "P-256 ECDSA verify alone (cryptography), same messages",
-            verify_rate,
         ),
-        Result(
+        Result.of(
             "gossip_verify_chain_per_s",
-            chain_rate,
+            chain,
             "msg/s",
             "P-256 ECDSA verify alone (cryptography), same messages",
-            chain_anchor,
         ),
-        Result(
+        Result.of(
             f"coverage_ms_{nodes}",
-            1e3 * statistics.median(c.seconds for c in coverage),
+            coverage_ms,
             "ms",
             f"asyncio TLS 1.3 mTLS loopback round trip ({size} B), ms",
-            rtt_ms,
         ),
         Result(
             "coverage_msgs_per_node",
@@ -479,22 +477,21 @@ def run(
             "coverage_msgs_per_node",
             messages_per_node,
         ),
-        Result(
+        Result.of(
             "link_bulk_mib_per_s",
-            link_rate,
+            link_bulk,
             "MiB/s",
             f"bare pyOpenSSL TLS 1.3 on the same loopback and contexts ({cipher}),"
             f" {BULK_MESSAGE // 1024} KiB messages",
-            bare_rate,
         ),
     ]
 
 
-def _coverage(workdir: Path, nodes: int, rounds: int) -> tuple[list[Coverage], float, int]:
+def _coverage(workdir: Path, nodes: int, rounds: int) -> tuple[list[Coverage], Comparison, int]:
     """The coverage rounds, each the anchor's round trips then one publish; returns the
-    rounds, the median round trip in ms, and the message size."""
+    rounds, coverage in ms against the round trip in ms, and the message size."""
 
-    async def measure() -> tuple[list[Coverage], float, int]:
+    async def measure() -> tuple[list[Coverage], Comparison, int]:
         rig = CoverageRig(workdir, nodes)
         try:
             await rig.start()
@@ -502,7 +499,8 @@ def _coverage(workdir: Path, nodes: int, rounds: int) -> tuple[list[Coverage], f
             for _ in range(rounds):
                 rtts.append(await rig.round_trip_ms())
                 coverage.append(await rig.publish())
-            return coverage, statistics.median(rtts), rig.size
+            ms = [1e3 * c.seconds for c in coverage]
+            return coverage, Comparison.of(ms, rtts), rig.size
         finally:
             await rig.stop()
 
@@ -775,13 +773,13 @@ def bulk(
     rounds: int = BULK_ROUNDS,
     messages: int = BULK_MESSAGES,
     size: int = BULK_MESSAGE,
-) -> tuple[float, float, str]:
-    """Median MiB/s of bundles over a mesh link and of the bare pyOpenSSL anchor, in
+) -> tuple[Comparison, str]:
+    """MiB/s of bundles over a mesh link against the bare pyOpenSSL anchor, in
     alternating rounds (anchor first), and the cipher both used."""
     server_dir, client_dir = link_pki(workdir)
     message = random.Random(7).randbytes(size)
 
-    async def measure() -> tuple[float, float, str]:
+    async def measure() -> tuple[Comparison, str]:
         link, bare = BulkLink(server_dir, client_dir), BareLoopback(server_dir, client_dir)
         try:
             await link.start()
@@ -794,7 +792,7 @@ def bulk(
             for _ in range(rounds):
                 bare_rates.append(await bare.round(message, messages))
                 link_rates.append(await link.round(message, messages))
-            return statistics.median(link_rates), statistics.median(bare_rates), link.cipher
+            return Comparison.of(link_rates, bare_rates), link.cipher
         finally:
             await link.stop()
             await bare.stop()

@@ -133,14 +133,14 @@ def _handshakes(a: _Node, b: _Node, rounds: int) -> list[Result]:
     ]  # fmt: skip
     results = []
     for metric, scheme, anchor, bare in cases:
-        ours, theirs = compare(
+        comparison = compare(
             lambda scheme=scheme: _psec_handshake(a, b, scheme),  # type: ignore[misc]
             bare,
             work=1,
             rounds=rounds,
             min_time=0.3,
         )
-        results.append(Result(metric, ours, "/s", anchor, theirs))
+        results.append(Result.of(metric, comparison, "/s", anchor))
     return results
 
 
@@ -231,8 +231,8 @@ def _against_plain_echo(
         ra.recv(2048)
 
     try:
-        ours, bare = compare(sealed, plain, work=1, rounds=rounds, min_time=0.2)
+        comparison = compare(sealed, plain, work=1, rounds=rounds, min_time=0.2)
     finally:
         ra.close()
         rb.close()
-    return Result(metric, ours, "/s", "plain UDP echo, 1,200 bytes", bare)
+    return Result.of(metric, comparison, "/s", "plain UDP echo, 1,200 bytes")

@@ -90,9 +90,10 @@ def test_quick_run_reports_every_figure_with_its_anchor() -> None:
         assert result.anchor.startswith("bsv-sdk")
     printed = json.loads(report("brc103", results, as_json=True))
     assert printed["bench"] == "brc103"
-    for result in printed["results"]:
-        assert set(result) == {"metric", "value", "unit", "anchor", "anchor_value", "ratio"}
-        assert result["ratio"] == pytest.approx(result["value"] / result["anchor_value"], abs=1e-4)
+    for result, printed_result in zip(results, printed["results"], strict=True):
+        assert set(printed_result) == {"metric", "value", "unit", "anchor", "anchor_value", "ratio"}
+        assert result.paired_ratio is not None
+        assert printed_result["ratio"] == pytest.approx(result.paired_ratio, abs=1e-4)
     text = report("brc103", results, as_json=False)
     assert text.splitlines()[0] == "bench brc103"
     assert all(r.metric in text for r in results)

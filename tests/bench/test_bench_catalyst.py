@@ -134,4 +134,5 @@ def test_run_reports_every_metric_with_its_anchor() -> None:
     for result in results:
         assert result.value > 0
         assert result.anchor_value > 0
+        assert result.paired_ratio is not None
         assert "X25519" in result.anchor

@@ -19,6 +19,7 @@ def test_a_quick_run_reports_both_figures_against_the_anchor() -> None:
     for result in results:
         assert result.unit == "ms"
         assert result.value > 0 and result.anchor_value > 0
+        assert result.paired_ratio is not None
         assert "cryptography" in result.anchor
 
 

@@ -54,8 +54,7 @@ def test_quick_run_reports_every_figure_with_its_anchor() -> None:
         assert result["value"] > 0
         assert result["anchor_value"] > 0
         assert result["anchor"]
-        assert math.isfinite(result["ratio"]) and result["ratio"] > 0
-        assert result["ratio"] == pytest.approx(result["value"] / result["anchor_value"], abs=1e-3)
+        assert math.isfinite(result["ratio"]) and result["ratio"] > 0  # per-round, paired
 
 
 def test_the_load_holds_distinct_signed_1k_bundles_as_the_receiver_keeps_them(

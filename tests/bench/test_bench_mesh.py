@@ -101,6 +101,9 @@ def test_quick_run_reports_every_figure_with_its_anchor() -> None:
         assert result.anchor_value > 0
         assert math.isfinite(result.ratio)
         assert result.ratio > 0
+    # Alternating rounds give paired ratios; the coverage counts have no anchor rounds.
+    assert all(r.paired_ratio is not None for r in (verify, verify_chain, coverage, link_bulk))
+    assert messages.paired_ratio is None and duplicates.paired_ratio is None
     # Every node but the origin took the anomaly once: at least (n - 1) / n deliveries.
     assert messages.anchor_value == pytest.approx((nodes - 1) / nodes)
     assert messages.ratio >= 1
@@ -113,18 +116,19 @@ def test_quick_run_reports_every_figure_with_its_anchor() -> None:
     # The JSON report, as ``python -m bench mesh --json`` prints it.
     printed = json.loads(report("mesh", results, as_json=True))
     assert printed["bench"] == "mesh"
-    for result in printed["results"]:
-        assert set(result) == {"metric", "value", "unit", "anchor", "anchor_value", "ratio"}
-        assert result["ratio"] == pytest.approx(result["value"] / result["anchor_value"], abs=1e-4)
+    for result, printed_result in zip(results, printed["results"], strict=True):
+        assert set(printed_result) == {"metric", "value", "unit", "anchor", "anchor_value", "ratio"}
+        assert printed_result["ratio"] == pytest.approx(result.ratio, abs=1e-4)
     text = report("mesh", results, as_json=False)
     assert text.splitlines()[0] == "bench mesh"
     assert all(r.metric in text for r in results)
 
 
 def test_bulk_moves_every_bundle_over_a_tls_link_and_the_anchor(tmp_path: Path) -> None:
-    link, bare, cipher = mesh_bench.bulk(tmp_path, rounds=1, messages=4, size=32 * 1024)
-    assert link > 0
-    assert bare > 0
+    link, cipher = mesh_bench.bulk(tmp_path, rounds=1, messages=4, size=32 * 1024)
+    assert link.value > 0
+    assert link.anchor_value > 0
+    assert link.ratio == pytest.approx(link.value / link.anchor_value)  # one round
     assert cipher.startswith("TLS_")  # a TLS 1.3 suite, the same on both (else it fails)
 
 

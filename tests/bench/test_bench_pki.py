@@ -141,4 +141,5 @@ def test_run_reports_both_metrics_with_their_anchors() -> None:
     for result in results:
         assert result.value > 0
         assert result.anchor_value > 0
+        assert result.paired_ratio is not None
         assert pki_bench.ECHO_PATH in result.anchor
