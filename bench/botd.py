@@ -10,6 +10,11 @@
   asyncio TLS 1.3 on the same loopback with 64 KiB writes. Goal: ratio >= 2.
 - mib_per_s: the same BOTD figure against plain asyncio TCP (no encryption, no framing)
   on the same loopback with 64 KiB writes: what share of the bare transport we keep.
+- bulk_floor_ratio: the same BOTD figure against the least any Python channel must do
+  per message: AES-256-GCM seal, a 4-byte length prefix, one vectored write; on the
+  other side reads into a kept buffer and AES-256-GCM open where the record lies, bytes
+  counted, no message handed to anyone. What is left between the two is our framing,
+  copies, events and the message API. No goal: it shows where the time goes.
 - messages_1k_per_s: 1 KiB messages per second over loopback, against pyln-proto's
   BOLT #8 transport. Goal: ratio >= 2.
 
@@ -31,16 +36,19 @@ import asyncio
 import datetime
 import os
 import ssl
+import struct
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from coincurve._libsecp256k1 import ffi, lib
 from coincurve.context import GLOBAL_CONTEXT
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 
 from bench.anchors import PylnAnchor
@@ -278,27 +286,116 @@ class _TcpLoopback(_StreamAnchor):
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
 
 
-async def _throughput_64k(rounds: int, total: int) -> tuple[Comparison, Comparison]:
-    """BOTD MiB/s against TLS 1.3 and against bare TCP, rounds alternating TLS, ours, TCP."""
+class _AeadFloor:
+    """The bulk floor: AES-256-GCM records behind a 4-byte length over asyncio TCP, sealed
+    and written with nothing in between, opened where they lie in the receiver's kept
+    buffer and counted (see bulk_floor_ratio)."""
+
+    HIGH_WATER = 64 * 1024  # the sender yields once this much waits in the transport
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.target = 0
+        self.done = asyncio.Event()
+        self._key = AESGCM.generate_key(bit_length=256)
+        self._counter = 0
+
+    async def start(self) -> None:
+        floor = self
+
+        class Open(asyncio.BufferedProtocol):
+            def __init__(self) -> None:
+                self.aead = AESGCM(floor._key)
+                self.buffer = bytearray(512 * 1024)  # room for a record and a full read
+                self.end = 0
+                self.counter = 0
+
+            def get_buffer(self, sizehint: int) -> memoryview:
+                return memoryview(self.buffer)[self.end :]
+
+            def buffer_updated(self, nbytes: int) -> None:
+                self.end += nbytes
+                view, pos = memoryview(self.buffer), 0
+                while self.end - pos >= 4:
+                    size = int.from_bytes(view[pos : pos + 4], "big")
+                    if self.end - pos - 4 < size:
+                        break
+                    record = view[pos + 4 : pos + 4 + size]
+                    plaintext = self.aead.decrypt(_NONCE(self.counter), record, None)
+                    self.counter += 1
+                    floor.received += len(plaintext)
+                    pos += 4 + size
+                view[: self.end - pos] = view[pos : self.end]
+                self.end -= pos
+                if floor.received >= floor.target:
+                    floor.done.set()
+
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(Open, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        self.transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        self._aead = AESGCM(self._key)
+
+    async def transfer(self, payload: bytes, total: int) -> float:
+        self.received, self.target = 0, total
+        self.done.clear()
+        transport, seal = self.transport, self._aead.encrypt
+        start = time.perf_counter()
+        for _ in range(total // len(payload)):
+            record = seal(_NONCE(self._counter), payload, None)
+            self._counter += 1
+            transport.writelines((len(record).to_bytes(4, "big"), record))
+            if transport.get_write_buffer_size() > self.HIGH_WATER:
+                await asyncio.sleep(0)  # let the receiver read
+        await self.done.wait()
+        return time.perf_counter() - start
+
+    async def stop(self) -> None:
+        self.transport.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+_NONCE = struct.Struct(">4xQ").pack
+
+
+class _Side(Protocol):
+    """One side of the bulk comparison."""
+
+    async def start(self) -> None: ...
+    async def transfer(self, payload: bytes, total: int) -> float: ...
+    async def stop(self) -> None: ...
+
+
+async def _throughput_64k(rounds: int, total: int) -> tuple[Comparison, Comparison, Comparison]:
+    """BOTD MiB/s against TLS 1.3, bare TCP and the AEAD floor, in rounds alternating TLS,
+    ours, TCP, floor."""
     payload = os.urandom(64 * 1024)
     with tempfile.TemporaryDirectory() as tmp:
-        ours, tls, tcp = _Loopback(), _TlsLoopback(Path(tmp)), _TcpLoopback()
-        await ours.start()
-        await tls.start()
-        await tcp.start()
+        sides: tuple[_Side, ...] = (
+            _TlsLoopback(Path(tmp)),
+            _Loopback(),
+            _TcpLoopback(),
+            _AeadFloor(),
+        )
+        rates: tuple[list[float], ...] = ([], [], [], [])
+        for side in sides:
+            await side.start()
         try:
-            for side in (ours, tls, tcp):  # warm up each
+            for side in sides:  # warm up each
                 await side.transfer(payload, 4 * MIB)
-            ours_rates, tls_rates, tcp_rates = [], [], []
             for _ in range(rounds):
-                tls_rates.append(total / MIB / await tls.transfer(payload, total))
-                ours_rates.append(total / MIB / await ours.transfer(payload, total))
-                tcp_rates.append(total / MIB / await tcp.transfer(payload, total))
+                for side, side_rates in zip(sides, rates, strict=True):
+                    side_rates.append(total / MIB / await side.transfer(payload, total))
         finally:
-            await ours.stop()
-            await tls.stop()
-            await tcp.stop()
-    return Comparison.of(ours_rates, tls_rates), Comparison.of(ours_rates, tcp_rates)
+            for side in sides:
+                await side.stop()
+    tls_rates, ours_rates, tcp_rates, floor_rates = rates
+    return (
+        Comparison.of(ours_rates, tls_rates),
+        Comparison.of(ours_rates, tcp_rates),
+        Comparison.of(ours_rates, floor_rates),
+    )
 
 
 async def _messages_1k(anchor: Callable[[], float], rounds: int, count: int) -> Comparison:
@@ -343,7 +440,7 @@ def run(quick: bool = False) -> list[Result]:
         msgs = eventloop.run(
             _messages_1k(lambda: pyln.rate("messages_1k", round_time), rounds, messages)
         )
-    tls, tcp = eventloop.run(_throughput_64k(rounds, total))
+    tls, tcp, floor = eventloop.run(_throughput_64k(rounds, total))
     return [
         Result.of("handshakes_per_s", hs, "hs/s", "pyln-proto BOLT #8 handshake"),
         Result.of(
@@ -354,5 +451,6 @@ def run(quick: bool = False) -> list[Result]:
         ),
         Result.of("throughput_64k", tls, "MiB/s", "asyncio TLS 1.3 loopback"),
         Result.of("mib_per_s", tcp, "MiB/s", "asyncio TCP loopback, no crypto"),
+        Result.of("bulk_floor_ratio", floor, "MiB/s", "AES-256-GCM records over asyncio TCP, bare"),
         Result.of("messages_1k_per_s", msgs, "msg/s", "pyln-proto BOLT #8 over TCP"),
     ]

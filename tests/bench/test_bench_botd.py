@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
 
 from bench import botd as botd_bench
 from bench.harness import report as report_of
@@ -83,6 +84,7 @@ def test_quick_run_reports_every_figure_and_the_event_loop(
         "crypto_ceiling_ratio",
         "throughput_64k",
         "mib_per_s",
+        "bulk_floor_ratio",
         "messages_1k_per_s",
     }
     for result in results:
@@ -92,6 +94,7 @@ def test_quick_run_reports_every_figure_and_the_event_loop(
     assert by_metric["crypto_ceiling_ratio"].value == by_metric["handshakes_per_s"].value
     assert 0 < by_metric["crypto_ceiling_ratio"].ratio < 1
     assert by_metric["mib_per_s"].value == by_metric["throughput_64k"].value
+    assert by_metric["bulk_floor_ratio"].value == by_metric["throughput_64k"].value
     report = json.loads(report_of("botd", results, as_json=True, info=botd_bench.info()))
     assert report["event_loop"] in ("uvloop", "asyncio")
     assert {r["metric"] for r in report["results"]} == set(by_metric)
@@ -107,3 +110,37 @@ def test_the_allocator_pin_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(botd_bench.info()["allocator"]).startswith("glibc pinned")
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     assert "not pinned" in str(botd_bench.info()["allocator"])
+
+
+async def test_aead_floor_opens_and_counts_every_byte() -> None:
+    floor = botd_bench._AeadFloor()
+    await floor.start()
+    try:
+        async with asyncio.timeout(10):
+            seconds = await floor.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
+            again = await floor.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
+    finally:
+        await floor.stop()
+    assert seconds > 0 and again > 0
+    assert floor.received == 2 * botd_bench.MIB  # the second round, counted afresh
+    assert floor._counter == 64  # every record sealed under its own nonce
+
+
+async def test_aead_floor_refuses_a_record_it_cannot_open() -> None:
+    """The floor really authenticates: a record sealed under another nonce fails to open."""
+    floor = botd_bench._AeadFloor()
+    await floor.start()
+    loop = asyncio.get_running_loop()
+    failure: asyncio.Future[BaseException] = loop.create_future()
+    loop.set_exception_handler(lambda _loop, context: failure.set_result(context["exception"]))
+    try:
+        floor.target = 1
+        record = floor._aead.encrypt(botd_bench._NONCE(7), b"x" * 100, None)  # expects 0
+        floor.transport.writelines((len(record).to_bytes(4, "big"), record))
+        async with asyncio.timeout(10):
+            error = await failure
+    finally:
+        loop.set_exception_handler(None)
+        await floor.stop()
+    assert isinstance(error, InvalidTag)
+    assert floor.received == 0
