@@ -113,6 +113,20 @@ def test_indicators_since_is_exclusive(store: MeshStore) -> None:
     assert len(store.indicators(since=None)) == 5
 
 
+def test_indicators_of_one_hash_even_behind_the_newest_limit(store: MeshStore) -> None:
+    """``hash`` picks one anomaly's indicators, however many newer ones the store holds
+    (what ``node wait --anomaly`` asks for)."""
+    old = indicator(0, received_at=1)
+    store.save(
+        [], [old, *(indicator(i, received_at=10 + i) for i in range(1, 50))], capacity=100, now_ms=0
+    )
+    assert old not in store.indicators(limit=10)
+    assert store.indicators(hash=old.hash, limit=1) == [old]
+    assert store.indicators(hash=f"{7:016x}") == [indicator(7, received_at=17)]
+    assert store.indicators(hash=f"{7:016x}", since=17) == []
+    assert store.indicators(hash="ab" * 8 + "' OR 1=1 --") == []  # a parameter, not SQL
+
+
 def test_indicators_at_the_same_time_are_ordered_by_id(store: MeshStore) -> None:
     store.save([], [indicator(i, received_at=100) for i in (3, 1, 2)], capacity=10, now_ms=0)
     assert [i.message_id for i in store.indicators()] == ["node-1:1", "node-1:2", "node-1:3"]

@@ -366,6 +366,19 @@ async def test_peers_health_and_anomalies_conform(mesh: LocalMesh) -> None:
     conforms(sent, received)
     assert received.json()["anomalies"] == []
 
+    query = {"hash": f"{1:032x}", "limit": "1"}
+    sent, received = await node1.call("GET", "/v1/mesh/anomalies", query=query)
+    assert received.status_code == 200, received.data
+    conforms(sent, received)
+    assert [i["message_id"] for i in received.json()["anomalies"]] == [published.message_id]
+    sent, received = await node1.call("GET", "/v1/mesh/anomalies", query={"hash": f"{2:032x}"})
+    assert received.json()["anomalies"] == []
+
+    for bad in ("ABCDEF0123456789", "abc", "0" * 17):
+        sent, received = await node1.call("GET", "/v1/mesh/anomalies", query={"hash": bad})
+        assert (received.status_code, error_code(received)) == (400, "bad_request"), bad
+        conforms(sent, received, request_conforms=False)
+
     sent, received = await node1.call("GET", "/v1/mesh/anomalies", query={"limit": "0"})
     assert (received.status_code, error_code(received)) == (400, "bad_request")
     conforms(sent, received, request_conforms=False)

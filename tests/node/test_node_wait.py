@@ -21,9 +21,11 @@ class ScriptedNode:
         self.script = {path: iter(answers) for path, answers in script.items()}
         self.last: dict[str, Any] = {}
         self.calls: list[str] = []
+        self.queries: list[dict[str, str]] = []
 
     async def get(self, path: str, **params: str) -> dict[str, Any]:
         self.calls.append(path)
+        self.queries.append(params)
         answer = next(self.script[path], self.last.get(path))
         self.last[path] = answer
         if isinstance(answer, Exception):
@@ -65,6 +67,16 @@ def test_every_condition_must_hold_in_the_same_poll() -> None:
     assert answer["status"] == "ok"
     assert node.calls.count(PEERS) == 3  # node-3 left at the third look
     assert node.calls.count(HEALTH) == 3  # one health read per poll, for all its conditions
+
+
+def test_an_anomaly_is_asked_for_by_its_hash() -> None:
+    """The node looks the anomaly up (``hash=``): it reads no other indicator, and one
+    older than its newest 10,000 is still found."""
+    digest = "ab" * 8
+    node = ScriptedNode({HEALTH: [health(1)], ANOMALIES: [{"anomalies": [{"hash": digest}]}]})
+    run(node, anomalies=[digest])
+    asked = [q for path, q in zip(node.calls, node.queries, strict=True) if path == ANOMALIES]
+    assert asked == [{"hash": digest, "limit": "1"}]
 
 
 def test_a_timeout_says_what_is_missing() -> None:

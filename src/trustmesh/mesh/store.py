@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS indicators (
     received_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS indicators_received ON indicators (received_at);
+CREATE INDEX IF NOT EXISTS indicators_hash ON indicators (hash);
 CREATE TABLE IF NOT EXISTS crl (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     number INTEGER NOT NULL,
@@ -103,6 +104,17 @@ class Indicator:
             "timestamp": self.timestamp,
             "received_at": self.received_at,
         }
+
+
+# The newest indicators after a time (LIMIT), given oldest first; of one hash, by its index.
+_NEWEST_INDICATORS = (
+    "SELECT * FROM (SELECT * FROM indicators WHERE received_at > ?"
+    " ORDER BY received_at DESC, message_id LIMIT ?) ORDER BY received_at, message_id"
+)
+_NEWEST_OF_HASH = (
+    "SELECT * FROM (SELECT * FROM indicators WHERE received_at > ? AND hash = ?"
+    " ORDER BY received_at DESC, message_id LIMIT ?) ORDER BY received_at, message_id"
+)
 
 
 class MeshStore:
@@ -194,13 +206,16 @@ class MeshStore:
         rows = self._db.execute("SELECT message_id, expiry FROM seen ORDER BY expiry")
         return [(str(m), int(e)) for m, e in rows]
 
-    def indicators(self, *, limit: int = 1000, since: int | None = None) -> list[Indicator]:
-        """The newest ``limit`` indicators (received after ``since``, Unix ms), oldest first."""
-        rows = self._db.execute(
-            "SELECT * FROM (SELECT * FROM indicators WHERE received_at > ?"
-            " ORDER BY received_at DESC, message_id LIMIT ?) ORDER BY received_at, message_id",
-            (since if since is not None else -1, limit),
-        ).fetchall()
+    def indicators(
+        self, *, limit: int = 1000, since: int | None = None, hash: str | None = None
+    ) -> list[Indicator]:
+        """The newest ``limit`` indicators (received after ``since``, Unix ms; of the
+        anomaly ``hash`` only, if given), oldest first."""
+        after = since if since is not None else -1
+        if hash is None:
+            rows = self._db.execute(_NEWEST_INDICATORS, (after, limit)).fetchall()
+        else:
+            rows = self._db.execute(_NEWEST_OF_HASH, (after, hash, limit)).fetchall()
         return [
             Indicator(r[0], r[1], r[2], r[3], float(r[4]), json.loads(r[5]), r[6], r[7])
             for r in rows

@@ -60,7 +60,7 @@ from trustmesh.mesh.errors import (
     RevokedOrigin,
     UntrustedOrigin,
 )
-from trustmesh.mesh.gossip import MAX_MESSAGE
+from trustmesh.mesh.gossip import HEX, MAX_MESSAGE
 from trustmesh.mesh.trust import CrlRejected
 from trustmesh.metrics.exposition import METRICS_PATH, metrics_response
 from trustmesh.node.bundle_api import BundleService, add_bundle_routes
@@ -352,8 +352,11 @@ async def _anomalies(request: web.Request) -> web.Response:
     node = request.app[NODE_KEY]
     limit = _int_query(request, "limit", 1000, 1, MAX_LIMIT)
     since = _int_query(request, "since", -1, -1, 1 << 53)
+    digest = request.query.get("hash")
+    if digest is not None and not HEX.fullmatch(digest):
+        raise ApiError(400, "hash must be an even number (16 to 128) of lowercase hex digits")
     node.flush()
-    indicators = node.store.indicators(limit=limit, since=since)
+    indicators = node.store.indicators(limit=limit, since=since, hash=digest)
     return web.json_response(
         {"node_id": node.node_id, "anomalies": [i.to_json() for i in indicators]}
     )
