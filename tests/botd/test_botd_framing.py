@@ -254,3 +254,16 @@ def test_fed_chunks_hold_only_what_arrived_of_an_announced_frame() -> None:
         tracemalloc.stop()
     assert held < 64 * 1024
     assert reader.buffered == 1
+
+
+@given(st.binary(min_size=64, max_size=64))
+def test_the_finished_prefix_is_what_protobuf_writes_and_reads(signature: bytes) -> None:
+    """A Finished is written as FINISHED_PREFIX + signature and recognised by it (the
+    core skips protobuf for it): both must be protobuf's own encoding and reading."""
+    from trustmesh.botd.messages import FINISHED_PREFIX, FINISHED_SIZE, Finished, parse_frame
+
+    encoded = FINISHED_PREFIX + signature
+    assert encoded == Frame(finished=Finished(signature=signature)).SerializeToString()
+    assert len(encoded) == FINISHED_SIZE
+    body, frame = parse_frame(encoded)
+    assert (body, frame.finished.signature) == ("finished", signature)

@@ -386,7 +386,7 @@ def test_directional_records_use_the_right_keys() -> None:
 def test_hkdf_matches_cryptography(
     secret: bytes, salt: bytes | None, info: bytes, length: int
 ) -> None:
-    # hkdf_sha256 is RFC 5869 written over hmac.digest (for speed); pyca's HKDF is the
+    # hkdf_sha256 is RFC 5869 written over the stdlib's hashing (for speed); pyca's HKDF is the
     # reference.
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF

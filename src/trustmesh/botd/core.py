@@ -43,11 +43,12 @@ from trustmesh.botd.keyschedule import (
     verify_compact,
 )
 from trustmesh.botd.messages import (
+    FINISHED_PREFIX,
+    FINISHED_SIZE,
     MAX_CONTROL_RECORD,
     MAX_HANDSHAKE_FRAME,
     Ack,
     Close,
-    Finished,
     Frame,
     Init,
     Ping,
@@ -463,15 +464,16 @@ class BotdConnection:
     def _send_finished(self) -> None:
         assert self.transcript_hash is not None
         digest = finished_digest(self.transcript_hash, initiator=self.initiator)
-        self._send_frame(Frame(finished=Finished(signature=sign_compact(self._key, digest))))
+        assert self._sealer is not None
+        self._queue(self._sealer.seal(FINISHED_PREFIX + sign_compact(self._key, digest)))
 
-    def _on_finished(self, finished: Finished, now: float, events: list[Event]) -> None:
+    def _on_finished(self, signature: bytes, now: float, events: list[Event]) -> None:
         if self._state is not State.AWAIT_FINISHED:
             raise PeerMisbehaved("Finished out of place")
         assert self._peer is not None
         assert self.transcript_hash is not None
         digest = finished_digest(self.transcript_hash, initiator=not self.initiator)
-        verify_compact(self._peer, finished.signature, digest, "Finished")
+        verify_compact(self._peer, signature, digest, "Finished")
         if self.initiator:  # ours goes after the responder's has been checked
             self._send_finished()
         self._state = State.ESTABLISHED
@@ -490,6 +492,12 @@ class BotdConnection:
     # --- records ----------------------------------------------------------------------
 
     def _on_record(self, plaintext: bytes, now: float, events: list[Event]) -> None:
+        if len(plaintext) == FINISHED_SIZE and plaintext.startswith(FINISHED_PREFIX):
+            # A Finished exactly as protobuf encodes it (what its parser would read).
+            if self._state is State.PEER_CLOSED:
+                raise PeerMisbehaved("finished after the peer's own Close")
+            self._on_finished(plaintext[len(FINISHED_PREFIX) :], now, events)
+            return
         body, frame = parse_frame(plaintext)
         if self._state is State.PEER_CLOSED:
             raise PeerMisbehaved(f"{body} after the peer's own Close")
@@ -501,7 +509,7 @@ class BotdConnection:
                 raise OversizeError(f"message of {len(data)} bytes exceeds {self._max_message}")
             events.append(MessageReceived(data))
         elif body == "finished":
-            self._on_finished(frame.finished, now, events)
+            self._on_finished(frame.finished.signature, now, events)
         elif self._state is State.AWAIT_FINISHED:
             raise HandshakeError(f"expected Finished, got {body}")
         elif body == "ping":

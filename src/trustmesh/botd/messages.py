@@ -6,6 +6,8 @@ step relies on is checked here, and every failure is a typed :class:`DecodeError
 
 from __future__ import annotations
 
+import functools
+
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from trustmesh.crypto.keys import KeyKind, PublicKey, Secp256k1PublicKey
@@ -13,6 +15,8 @@ from trustmesh.errors import DecodeError, InvalidKeyError, UnsupportedError
 from trustmesh.wire.pb.botd_pb2 import Ack, Close, Finished, Frame, Init, Ping, Pong
 
 __all__ = [
+    "FINISHED_PREFIX",
+    "FINISHED_SIZE",
     "MAX_HANDSHAKE_FRAME",
     "MAX_ID_LENGTH",
     "PUBKEY_SIZE",
@@ -39,6 +43,13 @@ MAX_CONTROL_RECORD = 512
 # Init: 5 fields, about 200 bytes. A peer cannot make us buffer more than this before
 # it has proved who it is.
 MAX_HANDSHAKE_FRAME = 512
+# Frame{finished: Finished{signature}} for a compact signature is these bytes, then the
+# 64 signature bytes (taken from protobuf's own encoding): a Finished is written and
+# recognised without building or parsing the message; anything else goes to protobuf.
+FINISHED_PREFIX = Frame(finished=Finished(signature=bytes(SIGNATURE_SIZE))).SerializeToString()[
+    :-SIGNATURE_SIZE
+]
+FINISHED_SIZE = len(FINISHED_PREFIX) + SIGNATURE_SIZE
 
 
 def parse_frame(payload: bytes) -> tuple[str, Frame]:
@@ -65,8 +76,13 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_pubkey(data: bytes, what: str) -> Secp256k1PublicKey:
-    """A secp256k1 public key in its 33-byte compressed form, on the curve."""
+    """A secp256k1 public key in its 33-byte compressed form, on the curve.
+
+    The peers that come back are parsed once (a key object is immutable); a refused
+    key raises, which is never cached, and a flood of new keys only turns the bounded
+    cache over."""
     if len(data) != PUBKEY_SIZE:
         raise InvalidKeyError(f"{what} must be {PUBKEY_SIZE} bytes (compressed), got {len(data)}")
     try:

@@ -195,9 +195,15 @@ class Secp256k1PublicKey(PublicKey):
         if len(data) not in (33, 65):
             raise InvalidKeyError(f"secp256k1 public key must be 33 or 65 bytes, got {len(data)}")
         try:
-            return cls(coincurve.PublicKey(data))
+            key = coincurve.PublicKey(data)
         except ValueError as exc:
             raise InvalidKeyError(f"invalid secp256k1 public key: {exc}") from None
+        if len(data) == 65:
+            return cls(key)
+        # A compressed key that parses is already its own canonical form: no re-encoding.
+        parsed = cls.__new__(cls)
+        parsed._key, parsed._bytes = key, bytes(data)
+        return parsed
 
     @property
     def coincurve(self) -> coincurve.PublicKey:
