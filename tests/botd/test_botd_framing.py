@@ -7,7 +7,7 @@ import itertools
 import tracemalloc
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from trustmesh.botd.framing import (
@@ -267,3 +267,26 @@ def test_the_finished_prefix_is_what_protobuf_writes_and_reads(signature: bytes)
     assert len(encoded) == FINISHED_SIZE
     body, frame = parse_frame(encoded)
     assert (body, frame.finished.signature) == ("finished", signature)
+
+
+@PROPERTY
+@given(st.integers(0, (1 << 22)), st.integers(0, 3), st.integers(-2, 2))
+def test_data_frame_body_reads_every_length_form_as_protobuf_does(
+    size: int, padding: int, error: int
+) -> None:
+    """A data header with its varint padded (``padding`` extra bytes) or a body
+    ``error`` bytes off its length: ``data_frame_body`` gives the start only for the
+    minimal form that protobuf reads to the end, and -1 (protobuf's road) otherwise."""
+    varint = bytearray(encode_uvarint(size))
+    if padding:
+        varint[-1] |= 0x80
+        varint += b"\x80" * (padding - 1) + b"\x00"
+    assume(size + error >= 0)
+    body = bytes(size + error)
+    plaintext = bytes((0x32,)) + bytes(varint) + body
+    start = data_frame_body(plaintext)
+    if padding or error:
+        assert start == -1
+        return
+    assert start == 1 + len(varint)
+    assert Frame.FromString(plaintext).data == plaintext[start:]

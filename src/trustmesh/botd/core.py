@@ -260,6 +260,7 @@ class BotdConnection:
         self, payloads: list[Payload], error: DecodeError | None, now: float
     ) -> list[Event]:
         events: list[Event] = []
+        established, closed, max_message = State.ESTABLISHED, State.CLOSED, self._max_message
         try:
             opener = self._opener
             for index, payload in enumerate(payloads):
@@ -271,19 +272,19 @@ class BotdConnection:
                     opener = self._opener
                 else:
                     plaintext = opener.open(payload)
-                    if self._state is State.ESTABLISHED:
+                    if self._state is established:
                         # The bulk of the traffic: one data field, taken without protobuf.
                         start = data_frame_body(plaintext)
                         if start > 0:
-                            if len(plaintext) - start > self._max_message:
+                            if len(plaintext) - start > max_message:
                                 raise OversizeError(
                                     f"message of {len(plaintext) - start} bytes exceeds "
-                                    f"{self._max_message}"
+                                    f"{max_message}"
                                 )
                             events.append(MessageReceived(plaintext[start:]))
                             continue
                     self._on_record(plaintext, now, events)
-                if self.state is State.CLOSED:  # the peer's Close ended it
+                if self._state is closed:  # the peer's Close ended it
                     return events
             if error is not None:
                 raise error

@@ -65,10 +65,30 @@ def data_frame_body(plaintext: Payload) -> int:
     """Where ``Frame.data``'s bytes start when ``plaintext`` is exactly one data field
     (what we and every protobuf encoder send); ``-1`` for anything else, which the
     caller hands to the protobuf parser. Non-minimal length varints, which protobuf
-    accepts, also take that slower road."""
+    accepts, also take that slower road. Lengths of up to three varint bytes (under
+    2 MiB: every message of the default limit) are read without a loop."""
     end = len(plaintext)
     if end < 2 or plaintext[0] != DATA_TAG:
         return -1
+    first = plaintext[1]
+    if first < 0x80:
+        return 2 if end == 2 + first else -1
+    if end < 3:
+        return -1
+    second = plaintext[2]
+    if second < 0x80:  # a zero last byte is a padded varint: protobuf's to read
+        return 3 if second and end == 3 + ((first & 0x7F) | second << 7) else -1
+    if end < 4:
+        return -1
+    third = plaintext[3]
+    if third < 0x80:
+        size = (first & 0x7F) | (second & 0x7F) << 7 | third << 14
+        return 4 if third and end == 4 + size else -1
+    return _long_data_frame_body(plaintext, end)
+
+
+def _long_data_frame_body(plaintext: Payload, end: int) -> int:
+    """:func:`data_frame_body` for a length varint of four bytes or more."""
     value = 0
     shift = 0
     pos = 1
