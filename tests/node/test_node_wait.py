@@ -76,7 +76,7 @@ def test_an_anomaly_is_asked_for_by_its_hash() -> None:
     node = ScriptedNode({HEALTH: [health(1)], ANOMALIES: [{"anomalies": [{"hash": digest}]}]})
     run(node, anomalies=[digest])
     asked = [q for path, q in zip(node.calls, node.queries, strict=True) if path == ANOMALIES]
-    assert asked == [{"hash": digest, "limit": "1"}]
+    assert asked == [{"hash": digest, "limit": "10000"}]  # an older node ignores hash
 
 
 def test_a_timeout_says_what_is_missing() -> None:

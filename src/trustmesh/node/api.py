@@ -5,7 +5,8 @@ certificate (mTLS):
   peer's gossip ``score`` and ``graylisted_until``).
 - ``POST /v1/mesh/gossip``: a signed gossip message; 202 once verified and committed to
   the node's store (group commit: the answer waits for the batch that holds it).
-- ``GET /v1/mesh/anomalies``: the indicators received (``?limit=`` and ``?since=`` ms).
+- ``GET /v1/mesh/anomalies``: the indicators received (``?limit=``, ``?since=`` ms, and
+  ``?hash=`` for one anomaly's).
 - ``GET /v1/mesh/health``: links, certificate, CRL and gossip counters.
 - ``GET /metrics``: the node's Prometheus metrics (docs/metrics.md).
 

@@ -82,8 +82,9 @@ def conditions(
         found.append(Healthy(HEALTH, {}, "status ok"))
     for digest in anomalies:
         # The node finds it by its hash: no reading of every indicator it holds, and none
-        # missed behind the newest 10,000.
-        query = {"hash": digest, "limit": "1"}
+        # missed behind the newest 10,000. A node from before ``hash`` ignores it and
+        # answers with its newest 10,000, as it always did.
+        query = {"hash": digest, "limit": "10000"}
         found.append(Anomaly(ANOMALIES, query, f"anomaly {digest}", digest))
     for node_id in gone:
         found.append(Gone(PEERS, {}, f"{node_id} gone from the peer table", node_id))
