@@ -25,11 +25,11 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -357,53 +357,39 @@ def _seconds(when: datetime) -> int:
     return int(when.timestamp())
 
 
-class SqliteStore:
-    """:class:`CaStore` on one SQLite file."""
+class Handle(Protocol):
+    """What the store's queries run on: a SQLite connection, or a PostgreSQL one behind
+    :class:`trustmesh.pki.pgstore.PostgresStore`'s adapter. The SQL is written once, for
+    SQLite (``?`` placeholders, ``rowid`` for the order rows were added in)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # Waits for another process's write transaction instead of failing at once.
-        self._db = open_database(path, SCHEMA, synchronous="FULL", busy_timeout=30)
-        self._migrate()
+    def execute(self, sql: str, args: Sequence[object] = (), /) -> Cursor: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class SqlCaStore:
+    """:class:`CaStore` over SQL: every decision in the transaction that acts on it.
+    A subclass gives the transactions (:meth:`_write`, one at a time: SQLite's single
+    writer, PostgreSQL's advisory lock) and the read connections (:meth:`_read`)."""
 
     def close(self) -> None:
-        self._db.close()
+        raise NotImplementedError
 
-    def backup_to(self, path: Path) -> None:
-        """A consistent copy of this database, as of its last commit, in the new file
-        ``path``, while the CA goes on (:func:`backup_database`)."""
-        backup_database(self.path, path)
+    def _write(self) -> contextlib.AbstractContextManager[Handle]:
+        """One write transaction: committed when the block ends, rolled back if it
+        raises; no other write transaction of this database runs meanwhile."""
+        raise NotImplementedError
 
-    def _migrate(self) -> None:
-        """Bring a database made by an older trustmesh up to this schema: add the
-        columns it lacks, fill them from what it holds, and add their indexes. One
-        transaction, so a crash (or a second process opening the database) never sees
-        half of it."""
-        with transaction(self._db) as db:
-            for table, column, kind in ADDED_COLUMNS:
-                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                if column not in present:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            for serial, pem in db.execute(
-                "SELECT serial, pem FROM certificates WHERE spki_sha256 IS NULL"
-            ).fetchall():
-                key = x509.load_pem_x509_certificate(pem.encode()).public_key()
-                db.execute(
-                    "UPDATE certificates SET spki_sha256 = ? WHERE serial = ?",
-                    (spki_sha256(key), serial),
-                )
-            db.execute(
-                "UPDATE admin_tokens SET id = substr(hash, 1, ?) WHERE id IS NULL",
-                (ADMIN_TOKEN_ID_LENGTH,),
-            )
-            # Tokens made before admin tokens expired: a day from their creation.
-            db.execute(
-                "UPDATE admin_tokens SET expires_at = created_at + ? WHERE expires_at IS NULL",
-                (LEGACY_ADMIN_TOKEN_TTL,),
-            )
-            for statement in INDEXES.strip().split(";"):
-                if statement.strip():
-                    db.execute(statement)
+    def _read(self) -> contextlib.AbstractContextManager[Handle]:
+        """A connection for reads (each statement sees what was committed before it)."""
+        raise NotImplementedError
 
     # --- certificates -------------------------------------------------------------------
 
@@ -414,7 +400,7 @@ class SqliteStore:
         self, certs: Iterable[IssuedCertificate], *, event: str, actor: str | None, now: datetime
     ) -> None:
         """Record certificates in one transaction (one commit for a batch)."""
-        with transaction(self._db) as db:
+        with self._write() as db:
             for cert in certs:
                 self._insert(db, cert, event, actor, now)
 
@@ -428,7 +414,7 @@ class SqliteStore:
         actor: str | None,
         audit: Mapping[str, object] | None = None,
     ) -> IssuedCertificate:
-        with transaction(self._db) as db:
+        with self._write() as db:
             # Spending the token is the first write: of any number of racing requests,
             # exactly one finds it unused.
             spent = db.execute(
@@ -467,7 +453,7 @@ class SqliteStore:
         claimed_serial: int | None = None,
         audit: Mapping[str, object] | None = None,
     ) -> IssuedCertificate:
-        with transaction(self._db) as db:
+        with self._write() as db:
             found = self._select_in(db, "WHERE serial = ?", (format(current, "x"),))
             if not found:
                 raise NotAuthenticated("the client certificate is not one this CA issued")
@@ -537,11 +523,12 @@ class SqliteStore:
         return self._select("WHERE revoked_at IS NOT NULL ORDER BY revoked_at", ())
 
     def crl_entries(self, expired_before: datetime) -> list[CrlEntry]:
-        rows = self._db.execute(
-            "SELECT serial, revoked_at, reason FROM certificates"
-            " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY revoked_at, serial",
-            (_seconds(expired_before),),
-        ).fetchall()
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT serial, revoked_at, reason FROM certificates"
+                " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY revoked_at, serial",
+                (_seconds(expired_before),),
+            ).fetchall()
         return [
             CrlEntry(int(serial, 16), datetime.fromtimestamp(at, UTC), reason)
             for serial, at, reason in rows
@@ -550,13 +537,13 @@ class SqliteStore:
     def revoke(
         self, serials: list[int], when: datetime, reason: str, *, actor: str | None
     ) -> list[int]:
-        with transaction(self._db) as db:
+        with self._write() as db:
             return self._revoke(db, [format(s, "x") for s in serials], when, reason, actor)
 
     def revoke_node(
         self, node_id: str, when: datetime, reason: str, *, actor: str | None
     ) -> list[int] | None:
-        with transaction(self._db) as db:
+        with self._write() as db:
             # Only node certificates: an admin or the API server may share the name.
             serials = [
                 row[0]
@@ -571,7 +558,8 @@ class SqliteStore:
             return self._revoke(db, serials, when, reason, actor)
 
     def revocation_epoch(self) -> int:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'revocation_epoch'").fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'revocation_epoch'").fetchone()
         return int(row[0])
 
     # --- tokens -------------------------------------------------------------------------
@@ -579,7 +567,7 @@ class SqliteStore:
     def add_token(
         self, token_hash: str, node_id: str, created: datetime, expires: datetime
     ) -> None:
-        with transaction(self._db) as db:
+        with self._write() as db:
             db.execute(
                 "INSERT INTO tokens (hash, node_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
                 (token_hash, node_id, _seconds(created), _seconds(expires)),
@@ -588,11 +576,12 @@ class SqliteStore:
             self._audit(db, created, "token", node_id, None, "cli", detail)
 
     def token(self, token_hash: str) -> Token | None:
-        row = self._db.execute(
-            "SELECT node_id, created_at, expires_at, used_at, used_serial FROM tokens"
-            " WHERE hash = ?",
-            (token_hash,),
-        ).fetchone()
+        with self._read() as db:
+            row = db.execute(
+                "SELECT node_id, created_at, expires_at, used_at, used_serial FROM tokens"
+                " WHERE hash = ?",
+                (token_hash,),
+            ).fetchone()
         if row is None:
             return None
         node_id, created, expires, used, used_serial = row
@@ -608,7 +597,7 @@ class SqliteStore:
         self, token_hash: str, label: str, created: datetime, expires: datetime
     ) -> str:
         token_id = admin_token_id(token_hash)
-        with transaction(self._db) as db:
+        with self._write() as db:
             db.execute(
                 "INSERT INTO admin_tokens (hash, label, created_at, id, expires_at)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -626,7 +615,7 @@ class SqliteStore:
         return self._admin_tokens("ORDER BY created_at, rowid", ())
 
     def revoke_admin_token(self, token_id: str, when: datetime, *, actor: str | None) -> bool:
-        with transaction(self._db) as db:
+        with self._write() as db:
             row = db.execute(
                 "SELECT label, revoked_at FROM admin_tokens WHERE id = ?", (token_id,)
             ).fetchone()
@@ -644,10 +633,12 @@ class SqliteStore:
     # --- audit --------------------------------------------------------------------------
 
     def audit(self, limit: int = 100) -> list[AuditEntry]:
-        rows = self._db.execute(
-            "SELECT at, event, node_id, serial, actor, detail FROM audit ORDER BY id DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT at, event, node_id, serial, actor, detail FROM audit"
+                " ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
         return [
             AuditEntry(
                 at=datetime.fromtimestamp(at, UTC),
@@ -669,14 +660,14 @@ class SqliteStore:
         actor: str = "cli",
         node_id: str | None = None,
     ) -> None:
-        with transaction(self._db) as db:
+        with self._write() as db:
             self._audit(db, now, event, node_id, None, actor, detail)
 
     # --- internals ----------------------------------------------------------------------
 
     def _insert(
         self,
-        db: sqlite3.Connection,
+        db: Handle,
         cert: IssuedCertificate,
         event: str,
         actor: str | None,
@@ -709,7 +700,7 @@ class SqliteStore:
 
     def _revoke(
         self,
-        db: sqlite3.Connection,
+        db: Handle,
         serials: list[str],
         when: datetime,
         reason: str,
@@ -730,7 +721,7 @@ class SqliteStore:
         return marked
 
     def _earlier_enrollment(
-        self, db: sqlite3.Connection, token_hash: str, cert: IssuedCertificate, now: datetime
+        self, db: Handle, token_hash: str, cert: IssuedCertificate, now: datetime
     ) -> IssuedCertificate | None:
         """The live certificate this token already bought for the same node and public
         key (the client lost the answer and asks again), else None."""
@@ -750,7 +741,7 @@ class SqliteStore:
 
     @staticmethod
     def _audit(
-        db: sqlite3.Connection,
+        db: Handle,
         when: datetime,
         event: str,
         node_id: str | None,
@@ -765,7 +756,7 @@ class SqliteStore:
         )
 
     @staticmethod
-    def _why_unusable(db: sqlite3.Connection, token_hash: str, node_id: str, now: datetime) -> str:
+    def _why_unusable(db: Handle, token_hash: str, node_id: str, now: datetime) -> str:
         row = db.execute(
             "SELECT node_id, expires_at, used_at FROM tokens WHERE hash = ?", (token_hash,)
         ).fetchone()
@@ -778,7 +769,7 @@ class SqliteStore:
         return f"the enrollment token is for another node_id, not {node_id!r}"
 
     @staticmethod
-    def _is_active(db: sqlite3.Connection, node_id: str, now: datetime) -> bool:
+    def _is_active(db: Handle, node_id: str, now: datetime) -> bool:
         return (
             db.execute(
                 "SELECT 1 FROM certificates WHERE node_id = ? AND role = 'node'"
@@ -789,7 +780,7 @@ class SqliteStore:
         )
 
     @staticmethod
-    def _active_nodes(db: sqlite3.Connection, now: datetime) -> int:
+    def _active_nodes(db: Handle, now: datetime) -> int:
         row = db.execute(
             "SELECT COUNT(DISTINCT node_id) FROM certificates WHERE role = 'node'"
             " AND revoked_at IS NULL AND not_after > ?",
@@ -798,12 +789,11 @@ class SqliteStore:
         return int(row[0])
 
     def _select(self, where: str, args: tuple[object, ...]) -> list[IssuedCertificate]:
-        return self._select_in(self._db, where, args)
+        with self._read() as db:
+            return self._select_in(db, where, args)
 
     @staticmethod
-    def _select_in(
-        db: sqlite3.Connection, where: str, args: tuple[object, ...]
-    ) -> list[IssuedCertificate]:
+    def _select_in(db: Handle, where: str, args: tuple[object, ...]) -> list[IssuedCertificate]:
         # ``where`` is always one of this class's constant clauses, never input.
         query = f"SELECT {COLUMNS} FROM certificates {where}"  # noqa: S608
         rows = db.execute(query, args).fetchall()
@@ -836,5 +826,64 @@ class SqliteStore:
                 expires_at=datetime.fromtimestamp(expires, UTC),
                 revoked_at=_time(revoked),
             )
-            for token_id, label, created, expires, revoked in self._db.execute(query, args)
+            for token_id, label, created, expires, revoked in self._admin_rows(query, args)
         ]
+
+    def _admin_rows(self, query: str, args: tuple[object, ...]) -> list[Any]:
+        with self._read() as db:
+            return db.execute(query, args).fetchall()
+
+
+class SqliteStore(SqlCaStore):
+    """:class:`CaStore` on one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Waits for another process's write transaction instead of failing at once.
+        self._db = open_database(path, SCHEMA, synchronous="FULL", busy_timeout=30)
+        self._migrate()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self) -> contextlib.AbstractContextManager[Handle]:
+        return transaction(self._db)
+
+    def _read(self) -> contextlib.AbstractContextManager[Handle]:
+        return contextlib.nullcontext(self._db)
+
+    def backup_to(self, path: Path) -> None:
+        """A consistent copy of this database, as of its last commit, in the new file
+        ``path``, while the CA goes on (:func:`backup_database`)."""
+        backup_database(self.path, path)
+
+    def _migrate(self) -> None:
+        """Bring a database made by an older trustmesh up to this schema: add the
+        columns it lacks, fill them from what it holds, and add their indexes. One
+        transaction, so a crash (or a second process opening the database) never sees
+        half of it."""
+        with transaction(self._db) as db:
+            for table, column, kind in ADDED_COLUMNS:
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            for serial, pem in db.execute(
+                "SELECT serial, pem FROM certificates WHERE spki_sha256 IS NULL"
+            ).fetchall():
+                key = x509.load_pem_x509_certificate(pem.encode()).public_key()
+                db.execute(
+                    "UPDATE certificates SET spki_sha256 = ? WHERE serial = ?",
+                    (spki_sha256(key), serial),
+                )
+            db.execute(
+                "UPDATE admin_tokens SET id = substr(hash, 1, ?) WHERE id IS NULL",
+                (ADMIN_TOKEN_ID_LENGTH,),
+            )
+            # Tokens made before admin tokens expired: a day from their creation.
+            db.execute(
+                "UPDATE admin_tokens SET expires_at = created_at + ? WHERE expires_at IS NULL",
+                (LEGACY_ADMIN_TOKEN_TTL,),
+            )
+            for statement in INDEXES.strip().split(";"):
+                if statement.strip():
+                    db.execute(statement)
