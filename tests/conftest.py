@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pgcluster import PostgresCluster
 
 from trustmesh.tpm import swtpm
 
@@ -98,3 +100,19 @@ def make_swtpm(tmp_path: Path) -> Iterator[Callable[[], swtpm.Swtpm]]:
     yield make
     for tpm in started:
         tpm.stop()
+
+
+# --- PostgreSQL: the CA store's tests (tests/pki) -----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL server per test process (tests/cli/pgcluster.py)."""
+    with PostgresCluster.start() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_dsn(postgres: PostgresCluster) -> str:
+    """An empty database of its own for each test."""
+    return postgres.create_database(f"test_{secrets.token_hex(6)}")

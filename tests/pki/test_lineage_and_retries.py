@@ -28,15 +28,20 @@ from trustmesh.pki.errors import (
     TokenRejected,
     UnknownAdminToken,
 )
+from trustmesh.pki.pgstore import PostgresStore
 from trustmesh.pki.store import SqliteStore, admin_token_id, spki_sha256
 
 PASS = b"lineage tests"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> Iterator[CertificateAuthority]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ca(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CertificateAuthority]:
+    """A CA on each store: every test here is a contract both stores keep."""
     authority = CertificateAuthority.init(tmp_path / "ca", PASS, now=NOW)
+    if request.param == "postgresql":
+        authority.store.close()
+        authority.store = PostgresStore(request.getfixturevalue("postgres_dsn"))
     yield authority
     authority.close()
 

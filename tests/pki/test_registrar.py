@@ -35,6 +35,7 @@ from trustmesh.pki.errors import (
     PolicyDenied,
     TokenRejected,
 )
+from trustmesh.pki.pgstore import PostgresStore
 from trustmesh.pki.store import SqliteStore
 
 PASS = b"registrar tests"
@@ -42,8 +43,19 @@ NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> Iterator[CertificateAuthority]:
+def sqlite_ca(tmp_path: Path) -> Iterator[CertificateAuthority]:
     authority = CertificateAuthority.init(tmp_path / "ca", PASS, now=NOW)
+    yield authority
+    authority.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ca(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CertificateAuthority]:
+    """A CA on each store: the registrar's rules hold on both."""
+    authority = CertificateAuthority.init(tmp_path / "ca", PASS, now=NOW)
+    if request.param == "postgresql":
+        authority.store.close()
+        authority.store = PostgresStore(request.getfixturevalue("postgres_dsn"))
     yield authority
     authority.close()
 
@@ -80,7 +92,8 @@ def test_enroll_issues_a_certificate_and_spends_the_token(ca: CertificateAuthori
     assert ("enroll", "node-1") in events and ("token", "node-1") in events
 
 
-def test_tokens_are_stored_hashed(ca: CertificateAuthority) -> None:
+def test_tokens_are_stored_hashed(sqlite_ca: CertificateAuthority) -> None:
+    ca = sqlite_ca
     token = ca.create_token("node-1", now=NOW)
     raw = (ca.directory / "ca.db").read_bytes()
     wal = ca.directory / "ca.db-wal"
@@ -155,9 +168,11 @@ def test_a_base64_der_csr_enrolls(ca: CertificateAuthority) -> None:
 
 
 def test_fifty_racing_connections_spend_one_token_once(
-    ca: CertificateAuthority, tmp_path: Path
+    sqlite_ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    """Each thread has its own database connection, as separate CA processes would."""
+    """Each thread has its own database connection, as separate CA processes would.
+    (On PostgreSQL: tests/pki/test_store_postgres.py, across replicas.)"""
+    ca = sqlite_ca
     token = ca.create_token("node-1", now=NOW)
     records = [ca.sign(x509.load_pem_x509_csr(csr_pem("node-1").encode()), "node-1", now=NOW)[1]]
     records += [

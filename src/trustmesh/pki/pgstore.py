@@ -1,0 +1,138 @@
+"""The CA store on PostgreSQL, so that several ``trustmesh ca serve`` replicas can share
+one database (issue 23; needs the extra ``trustmesh[postgres]``: psycopg 3 and its pool).
+
+The logic is :class:`~trustmesh.pki.store.SqlCaStore`'s, as on SQLite. What changes:
+
+- **Writes are serialized across replicas.** Every write transaction first takes one
+  transaction-level advisory lock, so the decisions taken in a transaction (spending a
+  token, the node cap, the currency of the certificate a rotation presents, revoking
+  every certificate of a node) see every commit made before them, as SQLite's single
+  writer gives in one process. Certificates are signed before the store is called, so
+  replicas still share the signing; only the short bookkeeping transactions queue.
+- **Reads** run on pooled connections; each statement sees what was committed before it
+  (READ COMMITTED), so a revocation made on one replica is in every replica's next CRL.
+- **The SQL is written once, for SQLite**: this module turns its ``?`` placeholders into
+  psycopg's ``%s``, and ``rowid`` (the order rows were added in) into the ``seq``
+  column that PostgreSQL's tables carry for it. Times are Unix seconds in ``BIGINT``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from trustmesh.pki.store import Cursor, Handle, SqlCaStore
+
+# The key of the advisory lock every write transaction takes: "tmca" in ASCII.
+WRITE_LOCK = 0x746D6361
+POOL_TIMEOUT = 10.0  # seconds to wait for a pooled connection before failing the call
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS certificates (
+    seq         BIGSERIAL UNIQUE,           -- SQLite's rowid: the order rows were added in
+    serial      TEXT PRIMARY KEY,           -- lowercase hex, no leading zeros
+    node_id     TEXT NOT NULL,
+    role        TEXT NOT NULL DEFAULT 'node',
+    not_before  BIGINT NOT NULL,            -- Unix seconds
+    not_after   BIGINT NOT NULL,
+    pem         TEXT NOT NULL,
+    revoked_at  BIGINT,
+    reason      TEXT,
+    replaces    TEXT,
+    spki_sha256 TEXT
+);
+CREATE INDEX IF NOT EXISTS certificates_node ON certificates (node_id);
+CREATE INDEX IF NOT EXISTS certificates_replaces ON certificates (replaces);
+CREATE INDEX IF NOT EXISTS certificates_crl
+    ON certificates (not_after, serial, revoked_at, reason) WHERE revoked_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tokens (
+    hash        TEXT PRIMARY KEY,
+    node_id     TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    expires_at  BIGINT NOT NULL,
+    used_at     BIGINT,
+    used_serial TEXT
+);
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    seq         BIGSERIAL UNIQUE,
+    hash        TEXT PRIMARY KEY,
+    label       TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    id          TEXT UNIQUE,
+    expires_at  BIGINT,
+    revoked_at  BIGINT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id          BIGSERIAL PRIMARY KEY,
+    at          BIGINT NOT NULL,
+    event       TEXT NOT NULL,
+    node_id     TEXT,
+    serial      TEXT,
+    actor       TEXT,
+    detail      TEXT
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key         TEXT PRIMARY KEY,
+    value       BIGINT NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('revocation_epoch', 0) ON CONFLICT (key) DO NOTHING
+"""
+
+
+class PostgresStore(SqlCaStore):
+    """:class:`~trustmesh.pki.store.CaStore` on a PostgreSQL database (``dsn``: a libpq
+    connection string or URI; the password from ``PGPASSFILE`` or the DSN)."""
+
+    def __init__(self, dsn: str, *, max_connections: int = 8) -> None:
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            dsn, min_size=1, max_size=max_connections, timeout=POOL_TIMEOUT, open=False
+        )
+        self._pool.open(wait=True, timeout=POOL_TIMEOUT)
+        try:
+            with self._write() as db:  # the lock: replicas starting together make it once
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Handle]:
+        with self._pool.connection() as connection, connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            yield _Adapter(connection)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Handle]:
+        with self._pool.connection() as connection:
+            yield _Adapter(connection)
+
+
+class _Adapter:
+    """A psycopg connection as a :class:`~trustmesh.pki.store.Handle`."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self._connection = connection
+
+    def execute(self, sql: str, args: Sequence[object] = (), /) -> Cursor:
+        return self._connection.execute(_postgres_sql(sql), tuple(args))
+
+
+@functools.lru_cache(maxsize=256)
+def _postgres_sql(sql: str) -> Any:
+    """SqlCaStore's SQLite text for psycopg: ``%s`` placeholders, ``seq`` for ``rowid``.
+    (Any: psycopg types a query as a LiteralString, which a rewritten one is not; every
+    text comes from the store's own constants.)"""
+    if "%" in sql:
+        raise ValueError("the store's SQL holds a '%', which psycopg would read as a placeholder")
+    return re.sub(r"\browid\b", "seq", sql).replace("?", "%s")
