@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from pgcluster import PostgresCluster
 
+from trustmesh.pki.ca import CertificateAuthority
+from trustmesh.pki.pgstore import PostgresStore
 from trustmesh.tpm import swtpm
 
 # Fixtures of the CA API tests (tests/api/ca_support.py; tests/api is on pythonpath).
@@ -116,3 +118,18 @@ def postgres() -> Iterator[PostgresCluster]:
 def postgres_dsn(postgres: PostgresCluster) -> str:
     """An empty database of its own for each test."""
     return postgres.create_database(f"test_{secrets.token_hex(6)}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def each_store(request: pytest.FixtureRequest) -> Callable[[CertificateAuthority], None]:
+    """Runs a test on each of the CA's stores: call it on a new CA to move the CA onto
+    this run's store (SQLite, its own; PostgreSQL, an empty database of its own)."""
+    if request.param == "sqlite":
+        return lambda authority: None
+    dsn = request.getfixturevalue("postgres_dsn")
+
+    def place(authority: CertificateAuthority) -> None:
+        authority.store.close()
+        authority.store = PostgresStore(dsn)
+
+    return place

@@ -6,7 +6,7 @@ tokens that expire and can be revoked."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,20 +28,19 @@ from trustmesh.pki.errors import (
     TokenRejected,
     UnknownAdminToken,
 )
-from trustmesh.pki.pgstore import PostgresStore
 from trustmesh.pki.store import SqliteStore, admin_token_id, spki_sha256
 
 PASS = b"lineage tests"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ca(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CertificateAuthority]:
+@pytest.fixture
+def ca(
+    tmp_path: Path, each_store: Callable[[CertificateAuthority], None]
+) -> Iterator[CertificateAuthority]:
     """A CA on each store: every test here is a contract both stores keep."""
     authority = CertificateAuthority.init(tmp_path / "ca", PASS, now=NOW)
-    if request.param == "postgresql":
-        authority.store.close()
-        authority.store = PostgresStore(request.getfixturevalue("postgres_dsn"))
+    each_store(authority)
     yield authority
     authority.close()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,7 +35,6 @@ from trustmesh.pki.errors import (
     PolicyDenied,
     TokenRejected,
 )
-from trustmesh.pki.pgstore import PostgresStore
 from trustmesh.pki.store import SqliteStore
 
 PASS = b"registrar tests"
@@ -49,13 +48,13 @@ def sqlite_ca(tmp_path: Path) -> Iterator[CertificateAuthority]:
     authority.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ca(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[CertificateAuthority]:
+@pytest.fixture
+def ca(
+    tmp_path: Path, each_store: Callable[[CertificateAuthority], None]
+) -> Iterator[CertificateAuthority]:
     """A CA on each store: the registrar's rules hold on both."""
     authority = CertificateAuthority.init(tmp_path / "ca", PASS, now=NOW)
-    if request.param == "postgresql":
-        authority.store.close()
-        authority.store = PostgresStore(request.getfixturevalue("postgres_dsn"))
+    each_store(authority)
     yield authority
     authority.close()
 
