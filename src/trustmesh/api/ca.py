@@ -428,6 +428,7 @@ async def health(request: web.Request) -> web.Response:
             "issuing_not_after": ca.issuing_cert.not_valid_after_utc.isoformat(),
             "crl_next_update": snapshot.next_update.isoformat(),
             "revoked": snapshot.revoked,
+            "store": ca.store.kind,
         }
     )
 

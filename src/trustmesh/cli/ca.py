@@ -43,6 +43,7 @@ from trustmesh.pki.challenge import Challenges
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.pki.errors import PkiError
 from trustmesh.pki.store import admin_token_id
+from trustmesh.pki.stores import DB_ENV
 from trustmesh.pki.tpm_verifier import TPM_QUOTE, TpmQuoteVerifier
 from trustmesh.tpm.policy import load_policy
 
@@ -60,10 +61,33 @@ DIR_OPTION = click.option(
 )
 
 
+def _remember_db(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta["ca_db"] = value or None
+
+
+DB_OPTION = click.option(
+    "--db",
+    envvar=DB_ENV,
+    show_envvar=True,
+    metavar="URI",
+    expose_value=False,
+    callback=_remember_db,
+    help="Keep the CA's records in this PostgreSQL database (postgresql://...) instead of"
+    " D/ca.db, so that several `ca serve` replicas share them. Put the password in"
+    " PGPASSFILE (~/.pgpass), not in the URI; or give the whole URI in the environment.",
+)
+
+
+def _db() -> str | None:
+    """The ``--db`` of the command being run (None: D/ca.db)."""
+    value = click.get_current_context().meta.get("ca_db")
+    return value if isinstance(value, str) else None
+
+
 def _open(directory: Path, passphrase: bytes | None = None) -> CertificateAuthority:
     if passphrase is None:
         passphrase = passphrase_from_env_or_tty(directory, confirm=False)
-    ca = CertificateAuthority(directory, passphrase)
+    ca = CertificateAuthority(directory, passphrase, db=_db())
     for warning in ca.expiry_warnings():  # loudly, on every command
         click.echo(f"trustmesh: WARNING: {warning}", err=True)
     return ca
@@ -90,6 +114,7 @@ ca.add_command(ca_backup)
 
 @ca.command()
 @DIR_OPTION
+@DB_OPTION
 @click.option("--name", default="trustmesh mesh CA", show_default=True, help="CA name (its CN).")
 @click.option(
     "--root-key-out",
@@ -111,7 +136,7 @@ def init(directory: Path, name: str, root_key_out: Path | None, as_json: bool) -
     """
     passphrase = passphrase_from_env_or_tty(directory, confirm=True)
     with CertificateAuthority.init(
-        directory, passphrase, name=name, root_key_out=root_key_out
+        directory, passphrase, name=name, root_key_out=root_key_out, db=_db()
     ) as authority:
         write_ca_config(directory, serve)  # ca serve's settings, at their defaults
         root, issuing = authority.root_cert, authority.issuing_cert
@@ -130,6 +155,7 @@ def init(directory: Path, name: str, root_key_out: Path | None, as_json: bool) -
 
 @ca.command(name="list")
 @DIR_OPTION
+@DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help='One JSON document: {"certificates": [...]}.')
 @jsonl_option("One JSON object per certificate, one a line.")
 def list_certificates(directory: Path, as_json: bool, as_jsonl: bool) -> None:
@@ -178,6 +204,7 @@ def list_certificates(directory: Path, as_json: bool, as_jsonl: bool) -> None:
 
 @ca.command()
 @DIR_OPTION
+@DB_OPTION
 @click.option("--serial", help="Revoke this certificate (hex serial, as `ca list` shows it).")
 @click.option("--node-id", help="Revoke every certificate of this node.")
 @click.option(
@@ -234,6 +261,7 @@ def revoke(
 
 @ca.command()
 @DIR_OPTION
+@DB_OPTION
 @click.option("--force", is_flag=True, help="Renew even when more than 30 days are left.")
 @click.option(
     "--root-key",
@@ -268,6 +296,7 @@ def token() -> None:
 
 @token.command(name="create")
 @DIR_OPTION
+@DB_OPTION
 @click.option("--node-id", required=True, help="The node this token may enroll (a DNS name).")
 @click.option(
     "--ttl",
@@ -300,6 +329,7 @@ def admin_token() -> None:
 
 @admin_token.command(name="create")
 @DIR_OPTION
+@DB_OPTION
 @click.option("--label", default="admin", show_default=True, help="Who holds it (audit log).")
 @click.option(
     "--ttl",
@@ -331,6 +361,7 @@ def admin_token_create(directory: Path, label: str, ttl: timedelta, as_json: boo
 
 @admin_token.command(name="list")
 @DIR_OPTION
+@DB_OPTION
 @click.option("--json", "as_json", is_flag=True, help='One JSON document: {"admin_tokens": [...]}.')
 @jsonl_option("One JSON object per token, one a line.")
 def admin_token_list(directory: Path, as_json: bool, as_jsonl: bool) -> None:
@@ -362,6 +393,7 @@ def admin_token_list(directory: Path, as_json: bool, as_jsonl: bool) -> None:
 
 @admin_token.command(name="revoke")
 @DIR_OPTION
+@DB_OPTION
 @click.argument("token_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def admin_token_revoke(directory: Path, token_id: str, as_json: bool) -> None:
@@ -377,6 +409,7 @@ def admin_token_revoke(directory: Path, token_id: str, as_json: bool) -> None:
 
 @ca.command(name="admin-cert")
 @DIR_OPTION
+@DB_OPTION
 @click.option("--name", required=True, help="The administrator's name (a DNS-style label).")
 @click.option(
     "--out",
@@ -427,6 +460,7 @@ def admin_cert(
 
 @ca.command()
 @DIR_OPTION
+@DB_OPTION
 @click.option("--pem", is_flag=True, help="PEM instead of DER.")
 @click.option(
     "--out",
@@ -449,6 +483,7 @@ def crl(directory: Path, pem: bool, out: Path | None) -> None:
 
 @ca.command()
 @DIR_OPTION
+@DB_OPTION
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='One JSON document: {"entries": [...]}.')
 @jsonl_option("One JSON object per entry, one a line, with its whole detail.")
@@ -496,6 +531,7 @@ def _short(detail: dict[str, Any] | None) -> str:
 
 @ca.command(cls=ConfiguredServe)
 @DIR_OPTION
+@DB_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True)
 @click.option(

@@ -34,7 +34,8 @@ from trustmesh.clock import SYSTEM_CLOCK, Clock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import load_key_file, save_key_file, write_durably
 from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
-from trustmesh.pki.store import CaStore, IssuedCertificate, SqliteStore, spki_sha256
+from trustmesh.pki.store import CaStore, IssuedCertificate, spki_sha256
+from trustmesh.pki.stores import open_store
 from trustmesh.tls.stream import certificate_names
 
 ROOT_VALIDITY = timedelta(days=3650)
@@ -105,8 +106,15 @@ class CertificateAuthority:
     """The CA in ``directory``, with its keys unlocked by ``passphrase``."""
 
     def __init__(
-        self, directory: Path, passphrase: bytes | None, *, clock: Clock = SYSTEM_CLOCK
+        self,
+        directory: Path,
+        passphrase: bytes | None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        db: str | None = None,
     ) -> None:
+        """``db``: a PostgreSQL URI to keep the records in (replicas share one), instead
+        of ``directory/ca.db`` (:func:`trustmesh.pki.stores.open_store`)."""
         self.directory = directory
         self.clock = clock  # every method's time, unless its ``now=`` overrides it
         try:
@@ -115,7 +123,7 @@ class CertificateAuthority:
         except OSError as exc:
             raise PkiError(f"{directory} is not a CA directory: {exc.strerror}") from None
         self._issuing_key = load_key_file(directory / "issuing.key", passphrase).to_cryptography()
-        self.store: CaStore = SqliteStore(directory / "ca.db")
+        self.store: CaStore = open_store(directory, db)
 
     @classmethod
     def init(
@@ -127,6 +135,7 @@ class CertificateAuthority:
         now: datetime | None = None,
         clock: Clock = SYSTEM_CLOCK,
         root_key_out: Path | None = None,
+        db: str | None = None,
     ) -> CertificateAuthority:
         """Create a root and an issuing CA (P-256) in ``directory``, which must hold no CA;
         the CA returned reads ``clock``.
@@ -143,6 +152,13 @@ class CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / "ca.crt").exists() or (directory / "root.key").exists():
             raise PkiError(f"{directory} already holds a CA; refusing to overwrite it")
+        if db:  # a shared database must not mix two CAs' records
+            store = open_store(directory, db)
+            try:
+                if store.all() or store.audit(limit=1):
+                    raise PkiError("the database already holds a CA's records; give an empty one")
+            finally:
+                store.close()
         root_key = PrivateKey.generate(KeyKind.P256)
         issuing_key = PrivateKey.generate(KeyKind.P256)
         root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
@@ -160,7 +176,7 @@ class CertificateAuthority:
         _write_pem(directory / "ca.crt", [root])
         _write_pem(directory / "issuing.crt", [issuing])
         _write_pem(directory / "chain.pem", [issuing, root])
-        return cls(directory, passphrase, clock=clock)
+        return cls(directory, passphrase, clock=clock, db=db)
 
     def close(self) -> None:
         self.store.close()

@@ -89,6 +89,8 @@ class PostgresStore(SqlCaStore):
     """:class:`~trustmesh.pki.store.CaStore` on a PostgreSQL database (``dsn``: a libpq
     connection string or URI; the password from ``PGPASSFILE`` or the DSN)."""
 
+    kind = "postgresql"
+
     def __init__(self, dsn: str, *, max_connections: int = 8) -> None:
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn, min_size=1, max_size=max_connections, timeout=POOL_TIMEOUT, open=False

@@ -201,6 +201,8 @@ class AuditEntry:
 class CaStore(Protocol):
     """What the CA keeps. Every method is atomic."""
 
+    kind: str  # what it is kept in: "sqlite" or "postgresql" (the CA's /v1/health says)
+
     def close(self) -> None: ...
 
     def add(self, cert: IssuedCertificate, *, event: str, actor: str | None, now: datetime) -> None:
@@ -836,6 +838,8 @@ class SqlCaStore:
 
 class SqliteStore(SqlCaStore):
     """:class:`CaStore` on one SQLite file."""
+
+    kind = "sqlite"
 
     def __init__(self, path: Path) -> None:
         self.path = path

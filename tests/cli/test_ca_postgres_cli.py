@@ -1,0 +1,87 @@
+"""CA replicas on PostgreSQL from the command line (issue 23): ``ca init --db``, two
+``ca serve --db`` replicas, each with its own copy of the CA directory, over one
+database; ``$TRUSTMESH_CA_DB`` instead of the flag; and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from catools import JSON, PASS, curl, serving, succeeds, trustmesh
+from clitools import TRUSTMESH, clean_env
+from cryptography import x509
+
+from trustmesh.api.ca_client import make_csr
+from trustmesh.crypto.keys import KeyKind, PrivateKey
+
+
+def enroll_body(token: str, node_id: str) -> str:
+    return json.dumps({"token": token, "csr": make_csr(PrivateKey.generate(KeyKind.P256), node_id)})
+
+
+def test_two_replicas_share_one_database(tmp_path: Path, postgres_dsn: str) -> None:
+    first, second = tmp_path / "replica-1", tmp_path / "replica-2"
+    made = json.loads(succeeds("ca", "init", "--dir", first, "--db", postgres_dsn, "--json"))
+    assert made["ca_cert"] == str(first / "ca.crt")
+    assert not (first / "ca.db").exists()  # the records are in the database
+    shutil.copytree(first, second)  # a replica: the same keys, encrypted, on another host
+    made_token = succeeds(
+        "ca", "token", "create", "--dir", first, "--db", postgres_dsn, "--node-id", "n-1", "--json"
+    )
+    token = json.loads(made_token)["token"]
+    with serving(first, "--db", postgres_dsn) as one, serving(second, "--db", postgres_dsn) as two:
+        ca = first / "ca.crt"
+        for server in (one, two):
+            health = curl(f"{server.url}/v1/health", "--cacert", ca)
+            assert health.status == 200 and health.json()["store"] == "postgresql"
+        body = enroll_body(token, "n-1")
+        enrolled = curl(f"{one.url}/v1/enroll", "--cacert", ca, "-H", JSON, "-d", body)
+        assert enrolled.status == 200, enrolled
+        serial = enrolled.json()["serial"]
+        again = enroll_body(token, "n-1")  # the same token at the other replica: spent
+        refused = curl(f"{two.url}/v1/enroll", "--cacert", ca, "-H", JSON, "-d", again)
+        assert refused.error(400, "invalid_token") == "the enrollment token was already used"
+        listed = json.loads(succeeds("ca", "list", "--dir", second, "--db", postgres_dsn, "--json"))
+        assert [c["serial"] for c in listed["certificates"] if c["node_id"] == "n-1"] == [serial]
+        succeeds("ca", "revoke", "--dir", second, "--db", postgres_dsn, "--serial", serial)
+        crl = curl(f"{one.url}/v1/crl", "--cacert", ca)  # the other replica's CRL
+        assert crl.status == 200
+        revoked = x509.load_der_x509_crl(crl.body)
+        assert revoked.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+        assert one.terminate() == 0, one.errors()
+        assert two.terminate() == 0, two.errors()
+
+
+def test_the_database_can_come_from_the_environment(tmp_path: Path, postgres_dsn: str) -> None:
+    directory = tmp_path / "ca"
+    env = clean_env(TRUSTMESH_PASSPHRASE=PASS, TRUSTMESH_CA_DB=postgres_dsn)
+    for args in (["init"], ["token", "create", "--node-id", "n-2"], ["list", "--json"]):
+        done = subprocess.run(
+            [TRUSTMESH, "ca", *args, "--dir", str(directory)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    assert not (directory / "ca.db").exists()
+    audit = succeeds("ca", "audit", "--dir", directory, "--db", postgres_dsn, "--json")
+    assert any(entry["event"] == "token" for entry in json.loads(audit)["entries"])
+
+
+def test_refusals(tmp_path: Path, postgres_dsn: str) -> None:
+    succeeds("ca", "init", "--dir", tmp_path / "one", "--db", postgres_dsn)
+    succeeds(
+        "ca", "token", "create", "--dir", tmp_path / "one", "--db", postgres_dsn, "--node-id", "x"
+    )
+    mixed = trustmesh("ca", "init", "--dir", tmp_path / "two", "--db", postgres_dsn)
+    assert mixed.returncode == 1 and "already holds a CA's records" in mixed.stderr
+    assert not (tmp_path / "two" / "ca.crt").exists()
+    other = trustmesh("ca", "init", "--dir", tmp_path / "three", "--db", "mysql://db/ca")
+    assert other.returncode == 1 and "takes a PostgreSQL URI" in other.stderr
+    gone = postgres_dsn.replace("host=", "host=/nonexistent")
+    unreachable = trustmesh("ca", "list", "--dir", tmp_path / "one", "--db", gone)
+    assert unreachable.returncode == 1 and "cannot open the CA database" in unreachable.stderr
