@@ -95,8 +95,8 @@ class PostgresStore(SqlCaStore):
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             dsn, min_size=1, max_size=max_connections, timeout=POOL_TIMEOUT, open=False
         )
-        self._pool.open(wait=True, timeout=POOL_TIMEOUT)
         try:
+            self._pool.open(wait=True, timeout=POOL_TIMEOUT)
             with self._write() as db:  # the lock: replicas starting together make it once
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
