@@ -29,7 +29,9 @@ from trustmesh.io.limits import LIMIT_FIELDS, ResourcePolicy
 from trustmesh.pki.ca import CertificateAuthority
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "config.md"
-NOT_IN_THE_FILE = {"directory", "as_json", "debug", "passphrase_file", "help"}
+# --db is not a ca.toml key: its URI may carry a password, and $TRUSTMESH_CA_DB (or
+# PGPASSFILE) is how a service gets it.
+NOT_IN_THE_FILE = {"directory", "as_json", "debug", "passphrase_file", "help", "db"}
 
 
 def _serve_options() -> set[str]:
