@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 from catools import JSON, PASS, curl, serving, succeeds, trustmesh
@@ -15,10 +16,18 @@ from cryptography import x509
 
 from trustmesh.api.ca_client import make_csr
 from trustmesh.crypto.keys import KeyKind, PrivateKey
+from trustmesh.pki.ca import CertificateAuthority, token_hash
+from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
+from trustmesh.pki.pgstore import PostgresStore, compare_stores
+from trustmesh.pki.store import SqliteStore, admin_token_id
+
+
+def node_csr(node_id: str) -> str:
+    return make_csr(PrivateKey.generate(KeyKind.P256), node_id)
 
 
 def enroll_body(token: str, node_id: str) -> str:
-    return json.dumps({"token": token, "csr": make_csr(PrivateKey.generate(KeyKind.P256), node_id)})
+    return json.dumps({"token": token, "csr": node_csr(node_id)})
 
 
 def test_two_replicas_share_one_database(tmp_path: Path, postgres_dsn: str) -> None:
@@ -85,3 +94,47 @@ def test_refusals(tmp_path: Path, postgres_dsn: str) -> None:
     gone = postgres_dsn.replace("host=", "host=/nonexistent")
     unreachable = trustmesh("ca", "list", "--dir", tmp_path / "one", "--db", gone)
     assert unreachable.returncode == 1 and "cannot open the CA database" in unreachable.stderr
+
+
+def test_ca_migrate_moves_every_record_to_postgresql(tmp_path: Path, postgres_dsn: str) -> None:
+    directory = tmp_path / "ca"
+    now = datetime.now(UTC)
+    with CertificateAuthority.init(directory, PASS.encode()) as ca:
+        desk = Registrar(ca, EnrollmentPolicy(), MeshSettings())
+        issued = [
+            desk.enroll(
+                ca.create_token(node_id), make_csr(PrivateKey.generate(KeyKind.P256), node_id)
+            )
+            for node_id in ("n-1", "n-2", "n-3")
+        ]
+        current = desk.authenticate([issued[0].certificate, ca.issuing_cert])
+        desk.rotate(current, make_csr(PrivateKey.generate(KeyKind.P256), "n-1"))
+        ca.revoke(node_id="n-2", reason="keyCompromise")
+        ca.create_token("n-4")  # not spent
+        admin = ca.create_admin_token("ops")
+        ca.revoke_admin_token(admin_token_id(token_hash(admin)))
+    source = directory / "ca.db"
+    before = succeeds("ca", "list", "--dir", directory, "--json")
+
+    moved = json.loads(succeeds("ca", "migrate", "--from", source, "--to", postgres_dsn, "--json"))
+    assert moved["crl"] == "identical"
+    assert moved["copied"]["certificates"] == 4 and moved["copied"]["tokens"] == 4
+    assert succeeds("ca", "list", "--dir", directory, "--db", postgres_dsn, "--json") == before
+    sqlite, postgres = SqliteStore(source), PostgresStore(postgres_dsn)
+    try:
+        assert compare_stores(sqlite, postgres) == []
+        assert [c.serial for c in postgres.by_node("n-1")] == [
+            c.serial for c in sqlite.by_node("n-1")
+        ]
+        # The CA goes on in PostgreSQL: new audit entries follow the copied ones.
+        last = postgres.audit(limit=1)[0]
+        postgres.audit_event("after-migration", detail={}, now=now)
+        assert postgres.audit(limit=2)[1] == last
+    finally:
+        sqlite.close()
+        postgres.close()
+
+    again = trustmesh("ca", "migrate", "--from", source, "--to", postgres_dsn)
+    assert again.returncode == 1 and "already holds records" in again.stderr
+    wrong = trustmesh("ca", "migrate", "--from", source, "--to", "sqlite:///x.db")
+    assert wrong.returncode == 2 and "PostgreSQL URI" in wrong.stderr

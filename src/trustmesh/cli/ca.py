@@ -42,8 +42,9 @@ from trustmesh.pki.ca import (
 from trustmesh.pki.challenge import Challenges
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.pki.errors import PkiError
-from trustmesh.pki.store import admin_token_id
-from trustmesh.pki.stores import DB_ENV
+from trustmesh.pki.pgstore import PostgresStore, compare_stores
+from trustmesh.pki.store import SqliteStore, admin_token_id
+from trustmesh.pki.stores import DB_ENV, POSTGRES_SCHEMES, open_store
 from trustmesh.pki.tpm_verifier import TPM_QUOTE, TpmQuoteVerifier
 from trustmesh.tpm.policy import load_policy
 
@@ -479,6 +480,58 @@ def crl(directory: Path, pem: bool, out: Path | None) -> None:
             sys.stdout.buffer.flush()
         else:
             out.write_bytes(data)
+
+
+@ca.command()
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="The SQLite CA database to copy (D/ca.db). Stop `ca serve` on it first.",
+)
+@click.option(
+    "--to",
+    "target",
+    envvar=DB_ENV,
+    show_envvar=True,
+    metavar="URI",
+    required=True,
+    help="The PostgreSQL database to copy it into (postgresql://...; it must hold no CA's"
+    " records). The password from PGPASSFILE, or the whole URI from the environment.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def migrate(source: Path, target: str, as_json: bool) -> None:
+    """Move a CA's records from SQLite to PostgreSQL, for CA replicas (docs/operations.md
+    section 8): every certificate, token, admin token and audit entry, in one transaction.
+
+    It then checks the copy: the same records on both sides (certificates, tokens, admin
+    tokens, the audit, the revocation epoch) and the same CRL entries (serial, time,
+    reason). It exits 1 if anything differs. Run the CA with `--db URI` afterwards, and
+    keep ca.db as the backup it now is.
+
+    \b
+      trustmesh ca migrate --from ca/ca.db --to postgresql://ca@db.example.net/meshca
+    """
+    if not target.startswith(POSTGRES_SCHEMES):
+        raise click.BadParameter("takes a PostgreSQL URI (postgresql://...)", param_hint="'--to'")
+    sqlite = SqliteStore(source)
+    try:
+        postgres = open_store(source.parent, target)
+        try:
+            assert isinstance(postgres, PostgresStore)
+            copied = postgres.import_records(sqlite)
+            differences = compare_stores(sqlite, postgres)
+        finally:
+            postgres.close()
+    finally:
+        sqlite.close()
+    if differences:
+        raise PkiError("the copy differs from the source: " + "; ".join(differences))
+    emit(
+        {"from": str(source), "copied": copied, "crl": "identical"},
+        as_json=as_json,
+    )
 
 
 @ca.command()

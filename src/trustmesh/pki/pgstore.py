@@ -22,12 +22,14 @@ import contextlib
 import functools
 import re
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from trustmesh.pki.store import Cursor, Handle, SqlCaStore
+from trustmesh.pki.errors import PkiError
+from trustmesh.pki.store import Cursor, Handle, SqlCaStore, SqliteStore
 
 # The key of the advisory lock every write transaction takes: "tmca" in ASCII.
 WRITE_LOCK = 0x746D6361
@@ -85,6 +87,22 @@ INSERT INTO meta (key, value) VALUES ('revocation_epoch', 0) ON CONFLICT (key) D
 """
 
 
+# What `ca migrate` copies from a SQLite CA database: each table's columns, in the order
+# its rows were added (SQLite's rowid or the audit's id), so that PostgreSQL's ``seq``
+# keeps that order.
+MIGRATED_TABLES = {
+    "certificates": (
+        "serial, node_id, role, not_before, not_after, pem, revoked_at, reason, replaces,"
+        " spki_sha256",
+        "rowid",
+    ),
+    "tokens": ("hash, node_id, created_at, expires_at, used_at, used_serial", "rowid"),
+    "admin_tokens": ("hash, label, created_at, id, expires_at, revoked_at", "rowid"),
+    "audit": ("id, at, event, node_id, serial, actor, detail", "id"),
+    "meta": ("key, value", "key"),
+}
+
+
 class PostgresStore(SqlCaStore):
     """:class:`~trustmesh.pki.store.CaStore` on a PostgreSQL database (``dsn``: a libpq
     connection string or URI; the password from ``PGPASSFILE`` or the DSN)."""
@@ -119,6 +137,39 @@ class PostgresStore(SqlCaStore):
         with self._pool.connection() as connection:
             yield _Adapter(connection)
 
+    def import_records(self, source: SqliteStore) -> dict[str, int]:
+        """Copy every record of ``source`` into this database, which must hold none: one
+        transaction on each side (a snapshot of the source, all or nothing here). The
+        rows copied, by table (``trustmesh ca migrate``)."""
+        copied: dict[str, int] = {}
+        with (
+            source.snapshot() as reader,
+            self._pool.connection() as connection,
+            connection.transaction(),
+        ):
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            for table in ("certificates", "tokens", "admin_tokens", "audit"):
+                row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
+                if row is not None and row[0]:
+                    raise PkiError(f"the target database already holds records ({table})")
+            connection.execute("DELETE FROM meta")
+            for table, (columns, order) in MIGRATED_TABLES.items():
+                query = f"SELECT {columns} FROM {table} ORDER BY {order}"  # noqa: S608
+                rows = reader.execute(query).fetchall()
+                marks = ", ".join(["%s"] * len(columns.split(",")))
+                with connection.cursor() as cursor:
+                    cursor.executemany(
+                        f"INSERT INTO {table} ({columns}) VALUES ({marks})",  # noqa: S608
+                        rows,
+                    )
+                copied[table] = len(rows)
+            # The audit ids were copied: the next one follows the highest.
+            connection.execute(
+                "SELECT setval(pg_get_serial_sequence('audit', 'id'),"
+                " GREATEST((SELECT max(id) FROM audit), 1))"
+            )
+        return copied
+
 
 class _Adapter:
     """A psycopg connection as a :class:`~trustmesh.pki.store.Handle`."""
@@ -138,3 +189,25 @@ def _postgres_sql(sql: str) -> Any:
     if "%" in sql:
         raise ValueError("the store's SQL holds a '%', which psycopg would read as a placeholder")
     return re.sub(r"\browid\b", "seq", sql).replace("?", "%s")
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def compare_stores(first: SqlCaStore, second: SqlCaStore) -> list[str]:
+    """What differs between two stores' records, checked after a copy: every
+    certificate, token state, admin token, audit entry and the revocation epoch, and the
+    CRL entries of every revoked certificate, expired or not. Empty when they agree."""
+    differences = []
+    checks: dict[str, Any] = {
+        "certificates": lambda store: store.all(),
+        "admin tokens": lambda store: store.admin_tokens(),
+        "audit": lambda store: store.audit(limit=2**62),
+        "revocation epoch": lambda store: store.revocation_epoch(),
+        "CRL entries": lambda store: store.crl_entries(EPOCH),
+        "tokens": lambda store: store.tokens(),
+    }
+    for name, read in checks.items():
+        if read(first) != read(second):
+            differences.append(f"{name} differ")
+    return differences

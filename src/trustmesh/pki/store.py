@@ -577,6 +577,13 @@ class SqlCaStore:
             detail = {"expires_at": expires.isoformat()}
             self._audit(db, created, "token", node_id, None, "cli", detail)
 
+    def tokens(self) -> dict[str, Token]:
+        """Every enrollment token, by its hash."""
+        with self._read() as db:
+            hashes = [row[0] for row in db.execute("SELECT hash FROM tokens").fetchall()]
+        found = {token_hash: self.token(token_hash) for token_hash in hashes}
+        return {token_hash: token for token_hash, token in found.items() if token is not None}
+
     def token(self, token_hash: str) -> Token | None:
         with self._read() as db:
             row = db.execute(
@@ -851,6 +858,11 @@ class SqliteStore(SqlCaStore):
         self._db.close()
 
     def _write(self) -> contextlib.AbstractContextManager[Handle]:
+        return transaction(self._db)
+
+    def snapshot(self) -> contextlib.AbstractContextManager[Handle]:
+        """One transaction over the whole database, for a consistent copy of it (other
+        writers wait meanwhile): what ``trustmesh ca migrate`` reads."""
         return transaction(self._db)
 
     def _read(self) -> contextlib.AbstractContextManager[Handle]:
