@@ -134,7 +134,50 @@ def test_ca_migrate_moves_every_record_to_postgresql(tmp_path: Path, postgres_ds
         sqlite.close()
         postgres.close()
 
+    moved_away = trustmesh("ca", "revoke", "--dir", directory, "--node-id", "n-3")
+    assert moved_away.returncode == 1 and "are in PostgreSQL" in moved_away.stderr
     again = trustmesh("ca", "migrate", "--from", source, "--to", postgres_dsn)
     assert again.returncode == 1 and "already holds records" in again.stderr
     wrong = trustmesh("ca", "migrate", "--from", source, "--to", "sqlite:///x.db")
     assert wrong.returncode == 2 and "PostgreSQL URI" in wrong.stderr
+
+
+def test_a_ca_on_postgresql_refuses_commands_without_its_database(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Without --db, a command would open (or create) D/ca.db, whose records are stale
+    or empty: a revocation there would reach no replica."""
+    directory = tmp_path / "ca"
+    succeeds("ca", "init", "--dir", directory, "--db", postgres_dsn)
+    for args in (["list"], ["token", "create", "--node-id", "n-1"], ["crl"]):
+        refused = trustmesh("ca", *args, "--dir", directory)
+        assert refused.returncode == 1, refused
+        assert "are in PostgreSQL: give --db URI or $TRUSTMESH_CA_DB" in refused.stderr
+    assert not (directory / "ca.db").exists()
+
+
+def test_the_ca_commands_need_no_postgresql_client_for_sqlite(tmp_path: Path) -> None:
+    """psycopg is an extra: without it, every command of a SQLite CA works, and --db
+    says what to install."""
+    blocker = tmp_path / "blocker" / "psycopg"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("psycopg is not installed")\n')
+    env = clean_env(TRUSTMESH_PASSPHRASE=PASS, PYTHONPATH=str(blocker.parent))
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TRUSTMESH, *map(str, args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+
+    directory = tmp_path / "ca"
+    for args in (("ca", "init", "--dir", directory), ("ca", "list", "--dir", directory)):
+        done = run(*args)
+        assert done.returncode == 0, done.stderr
+    wanted = run("ca", "list", "--dir", directory, "--db", "postgresql:///x")
+    assert wanted.returncode == 1
+    assert "needs psycopg: pip install 'trustmesh[postgres]'" in wanted.stderr

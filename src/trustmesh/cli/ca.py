@@ -42,9 +42,13 @@ from trustmesh.pki.ca import (
 from trustmesh.pki.challenge import Challenges
 from trustmesh.pki.enroll import EnrollmentPolicy, MeshSettings, Registrar
 from trustmesh.pki.errors import PkiError
-from trustmesh.pki.pgstore import PostgresStore, compare_stores
 from trustmesh.pki.store import SqliteStore, admin_token_id
-from trustmesh.pki.stores import DB_ENV, POSTGRES_SCHEMES, open_store
+from trustmesh.pki.stores import (
+    DB_ENV,
+    POSTGRES_SCHEMES,
+    mark_moved_to_postgresql,
+    open_store,
+)
 from trustmesh.pki.tpm_verifier import TPM_QUOTE, TpmQuoteVerifier
 from trustmesh.tpm.policy import load_policy
 
@@ -515,19 +519,20 @@ def migrate(source: Path, target: str, as_json: bool) -> None:
     """
     if not target.startswith(POSTGRES_SCHEMES):
         raise click.BadParameter("takes a PostgreSQL URI (postgresql://...)", param_hint="'--to'")
+    postgres = open_store(source.parent, target)  # psycopg is an extra: imported only here
+    from trustmesh.pki.pgstore import PostgresStore, compare_stores
+
+    assert isinstance(postgres, PostgresStore)
     sqlite = SqliteStore(source)
     try:
-        postgres = open_store(source.parent, target)
-        try:
-            assert isinstance(postgres, PostgresStore)
-            copied = postgres.import_records(sqlite)
-            differences = compare_stores(sqlite, postgres)
-        finally:
-            postgres.close()
+        copied = postgres.import_records(sqlite)
+        differences = compare_stores(sqlite, postgres)
     finally:
         sqlite.close()
+        postgres.close()
     if differences:
         raise PkiError("the copy differs from the source: " + "; ".join(differences))
+    mark_moved_to_postgresql(source.parent)
     emit(
         {"from": str(source), "copied": copied, "crl": "identical"},
         as_json=as_json,

@@ -35,7 +35,7 @@ from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import load_key_file, save_key_file, write_durably
 from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
 from trustmesh.pki.store import CaStore, IssuedCertificate, spki_sha256
-from trustmesh.pki.stores import open_store
+from trustmesh.pki.stores import mark_moved_to_postgresql, open_store
 from trustmesh.tls.stream import certificate_names
 
 ROOT_VALIDITY = timedelta(days=3650)
@@ -176,6 +176,8 @@ class CertificateAuthority:
         _write_pem(directory / "ca.crt", [root])
         _write_pem(directory / "issuing.crt", [issuing])
         _write_pem(directory / "chain.pem", [issuing, root])
+        if db:
+            mark_moved_to_postgresql(directory)
         return cls(directory, passphrase, clock=clock, db=db)
 
     def close(self) -> None:

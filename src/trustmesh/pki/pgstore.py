@@ -34,6 +34,16 @@ from trustmesh.pki.store import Cursor, Handle, SqlCaStore, SqliteStore
 # The key of the advisory lock every write transaction takes: "tmca" in ASCII.
 WRITE_LOCK = 0x746D6361
 POOL_TIMEOUT = 10.0  # seconds to wait for a pooled connection before failing the call
+# Every connection's session: a replica never waits for the write lock (or any lock)
+# more than 15 s, a transaction left idle (its replica frozen mid-way) is ended after
+# 30 s, releasing the lock it holds, and a dead peer on TCP is noticed in about 25 s.
+SESSION = {
+    "options": "-c lock_timeout=15s -c idle_in_transaction_session_timeout=30s",
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
@@ -111,7 +121,12 @@ class PostgresStore(SqlCaStore):
 
     def __init__(self, dsn: str, *, max_connections: int = 8) -> None:
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            dsn, min_size=1, max_size=max_connections, timeout=POOL_TIMEOUT, open=False
+            dsn,
+            min_size=1,
+            max_size=max_connections,
+            timeout=POOL_TIMEOUT,
+            open=False,
+            kwargs=SESSION,
         )
         try:
             self._pool.open(wait=True, timeout=POOL_TIMEOUT)
