@@ -33,7 +33,11 @@ def test_the_name_says_which_loop_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert eventloop.run(loop_module()).startswith(name)
 
 
-@pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed (trustmesh[fast])")
+@pytest.mark.skipif(
+    not HAVE_UVLOOP,
+    reason="needs uvloop, an optional extra (trustmesh[fast]); scripts/dev test installs"
+    " it, so CI runs this",
+)
 def test_installed_sets_the_policy_for_asyncio_run_and_restores_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -19,27 +19,28 @@ def test_handshake_rate_completes_real_handshakes() -> None:
     assert botd_bench._handshake_rate(0.02) > 0
 
 
-async def test_botd_loopback_transfer_counts_every_byte() -> None:
-    loopback = botd_bench._Loopback()
-    await loopback.start()
+async def transferred(side: botd_bench._Side, rounds: int = 1) -> float:
+    """Start ``side``, move 2 MiB in 64 KiB messages ``rounds`` times, stop it; the
+    seconds of the last round."""
+    await side.start()
     try:
         async with asyncio.timeout(10):
-            seconds = await loopback.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
+            for _ in range(rounds):
+                seconds = await side.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
     finally:
-        await loopback.stop()
-    assert seconds > 0
+        await side.stop()
+    return seconds
+
+
+async def test_botd_loopback_transfer_counts_every_byte() -> None:
+    loopback = botd_bench._Loopback()
+    assert await transferred(loopback) > 0
     assert loopback.received == 2 * botd_bench.MIB
 
 
 async def test_tls_anchor_transfer_counts_every_byte(tmp_path: Path) -> None:
     anchor = botd_bench._TlsLoopback(tmp_path)
-    await anchor.start()
-    try:
-        async with asyncio.timeout(10):
-            seconds = await anchor.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
-    finally:
-        await anchor.stop()
-    assert seconds > 0
+    assert await transferred(anchor) > 0
     assert anchor.received == 2 * botd_bench.MIB
     assert anchor.writer.get_extra_info("ssl_object").version() == "TLSv1.3"
 
@@ -50,13 +51,7 @@ def test_crypto_ceiling_rate_runs_the_handshake_operations() -> None:
 
 async def test_tcp_anchor_transfer_counts_every_byte() -> None:
     anchor = botd_bench._TcpLoopback()
-    await anchor.start()
-    try:
-        async with asyncio.timeout(10):
-            seconds = await anchor.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
-    finally:
-        await anchor.stop()
-    assert seconds > 0
+    assert await transferred(anchor) > 0
     assert anchor.received == 2 * botd_bench.MIB
 
 
@@ -114,14 +109,7 @@ def test_the_allocator_pin_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_aead_floor_opens_and_counts_every_byte() -> None:
     floor = botd_bench._AeadFloor()
-    await floor.start()
-    try:
-        async with asyncio.timeout(10):
-            seconds = await floor.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
-            again = await floor.transfer(os.urandom(64 * 1024), 2 * botd_bench.MIB)
-    finally:
-        await floor.stop()
-    assert seconds > 0 and again > 0
+    assert await transferred(floor, rounds=2) > 0
     assert floor.received == 2 * botd_bench.MIB  # the second round, counted afresh
     assert floor._counter == 64  # every record sealed under its own nonce
 

@@ -104,6 +104,21 @@ def _long_data_frame_body(plaintext: Payload, end: int) -> int:
     return -1
 
 
+def _length_prefix(view: memoryview, pos: int, end: int) -> tuple[int, int]:
+    """The frame length whose varint starts at ``view[pos]``, and where its body starts.
+    Minimal prefixes of up to three bytes (every record of a default channel) are read
+    inline; the rest by :func:`decode_uvarint`, which raises :class:`TruncatedError`
+    when ``view`` ends (at ``end``) inside the prefix."""
+    first = view[pos]
+    if first < 0x80:  # one byte: control records
+        return first, pos + 1
+    if pos + 1 < end and 0 < view[pos + 1] < 0x80:  # two bytes: up to 16 KiB
+        return (first & 0x7F) | view[pos + 1] << 7, pos + 2
+    if pos + 2 < end and view[pos + 1] >= 0x80 and 0 < view[pos + 2] < 0x80:  # up to 2 MiB
+        return (first & 0x7F) | (view[pos + 1] & 0x7F) << 7 | view[pos + 2] << 14, pos + 3
+    return decode_uvarint(view, pos)
+
+
 class FrameReader:
     """Split a byte stream into frames of at most ``max_size`` bytes.
 
@@ -241,20 +256,11 @@ class FrameReader:
         limit = self.max_size
         try:
             while pos < end:
-                first = view[pos]
-                if first < 0x80:
-                    size, body = first, pos + 1
-                elif pos + 1 < end and 0 < view[pos + 1] < 0x80:
-                    size, body = (first & 0x7F) | view[pos + 1] << 7, pos + 2
-                elif pos + 2 < end and view[pos + 1] >= 0x80 and 0 < view[pos + 2] < 0x80:
-                    size = (first & 0x7F) | (view[pos + 1] & 0x7F) << 7 | view[pos + 2] << 14
-                    body = pos + 3
-                else:
-                    try:
-                        size, body = decode_uvarint(view, pos)
-                    except TruncatedError:
-                        self._frame_end = -1
-                        break
+                try:
+                    size, body = _length_prefix(view, pos, end)
+                except TruncatedError:
+                    self._frame_end = -1
+                    break
                 if size > limit:
                     raise OversizeError(f"frame of {size} bytes exceeds the {limit}-byte limit")
                 stop = body + size
@@ -291,22 +297,11 @@ class FrameReader:
                 pos = self._gather(view, pos, end, frames)
             limit = self.max_size
             while pos < end:
-                first = view[pos]
-                if first < 0x80:  # one-byte prefix: control records
-                    size, body = first, pos + 1
-                elif pos + 1 < end and 0 < view[pos + 1] < 0x80:  # two bytes: up to 16 KiB
-                    size, body = (first & 0x7F) | view[pos + 1] << 7, pos + 2
-                elif (  # three bytes: up to 2 MiB, every record of a default channel
-                    pos + 2 < end and view[pos + 1] >= 0x80 and 0 < view[pos + 2] < 0x80
-                ):
-                    size = (first & 0x7F) | (view[pos + 1] & 0x7F) << 7 | view[pos + 2] << 14
-                    body = pos + 3
-                else:
-                    try:
-                        size, body = decode_uvarint(view, pos)
-                    except TruncatedError:
-                        self._head = view[pos:].tobytes()
-                        break
+                try:
+                    size, body = _length_prefix(view, pos, end)
+                except TruncatedError:
+                    self._head = view[pos:].tobytes()
+                    break
                 if size > limit:
                     raise OversizeError(f"frame of {size} bytes exceeds the {limit}-byte limit")
                 stop = body + size

@@ -19,6 +19,7 @@ A database made before a column existed is brought up to date when it is opened
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -351,6 +352,21 @@ def backup_database(source: Path, path: Path, *, replace: bool = False) -> None:
             tmp.unlink()
 
 
+TOKEN_COLUMNS = "node_id, created_at, expires_at, used_at, used_serial"  # noqa: S105 (columns)
+
+
+def _token(row: Sequence[Any]) -> Token:
+    """A token from its TOKEN_COLUMNS."""
+    node_id, created, expires, used, used_serial = row
+    return Token(
+        node_id=node_id,
+        created_at=datetime.fromtimestamp(created, UTC),
+        expires_at=datetime.fromtimestamp(expires, UTC),
+        used_at=_time(used),
+        used_serial=None if used_serial is None else int(used_serial, 16),
+    )
+
+
 def _time(value: int | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
@@ -376,22 +392,22 @@ class Cursor(Protocol):
     def __iter__(self) -> Iterator[Any]: ...
 
 
-class SqlCaStore:
+class SqlCaStore(abc.ABC):
     """:class:`CaStore` over SQL: every decision in the transaction that acts on it.
     A subclass gives the transactions (:meth:`_write`, one at a time: SQLite's single
     writer, PostgreSQL's advisory lock) and the read connections (:meth:`_read`)."""
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
+    @abc.abstractmethod
     def _write(self) -> contextlib.AbstractContextManager[Handle]:
         """One write transaction: committed when the block ends, rolled back if it
         raises; no other write transaction of this database runs meanwhile."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _read(self) -> contextlib.AbstractContextManager[Handle]:
         """A connection for reads (each statement sees what was committed before it)."""
-        raise NotImplementedError
 
     # --- certificates -------------------------------------------------------------------
 
@@ -580,27 +596,16 @@ class SqlCaStore:
     def tokens(self) -> dict[str, Token]:
         """Every enrollment token, by its hash."""
         with self._read() as db:
-            hashes = [row[0] for row in db.execute("SELECT hash FROM tokens").fetchall()]
-        found = {token_hash: self.token(token_hash) for token_hash in hashes}
-        return {token_hash: token for token_hash, token in found.items() if token is not None}
+            rows = db.execute(f"SELECT hash, {TOKEN_COLUMNS} FROM tokens").fetchall()  # noqa: S608
+        return {row[0]: _token(row[1:]) for row in rows}
 
     def token(self, token_hash: str) -> Token | None:
         with self._read() as db:
             row = db.execute(
-                "SELECT node_id, created_at, expires_at, used_at, used_serial FROM tokens"
-                " WHERE hash = ?",
+                f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?",  # noqa: S608
                 (token_hash,),
             ).fetchone()
-        if row is None:
-            return None
-        node_id, created, expires, used, used_serial = row
-        return Token(
-            node_id=node_id,
-            created_at=datetime.fromtimestamp(created, UTC),
-            expires_at=datetime.fromtimestamp(expires, UTC),
-            used_at=_time(used),
-            used_serial=None if used_serial is None else int(used_serial, 16),
-        )
+        return None if row is None else _token(row)
 
     def add_admin_token(
         self, token_hash: str, label: str, created: datetime, expires: datetime
@@ -827,6 +832,8 @@ class SqlCaStore:
             "SELECT id, label, created_at, expires_at, revoked_at"  # noqa: S608
             f" FROM admin_tokens {where}"
         )
+        with self._read() as db:
+            rows = db.execute(query, args).fetchall()
         return [
             AdminToken(
                 id=token_id,
@@ -835,12 +842,8 @@ class SqlCaStore:
                 expires_at=datetime.fromtimestamp(expires, UTC),
                 revoked_at=_time(revoked),
             )
-            for token_id, label, created, expires, revoked in self._admin_rows(query, args)
+            for token_id, label, created, expires, revoked in rows
         ]
-
-    def _admin_rows(self, query: str, args: tuple[object, ...]) -> list[Any]:
-        with self._read() as db:
-            return db.execute(query, args).fetchall()
 
 
 class SqliteStore(SqlCaStore):
@@ -863,7 +866,7 @@ class SqliteStore(SqlCaStore):
     def snapshot(self) -> contextlib.AbstractContextManager[Handle]:
         """One transaction over the whole database, for a consistent copy of it (other
         writers wait meanwhile): what ``trustmesh ca migrate`` reads."""
-        return transaction(self._db)
+        return self._write()
 
     def _read(self) -> contextlib.AbstractContextManager[Handle]:
         return contextlib.nullcontext(self._db)
