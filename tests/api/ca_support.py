@@ -94,7 +94,7 @@ class RunningCa:
 async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """``await factory(policy=..., limiter=..., settings=..., clock=..., resources=...)``:
     start a CA API (``resources``: its listener's ResourcePolicy; ``metrics``: the
-    (host, port) of a plain-HTTP metrics port too)."""
+    (host, port) of a plain-HTTP metrics port too; ``db``: a PostgreSQL DSN for its store)."""
     running: list[RunningCa] = []
 
     async def start(
@@ -107,9 +107,10 @@ async def ca_api_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         tpm_policy: AttestationPolicyFile | None = None,
         attestation: Literal["none", "required"] = "none",
         metrics: tuple[str, int] | None = None,
+        db: str | None = None,
     ) -> RunningCa:
         directory = tmp_path / f"ca{len(running)}"
-        ca = CertificateAuthority.init(directory, PASSPHRASE)
+        ca = CertificateAuthority.init(directory, PASSPHRASE, db=db)
         challenges = Challenges.for_directory(directory)
         if tpm_policy is not None:
             # As `ca serve --attestation-policy FILE [--attestation required]` sets it up.

@@ -55,34 +55,32 @@ def server_programs() -> Path:
 
 @dataclass
 class PostgresCluster:
-    """A running cluster: ``socket_dir`` holds its socket, ``pid`` is its postmaster,
-    ``process`` the child we started it as (the postmaster, or runuser around it)."""
+    """A cluster: ``socket_dir`` holds its socket, ``pid`` is its postmaster,
+    ``process`` the child we started it as (the postmaster, or runuser around it), None
+    while it is halted."""
 
     directory: Path
     socket_dir: Path
     pid: int
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
 
     @classmethod
     def start(cls) -> Self:
-        """initdb, then the server itself as our child (so that its exit is ours to
-        reap), ready once it says so: it is built with systemd support, and sends
-        ``READY=1`` to ``$NOTIFY_SOCKET`` when it accepts connections."""
-        programs = server_programs()
+        """initdb into a new temporary directory, then the server (:meth:`resume`)."""
         directory = Path(tempfile.mkdtemp(prefix="trustmesh-pg-"))
-        data, sockets = directory / "data", directory / "run"
+        sockets = directory / "run"
         sockets.mkdir()
         owner = _server_user()
         if owner is not None:
             for path in (directory, sockets):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
-        process: subprocess.Popen[bytes] | None = None
+        cluster = cls(directory, sockets, 0, None)
         try:
             _run(
                 [
-                    str(programs / "initdb"),
+                    str(server_programs() / "initdb"),
                     "--pgdata",
-                    str(data),
+                    str(directory / "data"),
                     "--username",
                     SUPERUSER,
                     "--auth",
@@ -93,38 +91,65 @@ class PostgresCluster:
                 ],
                 owner,
             )
+            cluster.resume()
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return cluster
+
+    def resume(self) -> None:
+        """Start the server on the cluster's data, as our child (so that its exit is
+        ours to reap), and return once it accepts connections: it is built with systemd
+        support, and sends ``READY=1`` to ``$NOTIFY_SOCKET`` then."""
+        data = self.directory / "data"
+        notify_path = self.directory / "notify"
+        notify_path.unlink(missing_ok=True)
+        process: subprocess.Popen[bytes] | None = None
+        try:
             with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)) as notify:
-                notify_path = directory / "notify"
                 notify.bind(str(notify_path))
                 os.chmod(notify_path, 0o666)  # the server's user writes to it
                 # No TCP at all: the Unix socket in our own directory is the only way in.
                 command = [
-                    str(programs / "postgres"),
+                    str(server_programs() / "postgres"),
                     "-D",
                     str(data),
                     "-c",
                     "listen_addresses=",
                     "-k",
-                    str(sockets),
+                    str(self.socket_dir),
                     "-c",
                     "fsync=off",
                 ]
-                with open(directory / "server.log", "wb") as log:
+                with open(self.directory / "server.log", "ab") as log:
                     process = subprocess.Popen(
-                        _as(owner, command),
+                        _as(_server_user(), command),
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
                         start_new_session=True,  # its own group: killed whole if need be
                     )
-                _wait_ready(notify, process, directory / "server.log")
-            pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+                _wait_ready(notify, process, self.directory / "server.log")
+            self.pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
         except BaseException:
             if process is not None:
                 _kill_group(process)
-            shutil.rmtree(directory, ignore_errors=True)
             raise
-        return cls(directory, sockets, pid, process)
+        self.process = process
+
+    def halt(self) -> None:
+        """Fast shutdown (SIGINT to the postmaster: sessions are ended, transactions
+        rolled back), waited for; SIGKILL to its group after ``STOP_TIMEOUT``. The data
+        stays, for :meth:`resume`."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGINT)
+        try:
+            self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.process)
+        self.process = None
 
     def dsn(self, database: str = "postgres") -> str:
         """A libpq connection string for ``database`` on this cluster."""
@@ -141,15 +166,9 @@ class PostgresCluster:
         return self.dsn(name)
 
     def stop(self) -> None:
-        """Fast shutdown (SIGINT to the postmaster), waited for; SIGKILL to its group
-        after ``STOP_TIMEOUT``. Then the directory goes."""
+        """:meth:`halt`, then the directory goes."""
         try:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGINT)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                _kill_group(self.process)
+            self.halt()
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -11,6 +11,14 @@
 - ``GET /v1/openapi.json``: the OpenAPI 3.1 document of all of the above.
 - ``GET /metrics``: Prometheus metrics (an admin, as for revoke; docs/metrics.md).
 
+Everything that reads or writes the CA's store (or signs) runs on a small pool of
+worker threads, never on the event loop, within a deadline: a database that is slow,
+restarting or gone (a replica on PostgreSQL) holds a worker, and the request is answered
+``503 store_unavailable`` with ``Retry-After`` instead of hanging; ``/v1/health`` says
+``"database": "unavailable"`` with a 503. Every store call the API makes may be sent
+again: enrollment and rotation retries are idempotent (a commit whose answer was lost is
+found by the retry).
+
 Every request is logged on ``trustmesh.api.ca.access`` (``ca serve`` writes it to
 stderr as JSON lines): method, route pattern, status, client identity, remote address,
 latency. A refused enrollment also goes into the audit log (``enroll-refused``).
@@ -25,10 +33,13 @@ import base64
 import hashlib
 import json
 import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -58,6 +69,7 @@ from trustmesh.pki.errors import (
     PkiError,
     PolicyDenied,
     SerialMismatch,
+    StoreUnavailable,
     Superseded,
     TokenRejected,
     UnknownAdminToken,
@@ -71,6 +83,12 @@ access_log = logging.getLogger("trustmesh.api.ca.access")
 
 MAX_BODY = 64 * 1024  # a CSR with an attestation is a few KiB
 CRL_MAX_AGE = 60  # seconds a client or proxy may reuse a CRL without asking again
+# Worker threads for store calls (a PostgreSQL store's pool has as many connections),
+# and how long a request waits for one before its 503; /v1/health waits less.
+STORE_THREADS = 8
+STORE_DEADLINE = 20.0  # seconds: above the database's lock_timeout (pgstore.SESSION)
+HEALTH_DEADLINE = 5.0
+RETRY_AFTER = "5"  # seconds a client should wait after a 503 store_unavailable
 DER_CRL = "application/pkix-crl"
 PEM_CRL = PEM_CHAIN = "application/x-pem-file"
 
@@ -84,12 +102,14 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
     UnknownAdminToken: (404, "not_found"),
     Superseded: (409, "superseded"),
     SerialMismatch: (400, "serial_mismatch"),
+    StoreUnavailable: (503, "store_unavailable"),
     PkiError: (400, "bad_request"),
 }
 
 REGISTRAR = web.AppKey("registrar", Registrar)
 LIMITER = web.AppKey("limiter", RateLimiter)
 METRICS = web.AppKey("metrics", CaMetrics)
+WORKERS = web.AppKey("workers", ThreadPoolExecutor)
 # Who the request proved to be, once a handler checked it (the access log's identity).
 IDENTITY = web.RequestKey("identity", str)
 ANONYMOUS = "anonymous"
@@ -116,13 +136,21 @@ class CrlCache:
         self._ca = ca
         self._refresh = refresh
         self._current: CrlSnapshot | None = None
+        self._lock = threading.Lock()  # one signing at a time (worker threads ask)
 
     def current(self, now: datetime) -> CrlSnapshot:
-        epoch = self._ca.store.revocation_epoch()
-        cached = self._current
-        if cached is None or cached.epoch != epoch or now >= cached.this_update + self._refresh:
-            cached = self._current = self._sign(now, epoch)
-        return cached
+        """The CRL to serve at ``now`` (reads the store: call it off the event loop)."""
+        with self._lock:
+            epoch = self._ca.store.revocation_epoch()
+            cached = self._current
+            if cached is None or cached.epoch != epoch or now >= cached.this_update + self._refresh:
+                cached = self._current = self._sign(now, epoch)
+            return cached
+
+    def latest(self) -> CrlSnapshot | None:
+        """The CRL signed last, without asking the store whether it is still current
+        (the metrics read it at scrape time); None before the first."""
+        return self._current
 
     def _sign(self, now: datetime, epoch: int) -> CrlSnapshot:
         crl = self._ca.crl(now=now)
@@ -159,13 +187,16 @@ def ca_app(
     """The CA API for ``registrar``; every handler reads the time from ``clock`` (by
     default the registrar's, which is the CA's unless it was given another)."""
     app = web.Application(
-        client_max_size=MAX_BODY, middlewares=[access_logged, json_errors(ERRORS)]
+        client_max_size=MAX_BODY,
+        middlewares=[access_logged, json_errors(ERRORS), retry_after_outage],
     )
     app[REGISTRAR] = registrar
     app[LIMITER] = limiter
     app[CRLS] = crls = CrlCache(registrar.ca)
     app[CLOCK] = registrar.clock if clock is None else clock
-    app[METRICS] = CaMetrics(registrar.ca, app[CLOCK], crls.current)
+    app[METRICS] = CaMetrics(registrar.ca, app[CLOCK], crls.latest)
+    app[WORKERS] = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ca-store")
+    app.on_cleanup.append(_stop_workers)
     app.router.add_post("/v1/enroll", enroll)
     app.router.add_post("/v1/enroll/challenge", challenge)
     app.router.add_post("/v1/attestation/report", attestation_report)
@@ -217,6 +248,17 @@ async def access_logged(request: web.Request, handler: Handler) -> web.StreamRes
         )
 
 
+@web.middleware
+async def retry_after_outage(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A 503 ``store_unavailable`` tells the client when to try again."""
+    try:
+        return await handler(request)
+    except StoreUnavailable as exc:
+        raise ApiError(
+            503, str(exc), code="store_unavailable", headers={"Retry-After": RETRY_AFTER}
+        ) from None
+
+
 def _route(request: web.Request) -> str | None:
     """The pattern of the route that matched (``/v1/enroll``), never the raw path."""
     resource = request.match_info.route.resource
@@ -241,11 +283,55 @@ def _identity(request: web.Request) -> str:
     return ANONYMOUS
 
 
-def _authenticated(request: web.Request, now: datetime) -> IssuedCertificate:
+async def _authenticated(request: web.Request, now: datetime) -> IssuedCertificate:
     """The client's current node certificate (mTLS), recorded as its identity."""
-    record = request.app[REGISTRAR].authenticate(peer_chain(request), now=now)
+    chain = peer_chain(request)
+    registrar = request.app[REGISTRAR]
+    record = await _off_loop(request, lambda: registrar.authenticate(chain, now=now))
     request[IDENTITY] = f"node:{record.node_id}"
     return record
+
+
+T = TypeVar("T")
+
+
+async def _off_loop(
+    request: web.Request, call: Callable[[], T], *, deadline: float = STORE_DEADLINE
+) -> T:
+    """``call()`` (it reads or writes the store, or signs) on the API's worker threads,
+    within ``deadline`` seconds: :class:`StoreUnavailable` (a 503) when the database
+    does not answer in time. The worker goes on meanwhile; what it commits is found by
+    the client's retry (enrollment and rotation are idempotent)."""
+    loop = asyncio.get_running_loop()
+    work = loop.run_in_executor(request.app[WORKERS], call)
+    try:
+        return await asyncio.wait_for(asyncio.shield(work), deadline)
+    except TimeoutError:
+        if not work.done():
+            log.warning("the CA store did not answer within %g s", deadline)
+            raise StoreUnavailable(
+                f"the CA database did not answer within {deadline:g} s"
+            ) from None
+        raise
+
+
+async def refresh_crl(app: web.Application) -> None:
+    """Bring the CRL the metrics show up to date (before a scrape), off the loop; when
+    the database does not answer, the metrics still answer, with the CRL signed last
+    and ``trustmesh_ca_database_up`` at 0."""
+    crls, now, metrics = app[CRLS], app[CLOCK].now(), app[METRICS]
+    work = asyncio.get_running_loop().run_in_executor(app[WORKERS], crls.current, now)
+    try:
+        await asyncio.wait_for(asyncio.shield(work), HEALTH_DEADLINE)
+    except (StoreUnavailable, TimeoutError):
+        metrics.database_up.set(0)
+    else:
+        metrics.database_up.set(1)
+
+
+async def _stop_workers(app: web.Application) -> None:
+    # Waits for the calls under way: a transaction is finished, not torn off.
+    await asyncio.to_thread(app[WORKERS].shutdown, wait=True, cancel_futures=True)
 
 
 # --- handlers ---------------------------------------------------------------------------
@@ -258,16 +344,20 @@ async def enroll(request: web.Request) -> web.Response:
         _rate_limit(request)
         pem = _wants_pem(request, ("pem", "json"))  # a bad ?format fails before issuing
         body = await json_body(request)
-        issued = registrar.enroll(
-            field(body, "token") or "",
-            field(body, "csr") or "",
-            node_id=field(body, "node_id", required=False),
-            attestation=_attestation(body),
-            actor=_client(request),
-            now=request.app[CLOCK].now(),
+        token = field(body, "token") or ""
+        csr = field(body, "csr") or ""
+        node_id = field(body, "node_id", required=False)
+        attestation = _attestation(body)
+        actor = _client(request)
+        now = request.app[CLOCK].now()
+        issued = await _off_loop(
+            request,
+            lambda: registrar.enroll(
+                token, csr, node_id=node_id, attestation=attestation, actor=actor, now=now
+            ),
         )
     except (ApiError, ProtocolError) as exc:
-        _enrollment_refused(request, body, exc)
+        await _enrollment_refused(request, body, exc)
         raise
     request.app[METRICS].enrollments.labels("retried" if issued.retried else "issued").inc()
     request[IDENTITY] = f"enroll:{issued.record.node_id}"
@@ -293,9 +383,11 @@ async def challenge(request: web.Request) -> web.Response:
     body = await json_body(request)
     token = field(body, "token", required=False)
     if token:
-        nonce, expires = registrar.enrollment_challenge(token, now=now)
+        nonce, expires = await _off_loop(
+            request, lambda: registrar.enrollment_challenge(token, now=now)
+        )
     else:
-        current = _authenticated(request, now)
+        current = await _authenticated(request, now)
         nonce, expires = registrar.rotation_challenge(current, now=now)
     answer: dict[str, object] = {
         "nonce": base64.b64encode(nonce).decode(),
@@ -310,14 +402,17 @@ async def attestation_report(request: web.Request) -> web.Response:
     _rate_limit(request)
     registrar = request.app[REGISTRAR]
     now = request.app[CLOCK].now()
-    reporter = _authenticated(request, now)
+    reporter = await _authenticated(request, now)
     body = await json_body(request)
     serial = parse_serial(field(body, "serial") or "")
     try:
         evidence = QuoteEvidence.from_json(body.get("evidence"))
     except EvidenceError as exc:
         raise ApiError(400, f"evidence: {exc}") from None
-    verdict = judge_report(registrar.ca, reporter, serial, evidence, registrar.tpm_policy(), now)
+    policy = registrar.tpm_policy()
+    verdict = await _off_loop(
+        request, lambda: judge_report(registrar.ca, reporter, serial, evidence, policy, now)
+    )
     if verdict.revoked:
         log.warning(
             "revoked %x on a failing quote reported by %s: %s",
@@ -335,17 +430,25 @@ async def rotate(request: web.Request) -> web.Response:
         _rate_limit(request)
         pem = _wants_pem(request, ("pem", "json"))
         # Cheap refusal first: a client without a current certificate is not read further.
-        current = _authenticated(request, request.app[CLOCK].now())
+        current = await _authenticated(request, request.app[CLOCK].now())
         body = await json_body(request)
+        csr = field(body, "csr") or ""
+        current_serial = field(body, "current_cert_serial", required=False)
+        attestation = _attestation(body)
+        actor = _client(request)
         # The body may have taken a while: the store checks the certificate again (revoked,
         # expired, superseded) at this time, in the transaction that issues.
-        issued = registrar.rotate(
-            current,
-            field(body, "csr") or "",
-            current_serial=field(body, "current_cert_serial", required=False),
-            attestation=_attestation(body),
-            actor=_client(request),
-            now=request.app[CLOCK].now(),
+        now = request.app[CLOCK].now()
+        issued = await _off_loop(
+            request,
+            lambda: registrar.rotate(
+                current,
+                csr,
+                current_serial=current_serial,
+                attestation=attestation,
+                actor=actor,
+                now=now,
+            ),
         )
     except (ApiError, ProtocolError) as exc:
         outcomes.labels(_error_code(exc)).inc()
@@ -376,8 +479,19 @@ async def crl(request: web.Request) -> web.Response:
     per request, and a client that sends back its ETag in ``If-None-Match`` gets a 304
     with no body while the CRL is the same. The ETag is strong: a hash of the DER (which
     includes the CRL number), and the encoding."""
-    snapshot = request.app[CRLS].current(request.app[CLOCK].now())
     pem = _wants_pem(request, ("pem", "der"))
+    crls, now = request.app[CRLS], request.app[CLOCK].now()
+    try:
+        snapshot = await _off_loop(request, lambda: crls.current(now))
+    except StoreUnavailable:
+        # A CRL is a signed document valid until its nextUpdate: while the database is
+        # away, the one signed last is still the best answer (a node keeps the newest
+        # CRL it has seen, by number, whichever replica it came from).
+        latest = crls.latest()
+        if latest is None or now >= latest.next_update:
+            raise
+        log.warning("serving the CRL signed last: the CA database is unavailable")
+        snapshot = latest
     etag = f'"{snapshot.digest}-{"pem" if pem else "der"}"'
     headers = {"ETag": etag, **snapshot.headers}
     wanted = _etags(request.headers.get("If-None-Match", ""))
@@ -389,7 +503,7 @@ async def crl(request: web.Request) -> web.Response:
 
 async def revoke(request: web.Request) -> web.Response:
     _rate_limit(request)
-    admin = _admin(request)
+    admin = await _admin(request)
     body = await json_body(request)
     serial_text = field(body, "serial", required=False)
     node_id = field(body, "node_id", required=False)
@@ -400,35 +514,57 @@ async def revoke(request: web.Request) -> web.Response:
         raise ApiError(400, "give serial or node_id")
     ca = request.app[REGISTRAR].ca
     now = request.app[CLOCK].now()
-    if serial_text is not None:
-        serial = parse_serial(serial_text)
+    serial = None if serial_text is None else parse_serial(serial_text)
+
+    def act() -> list[int]:
+        if serial is None:
+            return ca.revoke(node_id=node_id, reason=reason, now=now, actor=admin)
         record = ca.store.get(serial)
         if record is None:
             raise UnknownCertificate(f"no certificate with serial {serial:x}")
         if node_id is not None and record.node_id != node_id:
             raise ApiError(400, f"certificate {serial:x} belongs to {record.node_id!r}")
-        revoked = ca.revoke(serial=serial, reason=reason, now=now, actor=admin)
-    else:
-        revoked = ca.revoke(node_id=node_id, reason=reason, now=now, actor=admin)
+        return ca.revoke(serial=serial, reason=reason, now=now, actor=admin)
+
+    revoked = await _off_loop(request, act)
     if revoked:
         log.warning("revoked %s (%s) by %s", ", ".join(f"{s:x}" for s in revoked), reason, admin)
     return web.Response(status=204)
 
 
 async def health(request: web.Request) -> web.Response:
+    """The CA's state. A 503 with ``"status": "unavailable"`` when its database does not
+    answer within HEALTH_DEADLINE (a load balancer takes the replica out)."""
     ca = request.app[REGISTRAR].ca
     now = request.app[CLOCK].now()
     warnings = ca.expiry_warnings(now=now)
-    snapshot = request.app[CRLS].current(now)
+    crls = request.app[CRLS]
+    fields: dict[str, object] = {
+        "warnings": warnings,
+        "root_not_after": ca.root_cert.not_valid_after_utc.isoformat(),
+        "issuing_not_after": ca.issuing_cert.not_valid_after_utc.isoformat(),
+        "store": ca.store.kind,
+    }
+
+    def read() -> CrlSnapshot:
+        ca.store.ping()
+        return crls.current(now)
+
+    try:
+        snapshot = await _off_loop(request, read, deadline=HEALTH_DEADLINE)
+    except StoreUnavailable as exc:
+        return web.json_response(
+            {"status": "unavailable", "database": "unavailable", "error": str(exc), **fields},
+            status=503,
+            headers={"Retry-After": RETRY_AFTER},
+        )
     return web.json_response(
         {
             "status": "warning" if warnings else "ok",
-            "warnings": warnings,
-            "root_not_after": ca.root_cert.not_valid_after_utc.isoformat(),
-            "issuing_not_after": ca.issuing_cert.not_valid_after_utc.isoformat(),
+            "database": "ok",
+            **fields,
             "crl_next_update": snapshot.next_update.isoformat(),
             "revoked": snapshot.revoked,
-            "store": ca.store.kind,
         }
     )
 
@@ -441,7 +577,8 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus metrics, for an admin (a bearer token or an admin certificate, as for
     revoke): a CA's traffic and refusals are not for every node to read."""
     _rate_limit(request)
-    _admin(request)
+    await _admin(request)
+    await refresh_crl(request.app)
     return metrics_response(request, request.app[METRICS].registry)
 
 
@@ -479,7 +616,7 @@ def _error_code(exc: ApiError | ProtocolError) -> str:
     return "internal"
 
 
-def _enrollment_refused(
+async def _enrollment_refused(
     request: web.Request, body: dict[str, object] | None, exc: ApiError | ProtocolError
 ) -> None:
     """Count a refused enrollment, and put it in the audit log (with the node its token
@@ -490,29 +627,37 @@ def _enrollment_refused(
     request.app[METRICS].enrollments.labels(code).inc()
     client = _client(request)
     token = None if body is None else body.get("token")
-    store = request.app[REGISTRAR].ca.store
-    known = store.token(token_hash(token)) if isinstance(token, str) and token else None
-    if code == "rate_limited" or known is None:
+    if code in ("rate_limited", "store_unavailable") or not isinstance(token, str) or not token:
         log.info("enrollment refused (%s) from %s, with no token of this CA", code, client)
         return
-    node_id = known.node_id
+    store = request.app[REGISTRAR].ca.store
     message = exc.message if isinstance(exc, ApiError) else str(exc)
-    try:
-        request.app[REGISTRAR].ca.store.audit_event(
-            "enroll-refused",
-            detail={
-                "reason": code,
-                "message": excerpt(message, 240),
-                "node_id": node_id,
-                "client": client,
-            },
-            now=request.app[CLOCK].now(),
-            actor=client,
-            node_id=node_id,
+    now = request.app[CLOCK].now()
+
+    def audit() -> str | None:
+        known = store.token(token_hash(token))
+        if known is None:
+            return None
+        detail = {
+            "reason": code,
+            "message": excerpt(message, 240),
+            "node_id": known.node_id,
+            "client": client,
+        }
+        store.audit_event(
+            "enroll-refused", detail=detail, now=now, actor=client, node_id=known.node_id
         )
+        return known.node_id
+
+    try:
+        node_id = await _off_loop(request, audit)
     except Exception:  # the refusal stands, whatever the audit log's trouble
         log.exception("could not audit a refused enrollment")
-    log.warning("enrollment refused (%s) for %s from %s", code, node_id or "unknown node", client)
+        return
+    if node_id is None:
+        log.info("enrollment refused (%s) from %s, with no token of this CA", code, client)
+        return
+    log.warning("enrollment refused (%s) for %s from %s", code, node_id, client)
 
 
 def _attestation(body: dict[str, object]) -> Attestation | None:
@@ -552,7 +697,7 @@ def _certificate_answer(
     return web.Response(body=issued.record.pem.encode() + issuing, content_type=PEM_CHAIN)
 
 
-def _admin(request: web.Request) -> str:
+async def _admin(request: web.Request) -> str:
     """Who the admin is: a known, unexpired, unrevoked bearer token's label, or a valid,
     unrevoked admin certificate's name. Any other credential is a 401."""
     registrar = request.app[REGISTRAR]
@@ -560,8 +705,9 @@ def _admin(request: web.Request) -> str:
     auth = request.headers.get("Authorization")
     if auth is not None:
         scheme, _, token = auth.partition(" ")
+        store = registrar.ca.store
         known = (
-            registrar.ca.store.admin_token(token_hash(token.strip()))
+            await _off_loop(request, lambda: store.admin_token(token_hash(token.strip())))
             if scheme.lower() == "bearer"
             else None
         )
@@ -584,7 +730,7 @@ def _admin(request: web.Request) -> str:
             headers={"WWW-Authenticate": "Bearer"},
         )
     try:
-        record: IssuedCertificate = registrar.authenticate(chain, now=now)
+        record = await _off_loop(request, lambda: registrar.authenticate(chain, now=now))
     except (NotAuthenticated, PolicyDenied) as exc:  # foreign, expired or revoked
         raise ApiError(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     request[IDENTITY] = f"{record.role}:{record.node_id}"

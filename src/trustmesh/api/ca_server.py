@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.api.ca import METRICS, ca_app
+from trustmesh.api.ca import CRLS, METRICS, ca_app, refresh_crl
 from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
 from trustmesh.clock import Clock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
@@ -124,6 +124,8 @@ class CaServer:
             log.warning("CA EXPIRY: %s", warning)
         app = ca_app(self.registrar, limiter=self._limiter, clock=self.clock)
         self._metrics = app[METRICS]
+        # Signed before the first scrape, so the metrics show a CRL from the start.
+        await asyncio.to_thread(app[CRLS].current, self.clock.now())
         self._http = await serve_app(
             app,
             self.host,
@@ -136,7 +138,9 @@ class CaServer:
         self._metrics.listeners["api"] = self._site.listener
         if self._metrics_address is not None:
             host, port = self._metrics_address
-            self.metrics_server = MetricsServer(self._metrics.registry, host, port)
+            self.metrics_server = MetricsServer(
+                self._metrics.registry, host, port, refresh=lambda: refresh_crl(app)
+            )
             try:
                 await self.metrics_server.start()
             except BaseException:

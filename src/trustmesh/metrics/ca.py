@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -66,11 +66,12 @@ class CrlView(Protocol):
 class CaMetrics:
     """The registry of one CA API's metrics: serve :attr:`registry` at ``/metrics``.
 
-    ``crl(now)`` gives the CRL served at ``now``; the server sets :attr:`listeners`
+    ``crl()`` gives the CRL signed last (None before the first; it never waits for the
+    store, so a scrape never blocks on the database); the server sets :attr:`listeners`
     and :attr:`server_not_after` once it runs."""
 
     def __init__(
-        self, ca: CertificateAuthority, clock: Clock, crl: Callable[[datetime], CrlView]
+        self, ca: CertificateAuthority, clock: Clock, crl: Callable[[], CrlView | None]
     ) -> None:
         self.ca = ca
         self.clock = clock
@@ -104,6 +105,12 @@ class CaMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.database_up = Gauge(
+            f"{PREFIX}_database_up",
+            "1 when the CA's database answered the last scrape's CRL check within 5 s, else 0.",
+            registry=self.registry,
+        )
+        self.database_up.set(1)
         for outcome in ENROLL_OUTCOMES:
             self.enrollments.labels(outcome)
         for outcome in ROTATE_OUTCOMES:
@@ -125,23 +132,9 @@ class _CaCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         metrics = self._metrics
         now = metrics.clock.now()
-        crl = metrics.crl(now)
-        yield GaugeMetricFamily(
-            f"{PREFIX}_crl_age_seconds",
-            "Seconds since the thisUpdate of the CRL served (it is signed again after every"
-            " revocation and when half its validity has passed).",
-            value=seconds_between(crl.this_update, now),
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_crl_next_update_seconds",
-            "Seconds until the nextUpdate of the CRL served.",
-            value=seconds_between(now, crl.next_update),
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_crl_revoked_serials",
-            "Serials the CRL served revokes.",
-            value=crl.revoked,
-        )
+        crl = metrics.crl()
+        if crl is not None:
+            yield from _crl_gauges(crl, now)
         expiry = GaugeMetricFamily(
             f"{PREFIX}_certificate_expiry_seconds",
             "Seconds until a CA certificate expires (notAfter): the root, the issuing CA,"
@@ -154,3 +147,22 @@ class _CaCollector(Collector):
         if metrics.server_not_after is not None:
             expiry.add_metric(["server"], seconds_between(now, metrics.server_not_after))
         yield expiry
+
+
+def _crl_gauges(crl: CrlView, now: datetime) -> Iterable[Metric]:
+    yield GaugeMetricFamily(
+        f"{PREFIX}_crl_age_seconds",
+        "Seconds since the thisUpdate of the CRL served (it is signed again after every"
+        " revocation and when half its validity has passed).",
+        value=seconds_between(crl.this_update, now),
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_crl_next_update_seconds",
+        "Seconds until the nextUpdate of the CRL served.",
+        value=seconds_between(now, crl.next_update),
+    )
+    yield GaugeMetricFamily(
+        f"{PREFIX}_crl_revoked_serials",
+        "Serials the CRL served revokes.",
+        value=crl.revoked,
+    )

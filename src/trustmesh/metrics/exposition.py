@@ -14,7 +14,7 @@ only where it is told.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 
 from aiohttp import web
@@ -43,6 +43,8 @@ METRICS_POLICY = ResourcePolicy(
 
 Listeners = Callable[[], Mapping[str, Listener]]
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+Refresh = Callable[[], Awaitable[None]]
+REFRESH: web.AppKey[Refresh] = web.AppKey("metrics_refresh")
 
 
 def metrics_response(request: web.Request, registry: CollectorRegistry) -> web.Response:
@@ -86,15 +88,20 @@ class ListenerCollector(Collector):
         return [connections, hits]
 
 
-def metrics_app(registry: CollectorRegistry) -> web.Application:
-    """An app with ``GET /metrics`` alone (any other path: a JSON 404)."""
+def metrics_app(registry: CollectorRegistry, refresh: Refresh | None = None) -> web.Application:
+    """An app with ``GET /metrics`` alone (any other path: a JSON 404); ``refresh`` is
+    awaited before each scrape (what a collector reads, brought up to date off the loop)."""
     app = web.Application(middlewares=[json_errors({})])
     app[REGISTRY] = registry
+    if refresh is not None:
+        app[REFRESH] = refresh
     app.router.add_get(METRICS_PATH, _metrics)
     return app
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    if REFRESH in request.app:
+        await request.app[REFRESH]()
     return metrics_response(request, request.app[REGISTRY])
 
 
@@ -109,8 +116,10 @@ class MetricsServer:
         *,
         policy: ResourcePolicy = METRICS_POLICY,
         name: str = "metrics",
+        refresh: Refresh | None = None,
     ) -> None:
         self.registry = registry
+        self._refresh = refresh
         self.host = host
         self._port = port
         self.policy = policy
@@ -132,7 +141,7 @@ class MetricsServer:
 
     async def start(self) -> None:
         self._http = await serve_app(
-            metrics_app(self.registry),
+            metrics_app(self.registry, self._refresh),
             self.host,
             self._port,
             context=None,

@@ -54,3 +54,8 @@ class SerialMismatch(PkiError):
 
 class UnknownAdminToken(PkiError):
     """No admin token has that id."""
+
+
+class StoreUnavailable(PkiError):
+    """The CA's database cannot be reached (or did not answer in time): nothing was
+    decided, or the outcome is unknown; the same request may be sent again."""

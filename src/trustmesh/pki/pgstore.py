@@ -28,17 +28,26 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from trustmesh.pki.errors import PkiError
+from trustmesh.pki.errors import PkiError, StoreUnavailable
 from trustmesh.pki.store import Cursor, Handle, SqlCaStore, SqliteStore
 
 # The key of the advisory lock every write transaction takes: "tmca" in ASCII.
 WRITE_LOCK = 0x746D6361
-POOL_TIMEOUT = 10.0  # seconds to wait for a pooled connection before failing the call
+# Seconds a call waits for a pooled connection (the database down: the pool reconnects
+# in the background with exponential backoff) before it fails with StoreUnavailable,
+# which the API answers with a 503; and how many calls may wait at once.
+POOL_TIMEOUT = 5.0
+MAX_WAITING = 64
+# A lost connection is made again in the background after 1, 2, 4 s..., for at most
+# this long; then the next call that finds no connection starts again at once. So a
+# database back after an outage of any length is used again within seconds.
+RECONNECT_TIMEOUT = 8.0
 # Every connection's session: a replica never waits for the write lock (or any lock)
 # more than 15 s, a transaction left idle (its replica frozen mid-way) is ended after
 # 30 s, releasing the lock it holds, and a dead peer on TCP is noticed in about 25 s.
 SESSION = {
     "options": "-c lock_timeout=15s -c idle_in_transaction_session_timeout=30s",
+    "connect_timeout": 5,
     "keepalives": 1,
     "keepalives_idle": 10,
     "keepalives_interval": 5,
@@ -125,8 +134,13 @@ class PostgresStore(SqlCaStore):
             min_size=1,
             max_size=max_connections,
             timeout=POOL_TIMEOUT,
+            max_waiting=MAX_WAITING,
+            reconnect_timeout=RECONNECT_TIMEOUT,
             open=False,
             kwargs=SESSION,
+            # A connection the server closed meanwhile (a restart) is replaced on
+            # checkout instead of failing the call it was given to.
+            check=ConnectionPool.check_connection,
         )
         try:
             self._pool.open(wait=True, timeout=POOL_TIMEOUT)
@@ -143,13 +157,17 @@ class PostgresStore(SqlCaStore):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Handle]:
-        with self._pool.connection() as connection, connection.transaction():
+        with (
+            _unavailable_as_typed(),
+            self._pool.connection() as connection,
+            connection.transaction(),
+        ):
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             yield _Adapter(connection)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Handle]:
-        with self._pool.connection() as connection:
+        with _unavailable_as_typed(), self._pool.connection() as connection:
             yield _Adapter(connection)
 
     def import_records(self, source: SqliteStore) -> dict[str, int]:
@@ -184,6 +202,24 @@ class PostgresStore(SqlCaStore):
                 " GREATEST((SELECT max(id) FROM audit), 1))"
             )
         return copied
+
+
+@contextlib.contextmanager
+def _unavailable_as_typed() -> Iterator[None]:
+    """The database unreachable, gone mid-call, or not answering in time (no pooled
+    connection within POOL_TIMEOUT, too many calls waiting, a lock not granted within
+    the session's lock_timeout) as :class:`StoreUnavailable`. A write whose COMMIT was
+    lost may have committed: the API's retries are idempotent for that reason."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:  # PoolTimeout and TooManyRequests are ones
+        # The driver's words name the host and the failure, never the password.
+        raise StoreUnavailable(f"the CA database is unavailable: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 class _Adapter:

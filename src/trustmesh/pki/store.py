@@ -26,6 +26,7 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -206,6 +207,9 @@ class CaStore(Protocol):
 
     def close(self) -> None: ...
 
+    def ping(self) -> None:
+        """Check that the database answers; :class:`StoreUnavailable` when it does not."""
+
     def add(self, cert: IssuedCertificate, *, event: str, actor: str | None, now: datetime) -> None:
         """Record an issued certificate, and an audit entry for it at ``now``."""
 
@@ -275,6 +279,9 @@ class CaStore(Protocol):
         """Record an enrollment token."""
 
     def token(self, token_hash: str) -> Token | None: ...
+
+    def tokens(self) -> dict[str, Token]:
+        """Every enrollment token, by its hash."""
 
     def add_admin_token(
         self, token_hash: str, label: str, created: datetime, expires: datetime
@@ -408,6 +415,10 @@ class SqlCaStore(abc.ABC):
     @abc.abstractmethod
     def _read(self) -> contextlib.AbstractContextManager[Handle]:
         """A connection for reads (each statement sees what was committed before it)."""
+
+    def ping(self) -> None:
+        with self._read() as db:
+            db.execute("SELECT 1").fetchone()
 
     # --- certificates -------------------------------------------------------------------
 
@@ -847,7 +858,9 @@ class SqlCaStore(abc.ABC):
 
 
 class SqliteStore(SqlCaStore):
-    """:class:`CaStore` on one SQLite file."""
+    """:class:`CaStore` on one SQLite file, usable from any thread: its one connection
+    is used by one thread at a time, so a read never sees another thread's write
+    transaction half done."""
 
     kind = "sqlite"
 
@@ -855,21 +868,27 @@ class SqliteStore(SqlCaStore):
         self.path = path
         # Waits for another process's write transaction instead of failing at once.
         self._db = open_database(path, SCHEMA, synchronous="FULL", busy_timeout=30)
+        self._lock = threading.RLock()
         self._migrate()
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
-    def _write(self) -> contextlib.AbstractContextManager[Handle]:
-        return transaction(self._db)
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Handle]:
+        with self._lock, transaction(self._db) as db:
+            yield db
 
     def snapshot(self) -> contextlib.AbstractContextManager[Handle]:
         """One transaction over the whole database, for a consistent copy of it (other
         writers wait meanwhile): what ``trustmesh ca migrate`` reads."""
         return self._write()
 
-    def _read(self) -> contextlib.AbstractContextManager[Handle]:
-        return contextlib.nullcontext(self._db)
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Handle]:
+        with self._lock:
+            yield self._db
 
     def backup_to(self, path: Path) -> None:
         """A consistent copy of this database, as of its last commit, in the new file
@@ -881,7 +900,7 @@ class SqliteStore(SqlCaStore):
         columns it lacks, fill them from what it holds, and add their indexes. One
         transaction, so a crash (or a second process opening the database) never sees
         half of it."""
-        with transaction(self._db) as db:
+        with self._write() as db:
             for table, column, kind in ADDED_COLUMNS:
                 present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
                 if column not in present:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trustmesh.pki.errors import PkiError
+from trustmesh.pki.errors import PkiError, StoreUnavailable
 from trustmesh.pki.store import CaStore, SqliteStore
 
 DB_ENV = "TRUSTMESH_CA_DB"
@@ -41,7 +41,7 @@ def open_store(directory: Path, db: str | None) -> CaStore:
         ) from None
     try:
         return PostgresStore(db)
-    except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+    except (psycopg.Error, psycopg_pool.PoolTimeout, StoreUnavailable) as exc:
         # The driver's own words (they name the host, never the password).
         raise PkiError(f"cannot open the CA database: {type(exc).__name__}: {exc}") from None
 
