@@ -17,7 +17,14 @@ from meshtools import DER, NOW, T0, MeshPki, ms
 import trustmesh.mesh.trust as trust_module
 from trustmesh.crypto.keys import KeyKind
 from trustmesh.mesh.errors import BadSignature, RevokedOrigin, UntrustedOrigin
-from trustmesh.mesh.trust import CrlRejected, CrlUpdate, Identity, TrustView, node_id_of
+from trustmesh.mesh.trust import (
+    CrlRejected,
+    CrlUpdate,
+    Identity,
+    TrustView,
+    crl_number_of,
+    node_id_of,
+)
 
 SPKI = PublicFormat.SubjectPublicKeyInfo
 
@@ -287,26 +294,37 @@ def test_an_empty_crl_is_taken_with_nothing_added(pki: MeshPki) -> None:
 def test_a_stale_or_equal_crl_changes_nothing(pki: MeshPki) -> None:
     node = pki.node("node-1")
     trust = pki.trust()
-    current = pki.crl(T0)
+    older = pki.crl(T0)  # signed before the revocation: it does not list the node
+    pki.revoke(node)
+    current = pki.crl(T0 + timedelta(seconds=1))
     assert trust.apply_crl(current) is not None
-    pki.revoke(node)  # the CA revokes, but the CRLs below are not newer
-    assert trust.apply_crl(pki.crl(T0)) is None  # equal number
-    assert trust.apply_crl(pki.crl(T0 - timedelta(seconds=1))) is None  # older number
+    assert trust.apply_crl(current) is None  # equal number
+    assert trust.apply_crl(older) is None  # older number: it would undo the revocation
     assert trust.crl_der == current
-    assert trust.crl_number == ms(T0)
-    assert not trust.is_revoked(node.serial)
+    assert trust.crl_number == ms(T0) + 1000
+    assert trust.is_revoked(node.serial)
 
 
 def test_is_newer_crl_compares_crl_numbers(pki: MeshPki) -> None:
     trust = pki.trust()
+    older = pki.crl(T0 - timedelta(seconds=1))
     current = pki.crl(T0)
     assert trust.is_newer_crl(current)  # nothing held yet
     trust.apply_crl(current)
     assert not trust.is_newer_crl(current)
-    assert not trust.is_newer_crl(pki.crl(T0 - timedelta(seconds=1)))
+    assert not trust.is_newer_crl(older)
     assert trust.is_newer_crl(pki.crl(T0 + timedelta(milliseconds=1)))
     # It only reads: nothing is applied.
     assert trust.crl_der == current and trust.crl_number == ms(T0)
+
+
+def test_crl_numbers_only_grow_whatever_the_clock_says(pki: MeshPki) -> None:
+    """The number comes from the CA's store (shared by its replicas): a CRL signed with
+    an earlier time, or within the same millisecond, still gets a higher number."""
+    numbers = [
+        crl_number_of(pki.crl(T0 + timedelta(milliseconds=offset))) for offset in (0, 0, -5000, 1)
+    ]
+    assert numbers == [ms(T0), ms(T0) + 1, ms(T0) + 2, ms(T0) + 3]
 
 
 def test_is_newer_crl_does_not_check_the_signature(pki: MeshPki, foreign: MeshPki) -> None:

@@ -155,3 +155,28 @@ def test_replicas_starting_together_make_the_schema_once(postgres_dsn: str) -> N
     finally:
         for store in opened:
             store.close()
+
+
+def test_crl_numbers_grow_across_replicas_whose_clocks_disagree(
+    ca: CertificateAuthority, replicas: list[PostgresStore]
+) -> None:
+    """Each replica signs with its own clock; the number is the shared store's, so a
+    replica an hour behind still numbers its CRL above the one signed before it, and a
+    higher number never lists less (numbers and entries are read in one transaction)."""
+    first, second, _ = replicas
+    first.add_token(token_hash("tm_1"), "node-1", NOW, NOW + timedelta(hours=1))
+    cert = first.enroll(
+        token_hash("tm_1"), record(ca, "node-1"), now=NOW, max_nodes=None, actor="test"
+    )
+    ahead = int(NOW.timestamp() * 1000)
+    one, listed_one = first.next_crl(NOW - timedelta(days=1), at_least=ahead)
+    second.revoke([cert.serial], NOW, "keyCompromise", actor="admin")
+    two, listed_two = second.next_crl(NOW - timedelta(days=1), at_least=ahead - 3_600_000)
+    assert (one, listed_one) == (ahead, [])
+    assert two == ahead + 1 and [e.serial for e in listed_two] == [cert.serial]
+
+    def number_from(store: PostgresStore) -> Callable[[], str]:
+        return lambda: str(store.next_crl(NOW, at_least=0)[0])
+
+    numbers = race([number_from(store) for store in replicas * 4])
+    assert sorted(int(n) for n in numbers) == list(range(ahead + 2, ahead + 14))  # no repeats

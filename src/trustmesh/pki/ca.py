@@ -408,8 +408,13 @@ class CertificateAuthority:
         behind the CA's still refuses it. An expired certificate is refused anyway, so
         the CRL holds only what can still be used, whatever the mesh's history."""
         now = now or self.clock.now()
+        # The number is the store's: above every CRL any replica signed before (and the
+        # time in milliseconds, as before, while clocks move forward).
+        number, listed = self.store.next_crl(
+            now - CRL_VALIDITY, at_least=int(now.timestamp() * 1000)
+        )
         entries = []
-        for entry in self.store.crl_entries(now - CRL_VALIDITY):
+        for entry in listed:
             revoked = (
                 x509.RevokedCertificateBuilder()
                 .serial_number(entry.serial)
@@ -426,7 +431,7 @@ class CertificateAuthority:
             .issuer_name(self.issuing_cert.subject)
             .last_update(now)
             .next_update(now + CRL_VALIDITY)
-            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+            .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(_aki(self.issuing_cert), critical=False)
         )
         return builder.sign(self._issuing_key, hashes.SHA256())

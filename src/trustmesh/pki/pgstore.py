@@ -42,11 +42,20 @@ MAX_WAITING = 64
 # this long; then the next call that finds no connection starts again at once. So a
 # database back after an outage of any length is used again within seconds.
 RECONNECT_TIMEOUT = 8.0
-# Every connection's session: a replica never waits for the write lock (or any lock)
-# more than 15 s, a transaction left idle (its replica frozen mid-way) is ended after
-# 30 s, releasing the lock it holds, and a dead peer on TCP is noticed in about 25 s.
+# Every connection's session:
+# - a transaction left idle (its replica frozen mid-way) is ended after 10 s, which
+#   releases the write lock, before any other replica gives up waiting for it (15 s);
+# - the server checks every 5 s that the client of a running statement is still there
+#   (a replica killed while it waited for the lock is not served it later);
+# - a dead peer on TCP is noticed in about 25 s;
+# - autocommit: a read is one statement, with no BEGIN and COMMIT around it (writes
+#   open their transaction explicitly).
 SESSION = {
-    "options": "-c lock_timeout=15s -c idle_in_transaction_session_timeout=30s",
+    "options": (
+        "-c lock_timeout=15s -c idle_in_transaction_session_timeout=10s"
+        " -c client_connection_check_interval=5s"
+    ),
+    "autocommit": True,
     "connect_timeout": 5,
     "keepalives": 1,
     "keepalives_idle": 10,
@@ -102,7 +111,8 @@ CREATE TABLE IF NOT EXISTS meta (
     key         TEXT PRIMARY KEY,
     value       BIGINT NOT NULL
 );
-INSERT INTO meta (key, value) VALUES ('revocation_epoch', 0) ON CONFLICT (key) DO NOTHING
+INSERT INTO meta (key, value) VALUES ('revocation_epoch', 0) ON CONFLICT (key) DO NOTHING;
+INSERT INTO meta (key, value) VALUES ('crl_number', 0) ON CONFLICT (key) DO NOTHING
 """
 
 

@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS meta (
     value       INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('revocation_epoch', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('crl_number', 0);
 """
 
 COLUMNS = (
@@ -257,6 +258,12 @@ class CaStore(Protocol):
     def crl_entries(self, expired_before: datetime) -> list[CrlEntry]:
         """What the CRL lists: every revoked certificate whose notAfter is not before
         ``expired_before``, oldest revocation first (no PEM is read)."""
+
+    def next_crl(self, expired_before: datetime, *, at_least: int) -> tuple[int, list[CrlEntry]]:
+        """The number of a new CRL and what it lists (as :meth:`crl_entries`), in one
+        transaction: the number is above every number this store gave before, and at
+        least ``at_least``; so across CA replicas a higher number never lists less than
+        a lower one (both were taken in the order of the revocations they see)."""
 
     def revoke(
         self, serials: list[int], when: datetime, reason: str, *, actor: str | None
@@ -553,11 +560,24 @@ class SqlCaStore(abc.ABC):
 
     def crl_entries(self, expired_before: datetime) -> list[CrlEntry]:
         with self._read() as db:
-            rows = db.execute(
-                "SELECT serial, revoked_at, reason FROM certificates"
-                " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY revoked_at, serial",
-                (_seconds(expired_before),),
-            ).fetchall()
+            return self._crl_entries(db, expired_before)
+
+    def next_crl(self, expired_before: datetime, *, at_least: int) -> tuple[int, list[CrlEntry]]:
+        with self._write() as db:
+            row = db.execute(
+                "UPDATE meta SET value = CASE WHEN value + 1 > ? THEN value + 1 ELSE ? END"
+                " WHERE key = 'crl_number' RETURNING value",
+                (at_least, at_least),
+            ).fetchone()
+            return int(row[0]), self._crl_entries(db, expired_before)
+
+    @staticmethod
+    def _crl_entries(db: Handle, expired_before: datetime) -> list[CrlEntry]:
+        rows = db.execute(
+            "SELECT serial, revoked_at, reason FROM certificates"
+            " WHERE revoked_at IS NOT NULL AND not_after >= ? ORDER BY revoked_at, serial",
+            (_seconds(expired_before),),
+        ).fetchall()
         return [
             CrlEntry(int(serial, 16), datetime.fromtimestamp(at, UTC), reason)
             for serial, at, reason in rows
