@@ -12,7 +12,7 @@ import sys
 import bench
 from bench.harness import report
 
-NOT_BENCHES = {"__main__", "anchors", "harness"}
+NOT_BENCHES = {"__main__", "anchors", "harness", "pki_replicas"}  # pki_replicas: pki's
 
 
 def available() -> list[str]:
@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="a small, fast run (benches that offer one)"
     )
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        help="the CA store to measure (benches that offer one: pki; default sqlite)",
+    )
     args = parser.parse_args(argv)
     module = importlib.import_module(f"bench.{args.name}")
     # A bench that needs its process set up a certain way (PROCESS_ENV: BOTD pins glibc's
@@ -36,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, **wanted}
         raw = sys.argv[1:] if argv is None else argv
         os.execve(sys.executable, [sys.executable, "-m", "bench", *raw], env)
-    options = {}
+    options: dict[str, object] = {}
     if args.quick:
         if "quick" not in inspect.signature(module.run).parameters:
             parser.error(f"bench {args.name} has no --quick")
         options["quick"] = True
+    if args.store is not None:
+        if "store" not in inspect.signature(module.run).parameters:
+            parser.error(f"bench {args.name} has no --store")
+        options["store"] = args.store
     results = module.run(**options)
     info = module.info() if hasattr(module, "info") else None  # facts about the run
     print(report(args.name, results, as_json=args.json, info=info))

@@ -41,6 +41,10 @@ PEM certificate for ``node_id``; the echoed size; the CRL's exact bytes) and cou
 a round fails loudly on any miss. A round is a fixed count of requests (CLIENTS x its
 requests per client) with a timeout; anchor and subject rounds alternate, anchor first,
 and the ratio is the median of per-round ratios.
+
+``python -m bench pki --store postgres`` measures something else: CA replicas, each a
+``trustmesh ca serve`` process, sharing one PostgreSQL database, against one such process
+on SQLite (bench/pki_replicas.py says how).
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ GENEROUS_LIMIT = 1e9
 
 # The same for the listeners: every client connects from 127.0.0.1 (docs/limits.md).
 LOAD_POLICY = ResourcePolicy.for_load(4096)
+
+STORES = ("sqlite", "postgres")  # --store: this bench, or bench/pki_replicas.py
 
 
 # --- requests made before the timing ------------------------------------------------------
@@ -182,6 +188,29 @@ class Clients:
 
 class BenchFailure(RuntimeError):
     """A response that was not what the benchmark asked for."""
+
+
+def enroll_request(
+    url: str, enrollment: Enrollment, on_enrolled: Callable[[str, str], None]
+) -> Callable[[aiohttp.ClientSession], Awaitable[None]]:
+    """POST ``enrollment`` to ``url`` (a CA's /v1/enroll); the answer must be a 200 with
+    a PEM certificate for its node_id, which goes to ``on_enrolled(node_id, pem)``."""
+
+    async def request(session: aiohttp.ClientSession) -> None:
+        async with session.post(url, data=enrollment.body, headers=JSON_HEADERS) as resp:
+            raw = await resp.read()
+            status = resp.status
+        answer = json.loads(raw) if status == 200 else {}
+        if answer.get("node_id") != enrollment.node_id:
+            raise BenchFailure(f"enrollment of {enrollment.node_id} answered {status}: {raw!r}")
+        certificate = answer.get("certificate")
+        if not isinstance(certificate, str) or not certificate.startswith(
+            "-----BEGIN CERTIFICATE-----"
+        ):
+            raise BenchFailure(f"enrollment of {enrollment.node_id} returned no certificate")
+        on_enrolled(enrollment.node_id, certificate)
+
+    return request
 
 
 # --- the rig ------------------------------------------------------------------------------
@@ -325,23 +354,9 @@ class PkiRig:
     def _enroll_request(
         self, enrollment: Enrollment
     ) -> Callable[[aiohttp.ClientSession], Awaitable[None]]:
-        url = self.url + "/v1/enroll"
-
-        async def request(session: aiohttp.ClientSession) -> None:
-            async with session.post(url, data=enrollment.body, headers=JSON_HEADERS) as resp:
-                raw = await resp.read()
-                status = resp.status
-            answer = json.loads(raw) if status == 200 else {}
-            if answer.get("node_id") != enrollment.node_id:
-                raise BenchFailure(f"enrollment of {enrollment.node_id} answered {status}: {raw!r}")
-            certificate = answer.get("certificate")
-            if not isinstance(certificate, str) or not certificate.startswith(
-                "-----BEGIN CERTIFICATE-----"
-            ):
-                raise BenchFailure(f"enrollment of {enrollment.node_id} returned no certificate")
-            self.enrolled.append(enrollment.node_id)
-
-        return request
+        return enroll_request(
+            self.url + "/v1/enroll", enrollment, lambda node_id, _: self.enrolled.append(node_id)
+        )
 
     def _echo_request(
         self, body: bytes | None
@@ -421,7 +436,21 @@ def run(
     rounds: int = ROUNDS,
     clients: int = CLIENTS,
     revoked: int = CRL_REVOKED,
+    *,
+    quick: bool = False,
+    store: str = "sqlite",
 ) -> list[Result]:
+    """``store="sqlite"``: this module's bench. ``store="postgres"``: CA replicas on
+    PostgreSQL against one on SQLite, each a ``ca serve`` process (bench/pki_replicas.py).
+    ``quick``: a small run of either."""
+    if store not in STORES:
+        raise ValueError(f"store {store!r} is not one of {', '.join(STORES)}")
+    if store == "postgres":
+        from bench import pki_replicas
+
+        return pki_replicas.run(quick=quick)
+    if quick:
+        enrollments_per_client, crl_fetches_per_client, rounds, clients, revoked = 2, 4, 1, 4, 10
     with tempfile.TemporaryDirectory() as tmp, asyncio.Runner() as runner:
 
         def call(coro: Callable[[], Coroutine[Any, Any, float]]) -> Callable[[], float]:
@@ -459,6 +488,14 @@ def run(
             f"GET {ECHO_PATH}, trivial handler, same HttpsSite ({clients} clients, keep-alive)",
         ),
     ]
+
+
+def info() -> dict[str, object] | None:
+    """With ``--store postgres``: the set-up and where the CPU went (the SQLite bench
+    reports no more than its figures)."""
+    from bench import pki_replicas
+
+    return pki_replicas.last_info()
 
 
 def _check(rig: PkiRig, enrollments: int) -> None:

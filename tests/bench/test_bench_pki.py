@@ -5,7 +5,9 @@ server certificate, and every count is exact."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench import pki as pki_bench
+from bench import pki_replicas
 from trustmesh.pki.ca import token_hash
 
 CLIENTS = 3
@@ -143,3 +146,63 @@ def test_run_reports_both_metrics_with_their_anchors() -> None:
         assert result.anchor_value > 0
         assert result.paired_ratio is not None
         assert pki_bench.ECHO_PATH in result.anchor
+
+
+@pytest.mark.timeout(120)
+def test_postgres_quick_run_compares_replicas_with_one_sqlite_replica() -> None:
+    """``bench pki --store postgres --quick``: real ``ca serve`` processes (three on one
+    PostgreSQL database, one on SQLite), every enrollment answered, logged by the replica
+    it was sent to, and in the store."""
+    results = pki_bench.run(quick=True, store="postgres")
+    assert [r.metric for r in results] == [
+        "pg_1_replica_per_s",
+        "pg_2_replicas_per_s",
+        "pg_3_replicas_per_s",
+    ]
+    sqlite_rate = results[0].anchor_value
+    for result in results:
+        assert result.unit == "enroll/s"
+        assert "SQLite" in result.anchor
+        assert result.value > 0
+        assert result.anchor_value == sqlite_rate > 0  # one anchor for all three
+        assert result.paired_ratio is not None
+        assert result.paired_ratio > 0
+    info = pki_bench.info()
+    assert info is not None
+    quick = pki_replicas.QUICK
+    per_round = quick["clients"] * quick["per_client"]
+    # The warm-up (one per client on SQLite, one per client and replica on PostgreSQL)
+    # and one round of each set-up: every one enrolled and found in its store.
+    sqlite = quick["clients"] + quick["rounds"] * per_round
+    postgres = quick["clients"] * 3 + quick["rounds"] * 3 * per_round
+    assert info["enrollments"] == {"sqlite": sqlite, "postgresql": postgres}
+    served = info["served"]
+    assert isinstance(served, dict)
+    assert served["sqlite"] == sqlite
+    # Round-robin: the warm-up and the 2- and 3-replica rounds reach every replica.
+    assert sum(served[f"pg-{i}"] for i in (1, 2, 3)) == postgres
+    assert min(served[f"pg-{i}"] for i in (1, 2, 3)) >= quick["clients"]
+    assert "fsync on" in str(info["postgresql"])
+    cpu = info["cpu_ms_per_enrollment"]
+    assert isinstance(cpu, dict)
+    assert set(cpu) == {"sqlite_1", "pg_1", "pg_2", "pg_3"}
+    for shares in cpu.values():
+        assert shares["machine"] > 0
+    # Every server and the PostgreSQL cluster were stopped and reaped.
+    assert _children() == []
+
+
+def _children() -> list[str]:
+    """The command lines of this process's live children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            if entry.name.isdigit() and int(stat[stat.rindex(")") + 2 :].split()[1]) == os.getpid():
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
+
+
+def test_store_is_checked() -> None:
+    with pytest.raises(ValueError, match="store 'mysql'"):
+        pki_bench.run(store="mysql")

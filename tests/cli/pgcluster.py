@@ -63,10 +63,12 @@ class PostgresCluster:
     socket_dir: Path
     pid: int
     process: subprocess.Popen[bytes] | None
+    durable: bool = False  # fsync on, as a deployment runs it (benches); off for tests
 
     @classmethod
-    def start(cls) -> Self:
-        """initdb into a new temporary directory, then the server (:meth:`resume`)."""
+    def start(cls, *, durable: bool = False) -> Self:
+        """initdb into a new temporary directory, then the server (:meth:`resume`);
+        ``durable``: with PostgreSQL's default fsync, else (tests) without."""
         directory = Path(tempfile.mkdtemp(prefix="trustmesh-pg-"))
         sockets = directory / "run"
         sockets.mkdir()
@@ -74,7 +76,7 @@ class PostgresCluster:
         if owner is not None:
             for path in (directory, sockets):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
-        cluster = cls(directory, sockets, 0, None)
+        cluster = cls(directory, sockets, 0, None, durable)
         try:
             _run(
                 [
@@ -118,8 +120,7 @@ class PostgresCluster:
                     "listen_addresses=",
                     "-k",
                     str(self.socket_dir),
-                    "-c",
-                    "fsync=off",
+                    *([] if self.durable else ["-c", "fsync=off"]),
                 ]
                 with open(self.directory / "server.log", "ab") as log:
                     process = subprocess.Popen(

@@ -7,10 +7,13 @@ only replicas can break."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -19,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from trustmesh.pki.ca import CertificateAuthority, token_hash
 from trustmesh.pki.errors import PolicyDenied, TokenRejected
-from trustmesh.pki.pgstore import PostgresStore
+from trustmesh.pki.pgstore import WRITE_LOCK, PostgresStore
 from trustmesh.pki.store import IssuedCertificate
 
 PASS = b"postgres store tests"
@@ -180,3 +183,36 @@ def test_crl_numbers_grow_across_replicas_whose_clocks_disagree(
 
     numbers = race([number_from(store) for store in replicas * 4])
     assert sorted(int(n) for n in numbers) == list(range(ahead + 2, ahead + 14))  # no repeats
+
+
+def test_an_enrollment_without_a_node_cap_does_not_queue_on_the_write_lock(
+    ca: CertificateAuthority, replicas: list[PostgresStore], postgres_dsn: str
+) -> None:
+    """Another replica holds the write lock (a revocation, a rotation under way): an
+    enrollment with no node cap needs only its token's row and goes on; one with a cap
+    counts the nodes, so it waits for the lock."""
+    first, second, _ = replicas
+    for name in ("tm_1", "tm_2"):
+        first.add_token(token_hash(name), f"node-{name[-1]}", NOW, NOW + timedelta(hours=1))
+    with psycopg.connect(postgres_dsn) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        free = record(ca, "node-1")
+        assert enroll(second, "tm_1", free, None) == "ok"
+        capped = threading.Thread(target=enroll, args=(first, "tm_2", record(ca, "node-2"), 10))
+        capped.start()
+        with psycopg.connect(postgres_dsn, autocommit=True) as watcher:
+            deadline = time.monotonic() + JOIN_TIMEOUT
+            while not waiting_for_advisory_lock(watcher):  # each look is a round trip
+                assert time.monotonic() < deadline, "the capped enrollment never waited"
+        assert capped.is_alive()
+        holder.rollback()  # the lock goes
+        capped.join(timeout=JOIN_TIMEOUT)
+    assert not capped.is_alive()
+    assert {c.node_id for c in first.all()} == {"node-1", "node-2"}
+
+
+def waiting_for_advisory_lock(connection: psycopg.Connection[Any]) -> bool:
+    row = connection.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    ).fetchone()
+    return row is not None and row[0] > 0

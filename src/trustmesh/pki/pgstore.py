@@ -4,10 +4,12 @@ one database (issue 23; needs the extra ``trustmesh[postgres]``: psycopg 3 and i
 The logic is :class:`~trustmesh.pki.store.SqlCaStore`'s, as on SQLite. What changes:
 
 - **Writes are serialized across replicas.** Every write transaction first takes one
-  transaction-level advisory lock, so the decisions taken in a transaction (spending a
-  token, the node cap, the currency of the certificate a rotation presents, revoking
-  every certificate of a node) see every commit made before them, as SQLite's single
-  writer gives in one process. Certificates are signed before the store is called, so
+  transaction-level advisory lock, so the decisions taken in a transaction (the node
+  cap, the currency of the certificate a rotation presents, revoking every certificate
+  of a node) see every commit made before them, as SQLite's single writer gives in one
+  process. The exception is an enrollment with no node cap: its one decision is the
+  token's row, which its conditional UPDATE takes with a row lock, so enrollments do
+  not queue on the replicas' one lock. Certificates are signed before the store is called, so
   replicas still share the signing; only the short bookkeeping transactions queue.
 - **Reads** run on pooled connections; each statement sees what was committed before it
   (READ COMMITTED), so a revocation made on one replica is in every replica's next CRL.
@@ -166,13 +168,14 @@ class PostgresStore(SqlCaStore):
         self._pool.close()
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Handle]:
+    def _write(self, *, serialized: bool = True) -> Iterator[Handle]:
         with (
             _unavailable_as_typed(),
             self._pool.connection() as connection,
             connection.transaction(),
         ):
-            connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            if serialized:
+                connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             yield _Adapter(connection)
 
     @contextlib.contextmanager

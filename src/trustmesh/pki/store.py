@@ -415,9 +415,12 @@ class SqlCaStore(abc.ABC):
     def close(self) -> None: ...
 
     @abc.abstractmethod
-    def _write(self) -> contextlib.AbstractContextManager[Handle]:
+    def _write(self, *, serialized: bool = True) -> contextlib.AbstractContextManager[Handle]:
         """One write transaction: committed when the block ends, rolled back if it
-        raises; no other write transaction of this database runs meanwhile."""
+        raises; no other ``serialized`` write transaction of this database runs
+        meanwhile. Only a transaction whose every decision is one row's, taken by the
+        statement that writes it, may pass ``serialized=False`` (a store with one
+        writer, as SQLite, serializes it all the same)."""
 
     @abc.abstractmethod
     def _read(self) -> contextlib.AbstractContextManager[Handle]:
@@ -450,7 +453,11 @@ class SqlCaStore(abc.ABC):
         actor: str | None,
         audit: Mapping[str, object] | None = None,
     ) -> IssuedCertificate:
-        with self._write() as db:
+        # The node cap counts every node, so it needs the serialized transaction. Without
+        # it, the only decision is the token's row (a conditional UPDATE, which waits for
+        # a racing one to commit and then sees its spend), so replicas do not queue on
+        # one lock for every enrollment.
+        with self._write(serialized=max_nodes is not None) as db:
             # Spending the token is the first write: of any number of racing requests,
             # exactly one finds it unused.
             spent = db.execute(
@@ -896,8 +903,8 @@ class SqliteStore(SqlCaStore):
             self._db.close()
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[Handle]:
-        with self._lock, transaction(self._db) as db:
+    def _write(self, *, serialized: bool = True) -> Iterator[Handle]:
+        with self._lock, transaction(self._db) as db:  # SQLite has one writer anyway
             yield db
 
     def snapshot(self) -> contextlib.AbstractContextManager[Handle]:
