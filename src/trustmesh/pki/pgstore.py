@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from trustmesh.pki.errors import PkiError, StoreUnavailable
+from trustmesh.pki.migrations import Executes, migrate, statements
 from trustmesh.pki.store import Cursor, Handle, SqlCaStore, SqliteStore
 
 # The key of the advisory lock every write transaction takes: "tmca" in ASCII.
@@ -113,8 +115,7 @@ CREATE TABLE IF NOT EXISTS meta (
     key         TEXT PRIMARY KEY,
     value       BIGINT NOT NULL
 );
-INSERT INTO meta (key, value) VALUES ('revocation_epoch', 0) ON CONFLICT (key) DO NOTHING;
-INSERT INTO meta (key, value) VALUES ('crl_number', 0) ON CONFLICT (key) DO NOTHING
+INSERT INTO meta (key, value) VALUES ('revocation_epoch', 0) ON CONFLICT (key) DO NOTHING
 """
 
 
@@ -156,10 +157,8 @@ class PostgresStore(SqlCaStore):
         )
         try:
             self._pool.open(wait=True, timeout=POOL_TIMEOUT)
-            with self._write() as db:  # the lock: replicas starting together make it once
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+            with self._write() as db:  # the lock: replicas starting together migrate once
+                migrate(db, {1: _base, 2: _crl_number}, now=int(time.time()))
         except BaseException:
             self._pool.close()
             raise
@@ -215,6 +214,19 @@ class PostgresStore(SqlCaStore):
                 " GREATEST((SELECT max(id) FROM audit), 1))"
             )
         return copied
+
+
+def _base(db: Executes) -> None:
+    """Version 1 of migrations.HISTORY: the tables."""
+    for statement in statements(SCHEMA):
+        db.execute(statement)
+
+
+def _crl_number(db: Executes) -> None:
+    """Version 2: the CRL number counter (SqlCaStore.next_crl)."""
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('crl_number', 0) ON CONFLICT (key) DO NOTHING"
+    )
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ certificate of a node. A revocation that commits first is therefore always seen 
 rotation that commits after it, and a rotation that commits first is revoked with the
 rest of the node.
 
-A database made before a column existed is brought up to date when it is opened
+The schema's history is :mod:`trustmesh.pki.migrations`, shared with the PostgreSQL
+store: a database is brought to the latest version when it is opened
 (:meth:`SqliteStore._migrate`), in one transaction.
 """
 
@@ -27,6 +28,7 @@ import os
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -47,6 +49,7 @@ from trustmesh.pki.errors import (
     TokenRejected,
     UnknownAdminToken,
 )
+from trustmesh.pki.migrations import Executes, migrate, schema_version, statements
 from trustmesh.sqlitedb import open_database, transaction
 
 SCHEMA = """
@@ -93,7 +96,6 @@ CREATE TABLE IF NOT EXISTS meta (
     value       INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('revocation_epoch', 0);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('crl_number', 0);
 """
 
 COLUMNS = (
@@ -429,6 +431,11 @@ class SqlCaStore(abc.ABC):
     def ping(self) -> None:
         with self._read() as db:
             db.execute("SELECT 1").fetchone()
+
+    def schema_version(self) -> int:
+        """The schema version the database is at (migrations.HISTORY)."""
+        with self._read() as db:
+            return schema_version(db)
 
     # --- certificates -------------------------------------------------------------------
 
@@ -894,7 +901,7 @@ class SqliteStore(SqlCaStore):
     def __init__(self, path: Path) -> None:
         self.path = path
         # Waits for another process's write transaction instead of failing at once.
-        self._db = open_database(path, SCHEMA, synchronous="FULL", busy_timeout=30)
+        self._db = open_database(path, "", synchronous="FULL", busy_timeout=30)
         self._lock = threading.RLock()
         self._migrate()
 
@@ -923,32 +930,43 @@ class SqliteStore(SqlCaStore):
         backup_database(self.path, path)
 
     def _migrate(self) -> None:
-        """Bring a database made by an older trustmesh up to this schema: add the
-        columns it lacks, fill them from what it holds, and add their indexes. One
-        transaction, so a crash (or a second process opening the database) never sees
-        half of it."""
+        """Bring the database to the latest schema version (migrations.HISTORY), in one
+        transaction, so a crash (or a second process opening it) never sees half of it."""
         with self._write() as db:
-            for table, column, kind in ADDED_COLUMNS:
-                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                if column not in present:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            for serial, pem in db.execute(
-                "SELECT serial, pem FROM certificates WHERE spki_sha256 IS NULL"
-            ).fetchall():
-                key = x509.load_pem_x509_certificate(pem.encode()).public_key()
-                db.execute(
-                    "UPDATE certificates SET spki_sha256 = ? WHERE serial = ?",
-                    (spki_sha256(key), serial),
-                )
-            db.execute(
-                "UPDATE admin_tokens SET id = substr(hash, 1, ?) WHERE id IS NULL",
-                (ADMIN_TOKEN_ID_LENGTH,),
-            )
-            # Tokens made before admin tokens expired: a day from their creation.
-            db.execute(
-                "UPDATE admin_tokens SET expires_at = created_at + ? WHERE expires_at IS NULL",
-                (LEGACY_ADMIN_TOKEN_TTL,),
-            )
-            for statement in INDEXES.strip().split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            migrate(db, {1: _sqlite_base, 2: _sqlite_crl_number}, now=int(time.time()))
+
+
+def _sqlite_base(db: Executes) -> None:
+    """Version 1: the tables; and a database of a release before this history brought
+    up to them: the columns it lacks added and filled from what it holds, and their
+    indexes."""
+    for statement in statements(SCHEMA):
+        db.execute(statement)
+    for table, column, kind in ADDED_COLUMNS:
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+    for serial, pem in db.execute(
+        "SELECT serial, pem FROM certificates WHERE spki_sha256 IS NULL"
+    ).fetchall():
+        key = x509.load_pem_x509_certificate(pem.encode()).public_key()
+        db.execute(
+            "UPDATE certificates SET spki_sha256 = ? WHERE serial = ?",
+            (spki_sha256(key), serial),
+        )
+    db.execute(
+        "UPDATE admin_tokens SET id = substr(hash, 1, ?) WHERE id IS NULL",
+        (ADMIN_TOKEN_ID_LENGTH,),
+    )
+    # Tokens made before admin tokens expired: a day from their creation.
+    db.execute(
+        "UPDATE admin_tokens SET expires_at = created_at + ? WHERE expires_at IS NULL",
+        (LEGACY_ADMIN_TOKEN_TTL,),
+    )
+    for statement in statements(INDEXES):
+        db.execute(statement)
+
+
+def _sqlite_crl_number(db: Executes) -> None:
+    """Version 2: the CRL number counter (SqlCaStore.next_crl)."""
+    db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('crl_number', 0)")
