@@ -429,3 +429,20 @@ async def test_the_server_certificate_names_every_san(ca_api: RunningCa) -> None
             assert response.status == 200
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_revoking_a_node_id_no_certificate_can_have_is_a_404_on_each_store(
+    ca_api_factory: Callable[..., Any], request: pytest.FixtureRequest, store: str
+) -> None:
+    """A NUL (which PostgreSQL cannot hold) or any name that is not a node_id: no
+    certificate has it, whatever the store, and the answer says so instead of a 500."""
+    db = request.getfixturevalue("postgres_dsn") if store == "postgresql" else None
+    running: RunningCa = await ca_api_factory(db=db)
+    session = running.session()
+    headers = {"Authorization": f"Bearer {running.ca.create_admin_token('ops')}"}
+    for node_id in ("node\x00-1", "NODE 1"):
+        body = {"node_id": node_id, "reason": "keyCompromise"}
+        async with session.post(f"{running.url}/v1/revoke", json=body, headers=headers) as response:
+            assert response.status == 404
+            assert (await response.json())["error"] == "unknown_certificate"

@@ -86,6 +86,9 @@ def test_refusals(tmp_path: Path, postgres_dsn: str) -> None:
     succeeds(
         "ca", "token", "create", "--dir", tmp_path / "one", "--db", postgres_dsn, "--node-id", "x"
     )
+    backup = trustmesh("ca", "backup", "--dir", tmp_path / "one", "--out", tmp_path / "b.db")
+    assert backup.returncode == 1 and "pg_dump" in backup.stderr
+    assert not (tmp_path / "b.db").exists()
     mixed = trustmesh("ca", "init", "--dir", tmp_path / "two", "--db", postgres_dsn)
     assert mixed.returncode == 1 and "already holds a CA's records" in mixed.stderr
     assert not (tmp_path / "two" / "ca.crt").exists()

@@ -15,6 +15,7 @@ import click
 from trustmesh.cli.output import emit
 from trustmesh.errors import ProtocolError
 from trustmesh.pki.store import backup_database
+from trustmesh.pki.stores import MOVED_MARKER
 
 CA_DATABASE = "ca.db"
 # A node's databases by the name --database takes (trustmesh.node.runtime.STORE_FILE
@@ -102,6 +103,12 @@ def ca_backup(directory: Path, out: Path, force: bool, as_json: bool) -> None:
     _directory(directory)
     if not (directory / "ca.crt").is_file():
         raise BackupError(f"{directory} is not a CA directory (no ca.crt)")
+    if (directory / MOVED_MARKER).exists():
+        raise BackupError(
+            f"the records of the CA in {directory} are in PostgreSQL: back them up with"
+            " the database's own tools (pg_dump, or continuous archiving; docs/operations.md"
+            " section 8). D/ca.db, if any, is only the copy they were moved from"
+        )
     source = directory / CA_DATABASE
     if not source.is_file():
         raise BackupError(f"{directory} has no {CA_DATABASE}: not a CA directory `ca init` made")

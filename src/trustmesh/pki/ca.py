@@ -392,6 +392,8 @@ class CertificateAuthority:
                 raise UnknownCertificate(f"no certificate with serial {serial:x}")
             return self.store.revoke([serial], when, reason, actor=actor)
         assert node_id is not None
+        if not NODE_ID.match(node_id):  # no node certificate names it (nor can the store)
+            raise UnknownCertificate(f"no certificate was issued to {node_id!r}")
         # One transaction: a rotation that commits meanwhile is revoked with the rest.
         revoked = self.store.revoke_node(node_id, when, reason, actor=actor)
         if revoked is None:

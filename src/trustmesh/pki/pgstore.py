@@ -169,7 +169,7 @@ class PostgresStore(SqlCaStore):
     @contextlib.contextmanager
     def _write(self, *, serialized: bool = True) -> Iterator[Handle]:
         with (
-            _unavailable_as_typed(),
+            _driver_errors_as_typed(),
             self._pool.connection() as connection,
             connection.transaction(),
         ):
@@ -179,7 +179,7 @@ class PostgresStore(SqlCaStore):
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Handle]:
-        with _unavailable_as_typed(), self._pool.connection() as connection:
+        with _driver_errors_as_typed(), self._pool.connection() as connection:
             yield _Adapter(connection)
 
     def import_records(self, source: SqliteStore) -> dict[str, int]:
@@ -230,13 +230,17 @@ def _crl_number(db: Executes) -> None:
 
 
 @contextlib.contextmanager
-def _unavailable_as_typed() -> Iterator[None]:
+def _driver_errors_as_typed() -> Iterator[None]:
     """The database unreachable, gone mid-call, or not answering in time (no pooled
     connection within POOL_TIMEOUT, too many calls waiting, a lock not granted within
     the session's lock_timeout) as :class:`StoreUnavailable`. A write whose COMMIT was
     lost may have committed: the API's retries are idempotent for that reason."""
     try:
         yield
+    except psycopg.DataError as exc:
+        # A value PostgreSQL cannot hold (a NUL character in a node_id): the input is
+        # refused, as SQLite would have stored it and found nothing.
+        raise PkiError(f"a value the CA database cannot hold: {_first_line(exc)}") from None
     except psycopg.OperationalError as exc:  # PoolTimeout and TooManyRequests are ones
         # The driver's words name the host and the failure, never the password.
         raise StoreUnavailable(f"the CA database is unavailable: {_first_line(exc)}") from exc
