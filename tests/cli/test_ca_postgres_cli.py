@@ -10,6 +10,7 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 from catools import JSON, PASS, curl, serving, succeeds, trustmesh
 from clitools import TRUSTMESH, clean_env
 from cryptography import x509
@@ -126,6 +127,13 @@ def test_ca_migrate_moves_every_record_to_postgresql(tmp_path: Path, postgres_ds
     sqlite, postgres = SqliteStore(source), PostgresStore(postgres_dsn)
     try:
         assert compare_stores(sqlite, postgres) == []
+        # What the CA's own reads do not show is compared too: a hash, a counter.
+        with psycopg.connect(postgres_dsn, autocommit=True) as tamper:
+            tamper.execute("UPDATE admin_tokens SET hash = substr(hash, 1, 16) || 'x'")
+            tamper.execute("UPDATE meta SET value = value + 1 WHERE key = 'crl_number'")
+        assert compare_stores(sqlite, postgres) == ["admin_tokens rows differ", "meta rows differ"]
+        with psycopg.connect(postgres_dsn, autocommit=True) as mend:
+            mend.execute("UPDATE meta SET value = value - 1 WHERE key = 'crl_number'")
         assert [c.serial for c in postgres.by_node("n-1")] == [
             c.serial for c in sqlite.by_node("n-1")
         ]

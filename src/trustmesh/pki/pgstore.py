@@ -33,7 +33,7 @@ from psycopg_pool import ConnectionPool
 
 from trustmesh.pki.errors import PkiError, StoreUnavailable
 from trustmesh.pki.migrations import Executes, migrate, statements
-from trustmesh.pki.store import Cursor, Handle, SqlCaStore, SqliteStore
+from trustmesh.pki.store import RECORDS, Cursor, Handle, SqlCaStore, SqliteStore
 
 # The key of the advisory lock every write transaction takes: "tmca" in ASCII.
 WRITE_LOCK = 0x746D6361
@@ -119,19 +119,12 @@ INSERT INTO meta (key, value) VALUES ('revocation_epoch', 0) ON CONFLICT (key) D
 """
 
 
-# What `ca migrate` copies from a SQLite CA database: each table's columns, in the order
-# its rows were added (SQLite's rowid or the audit's id), so that PostgreSQL's ``seq``
-# keeps that order.
+# What `ca migrate` copies from a SQLite CA database: every record (store.RECORDS), each
+# table's rows in the order they were added (SQLite's rowid, the audit's id), so that
+# PostgreSQL's ``seq`` keeps that order.
 MIGRATED_TABLES = {
-    "certificates": (
-        "serial, node_id, role, not_before, not_after, pem, revoked_at, reason, replaces,"
-        " spki_sha256",
-        "rowid",
-    ),
-    "tokens": ("hash, node_id, created_at, expires_at, used_at, used_serial", "rowid"),
-    "admin_tokens": ("hash, label, created_at, id, expires_at, revoked_at", "rowid"),
-    "audit": ("id, at, event, node_id, serial, actor, detail", "id"),
-    "meta": ("key, value", "key"),
+    table: (columns, "id" if table == "audit" else "rowid")
+    for table, (columns, _) in RECORDS.items()
 }
 
 
@@ -275,10 +268,14 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def compare_stores(first: SqlCaStore, second: SqlCaStore) -> list[str]:
-    """What differs between two stores' records, checked after a copy: every
-    certificate, token state, admin token, audit entry and the revocation epoch, and the
-    CRL entries of every revoked certificate, expired or not. Empty when they agree."""
-    differences = []
+    """What differs between two stores' records, checked after a copy: every row of
+    every table, column by column (token and admin-token hashes, audit ids, the CRL
+    counters included); then as the CA reads them: every certificate, token state,
+    admin token, audit entry, the revocation epoch, and the CRL entries of every revoked
+    certificate, expired or not. Empty when they agree."""
+    differences = [
+        f"{table} rows differ" for table in RECORDS if first.records(table) != second.records(table)
+    ]
     checks: dict[str, Any] = {
         "certificates": lambda store: store.all(),
         "admin tokens": lambda store: store.admin_tokens(),

@@ -369,6 +369,15 @@ def backup_database(source: Path, path: Path, *, replace: bool = False) -> None:
 
 
 TOKEN_COLUMNS = "node_id, created_at, expires_at, used_at, used_serial"  # noqa: S105 (columns)
+# Every record a CA keeps, by table: its columns, and a unique key that orders the rows
+# the same in any store (SqlCaStore.records: a copy compared row by row).
+RECORDS = {
+    "certificates": (COLUMNS, "serial"),
+    "tokens": (f"hash, {TOKEN_COLUMNS}", "hash"),
+    "admin_tokens": ("hash, label, created_at, id, expires_at, revoked_at", "hash"),
+    "audit": ("id, at, event, node_id, serial, actor, detail", "id"),
+    "meta": ("key, value", "key"),
+}
 
 
 def _token(row: Sequence[Any]) -> Token:
@@ -431,6 +440,13 @@ class SqlCaStore(abc.ABC):
     def ping(self) -> None:
         with self._read() as db:
             db.execute("SELECT 1").fetchone()
+
+    def records(self, table: str) -> list[tuple[object, ...]]:
+        """Every row of ``table`` (a key of RECORDS), in its key's order."""
+        columns, key = RECORDS[table]
+        with self._read() as db:
+            rows = db.execute(f"SELECT {columns} FROM {table} ORDER BY {key}").fetchall()  # noqa: S608
+        return [tuple(row) for row in rows]
 
     def schema_version(self) -> int:
         """The schema version the database is at (migrations.HISTORY)."""
