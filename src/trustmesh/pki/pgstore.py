@@ -133,6 +133,7 @@ class PostgresStore(SqlCaStore):
     connection string or URI; the password from ``PGPASSFILE`` or the DSN)."""
 
     kind = "postgresql"
+    remote = True
 
     def __init__(self, dsn: str, *, max_connections: int = 8) -> None:
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(

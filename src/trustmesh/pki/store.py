@@ -207,6 +207,10 @@ class CaStore(Protocol):
     """What the CA keeps. Every method is atomic."""
 
     kind: str  # what it is kept in: "sqlite" or "postgresql" (the CA's /v1/health says)
+    # Whether a call may wait on another machine (a database server): the CA API makes
+    # such calls on worker threads, within a deadline. A local store's calls are short
+    # and run where they are made (a thread hop would cost more than the call).
+    remote: bool
 
     def close(self) -> None: ...
 
@@ -913,6 +917,7 @@ class SqliteStore(SqlCaStore):
     transaction half done."""
 
     kind = "sqlite"
+    remote = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
