@@ -5,6 +5,7 @@ database; ``$TRUSTMESH_CA_DB`` instead of the flag; and the refusals."""
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 from datetime import UTC, datetime
@@ -192,3 +193,46 @@ def test_the_ca_commands_need_no_postgresql_client_for_sqlite(tmp_path: Path) ->
     wanted = run("ca", "list", "--dir", directory, "--db", "postgresql:///x")
     assert wanted.returncode == 1
     assert "needs psycopg: pip install 'trustmesh[postgres]'" in wanted.stderr
+
+
+def test_replicas_share_an_issuing_key_on_a_token(
+    tmp_path: Path, postgres_dsn: str, token: str
+) -> None:
+    """`ca init --issuing-key pkcs11:...`: D holds only the key's URI, and two replicas
+    (copies of D) sign with the one key on the token (SoftHSM2 here, an HSM in use)."""
+    path, _, query = token.partition("?")
+    uri = f"{path};object=cli-ca-issuing-{secrets.token_hex(4)}?{query}"
+    first, second = tmp_path / "replica-1", tmp_path / "replica-2"
+    made = json.loads(
+        succeeds("ca", "init", "--dir", first, "--db", postgres_dsn, "--issuing-key", uri, "--json")
+    )
+    assert made["issuing_key"] == uri and not (first / "issuing.key").exists()
+    shutil.copytree(first, second)
+    tokens = [
+        json.loads(
+            succeeds(
+                "ca",
+                "token",
+                "create",
+                "--dir",
+                first,
+                "--db",
+                postgres_dsn,
+                "--node-id",
+                f"n-{n}",
+                "--json",
+            )
+        )["token"]
+        for n in (1, 2)
+    ]
+    with serving(first, "--db", postgres_dsn) as one, serving(second, "--db", postgres_dsn) as two:
+        ca = first / "ca.crt"
+        for n, server in ((1, one), (2, two)):
+            body = enroll_body(tokens[n - 1], f"n-{n}")
+            enrolled = curl(f"{server.url}/v1/enroll", "--cacert", ca, "-H", JSON, "-d", body)
+            assert enrolled.status == 200, enrolled
+            cert = x509.load_pem_x509_certificate(enrolled.json()["certificate"].encode())
+            issuing = x509.load_pem_x509_certificate((first / "issuing.crt").read_bytes())
+            cert.verify_directly_issued_by(issuing)
+        assert one.terminate() == 0, one.errors()
+        assert two.terminate() == 0, two.errors()

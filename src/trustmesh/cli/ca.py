@@ -128,20 +128,35 @@ ca.add_command(ca_backup)
     " to keep it offline: the CA serves, issues, rotates, revokes and signs CRLs without it;"
     " only `ca renew` needs it (docs/operations.md).",
 )
+@click.option(
+    "--issuing-key",
+    metavar="PKCS11_URI",
+    help="Make the issuing key on a PKCS#11 token (an HSM; SoftHSM2), where it stays:"
+    " pkcs11:token=T;object=LABEL?pin-source=file:PIN_FILE[&module-path=LIB]. D holds"
+    " only its URI (issuing-key.uri); every replica that reaches the token signs with it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def init(directory: Path, name: str, root_key_out: Path | None, as_json: bool) -> None:
+def init(
+    directory: Path, name: str, root_key_out: Path | None, issuing_key: str | None, as_json: bool
+) -> None:
     """Create a root and an issuing CA (P-256) in an empty directory.
 
-    Both keys are encrypted with the passphrase. For a root kept offline, run this on an
-    offline machine with --root-key-out, move that file to offline storage, and copy D
-    (without any root key) to the CA server.
+    Both keys are encrypted with the passphrase, unless --issuing-key puts the issuing
+    key on a PKCS#11 token. For a root kept offline, run this on an offline machine
+    with --root-key-out, move that file to offline storage, and copy D (without any
+    root key) to the CA server.
 
     It also writes D/ca.toml: the settings of `ca serve`, every one at its default, for
     you to edit (docs/config.md).
     """
     passphrase = passphrase_from_env_or_tty(directory, confirm=True)
     with CertificateAuthority.init(
-        directory, passphrase, name=name, root_key_out=root_key_out, db=_db()
+        directory,
+        passphrase,
+        name=name,
+        root_key_out=root_key_out,
+        db=_db(),
+        issuing_key=issuing_key,
     ) as authority:
         write_ca_config(directory, serve)  # ca serve's settings, at their defaults
         root, issuing = authority.root_cert, authority.issuing_cert
@@ -151,6 +166,7 @@ def init(directory: Path, name: str, root_key_out: Path | None, as_json: bool) -
                 "ca_cert": str(directory / "ca.crt"),
                 "config": str(directory / CA_CONFIG_FILE),
                 "root_key": str(directory / "root.key" if root_key_out is None else root_key_out),
+                "issuing_key": issuing_key or str(directory / "issuing.key"),
                 "root_expires": root.not_valid_after_utc.isoformat(),
                 "issuing_expires": issuing.not_valid_after_utc.isoformat(),
             },

@@ -34,6 +34,14 @@ from trustmesh.clock import SYSTEM_CLOCK, Clock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
 from trustmesh.keystore.filestore import load_key_file, save_key_file, write_durably
 from trustmesh.pki.errors import CsrRejected, PkiError, UnknownCertificate
+from trustmesh.pki.keysign import (
+    KEY_URI_FILE,
+    DeviceIssuingKey,
+    IssuingKey,
+    load_device_key,
+    sign_certificate,
+    sign_crl,
+)
 from trustmesh.pki.store import CaStore, IssuedCertificate, spki_sha256
 from trustmesh.pki.stores import mark_moved_to_postgresql, open_store
 from trustmesh.tls.stream import certificate_names
@@ -122,7 +130,16 @@ class CertificateAuthority:
             self.issuing_cert = _load_cert(directory / "issuing.crt")
         except OSError as exc:
             raise PkiError(f"{directory} is not a CA directory: {exc.strerror}") from None
-        self._issuing_key = load_key_file(directory / "issuing.key", passphrase).to_cryptography()
+        # On a token (issuing-key.uri), or encrypted at rest in issuing.key.
+        self._issuing_key: IssuingKey = (
+            load_device_key(directory)
+            or load_key_file(directory / "issuing.key", passphrase).to_cryptography()
+        )
+        if _spki(self._issuing_key.public_key()) != _spki(self.issuing_cert.public_key()):
+            raise PkiError(
+                f"the issuing key of {directory} is not this CA's (its public key is not the"
+                " one in issuing.crt)"
+            )
         self.store: CaStore = open_store(directory, db)
 
     @classmethod
@@ -136,6 +153,7 @@ class CertificateAuthority:
         clock: Clock = SYSTEM_CLOCK,
         root_key_out: Path | None = None,
         db: str | None = None,
+        issuing_key: str | None = None,
     ) -> CertificateAuthority:
         """Create a root and an issuing CA (P-256) in ``directory``, which must hold no CA;
         the CA returned reads ``clock``.
@@ -143,7 +161,11 @@ class CertificateAuthority:
         With ``root_key_out`` the root key is written there instead of
         ``directory/root.key``: a path outside ``directory`` (removable media, say), so
         that the root key can be kept offline. The CA issues, rotates, revokes and signs
-        CRLs with the issuing key alone; only :meth:`renew` needs the root key."""
+        CRLs with the issuing key alone; only :meth:`renew` needs the root key.
+
+        With ``issuing_key`` (a ``pkcs11:`` URI) the issuing key is made on that token,
+        never leaves it, and ``directory/issuing-key.uri`` names it instead of
+        ``issuing.key`` (keysign.py)."""
         now = now or clock.now()
         root_key_path = directory / "root.key"
         if root_key_out is not None:
@@ -160,19 +182,27 @@ class CertificateAuthority:
             finally:
                 store.close()
         root_key = PrivateKey.generate(KeyKind.P256)
-        issuing_key = PrivateKey.generate(KeyKind.P256)
+        device = None if issuing_key is None else DeviceIssuingKey.generate(issuing_key)
+        software = PrivateKey.generate(KeyKind.P256) if device is None else None
         root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
         issuing_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} issuing")])
         root_crypto = root_key.to_cryptography()
-        issuing_crypto = issuing_key.to_cryptography()
+        if device is not None:
+            issuing_public: CertificatePublicKeyTypes = device.public_key()
+        else:
+            assert software is not None
+            issuing_public = software.to_cryptography().public_key()
         root = _ca_certificate(
-            root_name, root_name, root_crypto, root_crypto, now, ROOT_VALIDITY, None
+            root_name, root_name, root_crypto.public_key(), root_crypto, now, ROOT_VALIDITY, None
         )
         issuing = _ca_certificate(
-            issuing_name, root_name, issuing_crypto, root_crypto, now, ISSUING_VALIDITY, 0
+            issuing_name, root_name, issuing_public, root_crypto, now, ISSUING_VALIDITY, 0
         )
         save_key_file(root_key, root_key_path, passphrase)
-        save_key_file(issuing_key, directory / "issuing.key", passphrase)
+        if device is not None:
+            (directory / KEY_URI_FILE).write_text(device.uri + "\n")
+        if software is not None:
+            save_key_file(software, directory / "issuing.key", passphrase)
         _write_pem(directory / "ca.crt", [root])
         _write_pem(directory / "issuing.crt", [issuing])
         _write_pem(directory / "chain.pem", [issuing, root])
@@ -317,7 +347,7 @@ class CertificateAuthority:
         )
         for extension in extensions:
             builder = builder.add_extension(extension, critical=False)
-        cert = builder.sign(self._issuing_key, hashes.SHA256())
+        cert = sign_certificate(builder, self._issuing_key)
         record = IssuedCertificate(
             serial=cert.serial_number,
             node_id=label or common_name,
@@ -436,7 +466,7 @@ class CertificateAuthority:
             .add_extension(x509.CRLNumber(number), critical=False)
             .add_extension(_aki(self.issuing_cert), critical=False)
         )
-        return builder.sign(self._issuing_key, hashes.SHA256())
+        return sign_crl(builder, self._issuing_key)
 
     # --- renewal ------------------------------------------------------------------------
 
@@ -465,7 +495,7 @@ class CertificateAuthority:
             root = _ca_certificate(
                 root.subject,
                 root.subject,
-                root_key_crypto,
+                root_key_crypto.public_key(),
                 root_key_crypto,
                 now,
                 ROOT_VALIDITY,
@@ -475,7 +505,13 @@ class CertificateAuthority:
         if force or renewed or issuing.not_valid_after_utc - now < EXPIRY_WARNING:
             validity = min(ISSUING_VALIDITY, root.not_valid_after_utc - now)
             issuing = _ca_certificate(
-                issuing.subject, root.subject, self._issuing_key, root_key_crypto, now, validity, 0
+                issuing.subject,
+                root.subject,
+                issuing.public_key(),
+                root_key_crypto,
+                now,
+                validity,
+                0,
             )
             renewed.append("issuing")
         if renewed:
@@ -567,13 +603,14 @@ def load_csr(data: bytes | str) -> x509.CertificateSigningRequest:
 def _ca_certificate(
     subject: x509.Name,
     issuer: x509.Name,
-    key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
+    public: CertificatePublicKeyTypes,
     signer: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
     now: datetime,
     validity: timedelta,
     path_length: int | None,
 ) -> x509.Certificate:
-    public = key.public_key()
+    """A CA certificate for ``public``, signed by ``signer`` (self-signed: the root,
+    whose subject is its issuer)."""
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -586,7 +623,7 @@ def _ca_certificate(
         .add_extension(_key_usage(ca=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
     )
-    if signer is not key:
+    if subject != issuer:
         issuer_ski = x509.SubjectKeyIdentifier.from_public_key(signer.public_key())
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
