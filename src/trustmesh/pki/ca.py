@@ -141,6 +141,11 @@ class CertificateAuthority:
                 " one in issuing.crt)"
             )
         self.store: CaStore = open_store(directory, db)
+        try:
+            self.store.claim(ca_id(self.issuing_cert), new=False)
+        except BaseException:
+            self.store.close()
+            raise
 
     @classmethod
     def init(
@@ -174,13 +179,6 @@ class CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / "ca.crt").exists() or (directory / "root.key").exists():
             raise PkiError(f"{directory} already holds a CA; refusing to overwrite it")
-        if db:  # a shared database must not mix two CAs' records
-            store = open_store(directory, db)
-            try:
-                if store.all() or store.audit(limit=1):
-                    raise PkiError("the database already holds a CA's records; give an empty one")
-            finally:
-                store.close()
         root_key = PrivateKey.generate(KeyKind.P256)
         device = None if issuing_key is None else DeviceIssuingKey.generate(issuing_key)
         software = PrivateKey.generate(KeyKind.P256) if device is None else None
@@ -198,6 +196,13 @@ class CertificateAuthority:
         issuing = _ca_certificate(
             issuing_name, root_name, issuing_public, root_crypto, now, ISSUING_VALIDITY, 0
         )
+        # The database is bound to this CA before any file is written: of two `ca init`
+        # racing for one empty database, the loser leaves nothing behind.
+        store = open_store(directory, db)
+        try:
+            store.claim(ca_id(issuing), new=True)
+        finally:
+            store.close()
         save_key_file(root_key, root_key_path, passphrase)
         if device is not None:
             (directory / KEY_URI_FILE).write_text(device.uri + "\n")
@@ -647,6 +652,12 @@ def _check_root_key_out(path: Path, directory: Path) -> None:
         raise PkiError(f"{path} already exists; refusing to overwrite a key")
     if not path.parent.is_dir():
         raise PkiError(f"{path.parent} is not a directory: cannot write the root key there")
+
+
+def ca_id(issuing: x509.Certificate) -> int:
+    """The number a store is bound to its CA by (SqlCaStore.claim): 56 bits of the
+    SHA-256 of the issuing CA's public key, which renewals keep."""
+    return int.from_bytes(hashlib.sha256(_spki(issuing.public_key())).digest()[:7], "big")
 
 
 def _spki(key: CertificatePublicKeyTypes) -> bytes:

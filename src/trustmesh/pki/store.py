@@ -44,6 +44,7 @@ from trustmesh.pki.errors import (
     CertificateExpired,
     CertificateRevoked,
     NotAuthenticated,
+    PkiError,
     PolicyDenied,
     Superseded,
     TokenRejected,
@@ -216,6 +217,12 @@ class CaStore(Protocol):
 
     def ping(self) -> None:
         """Check that the database answers; :class:`StoreUnavailable` when it does not."""
+
+    def claim(self, ca_id: int, *, new: bool) -> None:
+        """Bind the database to the CA whose issuing key ``ca_id`` names (one
+        serialized transaction, so of two CAs racing for an empty database one wins).
+        ``new`` (``ca init``): the database must hold no CA's records. Otherwise it must
+        be bound to this CA, or to none yet (a database made before the binding)."""
 
     def add(self, cert: IssuedCertificate, *, event: str, actor: str | None, now: datetime) -> None:
         """Record an issued certificate, and an audit entry for it at ``now``."""
@@ -451,6 +458,31 @@ class SqlCaStore(abc.ABC):
         with self._read() as db:
             rows = db.execute(f"SELECT {columns} FROM {table} ORDER BY {key}").fetchall()  # noqa: S608
         return [tuple(row) for row in rows]
+
+    def claim(self, ca_id: int, *, new: bool) -> None:
+        if not new:
+            with self._read() as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
+            if row is not None and int(row[0]) == ca_id:
+                return  # bound already: no write transaction on every open
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
+            if new and (row is not None or self._holds_records(db)):
+                raise PkiError("the database already holds a CA's records; give an empty one")
+            if row is not None and int(row[0]) != ca_id:
+                raise PkiError(
+                    "the database holds the records of another CA (its issuing key is not"
+                    " this CA's): check --db"
+                )
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('issuing_ca', ?)", (ca_id,))
+
+    @staticmethod
+    def _holds_records(db: Handle) -> bool:
+        return any(
+            db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None  # noqa: S608
+            for table in ("certificates", "tokens", "admin_tokens", "audit")
+        )
 
     def schema_version(self) -> int:
         """The schema version the database is at (migrations.HISTORY)."""
