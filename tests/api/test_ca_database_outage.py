@@ -110,6 +110,10 @@ async def test_a_replica_without_its_database_answers_503_and_recovers(
     assert (status, crl_during) == (200, crl_before)
     status, scrape, _ = await get(plain, metrics_server.url)
     assert status == 200 and metric(scrape.decode(), "trustmesh_ca_database_up") == 0
+    # The API's own certificate is due: it keeps the one it has, and tries again later.
+    serving = running.server.tls_context
+    assert await running.server.renew_certificate() is False
+    assert running.server.tls_context is serving
 
     await asyncio.to_thread(cluster.resume)
     async with asyncio.timeout(RECOVER_WITHIN):
@@ -123,6 +127,8 @@ async def test_a_replica_without_its_database_answers_503_and_recovers(
     assert status == 200, body
     status, scrape, _ = await get(plain, metrics_server.url)
     assert metric(scrape.decode(), "trustmesh_ca_database_up") == 1
+    assert await running.server.renew_certificate() is True
+    assert running.server.tls_context is not serving
 
 
 async def test_the_database_restarted_under_load_loses_nothing(

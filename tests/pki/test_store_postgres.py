@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from trustmesh.pki.ca import CertificateAuthority, token_hash
-from trustmesh.pki.errors import PolicyDenied, TokenRejected
+from trustmesh.pki.errors import PkiError, PolicyDenied, StoreUnavailable, TokenRejected
 from trustmesh.pki.pgstore import WRITE_LOCK, PostgresStore
-from trustmesh.pki.store import IssuedCertificate
+from trustmesh.pki.store import IssuedCertificate, SqliteStore
 
 PASS = b"postgres store tests"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -185,25 +185,20 @@ def test_crl_numbers_grow_across_replicas_whose_clocks_disagree(
     assert sorted(int(n) for n in numbers) == list(range(ahead + 2, ahead + 14))  # no repeats
 
 
-def test_an_enrollment_without_a_node_cap_does_not_queue_on_the_write_lock(
+def test_enrollments_without_a_node_cap_run_beside_each_other(
     ca: CertificateAuthority, replicas: list[PostgresStore], postgres_dsn: str
 ) -> None:
-    """Another replica holds the write lock (a revocation, a rotation under way): an
-    enrollment with no node cap needs only its token's row and goes on; one with a cap
-    counts the nodes, so it waits for the lock."""
+    """Another enrollment holds the write lock shared: an enrollment with no node cap
+    goes on beside it; one with a cap counts the nodes, so it waits for the lock."""
     first, second, _ = replicas
     for name in ("tm_1", "tm_2"):
         first.add_token(token_hash(name), f"node-{name[-1]}", NOW, NOW + timedelta(hours=1))
     with psycopg.connect(postgres_dsn) as holder:
-        holder.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-        free = record(ca, "node-1")
-        assert enroll(second, "tm_1", free, None) == "ok"
+        holder.execute("SELECT pg_advisory_xact_lock_shared(%s)", (WRITE_LOCK,))
+        assert enroll(second, "tm_1", record(ca, "node-1"), None) == "ok"
         capped = threading.Thread(target=enroll, args=(first, "tm_2", record(ca, "node-2"), 10))
         capped.start()
-        with psycopg.connect(postgres_dsn, autocommit=True) as watcher:
-            deadline = time.monotonic() + JOIN_TIMEOUT
-            while not waiting_for_advisory_lock(watcher):  # each look is a round trip
-                assert time.monotonic() < deadline, "the capped enrollment never waited"
+        wait_until_blocked(postgres_dsn, "advisory")
         assert capped.is_alive()
         holder.rollback()  # the lock goes
         capped.join(timeout=JOIN_TIMEOUT)
@@ -211,8 +206,82 @@ def test_an_enrollment_without_a_node_cap_does_not_queue_on_the_write_lock(
     assert {c.node_id for c in first.all()} == {"node-1", "node-2"}
 
 
-def waiting_for_advisory_lock(connection: psycopg.Connection[Any]) -> bool:
+def test_revoking_a_node_waits_for_its_enrollment_in_flight(
+    ca: CertificateAuthority, replicas: list[PostgresStore], postgres_dsn: str
+) -> None:
+    """An enrollment has spent its token and waits to insert its certificate (the
+    certificates table is held); revoking the node on another replica waits for it and
+    revokes the certificate it adds, instead of missing it."""
+    first, second, _ = replicas
+    first.add_token(token_hash("tm_1"), "node-1", NOW, NOW + timedelta(hours=1))
+    cert = record(ca, "node-1")
+    revoked: list[list[int] | None] = []
+    with psycopg.connect(postgres_dsn) as holder:
+        holder.execute("LOCK TABLE certificates IN SHARE MODE")
+        enrolling = threading.Thread(target=enroll, args=(first, "tm_1", cert, None))
+        enrolling.start()
+        wait_until_blocked(postgres_dsn, "relation")  # in its transaction, at its insert
+        revoking = threading.Thread(
+            target=lambda: revoked.append(
+                second.revoke_node("node-1", NOW, "keyCompromise", actor="admin")
+            )
+        )
+        revoking.start()
+        wait_until_blocked(postgres_dsn, "advisory")  # behind the enrollment's lock
+        holder.rollback()
+    for thread in (enrolling, revoking):
+        thread.join(timeout=JOIN_TIMEOUT)
+        assert not thread.is_alive()
+    assert revoked == [[cert.serial]]
+    stored = first.get(cert.serial)
+    assert stored is not None and stored.revoked_at is not None
+
+
+def wait_until_blocked(dsn: str, locktype: str) -> None:
+    """Until some session waits for a lock of ``locktype`` (bounded)."""
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while not waiting_for(watcher, locktype):  # each look is a round trip
+            assert time.monotonic() < deadline, f"nothing waited for a {locktype} lock"
+
+
+def waiting_for(connection: psycopg.Connection[Any], locktype: str) -> bool:
     row = connection.execute(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        "SELECT count(*) FROM pg_locks WHERE locktype = %s AND NOT granted", (locktype,)
     ).fetchone()
     return row is not None and row[0] > 0
+
+
+def test_a_read_only_database_is_unavailable_not_an_error(
+    ca: CertificateAuthority, postgres_dsn: str
+) -> None:
+    """A standby after a failover takes no writes: a 503 to retry (on the new primary),
+    not a 500."""
+    store = PostgresStore(postgres_dsn, max_connections=1)
+    try:
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            name = admin.execute("SELECT current_database()").fetchone()
+            assert name is not None
+            admin.execute(f'ALTER DATABASE "{name[0]}" SET default_transaction_read_only = on')
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(StoreUnavailable, match="ReadOnlySqlTransaction"):
+            store.add_token(token_hash("tm_1"), "node-1", NOW, NOW + timedelta(hours=1))
+    finally:
+        store.close()
+
+
+def test_ca_migrate_refuses_a_database_bound_to_another_ca(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    CertificateAuthority.init(tmp_path / "bound", PASS, db=postgres_dsn).close()
+    CertificateAuthority.init(tmp_path / "other", PASS).close()
+    source, target = SqliteStore(tmp_path / "other" / "ca.db"), PostgresStore(postgres_dsn)
+    try:
+        with pytest.raises(PkiError, match="bound to another CA"):
+            target.import_records(source)
+    finally:
+        source.close()
+        target.close()

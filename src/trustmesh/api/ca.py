@@ -37,7 +37,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -49,6 +48,7 @@ from cryptography.x509.oid import NameOID
 
 from trustmesh.api.errors import ApiError, Handler, excerpt, field, json_body, json_errors
 from trustmesh.api.ratelimit import RateLimiter
+from trustmesh.api.store_workers import StoreWorkers
 from trustmesh.clock import Clock
 from trustmesh.errors import ProtocolError
 from trustmesh.io.https import peer_chain
@@ -85,10 +85,10 @@ access_log = logging.getLogger("trustmesh.api.ca.access")
 
 MAX_BODY = 64 * 1024  # a CSR with an attestation is a few KiB
 CRL_MAX_AGE = 60  # seconds a client or proxy may reuse a CRL without asking again
-# Worker threads for store calls (a PostgreSQL store's pool has as many connections),
-# and how long a request waits for one before its 503; /v1/health waits less.
-STORE_THREADS = 8
-STORE_DEADLINE = 20.0  # seconds: above the database's lock_timeout (pgstore.SESSION)
+# How long a request waits for a store call on a worker thread before its 503 (the
+# pool's wait for a connection, 5 s, and the database's lock_timeout, 15 s); /v1/health
+# waits less.
+STORE_DEADLINE = 20.0  # seconds
 HEALTH_DEADLINE = 5.0
 RETRY_AFTER = "5"  # seconds a client should wait after a 503 store_unavailable
 DER_CRL = "application/pkix-crl"
@@ -111,7 +111,7 @@ ERRORS: dict[type[ProtocolError], tuple[int, str]] = {
 REGISTRAR = web.AppKey("registrar", Registrar)
 LIMITER = web.AppKey("limiter", RateLimiter)
 METRICS = web.AppKey("metrics", CaMetrics)
-WORKERS = web.AppKey("workers", ThreadPoolExecutor)
+WORKERS = web.AppKey("workers", StoreWorkers)
 # Who the request proved to be, once a handler checked it (the access log's identity).
 IDENTITY = web.RequestKey("identity", str)
 ANONYMOUS = "anonymous"
@@ -197,7 +197,7 @@ def ca_app(
     app[CRLS] = crls = CrlCache(registrar.ca)
     app[CLOCK] = registrar.clock if clock is None else clock
     app[METRICS] = CaMetrics(registrar.ca, app[CLOCK], crls.latest)
-    app[WORKERS] = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="ca-store")
+    app[WORKERS] = StoreWorkers()
     app.on_cleanup.append(_stop_workers)
     app.router.add_post("/v1/enroll", enroll)
     app.router.add_post("/v1/enroll/challenge", challenge)
@@ -300,24 +300,12 @@ T = TypeVar("T")
 async def _off_loop(
     request: web.Request, call: Callable[[], T], *, deadline: float = STORE_DEADLINE
 ) -> T:
-    """``call()`` (it reads or writes the store, or signs): for a remote store on the
-    API's worker threads, within ``deadline`` seconds: :class:`StoreUnavailable` (a
-    503) when the database does not answer in time. The worker goes on meanwhile; what
-    it commits is found by the client's retry (enrollment and rotation are idempotent).
-    For a local store, here and now."""
-    if not request.app[REGISTRAR].ca.store.remote:
+    """``call()`` (it reads or writes the store, or signs): on the API's worker threads
+    when it may block (a remote store, a key on a token), within ``deadline`` seconds
+    (:class:`~trustmesh.api.store_workers.StoreWorkers`); else here and now."""
+    if not request.app[REGISTRAR].ca.may_block:
         return call()
-    loop = asyncio.get_running_loop()
-    work = loop.run_in_executor(request.app[WORKERS], call)
-    try:
-        return await asyncio.wait_for(asyncio.shield(work), deadline)
-    except TimeoutError:
-        if not work.done():
-            log.warning("the CA store did not answer within %g s", deadline)
-            raise StoreUnavailable(
-                f"the CA database did not answer within {deadline:g} s"
-            ) from None
-        raise
+    return await request.app[WORKERS].run(call, deadline=deadline)
 
 
 async def refresh_crl(app: web.Application) -> None:
@@ -326,20 +314,18 @@ async def refresh_crl(app: web.Application) -> None:
     and ``trustmesh_ca_database_up`` at 0."""
     crls, now, metrics = app[CRLS], app[CLOCK].now(), app[METRICS]
     try:
-        if app[REGISTRAR].ca.store.remote:
-            work = asyncio.get_running_loop().run_in_executor(app[WORKERS], crls.current, now)
-            await asyncio.wait_for(asyncio.shield(work), HEALTH_DEADLINE)
+        if app[REGISTRAR].ca.may_block:
+            await app[WORKERS].run(lambda: crls.current(now), deadline=HEALTH_DEADLINE)
         else:
             crls.current(now)
-    except (StoreUnavailable, TimeoutError):
+    except StoreUnavailable:
         metrics.database_up.set(0)
     else:
         metrics.database_up.set(1)
 
 
 async def _stop_workers(app: web.Application) -> None:
-    # Waits for the calls under way: a transaction is finished, not torn off.
-    await asyncio.to_thread(app[WORKERS].shutdown, wait=True, cancel_futures=True)
+    await asyncio.to_thread(app[WORKERS].shutdown)
 
 
 # --- handlers ---------------------------------------------------------------------------

@@ -43,6 +43,8 @@ log = logging.getLogger("trustmesh.api.ca")
 
 DEFAULT_PORT = 8443
 WARN_EVERY = 24 * 3600.0  # seconds between repeated CA-expiry warnings in the log
+RENEW_EVERY = SERVER_VALIDITY.total_seconds() * 2 / 3  # the API's own certificate
+RENEW_RETRY = 60.0  # seconds before trying again when a renewal failed
 
 
 class CaServer:
@@ -160,10 +162,12 @@ class CaServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._http is not None:
-            await self._http.stop()
+        # The metrics port first: a scrape needs the API's worker threads, which the
+        # API's cleanup stops.
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        if self._http is not None:
+            await self._http.stop()
         if self._files is not None:
             self._files.cleanup()
 
@@ -200,11 +204,27 @@ class CaServer:
         return TlsContext(config, server=True)
 
     async def _renew_certificate(self) -> None:
+        delay = RENEW_EVERY
         while True:
-            await asyncio.sleep(SERVER_VALIDITY.total_seconds() * 2 / 3)
-            assert self._site is not None
-            self._site.context = self._tls_context()
-            log.info("renewed the CA API's TLS certificate")
+            await asyncio.sleep(delay)
+            delay = RENEW_EVERY if await self.renew_certificate() else RENEW_RETRY
+
+    async def renew_certificate(self) -> bool:
+        """Issue the API a new certificate and serve it to new connections; False (and
+        the old one kept) when that fails, e.g. while the database is away. Off the
+        loop: it signs and writes to the store."""
+        if self._site is None:
+            raise RuntimeError("the CA server is not started")
+        try:
+            context = await asyncio.to_thread(self._tls_context)
+        except Exception:
+            log.exception(
+                "could not renew the CA API's TLS certificate; trying again in %g s", RENEW_RETRY
+            )
+            return False
+        self._site.context = context
+        log.info("renewed the CA API's TLS certificate")
+        return True
 
     async def _warn_expiry(self) -> None:
         while True:

@@ -179,6 +179,11 @@ class CertificateAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         if (directory / "ca.crt").exists() or (directory / "root.key").exists():
             raise PkiError(f"{directory} already holds a CA; refusing to overwrite it")
+        store = open_store(directory, db)
+        try:
+            store.check_unclaimed()  # before a key is made on a token, where it would stay
+        finally:
+            store.close()
         root_key = PrivateKey.generate(KeyKind.P256)
         device = None if issuing_key is None else DeviceIssuingKey.generate(issuing_key)
         software = PrivateKey.generate(KeyKind.P256) if device is None else None
@@ -217,6 +222,13 @@ class CertificateAuthority:
 
     def close(self) -> None:
         self.store.close()
+
+    @property
+    def may_block(self) -> bool:
+        """Whether a store call or a signature may wait on another machine or a device
+        (a remote store, an issuing key on a token): the CA API then makes it on a
+        worker thread, within a deadline."""
+        return self.store.remote or isinstance(self._issuing_key, DeviceIssuingKey)
 
     def __enter__(self) -> CertificateAuthority:
         return self

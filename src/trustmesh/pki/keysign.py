@@ -21,9 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from trustmesh.crypto.keys import KeyKind, P256PublicKey
+from trustmesh.errors import ProtocolError
 from trustmesh.keystore.signer import Signer
 from trustmesh.keystore.uri import PKCS11_SCHEME, generate_signer, open_signer
-from trustmesh.pki.errors import PkiError
+from trustmesh.pki.errors import PkiError, StoreUnavailable
 
 # The file, in the CA directory, that names the issuing key on a token instead of
 # issuing.key: one PKCS#11 URI line (the PIN comes from its pin-source, never the file).
@@ -35,11 +36,14 @@ Builder = Union[x509.CertificateBuilder, x509.CertificateRevocationListBuilder] 
 # Signs the drafts whose TBS a device key then signs; its own signature is discarded.
 _DRAFT_KEY = ec.generate_private_key(ec.SECP256R1())
 _DER = serialization.Encoding.DER
+# One token operation at a time in this process, whichever key or session: PKCS#11
+# sessions must not be used by two threads at once, and a module's own locking is not
+# something to count on. (Replicas are processes: each signs on its own.)
+_TOKEN_LOCK = threading.Lock()
 
 
 class DeviceIssuingKey:
-    """An issuing key on a token, signing X.509 (one signature at a time: a PKCS#11
-    session is not shared between threads' operations)."""
+    """An issuing key on a token, signing X.509 (one token operation at a time)."""
 
     def __init__(self, signer: Signer, uri: str) -> None:
         public = signer.public_key()
@@ -48,7 +52,6 @@ class DeviceIssuingKey:
         self.signer = signer
         self.uri = uri
         self._public = public.cryptography
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, uri: str) -> DeviceIssuingKey:
@@ -80,8 +83,13 @@ class DeviceIssuingKey:
 
     def _signed(self, draft: bytes, tbs: bytes) -> bytes:
         """``draft`` with the token's signature of ``tbs``, checked first."""
-        with self._lock:
-            signature = self.signer.sign(tbs)
+        import pkcs11  # only a CA with a token key gets here
+
+        try:
+            with _TOKEN_LOCK:
+                signature = self.signer.sign(tbs)
+        except (ProtocolError, pkcs11.PKCS11Error) as exc:  # the token away or refusing
+            raise StoreUnavailable(f"the issuing key's token did not sign: {exc}") from None
         _check(signature, tbs, self._public)
         return _with_signature(draft, signature)
 
@@ -118,8 +126,8 @@ def _hash_for(key: SoftwareKey) -> hashes.SHA256 | None:
 def _check(signature: bytes, tbs: bytes, public: ec.EllipticCurvePublicKey) -> None:
     try:
         public.verify(signature, tbs, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise PkiError("the token's key did not sign as the issuing CA's key") from None
+    except InvalidSignature:  # a fault of ours or the token's, never the client's
+        raise RuntimeError("the token's key did not sign as the issuing CA's key") from None
 
 
 def _with_signature(der: bytes, signature: bytes) -> bytes:

@@ -8,9 +8,11 @@ The logic is :class:`~trustmesh.pki.store.SqlCaStore`'s, as on SQLite. What chan
   cap, the currency of the certificate a rotation presents, revoking every certificate
   of a node) see every commit made before them, as SQLite's single writer gives in one
   process. The exception is an enrollment with no node cap: its one decision is the
-  token's row, which its conditional UPDATE takes with a row lock, so enrollments do
-  not queue on the replicas' one lock. Certificates are signed before the store is called, so
-  replicas still share the signing; only the short bookkeeping transactions queue.
+  token's row, which its conditional UPDATE takes with a row lock, so it takes the lock
+  shared: enrollments run beside each other, never beside a rotation or a revocation
+  (whose decisions read the certificates an enrollment adds). Certificates are signed
+  before the store is called, so replicas share the signing; only the short
+  bookkeeping transactions queue.
 - **Reads** run on pooled connections; each statement sees what was committed before it
   (READ COMMITTED), so a revocation made on one replica is in every replica's next CRL.
 - **The SQL is written once, for SQLite**: this module turns its ``?`` placeholders into
@@ -161,14 +163,14 @@ class PostgresStore(SqlCaStore):
         self._pool.close()
 
     @contextlib.contextmanager
-    def _write(self, *, serialized: bool = True) -> Iterator[Handle]:
+    def _write(self, *, shared: bool = False) -> Iterator[Handle]:
         with (
             _driver_errors_as_typed(),
             self._pool.connection() as connection,
             connection.transaction(),
         ):
-            if serialized:
-                connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+            connection.execute(f"SELECT {lock}(%s)", (WRITE_LOCK,))
             yield _Adapter(connection)
 
     @contextlib.contextmanager
@@ -187,6 +189,12 @@ class PostgresStore(SqlCaStore):
             connection.transaction(),
         ):
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            bound = connection.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
+            source_bound = reader.execute(
+                "SELECT value FROM meta WHERE key = 'issuing_ca'"
+            ).fetchone()
+            if bound is not None and (source_bound is None or bound[0] != source_bound[0]):
+                raise PkiError("the target database is bound to another CA (ca init --db)")
             for table in ("certificates", "tokens", "admin_tokens", "audit"):
                 row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
                 if row is not None and row[0]:
@@ -223,6 +231,18 @@ def _crl_number(db: Executes) -> None:
     )
 
 
+# The database away or unable to take writes now: unreachable, gone mid-call, no pooled
+# connection in time, too many waiting (PoolTimeout, TooManyRequests and a lock not
+# granted are OperationalErrors), a standby after a failover (read-only), a transaction
+# ended for being idle, a connection found closed.
+UNAVAILABLE = (
+    psycopg.OperationalError,
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.IdleInTransactionSessionTimeout,
+    psycopg.InterfaceError,
+)
+
+
 @contextlib.contextmanager
 def _driver_errors_as_typed() -> Iterator[None]:
     """The database unreachable, gone mid-call, or not answering in time (no pooled
@@ -235,7 +255,7 @@ def _driver_errors_as_typed() -> Iterator[None]:
         # A value PostgreSQL cannot hold (a NUL character in a node_id): the input is
         # refused, as SQLite would have stored it and found nothing.
         raise PkiError(f"a value the CA database cannot hold: {_first_line(exc)}") from None
-    except psycopg.OperationalError as exc:  # PoolTimeout and TooManyRequests are ones
+    except UNAVAILABLE as exc:
         # The driver's words name the host and the failure, never the password.
         raise StoreUnavailable(f"the CA database is unavailable: {_first_line(exc)}") from exc
 

@@ -224,6 +224,10 @@ class CaStore(Protocol):
         ``new`` (``ca init``): the database must hold no CA's records. Otherwise it must
         be bound to this CA, or to none yet (a database made before the binding)."""
 
+    def check_unclaimed(self) -> None:
+        """Refuse (before any key is made) a database that is bound to a CA or holds
+        records; :meth:`claim` decides for good."""
+
     def add(self, cert: IssuedCertificate, *, event: str, actor: str | None, now: datetime) -> None:
         """Record an issued certificate, and an audit entry for it at ``now``."""
 
@@ -437,12 +441,12 @@ class SqlCaStore(abc.ABC):
     def close(self) -> None: ...
 
     @abc.abstractmethod
-    def _write(self, *, serialized: bool = True) -> contextlib.AbstractContextManager[Handle]:
+    def _write(self, *, shared: bool = False) -> contextlib.AbstractContextManager[Handle]:
         """One write transaction: committed when the block ends, rolled back if it
-        raises; no other ``serialized`` write transaction of this database runs
-        meanwhile. Only a transaction whose every decision is one row's, taken by the
-        statement that writes it, may pass ``serialized=False`` (a store with one
-        writer, as SQLite, serializes it all the same)."""
+        raises; no other write transaction of this database runs meanwhile, except
+        ``shared`` ones beside each other. Only a transaction whose own decisions are
+        each one row's, taken by the statement that writes it, may be ``shared`` (a
+        store with one writer, as SQLite, runs it alone all the same)."""
 
     @abc.abstractmethod
     def _read(self) -> contextlib.AbstractContextManager[Handle]:
@@ -458,6 +462,12 @@ class SqlCaStore(abc.ABC):
         with self._read() as db:
             rows = db.execute(f"SELECT {columns} FROM {table} ORDER BY {key}").fetchall()  # noqa: S608
         return [tuple(row) for row in rows]
+
+    def check_unclaimed(self) -> None:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
+            if row is not None or self._holds_records(db):
+                raise PkiError("the database already holds a CA's records; give an empty one")
 
     def claim(self, ca_id: int, *, new: bool) -> None:
         if not new:
@@ -512,11 +522,12 @@ class SqlCaStore(abc.ABC):
         actor: str | None,
         audit: Mapping[str, object] | None = None,
     ) -> IssuedCertificate:
-        # The node cap counts every node, so it needs the serialized transaction. Without
-        # it, the only decision is the token's row (a conditional UPDATE, which waits for
-        # a racing one to commit and then sees its spend), so replicas do not queue on
-        # one lock for every enrollment.
-        with self._write(serialized=max_nodes is not None) as db:
+        # The node cap counts every node, so it needs the transaction alone. Without it,
+        # the only decision is the token's row (a conditional UPDATE, which waits for a
+        # racing one to commit and then sees its spend), so enrollments run beside each
+        # other; still never beside a rotation or a revocation, whose decisions read the
+        # node's certificates, which an enrollment adds to.
+        with self._write(shared=max_nodes is None) as db:
             # Spending the token is the first write: of any number of racing requests,
             # exactly one finds it unused.
             spent = db.execute(
@@ -963,7 +974,7 @@ class SqliteStore(SqlCaStore):
             self._db.close()
 
     @contextlib.contextmanager
-    def _write(self, *, serialized: bool = True) -> Iterator[Handle]:
+    def _write(self, *, shared: bool = False) -> Iterator[Handle]:
         with self._lock, transaction(self._db) as db:  # SQLite has one writer anyway
             yield db
 
