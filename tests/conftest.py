@@ -7,13 +7,13 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from pgcluster import PostgresCluster
 
 from trustmesh.pki.ca import CertificateAuthority
-from trustmesh.pki.pgstore import PostgresStore
 from trustmesh.tpm import swtpm
 
 # Fixtures of the CA API tests (tests/api/ca_support.py; tests/api is on pythonpath).
@@ -120,16 +120,19 @@ def postgres_dsn(postgres: PostgresCluster) -> str:
     return postgres.create_database(f"test_{secrets.token_hex(6)}")
 
 
+CONTRACT_NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def each_store(request: pytest.FixtureRequest) -> Callable[[CertificateAuthority], None]:
-    """Runs a test on each of the CA's stores: call it on a new CA to move the CA onto
-    this run's store (SQLite, its own; PostgreSQL, an empty database of its own)."""
-    if request.param == "sqlite":
-        return lambda authority: None
-    dsn = request.getfixturevalue("postgres_dsn")
-
-    def place(authority: CertificateAuthority) -> None:
-        authority.store.close()
-        authority.store = PostgresStore(dsn)
-
-    return place
+def ca_on_each_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[CertificateAuthority]:
+    """A new CA, made at CONTRACT_NOW, on each of the CA's stores in turn (SQLite, its
+    own; PostgreSQL, an empty database of its own): a test with it is a contract both
+    stores keep."""
+    db = request.getfixturevalue("postgres_dsn") if request.param == "postgresql" else None
+    authority = CertificateAuthority.init(
+        tmp_path / "ca", b"contract tests", now=CONTRACT_NOW, db=db
+    )
+    yield authority
+    authority.close()

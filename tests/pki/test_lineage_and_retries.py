@@ -6,7 +6,6 @@ tokens that expire and can be revoked."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,18 +30,13 @@ from trustmesh.pki.errors import (
 from trustmesh.pki.store import SqliteStore, admin_token_id, spki_sha256
 
 PASS = b"lineage tests"
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)  # when ca_on_each_store makes the CA
 
 
 @pytest.fixture
-def ca(
-    tmp_path: Path, each_store: Callable[[CertificateAuthority], None]
-) -> Iterator[CertificateAuthority]:
+def ca(ca_on_each_store: CertificateAuthority) -> CertificateAuthority:
     """A CA on each store: every test here is a contract both stores keep."""
-    authority = CertificateAuthority.init(tmp_path / "ca", PASS, now=NOW)
-    each_store(authority)
-    yield authority
-    authority.close()
+    return ca_on_each_store
 
 
 @pytest.fixture

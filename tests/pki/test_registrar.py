@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +38,7 @@ from trustmesh.pki.errors import (
 from trustmesh.pki.store import SqliteStore
 
 PASS = b"registrar tests"
-NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)  # when ca_on_each_store makes the CA
 
 
 @pytest.fixture
@@ -49,14 +49,9 @@ def sqlite_ca(tmp_path: Path) -> Iterator[CertificateAuthority]:
 
 
 @pytest.fixture
-def ca(
-    tmp_path: Path, each_store: Callable[[CertificateAuthority], None]
-) -> Iterator[CertificateAuthority]:
+def ca(ca_on_each_store: CertificateAuthority) -> CertificateAuthority:
     """A CA on each store: the registrar's rules hold on both."""
-    authority = CertificateAuthority.init(tmp_path / "ca", PASS, now=NOW)
-    each_store(authority)
-    yield authority
-    authority.close()
+    return ca_on_each_store
 
 
 def registrar(ca: CertificateAuthority, **policy: object) -> Registrar:

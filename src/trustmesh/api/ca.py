@@ -289,7 +289,7 @@ async def _authenticated(request: web.Request, now: datetime) -> IssuedCertifica
     """The client's current node certificate (mTLS), recorded as its identity."""
     chain = peer_chain(request)
     registrar = request.app[REGISTRAR]
-    record = await _off_loop(request, lambda: registrar.authenticate(chain, now=now))
+    record = await _off_loop(request.app, lambda: registrar.authenticate(chain, now=now))
     request[IDENTITY] = f"node:{record.node_id}"
     return record
 
@@ -298,14 +298,14 @@ T = TypeVar("T")
 
 
 async def _off_loop(
-    request: web.Request, call: Callable[[], T], *, deadline: float = STORE_DEADLINE
+    app: web.Application, call: Callable[[], T], *, deadline: float = STORE_DEADLINE
 ) -> T:
     """``call()`` (it reads or writes the store, or signs): on the API's worker threads
     when it may block (a remote store, a key on a token), within ``deadline`` seconds
     (:class:`~trustmesh.api.store_workers.StoreWorkers`); else here and now."""
-    if not request.app[REGISTRAR].ca.may_block:
+    if not app[REGISTRAR].ca.may_block:
         return call()
-    return await request.app[WORKERS].run(call, deadline=deadline)
+    return await app[WORKERS].run(call, deadline=deadline)
 
 
 async def refresh_crl(app: web.Application) -> None:
@@ -314,10 +314,7 @@ async def refresh_crl(app: web.Application) -> None:
     and ``trustmesh_ca_database_up`` at 0."""
     crls, now, metrics = app[CRLS], app[CLOCK].now(), app[METRICS]
     try:
-        if app[REGISTRAR].ca.may_block:
-            await app[WORKERS].run(lambda: crls.current(now), deadline=HEALTH_DEADLINE)
-        else:
-            crls.current(now)
+        await _off_loop(app, lambda: crls.current(now), deadline=HEALTH_DEADLINE)
     except StoreUnavailable:
         metrics.database_up.set(0)
     else:
@@ -345,7 +342,7 @@ async def enroll(request: web.Request) -> web.Response:
         actor = _client(request)
         now = request.app[CLOCK].now()
         issued = await _off_loop(
-            request,
+            request.app,
             lambda: registrar.enroll(
                 token, csr, node_id=node_id, attestation=attestation, actor=actor, now=now
             ),
@@ -378,7 +375,7 @@ async def challenge(request: web.Request) -> web.Response:
     token = field(body, "token", required=False)
     if token:
         nonce, expires = await _off_loop(
-            request, lambda: registrar.enrollment_challenge(token, now=now)
+            request.app, lambda: registrar.enrollment_challenge(token, now=now)
         )
     else:
         current = await _authenticated(request, now)
@@ -405,7 +402,7 @@ async def attestation_report(request: web.Request) -> web.Response:
         raise ApiError(400, f"evidence: {exc}") from None
     policy = registrar.tpm_policy()
     verdict = await _off_loop(
-        request, lambda: judge_report(registrar.ca, reporter, serial, evidence, policy, now)
+        request.app, lambda: judge_report(registrar.ca, reporter, serial, evidence, policy, now)
     )
     if verdict.revoked:
         log.warning(
@@ -434,7 +431,7 @@ async def rotate(request: web.Request) -> web.Response:
         # expired, superseded) at this time, in the transaction that issues.
         now = request.app[CLOCK].now()
         issued = await _off_loop(
-            request,
+            request.app,
             lambda: registrar.rotate(
                 current,
                 csr,
@@ -476,7 +473,7 @@ async def crl(request: web.Request) -> web.Response:
     pem = _wants_pem(request, ("pem", "der"))
     crls, now = request.app[CRLS], request.app[CLOCK].now()
     try:
-        snapshot = await _off_loop(request, lambda: crls.current(now))
+        snapshot = await _off_loop(request.app, lambda: crls.current(now))
     except StoreUnavailable:
         # A CRL is a signed document valid until its nextUpdate: while the database is
         # away, the one signed last is still the best answer (a node keeps the newest
@@ -520,7 +517,7 @@ async def revoke(request: web.Request) -> web.Response:
             raise ApiError(400, f"certificate {serial:x} belongs to {record.node_id!r}")
         return ca.revoke(serial=serial, reason=reason, now=now, actor=admin)
 
-    revoked = await _off_loop(request, act)
+    revoked = await _off_loop(request.app, act)
     if revoked:
         log.warning("revoked %s (%s) by %s", ", ".join(f"{s:x}" for s in revoked), reason, admin)
     return web.Response(status=204)
@@ -545,7 +542,7 @@ async def health(request: web.Request) -> web.Response:
         return crls.current(now)
 
     try:
-        snapshot = await _off_loop(request, read, deadline=HEALTH_DEADLINE)
+        snapshot = await _off_loop(request.app, read, deadline=HEALTH_DEADLINE)
     except StoreUnavailable as exc:
         return web.json_response(
             {"status": "unavailable", "database": "unavailable", "error": str(exc), **fields},
@@ -644,7 +641,7 @@ async def _enrollment_refused(
         return known.node_id
 
     try:
-        node_id = await _off_loop(request, audit)
+        node_id = await _off_loop(request.app, audit)
     except Exception:  # the refusal stands, whatever the audit log's trouble
         log.exception("could not audit a refused enrollment")
         return
@@ -701,7 +698,7 @@ async def _admin(request: web.Request) -> str:
         scheme, _, token = auth.partition(" ")
         store = registrar.ca.store
         known = (
-            await _off_loop(request, lambda: store.admin_token(token_hash(token.strip())))
+            await _off_loop(request.app, lambda: store.admin_token(token_hash(token.strip())))
             if scheme.lower() == "bearer"
             else None
         )
@@ -724,7 +721,7 @@ async def _admin(request: web.Request) -> str:
             headers={"WWW-Authenticate": "Bearer"},
         )
     try:
-        record = await _off_loop(request, lambda: registrar.authenticate(chain, now=now))
+        record = await _off_loop(request.app, lambda: registrar.authenticate(chain, now=now))
     except (NotAuthenticated, PolicyDenied) as exc:  # foreign, expired or revoked
         raise ApiError(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
     request[IDENTITY] = f"{record.role}:{record.node_id}"

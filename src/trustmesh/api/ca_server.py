@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.api.ca import CRLS, METRICS, ca_app, refresh_crl
+from trustmesh.api.ca import METRICS, ca_app, refresh_crl
 from trustmesh.api.ratelimit import DEFAULT_BURST, DEFAULT_RATE, RateLimiter
 from trustmesh.clock import Clock
 from trustmesh.crypto.keys import KeyKind, PrivateKey
@@ -127,7 +127,7 @@ class CaServer:
         app = ca_app(self.registrar, limiter=self._limiter, clock=self.clock)
         self._metrics = app[METRICS]
         # Signed before the first scrape, so the metrics show a CRL from the start.
-        await asyncio.to_thread(app[CRLS].current, self.clock.now())
+        await refresh_crl(app)
         self._http = await serve_app(
             app,
             self.host,

@@ -182,37 +182,39 @@ class CertificateAuthority:
         store = open_store(directory, db)
         try:
             store.check_unclaimed()  # before a key is made on a token, where it would stay
-        finally:
-            store.close()
-        root_key = PrivateKey.generate(KeyKind.P256)
-        device = None if issuing_key is None else DeviceIssuingKey.generate(issuing_key)
-        software = PrivateKey.generate(KeyKind.P256) if device is None else None
-        root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
-        issuing_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} issuing")])
-        root_crypto = root_key.to_cryptography()
-        if device is not None:
-            issuing_public: CertificatePublicKeyTypes = device.public_key()
-        else:
-            assert software is not None
-            issuing_public = software.to_cryptography().public_key()
-        root = _ca_certificate(
-            root_name, root_name, root_crypto.public_key(), root_crypto, now, ROOT_VALIDITY, None
-        )
-        issuing = _ca_certificate(
-            issuing_name, root_name, issuing_public, root_crypto, now, ISSUING_VALIDITY, 0
-        )
-        # The database is bound to this CA before any file is written: of two `ca init`
-        # racing for one empty database, the loser leaves nothing behind.
-        store = open_store(directory, db)
-        try:
+            root_key = PrivateKey.generate(KeyKind.P256)
+            software, device = None, None
+            if issuing_key is None:
+                software = PrivateKey.generate(KeyKind.P256)
+                issuing_public: CertificatePublicKeyTypes = software.to_cryptography().public_key()
+            else:
+                device = DeviceIssuingKey.generate(issuing_key)
+                issuing_public = device.public_key()
+            root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} root")])
+            issuing_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} issuing")])
+            root_crypto = root_key.to_cryptography()
+            root = _ca_certificate(
+                root_name,
+                root_name,
+                root_crypto.public_key(),
+                root_crypto,
+                now,
+                ROOT_VALIDITY,
+                None,
+            )
+            issuing = _ca_certificate(
+                issuing_name, root_name, issuing_public, root_crypto, now, ISSUING_VALIDITY, 0
+            )
+            # The database is bound to this CA before any file is written: of two `ca
+            # init` racing for one empty database, the loser leaves nothing behind.
             store.claim(ca_id(issuing), new=True)
         finally:
             store.close()
         save_key_file(root_key, root_key_path, passphrase)
-        if device is not None:
-            (directory / KEY_URI_FILE).write_text(device.uri + "\n")
         if software is not None:
             save_key_file(software, directory / "issuing.key", passphrase)
+        elif device is not None:
+            write_durably(directory / KEY_URI_FILE, f"{device.uri}\n".encode())
         _write_pem(directory / "ca.crt", [root])
         _write_pem(directory / "issuing.crt", [issuing])
         _write_pem(directory / "chain.pem", [issuing, root])

@@ -31,7 +31,6 @@ from trustmesh.pki.errors import PkiError, StoreUnavailable
 KEY_URI_FILE = "issuing-key.uri"
 
 SoftwareKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]  # noqa: UP007
-Builder = Union[x509.CertificateBuilder, x509.CertificateRevocationListBuilder]  # noqa: UP007
 
 # Signs the drafts whose TBS a device key then signs; its own signature is discarded.
 _DRAFT_KEY = ec.generate_private_key(ec.SECP256R1())

@@ -189,16 +189,12 @@ class PostgresStore(SqlCaStore):
             connection.transaction(),
         ):
             connection.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            bound = connection.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
-            source_bound = reader.execute(
-                "SELECT value FROM meta WHERE key = 'issuing_ca'"
-            ).fetchone()
-            if bound is not None and (source_bound is None or bound[0] != source_bound[0]):
+            target = _Adapter(connection)
+            bound = self.bound_ca(target)
+            if bound is not None and bound != self.bound_ca(reader):
                 raise PkiError("the target database is bound to another CA (ca init --db)")
-            for table in ("certificates", "tokens", "admin_tokens", "audit"):
-                row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
-                if row is not None and row[0]:
-                    raise PkiError(f"the target database already holds records ({table})")
+            if self.holds_records(target):
+                raise PkiError("the target database already holds records")
             connection.execute("DELETE FROM meta")
             for table, (columns, order) in MIGRATED_TABLES.items():
                 query = f"SELECT {columns} FROM {table} ORDER BY {order}"  # noqa: S608

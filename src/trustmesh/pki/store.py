@@ -465,33 +465,43 @@ class SqlCaStore(abc.ABC):
 
     def check_unclaimed(self) -> None:
         with self._read() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
-            if row is not None or self._holds_records(db):
-                raise PkiError("the database already holds a CA's records; give an empty one")
+            self._refuse_if_taken(db)
 
     def claim(self, ca_id: int, *, new: bool) -> None:
         if not new:
             with self._read() as db:
-                row = db.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
-            if row is not None and int(row[0]) == ca_id:
-                return  # bound already: no write transaction on every open
+                if self.bound_ca(db) == ca_id:
+                    return  # bound already: no write transaction on every open
         with self._write() as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
-            if new and (row is not None or self._holds_records(db)):
-                raise PkiError("the database already holds a CA's records; give an empty one")
-            if row is not None and int(row[0]) != ca_id:
+            if new:
+                self._refuse_if_taken(db)
+            bound = self.bound_ca(db)
+            if bound is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('issuing_ca', ?)", (ca_id,))
+            elif bound != ca_id:
                 raise PkiError(
                     "the database holds the records of another CA (its issuing key is not"
                     " this CA's): check --db"
                 )
-            if row is None:
-                db.execute("INSERT INTO meta (key, value) VALUES ('issuing_ca', ?)", (ca_id,))
 
     @staticmethod
-    def _holds_records(db: Handle) -> bool:
+    def bound_ca(db: Handle) -> int | None:
+        """The CA the database is bound to (:meth:`claim`), if any."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'issuing_ca'").fetchone()
+        return None if row is None else int(row[0])
+
+    @classmethod
+    def _refuse_if_taken(cls, db: Handle) -> None:
+        if cls.bound_ca(db) is not None or cls.holds_records(db):
+            raise PkiError("the database already holds a CA's records; give an empty one")
+
+    @staticmethod
+    def holds_records(db: Handle) -> bool:
+        """Whether any table but meta has a row."""
         return any(
             db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None  # noqa: S608
-            for table in ("certificates", "tokens", "admin_tokens", "audit")
+            for table in RECORDS
+            if table != "meta"
         )
 
     def schema_version(self) -> int:

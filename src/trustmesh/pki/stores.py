@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trustmesh.keystore.filestore import write_durably
 from trustmesh.pki.errors import PkiError, StoreUnavailable
 from trustmesh.pki.store import CaStore, SqliteStore
 
@@ -48,6 +49,9 @@ def open_store(directory: Path, db: str | None) -> CaStore:
 
 def mark_moved_to_postgresql(directory: Path) -> None:
     """Record in the CA directory that its records are in PostgreSQL (MOVED_MARKER)."""
-    (directory / MOVED_MARKER).write_text(
+    # Durably: once `ca migrate` says the move is done, no crash brings back commands
+    # that would use the old ca.db.
+    text = (
         f"This CA keeps its records in PostgreSQL: run its commands with --db URI or ${DB_ENV}.\n"
     )
+    write_durably(directory / MOVED_MARKER, text.encode())
